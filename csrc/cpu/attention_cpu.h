@@ -1,0 +1,157 @@
+// The CPU block-sparse attention kernels (csrc/README.md has the contract). The FFI handlers in
+// ffi_cpu.cc validate the buffers, fill these structs and call the entry points below.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "common/bsattn_common.h"
+#include "cpu/dtype_cpu.h"
+
+namespace bsattn::cpu {
+
+// The BSR layout of one call: indptr [LB, LH, MB + 1], indices [LB, LH, nnz].
+struct Layout {
+  const int32_t* indptr;
+  const int32_t* indices;
+
+  const int32_t* indptr_of(const Problem& p, int64_t layout) const {
+    return indptr + layout * (p.MB + 1);
+  }
+  const int32_t* indices_of(const Problem& p, int64_t layout) const {
+    return indices + layout * p.nnz;
+  }
+};
+
+// What both kernels read: shapes and attributes, q / k / v ([B, M, Hq, D], [B, N, Hk, D] x 2, all
+// of element type `dtype`) and the layout.
+struct AttnInputs {
+  Problem p;
+  DType dtype;
+  const void *q, *k, *v;
+  Layout layout;
+};
+
+struct FwdArgs : AttnInputs {
+  void* o;     // [B, M, Hq, D]
+  float* lse;  // [B, M, Hq]
+};
+
+struct BwdArgs : AttnInputs {
+  const void* d_o;           // [B, M, Hq, D]
+  const float *lse, *delta;  // [B, M, Hq]
+  void *dq, *dk, *dv;        // like q, k, v
+};
+
+// Both may throw (std::bad_alloc); the FFI handlers turn that into an error.
+void attention_fwd_cpu(const FwdArgs& args);
+void attention_bwd_cpu(const BwdArgs& args);
+
+// ---- helpers shared by the forward and the backward ---------------------------------------------
+
+// Query rows of a block row are processed in chunks of `rows` rows x all g heads of a KV head
+// (the "packed rows", at most about kMaxPacked of them), so that score tiles stay in cache.
+constexpr int64_t kMaxPacked = 128;
+
+struct RowChunking {
+  int64_t rows;       // query rows per chunk
+  int64_t per_block;  // chunks per block row
+};
+inline RowChunking row_chunking(const Problem& p) {
+  int64_t rows = kMaxPacked / (p.group() > 0 ? p.group() : 1);
+  rows = rows < 1 ? 1 : (rows > p.R ? p.R : rows);
+  return {rows, (p.R + rows - 1) / rows};
+}
+
+// One chunk of query rows [i0, i1) of block row r of (b, hk), from a flat item index.
+struct RowItem {
+  int64_t b, hk, r, i0, i1;
+};
+inline RowItem row_item(const Problem& p, const RowChunking& ch, int64_t item) {
+  RowItem it;
+  const int64_t c = item % ch.per_block;
+  item /= ch.per_block;
+  it.r = item % p.MB;
+  item /= p.MB;
+  it.hk = item % p.Hk;
+  it.b = item / p.Hk;
+  it.i0 = it.r * p.R + c * ch.rows;
+  int64_t end = it.r * p.R + p.R;
+  end = end < p.M ? end : p.M;
+  it.i1 = it.i0 + ch.rows < end ? it.i0 + ch.rows : end;  // may be <= i0: empty chunk
+  return it;
+}
+
+// Number of (query row, key) elements the layout lists, summed over all b and query heads
+// (causal masking ignored): a cost estimate for choosing the thread count.
+double estimated_pairs(const Problem& p, const Layout& layout);
+
+// The layout transposed (CSC): for layout l and block column c, the block rows that list c are
+// rows[start[l * (NB + 1) + c] .. start[l * (NB + 1) + c + 1]), ascending, a row repeated as
+// often as it lists c. Only the entries that the clamp / skip rules keep appear.
+struct Columns {
+  std::vector<int64_t> start;
+  std::vector<int64_t> rows;
+};
+Columns transpose_layout(const Problem& p, const Layout& layout);
+
+// The exclusive upper bound on key index j for query row i: j < N, and with causal
+// j <= i + (N - M). May be <= 0 (the row sees nothing).
+inline int64_t key_limit(const Problem& p, int64_t i) {
+  if (!p.causal) return p.N;
+  const int64_t lim = i + p.causal_offset() + 1;
+  return lim < p.N ? lim : p.N;
+}
+
+// The blocks of a row item that can contribute, in layout order: valid block columns of its block
+// row (clamp / skip rules) that at least one row of the chunk sees (causal). Usage:
+//   int64_t j0, cn;  // first key and key count of the block
+//   for (RowBlocks blocks(p, layout, item); blocks.next(&j0, &cn);) { ... }
+class RowBlocks {
+ public:
+  RowBlocks(const Problem& p, const Layout& layout, const RowItem& it)
+      : p_(p), lim_max_(key_limit(p, it.i1 - 1)) {  // key_limit grows with i
+    const int64_t l = p.layout_id(it.b, it.hk);
+    indices_ = layout.indices_of(p, l);
+    const RowRange range = row_range(layout.indptr_of(p, l), it.r, p.nnz);
+    idx_ = range.start;
+    end_ = range.end;
+  }
+  bool next(int64_t* j0, int64_t* cn) {
+    while (idx_ < end_) {
+      const int32_t col = indices_[idx_++];
+      if (!valid_block(col, p_.NB)) continue;
+      *j0 = col * p_.C;
+      if (*j0 >= lim_max_) continue;  // causal: no row of the chunk sees the block
+      *cn = p_.C < p_.N - *j0 ? p_.C : p_.N - *j0;
+      return true;
+    }
+    return false;
+  }
+
+ private:
+  const Problem& p_;
+  int64_t lim_max_;
+  const int32_t* indices_;
+  int64_t idx_, end_;
+};
+
+// A 64-byte aligned, zero-initialised float buffer (the scratch of one thread).
+class AlignedFloats {
+ public:
+  AlignedFloats() = default;
+  explicit AlignedFloats(int64_t n) : raw_(static_cast<size_t>(n + 16), 0.f) {
+    const auto addr = reinterpret_cast<uintptr_t>(raw_.data());
+    data_ = raw_.data() + ((64 - addr % 64) % 64) / sizeof(float);
+  }
+  float* data() { return data_; }
+
+ private:
+  std::vector<float> raw_;
+  float* data_ = nullptr;
+};
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+}  // namespace bsattn::cpu

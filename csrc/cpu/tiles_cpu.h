@@ -1,0 +1,98 @@
+// Moving tiles between the FFI buffers (any dtype, [B, L, H, D] layout) and the f32 scratch of
+// one thread (row pitch padded with pad16). Shared by the forward and the backward kernels.
+//
+// "Packed rows": query rows i0 <= i < i1 of batch b for all g query heads of KV head hk, packed
+// as row (i - i0) * g + (h - hk * g). In [B, M, Hq, D] those g heads are adjacent in memory.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "common/bsattn_common.h"
+#include "cpu/dtype_cpu.h"
+
+namespace bsattn::cpu {
+
+// Offset (in elements) of row (b, i, h) of a [B, L, H, D] tensor.
+inline int64_t row_offset(int64_t b, int64_t i, int64_t h, int64_t L, int64_t H, int64_t D) {
+  return ((b * L + i) * H + h) * D;
+}
+
+// dst[packed row][0, D) = mul * src rows; dst pitch Dp.
+inline void load_packed_rows(DType t, const void* src, const Problem& p, int64_t b, int64_t hk,
+                             int64_t i0, int64_t i1, float mul, float* dst, int64_t Dp) {
+  const int64_t g = p.group();
+  for (int64_t i = i0; i < i1; ++i)
+    for (int64_t hg = 0; hg < g; ++hg)
+      load_f32(t, src, row_offset(b, i, hk * g + hg, p.M, p.Hq, p.D), p.D, mul,
+               dst + ((i - i0) * g + hg) * Dp);
+}
+
+// The inverse of load_packed_rows.
+inline void store_packed_rows(DType t, const float* src, int64_t Dp, const Problem& p, int64_t b,
+                              int64_t hk, int64_t i0, int64_t i1, float mul, void* dst) {
+  const int64_t g = p.group();
+  for (int64_t i = i0; i < i1; ++i)
+    for (int64_t hg = 0; hg < g; ++hg)
+      store_f32(t, src + ((i - i0) * g + hg) * Dp, p.D, mul, dst,
+                row_offset(b, i, hk * g + hg, p.M, p.Hq, p.D));
+}
+
+// Per-row statistics ([B, M, Hq] f32: lse, delta) of the packed rows.
+inline void load_packed_stats(const float* src, const Problem& p, int64_t b, int64_t hk,
+                              int64_t i0, int64_t i1, float* dst) {
+  const int64_t g = p.group();
+  for (int64_t i = i0; i < i1; ++i)
+    std::memcpy(dst + (i - i0) * g, src + (b * p.M + i) * p.Hq + hk * g, g * sizeof(float));
+}
+
+// Key rows j0 <= j < j0 + cn of (b, hk) of a [B, N, Hk, D] tensor into dst [cn][Dp].
+inline void load_kv_rows(DType t, const void* src, const Problem& p, int64_t b, int64_t hk,
+                         int64_t j0, int64_t cn, float* dst, int64_t Dp) {
+  for (int64_t jj = 0; jj < cn; ++jj)
+    load_f32(t, src, row_offset(b, j0 + jj, hk, p.N, p.Hk, p.D), p.D, 1.f, dst + jj * Dp);
+}
+
+inline void store_kv_rows(DType t, const float* src, int64_t Dp, const Problem& p, int64_t b,
+                          int64_t hk, int64_t j0, int64_t cn, void* dst) {
+  for (int64_t jj = 0; jj < cn; ++jj)
+    store_f32(t, src + jj * Dp, p.D, 1.f, dst, row_offset(b, j0 + jj, hk, p.N, p.Hk, p.D));
+}
+
+// dst [D][ld] = rows^T for the n rows of `rows` [n][Dp]; columns [n, ld) are zeroed.
+inline void transpose_rows(const float* rows, int64_t n, int64_t D, int64_t Dp, float* dst,
+                           int64_t ld) {
+  for (int64_t d = 0; d < D; ++d) {
+    float* out = dst + d * ld;
+    for (int64_t i = 0; i < n; ++i) out[i] = rows[i * Dp + d];
+    for (int64_t i = n; i < ld; ++i) out[i] = 0.f;
+  }
+}
+
+// Packed rows loaded as in load_packed_rows into `rows` [P][Dp], and their transpose into
+// `cols` [D][Pp] (columns [P, Pp) zero). Returns P.
+inline int64_t load_packed_both(DType t, const void* src, const Problem& p, int64_t b,
+                                int64_t hk, int64_t i0, int64_t i1, float mul, float* rows,
+                                int64_t Dp, float* cols, int64_t Pp) {
+  load_packed_rows(t, src, p, b, hk, i0, i1, mul, rows, Dp);
+  const int64_t P = (i1 - i0) * p.group();
+  transpose_rows(rows, P, p.D, Dp, cols, Pp);
+  return P;
+}
+
+// lim[pr] = key_limit of packed row pr, clamped to [0, N]; padding lanes [P, Pp) get 0 (they see
+// nothing).
+inline void packed_key_limits(const Problem& p, int64_t i0, int64_t i1, int64_t Pp, int32_t* lim) {
+  const int64_t g = p.group(), P = (i1 - i0) * g;
+  for (int64_t pr = 0; pr < Pp; ++pr) {
+    int64_t l = 0;
+    if (pr < P) {
+      const int64_t i = i0 + pr / g;
+      l = p.causal ? i + p.causal_offset() + 1 : p.N;
+      l = l < 0 ? 0 : (l > p.N ? p.N : l);
+    }
+    lim[pr] = static_cast<int32_t>(l);
+  }
+}
+
+}  // namespace bsattn::cpu
