@@ -1,0 +1,32 @@
+"""Loads the compiled nanobind modules and registers their FFI targets with XLA."""
+
+from __future__ import annotations
+
+import jax
+
+try:
+    from . import _bsattn_cpu
+except ImportError as e:  # pragma: no cover - a source checkout that was never built
+    raise ImportError(
+        "jax_bsattn's compiled CPU module (_bsattn_cpu) is missing: install the package with "
+        "`pip install .` (it builds the extension) rather than importing the source tree") from e
+
+try:
+    from . import _bsattn_cuda
+except ImportError:
+    _bsattn_cuda = None
+
+CPU_TARGETS = frozenset(_bsattn_cpu.registrations())
+CUDA_TARGETS = frozenset(_bsattn_cuda.registrations()) if _bsattn_cuda is not None else frozenset()
+
+for _name, _capsule in _bsattn_cpu.registrations().items():
+    jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")
+if _bsattn_cuda is not None:
+    # On a jaxlib without the CUDA plugin this is queued, not an error.
+    for _name, _capsule in _bsattn_cuda.registrations().items():
+        jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA")
+
+
+def cuda_available() -> bool:
+    """True when the CUDA module was built (it runs only where jax sees a CUDA GPU)."""
+    return _bsattn_cuda is not None

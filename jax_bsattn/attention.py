@@ -1,0 +1,139 @@
+"""The public op: argument checks, canonical shapes, and the custom VJP over the two primitives."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from . import _extension  # noqa: F401  (registers the FFI targets)
+from . import lowering  # noqa: F401  (registers the lowerings)
+from .layout import BlockSparseLayout, monotone_indptr
+from .primitives import SUPPORTED_DTYPES, Config, bsattn_bwd_p, bsattn_fwd_p
+
+__all__ = ["block_sparse_attention", "check_inputs"]
+
+
+class Shapes(NamedTuple):
+    batch: tuple[int, ...]  # *B
+    M: int
+    N: int
+    Hq: int
+    Hk: int
+    D: int
+
+
+def check_inputs(q, k, v, layout, logits_soft_cap=None) -> Shapes:
+    """Trace-time checks of the public arguments; errors name the argument and the shapes."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+        if x.ndim < 3:
+            raise ValueError(f"{name} must be [*B, seq, heads, head_dim]; got shape {x.shape}")
+        if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {x.dtype}; supported: float32, bfloat16, float16")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got k {k.shape}, v {v.shape}")
+    if q.shape[:-3] != k.shape[:-3]:
+        raise ValueError(f"q and k must share the batch dims *B; got q {q.shape}, k {k.shape}")
+    *batch, M, Hq, D = q.shape
+    N, Hk, Dk = k.shape[-3:]
+    if Dk != D:
+        raise ValueError(f"q and k must share the head dim; got q {q.shape}, k {k.shape}")
+    if Hk == 0 or Hq % Hk:
+        raise ValueError(f"query heads ({Hq}, q {q.shape}) must be a multiple of KV heads ({Hk}, k {k.shape})")
+    if not isinstance(layout, BlockSparseLayout):
+        raise TypeError(f"layout must be a jax_bsattn.BlockSparseLayout, got {type(layout).__name__}")
+    if tuple(layout.seq_lens) != (M, N):
+        raise ValueError(f"layout.seq_lens={layout.seq_lens} does not match q {q.shape} and k {k.shape}: "
+                         f"expected (M, N) = {(M, N)}")
+    target = tuple(batch) + (Hk,)
+    L = layout.batch_shape
+    ok = len(L) <= len(target) and all(a in (1, b) for a, b in zip(L[::-1], target[::-1]))
+    if not ok:
+        raise ValueError(f"layout batch shape {L} does not broadcast against (*B, Hk) = {target} "
+                         f"(q {q.shape}, k {k.shape}); use (), (Hk,), (B, 1) or (B, Hk)")
+    if logits_soft_cap is not None and not float(logits_soft_cap) > 0:
+        raise ValueError(f"logits_soft_cap must be positive or None, got {logits_soft_cap}")
+    return Shapes(tuple(batch), M, N, Hq, Hk, D)
+
+
+def _canonical_layout(x, batch: tuple[int, ...], Hk: int):
+    """``[*L, X]`` layout array -> ``[LB, LH, X]`` with LB in {1, prod(B)} and LH in {1, Hk}."""
+    lead = (1,) * (len(batch) + 1 - (x.ndim - 1)) + tuple(x.shape[:-1])
+    x = x.reshape(lead + x.shape[-1:])
+    LH = lead[-1]
+    lb = lead[:-1]
+    if all(d == 1 for d in lb):
+        LB = 1
+    else:
+        if lb != batch:  # some batch dims broadcast, others not: materialise (layouts are small)
+            x = jnp.broadcast_to(x, batch + (LH,) + x.shape[-1:])
+        LB = math.prod(batch)
+    return x.reshape(LB, LH, x.shape[-1])
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, indptr, indices, cfg: Config):
+    return tuple(bsattn_fwd_p.bind(q, k, v, indptr, indices, cfg=cfg))
+
+
+def _attention_fwd(q, k, v, indptr, indices, cfg: Config):
+    o, lse = bsattn_fwd_p.bind(q, k, v, indptr, indices, cfg=cfg)
+    return (o, lse), (q, k, v, o, lse, indptr, indices)
+
+
+def _attention_bwd(cfg: Config, res, cts):
+    q, k, v, o, lse, indptr, indices = res
+    do, dlse = cts
+    do = jnp.asarray(do, q.dtype)
+    # delta = rowsum(dO * O) - dlse: a cheap XLA fusion; the kernels then need neither o nor dlse.
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1) - jnp.asarray(dlse, jnp.float32)
+    dq, dk, dv = bsattn_bwd_p.bind(q, k, v, do, lse, delta, indptr, indices, cfg=cfg)
+    return dq, dk, dv, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, causal=False, logits_soft_cap=None,
+                           return_lse=False):
+    """Block-sparse attention: only the blocks that ``layout`` lists are computed.
+
+    Args:
+      q: ``[*B, M, Hq, D]`` queries (float32, bfloat16 or float16; the GPU path takes bf16 / f16).
+      k, v: ``[*B, N, Hk, D]`` keys and values, same dtype; ``Hq % Hk == 0`` (GQA / MQA: query head ``h``
+        uses KV head ``h // (Hq // Hk)``).
+      layout: a :class:`BlockSparseLayout` with ``seq_lens == (M, N)``; its leading dims broadcast against
+        ``(*B, Hk)``: ``()`` one layout for all, ``(Hk,)`` per KV head, ``(B, 1)`` per batch element, ``(B, Hk)``.
+      scale: logits scale, default ``1 / sqrt(D)``.
+      causal: also mask ``j > i + (N - M)`` (bottom-right aligned, as FlashAttention and FlashInfer).
+      logits_soft_cap: ``c``: logits become ``c * tanh(s / c)``.
+      return_lse: also return the natural-log log-sum-exp, float32 ``[*B, M, Hq]``.
+
+    Returns:
+      ``o`` in q's dtype, ``[*B, M, Hq, D]`` (and ``lse``). A row with no element taking part gives ``o = 0``
+      and ``lse = -inf``. Differentiable in q, k, v; works under jit, vmap (layout arrays included), grad and
+      checkpoint; the layout arrays may be traced.
+    """
+    shapes = check_inputs(q, k, v, layout, logits_soft_cap)
+    batch, M, N, Hq, Hk, D = shapes
+    B = math.prod(batch)
+    cfg = Config(block_r=int(layout.block_size[0]), block_c=int(layout.block_size[1]),
+                 scale=float(D ** -0.5 if scale is None else scale),
+                 softcap=float(0.0 if logits_soft_cap is None else logits_soft_cap), causal=bool(causal))
+    q3 = jnp.reshape(q, (B, M, Hq, D))
+    k3 = jnp.reshape(k, (B, N, Hk, D))
+    v3 = jnp.reshape(v, (B, N, Hk, D))
+    indptr = monotone_indptr(_canonical_layout(layout.indptr, batch, Hk), layout.nnz)
+    indices = _canonical_layout(layout.indices, batch, Hk)
+    o, lse = _attention(q3, k3, v3, indptr, indices, cfg)
+    o = o.reshape(q.shape)
+    if return_lse:
+        return o, lse.reshape(tuple(batch) + (M, Hq))
+    return o

@@ -1,0 +1,37 @@
+"""The column view of a layout (for each block column, the block rows that list it), built in XLA.
+
+The backward kernel for dk / dv walks block columns; this builds their lists on the device from the (possibly
+traced) row view, with static sizes and no dense mask: O(nnz log nnz) work per layout.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["column_view"]
+
+
+def column_view(indptr, indices, num_block_cols: int):
+    """``indptr [..., MB+1]`` (already monotone, see ``monotone_indptr``), ``indices [..., nnz]`` ->
+    ``col_indptr [..., NB+1]``, ``col_rows [..., nnz]``: block column ``c`` is listed by the block rows
+    ``col_rows[col_indptr[c]:col_indptr[c+1]]``, in increasing order. Entries of ``indices`` outside the rows'
+    ranges or out of ``[0, NB)`` are left out; ``col_rows`` past ``col_indptr[NB]`` is padding (0)."""
+    NB = num_block_cols
+    lead, nnz = indices.shape[:-1], indices.shape[-1]
+    MB = indptr.shape[-1] - 1
+    pos = jnp.arange(nnz, dtype=jnp.int32)
+
+    def one(ip, ix):
+        row = (jnp.searchsorted(ip, pos, side="right") - 1).astype(jnp.int32)
+        listed = (pos >= ip[0]) & (pos < ip[MB]) & (ix >= 0) & (ix < NB)
+        key = jnp.where(listed, ix, NB)                 # unlisted entries sort last
+        order = jnp.argsort(key, stable=True)           # stable: rows stay increasing within a column
+        col_indptr = jnp.searchsorted(key[order], jnp.arange(NB + 1, dtype=jnp.int32), side="left")
+        rows = jnp.where(key[order] < NB, jnp.clip(row[order], 0, MB - 1), 0)
+        return col_indptr.astype(jnp.int32), rows.astype(jnp.int32)
+
+    if nnz == 0:
+        return jnp.zeros(lead + (NB + 1,), jnp.int32), jnp.zeros(lead + (0,), jnp.int32)
+    ci, cr = jax.vmap(one)(indptr.reshape(-1, MB + 1), indices.reshape(-1, nnz))
+    return ci.reshape(lead + (NB + 1,)), cr.reshape(lead + (nnz,))

@@ -1,0 +1,298 @@
+"""Builders of common block-sparse layouts.
+
+Every builder takes ``(seq_lens, block_size, ...)`` first -- each an int (square) or a pair ``(M, N)`` /
+``(R, C)`` -- and returns a :class:`~jax_bsattn.BlockSparseLayout`. Patterns are defined on *tokens* and
+a block is listed when at least one of its elements is wanted, so the layouts are exact for any block size,
+``M != N`` and lengths that are not multiples of the block size. Distances are measured from the
+bottom-right aligned diagonal, as the op's ``causal`` flag: element ``(i, j)`` has ``d = i + (N - M) - j``.
+
+A layout lists whole blocks: for an element-exact causal mask pass ``causal=True`` to the attention too.
+
+Concrete layouts are built with NumPy without ever forming an ``M x N`` mask (at most ``MB x NB``; the band
+builders work on block-column ranges, in O(nnz)). :func:`from_topk` builds a layout inside ``jit`` from
+traced scores (MoBA / NSA-style routing); :func:`union` and :func:`intersection` accept traced layouts too.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .layout import BlockSparseLayout, _block_counts_numpy, _check_pair, _is_traced
+
+__all__ = ["block_causal", "sliding_window", "strided", "global_local", "random", "per_head", "union",
+           "intersection", "from_topk"]
+
+
+# ---- geometry -------------------------------------------------------------------------------------
+
+def _pair(name: str, value) -> tuple[int, int]:
+    if isinstance(value, (int, np.integer)):
+        value = (value, value)
+    return _check_pair(name, value)
+
+
+class _Grid:
+    """Token extents of the block rows and columns and the diagonal offset of one problem."""
+
+    def __init__(self, seq_lens, block_size):
+        self.seq_lens = (M, N) = _pair("seq_lens", seq_lens)
+        self.block_size = (R, C) = _pair("block_size", block_size)
+        self.MB, self.NB = math.ceil(M / R), math.ceil(N / C)
+        self.offset = N - M
+        self.i0 = np.arange(self.MB, dtype=np.int64) * R                 # first query row of each block row
+        self.i1 = np.minimum(self.i0 + R, M) - 1                          # last query row
+        self.j0 = np.arange(self.NB, dtype=np.int64) * C                  # first key column of each block column
+        self.j1 = np.minimum(self.j0 + C, N) - 1
+
+    def d_range(self):
+        """``[MB, NB]`` smallest and largest ``d = i + (N - M) - j`` over the elements of each block."""
+        dmin = self.i0[:, None] + self.offset - self.j1[None, :]
+        dmax = self.i1[:, None] + self.offset - self.j0[None, :]
+        return dmin, dmax
+
+    def band_mask(self, lo, hi) -> np.ndarray:
+        """``[MB, NB]``: blocks holding an element with ``lo <= d <= hi`` (``None``: unbounded)."""
+        dmin, dmax = self.d_range()
+        out = np.ones((self.MB, self.NB), bool)
+        if lo is not None:
+            out &= dmax >= lo
+        if hi is not None:
+            out &= dmin <= hi
+        return out
+
+    def layout_from_mask(self, mask: np.ndarray) -> BlockSparseLayout:
+        return BlockSparseLayout.from_block_mask(mask, self.block_size, self.seq_lens)
+
+
+def _band_layout(grid: _Grid, lo, hi) -> BlockSparseLayout:
+    """Layout of the blocks holding an element with ``lo <= d <= hi``, built row by row from column ranges
+    (O(MB log NB + nnz), no ``MB x NB`` array): along a block row the listed columns are contiguous."""
+    first = grid.i0 + grid.offset - (hi if hi is not None else np.iinfo(np.int64).max // 4)
+    last = grid.i1 + grid.offset - (lo if lo is not None else -(np.iinfo(np.int64).max // 4))
+    c_lo = np.searchsorted(grid.j1, first, side="left")                  # first column with j1 >= i0 + off - hi
+    c_hi = np.searchsorted(grid.j0, last, side="right")                  # one past the last with j0 <= i1 + off - lo
+    counts = np.maximum(c_hi - c_lo, 0)
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    total = int(indptr[-1])
+    starts = np.repeat(c_lo - indptr[:-1], counts)                        # column = start + position in indices
+    indices = (starts + np.arange(total)).astype(np.int32)
+    return BlockSparseLayout(indptr.astype(np.int32), indices, grid.block_size, grid.seq_lens)
+
+
+# ---- structured patterns --------------------------------------------------------------------------
+
+def block_causal(seq_lens, block_size) -> BlockSparseLayout:
+    """The blocks on or below the (bottom-right aligned) diagonal: ``d >= 0`` somewhere in the block.
+
+    Use with ``causal=True`` in the attention call to mask the upper part of the diagonal blocks.
+    """
+    return _band_layout(_Grid(seq_lens, block_size), 0, None)
+
+
+def sliding_window(seq_lens, block_size, window: int, *, causal: bool = True) -> BlockSparseLayout:
+    """Local attention: query ``i`` sees the ``window`` keys ending at its diagonal, ``0 <= d < window``
+    (``causal=True``), or the keys with ``|d| < window`` (``causal=False``), rounded out to whole blocks.
+
+    With ``causal=True`` this is block-causal + local window (Mistral / Longformer local attention).
+    """
+    if int(window) < 1:
+        raise ValueError(f"window must be a positive number of tokens, got {window}")
+    window = int(window)
+    return _band_layout(_Grid(seq_lens, block_size), 0 if causal else -(window - 1), window - 1)
+
+
+def strided(seq_lens, block_size, stride: int, *, causal: bool = True, local: bool = True) -> BlockSparseLayout:
+    """Sparse Transformer "strided" attention (Child et al., 2019): query ``i`` sees the keys with
+    ``d % stride == 0`` (every ``stride``-th token back from its diagonal) and, with ``local=True``, the
+    ``stride`` keys ending at its diagonal. ``causal=True`` keeps ``d >= 0``; otherwise both directions."""
+    stride = int(stride)
+    if stride < 1:
+        raise ValueError(f"stride must be a positive number of tokens, got {stride}")
+    grid = _Grid(seq_lens, block_size)
+    dmin, dmax = grid.d_range()
+    if causal:
+        dmin = np.maximum(dmin, 0)
+    mask = (dmax >= dmin) & ((dmax // stride) * stride >= dmin)           # a multiple of stride in [dmin, dmax]
+    if local:
+        mask |= grid.band_mask(0 if causal else -(stride - 1), stride - 1)
+    return grid.layout_from_mask(mask)
+
+
+def global_local(seq_lens, block_size, window: int, global_tokens: int | Iterable[int] = 1, *,
+                 causal: bool = False) -> BlockSparseLayout:
+    """Longformer / BigBird (ITC) attention: a local window (as :func:`sliding_window`) plus global tokens
+    that see every key and are seen by every query.
+
+    ``global_tokens`` is a count (the first tokens, e.g. a CLS token) or the token positions, used for both
+    queries (in ``[0, M)``) and keys (in ``[0, N)``). With ``causal=True`` global tokens too respect
+    ``d >= 0``. Add BigBird's random blocks with ``union(global_local(...), random(...))``.
+    """
+    grid = _Grid(seq_lens, block_size)
+    M, N = grid.seq_lens
+    if isinstance(global_tokens, (int, np.integer)):
+        if global_tokens < 0:
+            raise ValueError(f"global_tokens must be >= 0, got {global_tokens}")
+        positions = np.arange(int(global_tokens))
+    else:
+        positions = np.asarray(list(global_tokens), np.int64).reshape(-1)
+        if positions.size and positions.min() < 0:
+            raise ValueError(f"global token positions must be >= 0, got {positions.min()}")
+    R, C = grid.block_size
+    rows = np.zeros(grid.MB, bool)
+    rows[positions[positions < M] // R] = True
+    cols = np.zeros(grid.NB, bool)
+    cols[positions[positions < N] // C] = True
+    mask = (rows[:, None] | cols[None, :]) & grid.band_mask(0 if causal else None, None)
+    window = int(window)
+    if window >= 1:
+        mask |= grid.band_mask(0 if causal else -(window - 1), window - 1)
+    return grid.layout_from_mask(mask)
+
+
+def random(seq_lens, block_size, blocks_per_row: int, *, seed: int = 0, causal: bool = False,
+           batch_shape: Sequence[int] = ()) -> BlockSparseLayout:
+    """``blocks_per_row`` distinct key blocks per block row, drawn uniformly (BigBird's random attention).
+
+    With ``causal=True`` only blocks holding an element with ``d >= 0`` are drawn (rows with fewer such
+    blocks list them all). ``batch_shape`` draws independent layouts, e.g. ``(Hk,)`` for one per KV head.
+    Deterministic in ``seed``.
+    """
+    grid = _Grid(seq_lens, block_size)
+    k = int(blocks_per_row)
+    if k < 0:
+        raise ValueError(f"blocks_per_row must be >= 0, got {blocks_per_row}")
+    allowed = grid.band_mask(0, None) if causal else np.ones((grid.MB, grid.NB), bool)
+    keys = np.random.default_rng(seed).random(tuple(batch_shape) + (grid.MB, grid.NB))
+    keys = np.where(allowed, keys, np.inf)
+    k = min(k, grid.NB)
+    mask = np.zeros(keys.shape, bool)
+    if k:
+        chosen = np.argpartition(keys, k - 1, axis=-1)[..., :k]
+        np.put_along_axis(mask, chosen, True, axis=-1)
+    return grid.layout_from_mask(mask & allowed)
+
+
+# ---- combinations ---------------------------------------------------------------------------------
+
+def _same_geometry(layouts: Sequence[BlockSparseLayout], what: str):
+    if not layouts:
+        raise ValueError(f"{what} needs at least one layout")
+    for lay in layouts:
+        if not isinstance(lay, BlockSparseLayout):
+            raise TypeError(f"{what} takes BlockSparseLayouts, got {type(lay).__name__}")
+    first = layouts[0]
+    for lay in layouts[1:]:
+        if (lay.block_size, lay.seq_lens) != (first.block_size, first.seq_lens):
+            raise ValueError(f"{what}: layouts differ in block_size / seq_lens: {first} vs {lay}")
+    return first.block_size, first.seq_lens
+
+
+def _block_masks(layouts):
+    """Block masks of the layouts: NumPy when every layout is concrete, jnp otherwise."""
+    if any(_is_traced(l.indptr) or _is_traced(l.indices) for l in layouts):
+        return jnp, [l.to_block_mask() for l in layouts]
+    return np, [_block_counts_numpy(np.asarray(l.indptr), np.asarray(l.indices), l.num_block_rows,
+                                    l.num_block_cols) > 0 for l in layouts]
+
+
+def _combine(layouts, op: str, nnz):
+    block_size, seq_lens = _same_geometry(layouts, op)
+    xp, masks = _block_masks(layouts)
+    combined = masks[0]
+    for m in masks[1:]:
+        combined = (combined | m) if op == "union" else (combined & m)
+    if xp is jnp:
+        if nnz is None:   # static: enough for the combination of the given layouts
+            mb, nb = combined.shape[-2:]
+            nnz = min(mb * nb, sum(l.nnz for l in layouts)) if op == "union" else min(l.nnz for l in layouts)
+        return BlockSparseLayout.from_block_mask(combined, block_size, seq_lens, nnz=nnz)
+    return BlockSparseLayout.from_block_mask(np.asarray(combined), block_size, seq_lens, nnz=nnz)
+
+
+def union(*layouts: BlockSparseLayout, nnz: int | None = None) -> BlockSparseLayout:
+    """The blocks listed by any of the layouts (same block_size and seq_lens; batch shapes broadcast).
+
+    Concrete layouts give a concrete layout; with a traced one the result is traced and ``nnz`` (static)
+    defaults to ``min(MB * NB, sum of the nnz)``."""
+    return _combine(layouts, "union", nnz)
+
+
+def intersection(*layouts: BlockSparseLayout, nnz: int | None = None) -> BlockSparseLayout:
+    """The blocks listed by all of the layouts (same block_size and seq_lens; batch shapes broadcast).
+
+    With a traced layout the result is traced and ``nnz`` defaults to the smallest of the nnz."""
+    return _combine(layouts, "intersection", nnz)
+
+
+def per_head(layouts: Sequence[BlockSparseLayout]) -> BlockSparseLayout:
+    """Stacks one layout per KV head along a new last batch axis (a per-head mixture of patterns, e.g.
+    half the heads local, half strided). The layouts share block_size and seq_lens; their batch shapes
+    (``()`` or ``(B,)``) broadcast; the result has batch shape ``(*that, len(layouts))``, shorter layouts
+    padded with entries past ``indptr[-1]``."""
+    layouts = list(layouts)
+    block_size, seq_lens = _same_geometry(layouts, "per_head")
+    lead = np.broadcast_shapes(*(l.batch_shape for l in layouts))
+    width = max(l.nnz for l in layouts)
+    traced = any(_is_traced(l.indptr) or _is_traced(l.indices) for l in layouts)
+    xp = jnp if traced else np
+
+    def padded(l):
+        ip = xp.broadcast_to(xp.asarray(l.indptr), lead + l.indptr.shape[-1:])
+        ix = xp.asarray(l.indices)
+        ix = xp.pad(ix, [(0, 0)] * (ix.ndim - 1) + [(0, width - l.nnz)])
+        return ip, xp.broadcast_to(ix, lead + (width,))
+
+    parts = [padded(l) for l in layouts]
+    indptr = xp.stack([p[0] for p in parts], axis=-2)
+    indices = xp.stack([p[1] for p in parts], axis=-2)
+    return BlockSparseLayout(indptr, indices, block_size, seq_lens)
+
+
+# ---- routing inside the model ---------------------------------------------------------------------
+
+def from_topk(scores, k: int, *, seq_lens, block_size, causal: bool = False) -> BlockSparseLayout:
+    """Each query block row keeps its ``k`` best-scoring key blocks (MoBA / NSA-style block routing).
+
+    Args:
+      scores: float ``[*L, MB, NB]``, concrete or traced (the layout may be chosen inside ``jit``; no
+        gradient flows through the choice). Blocks scored ``-inf`` are never chosen, so a row may list fewer
+        than ``k`` blocks; score a block ``+inf`` to force it (e.g. MoBA's current block).
+      k: blocks per row (static); ``nnz = MB * k`` (static).
+      causal: also never choose a block that holds no element with ``d >= 0``.
+
+    Returns a layout whose rows list their chosen blocks in increasing column order.
+    """
+    grid = _Grid(seq_lens, block_size)
+    MB, NB = grid.MB, grid.NB
+    shape = tuple(scores.shape)
+    if len(shape) < 2 or shape[-2:] != (MB, NB):
+        raise ValueError(f"scores has shape {shape}: expected [*L, MB, NB] with (MB, NB) = {(MB, NB)} for "
+                         f"seq_lens={grid.seq_lens} and block_size={grid.block_size}")
+    k = int(k)
+    if not 1 <= k <= NB:
+        raise ValueError(f"k must be in [1, NB] = [1, {NB}], got {k}")
+    scores = jnp.asarray(scores)
+    if not jnp.issubdtype(scores.dtype, jnp.floating):
+        scores = scores.astype(jnp.float32)
+    scores = jax.lax.stop_gradient(scores)
+    if causal:
+        scores = jnp.where(grid.band_mask(0, None), scores, -jnp.inf)
+    top_vals, top_cols = jax.lax.top_k(scores, k)                         # [*L, MB, k]
+    valid = top_vals > -jnp.inf
+    # Valid picks first, in increasing column order; invalid ones sort last (key NB).
+    keyed = jnp.sort(jnp.where(valid, top_cols, NB), axis=-1).astype(jnp.int32)
+    counts = jnp.sum(valid, axis=-1, dtype=jnp.int32)                     # [*L, MB]
+    lead = shape[:-2]
+    indptr = jnp.concatenate([jnp.zeros(lead + (1,), jnp.int32), jnp.cumsum(counts, -1, dtype=jnp.int32)], -1)
+    # Compact: entry t of row r goes to indptr[r] + t when valid, otherwise nowhere (dropped scatter).
+    dest = indptr[..., :-1, None] + jnp.arange(k, dtype=jnp.int32)
+    dest = jnp.where(keyed < NB, dest, MB * k).reshape(lead + (MB * k,))
+    flat = keyed.reshape((-1, MB * k))
+    out = jax.vmap(lambda d, x: jnp.zeros(MB * k, jnp.int32).at[d].set(x, mode="drop"))(
+        dest.reshape((-1, MB * k)), flat)
+    return BlockSparseLayout(indptr, out.reshape(lead + (MB * k,)), grid.block_size, grid.seq_lens)

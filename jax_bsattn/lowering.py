@@ -1,0 +1,66 @@
+"""Lowerings: the outer primitives through ``custom_partitioning`` (partitioning.py), the inner primitives to
+the FFI targets of csrc/ (one per platform and direction).
+
+On one device ``custom_partitioning`` inlines its body, so the module holds the FFI custom call itself; on a
+mesh it holds a partitioned call whose per-device body is that same custom call on the local shards.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.interpreters import mlir
+
+from .partitioning import bwd_partitioned, fwd_partitioned
+from .primitives import Config, bsattn_bwd_ffi_p, bsattn_bwd_p, bsattn_fwd_ffi_p, bsattn_fwd_p, ffi_attributes
+
+# The CUDA kernels' head dims and dtypes; everything else runs on the CPU path only.
+CUDA_HEAD_DIMS = (64, 128, 256)
+CUDA_DTYPES = ("bfloat16", "float16")
+
+
+def _check_cuda(q) -> None:
+    if q.shape[-1] not in CUDA_HEAD_DIMS:
+        raise ValueError(f"jax_bsattn: the CUDA kernels support head dims {CUDA_HEAD_DIMS}; got D = {q.shape[-1]}")
+    if q.dtype.name not in CUDA_DTYPES:
+        raise TypeError(f"jax_bsattn: the CUDA kernels take {CUDA_DTYPES} inputs; got {q.dtype.name} "
+                        "(cast q, k, v explicitly: no silent precision change is made)")
+
+
+def _ffi_rule(target: str, platform: str):
+    rule = jax.ffi.ffi_lowering(target)
+
+    def lower(ctx, *args, cfg: Config):
+        if platform == "cuda":
+            _check_cuda(ctx.avals_in[0])
+        return rule(ctx, *args, **ffi_attributes(cfg))
+
+    return lower
+
+
+def _partitioned_rule(partitioned, platform: str):
+    def call(*args, cfg: Config):
+        return partitioned(*args, cfg)
+
+    lower_call = mlir.lower_fun(call, multiple_results=True)
+
+    def lower(ctx, *args, cfg: Config):
+        if platform == "cuda":   # checked here too: an error raised inside the partitioner would not surface
+            _check_cuda(ctx.avals_in[0])
+        return lower_call(ctx, *args, cfg=cfg)
+
+    return lower
+
+
+for _platform in ("cpu", "cuda"):
+    mlir.register_lowering(bsattn_fwd_ffi_p, _ffi_rule(f"bsattn_fwd_{_platform}", _platform), platform=_platform)
+    mlir.register_lowering(bsattn_bwd_ffi_p, _ffi_rule(f"bsattn_bwd_{_platform}", _platform), platform=_platform)
+    mlir.register_lowering(bsattn_fwd_p, _partitioned_rule(fwd_partitioned, _platform), platform=_platform)
+    mlir.register_lowering(bsattn_bwd_p, _partitioned_rule(bwd_partitioned, _platform), platform=_platform)
+
+# custom_partitioning needs the device assignment while lowering; jax finds that out by looking for these
+# primitives in the jaxpr (private API, hence the guard: without it a mesh-less lowering still works).
+try:
+    from jax._src import dispatch as _dispatch
+    _dispatch.prim_requires_devices_during_lowering.update((bsattn_fwd_p, bsattn_bwd_p))
+except (ImportError, AttributeError):  # pragma: no cover
+    pass

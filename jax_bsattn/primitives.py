@@ -1,0 +1,191 @@
+"""The primitives: forward (o, lse) and backward (dq, dk, dv), each an outer / inner pair.
+
+All work on canonical shapes (csrc/README.md): q ``[B, M, Hq, D]``, k/v ``[B, N, Hk, D]``, layout arrays
+``[LB, LH, ...]`` with LB in {1, B} and LH in {1, Hk}.
+
+- The outer primitives ``bsattn_fwd`` / ``bsattn_bwd`` are what jax sees (the custom_vjp in attention.py
+  binds them): an abstract eval that checks shapes and dtypes and a batching rule that folds the vmapped axis
+  into B (one kernel call, never a loop). Their lowering (lowering.py) goes through ``custom_partitioning``
+  (partitioning.py), so that under ``jit`` with sharded operands each device runs on its own shard.
+- The inner primitives ``bsattn_fwd_ffi`` / ``bsattn_bwd_ffi`` are bound only inside that lowering, on
+  per-device shapes; they lower to the FFI targets of each platform.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import batching
+from jax.sharding import NamedSharding, PartitionSpec
+
+try:  # jax >= 0.4.36
+    from jax._src.dispatch import apply_primitive as _apply_primitive
+except ImportError:  # pragma: no cover
+    from jax.interpreters.xla import apply_primitive as _apply_primitive
+
+__all__ = ["Config", "bsattn_fwd_p", "bsattn_bwd_p", "bsattn_fwd_ffi_p", "bsattn_bwd_ffi_p", "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+class Config(NamedTuple):
+    """Static parameters of one attention call (hashable: it is a primitive parameter)."""
+    block_r: int
+    block_c: int
+    scale: float
+    softcap: float  # 0.0: no soft cap
+    causal: bool
+
+
+def _primitive(name: str) -> Primitive:
+    prim = Primitive(name)
+    prim.multiple_results = True
+    prim.def_impl(partial(_apply_primitive, prim))
+    return prim
+
+
+bsattn_fwd_p = _primitive("bsattn_fwd")
+bsattn_bwd_p = _primitive("bsattn_bwd")
+# Inner primitives: the kernels on per-device shapes (bound only inside the outer primitives' lowering).
+bsattn_fwd_ffi_p = _primitive("bsattn_fwd_ffi")
+bsattn_bwd_ffi_p = _primitive("bsattn_bwd_ffi")
+
+
+# ---- abstract evaluation -----------------------------------------------------------------------------
+
+def _expect(cond: bool, msg: str, exc=ValueError):
+    if not cond:
+        raise exc(f"jax_bsattn: {msg}")
+
+
+def _check_canonical(q, k, v, indptr, indices, cfg: Config):
+    _expect(q.ndim == 4 and k.ndim == 4 and v.ndim == 4,
+            f"q, k, v must be [B, M, Hq, D] / [B, N, Hk, D]; got {q.shape}, {k.shape}, {v.shape}")
+    B, M, Hq, D = q.shape
+    _expect(k.shape == v.shape, f"k {k.shape} and v {v.shape} must have the same shape")
+    _expect(k.shape[0] == B and k.shape[3] == D, f"k {k.shape} does not match q {q.shape}")
+    Hk = k.shape[2]
+    _expect(Hk > 0 and Hq % Hk == 0, f"query heads {Hq} must be a multiple of KV heads {Hk}")
+    _expect(q.dtype == k.dtype == v.dtype, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}", TypeError)
+    _expect(q.dtype in SUPPORTED_DTYPES, f"dtype {q.dtype} not supported (float32, bfloat16, float16)", TypeError)
+    MB = -(-M // cfg.block_r)
+    _expect(indptr.ndim == 3 and indptr.shape[2] == MB + 1,
+            f"indptr must be [LB, LH, MB + 1] with MB = {MB}; got {indptr.shape}")
+    _expect(indices.ndim == 3 and indices.shape[:2] == indptr.shape[:2],
+            f"indices {indices.shape} must be [LB, LH, nnz] matching indptr {indptr.shape}")
+    _expect(indptr.shape[0] in (1, B) and indptr.shape[1] in (1, Hk),
+            f"layout dims {indptr.shape[:2]} must be 1 or (B, Hk) = {(B, Hk)}")
+    _expect(indptr.dtype == jnp.int32 and indices.dtype == jnp.int32,
+            f"indptr/indices must be int32; got {indptr.dtype}, {indices.dtype}", TypeError)
+    return B, M, Hq, D
+
+
+def _varying(aval) -> frozenset:
+    """The manual mesh axes (inside shard_map) a value varies over."""
+    mat = getattr(aval, "mat", None)
+    return frozenset(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
+
+
+def _results(data, specs):
+    """Result avals ``(like, shape, dtype)``: each sharded like ``like`` (explicit sharding mode: o, dq as q,
+    dk, dv as k, v, lse as q's first three dims; custom_vjp wants cotangent types equal to the primals', and
+    the partitioner reshards when the kernel's own choice differs, see partitioning.py), and varying (inside
+    shard_map) over the manual axes of the data operands ``data``, as jax's own primitives."""
+    src = max(data, key=lambda a: len(_varying(a)))
+    _expect(all(_varying(a) <= _varying(src) for a in data),
+            f"inside shard_map q, k, v (and do, lse, delta) vary over different mesh axes "
+            f"{sorted({tuple(sorted(_varying(a))) for a in data})}: jax.lax.pvary them to a common set first")
+    out = []
+    for like, shape, dtype in specs:
+        spec = getattr(getattr(like, "sharding", None), "spec", None)
+        if spec is None:                                    # a jax without sharding in types
+            out.append(jax.core.ShapedArray(shape, dtype))
+            continue
+        spec = (tuple(spec) + (None,) * len(shape))[:len(shape)]
+        out.append(src.update(shape=shape, dtype=dtype, weak_type=False,
+                              sharding=NamedSharding(like.sharding.mesh, PartitionSpec(*spec))))
+    return tuple(out)
+
+
+def _fwd_abstract_eval(q, k, v, indptr, indices, *, cfg: Config):
+    B, M, Hq, D = _check_canonical(q, k, v, indptr, indices, cfg)
+    return _results((q, k, v), [(q, q.shape, q.dtype), (q, (B, M, Hq), jnp.float32)])
+
+
+def _bwd_abstract_eval(q, k, v, do, lse, delta, indptr, indices, *, cfg: Config):
+    B, M, Hq, D = _check_canonical(q, k, v, indptr, indices, cfg)
+    _expect(do.shape == q.shape and do.dtype == q.dtype, f"do {do.shape} {do.dtype} must match q {q.shape} {q.dtype}")
+    for name, x in (("lse", lse), ("delta", delta)):
+        _expect(x.shape == (B, M, Hq) and x.dtype == jnp.float32, f"{name} must be float32 {(B, M, Hq)}; got "
+                f"{x.shape} {x.dtype}")
+    return _results((q, k, v, do, lse, delta), [(q, q.shape, q.dtype), (k, k.shape, k.dtype), (v, v.shape, v.dtype)])
+
+
+for _p in (bsattn_fwd_p, bsattn_fwd_ffi_p):
+    _p.def_abstract_eval(_fwd_abstract_eval)
+for _p in (bsattn_bwd_p, bsattn_bwd_ffi_p):
+    _p.def_abstract_eval(_bwd_abstract_eval)
+
+
+# ---- batching: fold the vmapped axis into the batch / layout-batch dimension -------------------------
+
+_NOT_MAPPED = None   # how vmap marks an unmapped argument (the public `batching.not_mapped` alias is gone)
+
+def _fold_data(x, dim, n):
+    """[B, ...] operand -> [n * B, ...] (broadcast when it is not mapped)."""
+    if dim is _NOT_MAPPED:
+        x = jnp.broadcast_to(x, (n,) + x.shape)
+    else:
+        x = jnp.moveaxis(x, dim, 0)
+    return x.reshape((n * x.shape[1],) + x.shape[2:])
+
+
+def _fold_layout(x, dim, n, B):
+    """[LB, LH, ...] layout array -> [LB', LH, ...] valid for batch n * B (LB' in {1, n * B})."""
+    if dim is _NOT_MAPPED:
+        if x.shape[0] == 1:
+            return x                                       # one layout for every batch element: stays shared
+        x = jnp.broadcast_to(x, (n,) + x.shape)
+    else:
+        x = jnp.moveaxis(x, dim, 0)
+        if x.shape[1] != B:
+            x = jnp.broadcast_to(x, (n, B) + x.shape[2:])
+    return x.reshape((n * B,) + x.shape[2:])
+
+
+def _batch_size(args, dims):
+    return next(x.shape[d] for x, d in zip(args, dims) if d is not _NOT_MAPPED)
+
+
+def _unbatched_B(x, dim):
+    """The canonical batch size B of a data operand, with the vmapped axis (if any) taken out."""
+    shape = list(x.shape)
+    if dim is not _NOT_MAPPED:
+        del shape[dim]
+    return shape[0]
+
+
+def _make_batcher(prim, num_data: int):
+    def batcher(args, dims, *, cfg):
+        n = _batch_size(args, dims)
+        B = _unbatched_B(args[0], dims[0])
+        data = [_fold_data(x, d, n) for x, d in zip(args[:num_data], dims[:num_data])]
+        layout = [_fold_layout(x, d, n, B) for x, d in zip(args[num_data:], dims[num_data:])]
+        outs = prim.bind(*data, *layout, cfg=cfg)
+        return [o.reshape((n, B) + o.shape[1:]) for o in outs], [0] * len(outs)
+    return batcher
+
+
+batching.primitive_batchers[bsattn_fwd_p] = _make_batcher(bsattn_fwd_p, num_data=3)
+batching.primitive_batchers[bsattn_bwd_p] = _make_batcher(bsattn_bwd_p, num_data=6)
+
+
+def ffi_attributes(cfg: Config) -> dict:
+    """The FFI attributes every kernel takes (names and types per csrc/README.md)."""
+    return dict(block_r=np.int64(cfg.block_r), block_c=np.int64(cfg.block_c), scale=np.float32(cfg.scale),
+                softcap=np.float32(cfg.softcap), causal=bool(cfg.causal))

@@ -1,0 +1,93 @@
+"""Shared helpers: random problems, the reference-relative tolerance, and the GPU marker."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_bsattn as jb
+from jax_bsattn.reference import reference_in_dtype
+
+
+def _has_cuda() -> bool:
+    try:
+        return len(jax.devices("cuda")) > 0
+    except RuntimeError:
+        return False
+
+
+HAS_CUDA = _has_cuda()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def random_mask(rng, lead, MB, NB, density):
+    """A random block mask; density 0 and 1 rows appear too when density is extreme."""
+    return rng.random(tuple(lead) + (MB, NB)) < density
+
+
+def random_problem(rng, *, batch=(), M, N, Hq, Hk, D, dtype=jnp.float32):
+    """Fresh random q, k, v (never zeros), scaled so the softmax is neither flat nor one-hot."""
+    def draw(shape):
+        return jnp.asarray(rng.standard_normal(shape) * 1.5, dtype)
+    return draw(tuple(batch) + (M, Hq, D)), draw(tuple(batch) + (N, Hk, D)), draw(tuple(batch) + (N, Hk, D))
+
+
+def rel_err(x, ref):
+    x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+    finite = np.isfinite(ref)
+    assert (np.isfinite(x) == finite).all(), "non-finite entries differ from the reference"
+    assert (x[~finite] == ref[~finite]).all(), "infinite entries differ from the reference"
+    num = np.linalg.norm(x[finite] - ref[finite])
+    den = np.linalg.norm(ref[finite])
+    return num / den if den > 0 else num
+
+
+def assert_close(name, out, ref32, ref_lowp):
+    """The project's criterion: error at most twice the reference's own error in the input dtype, + 1e-4."""
+    err = rel_err(out, ref32)
+    budget = 2 * rel_err(ref_lowp, ref32) + 1e-4
+    assert err <= budget, f"{name}: relative error {err:.3e} > budget {budget:.3e}"
+    return err
+
+
+def on_cpu(*xs):
+    """References always run on the CPU: XLA's GPU float32 matmuls may use TF32."""
+    cpu = jax.devices("cpu")[0]
+    return jax.tree_util.tree_map(lambda x: jax.device_put(x, cpu), xs)
+
+
+def check_forward(q, k, v, layout, **kw):
+    """Runs the op (jitted) and compares o and lse with the float32 reference."""
+    o, lse = jax.jit(lambda q, k, v, l: jb.block_sparse_attention(q, k, v, l, return_lse=True, **kw))(q, k, v, layout)
+    assert o.dtype == q.dtype and o.shape == q.shape
+    assert lse.dtype == jnp.float32 and lse.shape == q.shape[:-1]
+    args = on_cpu(q, k, v, layout)
+    o32, lse32 = reference_in_dtype(*args, return_lse=True, **kw)
+    olp, lselp = reference_in_dtype(*args, return_lse=True, compute_dtype=q.dtype, **kw)
+    assert not np.isnan(np.asarray(o, np.float32)).any()
+    return assert_close("o", o, o32, olp), assert_close("lse", lse, lse32, lselp)
+
+
+def check_gradients(q, k, v, layout, **kw):
+    """jax.grad of the op against jax.grad of the float32 reference (cotangent: random, fixed)."""
+    ct = jnp.asarray(np.random.default_rng(7).standard_normal(q.shape), jnp.float32)
+
+    def loss(fn, **extra):
+        def f(q, k, v):
+            return jnp.sum(fn(q, k, v, layout, **kw, **extra).astype(jnp.float32) * ct)
+        return f
+
+    got = jax.jit(jax.grad(loss(jb.block_sparse_attention), argnums=(0, 1, 2)))(q, k, v)
+    cq, ck, cv = on_cpu(q, k, v)
+    ref = jax.grad(loss(reference_in_dtype), argnums=(0, 1, 2))(cq, ck, cv)
+    lowp = jax.grad(loss(reference_in_dtype, compute_dtype=q.dtype), argnums=(0, 1, 2))(cq, ck, cv)
+    return [assert_close(n, g, r, lp) for n, g, r, lp in zip(("dq", "dk", "dv"), got, ref, lowp)]

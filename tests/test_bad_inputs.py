@@ -1,0 +1,60 @@
+"""Bad arguments get a clear error at trace time that names the argument and the shapes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_bsattn as jb
+
+M, N = 32, 48
+LAYOUT = jb.BlockSparseLayout.from_block_mask(np.ones((4, 6), bool), (8, 8), (M, N))
+
+
+def _qkv(batch=(2,), M=M, N=N, Hq=4, Hk=2, D=16, dtype=jnp.float32):
+    return (jnp.ones(batch + (M, Hq, D), dtype), jnp.ones(batch + (N, Hk, D), dtype),
+            jnp.ones(batch + (N, Hk, D), dtype))
+
+
+@pytest.mark.parametrize("mutate,exc,match", [
+    (lambda q, k, v: (q.astype(jnp.bfloat16), k, v), TypeError, "share a dtype"),
+    (lambda q, k, v: (q.astype(jnp.int32), k, v), TypeError, "q has dtype int32"),
+    (lambda q, k, v: (q, k, v[..., :8]), ValueError, "k and v must have the same shape"),
+    (lambda q, k, v: (q[..., :8], k, v), ValueError, "head dim"),
+    (lambda q, k, v: (q[..., :3, :], k, v), ValueError, "multiple of KV heads"),
+    (lambda q, k, v: (q[0], k, v), ValueError, "batch dims"),
+    (lambda q, k, v: (q[:, :, 0], k, v), ValueError, r"\[\*B, seq, heads, head_dim\]|batch dims"),
+    (lambda q, k, v: (q[:, :16], k, v), ValueError, "seq_lens"),
+])
+def test_array_errors(mutate, exc, match):
+    q, k, v = mutate(*_qkv())
+    with pytest.raises(exc, match=match):
+        jax.jit(lambda q, k, v: jb.block_sparse_attention(q, k, v, LAYOUT))(q, k, v)
+
+
+def test_layout_errors():
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="BlockSparseLayout"):
+        jb.block_sparse_attention(q, k, v, np.ones((4, 6), bool))
+    per_3_heads = jb.BlockSparseLayout.from_block_mask(np.ones((3, 4, 6), bool), (8, 8), (M, N))
+    with pytest.raises(ValueError, match=r"does not broadcast against \(\*B, Hk\) = \(2, 2\)"):
+        jb.block_sparse_attention(q, k, v, per_3_heads)
+    too_deep = jb.BlockSparseLayout.from_block_mask(np.ones((1, 1, 1, 4, 6), bool), (8, 8), (M, N))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        jb.block_sparse_attention(q, k, v, too_deep)
+
+
+def test_soft_cap_must_be_positive():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="logits_soft_cap"):
+        jb.block_sparse_attention(q, k, v, LAYOUT, logits_soft_cap=0.0)
+
+
+def test_cuda_lowering_rejects_unsupported_head_dim_and_dtype():
+    q, k, v = _qkv(D=48, dtype=jnp.bfloat16)
+    f = jax.jit(lambda q, k, v: jb.block_sparse_attention(q, k, v, LAYOUT))
+    with pytest.raises(ValueError, match=r"head dims \(64, 128, 256\)"):
+        f.trace(q, k, v).lower(lowering_platforms=("cuda",))
+    q, k, v = _qkv(D=64, dtype=jnp.float32)
+    with pytest.raises(TypeError, match="bfloat16"):
+        f.trace(q, k, v).lower(lowering_platforms=("cuda",))

@@ -1,0 +1,110 @@
+"""Forward pass (CPU kernel) against the float32 reference over the issue's grid."""
+
+import itertools
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_bsattn as jb
+from conftest import check_forward, random_mask, random_problem
+
+RS = (1, 2, 3, 16, 64)
+CS = (1, 5, 16, 64)
+GS = (1, 2, 4)
+DS = (16, 64, 128)
+
+
+def _cases():
+    # Every (R, C) pair; g, D, causal and soft cap rotate so that each value meets each other one.
+    for n, (R, C) in enumerate(itertools.product(RS, CS)):
+        yield pytest.param(R, C, GS[n % 3], DS[(n // 3) % 3], bool(n % 2), (None, 20.0)[(n // 2) % 2],
+                           id=f"R{R}-C{C}-g{GS[n % 3]}-D{DS[(n // 3) % 3]}-c{n % 2}-s{(n // 2) % 2}")
+
+
+@pytest.mark.parametrize("R,C,g,D,causal,softcap", list(_cases()))
+def test_grid(R, C, g, D, causal, softcap):
+    rng = np.random.default_rng(R * 1000 + C * 10 + g)
+    # M != N, neither a multiple of R or C.
+    M, N = 2 * R + 7 + (R > 16) * 3, 3 * C + 11 + (C < 5) * 40
+    Hk = 2
+    MB, NB = -(-M // R), -(-N // C)
+    mask = random_mask(rng, (), MB, NB, 0.5)
+    mask[0] = False                    # an empty row
+    mask[-1] = True                    # a full row
+    layout = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
+    q, k, v = random_problem(rng, M=M, N=N, Hq=g * Hk, Hk=Hk, D=D)
+    check_forward(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dtypes(dtype, causal):
+    rng = np.random.default_rng(1)
+    M, N, R, C = 90, 70, 16, 16
+    layout = jb.BlockSparseLayout.from_block_mask(random_mask(rng, (), 6, 5, 0.6), (R, C), (M, N))
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=4, Hk=2, D=64, dtype=dtype)
+    check_forward(q, k, v, layout, causal=causal, scale=0.3)
+
+
+@pytest.mark.parametrize("lead", [(), (2,), (2, 1), (3, 2), (2, 3, 2)], ids=str)
+def test_layout_broadcast(lead):
+    """One layout for all, per KV head, per batch element, per both, and several batch dims."""
+    rng = np.random.default_rng(len(lead))
+    batch = {(): (2, 3), (2,): (3,), (2, 1): (2,), (3, 2): (3,), (2, 3, 2): (2, 3)}[lead]
+    M, N, R, C = 40, 48, 8, 16
+    layout = jb.BlockSparseLayout.from_block_mask(random_mask(rng, lead, 5, 3, 0.5), (R, C), (M, N))
+    q, k, v = random_problem(rng, batch=batch, M=M, N=N, Hq=4, Hk=2, D=16)
+    check_forward(q, k, v, layout)
+
+
+def test_padded_indices_and_uneven_rows():
+    """Layouts stacked per head list different block counts: entries past indptr[-1] are padding."""
+    M = N = 64
+    indptr = np.array([[0, 1, 3, 3, 4], [0, 4, 4, 6, 8]], np.int32)
+    indices = np.array([[2, 0, 3, 1, -7, 99, 5, 5], [0, 1, 2, 3, 1, 2, 0, 3]], np.int32)
+    layout = jb.BlockSparseLayout.from_csr(indptr, indices, (16, 16), (M, N))
+    q, k, v = random_problem(np.random.default_rng(3), M=M, N=N, Hq=4, Hk=2, D=32)
+    check_forward(q, k, v, layout, causal=True)
+
+
+def test_all_empty_layout_gives_zero_and_minus_inf():
+    layout = jb.BlockSparseLayout.from_csr(np.zeros(6, np.int32), np.zeros(0, np.int32), (8, 8), (33, 20))
+    q, k, v = random_problem(np.random.default_rng(4), M=33, N=20, Hq=2, Hk=1, D=16)
+    o, lse = jb.block_sparse_attention(q, k, v, layout, return_lse=True)
+    assert (np.asarray(o) == 0).all() and np.isneginf(np.asarray(lse)).all()
+
+
+def test_causal_rows_with_nothing_visible():
+    """M > N, causal: the first M - N query rows see no key at all -> 0 and -inf, no NaN."""
+    M, N = 48, 16
+    layout = jb.BlockSparseLayout.from_block_mask(np.ones((3, 1), bool), (16, 16), (M, N))
+    q, k, v = random_problem(np.random.default_rng(5), M=M, N=N, Hq=2, Hk=2, D=16)
+    o, lse = jb.block_sparse_attention(q, k, v, layout, causal=True, return_lse=True)
+    assert (np.asarray(o)[: M - N] == 0).all() and np.isneginf(np.asarray(lse)[: M - N]).all()
+    check_forward(q, k, v, layout, causal=True)
+
+
+def test_garbage_traced_layout_follows_the_clamp_rules():
+    """A layout made inside jit is not validated: out-of-range indices are skipped and indptr clamped,
+    exactly as the reference reads it, and nothing crashes."""
+    import jax
+
+    rng = np.random.default_rng(6)
+    M, N, R, C = 50, 45, 10, 9
+    MB, NB = 5, 5
+    q, k, v = random_problem(rng, M=M, N=N, Hq=2, Hk=1, D=16)
+    for trial in range(4):
+        indptr = rng.integers(-4, 14, size=MB + 1).astype(np.int32)
+        indices = rng.integers(-3, NB + 3, size=12).astype(np.int32)
+        if trial == 0:
+            indptr = np.sort(indptr)
+
+        def run(ip, ix, q, k, v):
+            lay = jb.BlockSparseLayout.from_csr(ip, ix, (R, C), (M, N))
+            return (jb.block_sparse_attention(q, k, v, lay, return_lse=True),
+                    jb.reference.block_sparse_attention_reference(q, k, v, lay, return_lse=True))
+
+        (o, lse), (o_ref, lse_ref) = jax.jit(run)(indptr, indices, q, k, v)
+        np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_ref), rtol=1e-5, atol=1e-5)

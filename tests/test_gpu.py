@@ -1,0 +1,61 @@
+"""The CUDA kernels against the float32 reference (run on the lent GPU; skipped where there is none).
+
+Criterion: ||out - ref|| / ||ref|| at most twice the error of the reference computed in the input dtype, + 1e-4.
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_bsattn as jb
+from conftest import check_forward, random_mask, random_problem
+
+pytestmark = pytest.mark.gpu
+
+
+def _cases():
+    Rs, Cs, gs, Ds = (1, 3, 16, 64, 128), (1, 5, 16, 64, 128), (1, 4, 8), (64, 128, 256)
+    for n, (R, C) in enumerate(itertools.product(Rs, Cs)):
+        for dtype in (jnp.bfloat16, jnp.float16) if n % 5 == 0 else (jnp.bfloat16,):
+            yield pytest.param(R, C, gs[n % 3], Ds[(n // 3) % 3], bool(n % 2), (None, 30.0)[(n // 2) % 2], dtype,
+                               id=f"R{R}-C{C}-g{gs[n % 3]}-D{Ds[(n // 3) % 3]}-{jnp.dtype(dtype).name}-n{n}")
+
+
+@pytest.mark.parametrize("R,C,g,D,causal,softcap,dtype", list(_cases()))
+def test_forward_grid(R, C, g, D, causal, softcap, dtype):
+    rng = np.random.default_rng(R * 1000 + C)
+    M, N = 3 * R + 37, 4 * C + 53          # M != N, not multiples
+    Hk = 2
+    MB, NB = -(-M // R), -(-N // C)
+    mask = random_mask(rng, (Hk,), MB, NB, 0.4)     # per-head layouts
+    mask[0, 0] = False
+    mask[1, -1] = True
+    layout = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=D, dtype=dtype)
+    with jax.default_device(jax.devices("cuda")[0]):
+        check_forward(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
+
+
+def test_forward_vmap_and_garbage_layouts():
+    rng = np.random.default_rng(9)
+    M, N, R, C = 200, 300, 16, 32
+    MB, NB = 13, 10
+    q, k, v = random_problem(rng, batch=(3,), M=M, N=N, Hq=8, Hk=2, D=128, dtype=jnp.bfloat16)
+    ip = rng.integers(-5, 60, size=(3, MB + 1)).astype(np.int32)
+    ix = rng.integers(-4, NB + 4, size=(3, 50)).astype(np.int32)
+
+    def run(fn):
+        def one(q, k, v, ip, ix):
+            return fn(q, k, v, jb.BlockSparseLayout.from_csr(ip, ix, (R, C), (M, N)), return_lse=True)
+        return jax.jit(jax.vmap(one))(q, k, v, ip, ix)
+
+    with jax.default_device(jax.devices("cuda")[0]):
+        o, lse = run(jb.block_sparse_attention)
+    o_ref, lse_ref = run(jb.reference.block_sparse_attention_reference)
+    err = np.linalg.norm(np.asarray(o, np.float32) - np.asarray(o_ref, np.float32)) / np.linalg.norm(
+        np.asarray(o_ref, np.float32))
+    assert err < 2e-2
+    np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), np.isneginf(np.asarray(lse_ref)))

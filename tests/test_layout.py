@@ -1,0 +1,108 @@
+"""BlockSparseLayout: constructors, validation, views, pytree behaviour."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_bsattn as jb
+from conftest import random_mask
+
+R, C, M, N = 5, 7, 37, 50
+MB, NB = 8, 8
+
+
+def test_from_block_mask_round_trip_and_density():
+    rng = np.random.default_rng(0)
+    mask = random_mask(rng, (2, 3), MB, NB, 0.4)
+    lay = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
+    assert lay.batch_shape == (2, 3) and lay.nnz == mask.reshape(6, -1).sum(-1).max()
+    assert (np.asarray(lay.to_block_mask()) == mask).all()
+    assert lay.density == pytest.approx(mask.mean())
+    dense = np.asarray(lay.to_dense_mask())
+    assert dense.shape == (2, 3, M, N)
+    i, j = 36, 49
+    assert dense[1, 2, i, j] == mask[1, 2, i // R, j // C]
+
+
+def test_from_csr_matches_flashinfer_arrays():
+    indptr = np.array([0, 2, 2, 3, 3, 3, 3, 3, 4])
+    indices = np.array([1, 5, 0, 7])
+    lay = jb.BlockSparseLayout.from_csr(indptr, indices, (R, C), (M, N))
+    bm = np.asarray(lay.to_block_mask())
+    assert bm[0, 1] and bm[0, 5] and bm[2, 0] and bm[7, 7] and bm.sum() == 4
+    assert lay.indptr.dtype == jnp.int32 and lay.indices.dtype == jnp.int32
+
+
+def test_traced_from_block_mask_matches_concrete():
+    rng = np.random.default_rng(1)
+    mask = random_mask(rng, (3,), MB, NB, 0.3)
+    traced = jax.jit(lambda m: jb.BlockSparseLayout.from_block_mask(m, (R, C), (M, N), nnz=40))(mask)
+    assert traced.nnz == 40
+    assert (np.asarray(traced.to_block_mask()) == mask).all()
+    assert (np.asarray(jax.jit(lambda m: jb.BlockSparseLayout.from_block_mask(m, (R, C), (M, N))
+                               .to_block_mask())(mask)) == mask).all()
+
+
+def test_pytree_leaves_and_static_part():
+    lay = jb.BlockSparseLayout.from_block_mask(np.eye(MB, NB, dtype=bool), (R, C), (M, N))
+    leaves, treedef = jax.tree_util.tree_flatten(lay)
+    assert len(leaves) == 2
+    back = jax.tree_util.tree_unflatten(treedef, leaves)
+    assert back.block_size == (R, C) and back.seq_lens == (M, N)
+    doubled = jax.tree_util.tree_map(lambda x: x, lay)
+    assert (np.asarray(doubled.indices) == np.asarray(lay.indices)).all()
+
+
+@pytest.mark.parametrize("indptr,indices,match", [
+    ([1, 2, 2, 3, 3, 3, 3, 3, 3], [0, 1, 2], "start at 0"),
+    ([0, 2, 1, 3, 3, 3, 3, 3, 3], [0, 1, 2], "never decrease"),
+    ([0, 2, 2, 3, 3, 3, 3, 3, 4], [0, 1, 2], "exceeds nnz"),
+    ([0, 2, 2, 3, 3, 3, 3, 3, 3], [0, 8, 2], r"\[0, NB\)"),
+    ([0, 2, 2, 3, 3, 3, 3, 3, 3], [0, -1, 2], r"\[0, NB\)"),
+    ([0, 2, 2, 3, 3, 3, 3, 3, 3], [4, 4, 2], "more than once"),
+    ([0, 2, 2, 3, 3, 3, 3], [0, 1, 2], "MB \\+ 1"),
+])
+def test_concrete_validation(indptr, indices, match):
+    with pytest.raises(ValueError, match=match):
+        jb.BlockSparseLayout.from_csr(np.array(indptr), np.array(indices), (R, C), (M, N))
+
+
+def test_constructor_argument_errors():
+    with pytest.raises(ValueError, match="block_size"):
+        jb.BlockSparseLayout.from_csr(np.zeros(2), np.zeros(0), (0, 4), (4, 4))
+    with pytest.raises(TypeError, match="indptr must hold integers"):
+        jb.BlockSparseLayout.from_csr(np.zeros(2, np.float32), np.zeros(0, np.int32), (4, 4), (4, 4))
+    with pytest.raises(ValueError, match="leading"):
+        jb.BlockSparseLayout.from_csr(np.zeros((2, 2), np.int32), np.zeros((3, 1), np.int32), (4, 4), (4, 4))
+    with pytest.raises(ValueError, match=r"block_mask has shape"):
+        jb.BlockSparseLayout.from_block_mask(np.ones((3, 3), bool), (R, C), (M, N))
+    with pytest.raises(ValueError, match="nnz=2 is smaller"):
+        jb.BlockSparseLayout.from_block_mask(np.ones((MB, NB), bool), (R, C), (M, N), nnz=2)
+
+
+def test_padding_entries_past_indptr_end_are_not_validated():
+    lay = jb.BlockSparseLayout.from_csr(np.array([0, 1, 1, 1, 1, 1, 1, 1, 1]), np.array([3, -5, 999]),
+                                        (R, C), (M, N))
+    assert int(np.asarray(lay.block_counts()).sum()) == 1
+
+
+def test_checkify_check_of_traced_layouts():
+    from jax.experimental import checkify
+
+    bad = (np.array([0, 2, 1, 3, 3, 3, 3, 3, 3], np.int32), np.array([0, 1, 2], np.int32))
+    good = (np.array([0, 2, 2, 3, 3, 3, 3, 3, 3], np.int32), np.array([0, 1, 2], np.int32))
+
+    def f(ip, ix):
+        jb.check_layout(jb.BlockSparseLayout.from_csr(ip, ix, (R, C), (M, N)))
+
+    checked = jax.jit(checkify.checkify(f))
+    assert checked(*good)[0].get() is None
+    assert "never decrease" in checked(*bad)[0].get()
+    dup = (np.array([0, 2, 2, 3, 3, 3, 3, 3, 3], np.int32), np.array([4, 4, 2], np.int32))
+    assert "twice" in checked(*dup)[0].get()
+    oob = (np.array([0, 2, 2, 3, 3, 3, 3, 3, 9], np.int32), np.array([4, 9, 2], np.int32))
+    assert checked(*oob)[0].get() is not None
+    lay = jax.jit(lambda ip, ix: jb.BlockSparseLayout.from_csr(ip, ix, (R, C), (M, N)))(*bad)
+    with pytest.raises(Exception, match="never decrease"):
+        jb.validate_layout(lay)

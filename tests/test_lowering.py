@@ -1,0 +1,38 @@
+"""The StableHLO of a CUDA lowering made on this (CPU) machine holds the CUDA custom calls and attributes."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_bsattn as jb
+
+
+def test_cuda_lowering_holds_custom_calls_with_attributes():
+    layout = jb.BlockSparseLayout.from_block_mask(np.tril(np.ones((4, 4), bool)), (16, 16), (64, 64))
+    q = jnp.ones((2, 64, 8, 128), jnp.bfloat16)
+    k = jnp.ones((2, 64, 2, 128), jnp.bfloat16)
+
+    def loss(q, k, v):
+        return jnp.sum(jb.block_sparse_attention(q, k, v, layout, causal=True, logits_soft_cap=30.0,
+                                                 scale=0.5).astype(jnp.float32))
+
+    text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).trace(q, k, k).lower(
+        lowering_platforms=("cuda",)).as_text()
+    fwd = [l for l in text.splitlines() if "custom_call @bsattn_fwd_cuda" in l]
+    bwd = [l for l in text.splitlines() if "custom_call @bsattn_bwd_cuda" in l]
+    assert len(fwd) == 1 and len(bwd) == 1, text
+    for line in fwd + bwd:
+        for attr in ("block_r = 16 : i64", "block_c = 16 : i64", "causal = true", "scale = 5.000000e-01 : f32",
+                     "softcap = 3.000000e+01 : f32"):
+            assert attr in line, (attr, line)
+    assert re.search(r"tensor<2x64x8x128xbf16>.*tensor<1x1x5xi32>", fwd[0])
+    assert "cpu" not in " ".join(fwd + bwd)
+
+
+def test_cpu_lowering_uses_cpu_targets():
+    layout = jb.BlockSparseLayout.from_block_mask(np.ones((2, 2), bool), (8, 8), (16, 16))
+    q = jnp.ones((16, 2, 16), jnp.float32)
+    text = jax.jit(lambda q: jb.block_sparse_attention(q, q, q, layout)).lower(q).as_text()
+    assert "custom_call @bsattn_fwd_cpu" in text
