@@ -1,0 +1,148 @@
+// Global -> shared loads of the forward kernel: the CTA's packed Q tile, and KV tiles gathered from the
+// block row's virtual key sequence.
+//
+// Shared-memory tiles are rows of D b16 values stored as 16-byte chunks with chunk c of row r at
+// position c ^ (r & 7) (XOR swizzle inside each 128-byte group): cp.async writes and the ldmatrix reads
+// of 8 rows x one chunk column are then free of bank conflicts. (A 16-byte pad per row instead makes
+// every fragment address base + constant and saves ~16 registers, but measured 4-40% slower here.)
+//
+// Virtual key sequence of a block row: its listed blocks one after another; virtual position t is list
+// entry t / C, key row blk * C + t % C. A KV tile holds BN consecutive virtual positions. A key row is
+// invalid when the entry is past the row's range, the block index is outside [0, NB), or the key is
+// >= N: such rows are zero-filled in shared memory and get key index INT_MAX (masked by the kernel).
+#pragma once
+
+#include <climits>
+#include <cstdint>
+
+#include "cuda/fwd/mma.cuh"
+#include "cuda/fwd/params.h"
+
+namespace bsattn {
+namespace cuda {
+
+// Byte offset of (row, chunk) in a swizzled tile of D-wide rows.
+template <int D>
+__device__ __forceinline__ uint32_t swz_off(int row, int chunk) {
+  return static_cast<uint32_t>(row * (D * 2) + ((chunk ^ (row & 7)) << 4));
+}
+
+// Q tile: TM packed rows; packed row `row` of the tile is query row r = P / g, head j = P % g of the
+// block row (P = row0 + row). Rows at or past `rows_valid` (padding of R * g, or past M) are zeroed.
+template <typename T, class Cfg>
+__device__ __forceinline__ void load_q_tile(uint32_t sQ, const T* qg, int row0, int rows_valid, int g,
+                                            int64_t q_rstride, int tid) {
+  constexpr int D = Cfg::D, CPR = Cfg::CPR;
+#pragma unroll
+  for (int i = tid; i < Cfg::TM * CPR; i += Cfg::NT) {
+    const int row = i / CPR, c = i % CPR;
+    const uint32_t dst = sQ + swz_off<D>(row, c);
+    if (row < rows_valid) {
+      const int P = row0 + row;
+      const int r = P / g, j = P - r * g;
+      cp_async16(dst, qg + r * q_rstride + j * D + c * 8);
+    } else {
+      st_shared_zero16(dst);
+    }
+  }
+}
+
+// Gathers the KV tiles of one block row. Thread layout per tile: thread tid copies chunk tid % CPR of
+// rows pass * RPP + tid / CPR. The key index of each row is resolved once, by an "owner" lane of the
+// warp that copies it (lane o owns the row the warp copies in pass o / RPW, sub-row o % RPW), and
+// broadcast with a shuffle. Owner lanes walk the virtual sequence incrementally (entry, offset) and
+// prefetch the next tile's block index one tile ahead, so no index load latency sits in front of the
+// copies.
+// Per-CTA constants of the gather, kept in shared memory rather than in registers (the main loop of
+// the 128-row tiles needs every register for the accumulators).
+struct GatherShared {
+  int64_t kvoff;  // K / V of (b, hk): key row j at p.k / p.v + kvoff + j * Hk * D
+  int qC, rC;     // BN = qC * C + rC
+  int qlim_min;   // causal: keys above this need the mask for some row of the tile (else INT_MAX)
+  int pad_;
+};
+
+template <typename T, class Cfg>
+struct KvGather {
+  static constexpr int D = Cfg::D, BN = Cfg::BN, CPR = Cfg::CPR, RPP = Cfg::RPP, RPW = Cfg::RPW;
+
+  // Owner-lane state, live in registers across the main loop: kept to four registers.
+  const int32_t* ip;  // list entry of its row in the next tile
+  int rem;            // entries left from ip to the end of the row's list
+  int off;            // offset in block of its row in the next tile
+  int blk_next;       // *ip prefetched (or -1)
+
+  static __device__ __forceinline__ int owner_row(int warp, int lane) {
+    return (lane / RPW) * RPP + warp * RPW + (lane % RPW);
+  }
+
+  __device__ __forceinline__ void init(const FwdParams& p, const int32_t* idx, int len, int warp, int lane) {
+    const int trow = owner_row(warp, lane);
+    const int ent = trow / p.C;
+    off = trow - ent * p.C;
+    ip = idx + ent;
+    rem = len - ent;
+    blk_next = (lane < Cfg::OWN && rem > 0) ? __ldg(ip) : -1;
+  }
+
+  // Issues the cp.async copies of the next KV tile into `stage` (not committed) and records its key
+  // indices; returns 1 when this thread saw a row of the tile that needs the mask.
+  __device__ __forceinline__ uint32_t issue(const FwdParams& p, const GatherShared& gs, uint32_t sK, uint32_t sV,
+                                            int* sKidx, int stage, int warp, int lane) {
+    const bool owner = lane < Cfg::OWN;
+    int key = INT_MAX;
+    if (owner && rem > 0) {
+      const int blk = blk_next;
+      if (blk >= 0 && blk < p.NB) {
+        const int kk = blk * p.C + off;
+        if (kk < p.N) key = kk;
+      }
+    }
+    uint32_t flag = 0;
+    if (owner) {
+      sKidx[stage * BN + owner_row(warp, lane)] = key;
+      flag = (key == INT_MAX || key > gs.qlim_min) ? 1u : 0u;
+    }
+    // advance to the next tile: BN virtual positions = qC whole blocks + rC keys
+    const int qC = gs.qC;
+    ip += qC;
+    rem -= qC;
+    off += gs.rC;
+    if (off >= p.C) {
+      off -= p.C;
+      ++ip;
+      --rem;
+    }
+    blk_next = (owner && rem > 0) ? __ldg(ip) : -1;
+
+    const int64_t kvoff = gs.kvoff;
+    const T* kg = static_cast<const T*>(p.k) + kvoff;
+    const T* vg = static_cast<const T*>(p.v) + kvoff;
+    const int64_t rstride = static_cast<int64_t>(p.Hk) * D;
+    const uint32_t sKs = sK + stage * Cfg::KV_STAGE_BYTES, sVs = sV + stage * Cfg::KV_STAGE_BYTES;
+    const int sub = lane / CPR, c = lane % CPR;
+#pragma unroll
+    for (int ps = 0; ps < Cfg::PASSES; ++ps) {
+      const int kp = __shfl_sync(0xffffffffu, key, ps * RPW + sub);
+      const int row = ps * RPP + warp * RPW + sub;
+      const uint32_t so = swz_off<D>(row, c);
+      if (kp != INT_MAX) {
+        const int64_t go = kp * rstride + c * 8;
+        if constexpr (Cfg::KV_L1) {
+          cp_async16_ca(sKs + so, kg + go);
+          cp_async16_ca(sVs + so, vg + go);
+        } else {
+          cp_async16(sKs + so, kg + go);
+          cp_async16(sVs + so, vg + go);
+        }
+      } else {
+        st_shared_zero16(sKs + so);
+        st_shared_zero16(sVs + so);
+      }
+    }
+    return flag;
+  }
+};
+
+}  // namespace cuda
+}  // namespace bsattn

@@ -1,0 +1,121 @@
+// Host-side launch of the forward kernel: tile choice from R * g, grid from shapes only, the dynamic
+// shared-memory opt-in once per (instantiation, device). Included by the instantiation files only.
+#pragma once
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <climits>
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "cuda/fwd/config.cuh"
+#include "cuda/fwd/kernel.cuh"
+#include "cuda/fwd/params.h"
+#include "cuda/fwd/scheduler.cuh"
+
+namespace bsattn {
+namespace cuda {
+
+template <int kDType>
+struct DTypeOf;
+template <>
+struct DTypeOf<kBF16> {
+  using type = __nv_bfloat16;
+};
+template <>
+struct DTypeOf<kF16> {
+  using type = __half;
+};
+
+// Raises the kernel's dynamic shared-memory limit on the current device, once per device. `done` must
+// be distinct per kernel (every instantiation has the same function type): the caller owns it.
+// The shared-memory carveout asks for what `ctas` CTAs need (+1 KB each reserved by the system); the rest
+// of the SM's unified memory stays L1.
+template <typename Kernel>
+cudaError_t opt_in_smem(Kernel kernel, int bytes, int ctas, std::atomic<uint64_t>& done) {
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = dev < 64 ? (uint64_t{1} << dev) : 0;
+  if (bit != 0 && (done.load(std::memory_order_acquire) & bit)) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err != cudaSuccess) return err;
+  int per_sm = 0;
+  err = cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
+  if (err != cudaSuccess) return err;
+  int pct = per_sm > 0 ? static_cast<int>((int64_t{ctas} * (bytes + 1024) * 100 + per_sm - 1) / per_sm) : 100;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, pct > 100 ? 100 : pct);
+  if (err != cudaSuccess) return err;
+  done.fetch_or(bit, std::memory_order_acq_rel);
+  return cudaSuccess;
+}
+
+template <typename T, class Cfg>
+cudaError_t launch_tile(const FwdParams& p0, cudaStream_t stream) {
+  FwdParams p = p0;
+  const int64_t packed = static_cast<int64_t>(p.R) * p.g;
+  p.nsplit = static_cast<int>((packed + Cfg::TM - 1) / Cfg::TM);
+  const int64_t grid = static_cast<int64_t>(p.B) * p.Hk * p.MB * p.nsplit;
+  if (grid == 0) return cudaSuccess;
+  if (grid > INT_MAX) return cudaErrorInvalidConfiguration;
+  auto kernel = bsattn_fwd_kernel<T, Cfg>;
+  static std::atomic<uint64_t> smem_done{0};  // one per (T, Cfg)
+  cudaError_t err = opt_in_smem(kernel, Cfg::SMEM, Cfg::MINB, smem_done);
+  if (err != cudaSuccess) return err;
+  kernel<<<static_cast<unsigned>(grid), Cfg::NT, Cfg::SMEM, stream>>>(p);
+  return cudaGetLastError();
+}
+
+#ifdef BSATTN_FWD_TUNING
+// Development only (CMake -DBSATTN_FWD_TUNING=ON): BSATTN_FWD_TUNE="abc" picks variant a / b / c of the
+// 128 / 64 / 16-row tiles of bf16, D = 128, so that one device session can time several configurations.
+inline int tune_digit(int i) {
+  const char* e = std::getenv("BSATTN_FWD_TUNE");
+  return (e && static_cast<int>(std::strlen(e)) > i) ? e[i] - '0' : 0;
+}
+template <typename T>
+cudaError_t launch_tuning(const FwdParams& p, cudaStream_t stream, int tm) {
+  const int v = tune_digit(tm == 128 ? 0 : tm == 64 ? 1 : 2);
+  if (tm == 128) {
+    if (v == 1) return launch_tile<T, FwdCfg<128, 4, 1, 2, 32, 4, false, 2>>(p, stream);
+    if (v == 2) return launch_tile<T, FwdCfg<128, 4, 1, 2, 32, 3, false, 2>>(p, stream);
+    if (v == 3) return launch_tile<T, FwdCfg<128, 4, 1, 2, 64, 2, false, 2, 64>>(p, stream);
+    if (v == 4) return launch_tile<T, FwdCfg<128, 8, 1, 1, 64, 2, false, 2>>(p, stream);
+    return launch_tile<T, FwdTile<128, 128>>(p, stream);
+  }
+  if (tm == 64) {
+    if (v == 1) return launch_tile<T, FwdCfg<128, 2, 2, 2, 64, 2, false, 2>>(p, stream);
+    return launch_tile<T, FwdTile<128, 64>>(p, stream);
+  }
+  if (v == 1) return launch_tile<T, FwdCfg<128, 1, 4, 1, 64, 3, true, 2>>(p, stream);
+  return launch_tile<T, FwdTile<128, 16>>(p, stream);
+}
+#endif
+
+template <int kDType, int kD>
+cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
+  using T = typename DTypeOf<kDType>::type;
+#ifdef BSATTN_FWD_TUNING
+  if constexpr (kD == 128 && kDType == kBF16)
+    return launch_tuning<T>(p, stream, fwd_tile_rows(static_cast<int64_t>(p.R) * p.g));
+#endif
+  switch (fwd_tile_rows(static_cast<int64_t>(p.R) * p.g)) {
+    case 16:
+      return launch_tile<T, FwdTile<kD, 16>>(p, stream);
+    case 64:
+      return launch_tile<T, FwdTile<kD, 64>>(p, stream);
+    default:
+      return launch_tile<T, FwdTile<kD, 128>>(p, stream);
+  }
+}
+
+}  // namespace cuda
+}  // namespace bsattn
+
+// Explicit instantiation of one (dtype, head dim); each lives in its own .cu so nvcc runs in parallel.
+#define BSATTN_INSTANTIATE_FWD(DTYPE, D) \
+  template cudaError_t bsattn::cuda::launch_fwd<bsattn::cuda::DTYPE, D>(const bsattn::cuda::FwdParams&, cudaStream_t);

@@ -1,0 +1,12 @@
+// The XLA FFI handlers of the CUDA module, one file per direction (fwd/ffi_fwd.cc, bwd/...).
+#pragma once
+
+#include "xla/ffi/api/c_api.h"
+
+namespace bsattn {
+namespace cuda {
+
+XLA_FFI_Handler* fwd_handler();  // "bsattn_fwd_cuda"
+
+}  // namespace cuda
+}  // namespace bsattn
