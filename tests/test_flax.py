@@ -1,0 +1,165 @@
+"""jax_bsattn.flax: the NNX module against the reference composed with the same projections, the attention_fn
+adapter inside flax.nnx.MultiHeadAttention (and Linen), rotary embedding, gradients, callable layouts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+nnx = pytest.importorskip("flax.nnx")
+
+import jax_bsattn as jb
+import jax_bsattn.flax as jbf
+from jax_bsattn import layouts as L
+from jax_bsattn.reference import block_sparse_attention_reference as ref
+
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def window_layout(n):
+    return L.sliding_window(n, 8, 12)
+
+
+def inputs(shape, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def test_module_equals_reference_composed_with_its_projections():
+    m = jbf.BlockSparseMultiHeadAttention(4, 32, num_kv_heads=2, head_dim=16, out_features=24, use_bias=True,
+                                          layout=window_layout, causal=True, logits_soft_cap=20.0,
+                                          rngs=nnx.Rngs(0))
+    x = inputs((2, 40, 32))
+    lay = window_layout(40)
+
+    def proj(lin, x, h):
+        return (x @ lin.kernel[...] + lin.bias[...]).reshape(x.shape[:-1] + (h, 16))
+
+    q, k, v = proj(m.query, x, 4), proj(m.key, x, 2), proj(m.value, x, 2)
+    o = ref(q, k, v, lay, causal=True, logits_soft_cap=20.0).reshape(2, 40, 64)
+    want = o @ m.out.kernel[...] + m.out.bias[...]
+    got = nnx.jit(lambda m, x: m(x))(m, x)
+    assert got.shape == (2, 40, 24)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL)
+
+
+def _with_reference(monkeypatch):
+    monkeypatch.setattr(jbf, "block_sparse_attention", ref)
+
+
+def test_rotary_gradients_and_cross_attention(monkeypatch):
+    m = jbf.BlockSparseMultiHeadAttention(4, 32, num_kv_heads=1, kv_features=16, rotary=True, causal=True,
+                                          layout=lambda lens: L.block_causal(lens, 8), rngs=nnx.Rngs(1))
+    x, ctx = inputs((2, 24, 32), 1), inputs((2, 40, 16), 2)
+    loss = lambda m: jnp.sum(jnp.sin(m(x, ctx)))
+    got_out = nnx.jit(lambda m: m(x, ctx))(m)
+    got = nnx.jit(nnx.grad(loss))(m)
+    _with_reference(monkeypatch)
+    np.testing.assert_allclose(np.asarray(got_out), np.asarray(m(x, ctx)), **TOL)
+    want = nnx.grad(loss)(m)
+    leaves = jax.tree.leaves(got)
+    assert len(leaves) == 4 and all(float(jnp.abs(g).max()) > 0 for g in leaves)
+    for a, b in zip(leaves, jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), **TOL)
+
+
+def test_rotary_matches_complex_rotation_and_is_relative():
+    x = inputs((6, 3, 8), 3)
+    pos = jnp.arange(6) * 3 + 1
+    got = jbf.apply_rotary(x, pos, theta=100.0)
+    freqs = 100.0 ** (-np.arange(4) * 2 / 8)
+    z = (np.asarray(x[..., :4]) + 1j * np.asarray(x[..., 4:])) * np.exp(1j * np.asarray(pos)[:, None, None] * freqs)
+    np.testing.assert_allclose(np.asarray(got), np.concatenate([z.real, z.imag], -1), rtol=1e-5, atol=1e-5)
+    q, k = inputs((1, 1, 8), 4), inputs((1, 1, 8), 5)
+    dot = lambda p, r: float(jnp.sum(jbf.apply_rotary(q, jnp.array([p])) * jbf.apply_rotary(k, jnp.array([r]))))
+    assert dot(7, 3) == pytest.approx(dot(14, 10), rel=1e-5)
+
+
+def test_layout_callable_at_two_lengths_and_call_time_override():
+    m = jbf.BlockSparseMultiHeadAttention(2, 16, layout=window_layout, causal=True, rngs=nnx.Rngs(2))
+    for n in (24, 40):
+        assert m(inputs((1, n, 16))).shape == (1, n, 16)
+    x = inputs((1, 32, 16))
+    full = L.block_causal(32, 8)
+    fixed = jbf.BlockSparseMultiHeadAttention(2, 16, causal=True, rngs=nnx.Rngs(2))
+    np.testing.assert_allclose(np.asarray(fixed(x, layout=full)), np.asarray(m(x, layout=full)), **TOL)
+    assert not np.allclose(np.asarray(m(x)), np.asarray(m(x, layout=full)))    # the window matters here
+    with pytest.raises(ValueError, match="no block-sparse layout"):
+        fixed(x)
+    with pytest.raises(ValueError, match="seq_lens"):
+        jbf.BlockSparseMultiHeadAttention(2, 16, layout=full, rngs=nnx.Rngs(0))(inputs((1, 24, 16)))
+
+
+def _mha(attention_fn=nnx.dot_product_attention, **kw):
+    return nnx.MultiHeadAttention(4, 32, num_kv_heads=2, attention_fn=attention_fn, decode=False,
+                                  rngs=nnx.Rngs(0), **kw)
+
+
+def test_attention_fn_in_nnx_multi_head_attention():
+    M = 40
+    lay = L.union(L.sliding_window(M, 8, 10), L.global_local(M, 8, 0, 1))
+    x = inputs((2, M, 32))
+    got = nnx.jit(lambda m, x: m(x))(_mha(jbf.make_attention_fn(lay, causal=True)), x)
+    causal = np.tril(np.ones((M, M), bool))
+    dense = jnp.asarray(np.asarray(lay.to_dense_mask()) & causal)
+    want = _mha()(x, mask=dense)                       # flax's own attention with the equivalent dense mask
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-5)
+    # is_causal from the call is honoured.
+    via_flag = _mha(jbf.make_attention_fn(lay))(x, is_causal=True)
+    np.testing.assert_allclose(np.asarray(via_flag), np.asarray(got), **TOL)
+    # dtype is honoured: bf16 compute.
+    bf = _mha(jbf.make_attention_fn(lay, causal=True), dtype=jnp.bfloat16)(x)
+    assert bf.dtype == jnp.bfloat16
+
+
+def test_attention_fn_refuses_what_it_cannot_honour():
+    lay = L.block_causal(16, 8)
+    fn = jbf.make_attention_fn(lay)
+    x = inputs((1, 16, 32))
+    with pytest.raises(ValueError, match="dense attention mask"):
+        _mha(fn)(x, mask=jnp.ones((1, 4, 16, 16), bool))
+    with pytest.raises(ValueError, match="dropout"):
+        _mha(fn, dropout_rate=0.1)(x, deterministic=False)
+    assert _mha(fn, dropout_rate=0.1)(x, deterministic=True).shape == x.shape   # no dropout at inference
+    with pytest.raises(ValueError, match="sow_weights"):
+        _mha(fn)(x, sow_weights=True)
+    dec = nnx.MultiHeadAttention(4, 32, attention_fn=fn, decode=True, rngs=nnx.Rngs(0))
+    dec.init_cache((1, 16, 32))
+    with pytest.raises(ValueError, match="decode"):
+        dec(x[:, :1])
+    q = inputs((1, 16, 2, 8))
+    with pytest.raises(ValueError, match="bias"):
+        fn(q, q, q, bias=jnp.zeros((1, 2, 16, 16)))
+
+
+def test_attention_fn_in_linen():
+    linen = pytest.importorskip("flax.linen")
+    lay = L.sliding_window(24, 8, 9)
+    x = inputs((2, 24, 16))
+    bs = linen.MultiHeadDotProductAttention(num_heads=2, attention_fn=jbf.make_attention_fn(lay, causal=True))
+    dense = linen.MultiHeadDotProductAttention(num_heads=2)
+    params = bs.init(jax.random.key(0), x)
+    mask = jnp.asarray(np.asarray(lay.to_dense_mask()) & np.tril(np.ones((24, 24), bool)))
+    np.testing.assert_allclose(np.asarray(bs.apply(params, x)), np.asarray(dense.apply(params, x, mask=mask)),
+                               rtol=2e-4, atol=2e-5)
+
+
+def test_import_jax_bsattn_does_not_import_flax():
+    import subprocess
+    import sys
+    code = "import sys, jax_bsattn as jb; assert 'flax' not in sys.modules; jb.flax; assert 'flax' in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_train_lm_example_runs(tmp_path):
+    """examples/train_lm.py end to end on a tiny configuration (loss falls; plots and metrics written)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "train_lm.py")
+    spec = importlib.util.spec_from_file_location("train_lm", path)
+    train_lm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_lm)
+    m = train_lm.main(["--seq-len", "64", "--block", "16", "--window", "32", "--layers", "1", "--dim", "32",
+                       "--heads", "2", "--kv-heads", "1", "--batch", "4", "--steps", "30", "--corpus-mb", "0.2",
+                       "--out", str(tmp_path)])
+    assert m["final_train_loss"] < m["losses"][0] - 1.0
+    assert {"metrics.json", "loss.png", "layout.png"} <= set(os.listdir(tmp_path))

@@ -1,0 +1,197 @@
+"""jax_bsattn.layouts: every builder against a direct NumPy construction of its block mask (an element mask
+reduced block by block), combinations, from_topk under jit and grad, and BlockSparseLayout.plot."""
+
+import math
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_bsattn as jb
+from jax_bsattn import layouts as L
+from jax_bsattn.reference import block_sparse_attention_reference as ref
+from conftest import random_problem
+
+# (seq_lens, block_size): square, ragged with R != C, M > N, M < N.
+GEOMETRIES = [((64, 64), (8, 8)), ((37, 50), (5, 7)), ((50, 37), (7, 5)), ((24, 61), (8, 16))]
+
+
+def expected_blocks(seq_lens, block_size, wanted):
+    """``[MB, NB]``: blocks holding an element (i, j) with ``wanted(i, j, d)``, ``d = i + N - M - j``."""
+    (M, N), (R, C) = seq_lens, block_size
+    i, j = np.arange(M)[:, None], np.arange(N)[None, :]
+    dense = np.broadcast_to(wanted(i, j, i + (N - M) - j), (M, N))
+    MB, NB = math.ceil(M / R), math.ceil(N / C)
+    padded = np.zeros((MB * R, NB * C), bool)
+    padded[:M, :N] = dense
+    return padded.reshape(MB, R, NB, C).any(axis=(1, 3))
+
+
+def mask_of(layout):
+    return np.asarray(layout.to_block_mask())
+
+
+@pytest.mark.parametrize("seq_lens,block_size", GEOMETRIES)
+def test_band_builders(seq_lens, block_size):
+    def check(layout, wanted):
+        assert layout.seq_lens == seq_lens and layout.block_size == block_size
+        np.testing.assert_array_equal(mask_of(layout), expected_blocks(seq_lens, block_size, wanted))
+
+    check(L.block_causal(seq_lens, block_size), lambda i, j, d: d >= 0)
+    for w in (1, 9, 20):
+        check(L.sliding_window(seq_lens, block_size, w), lambda i, j, d: (d >= 0) & (d < w))
+        check(L.sliding_window(seq_lens, block_size, w, causal=False), lambda i, j, d: np.abs(d) < w)
+
+
+@pytest.mark.parametrize("seq_lens,block_size", GEOMETRIES)
+def test_strided(seq_lens, block_size):
+    for s in (3, 16):
+        for causal in (True, False):
+            for local in (True, False):
+                def wanted(i, j, d):
+                    ok = (d % s == 0) | (local & (np.abs(d) < s))
+                    return ok & (d >= 0) if causal else ok
+                got = mask_of(L.strided(seq_lens, block_size, s, causal=causal, local=local))
+                np.testing.assert_array_equal(got, expected_blocks(seq_lens, block_size, wanted), (s, causal, local))
+
+
+@pytest.mark.parametrize("seq_lens,block_size", GEOMETRIES)
+def test_global_local(seq_lens, block_size):
+    for glob, causal in [(1, False), (3, True), ([0, 17, 30], False), ([5, 33], True), (0, False)]:
+        positions = np.arange(glob) if isinstance(glob, int) else np.asarray(glob)
+
+        def wanted(i, j, d):
+            is_global = np.isin(i, positions) | np.isin(j, positions)
+            if causal:
+                return ((d >= 0) & (d < 6)) | (is_global & (d >= 0))
+            return (np.abs(d) < 6) | is_global
+
+        got = mask_of(L.global_local(seq_lens, block_size, 6, glob, causal=causal))
+        np.testing.assert_array_equal(got, expected_blocks(seq_lens, block_size, wanted), (glob, causal))
+
+
+def test_random_layouts():
+    seq_lens, bs = (64, 80), (8, 8)
+    lay = L.random(seq_lens, bs, 3, seed=1, batch_shape=(2, 4))
+    m = mask_of(lay)
+    assert lay.batch_shape == (2, 4) and m.shape == (2, 4, 8, 10)
+    assert (m.sum(-1) == 3).all()
+    assert not (m[0, 0] == m[1, 3]).all()                       # independent draws
+    np.testing.assert_array_equal(mask_of(L.random(seq_lens, bs, 3, seed=1, batch_shape=(2, 4))), m)
+    assert not (mask_of(L.random(seq_lens, bs, 3, seed=2, batch_shape=(2, 4))) == m).all()
+    causal = mask_of(L.random((64, 64), bs, 3, seed=0, causal=True))
+    allowed = expected_blocks((64, 64), bs, lambda i, j, d: d >= 0)
+    assert not (causal & ~allowed).any()
+    np.testing.assert_array_equal(causal.sum(-1), np.minimum(3, allowed.sum(-1)))
+
+
+def test_union_intersection_per_head():
+    seq_lens, bs = (37, 50), (5, 7)
+    a, b = L.sliding_window(seq_lens, bs, 8), L.strided(seq_lens, bs, 12, local=False)
+    c = L.random(seq_lens, bs, 2, batch_shape=(3,))
+    np.testing.assert_array_equal(mask_of(L.union(a, b)), mask_of(a) | mask_of(b))
+    np.testing.assert_array_equal(mask_of(L.intersection(a, b)), mask_of(a) & mask_of(b))
+    np.testing.assert_array_equal(mask_of(L.union(a, b, c)), mask_of(a) | mask_of(b) | mask_of(c))  # broadcast
+    # Traced layouts give the same blocks under jit.
+    traced = jax.jit(lambda a, c: L.union(a, c))(a, c)
+    np.testing.assert_array_equal(mask_of(traced), mask_of(a) | mask_of(c))
+    traced = jax.jit(lambda a, c: L.intersection(a, c))(a, c)
+    np.testing.assert_array_equal(mask_of(traced), mask_of(a) & mask_of(c))
+    mixed = L.per_head([a, b, a])
+    assert mixed.batch_shape == (3,)
+    for h, want in enumerate((a, b, a)):
+        np.testing.assert_array_equal(mask_of(mixed)[h], mask_of(want))
+    with pytest.raises(ValueError, match="differ"):
+        L.union(a, L.block_causal(seq_lens, (5, 5)))
+
+
+def test_per_head_layout_in_attention():
+    rng = np.random.default_rng(3)
+    M = N = 48
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=4, Hk=2, D=16)
+    layout = L.per_head([L.sliding_window(M, 8, 12), L.strided(M, 8, 16)])
+    got = jax.jit(lambda q, k, v: jb.block_sparse_attention(q, k, v, layout, causal=True))(q, k, v)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref(q, k, v, layout, causal=True)), rtol=1e-4, atol=1e-5)
+
+
+def test_from_topk_concrete():
+    rng = np.random.default_rng(0)
+    seq_lens, bs = (40, 48), (8, 8)
+    scores = rng.standard_normal((3, 5, 6)).astype(np.float32)
+    scores[0, 1, :] = -np.inf                                    # nothing to choose
+    scores[1, 2, 3:] = -np.inf                                   # only 3 choosable
+    lay = L.from_topk(scores, 4, seq_lens=seq_lens, block_size=bs)
+    assert lay.nnz == 5 * 4 and lay.batch_shape == (3,)
+    want = np.zeros(scores.shape, bool)
+    finite = np.isfinite(scores)
+    order = np.argsort(-np.where(finite, scores, -np.inf), axis=-1, kind="stable")[..., :4]
+    np.put_along_axis(want, order, True, axis=-1)
+    np.testing.assert_array_equal(mask_of(lay), want & finite)
+    causal = mask_of(L.from_topk(scores, 4, seq_lens=seq_lens, block_size=bs, causal=True))
+    assert not (causal & ~expected_blocks(seq_lens, bs, lambda i, j, d: d >= 0)).any()
+    with pytest.raises(ValueError, match="expected"):
+        L.from_topk(scores, 4, seq_lens=(64, 64), block_size=bs)
+
+
+def test_from_topk_routing_under_jit_with_grad():
+    """MoBA-style: each query block attends its top-2 key blocks by mean-pooled score, plus its own block."""
+    rng = np.random.default_rng(1)
+    M = N = 64
+    R = 8
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=4, Hk=2, D=16)
+
+    def routed(fn, q, k, v):
+        qb = q.reshape(2, M // R, R, 2, 2, 16).mean((2, 4))                # [B, MB, Hk, D]
+        kb = k.reshape(2, N // R, R, 2, 16).mean(2)                       # [B, NB, Hk, D]
+        scores = jnp.einsum("bmhd,bnhd->bhmn", qb, kb) + jnp.where(jnp.eye(M // R, dtype=bool), jnp.inf, 0.0)
+        layout = L.from_topk(scores, 3, seq_lens=(M, N), block_size=R, causal=True)   # per (batch, KV head)
+        return fn(q, k, v, layout, causal=True)
+
+    got = jax.jit(lambda q, k, v: routed(jb.block_sparse_attention, q, k, v))(q, k, v)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(routed(ref, q, k, v)), rtol=1e-4, atol=1e-5)
+    loss = lambda fn: (lambda q, k, v: jnp.sum(jnp.sin(routed(fn, q, k, v))))
+    g = jax.jit(jax.grad(loss(jb.block_sparse_attention), argnums=(0, 1, 2)))(q, k, v)
+    g_ref = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_builders_are_fast_for_long_sequences():
+    t0 = time.perf_counter()
+    lay = L.block_causal(1 << 17, 64)                             # MB = 2048, 2.1M blocks listed
+    win = L.sliding_window(1 << 17, 64, 4096)
+    assert lay.nnz == 2048 * 2049 // 2
+    assert win.nnz == sum(min(r + 1, 65) for r in range(2048))     # 4096 / 64 + 1 blocks per full row
+    assert time.perf_counter() - t0 < 5
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match="window"):
+        L.sliding_window(64, 8, 0)
+    with pytest.raises(ValueError, match="stride"):
+        L.strided(64, 8, 0)
+    with pytest.raises(ValueError, match="block_size"):
+        L.block_causal(64, 0)
+    with pytest.raises(ValueError, match="k must be"):
+        L.from_topk(jnp.zeros((8, 8)), 9, seq_lens=64, block_size=8)
+
+
+def test_plot_returns_a_figure(monkeypatch):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lay = L.per_head([L.sliding_window((37, 50), (5, 7), 10), L.block_causal((37, 50), (5, 7))])
+    fig = lay.plot(1)
+    assert isinstance(fig, matplotlib.figure.Figure)
+    image = fig.axes[0].images[0].get_array()
+    np.testing.assert_array_equal(np.asarray(image), mask_of(lay)[1])
+    plt.close(fig)
+    fig, ax = plt.subplots()
+    assert lay.plot(ax=ax, title="x") is fig and ax.get_title() == "x"
+    plt.close(fig)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    with pytest.raises(ImportError, match="needs matplotlib"):
+        lay.plot()

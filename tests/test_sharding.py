@@ -1,0 +1,125 @@
+"""Sharding under jax.jit with NamedSharding on 8 CPU devices: batch, heads (Hq with Hk), both, per-head and
+per-batch layouts, forward and gradients equal to the unsharded op, no all-gather in the compiled HLO; a
+sharded sequence or head-dim axis is all-gathered (the documented behaviour) and the result stays right.
+
+jax fixes its device count at first import, so the checks run in one subprocess started with
+``--xla_force_host_platform_device_count=8`` (this file is also that subprocess's script); each test reads
+its case from the subprocess's report. Also: the op inside ``jax.shard_map`` (the manual alternative).
+"""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+# name: (mesh shape over axes ("x", "y"), q spec, k/v spec, KV heads, layout batch shape, explicit axes)
+CASES = {
+    "batch": ((8, 1), ("x",), ("x",), 4, (), False),
+    "heads": ((1, 8), (None, None, "y"), (None, None, "y"), 8, (8,), False),
+    "batch_and_heads_per_head_layout": ((2, 4), ("x", None, "y"), ("x", None, "y"), 4, (4,), False),
+    "batch_and_heads_per_batch_layout": ((4, 2), ("x", None, "y"), ("x", None, "y"), 2, (8, 1), False),
+    "batch_and_heads_full_layout": ((2, 4), ("x", None, "y"), ("x", None, "y"), 4, (8, 4), False),
+    "explicit_axes": ((2, 4), ("x", None, "y"), ("x", None, "y"), 4, (4,), True),
+    "q_heads_only": ((2, 4), ("x", None, "y"), ("x",), 4, (4,), False),        # k, v sliced, not gathered
+    "seq_q": ((2, 4), (None, "y"), (None,), 4, (), False),
+    "seq_kv": ((2, 4), ("x",), ("x", "y"), 4, (4,), False),
+    "head_dim": ((2, 4), (None, None, None, "y"), (None, None, None, "y"), 4, (), False),
+    "mqa_heads": ((2, 4), ("x", None, "y"), ("x",), 1, (), False),
+}
+NO_GATHER = ["batch", "heads", "batch_and_heads_per_head_layout", "batch_and_heads_per_batch_layout",
+             "batch_and_heads_full_layout", "explicit_axes", "q_heads_only"]
+GATHERED = ["seq_q", "seq_kv", "head_dim", "mqa_heads"]   # documented: that axis is all-gathered first
+
+
+def worker():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    import jax_bsattn as jb
+    from jax_bsattn import layouts
+
+    assert len(jax.devices()) == 8, jax.devices()
+    B, M, N, Hq, D = 8, 48, 64, 8, 16
+    rng = np.random.default_rng(0)
+    report = {}
+    for name, (mesh_shape, qspec, kspec, Hk, lead, explicit) in CASES.items():
+        q = jnp.asarray(rng.standard_normal((B, M, Hq, D)), jnp.float32)
+        k, v = (jnp.asarray(rng.standard_normal((B, N, Hk, D)), jnp.float32) for _ in range(2))
+        lay = layouts.union(layouts.sliding_window((M, N), 8, 24), layouts.random((M, N), 8, 2, batch_shape=lead))
+        kind = AxisType.Explicit if explicit else AxisType.Auto
+        mesh = jax.make_mesh(mesh_shape, ("x", "y"), axis_types=(kind, kind))
+        qs = jax.device_put(q, NamedSharding(mesh, P(*qspec)))
+        ks, vs = (jax.device_put(x, NamedSharding(mesh, P(*kspec))) for x in (k, v))
+
+        def fwd(q, k, v, lay):
+            return jb.block_sparse_attention(q, k, v, lay, causal=True, return_lse=True)
+
+        grad = jax.grad(lambda q, k, v, lay: jnp.sum(jnp.sin(fwd(q, k, v, lay)[0])), argnums=(0, 1, 2))
+        with jax.set_mesh(mesh) if explicit else contextlib.nullcontext():   # explicit axes: mesh in context
+            f, g = jax.jit(fwd), jax.jit(grad)
+            got = f(qs, ks, vs, lay) + g(qs, ks, vs, lay)
+            hlo = f.lower(qs, ks, vs, lay).compile().as_text() + g.lower(qs, ks, vs, lay).compile().as_text()
+            specs = [[list(e) if isinstance(e, tuple) else e for e in x.sharding.spec] for x in got]
+        want = jax.jit(fwd)(q, k, v, lay) + jax.jit(grad)(q, k, v, lay)                 # unsharded
+        errs = [float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30)) for a, b in zip(got, want)]
+        report[name] = dict(errs=errs, all_gathers=hlo.count("all-gather"), specs=specs,
+                            kernel_calls=hlo.count("bsattn_fwd_") + hlo.count("bsattn_bwd_"))
+    # The manual alternative: the op inside shard_map runs on each device's batch shard (no partitioner).
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
+    q, k, v = (jnp.asarray(rng.standard_normal((B, n, 4, D)), jnp.float32) for n in (M, N, N))
+    lay = layouts.sliding_window((M, N), 8, 24)
+    fwd = lambda q, k, v: jb.block_sparse_attention(q, k, v, lay, causal=True)
+    sm = jax.shard_map(fwd, mesh=mesh, in_specs=(P("x"),) * 3, out_specs=P("x"))
+    loss = lambda f: (lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v))))
+    got = (jax.jit(sm)(q, k, v),) + jax.jit(jax.grad(loss(sm), argnums=(0, 1, 2)))(q, k, v)
+    want = (jax.jit(fwd)(q, k, v),) + jax.jit(jax.grad(loss(fwd), argnums=(0, 1, 2)))(q, k, v)
+    report["shard_map"] = dict(errs=[float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(got, want)])
+    print("REPORT " + json.dumps(report))
+
+
+@pytest.fixture(scope="module")
+def report():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("REPORT ")]
+    assert proc.returncode == 0 and lines, f"sharding worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(lines[-1][len("REPORT "):])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_sharded_equals_unsharded(report, name):
+    r = report[name]
+    assert max(r["errs"]) < 1e-5, r           # o, lse, dq, dk, dv against the unsharded op
+    assert r["kernel_calls"] >= 2, r          # the kernels ran (forward and backward), not a fallback
+
+
+@pytest.mark.parametrize("name", NO_GATHER)
+def test_batch_and_head_sharding_runs_on_local_shards(report, name):
+    r = report[name]
+    assert r["all_gathers"] == 0, r
+    qspec = CASES[name][1] + (None,) * 3
+    o_spec = r["specs"][0] + [None] * 3
+    assert (o_spec[0], o_spec[2]) == (qspec[0], qspec[2]), r        # o stays sharded as q (batch, heads)
+
+
+def test_inside_shard_map(report):
+    assert max(report["shard_map"]["errs"]) < 1e-5, report["shard_map"]
+
+
+@pytest.mark.parametrize("name", GATHERED)
+def test_sequence_and_head_dim_sharding_is_all_gathered(report, name):
+    assert report[name]["all_gathers"] > 0, report[name]
+
+
+if __name__ == "__main__":
+    worker()
