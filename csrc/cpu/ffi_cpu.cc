@@ -8,6 +8,7 @@
 #include <optional>
 #include <string>
 
+#include "common/ffi_binding.h"
 #include "cpu/attention_cpu.h"
 #include "nanobind/nanobind.h"
 #include "xla/ffi/api/ffi.h"
@@ -231,23 +232,10 @@ ffi::Error BwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::An
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER(kBsattnFwdCpu, FwdImpl,
-                       ffi::Ffi::Bind()
-                           .Arg<ffi::AnyBuffer>()          // q
-                           .Arg<ffi::AnyBuffer>()          // k
-                           .Arg<ffi::AnyBuffer>()          // v
-                           .Arg<ffi::Buffer<ffi::S32>>()   // indptr
-                           .Arg<ffi::Buffer<ffi::S32>>()   // indices
-                           .Ret<ffi::AnyBuffer>()          // o
-                           .Ret<ffi::Buffer<ffi::F32>>()   // lse
-                           .Attr<int64_t>("block_r")
-                           .Attr<int64_t>("block_c")
-                           .Attr<float>("scale")
-                           .Attr<float>("softcap")
-                           .Attr<bool>("causal"));
+XLA_FFI_DEFINE_HANDLER(kBsattnFwdCpu, FwdImpl, bind_forward(ffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER(kBsattnBwdCpu, BwdImpl,
-                       ffi::Ffi::Bind()
+                       bind_attributes(ffi::Ffi::Bind()
                            .Arg<ffi::AnyBuffer>()          // q
                            .Arg<ffi::AnyBuffer>()          // k
                            .Arg<ffi::AnyBuffer>()          // v
@@ -258,12 +246,7 @@ XLA_FFI_DEFINE_HANDLER(kBsattnBwdCpu, BwdImpl,
                            .Arg<ffi::Buffer<ffi::S32>>()   // indices
                            .Ret<ffi::AnyBuffer>()          // dq
                            .Ret<ffi::AnyBuffer>()          // dk
-                           .Ret<ffi::AnyBuffer>()          // dv
-                           .Attr<int64_t>("block_r")
-                           .Attr<int64_t>("block_c")
-                           .Attr<float>("scale")
-                           .Attr<float>("softcap")
-                           .Attr<bool>("causal"));
+                           .Ret<ffi::AnyBuffer>()));       // dv
 
 }  // namespace bsattn::cpu
 

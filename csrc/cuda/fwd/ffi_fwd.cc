@@ -7,6 +7,7 @@
 
 #include <cuda_runtime.h>
 
+#include "common/ffi_binding.h"
 #include "common/bsattn_common.h"
 #include "cuda/fwd/params.h"
 #include "cuda/handlers.h"
@@ -124,20 +125,7 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER(kBsattnFwdCuda, FwdImpl,
-                       ffi::Ffi::Bind()
-                           .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                           .Arg<ffi::AnyBuffer>()           // q
-                           .Arg<ffi::AnyBuffer>()           // k
-                           .Arg<ffi::AnyBuffer>()           // v
-                           .Arg<ffi::Buffer<ffi::S32>>()    // indptr
-                           .Arg<ffi::Buffer<ffi::S32>>()    // indices
-                           .Ret<ffi::AnyBuffer>()           // o
-                           .Ret<ffi::Buffer<ffi::F32>>()    // lse
-                           .Attr<int64_t>("block_r")
-                           .Attr<int64_t>("block_c")
-                           .Attr<float>("scale")
-                           .Attr<float>("softcap")
-                           .Attr<bool>("causal"),
+                       bind_forward(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
                        {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_Handler* fwd_handler() { return kBsattnFwdCuda; }

@@ -1,0 +1,35 @@
+// The FFI signature of the kernels (csrc/README.md), written once for every platform: each handler file
+// starts its binding (with or without a stream context) and passes it through these.
+#pragma once
+
+#include <cstdint>
+#include <utility>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace bsattn {
+
+// The attributes every kernel takes, names and types exact.
+template <typename Binding>
+auto bind_attributes(Binding&& b) {  // Binding's builder methods are &&-qualified
+  return std::move(b).template Attr<int64_t>("block_r")
+      .template Attr<int64_t>("block_c")
+      .template Attr<float>("scale")
+      .template Attr<float>("softcap")
+      .template Attr<bool>("causal");
+}
+
+// Forward: q, k, v, indptr, indices -> o, lse.
+template <typename Binding>
+auto bind_forward(Binding&& b) {
+  namespace ffi = xla::ffi;
+  return bind_attributes(std::move(b).template Arg<ffi::AnyBuffer>()         // q
+                             .template Arg<ffi::AnyBuffer>()      // k
+                             .template Arg<ffi::AnyBuffer>()      // v
+                             .template Arg<ffi::Buffer<ffi::S32>>()  // indptr
+                             .template Arg<ffi::Buffer<ffi::S32>>()  // indices
+                             .template Ret<ffi::AnyBuffer>()      // o
+                             .template Ret<ffi::Buffer<ffi::F32>>());  // lse
+}
+
+}  // namespace bsattn
