@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 from jax.interpreters import mlir
 
+from .column_view import column_view
 from .partitioning import bwd_partitioned, fwd_partitioned
 from .primitives import Config, bsattn_bwd_ffi_p, bsattn_bwd_p, bsattn_fwd_ffi_p, bsattn_fwd_p, ffi_attributes
 
@@ -51,9 +52,30 @@ def _partitioned_rule(partitioned, platform: str):
     return lower
 
 
+def _cuda_bwd_call(q, k, v, do, lse, delta, indptr, indices, *, cfg: Config):
+    """The CUDA backward also takes the layout's column view (dk / dv walk block columns), built here in
+    XLA from the row view on the device: no host round trip, no dense mask."""
+    num_block_cols = -(-k.shape[1] // cfg.block_c)
+    col_indptr, col_rows = column_view(indptr, indices, num_block_cols)
+    out = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
+    return jax.ffi.ffi_call("bsattn_bwd_cuda", out)(q, k, v, do, lse, delta, indptr, indices, col_indptr, col_rows,
+                                                   **ffi_attributes(cfg))
+
+
+def _cuda_bwd_rule():
+    lower_call = mlir.lower_fun(_cuda_bwd_call, multiple_results=True)
+
+    def lower(ctx, *args, cfg: Config):
+        _check_cuda(ctx.avals_in[0])
+        return lower_call(ctx, *args, cfg=cfg)
+
+    return lower
+
+
+mlir.register_lowering(bsattn_bwd_ffi_p, _ffi_rule("bsattn_bwd_cpu", "cpu"), platform="cpu")
+mlir.register_lowering(bsattn_bwd_ffi_p, _cuda_bwd_rule(), platform="cuda")
 for _platform in ("cpu", "cuda"):
     mlir.register_lowering(bsattn_fwd_ffi_p, _ffi_rule(f"bsattn_fwd_{_platform}", _platform), platform=_platform)
-    mlir.register_lowering(bsattn_bwd_ffi_p, _ffi_rule(f"bsattn_bwd_{_platform}", _platform), platform=_platform)
     mlir.register_lowering(bsattn_fwd_p, _partitioned_rule(fwd_partitioned, _platform), platform=_platform)
     mlir.register_lowering(bsattn_bwd_p, _partitioned_rule(bwd_partitioned, _platform), platform=_platform)
 
