@@ -57,7 +57,9 @@ def block_causal(MB, NB):
 
 
 # ---- backends -----------------------------------------------------------------------------------
-def make_backend(name):
+def make_backend(name, fwdbwd=False):
+    if fwdbwd and name != "api":
+        raise SystemExit("--fwdbwd times jax.grad through the public API: use --backend api")
     if name in ("auto", "api"):
         try:
             import jax_bsattn
@@ -69,9 +71,17 @@ def make_backend(name):
                 def f(q, k, v, indptr, indices):
                     layout = jax_bsattn.BlockSparseLayout.from_csr(indptr, indices, block_size=(R, C),
                                                                    seq_lens=(M, N))
+
+                    def loss(q, k, v):
+                        return jnp.sum(jax_bsattn.block_sparse_attention(q, k, v, layout).astype(jnp.float32))
+
                     o = q
                     for _ in range(calls):  # chained: o feeds the next call's q (no CSE, strictly in order)
-                        o = jax_bsattn.block_sparse_attention(o, k, v, layout)
+                        if fwdbwd:   # one forward + one backward (dq, dk, dv)
+                            dq, dk, dv = jax.grad(loss, argnums=(0, 1, 2))(o, k, v)
+                            o = (dq + dk[:, :1].mean() + dv[:, :1].mean()).astype(q.dtype)
+                        else:
+                            o = jax_bsattn.block_sparse_attention(o, k, v, layout)
                     return o
                 return f
             return "api", build
@@ -178,9 +188,12 @@ def main():
     ap.add_argument("--no-causal", action="store_true", help="skip the block-causal cells")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--target-ms", type=float, default=60.0)
+    ap.add_argument("--fwdbwd", action="store_true",
+                    help="time forward + backward (jax.grad); useful FLOPs x 3.5 (api backend only)")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
-    backend, build = make_backend(a.backend)
+    backend, build = make_backend(a.backend, a.fwdbwd)
+    flop_mult = 3.5 if a.fwdbwd else 1.0
     print("backend", backend, "device", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
     M = N = a.seq
     cells = ([tuple(int(x) for x in c.split(":")) for c in a.cells.split(",") if c]
@@ -198,9 +211,9 @@ def main():
         k, v = kvs[g]
         nnz = int(indptr[-1])
         ms, calls, spread = time_cell(build, R, C, M, N, indptr, indices, q, k, v, a.reps, a.target_ms)
-        tf = 4.0 * nnz * R * C * D * HQ / ms / 1e9
+        tf = flop_mult * 4.0 * nnz * R * C * D * HQ / ms / 1e9
         r = dict(g=g, R=R, C=C, layout=layout, seq=M, density=a.density, nnz=nnz, ms=ms, tflops=tf, calls=calls,
-                 spread_ms=spread, backend=backend)
+                 spread_ms=spread, backend=backend, fwdbwd=a.fwdbwd)
         rows.append(r)
         print(json.dumps(r), flush=True)
         with open(out_json, "w") as f:
@@ -223,8 +236,8 @@ def main():
         with open(out_json, "w") as f:
             json.dump(rows, f, indent=1)
 
-    peers = load_peers(a.peers_jsonl, M, a.density)
-    print(f"\nuseful TFLOP/s, forward, M = N = {M}, Hq = {HQ}, D = {D}, bf16, density {a.density} ({backend})")
+    peers = {} if a.fwdbwd else load_peers(a.peers_jsonl, M, a.density)   # peers rows are forward figures
+    print(f"\nuseful TFLOP/s, {'forward + backward' if a.fwdbwd else 'forward'}, M = N = {M}, Hq = {HQ}, D = {D}, bf16, density {a.density} ({backend})")
     print(f'{"g":>2} {"R":>4} {"C":>4} {"ms":>9} {"TF/s":>7} {"fa2":>6} {"x fa2":>6} {"fa3":>6} {"x fa3":>6} {"flex":>6}')
     for r in rows:
         if r["layout"] != "random":

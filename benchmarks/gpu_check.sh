@@ -4,7 +4,7 @@
 # cells of the forward grid through the public API.   OUT=dir CELLS="g:R:C,..." bash benchmarks/gpu_check.sh
 set -o pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
+RESULTS=${OUT:-/tmp/gpu_check}; OUT=/tmp/gpu_check_work; mkdir -p "$RESULTS" "$OUT"   # all logs here; a few copied back
 T0=$(date +%s); stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 stamp build
@@ -21,4 +21,44 @@ if [ -n "${CELLS:-}" ]; then
   (cd /tmp && python3 "$OLDPWD/benchmarks/bench_grid.py" --backend api --out "$OUT/grid" --cells "$CELLS" \
     ${BENCH_ARGS:-} > "$OUT/bench_api.log" 2>&1; echo "bench rc=$?"; sed -n '/useful TFLOP/,$p' "$OUT/bench_api.log" | head -40)
 fi
+if [ -n "${FWDBWD_CELLS:-}" ]; then
+  stamp "grid forward + backward (public API)"
+  (cd /tmp && python3 "$OLDPWD/benchmarks/bench_grid.py" --backend api --fwdbwd --out "$OUT/grid_fb" \
+    --cells "$FWDBWD_CELLS" --no-causal --reps 5 > "$OUT/bench_fwdbwd.log" 2>&1; echo "bench rc=$?"; \
+    sed -n '/useful TFLOP/,$p' "$OUT/bench_fwdbwd.log" | head -40)
+fi
+if [ -n "${TRAIN:-}" ]; then
+  # the same small bf16 model on the GPU path and on the CPU path (loss curves should match), then the GPU
+  # defaults with jax_bsattn and with jax.nn.dot_product_attention + a dense mask (tokens/s)
+  small="--seq-len 512 --block 32 --window 128 --layers 2 --dim 256 --heads 4 --kv-heads 2 --batch 8 --lr 3e-3 --dtype bf16 --steps ${TRAIN_STEPS:-200}"
+  for run in "gpu_small:$small" "cpu_small:$small" "gpu_sparse:--steps ${BIG_STEPS:-150}" "gpu_dense:--dense --steps ${BIG_STEPS:-150}"; do
+    name=${run%%:*}; flags=${run#*:}
+    stamp "train_lm $name"
+    plat=""; [ "${name%%_*}" = cpu ] && plat=cpu
+    (cd /tmp && env ${plat:+JAX_PLATFORMS=$plat} python3 "$OLDPWD/examples/train_lm.py" $flags --out "$OUT/$name" > "$OUT/train_$name.log" 2>&1; \
+      echo "$name rc=$?"; grep -E "^loss:|^throughput" "$OUT/train_$name.log")
+  done
+  python3 - "$OUT" > "$OUT/train_summary.txt" <<'PY'
+import json, sys, numpy as np
+out = sys.argv[1]
+runs = {}
+for name in ("gpu_small", "cpu_small", "gpu_sparse", "gpu_dense"):
+    try:
+        runs[name] = json.load(open(f"{out}/{name}/metrics.json"))
+    except OSError:
+        print(name, "missing")
+for name, m in runs.items():
+    print(f"{name:10} backend {m['backend']:4} tokens/s {m['tokens_per_s']:12,.0f}  final train {m['final_train_loss']:.4f}  held-out {m['held_out_loss']:.4f}")
+if "gpu_small" in runs and "cpu_small" in runs:
+    a, b = (np.asarray(runs[n]["losses"]) for n in ("gpu_small", "cpu_small"))
+    n = min(len(a), len(b)) // 20 * 20
+    print("loss means per 20 steps, GPU:", np.round(a[:n].reshape(-1, 20).mean(1), 3).tolist())
+    print("loss means per 20 steps, CPU:", np.round(b[:n].reshape(-1, 20).mean(1), 3).tolist())
+    print("max |GPU - CPU| over per-step losses:", float(np.max(np.abs(a[:n] - b[:n]))))
+PY
+  cat "$OUT/train_summary.txt"
+fi
+for f in pytest_gpu.log bench_api.log bench_fwdbwd.log train_summary.txt grid/grid.json grid_fb/grid.json gpu_sparse/loss.png; do
+  [ -f "$OUT/$f" ] && cp "$OUT/$f" "$RESULTS/$(echo $f | tr / _)"
+done
 stamp done
