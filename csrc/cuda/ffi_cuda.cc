@@ -18,6 +18,7 @@ NB_MODULE(_bsattn_cuda, m) {
   m.def("registrations", []() {
     nb::dict d;
     d["bsattn_fwd_cuda"] = encapsulate(bsattn::cuda::fwd_handler());
+    d["bsattn_bwd_cuda"] = encapsulate(bsattn::cuda::bwd_handler());
     return d;
   });
 }

@@ -7,6 +7,7 @@ namespace bsattn {
 namespace cuda {
 
 XLA_FFI_Handler* fwd_handler();  // "bsattn_fwd_cuda"
+XLA_FFI_Handler* bwd_handler();  // "bsattn_bwd_cuda"
 
 }  // namespace cuda
 }  // namespace bsattn

@@ -1,0 +1,108 @@
+// Device building blocks shared by the two backward kernels: the shared-memory swizzle, the thread layout of
+// a gathered tile, the "owner lane" walk along a virtual row sequence, and the scalar part of the backward
+// (p and ds from the recomputed scores).
+//
+// Shared-memory tiles hold rows of D b16 values as 16-byte chunks, chunk c of row r at position c ^ (r & 7):
+// cp.async writes and the ldmatrix reads of 8 rows x one chunk column are then free of bank conflicts.
+#pragma once
+
+#include <climits>
+#include <cstdint>
+
+#include "cuda/bwd/params.h"
+#include "cuda/fwd/mma.cuh"
+
+namespace bsattn {
+namespace cuda {
+namespace bwd {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Byte offset of (row, chunk) in a swizzled tile of D-wide b16 rows.
+template <int D>
+__device__ __forceinline__ uint32_t swz(int row, int chunk) {
+  return static_cast<uint32_t>(row * (D * 2) + ((chunk ^ (row & 7)) << 4));
+}
+
+// 4 bytes global -> shared (cp.async needs .ca for sizes under 16).
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void st_shared_f32(uint32_t dst, float v) {
+  asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(dst), "f"(v) : "memory");
+}
+
+// Thread layout of a tile of ROWS gathered rows copied by NT threads: thread (warp, lane) copies 16-byte
+// chunk lane % CPR of rows ps * RPP + warp * RPW + lane / CPR (pass ps). The global row of each tile row is
+// resolved once, by the "owner" lane ps * RPW + lane / CPR of the warp that copies it, and broadcast with a
+// shuffle: lane o < OWN owns tile row owner_row(warp, o).
+template <int D, int NT, int ROWS>
+struct TileMap {
+  static constexpr int CPR = D / 8;
+  static constexpr int RPP = NT / CPR;
+  static constexpr int PASSES = ROWS / RPP;
+  static constexpr int RPW = 32 / CPR;
+  static constexpr int OWN = PASSES * RPW;
+  static_assert(CPR <= 32 && NT % CPR == 0 && ROWS % RPP == 0 && PASSES >= 1, "gather layout");
+  static_assert(OWN <= 32, "one owner lane per row");
+  static __device__ __forceinline__ int owner_row(int warp, int lane) {
+    return (lane / RPW) * RPP + warp * RPW + lane % RPW;
+  }
+};
+
+// An owner lane's position in a virtual row sequence: the entries of a list (block indices of a row, or
+// block rows of a column) one after another, each standing for E consecutive rows. Virtual position t is
+// list entry t / E, row t % E of it. Each tile advances by ROWS positions = q whole entries + r rows.
+// Four registers; the next entry is prefetched one tile ahead so that no load latency sits in front of the
+// copies.
+struct SeqWalk {
+  const int32_t* ip;  // list entry of the owned row in the next tile
+  int rem;            // entries left from ip to the end of the list
+  int off;            // row within the entry
+  int nxt;            // *ip (valid when rem > 0)
+
+  __device__ __forceinline__ void init(const int32_t* list, int len, int trow, int E, bool owner) {
+    const int ent = trow / E;
+    off = trow - ent * E;
+    ip = list + ent;
+    rem = len - ent;
+    nxt = (owner && rem > 0) ? __ldg(ip) : 0;
+  }
+  __device__ __forceinline__ bool live(bool owner) const { return owner && rem > 0; }
+  __device__ __forceinline__ void advance(int q, int r, int E, bool owner) {
+    ip += q;
+    rem -= q;
+    off += r;
+    if (off >= E) {
+      off -= E;
+      ++ip;
+      --rem;
+    }
+    nxt = (owner && rem > 0) ? __ldg(ip) : 0;
+  }
+};
+
+// Per-row statistics as the kernels use them: lse2 = log2(e) * lse, +inf for a row that must contribute
+// nothing (lse = -inf, or padding): then p = exp2(s2 - lse2) = 0 exactly, and delta is forced to 0 so that
+// ds = p * (dp - delta) stays 0 whatever delta holds.
+__device__ __forceinline__ void row_stats(float lse, float delta, float& lse2, float& dl) {
+  const bool dead = !(lse > -INFINITY);
+  lse2 = dead ? INFINITY : lse * kLog2e;
+  dl = dead ? 0.f : delta;
+}
+
+// p and the factor ds / (p * (dp - delta)) of one score. raw = q . k (f32); no cap: p = exp2(raw * s_mul -
+// lse2); cap: t = tanh(scale * raw / cap), p = exp2(cap_mul * t - lse2), factor 1 - t^2 (the soft cap's chain
+// rule). The caller multiplies.
+__device__ __forceinline__ float prob_nocap(float raw, float s_mul, float lse2) {
+  return fast_exp2(fmaf(raw, s_mul, -lse2));
+}
+__device__ __forceinline__ float prob_cap(float raw, float s_mul, float cap_mul, float lse2, float& fac) {
+  const float t = tanh_from_2log2e_x(raw * s_mul);
+  fac = fmaf(-t, t, 1.f);
+  return fast_exp2(fmaf(t, cap_mul, -lse2));
+}
+
+}  // namespace bwd
+}  // namespace cuda
+}  // namespace bsattn

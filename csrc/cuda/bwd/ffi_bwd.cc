@@ -1,0 +1,200 @@
+// XLA FFI handler `bsattn_bwd_cuda` (contract: csrc/README.md): checks shapes, fills bwd::Params and launches
+// the dq kernel and the dk / dv kernel (two passes at head dim 256) on XLA's stream. No host sync, no
+// allocation, no device reads: the launches depend on shapes and attributes only, so the handler is command-
+// buffer (CUDA graph) compatible. Neither kernel uses atomics: the backward is bitwise deterministic.
+//
+// Operands: q, k, v, do, lse, delta, indptr, indices, col_indptr, col_rows (the column view of the layout,
+// jax_bsattn/column_view.py); results dq, dk, dv.
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+
+#include <cuda_runtime.h>
+
+#include "cuda/bwd/params.h"
+#include "cuda/handlers.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace bsattn {
+namespace cuda {
+namespace {
+
+std::string bwd_dims_str(ffi::Span<const int64_t> d) {
+  std::string s = "[";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + "]";
+}
+
+ffi::Error bwd_bad(const std::string& msg) { return ffi::Error::InvalidArgument("bsattn_bwd_cuda: " + msg); }
+
+bool same_dims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (a[i] != b[i]) return false;
+  return true;
+}
+
+template <int kDType>
+cudaError_t launch_all(const bwd::Params& p, int64_t D, bool run_dq, bool run_dkdv, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
+  switch (D) {
+    case 64:
+      if (run_dkdv) err = bwd::launch_dkdv<kDType, 64>(p, stream);
+      if (err == cudaSuccess && run_dq) err = bwd::launch_dq<kDType, 64>(p, stream);
+      break;
+    case 128:
+      if (run_dkdv) err = bwd::launch_dkdv<kDType, 128>(p, stream);
+      if (err == cudaSuccess && run_dq) err = bwd::launch_dq<kDType, 128>(p, stream);
+      break;
+    default:
+      if (run_dkdv) err = bwd::launch_dkdv<kDType, 256>(p, stream);
+      if (err == cudaSuccess && run_dq) err = bwd::launch_dq<kDType, 256>(p, stream);
+      break;
+  }
+  return err;
+}
+
+ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer dout,
+                   ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> delta, ffi::Buffer<ffi::S32> indptr,
+                   ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> col_indptr, ffi::Buffer<ffi::S32> col_rows,
+                   ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+                   int64_t block_r, int64_t block_c, float scale, float softcap, bool causal) {
+  const auto dt = q.element_type();
+  if (dt != ffi::DataType::BF16 && dt != ffi::DataType::F16) return bwd_bad("q must be bf16 or f16");
+  if (k.element_type() != dt || v.element_type() != dt || dout.element_type() != dt || dq->element_type() != dt ||
+      dk->element_type() != dt || dv->element_type() != dt)
+    return bwd_bad("q, k, v, do, dq, dk and dv must share one dtype");
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), dod = dout.dimensions();
+  const auto dqd = dq->dimensions(), dkd = dk->dimensions(), dvd = dv->dimensions();
+  const auto ld = lse.dimensions(), dld = delta.dimensions();
+  const auto pd = indptr.dimensions(), id = indices.dimensions(), cpd = col_indptr.dimensions(),
+             crd = col_rows.dimensions();
+  if (qd.size() != 4 || kd.size() != 4) return bwd_bad("q and k must be rank 4 ([B, M, H, D])");
+  if (ld.size() != 3 || dld.size() != 3) return bwd_bad("lse and delta must be rank 3 ([B, M, Hq])");
+  if (pd.size() != 3 || id.size() != 3 || cpd.size() != 3 || crd.size() != 3)
+    return bwd_bad("indptr, indices, col_indptr and col_rows must be rank 3");
+  const int64_t B = qd[0], M = qd[1], Hq = qd[2], D = qd[3];
+  const int64_t N = kd[1], Hk = kd[2];
+  if (kd[0] != B || kd[3] != D) return bwd_bad("k " + bwd_dims_str(kd) + " does not match q " + bwd_dims_str(qd));
+  if (!same_dims(vd, kd)) return bwd_bad("v " + bwd_dims_str(vd) + " must have k's shape " + bwd_dims_str(kd));
+  if (!same_dims(dod, qd)) return bwd_bad("do " + bwd_dims_str(dod) + " must have q's shape " + bwd_dims_str(qd));
+  if (!same_dims(dqd, qd)) return bwd_bad("dq " + bwd_dims_str(dqd) + " must have q's shape " + bwd_dims_str(qd));
+  if (!same_dims(dkd, kd) || !same_dims(dvd, kd))
+    return bwd_bad("dk " + bwd_dims_str(dkd) + " and dv " + bwd_dims_str(dvd) + " must have k's shape " +
+                   bwd_dims_str(kd));
+  if (ld[0] != B || ld[1] != M || ld[2] != Hq) return bwd_bad("lse " + bwd_dims_str(ld) + " must be [B, M, Hq]");
+  if (!same_dims(dld, ld)) return bwd_bad("delta " + bwd_dims_str(dld) + " must be [B, M, Hq]");
+  if (D != 64 && D != 128 && D != 256)
+    return bwd_bad("head dim " + std::to_string(D) + " is not supported; supported head dims: 64, 128, 256");
+  if (Hk < 1 || Hq % Hk != 0) return bwd_bad("Hq must be a multiple of Hk >= 1");
+  if (block_r < 1 || block_c < 1) return bwd_bad("block_r and block_c must be >= 1");
+  const int64_t MB = (M + block_r - 1) / block_r;
+  const int64_t NB = (N + block_c - 1) / block_c;
+  const int64_t LB = pd[0], LH = pd[1];
+  if ((LB != 1 && LB != B) || (LH != 1 && LH != Hk) || pd[2] != MB + 1)
+    return bwd_bad("indptr " + bwd_dims_str(pd) + " must be [1 or B, 1 or Hk, ceil(M / R) + 1]");
+  if (id[0] != LB || id[1] != LH) return bwd_bad("indices " + bwd_dims_str(id) + " must be [LB, LH, nnz] like indptr");
+  const int64_t nnz = id[2];
+  if (cpd[0] != LB || cpd[1] != LH || cpd[2] != NB + 1)
+    return bwd_bad("col_indptr " + bwd_dims_str(cpd) + " must be [LB, LH, ceil(N / C) + 1]");
+  if (crd[0] != LB || crd[1] != LH || crd[2] != nnz)
+    return bwd_bad("col_rows " + bwd_dims_str(crd) + " must be [LB, LH, nnz] like indices");
+
+  bool run_dq = B > 0 && M > 0 && Hq > 0;  // dq has elements
+  bool run_dkdv = B > 0 && N > 0;          // dk / dv have elements (zeros when no query sees them)
+#ifdef BSATTN_BWD_DEV
+  // Development builds only (dev/build_dev.sh): BSATTN_BWD_PARTS=dq or dkdv runs one kernel, to time them apart.
+  if (const char* parts = std::getenv("BSATTN_BWD_PARTS")) {
+    const std::string s(parts);
+    if (s == "dq") run_dkdv = false;
+    if (s == "dkdv") run_dq = false;
+  }
+#endif
+  if (!run_dq && !run_dkdv) return ffi::Error::Success();
+
+  const int64_t g = Hq / Hk;
+  // 32-bit index arithmetic inside one sequence / head group (tensor offsets are 64-bit)
+  const int64_t lim30 = int64_t{1} << 30, lim31 = (int64_t{1} << 31) - 1;
+  if (M >= lim30 || N >= lim30 || block_r >= lim30 || block_c >= lim30 || Hq * D >= lim30 || M * Hq > lim31 ||
+      block_r * g > lim31 || B * Hk > lim31 || nnz > lim31 || NB * block_c >= lim30 || MB * block_r >= lim30)
+    return bwd_bad("a dimension is too large for this kernel");
+
+  bwd::Params p{};
+  p.q = q.untyped_data();
+  p.k = k.untyped_data();
+  p.v = v.untyped_data();
+  p.dout = dout.untyped_data();
+  p.lse = lse.typed_data();
+  p.delta = delta.typed_data();
+  p.indptr = indptr.typed_data();
+  p.indices = indices.typed_data();
+  p.col_indptr = col_indptr.typed_data();
+  p.col_rows = col_rows.typed_data();
+  p.dq = dq->untyped_data();
+  p.dk = dk->untyped_data();
+  p.dv = dv->untyped_data();
+  p.B = static_cast<int>(B);
+  p.M = static_cast<int>(M);
+  p.N = static_cast<int>(N);
+  p.Hq = static_cast<int>(Hq);
+  p.Hk = static_cast<int>(Hk);
+  p.g = static_cast<int>(g);
+  p.R = static_cast<int>(block_r);
+  p.C = static_cast<int>(block_c);
+  p.MB = static_cast<int>(MB);
+  p.NB = static_cast<int>(NB);
+  p.LB = static_cast<int>(LB);
+  p.LH = static_cast<int>(LH);
+  p.nnz = nnz;
+  p.causal = causal ? 1 : 0;
+  constexpr float kLog2e = 1.4426950408889634f;
+  if (softcap > 0.f) {
+    p.use_cap = 1;
+    p.s_mul = scale / softcap * 2.f * kLog2e;  // tanh(x) = 1 - 2 / (1 + 2^(2 log2(e) x))
+    p.cap_mul = softcap * kLog2e;
+  } else {
+    p.use_cap = 0;
+    p.s_mul = scale * kLog2e;
+    p.cap_mul = 0.f;
+  }
+  p.scale = scale;
+
+  const cudaError_t err = dt == ffi::DataType::BF16 ? launch_all<bwd::kBF16>(p, D, run_dq, run_dkdv, stream)
+                                                    : launch_all<bwd::kF16>(p, D, run_dq, run_dkdv, stream);
+  if (err != cudaSuccess)
+    return ffi::Error::Internal(std::string("bsattn_bwd_cuda: kernel launch failed: ") + cudaGetErrorName(err) +
+                                ": " + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER(kBsattnBwdCuda, BwdImpl,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                           .Arg<ffi::AnyBuffer>()         // q
+                           .Arg<ffi::AnyBuffer>()         // k
+                           .Arg<ffi::AnyBuffer>()         // v
+                           .Arg<ffi::AnyBuffer>()         // do
+                           .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                           .Arg<ffi::Buffer<ffi::F32>>()  // delta
+                           .Arg<ffi::Buffer<ffi::S32>>()  // indptr
+                           .Arg<ffi::Buffer<ffi::S32>>()  // indices
+                           .Arg<ffi::Buffer<ffi::S32>>()  // col_indptr
+                           .Arg<ffi::Buffer<ffi::S32>>()  // col_rows
+                           .Ret<ffi::AnyBuffer>()         // dq
+                           .Ret<ffi::AnyBuffer>()         // dk
+                           .Ret<ffi::AnyBuffer>()         // dv
+                           .Attr<int64_t>("block_r")
+                           .Attr<int64_t>("block_c")
+                           .Attr<float>("scale")
+                           .Attr<float>("softcap")
+                           .Attr<bool>("causal"),
+                       {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_Handler* bwd_handler() { return kBsattnBwdCuda; }
+
+}  // namespace cuda
+}  // namespace bsattn

@@ -1,0 +1,4 @@
+// Backward kernel instantiation: dkdv, bf16, head dim 256.
+#include "cuda/bwd/launch.cuh"
+
+BSATTN_INSTANTIATE_BWD_DKDV(kBF16, 256)

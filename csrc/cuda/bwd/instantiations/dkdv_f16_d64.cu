@@ -1,0 +1,4 @@
+// Backward kernel instantiation: dkdv, f16, head dim 64.
+#include "cuda/bwd/launch.cuh"
+
+BSATTN_INSTANTIATE_BWD_DKDV(kF16, 64)

@@ -1,0 +1,210 @@
+// Host-side launch of the backward kernels: tile configurations, their choice from R * g (dq) and C (dk / dv),
+// grids from shapes only, the dynamic shared-memory opt-in once per (kernel, device). Included by the
+// instantiation files only.
+#pragma once
+
+#include <atomic>
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "cuda/bwd/dkdv_kernel.cuh"
+#include "cuda/bwd/dq_kernel.cuh"
+#include "cuda/bwd/params.h"
+
+namespace bsattn {
+namespace cuda {
+namespace bwd {
+
+template <int kDType>
+struct TypeOf;
+template <>
+struct TypeOf<kBF16> {
+  using type = __nv_bfloat16;
+};
+template <>
+struct TypeOf<kF16> {
+  using type = __half;
+};
+
+// ---- tile configurations --------------------------------------------------------------------------------
+// dq, by packed rows per CTA (TM = 16 * WM): the smallest of 16, 64, 128 holding R * g (above: several tiles
+// per block row; 128-row tiles only at D = 64, see launch_dq). TM = 16 splits every KV tile over 4 warps along
+// the keys.
+template <int D, int TM>
+struct DqTile;
+//                                           D  WM WN  BN  ST NKC  QREG  MINB
+template <> struct DqTile<64, 16> : DqCfg<64, 1, 4, 64, 3, 16, true, 4> {};
+template <> struct DqTile<64, 64> : DqCfg<64, 4, 1, 64, 3, 32, true, 3> {};
+template <> struct DqTile<64, 128> : DqCfg<64, 8, 1, 64, 2, 16, true, 2> {};
+template <> struct DqTile<128, 16> : DqCfg<128, 1, 4, 64, 2, 16, true, 2> {};
+template <> struct DqTile<128, 64> : DqCfg<128, 4, 1, 64, 2, 32, true, 2> {};
+template <> struct DqTile<256, 16> : DqCfg<256, 1, 4, 64, 2, 16, false, 1> {};
+template <> struct DqTile<256, 64> : DqCfg<256, 4, 1, 32, 2, 16, false, 1> {};
+
+// dk / dv, by key rows per CTA (BK = 16 * WK): the smallest of 16, 64, 128 holding C (above: several tiles
+// per block column; 128-key tiles only at D = 64, see launch_dkdv). BK = 16 splits every query tile over 4 warps
+// along the rows; it also serves the packed small blocks (C <= 8, several block columns per tile).
+template <int D, int BK, int MODE>
+struct DkvTile;
+//                                                 D  WK WQ  BQ ST  QC  KREG MODE MINB
+template <int M> struct DkvTile<64, 16, M> : DkvCfg<64, 1, 4, 64, 3, 16, true, M, 2> {};
+template <int M> struct DkvTile<64, 64, M> : DkvCfg<64, 4, 1, 64, 3, 32, true, M, 3> {};
+template <int M> struct DkvTile<64, 128, M> : DkvCfg<64, 8, 1, 64, 2, 16, false, M, 2> {};
+template <int M> struct DkvTile<128, 16, M> : DkvCfg<128, 1, 4, 64, 2, 16, false, M, 2> {};
+template <int M> struct DkvTile<128, 64, M> : DkvCfg<128, 4, 1, 64, 2, 32, false, M, 2> {};
+template <int M> struct DkvTile<256, 16, M> : DkvCfg<256, 1, 4, 64, 2, 16, false, M, 1> {};
+template <int M> struct DkvTile<256, 64, M> : DkvCfg<256, 4, 1, 32, 2, 16, false, M, 1> {};
+
+inline int dq_tile_rows(int64_t packed) { return packed <= 16 ? 16 : packed <= 64 ? 64 : 128; }
+inline int dkv_tile_keys(int64_t C) { return C <= 16 ? 16 : C <= 64 ? 64 : 128; }
+
+// Raises the kernel's dynamic shared-memory limit on the current device, once per device; the carveout asks
+// for what `ctas` CTAs need (+1 KB each reserved by the system). `done` is per kernel (caller-owned).
+template <typename Kernel>
+cudaError_t bwd_opt_in_smem(Kernel kernel, int bytes, int ctas, std::atomic<uint64_t>& done) {
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = dev < 64 ? (uint64_t{1} << dev) : 0;
+  if (bit != 0 && (done.load(std::memory_order_acquire) & bit)) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err != cudaSuccess) return err;
+  int per_sm = 0;
+  err = cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
+  if (err != cudaSuccess) return err;
+  int pct = per_sm > 0 ? static_cast<int>((int64_t{ctas} * (bytes + 1024) * 100 + per_sm - 1) / per_sm) : 100;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, pct > 100 ? 100 : pct);
+  if (err != cudaSuccess) return err;
+  done.fetch_or(bit, std::memory_order_acq_rel);
+  return cudaSuccess;
+}
+
+template <typename T, class Cfg>
+cudaError_t launch_dq_tile(const Params& p0, cudaStream_t stream) {
+  Params p = p0;
+  const int64_t packed = static_cast<int64_t>(p.R) * p.g;
+  p.nsplit = static_cast<int>((packed + Cfg::TM - 1) / Cfg::TM);
+  const int64_t grid = static_cast<int64_t>(p.B) * p.Hk * p.MB * p.nsplit;
+  if (grid == 0) return cudaSuccess;
+  if (grid > INT_MAX) return cudaErrorInvalidConfiguration;
+  auto kernel = bsattn_bwd_dq_kernel<T, Cfg>;
+  static std::atomic<uint64_t> smem_done{0};  // one per (T, Cfg)
+  cudaError_t err = bwd_opt_in_smem(kernel, Cfg::SMEM, Cfg::MINB, smem_done);
+  if (err != cudaSuccess) return err;
+  kernel<<<static_cast<unsigned>(grid), Cfg::NT, Cfg::SMEM, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, class Cfg>
+cudaError_t launch_dkdv_tile(const Params& p0, cudaStream_t stream) {
+  Params p = p0;
+  p.nkc = static_cast<int>((static_cast<int64_t>(p.C) + Cfg::BK - 1) / Cfg::BK);
+  const int64_t grid = static_cast<int64_t>(p.B) * p.Hk * p.NB * p.nkc;
+  if (grid == 0) return cudaSuccess;
+  if (grid > INT_MAX) return cudaErrorInvalidConfiguration;
+  auto kernel = bsattn_bwd_dkdv_kernel<T, Cfg>;
+  static std::atomic<uint64_t> smem_done{0};  // one per (T, Cfg)
+  cudaError_t err = bwd_opt_in_smem(kernel, Cfg::SMEM, Cfg::MINB, smem_done);
+  if (err != cudaSuccess) return err;
+  kernel<<<static_cast<unsigned>(grid), Cfg::NT, Cfg::SMEM, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// Small blocks (C <= 8, D <= 128): P = 16 / C block columns per 16-key CTA (bsattn_bwd_dkdv_pack_kernel).
+template <typename T, int kD>
+cudaError_t launch_dkdv_pack(const Params& p0, cudaStream_t stream) {
+  using Cfg = DkvTile<kD, 16, 0>;
+  Params p = p0;
+  p.pack = 16 / p.C;
+  p.nkc = 1;
+  const int64_t grid = static_cast<int64_t>(p.B) * p.Hk * ((p.NB + p.pack - 1) / p.pack);
+  if (grid == 0) return cudaSuccess;
+  if (grid > INT_MAX) return cudaErrorInvalidConfiguration;
+  auto kernel = bsattn_bwd_dkdv_pack_kernel<T, Cfg>;
+  static std::atomic<uint64_t> smem_done{0};
+  cudaError_t err = bwd_opt_in_smem(kernel, Cfg::PACK_SMEM, Cfg::MINB, smem_done);
+  if (err != cudaSuccess) return err;
+  kernel<<<static_cast<unsigned>(grid), Cfg::NT, Cfg::PACK_SMEM, stream>>>(p);
+  return cudaGetLastError();
+}
+
+#ifdef BSATTN_BWD_DEV
+// Development builds only: BSATTN_BWD_TUNE holds letters that switch a choice off, for timing side by side:
+// 'n': no column packing.
+inline bool bwd_tune(char c) {
+  const char* e = std::getenv("BSATTN_BWD_TUNE");
+  return e != nullptr && std::strchr(e, c) != nullptr;
+}
+#else
+inline bool bwd_tune(char) { return false; }
+#endif
+
+template <typename T, int kD, int BK>
+cudaError_t launch_dkdv_keys(const Params& p, cudaStream_t stream) {
+  if constexpr (kD == 256) {
+    // two passes (dv, then dk): one warp cannot hold both 16 x 256 accumulators
+    cudaError_t err = launch_dkdv_tile<T, DkvTile<kD, BK, 1>>(p, stream);
+    if (err != cudaSuccess) return err;
+    return launch_dkdv_tile<T, DkvTile<kD, BK, 2>>(p, stream);
+  } else {
+    return launch_dkdv_tile<T, DkvTile<kD, BK, 0>>(p, stream);
+  }
+}
+
+template <int kDType, int kD>
+cudaError_t launch_dq(const Params& p, cudaStream_t stream) {
+  using T = typename TypeOf<kDType>::type;
+  switch (dq_tile_rows(static_cast<int64_t>(p.R) * p.g)) {
+    case 16:
+      return launch_dq_tile<T, DqTile<kD, 16>>(p, stream);
+    case 64:
+      return launch_dq_tile<T, DqTile<kD, 64>>(p, stream);
+    default:
+      // D = 256: 128-row tiles would not fit in 163 KB. D = 128: two 4-warp CTAs of 64 rows per 128 rows measured
+      // 3% faster than one 8-warp CTA of 128 (H100, R * g >= 128, 2026-11-25).
+      if constexpr (kD == 64)
+        return launch_dq_tile<T, DqTile<kD, 128>>(p, stream);
+      else
+        return launch_dq_tile<T, DqTile<kD, 64>>(p, stream);
+  }
+}
+
+template <int kDType, int kD>
+cudaError_t launch_dkdv(const Params& p, cudaStream_t stream) {
+  using T = typename TypeOf<kDType>::type;
+  if constexpr (kD <= 128) {
+    if (p.C <= 8 && !bwd_tune('n')) return launch_dkdv_pack<T, kD>(p, stream);
+  }
+  switch (dkv_tile_keys(p.C)) {
+    case 16:
+      return launch_dkdv_keys<T, kD, 16>(p, stream);
+    case 64:
+      return launch_dkdv_keys<T, kD, 64>(p, stream);
+    default:
+      // D = 256: 128-key tiles would not fit in 163 KB. D = 128: 64-key tiles (two CTAs per 128 keys, 2 per SM)
+      // measured 5% faster than one 8-warp CTA of 128 keys (H100, C = 128, 2026-11-25).
+      if constexpr (kD == 64)
+        return launch_dkdv_keys<T, kD, 128>(p, stream);
+      else
+        return launch_dkdv_keys<T, kD, 64>(p, stream);
+  }
+}
+
+}  // namespace bwd
+}  // namespace cuda
+}  // namespace bsattn
+
+// Explicit instantiations of one (direction, dtype, head dim); each lives in its own .cu so nvcc runs in
+// parallel.
+#define BSATTN_INSTANTIATE_BWD_DQ(DTYPE, D)                                                          \
+  template cudaError_t bsattn::cuda::bwd::launch_dq<bsattn::cuda::bwd::DTYPE, D>(const bsattn::cuda::bwd::Params&, \
+                                                                                cudaStream_t);
+#define BSATTN_INSTANTIATE_BWD_DKDV(DTYPE, D)                                                          \
+  template cudaError_t bsattn::cuda::bwd::launch_dkdv<bsattn::cuda::bwd::DTYPE, D>(const bsattn::cuda::bwd::Params&, \
+                                                                                  cudaStream_t);
