@@ -187,7 +187,8 @@ def main(argv=None):
 
     stream = batches(train, args.batch, T, np.random.default_rng(args.seed))
     losses, t_start, timed_tokens = [], None, 0
-    bar = tqdm(range(args.steps), desc="train", unit="step") if tqdm is not None else range(args.steps)
+    use_bar = tqdm is not None and sys.stderr.isatty()       # a log file gets plain progress lines instead
+    bar = tqdm(range(args.steps), desc="train", unit="step") if use_bar else range(args.steps)
     for step in bar:
         x, y = next(stream)
         loss = float(train_step(model, optimizer, jnp.asarray(x), jnp.asarray(y)))
@@ -197,7 +198,7 @@ def main(argv=None):
         else:
             timed_tokens += x.size
         rate = timed_tokens / max(time.perf_counter() - t_start, 1e-9)
-        if tqdm is not None:
+        if use_bar:
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
         elif step % max(1, args.steps // 20) == 0 or step == args.steps - 1:
             print(f"step {step:5d}  loss {loss:.4f}  {rate:,.0f} tokens/s", flush=True)

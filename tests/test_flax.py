@@ -1,6 +1,8 @@
 """jax_bsattn.flax: the NNX module against the reference composed with the same projections, the attention_fn
 adapter inside flax.nnx.MultiHeadAttention (and Linen), rotary embedding, gradients, callable layouts."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,7 +149,8 @@ def test_import_jax_bsattn_does_not_import_flax():
     import subprocess
     import sys
     code = "import sys, jax_bsattn as jb; assert 'flax' not in sys.modules; jb.flax; assert 'flax' in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    # cwd: the tests folder, so that `-c` imports jax_bsattn as this process did, not the unbuilt source tree
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_train_lm_example_runs(tmp_path):
