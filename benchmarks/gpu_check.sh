@@ -16,6 +16,15 @@ stamp "gpu tests"
 stamp "gpu tests, command buffers"
 (cd tests && XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1" \
   python3 -m pytest -q -m gpu -k "vmap or R16-C16" 2>&1 | tee "$OUT/pytest_cmdbuf.log" | tail -4)
+if [ -n "${SANITIZE:-}" ]; then
+  SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  for tool in memcheck racecheck; do
+    stamp "compute-sanitizer $tool"
+    (cd /tmp && XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout ${SAN_S:-200} $SAN --tool $tool --kernel-name kns=bsattn \
+      --print-limit 20 python3 "$OLDPWD/csrc/cuda/dev/sanitize_api.py" > "$OUT/sanitize_$tool.log" 2>&1; \
+      echo "$tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|hazard|^case" "$OUT/sanitize_$tool.log" | head -12)
+  done
+fi
 if [ -n "${CELLS:-}" ]; then
   stamp "grid (public API)"
   (cd /tmp && python3 "$OLDPWD/benchmarks/bench_grid.py" --backend api --out "$OUT/grid" --cells "$CELLS" \
@@ -58,7 +67,7 @@ if "gpu_small" in runs and "cpu_small" in runs:
 PY
   cat "$OUT/train_summary.txt"
 fi
-for f in pytest_gpu.log bench_api.log bench_fwdbwd.log train_summary.txt grid/grid.json grid_fb/grid.json gpu_sparse/loss.png; do
+for f in pytest_gpu.log sanitize_memcheck.log sanitize_racecheck.log bench_api.log bench_fwdbwd.log train_summary.txt grid/grid.json grid_fb/grid.json gpu_sparse/loss.png; do
   [ -f "$OUT/$f" ] && cp "$OUT/$f" "$RESULTS/$(echo $f | tr / _)"
 done
 stamp done

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "cuda/bwd/params.h"
+#include "cuda/common/gather.cuh"
 #include "cuda/fwd/mma.cuh"
 
 namespace bsattn {
@@ -18,18 +19,68 @@ namespace bwd {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Byte offset of (row, chunk) in a swizzled tile of D-wide b16 rows.
-template <int D>
-__device__ __forceinline__ uint32_t swz(int row, int chunk) {
-  return static_cast<uint32_t>(row * (D * 2) + ((chunk ^ (row & 7)) << 4));
-}
-
 // 4 bytes global -> shared (cp.async needs .ca for sizes under 16).
 __device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
 }
 __device__ __forceinline__ void st_shared_f32(uint32_t dst, float v) {
   asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(dst), "f"(v) : "memory");
+}
+
+// The softmax statistics of one staged query row (lse, delta of row `rid` of lseg / dlg) -> shared slot srow
+// of sLse / sDl; a missing row (rid < 0) gets lse = -inf (probability 0) and delta = 0.
+__device__ __forceinline__ void stage_row_stats(uint32_t sLse, uint32_t sDl, int srow, const float* lseg,
+                                                const float* dlg, int rid) {
+  if (rid >= 0) {
+    cp_async4(sLse + srow * 4, lseg + rid);
+    cp_async4(sDl + srow * 4, dlg + rid);
+  } else {
+    st_shared_f32(sLse + srow * 4, -INFINITY);
+    st_shared_f32(sDl + srow * 4, 0.f);
+  }
+}
+
+// A contiguous tile of ROWS rows of two tensors (K and V: row r at r * rstride of ga / gb) -> the swizzled
+// buffers sA / sB, copied by NT threads (chunk i % CPR of row i / CPR); rows at or past `valid` are zeroed.
+template <int D, int NT, int ROWS, typename T>
+__device__ __forceinline__ void load_row_pair_tile(uint32_t sA, uint32_t sB, const T* ga, const T* gb, int valid,
+                                                   int64_t rstride, int tid) {
+  constexpr int CPR = D / 8;
+#pragma unroll
+  for (int i = tid; i < ROWS * CPR; i += NT) {
+    const int row = i / CPR, ch = i % CPR;
+    const uint32_t so = swz_off<D>(row, ch);
+    if (row < valid) {
+      const int64_t go = row * rstride + ch * 8;
+      cp_async16(sA + so, ga + go);
+      cp_async16(sB + so, gb + go);
+    } else {
+      st_shared_zero16(sA + so);
+      st_shared_zero16(sB + so);
+    }
+  }
+}
+
+// The merge of row-split warps' f32 partials: 8 consecutive columns summed over NW warps in warp order
+// (deterministic; warp w's partials at src + w * wstride), times mul, packed to 8 T.
+template <typename T, int NW>
+__device__ __forceinline__ uint4 sum_partials8(const float* src, int wstride, float mul) {
+  float a8[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) a8[e] = 0.f;
+#pragma unroll
+  for (int w = 0; w < NW; ++w) {
+    const float4* s4 = reinterpret_cast<const float4*>(src + w * wstride);
+    const float4 x = s4[0], y = s4[1];
+    a8[0] += x.x, a8[1] += x.y, a8[2] += x.z, a8[3] += x.w;
+    a8[4] += y.x, a8[5] += y.y, a8[6] += y.z, a8[7] += y.w;
+  }
+  uint4 val;
+  val.x = Mma<T>::pack(a8[0] * mul, a8[1] * mul);
+  val.y = Mma<T>::pack(a8[2] * mul, a8[3] * mul);
+  val.z = Mma<T>::pack(a8[4] * mul, a8[5] * mul);
+  val.w = Mma<T>::pack(a8[6] * mul, a8[7] * mul);
+  return val;
 }
 
 // Thread layout of a tile of ROWS gathered rows copied by NT threads: thread (warp, lane) copies 16-byte

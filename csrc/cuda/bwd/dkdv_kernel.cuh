@@ -280,7 +280,7 @@ __device__ __forceinline__ void dkdv_store(uint8_t* smem, uint32_t sK, uint32_t 
         const int row = krow0 + (lane >> 2) + 8 * h;
 #pragma unroll
         for (int d = 0; d < DT; ++d) {
-          const uint32_t so = swz<D>(row, d) + (lane & 3) * 4;
+          const uint32_t so = swz_off<D>(row, d) + (lane & 3) * 4;
           if constexpr (DO_DK) st_shared32(sK + so, Mma<T>::pack(adk[d][2 * h] * scale, adk[d][2 * h + 1] * scale));
           if constexpr (DO_DV) st_shared32(sV + so, Mma<T>::pack(adv[d][2 * h], adv[d][2 * h + 1]));
         }
@@ -291,8 +291,8 @@ __device__ __forceinline__ void dkdv_store(uint8_t* smem, uint32_t sK, uint32_t 
         const int row = krow0 + i / CPR, ch = i % CPR;
         if (row < nkeys) {
           const int64_t go = row * kv_rstride + ch * 8;
-          if constexpr (DO_DK) *reinterpret_cast<uint4*>(dkg + go) = ld_shared16(sK + swz<D>(row, ch));
-          if constexpr (DO_DV) *reinterpret_cast<uint4*>(dvg + go) = ld_shared16(sV + swz<D>(row, ch));
+          if constexpr (DO_DK) *reinterpret_cast<uint4*>(dkg + go) = ld_shared16(sK + swz_off<D>(row, ch));
+          if constexpr (DO_DV) *reinterpret_cast<uint4*>(dvg + go) = ld_shared16(sV + swz_off<D>(row, ch));
         }
       }
     }
@@ -326,21 +326,7 @@ __device__ __forceinline__ void dkdv_store(uint8_t* smem, uint32_t sK, uint32_t 
       for (int i = tid; i < BK * CPR; i += Cfg::NT) {
         const int row = i / CPR, ch = i % CPR;
         if (row < nkeys) {
-          float a8[8];
-#pragma unroll
-          for (int e = 0; e < 8; ++e) a8[e] = 0.f;
-#pragma unroll
-          for (int w = 0; w < WQ; ++w) {
-            const float4* src = reinterpret_cast<const float4*>(sO + (w * BK + row) * OST + ch * 8);
-            const float4 x = src[0], y = src[1];
-            a8[0] += x.x, a8[1] += x.y, a8[2] += x.z, a8[3] += x.w;
-            a8[4] += y.x, a8[5] += y.y, a8[6] += y.z, a8[7] += y.w;
-          }
-          uint4 val;
-          val.x = Mma<T>::pack(a8[0] * mul, a8[1] * mul);
-          val.y = Mma<T>::pack(a8[2] * mul, a8[3] * mul);
-          val.z = Mma<T>::pack(a8[4] * mul, a8[5] * mul);
-          val.w = Mma<T>::pack(a8[6] * mul, a8[7] * mul);
+          const uint4 val = sum_partials8<T, WQ>(sO + row * OST + ch * 8, BK * OST, mul);
           *reinterpret_cast<uint4*>(outg + row * kv_rstride + ch * 8) = val;
         }
       }
@@ -403,19 +389,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_kernel(con
   {
     const T* kg = static_cast<const T*>(p.k) + kvoff + k0 * kv_rstride;
     const T* vg = static_cast<const T*>(p.v) + kvoff + k0 * kv_rstride;
-#pragma unroll
-    for (int i = tid; i < BK * CPR; i += Cfg::NT) {
-      const int row = i / CPR, ch = i % CPR;
-      const uint32_t so = swz<D>(row, ch);
-      if (row < nkeys) {
-        const int64_t go = row * kv_rstride + ch * 8;
-        cp_async16(sK + so, kg + go);
-        cp_async16(sV + so, vg + go);
-      } else {
-        st_shared_zero16(sK + so);
-        st_shared_zero16(sV + so);
-      }
-    }
+    load_row_pair_tile<D, Cfg::NT, BK>(sK, sV, kg, vg, nkeys, kv_rstride, tid);
   }
 
   // query gather state (owner lanes)
@@ -450,42 +424,18 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_kernel(con
         }
       }
       const int srow = stage * BQ + trow_own;
-      if (rid >= 0) {
-        cp_async4(sLse + srow * 4, lseg + rid);
-        cp_async4(sDl + srow * 4, dlg + rid);
-      } else {
-        st_shared_f32(sLse + srow * 4, -INFINITY);
-        st_shared_f32(sDl + srow * 4, 0.f);
-      }
+      stage_row_stats(sLse, sDl, srow, lseg, dlg, rid);
       sLim[srow] = lim;
       flag = (rid >= 0 && lim < klast) ? 1u : 0u;
     }
     qw.advance(qE, rE, E, owner);
     const uint32_t sQs = sQ + stage * Cfg::Q_STAGE, sDs = sD + stage * Cfg::Q_STAGE;
-    const int sub = lane / CPR, ch = lane % CPR;
-#pragma unroll
-    for (int ps = 0; ps < Map::PASSES; ++ps) {
-      const int rp = __shfl_sync(0xffffffffu, rid, ps * Map::RPW + sub);
-      const int row = ps * Map::RPP + warp * Map::RPW + sub;
-      const uint32_t so = swz<D>(row, ch);
-      if (rp >= 0) {
-        const int64_t go = static_cast<int64_t>(rp) * D + ch * 8;
-        cp_async16(sQs + so, qg + go);
-        cp_async16(sDs + so, dg + go);
-      } else {
-        st_shared_zero16(sQs + so);
-        st_shared_zero16(sDs + so);
-      }
-    }
+    copy_row_pair_tile<D, Map::PASSES, Map::RPP, Map::RPW, false>(sQs, sDs, qg, dg, rid, D, warp, lane,
+                                                                  [](int rp) { return rp >= 0; });
     return flag;
   };
 
-  uint32_t pending = 0;
-#pragma unroll
-  for (int s = 0; s < S - 1; ++s) {
-    if (s < ntiles) pending |= issue(s) << s;
-    cp_async_commit();
-  }
+  uint32_t pending = issue_prologue<S>(issue, ntiles);
 
   // ---- per-warp state ----------------------------------------------------------------------------------
   const int krow0 = wk * 16;
@@ -593,19 +543,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_pack_kerne
   {
     const T* kg = static_cast<const T*>(p.k) + kvoff + k0 * kv_rstride;
     const T* vg = static_cast<const T*>(p.v) + kvoff + k0 * kv_rstride;
-#pragma unroll
-    for (int i = tid; i < BK * CPR; i += NT) {
-      const int row = i / CPR, ch = i % CPR;
-      const uint32_t so = swz<D>(row, ch);
-      if (row < nkeys) {
-        const int64_t go = row * kv_rstride + ch * 8;
-        cp_async16(sK + so, kg + go);
-        cp_async16(sV + so, vg + go);
-      } else {
-        st_shared_zero16(sK + so);
-        st_shared_zero16(sV + so);
-      }
-    }
+    load_row_pair_tile<D, NT, BK>(sK, sV, kg, vg, nkeys, kv_rstride, tid);
     cp_async_commit();  // its own group: waited for by the first tile's wait (or the KREG wait below)
   }
 
@@ -761,13 +699,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_pack_kerne
             }
           }
           const int srow = stage * BQ + trow_own;
-          if (rid >= 0) {
-            cp_async4(sLse + srow * 4, lseg + rid);
-            cp_async4(sDl + srow * 4, dlg + rid);
-          } else {
-            st_shared_f32(sLse + srow * 4, -INFINITY);
-            st_shared_f32(sDl + srow * 4, 0.f);
-          }
+          stage_row_stats(sLse, sDl, srow, lseg, dlg, rid);
           sLim[srow] = lim;
           sW[srow] = w;
           flag = (rid >= 0 && (w != fullw || lim < klast)) ? 1u : 0u;
@@ -779,30 +711,12 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_pack_kerne
           ++ent;
         }
         const uint32_t sQs = sQ + stage * Cfg::Q_STAGE, sDs = sD + stage * Cfg::Q_STAGE;
-        const int sub = lane / CPR, ch = lane % CPR;
-#pragma unroll
-        for (int ps = 0; ps < Map::PASSES; ++ps) {
-          const int rp = __shfl_sync(0xffffffffu, rid, ps * Map::RPW + sub);
-          const int row = ps * Map::RPP + warp * Map::RPW + sub;
-          const uint32_t so = swz<D>(row, ch);
-          if (rp >= 0) {
-            const int64_t go = static_cast<int64_t>(rp) * D + ch * 8;
-            cp_async16(sQs + so, qg + go);
-            cp_async16(sDs + so, dg + go);
-          } else {
-            st_shared_zero16(sQs + so);
-            st_shared_zero16(sDs + so);
-          }
-        }
+        copy_row_pair_tile<D, Map::PASSES, Map::RPP, Map::RPW, false>(sQs, sDs, qg, dg, rid, D, warp, lane,
+                                                                      [](int rp) { return rp >= 0; });
         return flag;
       };
 
-      uint32_t pending = 0;
-#pragma unroll
-      for (int s = 0; s < S - 1; ++s) {
-        if (s < ntiles) pending |= issue(s) << s;
-        cp_async_commit();
-      }
+      uint32_t pending = issue_prologue<S>(issue, ntiles);
       for (int t = 0; t < ntiles; ++t) {
         const int stage = t % S;
         cp_async_wait<S - 2>();

@@ -111,7 +111,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_kernel(const
 #pragma unroll
     for (int i = tid; i < TM * CPR; i += Cfg::NT) {
       const int row = i / CPR, c = i % CPR;
-      const uint32_t so = swz<D>(row, c);
+      const uint32_t so = swz_off<D>(row, c);
       if (row < rows_valid) {
         const int P = row0 + row;
         const int r = P / p.g, j = P - r * p.g;
@@ -167,30 +167,12 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_kernel(const
     }
     kw.advance(qC, rC, p.C, owner);
     const uint32_t sKs = sK + stage * Cfg::KV_STAGE, sVs = sV + stage * Cfg::KV_STAGE;
-    const int sub = lane / CPR, c = lane % CPR;
-#pragma unroll
-    for (int ps = 0; ps < Map::PASSES; ++ps) {
-      const int kp = __shfl_sync(0xffffffffu, key, ps * Map::RPW + sub);
-      const int row = ps * Map::RPP + warp * Map::RPW + sub;
-      const uint32_t so = swz<D>(row, c);
-      if (kp != INT_MAX) {
-        const int64_t go = kp * kv_rstride + c * 8;
-        cp_async16(sKs + so, kg + go);
-        cp_async16(sVs + so, vg + go);
-      } else {
-        st_shared_zero16(sKs + so);
-        st_shared_zero16(sVs + so);
-      }
-    }
+    copy_row_pair_tile<D, Map::PASSES, Map::RPP, Map::RPW, false>(sKs, sVs, kg, vg, key, kv_rstride, warp, lane,
+                                                                  [](int kp) { return kp != INT_MAX; });
     return flag;
   };
 
-  uint32_t pending = 0;
-#pragma unroll
-  for (int s = 0; s < S - 1; ++s) {
-    if (s < ntiles) pending |= issue(s) << s;
-    cp_async_commit();
-  }
+  uint32_t pending = issue_prologue<S>(issue, ntiles);
 
   // ---- per-warp state ----------------------------------------------------------------------------------
   const int wrow0 = wm * 16;
@@ -326,7 +308,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_kernel(const
         const int row = wrow0 + (lane >> 2) + 8 * h;
 #pragma unroll
         for (int d = 0; d < DT; ++d)
-          st_shared32(sQ + swz<D>(row, d) + (lane & 3) * 4,
+          st_shared32(sQ + swz_off<D>(row, d) + (lane & 3) * 4,
                       Mma<T>::pack(acc[d][2 * h] * scale, acc[d][2 * h + 1] * scale));
       }
       __syncwarp();
@@ -336,7 +318,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_kernel(const
         if (row < rows_valid) {
           const int P = row0 + row;
           const int r = P / p.g, j = P - r * p.g;
-          *reinterpret_cast<uint4*>(dqg + r * q_rstride + j * D + c * 8) = ld_shared16(sQ + swz<D>(row, c));
+          *reinterpret_cast<uint4*>(dqg + r * q_rstride + j * D + c * 8) = ld_shared16(sQ + swz_off<D>(row, c));
         }
       }
     }
@@ -355,21 +337,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_kernel(const
     for (int i = tid; i < TM * CPR; i += Cfg::NT) {
       const int row = i / CPR, c = i % CPR;
       if (row < rows_valid) {
-        float a8[8];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) a8[e] = 0.f;
-#pragma unroll
-        for (int w = 0; w < WN; ++w) {
-          const float4* src = reinterpret_cast<const float4*>(sO + (w * TM + row) * OST + c * 8);
-          const float4 x = src[0], y = src[1];
-          a8[0] += x.x, a8[1] += x.y, a8[2] += x.z, a8[3] += x.w;
-          a8[4] += y.x, a8[5] += y.y, a8[6] += y.z, a8[7] += y.w;
-        }
-        uint4 val;
-        val.x = Mma<T>::pack(a8[0] * scale, a8[1] * scale);
-        val.y = Mma<T>::pack(a8[2] * scale, a8[3] * scale);
-        val.z = Mma<T>::pack(a8[4] * scale, a8[5] * scale);
-        val.w = Mma<T>::pack(a8[6] * scale, a8[7] * scale);
+        const uint4 val = sum_partials8<T, WN>(sO + row * OST + c * 8, TM * OST, scale);
         const int P = row0 + row;
         const int r = P / p.g, j = P - r * p.g;
         *reinterpret_cast<uint4*>(dqg + r * q_rstride + j * D + c * 8) = val;

@@ -11,7 +11,9 @@
 
 #include <cuda_runtime.h>
 
+#include "common/ffi_binding.h"
 #include "cuda/bwd/params.h"
+#include "cuda/ffi_common.h"
 #include "cuda/handlers.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -21,20 +23,12 @@ namespace bsattn {
 namespace cuda {
 namespace {
 
-std::string bwd_dims_str(ffi::Span<const int64_t> d) {
-  std::string s = "[";
-  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
-  return s + "]";
-}
+using ffi_common::dims_str;
+using ffi_common::same_dims;
 
-ffi::Error bwd_bad(const std::string& msg) { return ffi::Error::InvalidArgument("bsattn_bwd_cuda: " + msg); }
+constexpr char kBwdName[] = "bsattn_bwd_cuda";
 
-bool same_dims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
-  if (a.size() != b.size()) return false;
-  for (size_t i = 0; i < a.size(); ++i)
-    if (a[i] != b[i]) return false;
-  return true;
-}
+ffi::Error bwd_bad(const std::string& msg) { return ffi_common::invalid(kBwdName, msg); }
 
 template <int kDType>
 cudaError_t launch_all(const bwd::Params& p, int64_t D, bool run_dq, bool run_dkdv, cudaStream_t stream) {
@@ -77,30 +71,26 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
     return bwd_bad("indptr, indices, col_indptr and col_rows must be rank 3");
   const int64_t B = qd[0], M = qd[1], Hq = qd[2], D = qd[3];
   const int64_t N = kd[1], Hk = kd[2];
-  if (kd[0] != B || kd[3] != D) return bwd_bad("k " + bwd_dims_str(kd) + " does not match q " + bwd_dims_str(qd));
-  if (!same_dims(vd, kd)) return bwd_bad("v " + bwd_dims_str(vd) + " must have k's shape " + bwd_dims_str(kd));
-  if (!same_dims(dod, qd)) return bwd_bad("do " + bwd_dims_str(dod) + " must have q's shape " + bwd_dims_str(qd));
-  if (!same_dims(dqd, qd)) return bwd_bad("dq " + bwd_dims_str(dqd) + " must have q's shape " + bwd_dims_str(qd));
+  if (kd[0] != B || kd[3] != D) return bwd_bad("k " + dims_str(kd) + " does not match q " + dims_str(qd));
+  if (!same_dims(vd, kd)) return bwd_bad("v " + dims_str(vd) + " must have k's shape " + dims_str(kd));
+  if (!same_dims(dod, qd)) return bwd_bad("do " + dims_str(dod) + " must have q's shape " + dims_str(qd));
+  if (!same_dims(dqd, qd)) return bwd_bad("dq " + dims_str(dqd) + " must have q's shape " + dims_str(qd));
   if (!same_dims(dkd, kd) || !same_dims(dvd, kd))
-    return bwd_bad("dk " + bwd_dims_str(dkd) + " and dv " + bwd_dims_str(dvd) + " must have k's shape " +
-                   bwd_dims_str(kd));
-  if (ld[0] != B || ld[1] != M || ld[2] != Hq) return bwd_bad("lse " + bwd_dims_str(ld) + " must be [B, M, Hq]");
-  if (!same_dims(dld, ld)) return bwd_bad("delta " + bwd_dims_str(dld) + " must be [B, M, Hq]");
-  if (D != 64 && D != 128 && D != 256)
-    return bwd_bad("head dim " + std::to_string(D) + " is not supported; supported head dims: 64, 128, 256");
+    return bwd_bad("dk " + dims_str(dkd) + " and dv " + dims_str(dvd) + " must have k's shape " +
+                   dims_str(kd));
+  if (ld[0] != B || ld[1] != M || ld[2] != Hq) return bwd_bad("lse " + dims_str(ld) + " must be [B, M, Hq]");
+  if (!same_dims(dld, ld)) return bwd_bad("delta " + dims_str(dld) + " must be [B, M, Hq]");
+  std::string msg = ffi_common::check_head_dim(D);
+  if (!msg.empty()) return bwd_bad(msg);
   if (Hk < 1 || Hq % Hk != 0) return bwd_bad("Hq must be a multiple of Hk >= 1");
-  if (block_r < 1 || block_c < 1) return bwd_bad("block_r and block_c must be >= 1");
-  const int64_t MB = (M + block_r - 1) / block_r;
-  const int64_t NB = (N + block_c - 1) / block_c;
-  const int64_t LB = pd[0], LH = pd[1];
-  if ((LB != 1 && LB != B) || (LH != 1 && LH != Hk) || pd[2] != MB + 1)
-    return bwd_bad("indptr " + bwd_dims_str(pd) + " must be [1 or B, 1 or Hk, ceil(M / R) + 1]");
-  if (id[0] != LB || id[1] != LH) return bwd_bad("indices " + bwd_dims_str(id) + " must be [LB, LH, nnz] like indptr");
-  const int64_t nnz = id[2];
+  ffi_common::Layout l;
+  msg = ffi_common::check_layout(pd, id, B, M, N, Hk, block_r, block_c, l);
+  if (!msg.empty()) return bwd_bad(msg);
+  const int64_t MB = l.MB, NB = l.NB, LB = l.LB, LH = l.LH, nnz = l.nnz;
   if (cpd[0] != LB || cpd[1] != LH || cpd[2] != NB + 1)
-    return bwd_bad("col_indptr " + bwd_dims_str(cpd) + " must be [LB, LH, ceil(N / C) + 1]");
+    return bwd_bad("col_indptr " + dims_str(cpd) + " must be [LB, LH, ceil(N / C) + 1]");
   if (crd[0] != LB || crd[1] != LH || crd[2] != nnz)
-    return bwd_bad("col_rows " + bwd_dims_str(crd) + " must be [LB, LH, nnz] like indices");
+    return bwd_bad("col_rows " + dims_str(crd) + " must be [LB, LH, nnz] like indices");
 
   bool run_dq = B > 0 && M > 0 && Hq > 0;  // dq has elements
   bool run_dkdv = B > 0 && N > 0;          // dk / dv have elements (zeros when no query sees them)
@@ -135,44 +125,18 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   p.dq = dq->untyped_data();
   p.dk = dk->untyped_data();
   p.dv = dv->untyped_data();
-  p.B = static_cast<int>(B);
-  p.M = static_cast<int>(M);
-  p.N = static_cast<int>(N);
-  p.Hq = static_cast<int>(Hq);
-  p.Hk = static_cast<int>(Hk);
-  p.g = static_cast<int>(g);
-  p.R = static_cast<int>(block_r);
-  p.C = static_cast<int>(block_c);
-  p.MB = static_cast<int>(MB);
-  p.NB = static_cast<int>(NB);
-  p.LB = static_cast<int>(LB);
-  p.LH = static_cast<int>(LH);
-  p.nnz = nnz;
-  p.causal = causal ? 1 : 0;
-  constexpr float kLog2e = 1.4426950408889634f;
-  if (softcap > 0.f) {
-    p.use_cap = 1;
-    p.s_mul = scale / softcap * 2.f * kLog2e;  // tanh(x) = 1 - 2 / (1 + 2^(2 log2(e) x))
-    p.cap_mul = softcap * kLog2e;
-  } else {
-    p.use_cap = 0;
-    p.s_mul = scale * kLog2e;
-    p.cap_mul = 0.f;
-  }
+  ffi_common::fill_problem(p, B, M, N, Hq, Hk, block_r, block_c, l, causal, scale, softcap);
   p.scale = scale;
 
   const cudaError_t err = dt == ffi::DataType::BF16 ? launch_all<bwd::kBF16>(p, D, run_dq, run_dkdv, stream)
                                                     : launch_all<bwd::kF16>(p, D, run_dq, run_dkdv, stream);
-  if (err != cudaSuccess)
-    return ffi::Error::Internal(std::string("bsattn_bwd_cuda: kernel launch failed: ") + cudaGetErrorName(err) +
-                                ": " + cudaGetErrorString(err));
-  return ffi::Error::Success();
+  return ffi_common::launch_result(kBwdName, err);
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER(kBsattnBwdCuda, BwdImpl,
-                       ffi::Ffi::Bind()
+                       bind_attributes(ffi::Ffi::Bind()
                            .Ctx<ffi::PlatformStream<cudaStream_t>>()
                            .Arg<ffi::AnyBuffer>()         // q
                            .Arg<ffi::AnyBuffer>()         // k
@@ -186,12 +150,7 @@ XLA_FFI_DEFINE_HANDLER(kBsattnBwdCuda, BwdImpl,
                            .Arg<ffi::Buffer<ffi::S32>>()  // col_rows
                            .Ret<ffi::AnyBuffer>()         // dq
                            .Ret<ffi::AnyBuffer>()         // dk
-                           .Ret<ffi::AnyBuffer>()         // dv
-                           .Attr<int64_t>("block_r")
-                           .Attr<int64_t>("block_c")
-                           .Attr<float>("scale")
-                           .Attr<float>("softcap")
-                           .Attr<bool>("causal"),
+                           .Ret<ffi::AnyBuffer>()),       // dv
                        {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_Handler* bwd_handler() { return kBsattnBwdCuda; }

@@ -4,33 +4,20 @@
 #pragma once
 
 #include <atomic>
-#include <climits>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "cuda/bwd/dkdv_kernel.cuh"
 #include "cuda/bwd/dq_kernel.cuh"
 #include "cuda/bwd/params.h"
+#include "cuda/common/launch.cuh"
 
 namespace bsattn {
 namespace cuda {
 namespace bwd {
-
-template <int kDType>
-struct TypeOf;
-template <>
-struct TypeOf<kBF16> {
-  using type = __nv_bfloat16;
-};
-template <>
-struct TypeOf<kF16> {
-  using type = __half;
-};
 
 // ---- tile configurations --------------------------------------------------------------------------------
 // dq, by packed rows per CTA (TM = 16 * WM): the smallest of 16, 64, 128 holding R * g (above: several tiles
@@ -64,41 +51,14 @@ template <int M> struct DkvTile<256, 64, M> : DkvCfg<256, 4, 1, 32, 2, 16, false
 inline int dq_tile_rows(int64_t packed) { return packed <= 16 ? 16 : packed <= 64 ? 64 : 128; }
 inline int dkv_tile_keys(int64_t C) { return C <= 16 ? 16 : C <= 64 ? 64 : 128; }
 
-// Raises the kernel's dynamic shared-memory limit on the current device, once per device; the carveout asks
-// for what `ctas` CTAs need (+1 KB each reserved by the system). `done` is per kernel (caller-owned).
-template <typename Kernel>
-cudaError_t bwd_opt_in_smem(Kernel kernel, int bytes, int ctas, std::atomic<uint64_t>& done) {
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  const uint64_t bit = dev < 64 ? (uint64_t{1} << dev) : 0;
-  if (bit != 0 && (done.load(std::memory_order_acquire) & bit)) return cudaSuccess;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (err != cudaSuccess) return err;
-  int per_sm = 0;
-  err = cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
-  if (err != cudaSuccess) return err;
-  int pct = per_sm > 0 ? static_cast<int>((int64_t{ctas} * (bytes + 1024) * 100 + per_sm - 1) / per_sm) : 100;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, pct > 100 ? 100 : pct);
-  if (err != cudaSuccess) return err;
-  done.fetch_or(bit, std::memory_order_acq_rel);
-  return cudaSuccess;
-}
-
 template <typename T, class Cfg>
 cudaError_t launch_dq_tile(const Params& p0, cudaStream_t stream) {
   Params p = p0;
   const int64_t packed = static_cast<int64_t>(p.R) * p.g;
   p.nsplit = static_cast<int>((packed + Cfg::TM - 1) / Cfg::TM);
   const int64_t grid = static_cast<int64_t>(p.B) * p.Hk * p.MB * p.nsplit;
-  if (grid == 0) return cudaSuccess;
-  if (grid > INT_MAX) return cudaErrorInvalidConfiguration;
-  auto kernel = bsattn_bwd_dq_kernel<T, Cfg>;
   static std::atomic<uint64_t> smem_done{0};  // one per (T, Cfg)
-  cudaError_t err = bwd_opt_in_smem(kernel, Cfg::SMEM, Cfg::MINB, smem_done);
-  if (err != cudaSuccess) return err;
-  kernel<<<static_cast<unsigned>(grid), Cfg::NT, Cfg::SMEM, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(bsattn_bwd_dq_kernel<T, Cfg>, grid, Cfg::NT, Cfg::SMEM, Cfg::MINB, smem_done, p, stream);
 }
 
 template <typename T, class Cfg>
@@ -106,14 +66,8 @@ cudaError_t launch_dkdv_tile(const Params& p0, cudaStream_t stream) {
   Params p = p0;
   p.nkc = static_cast<int>((static_cast<int64_t>(p.C) + Cfg::BK - 1) / Cfg::BK);
   const int64_t grid = static_cast<int64_t>(p.B) * p.Hk * p.NB * p.nkc;
-  if (grid == 0) return cudaSuccess;
-  if (grid > INT_MAX) return cudaErrorInvalidConfiguration;
-  auto kernel = bsattn_bwd_dkdv_kernel<T, Cfg>;
   static std::atomic<uint64_t> smem_done{0};  // one per (T, Cfg)
-  cudaError_t err = bwd_opt_in_smem(kernel, Cfg::SMEM, Cfg::MINB, smem_done);
-  if (err != cudaSuccess) return err;
-  kernel<<<static_cast<unsigned>(grid), Cfg::NT, Cfg::SMEM, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(bsattn_bwd_dkdv_kernel<T, Cfg>, grid, Cfg::NT, Cfg::SMEM, Cfg::MINB, smem_done, p, stream);
 }
 
 // Small blocks (C <= 8, D <= 128): P = 16 / C block columns per 16-key CTA (bsattn_bwd_dkdv_pack_kernel).
@@ -124,14 +78,9 @@ cudaError_t launch_dkdv_pack(const Params& p0, cudaStream_t stream) {
   p.pack = 16 / p.C;
   p.nkc = 1;
   const int64_t grid = static_cast<int64_t>(p.B) * p.Hk * ((p.NB + p.pack - 1) / p.pack);
-  if (grid == 0) return cudaSuccess;
-  if (grid > INT_MAX) return cudaErrorInvalidConfiguration;
-  auto kernel = bsattn_bwd_dkdv_pack_kernel<T, Cfg>;
-  static std::atomic<uint64_t> smem_done{0};
-  cudaError_t err = bwd_opt_in_smem(kernel, Cfg::PACK_SMEM, Cfg::MINB, smem_done);
-  if (err != cudaSuccess) return err;
-  kernel<<<static_cast<unsigned>(grid), Cfg::NT, Cfg::PACK_SMEM, stream>>>(p);
-  return cudaGetLastError();
+  static std::atomic<uint64_t> smem_done{0};  // one per (T, Cfg)
+  return launch_kernel(bsattn_bwd_dkdv_pack_kernel<T, Cfg>, grid, Cfg::NT, Cfg::PACK_SMEM, Cfg::MINB, smem_done, p,
+                       stream);
 }
 
 #ifdef BSATTN_BWD_DEV
@@ -159,7 +108,7 @@ cudaError_t launch_dkdv_keys(const Params& p, cudaStream_t stream) {
 
 template <int kDType, int kD>
 cudaError_t launch_dq(const Params& p, cudaStream_t stream) {
-  using T = typename TypeOf<kDType>::type;
+  using T = typename DTypeOf<kDType>::type;
   switch (dq_tile_rows(static_cast<int64_t>(p.R) * p.g)) {
     case 16:
       return launch_dq_tile<T, DqTile<kD, 16>>(p, stream);
@@ -177,7 +126,7 @@ cudaError_t launch_dq(const Params& p, cudaStream_t stream) {
 
 template <int kDType, int kD>
 cudaError_t launch_dkdv(const Params& p, cudaStream_t stream) {
-  using T = typename TypeOf<kDType>::type;
+  using T = typename DTypeOf<kDType>::type;
   if constexpr (kD <= 128) {
     if (p.C <= 8 && !bwd_tune('n')) return launch_dkdv_pack<T, kD>(p, stream);
   }

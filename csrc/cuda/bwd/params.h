@@ -10,15 +10,19 @@
 
 #include <cuda_runtime.h>
 
+#include "cuda/common/problem.h"
+
 namespace bsattn {
 namespace cuda {
 namespace bwd {
 
-enum DType : int { kBF16 = 0, kF16 = 1 };
+using cuda::DType;  // the dtype tags are the forward's (common/problem.h)
+using cuda::kBF16;
+using cuda::kF16;
 
-// Everything both kernels need. Sizes within one sequence / head group are int (the handler checks that
-// they fit, including M * Hq and N * Hk); tensor offsets are formed in 64 bits inside the kernels.
-struct Params {
+// Everything both kernels need: the shared problem description (common/problem.h: shapes, layout, mask,
+// scaling; the handler also checks that M * Hq and N * Hk fit in int) and the backward's tensors.
+struct Params : ProblemParams {
   const void* q;       // [B, M, Hq, D]
   const void* k;       // [B, N, Hk, D]
   const void* v;       // [B, N, Hk, D]
@@ -32,15 +36,6 @@ struct Params {
   void* dq;  // [B, M, Hq, D]
   void* dk;  // [B, N, Hk, D]
   void* dv;  // [B, N, Hk, D]
-  int B, M, N, Hq, Hk, g;  // g = Hq / Hk
-  int R, C, MB, NB;        // block size; block rows / columns
-  int LB, LH;              // layout dims (1 = broadcast)
-  int64_t nnz;             // entries per layout in `indices` / `col_rows`
-  int causal;              // bottom-right aligned causal mask
-  int use_cap;             // softcap > 0
-  float s_mul;    // raw q.k -> exponent argument: scale * log2(e) (no cap), or scale / softcap * 2 log2(e) (cap:
-                  // the argument of tanh_from_2log2e_x)
-  float cap_mul;  // softcap * log2(e) (soft cap only): s2 = cap_mul * tanh
   float scale;    // dq = scale * sum dx k, dk = scale * sum dx q
   int nsplit;     // dq: row tiles per block row (set by the launcher)
   int nkc;        // dk / dv: key tiles per block column (set by the launcher)

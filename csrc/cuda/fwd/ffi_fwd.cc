@@ -9,6 +9,7 @@
 
 #include "common/ffi_binding.h"
 #include "common/bsattn_common.h"
+#include "cuda/ffi_common.h"
 #include "cuda/fwd/params.h"
 #include "cuda/handlers.h"
 #include "xla/ffi/api/ffi.h"
@@ -19,13 +20,12 @@ namespace bsattn {
 namespace cuda {
 namespace {
 
-std::string dims_str(ffi::Span<const int64_t> d) {
-  std::string s = "[";
-  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
-  return s + "]";
-}
+using ffi_common::dims_str;
+using ffi_common::same_dims;
 
-ffi::Error bad(const std::string& msg) { return ffi::Error::InvalidArgument("bsattn_fwd_cuda: " + msg); }
+constexpr char kName[] = "bsattn_fwd_cuda";
+
+ffi::Error bad(const std::string& msg) { return ffi_common::invalid(kName, msg); }
 
 constexpr int64_t kMaxInt = (int64_t{1} << 31) - 1;
 
@@ -45,22 +45,16 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   const int64_t B = qd[0], M = qd[1], Hq = qd[2], D = qd[3];
   const int64_t N = kd[1], Hk = kd[2];
   if (kd[0] != B || kd[3] != D) return bad("k " + dims_str(kd) + " does not match q " + dims_str(qd));
-  for (int i = 0; i < 4; ++i)
-    if (vd[i] != kd[i]) return bad("v " + dims_str(vd) + " must have k's shape " + dims_str(kd));
-  for (int i = 0; i < 4; ++i)
-    if (od[i] != qd[i]) return bad("o " + dims_str(od) + " must have q's shape " + dims_str(qd));
+  if (!same_dims(vd, kd)) return bad("v " + dims_str(vd) + " must have k's shape " + dims_str(kd));
+  if (!same_dims(od, qd)) return bad("o " + dims_str(od) + " must have q's shape " + dims_str(qd));
   if (ld[0] != B || ld[1] != M || ld[2] != Hq) return bad("lse " + dims_str(ld) + " must be [B, M, Hq]");
-  if (D != 64 && D != 128 && D != 256)
-    return bad("head dim " + std::to_string(D) + " is not supported; supported head dims: 64, 128, 256");
+  std::string msg = ffi_common::check_head_dim(D);
+  if (!msg.empty()) return bad(msg);
   if (Hk < 1 || Hq % Hk != 0) return bad("Hq must be a positive multiple of Hk");
-  if (block_r < 1 || block_c < 1) return bad("block_r and block_c must be >= 1");
-  const int64_t MB = (M + block_r - 1) / block_r;
-  const int64_t NB = (N + block_c - 1) / block_c;
-  const int64_t LB = pd[0], LH = pd[1];
-  if ((LB != 1 && LB != B) || (LH != 1 && LH != Hk) || pd[2] != MB + 1)
-    return bad("indptr " + dims_str(pd) + " must be [1 or B, 1 or Hk, ceil(M / R) + 1]");
-  if (id[0] != LB || id[1] != LH) return bad("indices " + dims_str(id) + " must be [LB, LH, nnz] like indptr");
-  const int64_t nnz = id[2];
+  ffi_common::Layout l;
+  msg = ffi_common::check_layout(pd, id, B, M, N, Hk, block_r, block_c, l);
+  if (!msg.empty()) return bad(msg);
+  const int64_t nnz = l.nnz, NB = l.NB;
   if (B == 0 || M == 0 || Hq == 0) return ffi::Error::Success();
 
   const int64_t g = Hq / Hk;
@@ -78,30 +72,7 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   p.indices = indices.typed_data();
   p.o = o->untyped_data();
   p.lse = lse->typed_data();
-  p.B = static_cast<int>(B);
-  p.M = static_cast<int>(M);
-  p.N = static_cast<int>(N);
-  p.Hq = static_cast<int>(Hq);
-  p.Hk = static_cast<int>(Hk);
-  p.g = static_cast<int>(g);
-  p.R = static_cast<int>(block_r);
-  p.C = static_cast<int>(block_c);
-  p.MB = static_cast<int>(MB);
-  p.NB = static_cast<int>(NB);
-  p.LB = static_cast<int>(LB);
-  p.LH = static_cast<int>(LH);
-  p.nnz = nnz;
-  p.causal = causal ? 1 : 0;
-  constexpr float kLog2e = 1.4426950408889634f;
-  if (softcap > 0.f) {
-    p.use_cap = 1;
-    p.s_mul = scale / softcap * 2.f * kLog2e;  // tanh is evaluated as 1 - 2 / (1 + 2^(2 log2(e) x))
-    p.cap_mul = softcap * kLog2e;
-  } else {
-    p.use_cap = 0;
-    p.s_mul = scale * kLog2e;
-    p.cap_mul = 0.f;
-  }
+  ffi_common::fill_problem(p, B, M, N, Hq, Hk, block_r, block_c, l, causal, scale, softcap);
 
   cudaError_t err = cudaSuccess;
   const bool bf16 = dt == ffi::DataType::BF16;
@@ -116,10 +87,7 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
       err = bf16 ? launch_fwd<kBF16, 256>(p, stream) : launch_fwd<kF16, 256>(p, stream);
       break;
   }
-  if (err != cudaSuccess)
-    return ffi::Error::Internal(std::string("bsattn_fwd_cuda: kernel launch failed: ") + cudaGetErrorName(err) +
-                                ": " + cudaGetErrorString(err));
-  return ffi::Error::Success();
+  return ffi_common::launch_result(kName, err);
 }
 
 }  // namespace

@@ -15,17 +15,12 @@
 #include <climits>
 #include <cstdint>
 
+#include "cuda/common/gather.cuh"
 #include "cuda/fwd/mma.cuh"
 #include "cuda/fwd/params.h"
 
 namespace bsattn {
 namespace cuda {
-
-// Byte offset of (row, chunk) in a swizzled tile of D-wide rows.
-template <int D>
-__device__ __forceinline__ uint32_t swz_off(int row, int chunk) {
-  return static_cast<uint32_t>(row * (D * 2) + ((chunk ^ (row & 7)) << 4));
-}
 
 // Q tile: TM packed rows; packed row `row` of the tile is query row r = P / g, head j = P % g of the
 // block row (P = row0 + row). Rows at or past `rows_valid` (padding of R * g, or past M) are zeroed.
@@ -120,26 +115,8 @@ struct KvGather {
     const T* vg = static_cast<const T*>(p.v) + kvoff;
     const int64_t rstride = static_cast<int64_t>(p.Hk) * D;
     const uint32_t sKs = sK + stage * Cfg::KV_STAGE_BYTES, sVs = sV + stage * Cfg::KV_STAGE_BYTES;
-    const int sub = lane / CPR, c = lane % CPR;
-#pragma unroll
-    for (int ps = 0; ps < Cfg::PASSES; ++ps) {
-      const int kp = __shfl_sync(0xffffffffu, key, ps * RPW + sub);
-      const int row = ps * RPP + warp * RPW + sub;
-      const uint32_t so = swz_off<D>(row, c);
-      if (kp != INT_MAX) {
-        const int64_t go = kp * rstride + c * 8;
-        if constexpr (Cfg::KV_L1) {
-          cp_async16_ca(sKs + so, kg + go);
-          cp_async16_ca(sVs + so, vg + go);
-        } else {
-          cp_async16(sKs + so, kg + go);
-          cp_async16(sVs + so, vg + go);
-        }
-      } else {
-        st_shared_zero16(sKs + so);
-        st_shared_zero16(sVs + so);
-      }
-    }
+    copy_row_pair_tile<D, Cfg::PASSES, RPP, RPW, Cfg::KV_L1>(sKs, sVs, kg, vg, key, rstride, warp, lane,
+                                                             [](int kp) { return kp != INT_MAX; });
     return flag;
   }
 };

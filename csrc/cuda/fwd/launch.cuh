@@ -5,13 +5,11 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <climits>
 #include <cstdint>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "cuda/common/launch.cuh"
 #include "cuda/fwd/config.cuh"
 #include "cuda/fwd/kernel.cuh"
 #include "cuda/fwd/params.h"
@@ -20,54 +18,14 @@
 namespace bsattn {
 namespace cuda {
 
-template <int kDType>
-struct DTypeOf;
-template <>
-struct DTypeOf<kBF16> {
-  using type = __nv_bfloat16;
-};
-template <>
-struct DTypeOf<kF16> {
-  using type = __half;
-};
-
-// Raises the kernel's dynamic shared-memory limit on the current device, once per device. `done` must
-// be distinct per kernel (every instantiation has the same function type): the caller owns it.
-// The shared-memory carveout asks for what `ctas` CTAs need (+1 KB each reserved by the system); the rest
-// of the SM's unified memory stays L1.
-template <typename Kernel>
-cudaError_t opt_in_smem(Kernel kernel, int bytes, int ctas, std::atomic<uint64_t>& done) {
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  const uint64_t bit = dev < 64 ? (uint64_t{1} << dev) : 0;
-  if (bit != 0 && (done.load(std::memory_order_acquire) & bit)) return cudaSuccess;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (err != cudaSuccess) return err;
-  int per_sm = 0;
-  err = cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
-  if (err != cudaSuccess) return err;
-  int pct = per_sm > 0 ? static_cast<int>((int64_t{ctas} * (bytes + 1024) * 100 + per_sm - 1) / per_sm) : 100;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, pct > 100 ? 100 : pct);
-  if (err != cudaSuccess) return err;
-  done.fetch_or(bit, std::memory_order_acq_rel);
-  return cudaSuccess;
-}
-
 template <typename T, class Cfg>
 cudaError_t launch_tile(const FwdParams& p0, cudaStream_t stream) {
   FwdParams p = p0;
   const int64_t packed = static_cast<int64_t>(p.R) * p.g;
   p.nsplit = static_cast<int>((packed + Cfg::TM - 1) / Cfg::TM);
   const int64_t grid = static_cast<int64_t>(p.B) * p.Hk * p.MB * p.nsplit;
-  if (grid == 0) return cudaSuccess;
-  if (grid > INT_MAX) return cudaErrorInvalidConfiguration;
-  auto kernel = bsattn_fwd_kernel<T, Cfg>;
   static std::atomic<uint64_t> smem_done{0};  // one per (T, Cfg)
-  cudaError_t err = opt_in_smem(kernel, Cfg::SMEM, Cfg::MINB, smem_done);
-  if (err != cudaSuccess) return err;
-  kernel<<<static_cast<unsigned>(grid), Cfg::NT, Cfg::SMEM, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(bsattn_fwd_kernel<T, Cfg>, grid, Cfg::NT, Cfg::SMEM, Cfg::MINB, smem_done, p, stream);
 }
 
 #ifdef BSATTN_FWD_TUNING

@@ -1,0 +1,67 @@
+// Device helpers shared by the forward's KV gather (fwd/gather_kv.cuh) and the backward kernels' row gathers
+// (bwd/dq_kernel.cuh: K / V; bwd/dkdv_kernel.cuh: Q / dO): the swizzled shared-memory tile layout, the copy
+// of one tile of gathered row pairs and the pipeline prologue (backward only: routing the forward's through it
+// cost the D = 256 forward 6 registers on sm_80). Force-inlined: the generated code is that of the open-coded
+// loops (ptxas register counts unchanged).
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/fwd/mma.cuh"
+
+namespace bsattn {
+namespace cuda {
+
+// Byte offset of (row, chunk) in a swizzled tile of D-wide b16 rows.
+template <int D>
+__device__ __forceinline__ uint32_t swz_off(int row, int chunk) {
+  return static_cast<uint32_t>(row * (D * 2) + ((chunk ^ (row & 7)) << 4));
+}
+
+// One tile of gathered row pairs (the same rows of two tensors: K and V, or Q and dO) -> the swizzled stage
+// buffers sA, sB. Thread layout: lane copies 16-byte chunk lane % CPR (CPR = D / 8) of tile rows
+// ps * RPP + warp * RPW + lane / CPR, pass ps < PASSES. `grow` is the calling lane's global row when it is
+// the owner lane ps * RPW + lane / CPR of such a row (broadcast by shuffle); a row whose index fails
+// `valid` is zero-filled, the others are copied by cp.async (.ca when L1) from row * rstride of ga / gb.
+template <int D, int PASSES, int RPP, int RPW, bool L1, typename T, class Valid>
+__device__ __forceinline__ void copy_row_pair_tile(uint32_t sA, uint32_t sB, const T* ga, const T* gb, int grow,
+                                                   int64_t rstride, int warp, int lane, Valid valid) {
+  constexpr int CPR = D / 8;
+  const int sub = lane / CPR, c = lane % CPR;
+#pragma unroll
+  for (int ps = 0; ps < PASSES; ++ps) {
+    const int gr = __shfl_sync(0xffffffffu, grow, ps * RPW + sub);
+    const int row = ps * RPP + warp * RPW + sub;
+    const uint32_t so = swz_off<D>(row, c);
+    if (valid(gr)) {
+      const int64_t go = static_cast<int64_t>(gr) * rstride + c * 8;
+      if constexpr (L1) {
+        cp_async16_ca(sA + so, ga + go);
+        cp_async16_ca(sB + so, gb + go);
+      } else {
+        cp_async16(sA + so, ga + go);
+        cp_async16(sB + so, gb + go);
+      }
+    } else {
+      st_shared_zero16(sA + so);
+      st_shared_zero16(sB + so);
+    }
+  }
+}
+
+// Pipeline prologue of the cp.async gathers: issues the first S - 1 tiles (those below ntiles) into stages
+// 0 .. S - 2, one commit group each (empty past ntiles). `issue(stage)` returns 1 when the thread saw a row
+// that needs the mask; the result holds that flag of tile s in bit s.
+template <int S, class Issue>
+__device__ __forceinline__ uint32_t issue_prologue(Issue&& issue, int ntiles) {
+  uint32_t pending = 0;
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < ntiles) pending |= issue(s) << s;
+    cp_async_commit();
+  }
+  return pending;
+}
+
+}  // namespace cuda
+}  // namespace bsattn

@@ -1,0 +1,68 @@
+// Host-side launch helpers shared by the forward (fwd/launch.cuh) and the backward (bwd/launch.cuh)
+// launchers: the element type of a dtype tag, the dynamic shared-memory opt-in once per (kernel, device) and
+// the grid-checked launch. Included by the instantiation files only (through the launchers).
+#pragma once
+
+#include <atomic>
+#include <climits>
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "cuda/common/problem.h"
+
+namespace bsattn {
+namespace cuda {
+
+template <int kDType>
+struct DTypeOf;
+template <>
+struct DTypeOf<kBF16> {
+  using type = __nv_bfloat16;
+};
+template <>
+struct DTypeOf<kF16> {
+  using type = __half;
+};
+
+// Raises the kernel's dynamic shared-memory limit on the current device, once per device. `done` must
+// be distinct per kernel (every instantiation has the same function type): the caller owns it.
+// The shared-memory carveout asks for what `ctas` CTAs need (+1 KB each reserved by the system); the rest
+// of the SM's unified memory stays L1.
+template <typename Kernel>
+cudaError_t opt_in_smem(Kernel kernel, int bytes, int ctas, std::atomic<uint64_t>& done) {
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = dev < 64 ? (uint64_t{1} << dev) : 0;
+  if (bit != 0 && (done.load(std::memory_order_acquire) & bit)) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err != cudaSuccess) return err;
+  int per_sm = 0;
+  err = cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
+  if (err != cudaSuccess) return err;
+  int pct = per_sm > 0 ? static_cast<int>((int64_t{ctas} * (bytes + 1024) * 100 + per_sm - 1) / per_sm) : 100;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, pct > 100 ? 100 : pct);
+  if (err != cudaSuccess) return err;
+  done.fetch_or(bit, std::memory_order_acq_rel);
+  return cudaSuccess;
+}
+
+// Launches `kernel(p)` on `grid` CTAs of `threads` threads with `smem` bytes of dynamic shared memory, after
+// the opt-in above (`ctas` CTAs per SM, `done` owned by the caller, one per kernel). An empty grid launches
+// nothing; a grid beyond INT_MAX CTAs is cudaErrorInvalidConfiguration. Returns cudaGetLastError().
+template <typename Kernel, typename P>
+cudaError_t launch_kernel(Kernel kernel, int64_t grid, int threads, int smem, int ctas,
+                          std::atomic<uint64_t>& done, const P& p, cudaStream_t stream) {
+  if (grid == 0) return cudaSuccess;
+  if (grid > INT_MAX) return cudaErrorInvalidConfiguration;
+  cudaError_t err = opt_in_smem(kernel, smem, ctas, done);
+  if (err != cudaSuccess) return err;
+  kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace bsattn

@@ -1,0 +1,55 @@
+"""Small forward + backward cases through the public op, for compute-sanitizer (memcheck / racecheck):
+
+    XLA_PYTHON_CLIENT_ALLOCATOR=platform compute-sanitizer --tool memcheck --kernel-name kns=bsattn \
+        python3 csrc/cuda/dev/sanitize_api.py
+
+Valid layouts and garbage traced ones (indptr decreasing / past nnz / negative, indices out of range), with
+C <= 8 (the packed dk/dv path) and larger blocks, causal and soft cap; prints one line per case.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_bsattn as jb
+
+CASES = [  # (R, C, g, D, M, N, garbage, causal, softcap)
+    (1, 1, 4, 64, 40, 33, False, True, None),
+    (3, 5, 2, 64, 50, 47, True, False, 10.0),
+    (16, 16, 4, 128, 70, 90, True, True, None),
+    (64, 4, 1, 128, 130, 70, True, False, None),
+    (128, 64, 2, 256, 150, 200, False, True, 20.0),
+]
+
+
+def main():
+    rng = np.random.default_rng(0)
+    for R, C, g, D, M, N, garbage, causal, softcap in CASES:
+        MB, NB = -(-M // R), -(-N // C)
+        nnz = MB * NB
+        if garbage:
+            indptr = rng.integers(-5, nnz + 5, size=(2, MB + 1)).astype(np.int32)
+            indices = rng.integers(-3, NB + 3, size=(2, nnz)).astype(np.int32)
+        else:
+            lay = jb.BlockSparseLayout.from_block_mask(rng.random((2, MB, NB)) < 0.5, (R, C), (M, N), nnz=nnz)
+            indptr, indices = np.asarray(lay.indptr), np.asarray(lay.indices)
+        q = jnp.asarray(rng.standard_normal((M, 2 * g, D)), jnp.bfloat16)
+        k = jnp.asarray(rng.standard_normal((N, 2, D)), jnp.bfloat16)
+        v = jnp.asarray(rng.standard_normal((N, 2, D)), jnp.bfloat16)
+
+        @jax.jit
+        def run(q, k, v, ip, ix):
+            layout = jb.BlockSparseLayout.from_csr(ip, ix, (R, C), (M, N))   # traced: never validated
+
+            def loss(q, k, v):
+                o = jb.block_sparse_attention(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
+                return jnp.sum(o.astype(jnp.float32) ** 2)
+            return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+        val, grads = run(q, k, v, indptr, indices)
+        finite = bool(np.isfinite(float(val))) and all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in grads)
+        print(f"case R={R} C={C} g={g} D={D} garbage={garbage}: finite={finite}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
