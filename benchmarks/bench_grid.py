@@ -18,7 +18,7 @@ to the CMake build's csrc/cuda); `auto` = api when jax_bsattn imports, else ffi.
 Writes grid.json (one row per cell) and grid.png to --out; with --peers-jsonl (rows of bench_peers.py)
 it joins FlashInfer fa2 / fa3 and FlexAttention figures of the same cells and prints the ratios.
 """
-import argparse, json, math, os, statistics, sys, time
+import argparse, json, math, os, statistics, time
 
 import numpy as np
 

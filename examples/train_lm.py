@@ -28,7 +28,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-import jax_bsattn as jb
 from jax_bsattn import layouts
 from jax_bsattn.flax import BlockSparseMultiHeadAttention
 

@@ -10,7 +10,6 @@ import pytest
 
 nnx = pytest.importorskip("flax.nnx")
 
-import jax_bsattn as jb
 import jax_bsattn.flax as jbf
 from jax_bsattn import layouts as L
 from jax_bsattn.reference import block_sparse_attention_reference as ref
