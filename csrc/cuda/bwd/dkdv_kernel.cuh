@@ -336,7 +336,7 @@ __device__ __forceinline__ void dkdv_store(uint8_t* smem, uint32_t sK, uint32_t 
 
 template <typename T, class Cfg>
 __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_kernel(const __grid_constant__ Params p) {
-  constexpr int D = Cfg::D, WQ = Cfg::WQ, BQ = Cfg::BQ, S = Cfg::STAGES, BK = Cfg::BK, CPR = Cfg::CPR;
+  constexpr int D = Cfg::D, WQ = Cfg::WQ, BQ = Cfg::BQ, S = Cfg::STAGES, BK = Cfg::BK;
   constexpr bool KREG = Cfg::KREG;
   using Map = typename Cfg::QMap;
   extern __shared__ __align__(128) uint8_t smem[];
@@ -481,7 +481,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_kernel(con
 // lists is walked window by window (see the top of this file). Cfg: a 16-key configuration (WK = 1).
 template <typename T, class Cfg>
 __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_pack_kernel(const __grid_constant__ Params p) {
-  constexpr int D = Cfg::D, WQ = Cfg::WQ, BQ = Cfg::BQ, S = Cfg::STAGES, BK = Cfg::BK, CPR = Cfg::CPR;
+  constexpr int D = Cfg::D, WQ = Cfg::WQ, BQ = Cfg::BQ, S = Cfg::STAGES, BK = Cfg::BK;
   constexpr int W = Cfg::PACK_W, NT = Cfg::NT, NWARPS = Cfg::NWARPS;
   constexpr bool KREG = Cfg::KREG;
   using Map = typename Cfg::QMap;

@@ -28,24 +28,20 @@ __device__ __forceinline__ void copy_row_pair_tile(uint32_t sA, uint32_t sB, con
                                                    int64_t rstride, int warp, int lane, Valid valid) {
   constexpr int CPR = D / 8;
   const int sub = lane / CPR, c = lane % CPR;
+  // Straight-line passes: an invalid row is a zero-byte (zero-filling) copy from row 0, not a branch; when a
+  // pass spans a multiple of 8 rows the swizzle term is the same in every pass (immediate offsets).
+  const uint32_t so0 = swz_off<D>(warp * RPW + sub, c);
+  const uint32_t rs32 = static_cast<uint32_t>(rstride);  // Hk * D or Hq * D: < 2^31
 #pragma unroll
   for (int ps = 0; ps < PASSES; ++ps) {
     const int gr = __shfl_sync(0xffffffffu, grow, ps * RPW + sub);
     const int row = ps * RPP + warp * RPW + sub;
-    const uint32_t so = swz_off<D>(row, c);
-    if (valid(gr)) {
-      const int64_t go = static_cast<int64_t>(gr) * rstride + c * 8;
-      if constexpr (L1) {
-        cp_async16_ca(sA + so, ga + go);
-        cp_async16_ca(sB + so, gb + go);
-      } else {
-        cp_async16(sA + so, ga + go);
-        cp_async16(sB + so, gb + go);
-      }
-    } else {
-      st_shared_zero16(sA + so);
-      st_shared_zero16(sB + so);
-    }
+    const uint32_t so = (RPP % 8 == 0) ? so0 + ps * RPP * (D * 2) : swz_off<D>(row, c);
+    const bool ok = valid(gr);
+    // rows are >= 0 when valid: one 32 x 32 -> 64-bit unsigned multiply-add
+    const uint64_t go = static_cast<uint64_t>(static_cast<uint32_t>(ok ? gr : 0)) * rs32 + c * 8;
+    cp_async16_zfill<L1>(sA + so, ga + go, ok ? 16 : 0);
+    cp_async16_zfill<L1>(sB + so, gb + go, ok ? 16 : 0);
   }
 }
 

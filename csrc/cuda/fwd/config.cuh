@@ -11,7 +11,7 @@ namespace bsattn {
 namespace cuda {
 
 template <int D_, int WM_, int WN_, int MI_, int BN_, int STAGES_, bool QREG_, int MINB_, int NKC_ = BN_ / WN_,
-          bool KV_L1_ = false>
+          bool KV_L1_ = false, bool MMA_SUM_ = false>
 struct FwdCfg {
   static constexpr int D = D_;
   static constexpr int WM = WM_, WN = WN_, MI = MI_;
@@ -19,6 +19,7 @@ struct FwdCfg {
   static constexpr bool QREG = QREG_;  // keep the warp's Q fragments in registers for the whole loop
   static constexpr int MINB = MINB_;   // CTAs per SM asked of the register allocator (and the carveout)
   static constexpr bool KV_L1 = KV_L1_;  // gather K / V through L1 (cp.async.ca) rather than L2 only
+  static constexpr bool MMA_SUM = MMA_SUM_;  // softmax row sums on the tensor cores (P x ones) instead of FADD trees
   static constexpr int NWARPS = WM * WN, NT = NWARPS * 32;
   static constexpr int TM = WM * MI * 16;  // packed rows per CTA
   static constexpr int NK = BN / WN;       // keys per warp per KV tile
@@ -39,8 +40,9 @@ struct FwdCfg {
   static constexpr int KIDX_BYTES = STAGES * BN * 4;
   static constexpr int ML_BYTES = 2 * WN * TM * 4;
   static constexpr int LIM_BYTES = TM * 4;
-  static constexpr int CTA_BYTES = 32;  // GatherShared
-  static constexpr int SMEM = Q_BYTES + KV_BYTES + KIDX_BYTES + ML_BYTES + LIM_BYTES + CTA_BYTES;
+  static constexpr int CTA_BYTES = 32;     // GatherShared
+  static constexpr int OWN_BYTES = BN * 8;  // gather walk state per owner row
+  static constexpr int SMEM = Q_BYTES + KV_BYTES + KIDX_BYTES + ML_BYTES + LIM_BYTES + CTA_BYTES + OWN_BYTES;
   // WN > 1: the f32 partial outputs are merged in the (then idle) Q tile + K/V stages, rows padded by 8
   // floats
   static constexpr int OSTRIDE = D + 8;
@@ -58,21 +60,21 @@ struct FwdCfg {
 // FwdTile<D, TM>: the configuration used for head dim D when R * g packs into TM rows. Chosen on an H100
 // (csrc/cuda/dev/NOTES.md has the variants that were timed):
 //   TM = 128: 4 warps x 32 rows (two m16 strips each: half the shared-memory reads per FLOP of 16-row
-//             warps), 2 CTAs / SM. D = 128 computes each 64-key tile in two 32-key chunks: the 64 score
-//             registers of a whole tile next to the 128 of the accumulator spill (that variant measured
-//             4-8% faster despite its ~90 bytes of spills; kept out by the no-spill rule). D = 256 has no
-//             registers for 32 rows and uses 8 warps x 16 rows, 32-key tiles (fits an A100's 163 KB).
+//             warps), 2 CTAs / SM. D = 128 computes whole 64-key tiles with the row sums on the tensor
+//             cores (MMA_SUM): 56 bytes of spills (a few gather words per tile, in L1), 5-7% faster than
+//             two 32-key chunks without spills. D = 256 has no registers for 32 rows and uses 8 warps x
+//             16 rows, 32-key tiles (fits an A100's 163 KB).
 //   TM = 64:  4 warps x 16 rows with Q in registers (beat 2 x 2 warps of 32 rows splitting the keys by 3-5%).
 //   TM = 16:  4 warps that split every KV tile along the keys (the memory-bound regime, R * g <= 16), two
 //             64-key stages so that 3 CTAs (12 warps) fit an SM: +10-15% over 3 stages and 2 CTAs.
 template <int D, int TM>
 struct FwdTile;
 
-//                                        D  WM WN MI  BN ST  QREG  MINB [NKC]
+//                                        D  WM WN MI  BN ST  QREG  MINB [NKC  KV_L1  MMA_SUM]
 template <> struct FwdTile<64, 128> : FwdCfg<64, 4, 1, 2, 64, 3, false, 2> {};
 template <> struct FwdTile<64, 64> : FwdCfg<64, 4, 1, 1, 64, 3, true, 3> {};
 template <> struct FwdTile<64, 16> : FwdCfg<64, 1, 4, 1, 64, 4, true, 3> {};
-template <> struct FwdTile<128, 128> : FwdCfg<128, 4, 1, 2, 64, 2, false, 2, 32> {};
+template <> struct FwdTile<128, 128> : FwdCfg<128, 4, 1, 2, 64, 2, false, 2, 64, false, true> {};
 template <> struct FwdTile<128, 64> : FwdCfg<128, 4, 1, 1, 64, 2, true, 2> {};
 template <> struct FwdTile<128, 16> : FwdCfg<128, 1, 4, 1, 64, 2, true, 3> {};
 template <> struct FwdTile<256, 128> : FwdCfg<256, 8, 1, 1, 32, 2, false, 1> {};

@@ -51,33 +51,32 @@ __device__ __forceinline__ void load_q_tile(uint32_t sQ, const T* qg, int row0, 
 // Per-CTA constants of the gather, kept in shared memory rather than in registers (the main loop of
 // the 128-row tiles needs every register for the accumulators).
 struct GatherShared {
-  int64_t kvoff;  // K / V of (b, hk): key row j at p.k / p.v + kvoff + j * Hk * D
-  int qC, rC;     // BN = qC * C + rC
-  int qlim_min;   // causal: keys above this need the mask for some row of the tile (else INT_MAX)
-  int pad_;
+  int64_t kvoff;       // K / V of (b, hk): key row j at p.k / p.v + kvoff + j * Hk * D
+  const int32_t* idx;  // the block row's list of block indices
+  int len;             // its length
+  int qC, rC;          // BN = qC * C + rC
+  int qlim_min;        // causal: keys above this need the mask for some row of the tile (else INT_MAX)
 };
 
 template <typename T, class Cfg>
 struct KvGather {
   static constexpr int D = Cfg::D, BN = Cfg::BN, CPR = Cfg::CPR, RPP = Cfg::RPP, RPW = Cfg::RPW;
 
-  // Owner-lane state, live in registers across the main loop: kept to four registers.
-  const int32_t* ip;  // list entry of its row in the next tile
-  int rem;            // entries left from ip to the end of the row's list
-  int off;            // offset in block of its row in the next tile
-  int blk_next;       // *ip prefetched (or -1)
+  // Owner-lane walk state: (list entry, offset in block) of its row in the next tile, in shared memory
+  // (sOwn[owner row]); only the prefetched block index of that entry lives in a register.
+  int2* own;       // this lane's slot
+  int blk_next;    // idx[entry] prefetched (or -1)
 
   static __device__ __forceinline__ int owner_row(int warp, int lane) {
     return (lane / RPW) * RPP + warp * RPW + (lane % RPW);
   }
 
-  __device__ __forceinline__ void init(const FwdParams& p, const int32_t* idx, int len, int warp, int lane) {
+  __device__ __forceinline__ void init(const FwdParams& p, const GatherShared& gs, int2* sOwn, int warp, int lane) {
     const int trow = owner_row(warp, lane);
     const int ent = trow / p.C;
-    off = trow - ent * p.C;
-    ip = idx + ent;
-    rem = len - ent;
-    blk_next = (lane < Cfg::OWN && rem > 0) ? __ldg(ip) : -1;
+    own = sOwn + (lane < Cfg::OWN ? trow : 0);
+    if (lane < Cfg::OWN) *own = make_int2(ent, trow - ent * p.C);
+    blk_next = (lane < Cfg::OWN && ent < gs.len) ? __ldg(gs.idx + ent) : -1;
   }
 
   // Issues the cp.async copies of the next KV tile into `stage` (not committed) and records its key
@@ -86,29 +85,28 @@ struct KvGather {
                                             int* sKidx, int stage, int warp, int lane) {
     const bool owner = lane < Cfg::OWN;
     int key = INT_MAX;
-    if (owner && rem > 0) {
-      const int blk = blk_next;
-      if (blk >= 0 && blk < p.NB) {
-        const int kk = blk * p.C + off;
-        if (kk < p.N) key = kk;
-      }
-    }
     uint32_t flag = 0;
     if (owner) {
+      int2 st = *own;  // (entry, offset) of this tile
+      if (st.x < gs.len) {
+        const int blk = blk_next;
+        if (blk >= 0 && blk < p.NB) {
+          const int kk = blk * p.C + st.y;
+          if (kk < p.N) key = kk;
+        }
+      }
       sKidx[stage * BN + owner_row(warp, lane)] = key;
       flag = (key == INT_MAX || key > gs.qlim_min) ? 1u : 0u;
+      // advance to the next tile: BN virtual positions = qC whole blocks + rC keys
+      st.x += gs.qC;
+      st.y += gs.rC;
+      if (st.y >= p.C) {
+        st.y -= p.C;
+        ++st.x;
+      }
+      *own = st;
+      blk_next = st.x < gs.len ? __ldg(gs.idx + st.x) : -1;
     }
-    // advance to the next tile: BN virtual positions = qC whole blocks + rC keys
-    const int qC = gs.qC;
-    ip += qC;
-    rem -= qC;
-    off += gs.rC;
-    if (off >= p.C) {
-      off -= p.C;
-      ++ip;
-      --rem;
-    }
-    blk_next = (owner && rem > 0) ? __ldg(ip) : -1;
 
     const int64_t kvoff = gs.kvoff;
     const T* kg = static_cast<const T*>(p.k) + kvoff;

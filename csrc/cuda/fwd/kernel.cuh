@@ -64,6 +64,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_kernel(const __
   int* sLim = reinterpret_cast<int*>(sL + WN * TM);  // per tile row: causal limit i + N - M (else INT_MAX - 1)
 
   GatherShared* gs = reinterpret_cast<GatherShared*>(sLim + TM);  // (16-byte aligned: TM, WN are even)
+  int2* sOwn = reinterpret_cast<int2*>(gs + 1);                   // gather walk state per owner row [BN]
 
   // ---- prologue: Q tile, CTA constants, then the first S - 1 KV tiles ---------------------------
   load_q_tile<T, Cfg>(sQ, static_cast<const T*>(p.q) + qoff, row0, rows_valid, p.g, q_rstride, tid);
@@ -71,6 +72,8 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_kernel(const __
     sLim[row] = p.causal ? w.br * p.R + (row0 + row) / p.g + (p.N - p.M) : INT_MAX - 1;
   if (tid == 0) {
     gs->kvoff = kvoff;
+    gs->idx = p.indices + lid * p.nnz + rr.start;
+    gs->len = len;
     gs->qC = BN / p.C;
     gs->rC = BN - gs->qC * p.C;
     gs->qlim_min = p.causal ? qmin + (p.N - p.M) : INT_MAX;
@@ -78,7 +81,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_kernel(const __
   __syncthreads();
 
   KvGather<T, Cfg> kv;
-  kv.init(p, p.indices + lid * p.nnz + rr.start, len, warp, lane);
+  kv.init(p, *gs, sOwn, warp, lane);
   uint32_t pending = 0;  // bit i: this thread saw a row needing the mask in the i-th tile not yet consumed
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) {
@@ -91,6 +94,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_kernel(const __
   const bool warp_active = wrow0 < rows_valid;    // (uniform per warp) skip strips of pure padding
   float o[MI][DT][4];
   float m[MI][2], l[MI][2];
+  float lsum[MI][4];  // MMA_SUM: row sums as an m16n8 accumulator (every column holds the row's sum)
 #pragma unroll
   for (int mi = 0; mi < MI; ++mi) {
 #pragma unroll
@@ -102,6 +106,8 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_kernel(const __
       m[mi][h] = -INFINITY;
       l[mi][h] = 0.f;
     }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) lsum[mi][e] = 0.f;
   }
 
   // Per-lane ldmatrix address parts (fragment layouts in mma.cuh: lanes 8i..8i+7 address matrix i). All
@@ -185,7 +191,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_kernel(const __
         }
         if (need_mask)
           mask_scores<MI, NT8>(s, sKidx + stage * BN + wn * NK + ch * Cfg::NKC, sLim + wrow0, lane);
-        online_softmax<MI, NT8, DT>(s, mul, m, l, o);
+        online_softmax<MI, NT8, DT, Cfg::MMA_SUM>(s, mul, m, l, o, lsum);
 
         // O += P V, P from the score registers
 #pragma unroll
@@ -197,6 +203,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_kernel(const __
             pa[mi][1] = Mma<T>::pack(s[mi][2 * kk][2], s[mi][2 * kk][3]);
             pa[mi][2] = Mma<T>::pack(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
             pa[mi][3] = Mma<T>::pack(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
+            if constexpr (Cfg::MMA_SUM) Mma<T>::run(lsum[mi], pa[mi], Mma<T>::kOnes, Mma<T>::kOnes);
           }
 #pragma unroll
           for (int nd = 0; nd < D / 16; ++nd) {
@@ -214,6 +221,15 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_kernel(const __
   }
 
   // ---- epilogue -------------------------------------------------------------------------------
+  if constexpr (Cfg::MMA_SUM) {
+    // The epilogues sum l over the 4 lanes of a row; lsum is already the whole row's sum in every lane
+    // (x 0.25 is exact).
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+      l[mi][0] = 0.25f * lsum[mi][0];
+      l[mi][1] = 0.25f * lsum[mi][2];
+    }
+  }
   OutRows out;
   out.og = static_cast<T*>(p.o) + qoff;
   out.lseg = p.lse + (static_cast<int64_t>(w.b) * p.M + static_cast<int64_t>(w.br) * p.R) * p.Hq +

@@ -39,17 +39,17 @@ template <typename T>
 cudaError_t launch_tuning(const FwdParams& p, cudaStream_t stream, int tm) {
   const int v = tune_digit(tm == 128 ? 0 : tm == 64 ? 1 : 2);
   if (tm == 128) {
-    if (v == 1) return launch_tile<T, FwdCfg<128, 4, 1, 2, 32, 4, false, 2>>(p, stream);
-    if (v == 2) return launch_tile<T, FwdCfg<128, 4, 1, 2, 32, 3, false, 2>>(p, stream);
-    if (v == 3) return launch_tile<T, FwdCfg<128, 4, 1, 2, 64, 2, false, 2, 64>>(p, stream);
-    if (v == 4) return launch_tile<T, FwdCfg<128, 8, 1, 1, 64, 2, false, 2>>(p, stream);
+    if (v == 1) return launch_tile<T, FwdCfg<128, 4, 1, 2, 64, 2, false, 2, 32>>(p, stream);  // 32-key chunks
+    if (v == 2) return launch_tile<T, FwdCfg<128, 4, 1, 2, 64, 2, false, 2, 64>>(p, stream);  // FADD row sums
+    if (v == 3) return launch_tile<T, FwdCfg<128, 8, 1, 1, 64, 3, true, 1, 64, false, true>>(p, stream);
     return launch_tile<T, FwdTile<128, 128>>(p, stream);
   }
   if (tm == 64) {
-    if (v == 1) return launch_tile<T, FwdCfg<128, 2, 2, 2, 64, 2, false, 2>>(p, stream);
+    if (v == 1) return launch_tile<T, FwdCfg<128, 4, 1, 1, 64, 3, true, 2>>(p, stream);
+    if (v == 2) return launch_tile<T, FwdCfg<128, 4, 1, 1, 64, 2, true, 2, 64, false, true>>(p, stream);
     return launch_tile<T, FwdTile<128, 64>>(p, stream);
   }
-  if (v == 1) return launch_tile<T, FwdCfg<128, 1, 4, 1, 64, 3, true, 2>>(p, stream);
+  if (v == 1) return launch_tile<T, FwdCfg<128, 1, 4, 1, 64, 2, true, 3, 16, false, true>>(p, stream);
   return launch_tile<T, FwdTile<128, 16>>(p, stream);
 }
 #endif

@@ -62,9 +62,13 @@ __device__ __forceinline__ void mask_scores(float (&s)[MI][NT8][4], const int* k
 // Rows with nothing seen so far keep m = -inf and use 0 as reference (never -inf - -inf).
 // s holds scores in units of 1 / mul (mul > 0: raw q.k with mul = scale * log2(e); or already
 // transformed scores with mul = 1).
-template <int MI, int NT8, int DT>
+//
+// MMA_SUM: the row sums are not taken here but by the tensor cores (P times a column of ones, in the PV
+// loop, into `lsum`, an m16n8 accumulator whose every column is the row sum); this step then only rescales
+// lsum with o, and leaves l alone.
+template <int MI, int NT8, int DT, bool MMA_SUM>
 __device__ __forceinline__ void online_softmax(float (&s)[MI][NT8][4], float mul, float (&m)[MI][2],
-                                               float (&l)[MI][2], float (&o)[MI][DT][4]) {
+                                               float (&l)[MI][2], float (&o)[MI][DT][4], float (&lsum)[MI][4]) {
   float alpha[MI][2];
   bool grew = false;
 #pragma unroll
@@ -91,14 +95,15 @@ __device__ __forceinline__ void online_softmax(float (&s)[MI][NT8][4], float mul
       for (int n = 0; n < NT8; ++n) {
         s[mi][n][2 * h] = fast_exp2(fmaf(s[mi][n][2 * h], mul, -ref));
         s[mi][n][2 * h + 1] = fast_exp2(fmaf(s[mi][n][2 * h + 1], mul, -ref));
-        t[n] = s[mi][n][2 * h] + s[mi][n][2 * h + 1];
+        if constexpr (!MMA_SUM) t[n] = s[mi][n][2 * h] + s[mi][n][2 * h + 1];
       }
+      if constexpr (!MMA_SUM) {
 #pragma unroll
-      for (int w = 1; w < NT8; w *= 2)
+        for (int w = 1; w < NT8; w *= 2)
 #pragma unroll
-        for (int n = 0; n + w < NT8; n += 2 * w) t[n] += t[n + w];
-      const float sum = t[0];
-      l[mi][h] = l[mi][h] * alpha[mi][h] + sum;
+          for (int n = 0; n + w < NT8; n += 2 * w) t[n] += t[n + w];
+        l[mi][h] = l[mi][h] * alpha[mi][h] + t[0];
+      }
     }
   if (__any_sync(0xffffffffu, grew)) {
 #pragma unroll
@@ -110,6 +115,15 @@ __device__ __forceinline__ void online_softmax(float (&s)[MI][NT8][4], float mul
         o[mi][d][2] *= alpha[mi][1];
         o[mi][d][3] *= alpha[mi][1];
       }
+    if constexpr (MMA_SUM) {
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+        lsum[mi][0] *= alpha[mi][0];
+        lsum[mi][1] *= alpha[mi][0];
+        lsum[mi][2] *= alpha[mi][1];
+        lsum[mi][3] *= alpha[mi][1];
+      }
+    }
   }
 }
 
