@@ -2,6 +2,8 @@
 # On a CUDA machine, from the repo root: build + install the package (CPU and CUDA modules) into /tmp/site,
 # run the GPU tests, run them again with the FFI calls captured in CUDA graphs (command buffers), and time
 # cells of the forward grid through the public API.   OUT=dir CELLS="g:R:C,..." bash benchmarks/gpu_check.sh
+# Options (environment): SANITIZE=1 (compute-sanitizer through the public API), KERNEL_SANITIZE=1 (on the kernels
+# alone), MEMORY="--seq 32768" (peak memory of a training step), CELLS / FWDBWD_CELLS (grids), TRAIN=1.
 set -o pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 RESULTS=${OUT:-/tmp/gpu_check}; OUT=/tmp/gpu_check_work; mkdir -p "$RESULTS" "$OUT"   # all logs here; a few copied back
@@ -24,6 +26,23 @@ if [ -n "${SANITIZE:-}" ]; then
       --print-limit 20 python3 "$OLDPWD/csrc/cuda/dev/sanitize_api.py" > "$OUT/sanitize_$tool.log" 2>&1; \
       echo "$tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|hazard|^case" "$OUT/sanitize_$tool.log" | head -12)
   done
+fi
+if [ -n "${KERNEL_SANITIZE:-}" ]; then
+  # the launchers called directly, without JAX (csrc/cuda/dev/sanitize_kernels.cu): forward, dq, dk / dv
+  stamp "compute-sanitizer on the kernels alone"
+  SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  I=csrc/cuda; nvcc -std=c++17 -O3 --expt-relaxed-constexpr -arch=sm_90 -t 8 -Icsrc $I/dev/sanitize_kernels.cu \
+    $I/fwd/instantiations/fwd_bf16_d{64,128}.cu $I/bwd/instantiations/{dq,dkdv}_bf16_d{64,128}.cu \
+    -o /tmp/sanitize_kernels > "$OUT/sanitize_kernels_build.log" 2>&1 || tail -20 "$OUT/sanitize_kernels_build.log"
+  for tool in memcheck racecheck; do
+    timeout ${SAN_S:-200} $SAN --tool $tool --print-limit 20 /tmp/sanitize_kernels > "$OUT/kernels_$tool.log" 2>&1
+    echo "$tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|hazard|all cases" "$OUT/kernels_$tool.log" | head -8
+  done
+fi
+if [ -n "${MEMORY:-}" ]; then
+  stamp "peak memory of one training step"
+  (cd /tmp && python3 "$OLDPWD/benchmarks/peak_memory.py" $MEMORY > "$OUT/peak_memory.log" 2>&1; echo "memory rc=$?"; \
+    grep -v '^{' "$OUT/peak_memory.log" | tail -6)
 fi
 if [ -n "${CELLS:-}" ]; then
   stamp "grid (public API)"
@@ -67,7 +86,7 @@ if "gpu_small" in runs and "cpu_small" in runs:
 PY
   cat "$OUT/train_summary.txt"
 fi
-for f in pytest_gpu.log sanitize_memcheck.log sanitize_racecheck.log bench_api.log bench_fwdbwd.log train_summary.txt grid/grid.json grid_fb/grid.json gpu_sparse/loss.png; do
+for f in pytest_gpu.log sanitize_memcheck.log sanitize_racecheck.log kernels_memcheck.log kernels_racecheck.log peak_memory.log bench_api.log bench_fwdbwd.log train_summary.txt grid/grid.json grid_fb/grid.json gpu_sparse/loss.png; do
   [ -f "$OUT/$f" ] && cp "$OUT/$f" "$RESULTS/$(echo $f | tr / _)"
 done
 stamp done

@@ -1,0 +1,81 @@
+"""Peak device memory of one training step (forward + backward) of block-sparse attention at a long sequence.
+
+    python benchmarks/peak_memory.py [--seq 32768] [--blocks 64x64,16x16] [--hq 32] [--hk 8] [--dim 128]
+
+One jitted step: o = block_sparse_attention(q, k, v, layout), then dq, dk, dv = vjp(do). Inputs are bf16
+[1, M, H, D]; the layout is random with the same number of blocks in every block row (density --density).
+Reports the device's peak bytes in use during the step beyond what was live before it (the inputs: q, k, v,
+do and the layout), next to the dense formulas: an M x N boolean mask, and the Hq x M x N bf16 scores that
+materialising attention would hold. Needs a GPU (or runs on the CPU when it reports memory stats).
+"""
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_bsattn import BlockSparseLayout, block_sparse_attention
+
+
+def random_layout(M, N, R, C, density, seed=0):
+    MB, NB = -(-M // R), -(-N // C)
+    per_row = max(1, round(density * NB))
+    rng = np.random.default_rng(seed)
+    cols = np.sort(np.stack([rng.choice(NB, per_row, replace=False) for _ in range(MB)]), axis=1)
+    indptr = np.arange(MB + 1, dtype=np.int32) * per_row
+    return BlockSparseLayout.from_csr(indptr, cols.reshape(-1).astype(np.int32), seq_lens=(M, N),
+                                      block_size=(R, C))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seq", type=int, default=32768)
+    ap.add_argument("--blocks", default="64x64,16x16")
+    ap.add_argument("--hq", type=int, default=32)
+    ap.add_argument("--hk", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--density", type=float, default=0.25)
+    a = ap.parse_args()
+    dev = jax.devices()[0]
+    M = N = a.seq
+    key = jax.random.PRNGKey(0)
+    kq, kk, kv, kd = jax.random.split(key, 4)
+    q = jax.random.normal(kq, (1, M, a.hq, a.dim), jnp.bfloat16)
+    k = jax.random.normal(kk, (1, N, a.hk, a.dim), jnp.bfloat16)
+    v = jax.random.normal(kv, (1, N, a.hk, a.dim), jnp.bfloat16)
+    do = jax.random.normal(kd, (1, M, a.hq, a.dim), jnp.bfloat16)
+    io_bytes = 2 * (q.size + k.size + v.size)  # one copy of q, k, v (the gradients have their shapes)
+    for blk in a.blocks.split(","):
+        R, C = (int(x) for x in blk.split("x"))
+        layout = jax.device_put(random_layout(M, N, R, C, a.density))
+
+        @jax.jit
+        def step(q, k, v, do, layout):
+            o, pull = jax.vjp(lambda q, k, v: block_sparse_attention(q, k, v, layout), q, k, v)
+            return o, pull(do)
+
+        compiled = step.lower(q, k, v, do, layout).compile()
+        jax.block_until_ready((q, k, v, do, layout))
+        before = dev.memory_stats() or {}
+        out = compiled(q, k, v, do, layout)
+        jax.block_until_ready(out)
+        after = dev.memory_stats() or {}
+        peak = after.get("peak_bytes_in_use", 0)
+        step_bytes = peak - before.get("bytes_in_use", 0)
+        xla_temp = compiled.memory_analysis().temp_size_in_bytes if compiled.memory_analysis() else None
+        row = {"device": str(dev.device_kind), "seq": M, "R": R, "C": C, "hq": a.hq, "hk": a.hk, "dim": a.dim,
+               "density": a.density, "peak_step_bytes": step_bytes, "outputs_bytes": io_bytes + 2 * q.size,  # o, dq, dk, dv
+               "xla_temp_bytes": xla_temp, "dense_mask_bytes": M * N, "dense_scores_bytes": 2 * a.hq * M * N,
+               "lse_delta_bytes": 2 * 4 * M * a.hq}
+        print(json.dumps(row))
+        gib = 2.0 ** 30
+        print(f"M = N = {M}, {R}x{C}, Hq={a.hq} Hk={a.hk} D={a.dim}: one step peaks at {step_bytes / gib:.2f} GiB "
+              f"beyond its inputs (outputs o, dq, dk, dv: {row['outputs_bytes'] / gib:.2f} GiB; XLA temporaries "
+              f"{(xla_temp or 0) / gib:.3f} GiB); dense: M x N mask {M * N / gib:.2f} GiB, Hq x M x N bf16 scores "
+              f"{row['dense_scores_bytes'] / gib:.1f} GiB", flush=True)
+        del out
+
+
+if __name__ == "__main__":
+    main()

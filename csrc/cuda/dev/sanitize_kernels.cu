@@ -1,0 +1,185 @@
+// Standalone compute-sanitizer harness for the CUDA kernels: the forward, dq and dk / dv launchers called
+// directly (no JAX, no XLA: compute-sanitizer crashes inside JAX processes after the first case), on small
+// problems with valid layouts and with garbage ones (random int32 in indptr, indices, col_indptr, col_rows),
+// bf16, head dims 64 and 128, every tile family (16 / 64 / 128 rows, packed small blocks, split rows).
+// Only memory safety and races are checked here; correctness is check_fwd.py / check_bwd.py / tests.
+//
+//   nvcc -std=c++17 -O3 --expt-relaxed-constexpr -arch=sm_90 -Icsrc csrc/cuda/dev/sanitize_kernels.cu \
+//     csrc/cuda/fwd/instantiations/fwd_bf16_d{64,128}.cu csrc/cuda/bwd/instantiations/{dq,dkdv}_bf16_d{64,128}.cu \
+//     -o /tmp/sanitize_kernels
+//   compute-sanitizer --tool memcheck /tmp/sanitize_kernels      (then --tool racecheck)
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "cuda/bwd/params.h"
+#include "cuda/fwd/params.h"
+
+namespace {
+
+using bsattn::cuda::FwdParams;
+using bsattn::cuda::ProblemParams;
+namespace bwd = bsattn::cuda::bwd;
+
+#define CK(x)                                                                                   \
+  do {                                                                                          \
+    cudaError_t e_ = (x);                                                                       \
+    if (e_ != cudaSuccess) {                                                                    \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                             \
+    }                                                                                           \
+  } while (0)
+
+struct Case {
+  int B, M, N, Hq, Hk, D, R, C;
+  bool causal;
+  float softcap;
+  bool per_head;  // layout [B, Hk, ...] instead of broadcast [1, 1, ...]
+  bool garbage;   // random int32 layout arrays
+};
+
+template <typename T>
+T* to_device(const std::vector<T>& h) {
+  T* d = nullptr;
+  CK(cudaMalloc(&d, std::max<size_t>(1, h.size()) * sizeof(T)));
+  if (!h.empty()) CK(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return d;
+}
+
+std::vector<__nv_bfloat16> random_bf16(size_t n, std::mt19937& rng) {
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<__nv_bfloat16> h(n);
+  for (auto& x : h) x = __float2bfloat16(nd(rng));
+  return h;
+}
+
+void run_case(const Case& c, std::mt19937& rng) {
+  const int MB = (c.M + c.R - 1) / c.R, NB = (c.N + c.C - 1) / c.C;
+  const int LB = c.per_head ? c.B : 1, LH = c.per_head ? c.Hk : 1, L = LB * LH;
+  // layouts: each block row lists a random subset (about half) of the block columns, sorted
+  std::vector<int32_t> indptr, indices, col_indptr, col_rows;
+  std::vector<std::vector<int32_t>> rows(static_cast<size_t>(L) * MB);
+  size_t nnz = 0;
+  for (auto& r : rows) {
+    for (int j = 0; j < NB; ++j)
+      if (rng() % 2) r.push_back(j);
+    nnz = std::max(nnz, r.size() * MB);  // pad every layout to the same nnz
+  }
+  nnz = std::max<size_t>(nnz, 1);
+  indptr.assign(static_cast<size_t>(L) * (MB + 1), 0);
+  indices.assign(static_cast<size_t>(L) * nnz, -1);  // padding entries are -1
+  col_indptr.assign(static_cast<size_t>(L) * (NB + 1), 0);
+  col_rows.assign(static_cast<size_t>(L) * nnz, -1);
+  for (int l = 0; l < L; ++l) {
+    int pos = 0;
+    std::vector<std::vector<int32_t>> cols(NB);
+    for (int i = 0; i < MB; ++i) {
+      indptr[l * (MB + 1) + i] = pos;
+      for (int j : rows[l * MB + i]) {
+        indices[l * nnz + pos++] = j;
+        cols[j].push_back(i);
+      }
+    }
+    indptr[l * (MB + 1) + MB] = pos;
+    int cp = 0;
+    for (int j = 0; j < NB; ++j) {
+      col_indptr[l * (NB + 1) + j] = cp;
+      for (int i : cols[j]) col_rows[l * nnz + cp++] = i;
+    }
+    col_indptr[l * (NB + 1) + NB] = cp;
+  }
+  if (c.garbage) {
+    std::uniform_int_distribution<int32_t> any(-1000, 1000);
+    for (auto* a : {&indptr, &indices, &col_indptr, &col_rows})
+      for (auto& x : *a) x = (rng() % 4 == 0) ? static_cast<int32_t>(rng()) : any(rng);
+  }
+
+  const size_t nq = static_cast<size_t>(c.B) * c.M * c.Hq * c.D, nk = static_cast<size_t>(c.B) * c.N * c.Hk * c.D;
+  const size_t nl = static_cast<size_t>(c.B) * c.M * c.Hq;
+  auto* q = to_device(random_bf16(nq, rng));
+  auto* k = to_device(random_bf16(nk, rng));
+  auto* v = to_device(random_bf16(nk, rng));
+  auto* dout = to_device(random_bf16(nq, rng));
+  auto* d_indptr = to_device(indptr);
+  auto* d_indices = to_device(indices);
+  auto* d_col_indptr = to_device(col_indptr);
+  auto* d_col_rows = to_device(col_rows);
+  std::vector<float> delta_h(nl);
+  for (auto& x : delta_h) x = 0.01f * static_cast<float>(rng() % 100);
+  auto* delta = to_device(delta_h);
+  __nv_bfloat16 *o, *dq, *dk, *dv;
+  float* lse;
+  CK(cudaMalloc(&o, nq * 2));
+  CK(cudaMalloc(&dq, nq * 2));
+  CK(cudaMalloc(&dk, nk * 2));
+  CK(cudaMalloc(&dv, nk * 2));
+  CK(cudaMalloc(&lse, nl * 4));
+
+  ProblemParams pp{};
+  pp.B = c.B, pp.M = c.M, pp.N = c.N, pp.Hq = c.Hq, pp.Hk = c.Hk, pp.g = c.Hq / c.Hk;
+  pp.R = c.R, pp.C = c.C, pp.MB = MB, pp.NB = NB, pp.LB = LB, pp.LH = LH;
+  pp.nnz = static_cast<int64_t>(nnz);
+  pp.causal = c.causal ? 1 : 0;
+  const float scale = 1.f / std::sqrt(static_cast<float>(c.D)), log2e = 1.4426950408889634f;
+  pp.use_cap = c.softcap > 0.f;
+  pp.s_mul = pp.use_cap ? scale / c.softcap * 2.f * log2e : scale * log2e;
+  pp.cap_mul = pp.use_cap ? c.softcap * log2e : 0.f;
+
+  FwdParams fp{};
+  static_cast<ProblemParams&>(fp) = pp;
+  fp.q = q, fp.k = k, fp.v = v, fp.indptr = d_indptr, fp.indices = d_indices, fp.o = o, fp.lse = lse;
+  bwd::Params bp{};
+  static_cast<ProblemParams&>(bp) = pp;
+  bp.q = q, bp.k = k, bp.v = v, bp.dout = dout, bp.lse = lse, bp.delta = delta;
+  bp.indptr = d_indptr, bp.indices = d_indices, bp.col_indptr = d_col_indptr, bp.col_rows = d_col_rows;
+  bp.dq = dq, bp.dk = dk, bp.dv = dv, bp.scale = scale;
+
+  using bsattn::cuda::kBF16;
+  cudaError_t e1, e2, e3;
+  if (c.D == 64) {
+    e1 = bsattn::cuda::launch_fwd<kBF16, 64>(fp, 0);
+    e2 = bwd::launch_dq<kBF16, 64>(bp, 0);
+    e3 = bwd::launch_dkdv<kBF16, 64>(bp, 0);
+  } else {
+    e1 = bsattn::cuda::launch_fwd<kBF16, 128>(fp, 0);
+    e2 = bwd::launch_dq<kBF16, 128>(bp, 0);
+    e3 = bwd::launch_dkdv<kBF16, 128>(bp, 0);
+  }
+  const cudaError_t es = cudaDeviceSynchronize();
+  std::printf("case B=%d M=%d N=%d Hq=%d Hk=%d D=%d R=%d C=%d causal=%d cap=%g per_head=%d garbage=%d nnz=%zu: "
+              "fwd %s, dq %s, dkdv %s, sync %s\n",
+              c.B, c.M, c.N, c.Hq, c.Hk, c.D, c.R, c.C, c.causal, c.softcap, c.per_head, c.garbage, nnz,
+              cudaGetErrorString(e1), cudaGetErrorString(e2), cudaGetErrorString(e3), cudaGetErrorString(es));
+  std::fflush(stdout);
+  for (void* ptr : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v), static_cast<void*>(dout),
+                    static_cast<void*>(d_indptr), static_cast<void*>(d_indices), static_cast<void*>(d_col_indptr),
+                    static_cast<void*>(d_col_rows), static_cast<void*>(delta), static_cast<void*>(o),
+                    static_cast<void*>(dq), static_cast<void*>(dk), static_cast<void*>(dv), static_cast<void*>(lse)})
+    CK(cudaFree(ptr));
+  if (e1 != cudaSuccess || e2 != cudaSuccess || e3 != cudaSuccess || es != cudaSuccess) std::exit(1);
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937 rng(7);
+  const Case cases[] = {
+      // B  M    N    Hq Hk  D   R    C   causal cap  per_head garbage
+      {2, 200, 300, 8, 2, 128, 16, 16, true, 0.f, false, false},   // 64-row tile, dk/dv BK=16
+      {1, 100, 77, 8, 2, 128, 3, 5, false, 30.f, true, false},     // 16-row tile, packed dk/dv, soft cap
+      {1, 130, 260, 4, 4, 128, 64, 64, false, 0.f, false, true},   // garbage, 64-row / 64-key tiles
+      {1, 256, 256, 8, 1, 128, 128, 128, true, 0.f, false, false}, // R * g = 1024: split rows, 128-row tile
+      {1, 50, 60, 4, 1, 64, 1, 1, false, 0.f, false, false},       // D = 64, C = 1 packed
+      {2, 50, 60, 4, 1, 64, 1, 1, true, 0.f, true, true},          // D = 64 garbage, per-head
+      {1, 96, 100, 4, 2, 128, 16, 4, false, 0.f, false, true},     // packed, garbage
+      {1, 70, 90, 2, 1, 128, 32, 24, true, 0.f, false, true},      // non-multiples, garbage
+  };
+  for (const Case& c : cases) run_case(c, rng);
+  std::printf("all cases ran\n");
+  return 0;
+}
