@@ -3,9 +3,12 @@
 # run the GPU tests, run them again with the FFI calls captured in CUDA graphs (command buffers), and time
 # cells of the forward grid through the public API.   OUT=dir CELLS="g:R:C,..." bash benchmarks/gpu_check.sh
 # Options (environment): SANITIZE=1 (compute-sanitizer through the public API), KERNEL_SANITIZE=1 (on the kernels
-# alone), MEMORY="--seq 32768" (peak memory of a training step), CELLS / FWDBWD_CELLS (grids), TRAIN=1.
+# alone), MEMORY="--seq 32768" (peak memory of a training step), CELLS / FWDBWD_CELLS (grids), TRAIN=1,
+# MULTI=1 (several GPUs: tests/test_multi_gpu.py and train_lm data parallel vs one GPU; MULTI_ARGS).
 set -o pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+# NVLink multicast stays off on the lent multi-GPU hosts (device KINDS.md): keep these set for every program
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 RESULTS=${OUT:-/tmp/gpu_check}; OUT=/tmp/gpu_check_work; mkdir -p "$RESULTS" "$OUT"   # all logs here; a few copied back
 T0=$(date +%s); stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -55,6 +58,27 @@ if [ -n "${FWDBWD_CELLS:-}" ]; then
     --cells "$FWDBWD_CELLS" --no-causal --reps 5 > "$OUT/bench_fwdbwd.log" 2>&1; echo "bench rc=$?"; \
     sed -n '/useful TFLOP/,$p' "$OUT/bench_fwdbwd.log" | head -40)
 fi
+if [ -n "${MULTI:-}" ]; then
+  # several GPUs: the sharding tests on real devices (also part of `-m gpu` above; again here with their output),
+  # then one training configuration data-parallel over every GPU vs one GPU at the same per-GPU batch
+  NG=$(python3 -c "import jax; print(len(jax.devices('cuda')))")
+  stamp "multi-GPU: $NG GPUs"
+  (cd tests && python3 -m pytest -q -rs test_multi_gpu.py 2>&1 | tee "$OUT/pytest_multi_gpu.log" | tail -8)
+  for n in 1 $NG; do
+    (cd /tmp && python3 "$OLDPWD/examples/train_lm.py" --devices $n ${MULTI_ARGS:---seq-len 4096 --batch 16 --steps 60} \
+      --out "$OUT/multi_$n" > "$OUT/train_multi_$n.log" 2>&1; echo "devices $n rc=$?"; grep -E "^loss:|^throughput|^data parallel" "$OUT/train_multi_$n.log")
+  done
+  python3 - "$OUT" "$NG" > "$OUT/multi_summary.txt" <<'PY'
+import json, sys
+out, ng = sys.argv[1], int(sys.argv[2])
+m = {n: json.load(open(f"{out}/multi_{n}/metrics.json")) for n in (1, ng)}
+for n, r in m.items():
+    print(f"{n} GPU(s): {r['tokens_per_s']:,.0f} tokens/s, final train loss {r['final_train_loss']:.4f}")
+print(f"scaling {ng} GPUs / 1 GPU: {m[ng]['tokens_per_s'] / m[1]['tokens_per_s']:.2f}x "
+      f"(ideal {ng}x; same per-GPU batch)")
+PY
+  cat "$OUT/multi_summary.txt"
+fi
 if [ -n "${TRAIN:-}" ]; then
   # the same small bf16 model on the GPU path and on the CPU path (loss curves should match), then the GPU
   # defaults with jax_bsattn and with jax.nn.dot_product_attention + a dense mask (tokens/s)
@@ -86,7 +110,7 @@ if "gpu_small" in runs and "cpu_small" in runs:
 PY
   cat "$OUT/train_summary.txt"
 fi
-for f in pytest_gpu.log sanitize_memcheck.log sanitize_racecheck.log kernels_memcheck.log kernels_racecheck.log peak_memory.log bench_api.log bench_fwdbwd.log train_summary.txt grid/grid.json grid_fb/grid.json gpu_sparse/loss.png; do
+for f in pytest_gpu.log pytest_multi_gpu.log multi_summary.txt sanitize_memcheck.log sanitize_racecheck.log kernels_memcheck.log kernels_racecheck.log peak_memory.log bench_api.log bench_fwdbwd.log train_summary.txt grid/grid.json grid_fb/grid.json gpu_sparse/loss.png; do
   [ -f "$OUT/$f" ] && cp "$OUT/$f" "$RESULTS/$(echo $f | tr / _)"
 done
 stamp done

@@ -63,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default=d["dtype"], help="compute dtype (params are f32)")
     p.add_argument("--dense", action="store_true", help="jax.nn.dot_product_attention with the dense mask instead")
     p.add_argument("--corpus-mb", type=float, default=4.0, help="megabytes of stdlib source to read")
+    p.add_argument("--devices", type=int, default=1,
+                   help="data parallel over this many devices: the batch is split over a 1-D mesh, parameters and "
+                        "optimizer state replicated; --batch is per device")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/train_lm", help="directory for loss.png, layout.png, metrics.json")
     args = p.parse_args(argv)
@@ -184,13 +187,29 @@ def main(argv=None):
     print(f"{args.layers} layers, dim {args.dim}, {args.heads} heads / {args.kv_heads} KV heads, "
           f"{n_params / 1e6:.2f}M params, batch {args.batch} x {T} tokens, {args.steps} steps, {args.dtype}")
 
-    stream = batches(train, args.batch, T, np.random.default_rng(args.seed))
+    # Data parallel: a 1-D mesh, replicated parameters, the global batch split over it. The attention op is
+    # partitioned over the batch axis (custom_partitioning), so each device runs the kernels on its shard.
+    put = jnp.asarray
+    if args.devices > 1:
+        from jax.sharding import AxisType, NamedSharding
+        from jax.sharding import PartitionSpec as P
+        if len(jax.devices()) < args.devices:
+            raise SystemExit(f"--devices {args.devices}: only {len(jax.devices())} devices ({jax.devices()})")
+        mesh = jax.make_mesh((args.devices,), ("data",), axis_types=(AxisType.Auto,),
+                             devices=jax.devices()[:args.devices])
+        state = nnx.state((model, optimizer))
+        nnx.update((model, optimizer), jax.device_put(state, NamedSharding(mesh, P())))
+        batch_sharding = NamedSharding(mesh, P("data"))
+        put = lambda a: jax.device_put(a, batch_sharding)
+        print(f"data parallel over {args.devices} devices: global batch {args.batch * args.devices}")
+    global_batch = args.batch * args.devices
+    stream = batches(train, global_batch, T, np.random.default_rng(args.seed))
     losses, t_start, timed_tokens = [], None, 0
     use_bar = tqdm is not None and sys.stderr.isatty()       # a log file gets plain progress lines instead
     bar = tqdm(range(args.steps), desc="train", unit="step") if use_bar else range(args.steps)
     for step in bar:
         x, y = next(stream)
-        loss = float(train_step(model, optimizer, jnp.asarray(x), jnp.asarray(y)))
+        loss = float(train_step(model, optimizer, put(x), put(y)))
         losses.append(loss)
         if step == 0:
             t_start = time.perf_counter()           # throughput excludes the first step (compilation)
@@ -204,8 +223,8 @@ def main(argv=None):
     elapsed = time.perf_counter() - t_start
     tokens_per_s = timed_tokens / elapsed if timed_tokens else float("nan")
 
-    eval_stream = batches(held_out, args.batch, T, np.random.default_rng(args.seed + 1))
-    eval_loss = float(np.mean([float(eval_step(model, *map(jnp.asarray, next(eval_stream)))) for _ in range(8)]))
+    eval_stream = batches(held_out, global_batch, T, np.random.default_rng(args.seed + 1))
+    eval_loss = float(np.mean([float(eval_step(model, *map(put, next(eval_stream)))) for _ in range(8)]))
     tail = float(np.mean(losses[-max(1, len(losses) // 10):]))
     print(f"loss: first {losses[0]:.4f} -> last 10% mean {tail:.4f}   held-out {eval_loss:.4f} "
           f"({eval_loss / math.log(2):.3f} bits/byte)")
@@ -213,7 +232,7 @@ def main(argv=None):
 
     metrics = dict(args=vars(args), params=int(n_params), losses=losses, final_train_loss=tail,
                    held_out_loss=eval_loss, tokens_per_s=tokens_per_s, layout_density=layout.density,
-                   backend=jax.default_backend())
+                   backend=jax.default_backend(), devices=args.devices)
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
     save_plots(args, losses, layout)

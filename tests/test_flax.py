@@ -165,3 +165,32 @@ def test_train_lm_example_runs(tmp_path):
                        "--out", str(tmp_path)])
     assert m["final_train_loss"] < m["losses"][0] - 1.0
     assert {"metrics.json", "loss.png", "layout.png"} <= set(os.listdir(tmp_path))
+
+
+def test_train_lm_data_parallel_matches_one_device(tmp_path):
+    """examples/train_lm.py --devices 2 (2 forced host devices, in a subprocess) gives the losses of one device
+    with the same global batch: the batch-sharded model and attention compute the same step."""
+    import json
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = f"""
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("train_lm", {os.path.join(root, "examples", "train_lm.py")!r})
+t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t)
+common = ["--seq-len", "64", "--block", "16", "--window", "32", "--layers", "1", "--dim", "32", "--heads", "2",
+          "--kv-heads", "1", "--steps", "8", "--corpus-mb", "0.2"]
+two = t.main(common + ["--devices", "2", "--batch", "2", "--out", {str(tmp_path / "two")!r}])
+one = t.main(common + ["--devices", "1", "--batch", "4", "--out", {str(tmp_path / "one")!r}])
+print("LOSSES " + json.dumps([two["losses"], one["losses"], two["held_out_loss"], one["held_out_loss"]]))
+"""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip())
+    # cwd: the tests folder, so that the subprocess imports jax_bsattn as this process did
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                          check=False, cwd=os.path.dirname(os.path.abspath(__file__)))
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("LOSSES ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
+    two, one, held_two, held_one = json.loads(lines[-1][len("LOSSES "):])
+    np.testing.assert_allclose(two, one, rtol=1e-4)
+    np.testing.assert_allclose(held_two, held_one, rtol=1e-4)

@@ -1,0 +1,82 @@
+"""Sharding over several real GPUs (skipped with fewer than two): batch and head sharding of the forward and the
+backward under jax.jit with NamedSharding. The results must match the same op on one GPU, and the compiled HLO
+must hold no all-gather (each GPU runs the kernels on its local shard). The CPU version with forced host
+devices, which covers more shardings, is test_sharding.py.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jax_bsattn as jb
+from jax_bsattn import layouts
+
+pytestmark = pytest.mark.gpu
+
+
+def _gpus():
+    try:
+        return jax.devices("cuda")
+    except RuntimeError:
+        return []
+
+
+# name: (mesh shape over ("b", "h"), layout batch shape); q, k, v are sharded over batch on "b", heads on "h"
+CASES = {
+    "batch": ((2, 1), ()),
+    "heads": ((1, 2), ()),
+    "heads_per_head_layout": ((1, 2), (4,)),
+    "batch_per_batch_layout": ((2, 1), (4, 1)),
+    "batch_and_heads": ((2, 2), (4,)),   # needs 4 GPUs
+}
+
+
+def _problem(lead):
+    rng = np.random.default_rng(0)
+    B, M, N, Hq, Hk, D = 4, 512, 512, 8, 4, 64
+    draw = lambda shape: jnp.asarray(rng.standard_normal(shape) * 1.5, jnp.bfloat16)
+    q, k, v = draw((B, M, Hq, D)), draw((B, N, Hk, D)), draw((B, N, Hk, D))
+    lay = layouts.union(layouts.sliding_window((M, N), 64, 128),
+                        layouts.random((M, N), 64, 2, batch_shape=lead, seed=3))
+    return q, k, v, lay
+
+
+def _fns():
+    def fwd(q, k, v, lay):
+        return jb.block_sparse_attention(q, k, v, lay, causal=True, return_lse=True)
+
+    def loss(q, k, v, lay):
+        return jnp.sum(jnp.sin(fwd(q, k, v, lay)[0].astype(jnp.float32)))
+
+    return fwd, jax.grad(loss, argnums=(0, 1, 2))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_sharded_on_gpus_equals_one_gpu(name):
+    (nb, nh), lead = CASES[name]
+    gpus = _gpus()
+    if len(gpus) < nb * nh or len(gpus) < 2:
+        pytest.skip(f"needs {max(2, nb * nh)} GPUs, found {len(gpus)}")
+    q, k, v, lay = _problem(lead)
+    fwd, grad = _fns()
+    with jax.default_device(gpus[0]):                                  # one GPU, unsharded
+        want = jax.jit(fwd)(q, k, v, lay) + jax.jit(grad)(q, k, v, lay)
+    mesh = jax.make_mesh((nb, nh), ("b", "h"), axis_types=(AxisType.Auto,) * 2, devices=gpus[:nb * nh])
+    spec = NamedSharding(mesh, P("b", None, "h"))
+    qs, ks, vs = (jax.device_put(x, spec) for x in (q, k, v))
+    f, g = jax.jit(fwd), jax.jit(grad)
+    got = f(qs, ks, vs, lay) + g(qs, ks, vs, lay)
+    for name_, a, b in zip(("o", "lse", "dq", "dk", "dv"), got, want):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        fin = np.isfinite(b)
+        assert np.array_equal(fin, np.isfinite(a)), name_
+        err = np.linalg.norm((a - b)[fin]) / (np.linalg.norm(b[fin]) + 1e-30)
+        assert err <= 1e-4, (name_, err)
+    hlo = f.lower(qs, ks, vs, lay).compile().as_text() + g.lower(qs, ks, vs, lay).compile().as_text()
+    assert hlo.count("all-gather") == 0
+    plat = gpus[0].platform
+    assert hlo.count(f"bsattn_fwd_{plat}") >= 1 and hlo.count(f"bsattn_bwd_{plat}") >= 1
+    assert got[0].sharding.is_equivalent_to(spec, 4), got[0].sharding       # o stays sharded as q
