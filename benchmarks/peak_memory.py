@@ -13,19 +13,8 @@ import json
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jax_bsattn import BlockSparseLayout, block_sparse_attention
-
-
-def random_layout(M, N, R, C, density, seed=0):
-    MB, NB = -(-M // R), -(-N // C)
-    per_row = max(1, round(density * NB))
-    rng = np.random.default_rng(seed)
-    cols = np.sort(np.stack([rng.choice(NB, per_row, replace=False) for _ in range(MB)]), axis=1)
-    indptr = np.arange(MB + 1, dtype=np.int32) * per_row
-    return BlockSparseLayout.from_csr(indptr, cols.reshape(-1).astype(np.int32), seq_lens=(M, N),
-                                      block_size=(R, C))
+from jax_bsattn import block_sparse_attention, layouts
 
 
 def main():
@@ -48,7 +37,8 @@ def main():
     io_bytes = 2 * (q.size + k.size + v.size)  # one copy of q, k, v (the gradients have their shapes)
     for blk in a.blocks.split(","):
         R, C = (int(x) for x in blk.split("x"))
-        layout = jax.device_put(random_layout(M, N, R, C, a.density))
+        per_row = max(1, round(a.density * -(-N // C)))   # the same number of blocks in every block row
+        layout = jax.device_put(layouts.random((M, N), (R, C), per_row))
 
         @jax.jit
         def step(q, k, v, do, layout):
@@ -63,7 +53,8 @@ def main():
         after = dev.memory_stats() or {}
         peak = after.get("peak_bytes_in_use", 0)
         step_bytes = peak - before.get("bytes_in_use", 0)
-        xla_temp = compiled.memory_analysis().temp_size_in_bytes if compiled.memory_analysis() else None
+        analysis = compiled.memory_analysis()
+        xla_temp = analysis.temp_size_in_bytes if analysis else None
         row = {"device": str(dev.device_kind), "seq": M, "R": R, "C": C, "hq": a.hq, "hk": a.hk, "dim": a.dim,
                "density": a.density, "peak_step_bytes": step_bytes, "outputs_bytes": io_bytes + 2 * q.size,  # o, dq, dk, dv
                "xla_temp_bytes": xla_temp, "dense_mask_bytes": M * N, "dense_scores_bytes": 2 * a.hq * M * N,

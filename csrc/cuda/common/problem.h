@@ -1,7 +1,7 @@
 // What the forward and the backward kernels share of their host-visible interface: the dtype tag of the
 // launcher instantiations and the problem description (shapes, block layout, mask, score scaling) that both
 // parameter blocks (fwd/params.h FwdParams, bwd/params.h bwd::Params) start with. Filled by
-// fill_problem (cuda/ffi_common.h). Plain C++: included by the host-compiled FFI handlers and by the .cu files.
+// fill_problem below. Plain C++: included by the host-compiled FFI handlers and by the .cu files.
 #pragma once
 
 #include <cstdint>
@@ -24,6 +24,45 @@ struct ProblemParams {
                   // tanh is evaluated as 1 - 2 / (1 + 2^(2 log2(e) x)))
   float cap_mul;  // softcap * log2(e) (soft cap only)
 };
+
+// The block layout's sizes, from the shapes (ffi_common::check_layout).
+struct Layout {
+  int64_t MB, NB;  // block rows / columns
+  int64_t LB, LH;  // layout dims (1 = broadcast)
+  int64_t nnz;     // entries per layout in `indices`
+};
+
+// Fills the problem description both parameter blocks start with (the handler has checked that every size
+// fits in int). Scores are scaled for exp2: s_mul = scale * log2(e) without soft cap; with one, the kernels
+// evaluate tanh as 1 - 2 / (1 + 2^(2 log2(e) x)), so s_mul = scale / softcap * 2 log2(e), cap_mul = softcap *
+// log2(e).
+inline void fill_problem(ProblemParams& p, int64_t B, int64_t M, int64_t N, int64_t Hq, int64_t Hk, int64_t block_r,
+                         int64_t block_c, const Layout& l, bool causal, float scale, float softcap) {
+  p.B = static_cast<int>(B);
+  p.M = static_cast<int>(M);
+  p.N = static_cast<int>(N);
+  p.Hq = static_cast<int>(Hq);
+  p.Hk = static_cast<int>(Hk);
+  p.g = static_cast<int>(Hq / Hk);
+  p.R = static_cast<int>(block_r);
+  p.C = static_cast<int>(block_c);
+  p.MB = static_cast<int>(l.MB);
+  p.NB = static_cast<int>(l.NB);
+  p.LB = static_cast<int>(l.LB);
+  p.LH = static_cast<int>(l.LH);
+  p.nnz = l.nnz;
+  p.causal = causal ? 1 : 0;
+  constexpr float kLog2e = 1.4426950408889634f;
+  if (softcap > 0.f) {
+    p.use_cap = 1;
+    p.s_mul = scale / softcap * 2.f * kLog2e;
+    p.cap_mul = softcap * kLog2e;
+  } else {
+    p.use_cap = 0;
+    p.s_mul = scale * kLog2e;
+    p.cap_mul = 0.f;
+  }
+}
 
 }  // namespace cuda
 }  // namespace bsattn

@@ -8,6 +8,8 @@
 //     csrc/cuda/fwd/instantiations/fwd_bf16_d{64,128}.cu csrc/cuda/bwd/instantiations/{dq,dkdv}_bf16_d{64,128}.cu \
 //     -o /tmp/sanitize_kernels
 //   compute-sanitizer --tool memcheck /tmp/sanitize_kernels      (then --tool racecheck)
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -68,7 +70,7 @@ void run_case(const Case& c, std::mt19937& rng) {
   for (auto& r : rows) {
     for (int j = 0; j < NB; ++j)
       if (rng() % 2) r.push_back(j);
-    nnz = std::max(nnz, r.size() * MB);  // pad every layout to the same nnz
+    nnz = std::max(nnz, r.size() * MB);  // >= every layout's total: the rest of each list is padding (-1)
   }
   nnz = std::max<size_t>(nnz, 1);
   indptr.assign(static_cast<size_t>(L) * (MB + 1), 0);
@@ -121,14 +123,10 @@ void run_case(const Case& c, std::mt19937& rng) {
   CK(cudaMalloc(&lse, nl * 4));
 
   ProblemParams pp{};
-  pp.B = c.B, pp.M = c.M, pp.N = c.N, pp.Hq = c.Hq, pp.Hk = c.Hk, pp.g = c.Hq / c.Hk;
-  pp.R = c.R, pp.C = c.C, pp.MB = MB, pp.NB = NB, pp.LB = LB, pp.LH = LH;
-  pp.nnz = static_cast<int64_t>(nnz);
-  pp.causal = c.causal ? 1 : 0;
-  const float scale = 1.f / std::sqrt(static_cast<float>(c.D)), log2e = 1.4426950408889634f;
-  pp.use_cap = c.softcap > 0.f;
-  pp.s_mul = pp.use_cap ? scale / c.softcap * 2.f * log2e : scale * log2e;
-  pp.cap_mul = pp.use_cap ? c.softcap * log2e : 0.f;
+  const float scale = 1.f / std::sqrt(static_cast<float>(c.D));
+  bsattn::cuda::fill_problem(pp, c.B, c.M, c.N, c.Hq, c.Hk, c.R, c.C,
+                             bsattn::cuda::Layout{MB, NB, LB, LH, static_cast<int64_t>(nnz)}, c.causal, scale,
+                             c.softcap);
 
   FwdParams fp{};
   static_cast<ProblemParams&>(fp) = pp;

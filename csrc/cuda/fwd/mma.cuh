@@ -20,12 +20,8 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
 }
-// 16 bytes global -> shared, also allocated in L1 (rows that other CTAs of the SM may read again).
-__device__ __forceinline__ void cp_async16_ca(uint32_t dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-}
-// As cp_async16 / cp_async16_ca, but copies only `src_bytes` (0 or 16) and zero-fills the rest: an invalid
-// row is a predicated copy of nothing (src must still be a mapped address; 0 bytes of it are read).
+// 16 bytes global -> shared (L1: also allocated in L1, .ca; else L2 only, .cg), copying only `src_bytes` (0 or
+// 16) and zero-filling the rest: an invalid row is a copy of nothing (src must still be a mapped address).
 template <bool L1>
 __device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, int src_bytes) {
   if constexpr (L1)
