@@ -291,8 +291,8 @@ __device__ __forceinline__ void dkdv_store(uint8_t* smem, uint32_t sK, uint32_t 
         const int row = krow0 + i / CPR, ch = i % CPR;
         if (row < nkeys) {
           const int64_t go = row * kv_rstride + ch * 8;
-          if constexpr (DO_DK) *reinterpret_cast<uint4*>(dkg + go) = ld_shared16(sK + swz_off<D>(row, ch));
-          if constexpr (DO_DV) *reinterpret_cast<uint4*>(dvg + go) = ld_shared16(sV + swz_off<D>(row, ch));
+          if constexpr (DO_DK) st_global16(dkg + go, ld_shared16(sK + swz_off<D>(row, ch)));
+          if constexpr (DO_DV) st_global16(dvg + go, ld_shared16(sV + swz_off<D>(row, ch)));
         }
       }
     }
@@ -327,7 +327,7 @@ __device__ __forceinline__ void dkdv_store(uint8_t* smem, uint32_t sK, uint32_t 
         const int row = i / CPR, ch = i % CPR;
         if (row < nkeys) {
           const uint4 val = sum_partials8<T, WQ>(sO + row * OST + ch * 8, BK * OST, mul);
-          *reinterpret_cast<uint4*>(outg + row * kv_rstride + ch * 8) = val;
+          st_global16(outg + row * kv_rstride + ch * 8, val);
         }
       }
     }

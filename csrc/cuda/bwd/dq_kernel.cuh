@@ -318,7 +318,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_kernel(const
         if (row < rows_valid) {
           const int P = row0 + row;
           const int r = P / p.g, j = P - r * p.g;
-          *reinterpret_cast<uint4*>(dqg + r * q_rstride + j * D + c * 8) = ld_shared16(sQ + swz_off<D>(row, c));
+          st_global16(dqg + r * q_rstride + j * D + c * 8, ld_shared16(sQ + swz_off<D>(row, c)));
         }
       }
     }
@@ -340,7 +340,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_kernel(const
         const uint4 val = sum_partials8<T, WN>(sO + row * OST + c * 8, TM * OST, scale);
         const int P = row0 + row;
         const int r = P / p.g, j = P - r * p.g;
-        *reinterpret_cast<uint4*>(dqg + r * q_rstride + j * D + c * 8) = val;
+        st_global16(dqg + r * q_rstride + j * D + c * 8, val);
       }
     }
   }

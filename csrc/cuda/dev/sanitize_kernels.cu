@@ -20,6 +20,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/bwd/params.h"
+#include "cuda/dev/harness.h"
 #include "cuda/fwd/params.h"
 
 namespace {
@@ -28,15 +29,6 @@ using bsattn::cuda::FwdParams;
 using bsattn::cuda::ProblemParams;
 namespace bwd = bsattn::cuda::bwd;
 
-#define CK(x)                                                                                   \
-  do {                                                                                          \
-    cudaError_t e_ = (x);                                                                       \
-    if (e_ != cudaSuccess) {                                                                    \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                             \
-    }                                                                                           \
-  } while (0)
-
 struct Case {
   int B, M, N, Hq, Hk, D, R, C;
   bool causal;
@@ -44,14 +36,6 @@ struct Case {
   bool per_head;  // layout [B, Hk, ...] instead of broadcast [1, 1, ...]
   bool garbage;   // random int32 layout arrays
 };
-
-template <typename T>
-T* to_device(const std::vector<T>& h) {
-  T* d = nullptr;
-  CK(cudaMalloc(&d, std::max<size_t>(1, h.size()) * sizeof(T)));
-  if (!h.empty()) CK(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return d;
-}
 
 std::vector<__nv_bfloat16> random_bf16(size_t n, std::mt19937& rng) {
   std::normal_distribution<float> nd(0.f, 1.f);

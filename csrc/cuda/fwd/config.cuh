@@ -33,7 +33,7 @@ struct FwdCfg {
   static constexpr int RPW = 32 / CPR;
   static constexpr int OWN = BN / NWARPS;
   // shared memory (bytes): Q tile, K and V stages, key index per staged row, per-warp row max / sum,
-  // causal limit per tile row, per-CTA gather constants
+  // causal limit per tile row, per-CTA gather constants, gather walk state, (query row, head) per tile row
   static constexpr int Q_BYTES = TM * D * 2;
   static constexpr int KV_STAGE_BYTES = BN * D * 2;
   static constexpr int KV_BYTES = 2 * STAGES * KV_STAGE_BYTES;
@@ -42,7 +42,9 @@ struct FwdCfg {
   static constexpr int LIM_BYTES = TM * 4;
   static constexpr int CTA_BYTES = 32;     // GatherShared
   static constexpr int OWN_BYTES = BN * 8;  // gather walk state per owner row
-  static constexpr int SMEM = Q_BYTES + KV_BYTES + KIDX_BYTES + ML_BYTES + LIM_BYTES + CTA_BYTES + OWN_BYTES;
+  static constexpr int ROW_BYTES = TM * 8;  // (query row, head) per tile row
+  static constexpr int SMEM =
+      Q_BYTES + KV_BYTES + KIDX_BYTES + ML_BYTES + LIM_BYTES + CTA_BYTES + OWN_BYTES + ROW_BYTES;
   // WN > 1: the f32 partial outputs are merged in the (then idle) Q tile + K/V stages, rows padded by 8
   // floats
   static constexpr int OSTRIDE = D + 8;

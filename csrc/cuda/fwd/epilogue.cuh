@@ -1,7 +1,7 @@
 // Epilogues of the forward kernel: normalise o by the row sum, write o (16-byte coalesced stores, through
 // shared memory) and lse = ln 2 * (m + log2 l). Rows with no element taking part (l = 0) get o = 0 and
-// lse = -inf. Packed row P of the block row is query row r = P / g, head j = P % g; rows at or past
-// `rows_valid` are padding and never stored.
+// lse = -inf. Tile row `row` is query row r, head j of the block row with (r, j) = sRow[row] (r = -1: padding,
+// never stored), a table the kernel fills once so that no epilogue path divides by g.
 #pragma once
 
 #include <cmath>
@@ -19,22 +19,21 @@ struct OutRows {
   float* lseg;       // lse of the same
   int64_t o_rstride; // Hq * D (elements)
   int Hq;
-  int g;
-  int row0;          // packed index of the tile's first row
-  int rows_valid;    // tile rows [0, rows_valid) are real
+  const int2* sRow;  // per tile row: (query row in the block row, head in the group); r = -1 for padding
 };
 
 __device__ __forceinline__ float finish_lse(float m, float l) {
   return l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
 }
 
-// WN == 1: each warp owns whole rows. It writes its normalised rows into its own rows of the (now
-// unused) Q tile and copies them out; no CTA barrier needed.
+// WN == 1: each warp owns whole rows [wrow0, wrow0 + 16 MI) of the tile. It writes them normalised into its
+// own staging rows (sOw: 16 MI swizzled rows of free shared memory; rows = wrow0 mod 8) and copies them out;
+// no CTA barrier needed.
 template <typename T, class Cfg>
 __device__ __forceinline__ void store_rows_single(float (&o)[Cfg::MI][Cfg::D / 8][4], const float (&m)[Cfg::MI][2],
-                                                  float (&l)[Cfg::MI][2], uint32_t sQ, const OutRows& out,
+                                                  float (&l)[Cfg::MI][2], uint32_t sOw, const OutRows& out,
                                                   int wrow0, int lane) {
-  constexpr int D = Cfg::D, MI = Cfg::MI, CPR = Cfg::CPR;
+  constexpr int D = Cfg::D, MI = Cfg::MI, CPR = Cfg::CPR, ITERS = MI * 16 * CPR / 32;
 #pragma unroll
   for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
@@ -43,29 +42,30 @@ __device__ __forceinline__ void store_rows_single(float (&o)[Cfg::MI][Cfg::D / 8
       lv += __shfl_xor_sync(0xffffffffu, lv, 1);
       lv += __shfl_xor_sync(0xffffffffu, lv, 2);
       l[mi][h] = lv;
-      const int row = wrow0 + mi * 16 + (lane >> 2) + 8 * h;
-      if ((lane & 3) == 0 && row < out.rows_valid) {
-        const int P = out.row0 + row;
-        const int r = P / out.g, j = P - r * out.g;
-        out.lseg[static_cast<int64_t>(r) * out.Hq + j] = finish_lse(m[mi][h], lv);
-      }
-      const float inv = lv > 0.f ? 1.f / lv : 0.f;
+      const int wrow = mi * 16 + (lane >> 2) + 8 * h;  // row within the warp's strip
+      const int2 rj = out.sRow[wrow0 + wrow];
+      if ((lane & 3) == 0 && rj.x >= 0) out.lseg[static_cast<int64_t>(rj.x) * out.Hq + rj.y] = finish_lse(m[mi][h], lv);
+      const float inv = lv > 0.f ? fast_rcp(lv) : 0.f;  // l >= 1 when > 0 (the max term is 1)
 #pragma unroll
       for (int d = 0; d < D / 8; ++d)
-        st_shared32(sQ + swz_off<D>(row, d) + (lane & 3) * 4,
+        st_shared32(sOw + swz_off<D>(wrow, d) + (lane & 3) * 4,
                     Mma<T>::pack(o[mi][d][2 * h] * inv, o[mi][d][2 * h + 1] * inv));
     }
   __syncwarp();
+  // all shared-memory reads first, then the (predicated) global stores: one latency, not one per row
   T* og = static_cast<T*>(out.og);
+  uint4 val[ITERS];
+  int2 rj[ITERS];
 #pragma unroll
-  for (int i = lane; i < MI * 16 * CPR; i += 32) {
-    const int row = wrow0 + i / CPR, c = i % CPR;
-    if (row < out.rows_valid) {
-      const int P = out.row0 + row;
-      const int r = P / out.g, j = P - r * out.g;
-      const uint4 val = ld_shared16(sQ + swz_off<D>(row, c));
-      *reinterpret_cast<uint4*>(og + r * out.o_rstride + j * D + c * 8) = val;
-    }
+  for (int it = 0; it < ITERS; ++it) {
+    const int i = lane + 32 * it, wrow = i / CPR;
+    rj[it] = out.sRow[wrow0 + wrow];
+    val[it] = ld_shared16(sOw + swz_off<D>(wrow, i % CPR));
+  }
+#pragma unroll
+  for (int it = 0; it < ITERS; ++it) {
+    const int c = (lane + 32 * it) % CPR;
+    if (rj[it].x >= 0) st_global16(og + rj[it].x * out.o_rstride + rj[it].y * D + c * 8, val[it]);
   }
 }
 
@@ -113,7 +113,8 @@ __device__ __forceinline__ void merge_and_store(float (&o)[Cfg::MI][Cfg::D / 8][
 #pragma unroll
   for (int i = tid; i < TM * CPR; i += NT) {
     const int row = i / CPR, c = i % CPR;
-    if (row < out.rows_valid) {
+    const int2 rj = out.sRow[row];
+    if (rj.x >= 0) {
       float L = 0.f, acc[8];
 #pragma unroll
       for (int e = 0; e < 8; ++e) acc[e] = 0.f;
@@ -125,20 +126,18 @@ __device__ __forceinline__ void merge_and_store(float (&o)[Cfg::MI][Cfg::D / 8][
         acc[0] += a.x, acc[1] += a.y, acc[2] += a.z, acc[3] += a.w;
         acc[4] += b.x, acc[5] += b.y, acc[6] += b.z, acc[7] += b.w;
       }
-      const float inv = L > 0.f ? 1.f / L : 0.f;
+      const float inv = L > 0.f ? fast_rcp(L) : 0.f;
       uint4 val;
       val.x = Mma<T>::pack(acc[0] * inv, acc[1] * inv);
       val.y = Mma<T>::pack(acc[2] * inv, acc[3] * inv);
       val.z = Mma<T>::pack(acc[4] * inv, acc[5] * inv);
       val.w = Mma<T>::pack(acc[6] * inv, acc[7] * inv);
-      const int P = out.row0 + row;
-      const int r = P / out.g, j = P - r * out.g;
-      *reinterpret_cast<uint4*>(og + r * out.o_rstride + j * D + c * 8) = val;
+      st_global16(og + rj.x * out.o_rstride + rj.y * D + c * 8, val);
       if (c == 0) {
         float mx = sM[row];
 #pragma unroll
         for (int w = 1; w < WN; ++w) mx = fmaxf(mx, sM[w * TM + row]);
-        out.lseg[static_cast<int64_t>(r) * out.Hq + j] = finish_lse(mx, L);
+        out.lseg[static_cast<int64_t>(rj.x) * out.Hq + rj.y] = finish_lse(mx, L);
       }
     }
   }

@@ -23,21 +23,31 @@ namespace bsattn {
 namespace cuda {
 
 // Q tile: TM packed rows; packed row `row` of the tile is query row r = P / g, head j = P % g of the
-// block row (P = row0 + row). Rows at or past `rows_valid` (padding of R * g, or past M) are zeroed.
+// block row (P = row0 + row). Rows at or past `rows_valid` (padding of R * g, or past M) are zero-filled.
+// Straight-line: thread tid copies chunk tid % CPR of rows tid / CPR + k * RSTEP; (r, j) advance by one
+// division's worth per step instead of a division per chunk (this runs once per CTA, with nothing to hide
+// its latency behind).
 template <typename T, class Cfg>
 __device__ __forceinline__ void load_q_tile(uint32_t sQ, const T* qg, int row0, int rows_valid, int g,
                                             int64_t q_rstride, int tid) {
-  constexpr int D = Cfg::D, CPR = Cfg::CPR;
+  constexpr int D = Cfg::D, CPR = Cfg::CPR, RSTEP = Cfg::NT / CPR, ITERS = Cfg::TM * CPR / Cfg::NT;
+  static_assert(Cfg::NT % CPR == 0 && (Cfg::TM * CPR) % Cfg::NT == 0, "Q tile load layout");
+  const int c = tid % CPR;
+  int row = tid / CPR;
+  const int P = row0 + row;
+  int r = P / g, j = P - r * g;
+  const int dr = RSTEP / g, dj = RSTEP - dr * g;
+  int64_t off = r * q_rstride + j * D + c * 8;
+  const int64_t doff = dr * q_rstride + dj * D, wrap = q_rstride - static_cast<int64_t>(g) * D;
 #pragma unroll
-  for (int i = tid; i < Cfg::TM * CPR; i += Cfg::NT) {
-    const int row = i / CPR, c = i % CPR;
-    const uint32_t dst = sQ + swz_off<D>(row, c);
-    if (row < rows_valid) {
-      const int P = row0 + row;
-      const int r = P / g, j = P - r * g;
-      cp_async16(dst, qg + r * q_rstride + j * D + c * 8);
-    } else {
-      st_shared_zero16(dst);
+  for (int it = 0; it < ITERS; ++it, row += RSTEP) {
+    const bool ok = row < rows_valid;
+    cp_async16_zfill<false>(sQ + swz_off<D>(row, c), qg + (ok ? off : 0), ok ? 16 : 0);
+    off += doff;
+    j += dj;
+    if (j >= g) {
+      j -= g;
+      off += wrap;
     }
   }
 }
@@ -71,12 +81,14 @@ struct KvGather {
     return (lane / RPW) * RPP + warp * RPW + (lane % RPW);
   }
 
-  __device__ __forceinline__ void init(const FwdParams& p, const GatherShared& gs, int2* sOwn, int warp, int lane) {
+  // idx / len: the block row's list (as in GatherShared, which need not be written yet).
+  __device__ __forceinline__ void init(const FwdParams& p, const int32_t* idx, int len, int2* sOwn, int warp,
+                                       int lane) {
     const int trow = owner_row(warp, lane);
     const int ent = trow / p.C;
     own = sOwn + (lane < Cfg::OWN ? trow : 0);
     if (lane < Cfg::OWN) *own = make_int2(ent, trow - ent * p.C);
-    blk_next = (lane < Cfg::OWN && ent < gs.len) ? __ldg(gs.idx + ent) : -1;
+    blk_next = (lane < Cfg::OWN && ent < len) ? __ldg(idx + ent) : -1;
   }
 
   // Issues the cp.async copies of the next KV tile into `stage` (not committed) and records its key

@@ -22,6 +22,11 @@
 #include "cuda/fwd/scheduler.cuh"
 #include "cuda/fwd/softmax.cuh"
 
+// Development only (csrc/cuda/dev/timeline_fwd.cu defines it): per-warp timestamps of the kernel's phases.
+#ifndef BSATTN_FWD_TIMELINE_MARK
+#define BSATTN_FWD_TIMELINE_MARK(k)
+#endif
+
 namespace bsattn {
 namespace cuda {
 
@@ -33,6 +38,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_kernel(const __
   extern __shared__ __align__(128) uint8_t smem[];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  BSATTN_FWD_TIMELINE_MARK(0);
   const int wm = warp / WN, wn = warp % WN;
 
   // ---- which tile, which rows ----------------------------------------------------------------
@@ -65,29 +71,39 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_kernel(const __
 
   GatherShared* gs = reinterpret_cast<GatherShared*>(sLim + TM);  // (16-byte aligned: TM, WN are even)
   int2* sOwn = reinterpret_cast<int2*>(gs + 1);                   // gather walk state per owner row [BN]
+  int2* sRow = sOwn + BN;  // per tile row: (query row in the block row, head in the group), r = -1 for padding
 
   // ---- prologue: Q tile, CTA constants, then the first S - 1 KV tiles ---------------------------
+  // Ordered for latency (nothing runs beside it in this CTA): the Q copies go out first, the owner lanes
+  // load their first block indices (after the indptr load above) before the barrier, not after it.
   load_q_tile<T, Cfg>(sQ, static_cast<const T*>(p.q) + qoff, row0, rows_valid, p.g, q_rstride, tid);
-  for (int row = tid; row < TM; row += Cfg::NT)
-    sLim[row] = p.causal ? w.br * p.R + (row0 + row) / p.g + (p.N - p.M) : INT_MAX - 1;
+  BSATTN_FWD_TIMELINE_MARK(1);
+  for (int row = tid; row < TM; row += Cfg::NT) {
+    const int P = row0 + row, r = P / p.g;
+    sRow[row] = make_int2(row < rows_valid ? r : -1, P - r * p.g);
+    sLim[row] = p.causal ? w.br * p.R + r + (p.N - p.M) : INT_MAX - 1;
+  }
+  const int32_t* idx = p.indices + lid * p.nnz + rr.start;
+  KvGather<T, Cfg> kv;
+  kv.init(p, idx, len, sOwn, warp, lane);
   if (tid == 0) {
     gs->kvoff = kvoff;
-    gs->idx = p.indices + lid * p.nnz + rr.start;
+    gs->idx = idx;
     gs->len = len;
     gs->qC = BN / p.C;
     gs->rC = BN - gs->qC * p.C;
     gs->qlim_min = p.causal ? qmin + (p.N - p.M) : INT_MAX;
   }
   __syncthreads();
+  BSATTN_FWD_TIMELINE_MARK(2);
 
-  KvGather<T, Cfg> kv;
-  kv.init(p, *gs, sOwn, warp, lane);
   uint32_t pending = 0;  // bit i: this thread saw a row needing the mask in the i-th tile not yet consumed
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) {
     if (s < ntiles) pending |= kv.issue(p, *gs, sK, sV, sKidx, s, warp, lane) << s;
     cp_async_commit();
   }
+  BSATTN_FWD_TIMELINE_MARK(3);
 
   // ---- per-warp state -------------------------------------------------------------------------
   const int wrow0 = wm * MI * 16;                 // warp's first row in the tile
@@ -139,6 +155,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_kernel(const __
     cp_async_wait<S - 2>();
     const bool need_mask = __syncthreads_or(static_cast<int>(pending & 1u)) != 0;
     pending >>= 1;
+    if (t == 0) BSATTN_FWD_TIMELINE_MARK(4);
     if (t + S - 1 < ntiles) pending |= kv.issue(p, *gs, sK, sV, sKidx, (t + S - 1) % S, warp, lane) << (S - 2);
     cp_async_commit();
 
@@ -221,6 +238,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_kernel(const __
   }
 
   // ---- epilogue -------------------------------------------------------------------------------
+  BSATTN_FWD_TIMELINE_MARK(5);
   if constexpr (Cfg::MMA_SUM) {
     // The epilogues sum l over the 4 lanes of a row; lsum is already the whole row's sum in every lane
     // (x 0.25 is exact).
@@ -236,18 +254,19 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_kernel(const __
              static_cast<int64_t>(w.hk) * p.g;
   out.o_rstride = q_rstride;
   out.Hq = p.Hq;
-  out.g = p.g;
-  out.row0 = row0;
-  out.rows_valid = rows_valid;
+  out.sRow = sRow;
   if constexpr (WN == 1) {
     // Warps write their output rows over their own Q rows. The barrier orders that after every
     // thread's Q copies (other warps load a warp's Q rows; with no KV tile there was no barrier yet).
     cp_async_wait<0>();
     __syncthreads();
-    if (warp_active) store_rows_single<T, Cfg>(o, m, l, sQ, out, wrow0, lane);
+    BSATTN_FWD_TIMELINE_MARK(6);
+    if (warp_active) store_rows_single<T, Cfg>(o, m, l, sQ + wrow0 * RS, out, wrow0, lane);
   } else {
+    BSATTN_FWD_TIMELINE_MARK(6);
     merge_and_store<T, Cfg>(o, m, l, sM, sL, reinterpret_cast<float*>(smem), out, wm, wn, tid, lane);
   }
+  BSATTN_FWD_TIMELINE_MARK(7);
 }
 
 }  // namespace cuda

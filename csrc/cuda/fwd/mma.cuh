@@ -48,6 +48,12 @@ __device__ __forceinline__ uint4 ld_shared16(uint32_t src) {
                : "memory");
   return r;
 }
+// 16 bytes to global memory in one instruction: a plain `*(uint4*)p = v` of a value assembled from registers
+// is split by nvcc into four 4-byte stores (4x the store instructions and partial-sector writes).
+__device__ __forceinline__ void st_global16(void* dst, uint4 v) {
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
 __device__ __forceinline__ void st_shared32(uint32_t dst, uint32_t v) {
   asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(dst), "r"(v) : "memory");
 }

@@ -1,0 +1,208 @@
+// Per-CTA timeline of the forward kernel (development tool, no JAX): where the time of one launch goes.
+// Lane 0 of every warp records %globaltimer at the marks of kernel.cuh (BSATTN_FWD_TIMELINE_MARK): 0 start,
+// 1 Q copies issued, 2 prologue barrier passed, 3 first KV tiles issued, 4 first KV tile landed, 5 main loop
+// done, 6 epilogue barrier passed, 7 output stored. Prints the launch time (CUDA events, median) and the mean
+// phase lengths per warp.
+//
+//   nvcc -std=c++17 -O3 --expt-relaxed-constexpr -arch=sm_90 -Icsrc csrc/cuda/dev/timeline_fwd.cu -o timeline_fwd
+//   ./timeline_fwd 4:128:128:0.25 4:64:64:1.0:0.5 ...   (g:R:C:density[:jitter of the row lengths]; M = N = 8192, Hq = 32, D = 128, bf16)
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <cstring>
+#include <vector>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "cuda/dev/harness.h"
+
+constexpr int kMarks = 8, kMaxWarps = 8, kMaxCtas = 1 << 15;
+__device__ unsigned long long g_tl[kMaxCtas][kMaxWarps][kMarks];  // per CTA and warp: %globaltimer at each mark
+__device__ unsigned g_sm[kMaxCtas];
+
+#ifdef TIMELINE_OFF  // (-DTIMELINE_OFF: the same harness timing the kernel without marks)
+#define BSATTN_FWD_TIMELINE_MARK(k)
+#else
+#define BSATTN_FWD_TIMELINE_MARK(k)                                                        \
+  do {                                                                                     \
+    if ((threadIdx.x & 31) == 0 && (threadIdx.x >> 5) < kMaxWarps && blockIdx.x < kMaxCtas) { \
+      unsigned long long t_;                                                               \
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));                               \
+      g_tl[blockIdx.x][threadIdx.x >> 5][k] = t_;                                          \
+      if ((k) == 0 && threadIdx.x == 0) {                                                  \
+        unsigned s_;                                                                       \
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(s_));                                    \
+        g_sm[blockIdx.x] = s_;                                                             \
+      }                                                                                    \
+    }                                                                                      \
+  } while (0)
+#endif
+
+#include "cuda/fwd/launch.cuh"
+
+namespace {
+
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+void run(int g, int R, int C, double density, double jitter, std::mt19937& rng) {
+  const int B = 1, M = 8192, N = 8192, Hq = 32, Hk = Hq / g, D = 128;
+  const int MB = (M + R - 1) / R, NB = (N + C - 1) / C;
+  const int per_row = std::max(1, static_cast<int>(std::lround(density * NB)));
+  std::vector<int32_t> indptr(MB + 1), indices;
+  std::vector<int32_t> cols(NB);
+  for (int j = 0; j < NB; ++j) cols[j] = j;
+  // jitter j: row i holds per_row * (1 + j * u_i) blocks, u_i uniform in [-1, 1], paired so that the total
+  // stays MB * per_row (desynchronises the CTAs without changing the work)
+  std::vector<int> count(MB, per_row);
+  for (int i = 0; i + 1 < MB; i += 2) {
+    const int d = static_cast<int>(std::lround(jitter * per_row * std::uniform_real_distribution<double>(-1, 1)(rng)));
+    const int dd = std::max(-per_row + 1, std::min(std::min(d, NB - per_row), per_row - 1));
+    count[i] += dd, count[i + 1] -= dd;
+  }
+  std::shuffle(count.begin(), count.end(), rng);
+  for (int i = 0; i < MB; ++i) {
+    indptr[i] = static_cast<int32_t>(indices.size());
+    std::shuffle(cols.begin(), cols.end(), rng);
+    std::vector<int32_t> row(cols.begin(), cols.begin() + count[i]);
+    std::sort(row.begin(), row.end());
+    indices.insert(indices.end(), row.begin(), row.end());
+  }
+  indptr[MB] = static_cast<int32_t>(indices.size());
+  const int64_t nnz = static_cast<int64_t>(indices.size());
+
+  std::normal_distribution<float> nd(0.f, 1.f);
+  auto rnd = [&](size_t n) {
+    std::vector<__nv_bfloat16> h(n);
+    for (auto& x : h) x = __float2bfloat16(nd(rng));
+    return h;
+  };
+  const size_t nq = static_cast<size_t>(B) * M * Hq * D, nk = static_cast<size_t>(B) * N * Hk * D;
+  auto* q = to_device(rnd(nq));
+  auto* k = to_device(rnd(nk));
+  auto* v = to_device(rnd(nk));
+  auto* d_indptr = to_device(indptr);
+  auto* d_indices = to_device(indices);
+  __nv_bfloat16* o;
+  float* lse;
+  CK(cudaMalloc(&o, nq * 2));
+  CK(cudaMalloc(&lse, static_cast<size_t>(B) * M * Hq * 4));
+
+  bsattn::cuda::FwdParams fp{};
+  bsattn::cuda::fill_problem(fp, B, M, N, Hq, Hk, R, C, bsattn::cuda::Layout{MB, NB, 1, 1, nnz}, false,
+                             1.f / std::sqrt(static_cast<float>(D)), 0.f);
+  fp.q = q, fp.k = k, fp.v = v, fp.indptr = d_indptr, fp.indices = d_indices, fp.o = o, fp.lse = lse;
+  auto launch = [&] { CK((bsattn::cuda::launch_fwd<bsattn::cuda::kBF16, 128>(fp, 0))); };
+
+  // time: median over 20 launches (each alone between events), after warm-up
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  for (int i = 0; i < 3; ++i) launch();
+  std::vector<double> ms;
+  for (int i = 0; i < 20; ++i) {
+    CK(cudaEventRecord(e0));
+    launch();
+    CK(cudaEventRecord(e1));
+    CK(cudaEventSynchronize(e1));
+    float t;
+    CK(cudaEventElapsedTime(&t, e0, e1));
+    ms.push_back(t);
+  }
+  const double t_ms = median(ms);
+  const double flops = 4.0 * nnz * R * C * D * Hq;
+
+  // BSATTN_FWD_TUNE variants (-DBSATTN_FWD_TUNING builds): compare o and lse with variant REF_TUNE (bitwise)
+  if (const char* ref = std::getenv("REF_TUNE")) {
+    const size_t nl = static_cast<size_t>(B) * M * Hq;
+    std::vector<uint16_t> o1(nq), o2(nq);
+    std::vector<float> l1(nl), l2(nl);
+    CK(cudaMemset(o, 0xff, nq * 2));
+    launch();
+    CK(cudaMemcpy(o1.data(), o, nq * 2, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(l1.data(), lse, nl * 4, cudaMemcpyDeviceToHost));
+    const char* cur = std::getenv("BSATTN_FWD_TUNE");
+    const std::string keep = cur ? cur : "";
+    setenv("BSATTN_FWD_TUNE", ref, 1);
+    CK(cudaMemset(o, 0xff, nq * 2));
+    launch();
+    CK(cudaMemcpy(o2.data(), o, nq * 2, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(l2.data(), lse, nl * 4, cudaMemcpyDeviceToHost));
+    setenv("BSATTN_FWD_TUNE", keep.c_str(), 1);
+    size_t od = 0, ld = 0;
+    for (size_t i = 0; i < nq; ++i) od += o1[i] != o2[i];
+    for (size_t i = 0; i < nl; ++i) ld += std::memcmp(&l1[i], &l2[i], 4) != 0;
+    std::printf("  vs variant %s: %zu of %zu o values differ, %zu of %zu lse\n", ref, od, nq, ld, nl);
+  }
+
+  // timeline of one more launch
+  const size_t nslot = static_cast<size_t>(kMaxCtas) * kMaxWarps * kMarks;
+  std::vector<unsigned long long> tl(nslot, 0);
+  CK(cudaMemcpyToSymbol(g_tl, tl.data(), nslot * 8));
+  launch();
+  CK(cudaDeviceSynchronize());
+  CK(cudaMemcpyFromSymbol(tl.data(), g_tl, nslot * 8));
+  const int packed = R * g, tm = bsattn::cuda::fwd_tile_rows(packed);
+  const int nsplit = (packed + tm - 1) / tm;
+  const int grid = std::min(B * Hk * MB * nsplit, kMaxCtas);
+  unsigned long long t_min = ~0ull, t_max = 0;
+  double ph[kMarks] = {0}, spread3 = 0, spread_end = 0;
+  int n = 0;
+  for (int b = 0; b < grid; ++b) {
+    const auto* r = &tl[static_cast<size_t>(b) * kMaxWarps * kMarks];
+    if (r[0] == 0 || r[kMarks - 1] == 0) continue;
+    int nw = 0;
+    unsigned long long lo3 = ~0ull, hi3 = 0, hi5 = 0;  // (loop end, last mark)
+    for (int w = 0; w < kMaxWarps && r[w * kMarks]; ++w, ++nw) {
+      const auto* x = r + w * kMarks;
+      for (int k = 1; k < kMarks; ++k) ph[k] += (x[k] - x[k - 1]) * 1e-3;
+      lo3 = std::min(lo3, x[5]), hi3 = std::max(hi3, x[5]), hi5 = std::max(hi5, x[kMarks - 1]);
+    }
+    for (int k = 1; k < kMarks; ++k) ph[k] -= 0;  // (means are taken below)
+    spread3 += (hi3 - lo3) * 1e-3;
+    t_min = std::min(t_min, r[0]);
+    t_max = std::max(t_max, hi5);
+    spread_end += 0;
+    n += nw;  // phases are averaged over warps
+  }
+  int ctas = 0;
+  for (int b = 0; b < grid; ++b) ctas += tl[static_cast<size_t>(b) * kMaxWarps * kMarks] != 0;
+  int dev, sms;
+  CK(cudaGetDevice(&dev));
+  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const double span = (t_max - t_min) * 1e-3;
+  std::printf("g%d R%d C%d dens %.3f jitter %.2f: nnz %lld, %d CTAs of %d rows, %.3f ms, %.1f TFLOP/s | span %.1f us | per warp "
+              "(us): Q issue %.2f, barrier %.2f, KV issue %.2f, first tile wait %.2f, loop %.2f, epilogue barrier %.2f, "
+              "store %.2f | "
+              "loop-end spread over a CTA's warps %.2f us\n",
+              g, R, C, density, jitter, static_cast<long long>(nnz), grid, tm, t_ms, flops / t_ms * 1e-9, span, ph[1] / n,
+              ph[2] / n, ph[3] / n, ph[4] / n, ph[5] / n, ph[6] / n, ph[7] / n, spread3 / std::max(1, ctas));
+  std::fflush(stdout);
+  for (void* ptr : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v), static_cast<void*>(d_indptr),
+                    static_cast<void*>(d_indices), static_cast<void*>(o), static_cast<void*>(lse)})
+    CK(cudaFree(ptr));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::mt19937 rng(11);
+  for (int i = 1; i < argc; ++i) {
+    int g, R, C;
+    double dens, jitter = 0;
+    if (std::sscanf(argv[i], "%d:%d:%d:%lf:%lf", &g, &R, &C, &dens, &jitter) < 4) {
+      std::fprintf(stderr, "bad cell %s (want g:R:C:density[:jitter])\n", argv[i]);
+      return 2;
+    }
+    run(g, R, C, dens, jitter, rng);
+  }
+  return 0;
+}
