@@ -40,12 +40,13 @@ struct DqCfg {
   static constexpr int NT8 = NKC / 8;
   static constexpr int CPR = D / 8;
   static constexpr int RS = D * 2;  // bytes per smem row
-  // shared memory: q, do tiles; K and V stages; key index per staged row; lse2, delta, causal limit per row
+  // shared memory: q, do tiles; K and V stages; key index per staged row; lse2, delta, causal limit and
+  // (query row, head) per tile row
   static constexpr int Q_BYTES = TM * RS;
   static constexpr int KV_STAGE = BN * RS;
   static constexpr int KV_BYTES = 2 * STAGES * KV_STAGE;
   static constexpr int KIDX_BYTES = STAGES * BN * 4;
-  static constexpr int ROW_BYTES = 3 * TM * 4;
+  static constexpr int ROW_BYTES = 3 * TM * 4 + TM * 8;
   static constexpr int SMEM = 2 * Q_BYTES + KV_BYTES + KIDX_BYTES + ROW_BYTES;
   static constexpr int OST = D + 8;  // f32 row stride of the WN > 1 merge buffer
   using KvMap = TileMap<D, NT, BN>;
@@ -103,37 +104,25 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_kernel(const
   float* sLse2 = reinterpret_cast<float*>(sKidx + S * BN);
   float* sDl = sLse2 + TM;
   int* sLim = reinterpret_cast<int*>(sDl + TM);
+  int2* sRow = reinterpret_cast<int2*>(sLim + TM);  // (query row in the block row, head); r = -1 for padding
 
   // ---- prologue: q, do tiles; per-row statistics; the first S - 1 KV tiles -----------------------------
   {
-    const T* qg = static_cast<const T*>(p.q) + qoff;
-    const T* dg = static_cast<const T*>(p.dout) + qoff;
-#pragma unroll
-    for (int i = tid; i < TM * CPR; i += Cfg::NT) {
-      const int row = i / CPR, c = i % CPR;
-      const uint32_t so = swz_off<D>(row, c);
-      if (row < rows_valid) {
-        const int P = row0 + row;
-        const int r = P / p.g, j = P - r * p.g;
-        const int64_t go = r * q_rstride + j * D + c * 8;
-        cp_async16(sQ + so, qg + go);
-        cp_async16(sD + so, dg + go);
-      } else {
-        st_shared_zero16(sQ + so);
-        st_shared_zero16(sD + so);
-      }
-    }
+    const uint32_t dst[2] = {sQ, sD};
+    const T* const src[2] = {static_cast<const T*>(p.q) + qoff, static_cast<const T*>(p.dout) + qoff};
+    load_packed_tile<D, TM, Cfg::NT, 2>(dst, src, row0, rows_valid, p.g, q_rstride, tid);
   }
   for (int row = tid; row < TM; row += Cfg::NT) {
     float l2 = INFINITY, dl = 0.f;
     int lim = INT_MAX;
+    const int P = row0 + row;
+    const int r = P / p.g, j = P - r * p.g;
     if (row < rows_valid) {
-      const int P = row0 + row;
-      const int r = P / p.g, j = P - r * p.g;
       const int64_t si = soff + static_cast<int64_t>(r) * p.Hq + j;
       row_stats(__ldg(p.lse + si), __ldg(p.delta + si), l2, dl);
       if (p.causal) lim = br * p.R + r + (p.N - p.M);
     }
+    sRow[row] = make_int2(row < rows_valid ? r : -1, j);
     sLse2[row] = l2;
     sDl[row] = dl;
     sLim[row] = lim;
@@ -312,14 +301,20 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_kernel(const
                       Mma<T>::pack(acc[d][2 * h] * scale, acc[d][2 * h + 1] * scale));
       }
       __syncwarp();
+      // all shared-memory reads first, then the (predicated) global stores
+      constexpr int ITERS = 16 * CPR / 32;
+      uint4 val[ITERS];
+      int2 rj[ITERS];
 #pragma unroll
-      for (int i = lane; i < 16 * CPR; i += 32) {
-        const int row = wrow0 + i / CPR, c = i % CPR;
-        if (row < rows_valid) {
-          const int P = row0 + row;
-          const int r = P / p.g, j = P - r * p.g;
-          st_global16(dqg + r * q_rstride + j * D + c * 8, ld_shared16(sQ + swz_off<D>(row, c)));
-        }
+      for (int it = 0; it < ITERS; ++it) {
+        const int i = lane + 32 * it, row = wrow0 + i / CPR;
+        rj[it] = sRow[row];
+        val[it] = ld_shared16(sQ + swz_off<D>(row, i % CPR));
+      }
+#pragma unroll
+      for (int it = 0; it < ITERS; ++it) {
+        const int c = (lane + 32 * it) % CPR;
+        if (rj[it].x >= 0) st_global16(dqg + rj[it].x * q_rstride + rj[it].y * D + c * 8, val[it]);
       }
     }
   } else {
@@ -336,11 +331,10 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_kernel(const
     __syncthreads();
     for (int i = tid; i < TM * CPR; i += Cfg::NT) {
       const int row = i / CPR, c = i % CPR;
-      if (row < rows_valid) {
+      const int2 rj = sRow[row];
+      if (rj.x >= 0) {
         const uint4 val = sum_partials8<T, WN>(sO + row * OST + c * 8, TM * OST, scale);
-        const int P = row0 + row;
-        const int r = P / p.g, j = P - r * p.g;
-        st_global16(dqg + r * q_rstride + j * D + c * 8, val);
+        st_global16(dqg + rj.x * q_rstride + rj.y * D + c * 8, val);
       }
     }
   }

@@ -1,6 +1,7 @@
 // Device helpers shared by the forward's KV gather (fwd/gather_kv.cuh) and the backward kernels' row gathers
-// (bwd/dq_kernel.cuh: K / V; bwd/dkdv_kernel.cuh: Q / dO): the swizzled shared-memory tile layout, the copy
-// of one tile of gathered row pairs and the pipeline prologue (backward only: routing the forward's through it
+// (bwd/dq_kernel.cuh: K / V; bwd/dkdv_kernel.cuh: Q / dO): the swizzled shared-memory tile layout, the packed
+// query-row tile load (the forward's Q, dq's q and do), the copy of one tile of gathered row pairs and the
+// pipeline prologue (backward only: routing the forward's through it
 // cost the D = 256 forward 6 registers on sm_80). Force-inlined: the generated code is that of the open-coded
 // loops (ptxas register counts unchanged).
 #pragma once
@@ -42,6 +43,38 @@ __device__ __forceinline__ void copy_row_pair_tile(uint32_t sA, uint32_t sB, con
     const uint64_t go = static_cast<uint64_t>(static_cast<uint32_t>(ok ? gr : 0)) * rs32 + c * 8;
     cp_async16_zfill<L1>(sA + so, ga + go, ok ? 16 : 0);
     cp_async16_zfill<L1>(sB + so, gb + go, ok ? 16 : 0);
+  }
+}
+
+// A tile of TM packed rows of a block row (the g query heads sharing a KV head: packed row P = row0 + row is
+// query row r = P / g, head j = P % g; at r * rstride + j * D of each source) -> NTENS swizzled shared-memory
+// tiles. Rows at or past rows_valid (padding of R * g, or past M) are zero-filled. Straight-line: thread tid
+// copies chunk tid % CPR of rows tid / CPR + k * (NT / CPR); (r, j) advance by additions, not a division per
+// chunk (this runs once per CTA, with nothing to hide its latency behind).
+template <int D, int TM, int NT, int NTENS, typename T>
+__device__ __forceinline__ void load_packed_tile(const uint32_t (&dst)[NTENS], const T* const (&src)[NTENS], int row0,
+                                                 int rows_valid, int g, int64_t rstride, int tid) {
+  constexpr int CPR = D / 8, RSTEP = NT / CPR, ITERS = TM * CPR / NT;
+  static_assert(NT % CPR == 0 && (TM * CPR) % NT == 0, "packed tile load layout");
+  const int c = tid % CPR;
+  int row = tid / CPR;
+  const int P = row0 + row;
+  int r = P / g, j = P - r * g;
+  const int dr = RSTEP / g, dj = RSTEP - dr * g;
+  int64_t off = r * rstride + j * D + c * 8;
+  const int64_t doff = dr * rstride + dj * D, wrap = rstride - static_cast<int64_t>(g) * D;
+#pragma unroll
+  for (int it = 0; it < ITERS; ++it, row += RSTEP) {
+    const bool ok = row < rows_valid;
+#pragma unroll
+    for (int k = 0; k < NTENS; ++k)
+      cp_async16_zfill<false>(dst[k] + swz_off<D>(row, c), src[k] + (ok ? off : 0), ok ? 16 : 0);
+    off += doff;
+    j += dj;
+    if (j >= g) {
+      j -= g;
+      off += wrap;
+    }
   }
 }
 

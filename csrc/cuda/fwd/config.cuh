@@ -54,7 +54,7 @@ struct FwdCfg {
   static_assert(NT % CPR == 0 && BN % RPP == 0 && CPR <= 32, "gather layout");
   static_assert(OWN <= 32 && OWN == PASSES * RPW, "one owner lane per key row");
   static_assert(WN == 1 || WN * TM * OSTRIDE * 4 <= Q_BYTES + KV_BYTES, "merge buffer must fit in Q + K/V");
-  static_assert((TM * CPR) % NT == 0, "Q tile load layout");
+  static_assert((TM * CPR) % NT == 0 && NT % CPR == 0, "Q tile load layout (load_packed_tile)");
   static_assert(STAGES >= 2 && STAGES <= 8, "pipeline depth");
   static_assert(SMEM <= 227 * 1024, "shared memory per CTA");
 };

@@ -1,5 +1,5 @@
-// Global -> shared loads of the forward kernel: the CTA's packed Q tile, and KV tiles gathered from the
-// block row's virtual key sequence.
+// The forward kernel's KV gather: KV tiles gathered from the block row's virtual key sequence. (Its packed Q
+// tile is loaded by common/gather.cuh load_packed_tile, shared with the dq kernel.)
 //
 // Shared-memory tiles are rows of D b16 values stored as 16-byte chunks with chunk c of row r at
 // position c ^ (r & 7) (XOR swizzle inside each 128-byte group): cp.async writes and the ldmatrix reads
@@ -21,36 +21,6 @@
 
 namespace bsattn {
 namespace cuda {
-
-// Q tile: TM packed rows; packed row `row` of the tile is query row r = P / g, head j = P % g of the
-// block row (P = row0 + row). Rows at or past `rows_valid` (padding of R * g, or past M) are zero-filled.
-// Straight-line: thread tid copies chunk tid % CPR of rows tid / CPR + k * RSTEP; (r, j) advance by one
-// division's worth per step instead of a division per chunk (this runs once per CTA, with nothing to hide
-// its latency behind).
-template <typename T, class Cfg>
-__device__ __forceinline__ void load_q_tile(uint32_t sQ, const T* qg, int row0, int rows_valid, int g,
-                                            int64_t q_rstride, int tid) {
-  constexpr int D = Cfg::D, CPR = Cfg::CPR, RSTEP = Cfg::NT / CPR, ITERS = Cfg::TM * CPR / Cfg::NT;
-  static_assert(Cfg::NT % CPR == 0 && (Cfg::TM * CPR) % Cfg::NT == 0, "Q tile load layout");
-  const int c = tid % CPR;
-  int row = tid / CPR;
-  const int P = row0 + row;
-  int r = P / g, j = P - r * g;
-  const int dr = RSTEP / g, dj = RSTEP - dr * g;
-  int64_t off = r * q_rstride + j * D + c * 8;
-  const int64_t doff = dr * q_rstride + dj * D, wrap = q_rstride - static_cast<int64_t>(g) * D;
-#pragma unroll
-  for (int it = 0; it < ITERS; ++it, row += RSTEP) {
-    const bool ok = row < rows_valid;
-    cp_async16_zfill<false>(sQ + swz_off<D>(row, c), qg + (ok ? off : 0), ok ? 16 : 0);
-    off += doff;
-    j += dj;
-    if (j >= g) {
-      j -= g;
-      off += wrap;
-    }
-  }
-}
 
 // Gathers the KV tiles of one block row. Thread layout per tile: thread tid copies chunk tid % CPR of
 // rows pass * RPP + tid / CPR. The key index of each row is resolved once, by an "owner" lane of the

@@ -76,7 +76,11 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_kernel(const __
   // ---- prologue: Q tile, CTA constants, then the first S - 1 KV tiles ---------------------------
   // Ordered for latency (nothing runs beside it in this CTA): the Q copies go out first, the owner lanes
   // load their first block indices (after the indptr load above) before the barrier, not after it.
-  load_q_tile<T, Cfg>(sQ, static_cast<const T*>(p.q) + qoff, row0, rows_valid, p.g, q_rstride, tid);
+  {
+    const uint32_t dst[1] = {sQ};
+    const T* const src[1] = {static_cast<const T*>(p.q) + qoff};
+    load_packed_tile<D, TM, Cfg::NT, 1>(dst, src, row0, rows_valid, p.g, q_rstride, tid);
+  }
   BSATTN_FWD_TIMELINE_MARK(1);
   for (int row = tid; row < TM; row += Cfg::NT) {
     const int P = row0 + row, r = P / p.g;
