@@ -22,6 +22,7 @@
 #include "common/bsattn_common.h"
 #include "cuda/bwd/common.cuh"
 #include "cuda/bwd/params.h"
+#include "cuda/common/row_tiles.cuh"
 #include "cuda/fwd/mma.cuh"
 
 namespace bsattn {
@@ -68,13 +69,9 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_kernel(const
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp / WN, wn = warp % WN;
 
-  // ---- which tile (block rows last to first: the heavy rows of causal-like layouts start first) ---------
-  int bid = blockIdx.x;
-  const int split = bid % p.nsplit;
-  bid /= p.nsplit;
-  const int br = p.MB - 1 - bid % p.MB;
-  const int head = bid / p.MB;
-  const int b = head / p.Hk, hk = head - b * p.Hk;
+  // ---- which tile (common/row_tiles.cuh: block rows last to first, the heavy rows of causal-like layouts first)
+  const WorkTile w = decode_work(blockIdx.x, p);
+  const int split = w.split, br = w.br, b = w.b, hk = w.hk;
   const int row0 = split * TM;                          // packed index of the tile's first row
   const int rows_in_block = min(p.R, p.M - br * p.R);    // query rows of this block row
   const int rows_valid = rows_in_block * p.g - row0;     // tile rows [0, rows_valid) are real

@@ -48,15 +48,12 @@ template <int M> struct DkvTile<128, 64, M> : DkvCfg<128, 4, 1, 64, 2, 32, false
 template <int M> struct DkvTile<256, 16, M> : DkvCfg<256, 1, 4, 64, 2, 16, false, M, 1> {};
 template <int M> struct DkvTile<256, 64, M> : DkvCfg<256, 4, 1, 32, 2, 16, false, M, 1> {};
 
-inline int dq_tile_rows(int64_t packed) { return packed <= 16 ? 16 : packed <= 64 ? 64 : 128; }
 inline int dkv_tile_keys(int64_t C) { return C <= 16 ? 16 : C <= 64 ? 64 : 128; }
 
 template <typename T, class Cfg>
 cudaError_t launch_dq_tile(const Params& p0, cudaStream_t stream) {
   Params p = p0;
-  const int64_t packed = static_cast<int64_t>(p.R) * p.g;
-  p.nsplit = static_cast<int>((packed + Cfg::TM - 1) / Cfg::TM);
-  const int64_t grid = static_cast<int64_t>(p.B) * p.Hk * p.MB * p.nsplit;
+  const int64_t grid = row_tile_grid<Cfg::TM>(p);
   static std::atomic<uint64_t> smem_done{0};  // one per (T, Cfg)
   return launch_kernel(bsattn_bwd_dq_kernel<T, Cfg>, grid, Cfg::NT, Cfg::SMEM, Cfg::MINB, smem_done, p, stream);
 }
@@ -109,7 +106,7 @@ cudaError_t launch_dkdv_keys(const Params& p, cudaStream_t stream) {
 template <int kDType, int kD>
 cudaError_t launch_dq(const Params& p, cudaStream_t stream) {
   using T = typename DTypeOf<kDType>::type;
-  switch (dq_tile_rows(static_cast<int64_t>(p.R) * p.g)) {
+  switch (packed_tile_rows(static_cast<int64_t>(p.R) * p.g)) {
     case 16:
       return launch_dq_tile<T, DqTile<kD, 16>>(p, stream);
     case 64:

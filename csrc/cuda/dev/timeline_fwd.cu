@@ -150,7 +150,7 @@ void run(int g, int R, int C, double density, double jitter, std::mt19937& rng) 
   launch();
   CK(cudaDeviceSynchronize());
   CK(cudaMemcpyFromSymbol(tl.data(), g_tl, nslot * 8));
-  const int packed = R * g, tm = bsattn::cuda::fwd_tile_rows(packed);
+  const int packed = R * g, tm = bsattn::cuda::packed_tile_rows(packed);
   const int nsplit = (packed + tm - 1) / tm;
   const int grid = std::min(B * Hk * MB * nsplit, kMaxCtas);
   unsigned long long t_min = ~0ull, t_max = 0;

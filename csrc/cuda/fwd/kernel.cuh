@@ -1,6 +1,6 @@
 // The block-sparse attention forward kernel (FlashAttention-2 style, mma.sync m16n8k16).
 //
-// One CTA = one tile of TM packed rows of one block row (see scheduler.cuh, config.cuh):
+// One CTA = one tile of TM packed rows of one block row (see common/row_tiles.cuh, config.cuh):
 //   1. load the packed Q tile (g query heads sharing a KV head are rows of one tile);
 //   2. walk the block row's gathered key sequence in KV tiles of BN rows, STAGES deep with cp.async
 //      (gather_kv.cuh); per tile, each warp computes S = Q K^T for its rows and key slice, masks it only
@@ -14,12 +14,12 @@
 #include <cstdint>
 
 #include "common/bsattn_common.h"
+#include "cuda/common/row_tiles.cuh"
 #include "cuda/fwd/config.cuh"
 #include "cuda/fwd/epilogue.cuh"
 #include "cuda/fwd/gather_kv.cuh"
 #include "cuda/fwd/mma.cuh"
 #include "cuda/fwd/params.h"
-#include "cuda/fwd/scheduler.cuh"
 #include "cuda/fwd/softmax.cuh"
 
 // Development only (csrc/cuda/dev/timeline_fwd.cu defines it): per-warp timestamps of the kernel's phases.

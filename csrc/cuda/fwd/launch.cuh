@@ -10,10 +10,10 @@
 #include <cuda_runtime.h>
 
 #include "cuda/common/launch.cuh"
+#include "cuda/common/row_tiles.cuh"
 #include "cuda/fwd/config.cuh"
 #include "cuda/fwd/kernel.cuh"
 #include "cuda/fwd/params.h"
-#include "cuda/fwd/scheduler.cuh"
 
 namespace bsattn {
 namespace cuda {
@@ -21,9 +21,7 @@ namespace cuda {
 template <typename T, class Cfg>
 cudaError_t launch_tile(const FwdParams& p0, cudaStream_t stream) {
   FwdParams p = p0;
-  const int64_t packed = static_cast<int64_t>(p.R) * p.g;
-  p.nsplit = static_cast<int>((packed + Cfg::TM - 1) / Cfg::TM);
-  const int64_t grid = static_cast<int64_t>(p.B) * p.Hk * p.MB * p.nsplit;
+  const int64_t grid = row_tile_grid<Cfg::TM>(p);
   static std::atomic<uint64_t> smem_done{0};  // one per (T, Cfg)
   return launch_kernel(bsattn_fwd_kernel<T, Cfg>, grid, Cfg::NT, Cfg::SMEM, Cfg::MINB, smem_done, p, stream);
 }
@@ -59,9 +57,9 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   using T = typename DTypeOf<kDType>::type;
 #ifdef BSATTN_FWD_TUNING
   if constexpr (kD == 128 && kDType == kBF16)
-    return launch_tuning<T>(p, stream, fwd_tile_rows(static_cast<int64_t>(p.R) * p.g));
+    return launch_tuning<T>(p, stream, packed_tile_rows(static_cast<int64_t>(p.R) * p.g));
 #endif
-  switch (fwd_tile_rows(static_cast<int64_t>(p.R) * p.g)) {
+  switch (packed_tile_rows(static_cast<int64_t>(p.R) * p.g)) {
     case 16:
       return launch_tile<T, FwdTile<kD, 16>>(p, stream);
     case 64:
