@@ -23,7 +23,6 @@
 
 constexpr int kMarks = 8, kMaxWarps = 8, kMaxCtas = 1 << 15;
 __device__ unsigned long long g_tl[kMaxCtas][kMaxWarps][kMarks];  // per CTA and warp: %globaltimer at each mark
-__device__ unsigned g_sm[kMaxCtas];
 
 #ifdef TIMELINE_OFF  // (-DTIMELINE_OFF: the same harness timing the kernel without marks)
 #define BSATTN_FWD_TIMELINE_MARK(k)
@@ -34,11 +33,6 @@ __device__ unsigned g_sm[kMaxCtas];
       unsigned long long t_;                                                               \
       asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));                               \
       g_tl[blockIdx.x][threadIdx.x >> 5][k] = t_;                                          \
-      if ((k) == 0 && threadIdx.x == 0) {                                                  \
-        unsigned s_;                                                                       \
-        asm volatile("mov.u32 %0, %%smid;" : "=r"(s_));                                    \
-        g_sm[blockIdx.x] = s_;                                                             \
-      }                                                                                    \
     }                                                                                      \
   } while (0)
 #endif
@@ -153,38 +147,32 @@ void run(int g, int R, int C, double density, double jitter, std::mt19937& rng) 
   const int packed = R * g, tm = bsattn::cuda::packed_tile_rows(packed);
   const int nsplit = (packed + tm - 1) / tm;
   const int grid = std::min(B * Hk * MB * nsplit, kMaxCtas);
+  // phase k = mark k - mark k-1, summed over every warp; the loop-end spread is per CTA (marks 5 of its warps)
   unsigned long long t_min = ~0ull, t_max = 0;
-  double ph[kMarks] = {0}, spread3 = 0, spread_end = 0;
-  int n = 0;
+  double ph[kMarks] = {0}, loop_end_spread = 0;
+  int warps = 0, ctas = 0;
   for (int b = 0; b < grid; ++b) {
     const auto* r = &tl[static_cast<size_t>(b) * kMaxWarps * kMarks];
     if (r[0] == 0 || r[kMarks - 1] == 0) continue;
-    int nw = 0;
-    unsigned long long lo3 = ~0ull, hi3 = 0, hi5 = 0;  // (loop end, last mark)
-    for (int w = 0; w < kMaxWarps && r[w * kMarks]; ++w, ++nw) {
+    unsigned long long end_lo = ~0ull, end_hi = 0, last = 0;
+    for (int w = 0; w < kMaxWarps && r[w * kMarks]; ++w, ++warps) {
       const auto* x = r + w * kMarks;
       for (int k = 1; k < kMarks; ++k) ph[k] += (x[k] - x[k - 1]) * 1e-3;
-      lo3 = std::min(lo3, x[5]), hi3 = std::max(hi3, x[5]), hi5 = std::max(hi5, x[kMarks - 1]);
+      end_lo = std::min(end_lo, x[5]), end_hi = std::max(end_hi, x[5]), last = std::max(last, x[kMarks - 1]);
     }
-    for (int k = 1; k < kMarks; ++k) ph[k] -= 0;  // (means are taken below)
-    spread3 += (hi3 - lo3) * 1e-3;
+    loop_end_spread += (end_hi - end_lo) * 1e-3;
     t_min = std::min(t_min, r[0]);
-    t_max = std::max(t_max, hi5);
-    spread_end += 0;
-    n += nw;  // phases are averaged over warps
+    t_max = std::max(t_max, last);
+    ++ctas;
   }
-  int ctas = 0;
-  for (int b = 0; b < grid; ++b) ctas += tl[static_cast<size_t>(b) * kMaxWarps * kMarks] != 0;
-  int dev, sms;
-  CK(cudaGetDevice(&dev));
-  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   const double span = (t_max - t_min) * 1e-3;
   std::printf("g%d R%d C%d dens %.3f jitter %.2f: nnz %lld, %d CTAs of %d rows, %.3f ms, %.1f TFLOP/s | span %.1f us | per warp "
               "(us): Q issue %.2f, barrier %.2f, KV issue %.2f, first tile wait %.2f, loop %.2f, epilogue barrier %.2f, "
               "store %.2f | "
               "loop-end spread over a CTA's warps %.2f us\n",
-              g, R, C, density, jitter, static_cast<long long>(nnz), grid, tm, t_ms, flops / t_ms * 1e-9, span, ph[1] / n,
-              ph[2] / n, ph[3] / n, ph[4] / n, ph[5] / n, ph[6] / n, ph[7] / n, spread3 / std::max(1, ctas));
+              g, R, C, density, jitter, static_cast<long long>(nnz), grid, tm, t_ms, flops / t_ms * 1e-9, span, ph[1] / warps,
+              ph[2] / warps, ph[3] / warps, ph[4] / warps, ph[5] / warps, ph[6] / warps, ph[7] / warps,
+              loop_end_spread / std::max(1, ctas));
   std::fflush(stdout);
   for (void* ptr : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v), static_cast<void*>(d_indptr),
                     static_cast<void*>(d_indices), static_cast<void*>(o), static_cast<void*>(lse)})
