@@ -30,7 +30,6 @@ import numpy as np
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 
 jax.config.update("jax_enable_x64", False)
 REPO = Path(__file__).resolve().parents[3]
@@ -45,8 +44,9 @@ def _load(name, path):
 
 column_view = _load("_bsattn_column_view", REPO / "jax_bsattn" / "column_view.py").column_view
 monotone_indptr = _load("_bsattn_layout", REPO / "jax_bsattn" / "layout.py").monotone_indptr
-
-DT = {"bf16": (jnp.bfloat16, ml_dtypes.bfloat16), "f16": (jnp.float16, np.float16)}
+_common = _load("_bsattn_check_common", REPO / "csrc" / "cuda" / "dev" / "check_common.py")
+DT, case_inputs, count_matrix, draw_scale, make_layout, rel = (
+    _common.DT, _common.case_inputs, _common.count_matrix, _common.draw_scale, _common.make_layout, _common.rel)
 CPU = jax.devices("cpu")[0]
 
 
@@ -151,65 +151,6 @@ def run_bwd(impl, q, k, v, do, lse, delta, indptr, indices, R, C, scale, softcap
     return _jitted[key](q, k, v, do, lse, delta, indptr, indices)
 
 
-# ---- layouts --------------------------------------------------------------------------------------------
-def make_layout(rng, MB, NB, LB, LH, garbage=False, dup=False, p_empty=0.15, maxk=None):
-    """indptr [LB, LH, MB+1], indices [LB, LH, nnz] with random rows; garbage: invalid indices inside rows, corrupted
-    indptr (before monotone_indptr), valid-looking padding past indptr[MB]."""
-    rows_all, nnz = [], 0
-    for _ in range(LB * LH):
-        rows = []
-        for r in range(MB):
-            if rng.random() < p_empty or NB == 0:
-                cols = []
-            else:
-                kmax = min(NB, maxk or NB)
-                kk = int(rng.integers(1, kmax + 1))
-                cols = sorted(rng.choice(NB, kk, replace=False).tolist())
-            if garbage and rng.random() < 0.4:
-                bad = [-1, NB, NB + 7, 2 ** 31 - 1, -2 ** 31, -(NB + 3)]
-                for _ in range(int(rng.integers(1, 4))):
-                    cols.insert(int(rng.integers(0, len(cols) + 1)), int(rng.choice(bad)))
-            if dup and cols and rng.random() < 0.3:
-                cols += [cols[int(rng.integers(0, len(cols)))]] * int(dup)  # dup = extra copies of one block
-            rows.append(cols)
-        rows_all.append(rows)
-        nnz = max(nnz, sum(len(c) for c in rows))
-    nnz += int(rng.integers(0, 6)) if garbage else int(rng.integers(0, 2))
-    indptr = np.zeros((LB * LH, MB + 1), np.int64)
-    indices = np.zeros((LB * LH, nnz), np.int64)
-    for li, rows in enumerate(rows_all):
-        flat = [c for cols in rows for c in cols]
-        indptr[li, 1:] = np.cumsum([len(c) for c in rows])
-        indices[li, :len(flat)] = flat
-        indices[li, len(flat):] = rng.integers(0, max(NB, 1), nnz - len(flat))  # padding: must never be read
-        if garbage:
-            for _ in range(int(rng.integers(1, 4))):
-                r = int(rng.integers(0, MB + 1))
-                indptr[li, r] = int(rng.choice([-5, -2 ** 31, nnz + 3, 2 ** 31 - 1, indptr[li, r] // 2]))
-    return (indptr.reshape(LB, LH, MB + 1).astype(np.int32), indices.reshape(LB, LH, nnz).astype(np.int32))
-
-
-def count_matrix(indptr, indices, M, N, R, C, causal):
-    """[LB, LH, M, N] multiplicity of each element, read exactly as the contract says (indptr: the monotone one)."""
-    LB, LH, MB1 = indptr.shape
-    MB, nnz, NB = MB1 - 1, indices.shape[2], -(-N // C)
-    cnt = np.zeros((LB, LH, M, N), np.float32)
-    for lb in range(LB):
-        for lh in range(LH):
-            ip = indptr[lb, lh].astype(np.int64)
-            for r in range(MB):
-                s = min(max(ip[r], 0), nnz)
-                e = min(max(ip[r + 1], s), nnz)
-                for c in indices[lb, lh, s:e]:
-                    if 0 <= c < NB:
-                        cnt[lb, lh, r * R:(r + 1) * R, c * C:min((c + 1) * C, N)] += 1
-    if causal:
-        i = np.arange(M)[:, None]
-        j = np.arange(N)[None, :]
-        cnt[:, :, (j > i + (N - M))] = 0
-    return cnt
-
-
 # ---- reference ----------------------------------------------------------------------------------------
 def ref_fwd(q, k, v, cnt, scale, softcap):
     """Dense attention of the contract: q [B,M,Hq,D], k/v [B,N,Hk,D], cnt [LB,LH,M,N] multiplicities."""
@@ -257,32 +198,16 @@ def reference(q, k, v, do, dlse, cnt, scale, softcap, dtype):
                 tuple(np.asarray(x.astype(jnp.float32)) for x in g))
 
 
-def rel(a, b):
-    nb = np.linalg.norm(b)
-    return float(np.linalg.norm(a - b) / nb) if nb > 0 else float(np.linalg.norm(a))
-
-
 def check_case(rng, cfg, impl):
     B, M, N, Hk, g, D = cfg["B"], cfg["M"], cfg["N"], cfg["Hk"], cfg["g"], cfg["D"]
     R, C, causal, softcap = cfg["R"], cfg["C"], cfg["causal"], cfg["softcap"]
-    jdt, ndt = DT[cfg["dtype"]]
     Hq = Hk * g
-    MB, NB = -(-M // R), -(-N // C)
-    LB = B if cfg["per_batch"] else 1
-    LH = Hk if cfg["per_head"] else 1
-    indptr, indices = make_layout(rng, MB, NB, LB, LH, garbage=cfg["garbage"], dup=cfg.get("dup", False),
-                                  p_empty=cfg.get("p_empty", 0.15), maxk=cfg.get("maxk"))
-    if cfg.get("nnz0"):
-        indptr = np.zeros_like(indptr)
-        indices = np.zeros((LB, LH, 0), np.int32)
-    q = rng.standard_normal((B, M, Hq, D)).astype(ndt)
-    k = rng.standard_normal((B, N, Hk, D)).astype(ndt)
-    v = rng.standard_normal((B, N, Hk, D)).astype(ndt)
+    ndt, jdt, indptr, indices, q, k, v = case_inputs(rng, cfg)
     do = rng.standard_normal((B, M, Hq, D)).astype(ndt)
     dlse = (rng.standard_normal((B, M, Hq)) * (0.5 if cfg.get("dlse", True) else 0.0)).astype(np.float32)
-    scale = float(cfg.get("scale", 1.0 / math.sqrt(D) * rng.uniform(0.5, 2.0)))
+    scale = draw_scale(rng, cfg)
     ipm = np.asarray(monotone_indptr(jnp.asarray(indptr), indices.shape[-1]))
-    cnt = count_matrix(ipm, indices, M, N, R, C, causal)
+    cnt = count_matrix(ipm, indices, M, N, R, C, causal, dtype=np.float32)
     res = dict(cfg, scale=scale)
     if M > 0 and N > 0:
         o32, lse32, (rq, rk, rv) = reference(q, k, v, do, dlse, cnt, scale, softcap, jnp.float32)

@@ -9,22 +9,19 @@ rounded to bf16 / f16) as error budget: pass when ||o - ref|| / ||ref|| <= 2 * e
 likewise, -inf lse exactly where the reference has an empty row, o == 0 there, no NaN anywhere.
 --sanitize runs a few small garbage-layout cases without references (for compute-sanitizer).
 """
-import argparse, itertools, json, math, os, sys, time
+import argparse, itertools, json, os, sys, time
 
 import numpy as np
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 
 import _bsattn_cuda
+from check_common import DT, case_inputs, count_matrix, draw_scale, make_layout, rel  # (this folder)
 
 for _n, _c in _bsattn_cuda.registrations().items():
     jax.ffi.register_ffi_target(_n, _c, platform="CUDA")
-
-DT = {"bf16": (jnp.bfloat16, ml_dtypes.bfloat16), "f16": (jnp.float16, np.float16)}
-
 
 def fwd_call(q, k, v, indptr, indices, R, C, scale, softcap, causal):
     B, M, Hq, D = q.shape
@@ -42,67 +39,6 @@ def run_kernel(q, k, v, indptr, indices, R, C, scale, softcap, causal):
     if key not in _jitted:
         _jitted[key] = jax.jit(lambda q, k, v, ip, ix: fwd_call(q, k, v, ip, ix, *key))
     return _jitted[key](q, k, v, indptr, indices)
-
-
-# ---- layouts --------------------------------------------------------------------------------------
-def make_layout(rng, MB, NB, LB, LH, garbage=False, dup=False, p_empty=0.15, maxk=None):
-    """indptr [LB, LH, MB+1], indices [LB, LH, nnz] with random rows; garbage: invalid indices inside rows,
-    corrupted indptr, valid-looking padding past indptr[MB]."""
-    rows_all, nnz = [], 0
-    for _ in range(LB * LH):
-        rows = []
-        for r in range(MB):
-            if rng.random() < p_empty or NB == 0:
-                cols = []
-            else:
-                kmax = min(NB, maxk or NB)
-                kk = int(rng.integers(1, kmax + 1))
-                cols = sorted(rng.choice(NB, kk, replace=False).tolist())
-            if garbage and rng.random() < 0.4:
-                bad = [-1, NB, NB + 7, 2 ** 31 - 1, -2 ** 31, -(NB + 3)]
-                for _ in range(int(rng.integers(1, 4))):
-                    cols.insert(int(rng.integers(0, len(cols) + 1)), int(rng.choice(bad)))
-            if dup and cols and rng.random() < 0.3:
-                cols.append(cols[int(rng.integers(0, len(cols)))])
-            rows.append(cols)
-        rows_all.append(rows)
-        nnz = max(nnz, sum(len(c) for c in rows))
-    pad = int(rng.integers(0, 6)) if garbage else int(rng.integers(0, 2))
-    nnz += pad
-    indptr = np.zeros((LB * LH, MB + 1), np.int64)
-    indices = np.zeros((LB * LH, nnz), np.int64)
-    for li, rows in enumerate(rows_all):
-        flat = [c for cols in rows for c in cols]
-        indptr[li, 1:] = np.cumsum([len(c) for c in rows])
-        indices[li, :len(flat)] = flat
-        # padding: valid-looking block indices that must never be read as part of a row
-        indices[li, len(flat):] = rng.integers(0, max(NB, 1), nnz - len(flat))
-        if garbage:
-            for _ in range(int(rng.integers(1, 4))):
-                r = int(rng.integers(0, MB + 1))
-                indptr[li, r] = int(rng.choice([-5, -2 ** 31, nnz + 3, 2 ** 31 - 1, indptr[li, r] // 2]))
-    return (indptr.reshape(LB, LH, MB + 1).astype(np.int32), indices.reshape(LB, LH, nnz).astype(np.int32))
-
-
-def count_matrix(indptr, indices, M, N, R, C, causal):
-    """[LB, LH, M, N] multiplicity of each element, read exactly as the contract says."""
-    LB, LH, MB1 = indptr.shape
-    MB, nnz, NB = MB1 - 1, indices.shape[2], (N + C - 1) // C
-    cnt = np.zeros((LB, LH, M, N), np.float64)
-    for lb in range(LB):
-        for lh in range(LH):
-            ip = indptr[lb, lh].astype(np.int64)
-            for r in range(MB):
-                s = min(max(ip[r], 0), nnz)
-                e = min(max(ip[r + 1], s), nnz)
-                for c in indices[lb, lh, s:e]:
-                    if 0 <= c < NB:
-                        cnt[lb, lh, r * R:(r + 1) * R, c * C:min((c + 1) * C, N)] += 1
-    if causal:
-        i = np.arange(M)[:, None]
-        j = np.arange(N)[None, :]
-        cnt[:, :, (j > i + (N - M))] = 0
-    return cnt
 
 
 def reference(q, k, v, cnt, scale, softcap, lowp=None):
@@ -131,28 +67,11 @@ def reference(q, k, v, cnt, scale, softcap, lowp=None):
     return o.transpose(0, 2, 1, 3), lse.transpose(0, 2, 1)
 
 
-def rel(a, b):
-    nb = np.linalg.norm(b)
-    return float(np.linalg.norm(a - b) / nb) if nb > 0 else float(np.linalg.norm(a))
-
-
 def check_case(rng, cfg):
-    B, M, N, Hk, g, D = cfg["B"], cfg["M"], cfg["N"], cfg["Hk"], cfg["g"], cfg["D"]
+    M, N = cfg["M"], cfg["N"]
     R, C, causal, softcap = cfg["R"], cfg["C"], cfg["causal"], cfg["softcap"]
-    jdt, ndt = DT[cfg["dtype"]]
-    Hq = Hk * g
-    MB, NB = -(-M // R), -(-N // C)
-    LB = B if cfg["per_batch"] else 1
-    LH = Hk if cfg["per_head"] else 1
-    indptr, indices = make_layout(rng, MB, NB, LB, LH, garbage=cfg["garbage"], dup=cfg.get("dup", False),
-                                  p_empty=cfg.get("p_empty", 0.15), maxk=cfg.get("maxk"))
-    if cfg.get("nnz0"):
-        indptr = np.zeros_like(indptr)
-        indices = np.zeros((LB, LH, 0), np.int32)
-    q = rng.standard_normal((B, M, Hq, D)).astype(ndt)
-    k = rng.standard_normal((B, N, Hk, D)).astype(ndt)
-    v = rng.standard_normal((B, N, Hk, D)).astype(ndt)
-    scale = float(cfg.get("scale", 1.0 / math.sqrt(D) * rng.uniform(0.5, 2.0)))
+    ndt, jdt, indptr, indices, q, k, v = case_inputs(rng, cfg)
+    scale = draw_scale(rng, cfg)
     o, lse = run_kernel(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(indptr), jnp.asarray(indices),
                         R, C, scale, softcap, causal)
     o = np.asarray(o.astype(jnp.float32)).astype(np.float64)
