@@ -22,6 +22,12 @@ struct OutRows {
   const int2* sRow;  // per tile row: (query row in the block row, head in the group); r = -1 for padding
 };
 
+// Sum over the 4 lanes holding one row of an m16n8 accumulator (lanes 4r .. 4r + 3).
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
 __device__ __forceinline__ float finish_lse(float m, float l) {
   return l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
 }
@@ -31,17 +37,14 @@ __device__ __forceinline__ float finish_lse(float m, float l) {
 // no CTA barrier needed.
 template <typename T, class Cfg>
 __device__ __forceinline__ void store_rows_single(float (&o)[Cfg::MI][Cfg::D / 8][4], const float (&m)[Cfg::MI][2],
-                                                  float (&l)[Cfg::MI][2], uint32_t sOw, const OutRows& out,
+                                                  const float (&l)[Cfg::MI][2], uint32_t sOw, const OutRows& out,
                                                   int wrow0, int lane) {
   constexpr int D = Cfg::D, MI = Cfg::MI, CPR = Cfg::CPR, ITERS = MI * 16 * CPR / 32;
 #pragma unroll
   for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      float lv = l[mi][h];
-      lv += __shfl_xor_sync(0xffffffffu, lv, 1);
-      lv += __shfl_xor_sync(0xffffffffu, lv, 2);
-      l[mi][h] = lv;
+      const float lv = quad_sum(l[mi][h]);
       const int wrow = mi * 16 + (lane >> 2) + 8 * h;  // row within the warp's strip
       const int2 rj = out.sRow[wrow0 + wrow];
       if ((lane & 3) == 0 && rj.x >= 0) out.lseg[static_cast<int64_t>(rj.x) * out.Hq + rj.y] = finish_lse(m[mi][h], lv);
@@ -84,9 +87,7 @@ __device__ __forceinline__ void merge_and_store(float (&o)[Cfg::MI][Cfg::D / 8][
   for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      float lv = l[mi][h];
-      lv += __shfl_xor_sync(0xffffffffu, lv, 1);
-      lv += __shfl_xor_sync(0xffffffffu, lv, 2);
+      const float lv = quad_sum(l[mi][h]);
       lq[mi][h] = lv;
       const int row = wm * MI * 16 + mi * 16 + (lane >> 2) + 8 * h;
       if ((lane & 3) == 0) sM[wn * TM + row] = m[mi][h];
