@@ -38,7 +38,8 @@ struct GatherShared {
   int qlim_min;        // causal: keys above this need the mask for some row of the tile (else INT_MAX)
 };
 
-template <typename T, class Cfg>
+// Layout: the stage buffers' tile layout (common/gather.cuh; the mma.sync kernel's RowSwizzle by default).
+template <typename T, class Cfg, class Layout = RowSwizzle<Cfg::D>>
 struct KvGather {
   static constexpr int D = Cfg::D, BN = Cfg::BN, CPR = Cfg::CPR, RPP = Cfg::RPP, RPW = Cfg::RPW;
 
@@ -65,6 +66,12 @@ struct KvGather {
   // indices; returns 1 when this thread saw a row of the tile that needs the mask.
   __device__ __forceinline__ uint32_t issue(const FwdParams& p, const GatherShared& gs, uint32_t sK, uint32_t sV,
                                             int* sKidx, int stage, int warp, int lane) {
+    return issue(p, gs, sK, sV, sKidx, stage, stage, warp, lane);
+  }
+  // The same with K (and its key indices) into K stage `kstage`, V into V stage `vstage` (pipelines that keep
+  // V tiles longer than K tiles).
+  __device__ __forceinline__ uint32_t issue(const FwdParams& p, const GatherShared& gs, uint32_t sK, uint32_t sV,
+                                            int* sKidx, int kstage, int vstage, int warp, int lane) {
     const bool owner = lane < Cfg::OWN;
     int key = INT_MAX;
     uint32_t flag = 0;
@@ -77,7 +84,7 @@ struct KvGather {
           if (kk < p.N) key = kk;
         }
       }
-      sKidx[stage * BN + owner_row(warp, lane)] = key;
+      sKidx[kstage * BN + owner_row(warp, lane)] = key;
       flag = (key == INT_MAX || key > gs.qlim_min) ? 1u : 0u;
       // advance to the next tile: BN virtual positions = qC whole blocks + rC keys
       st.x += gs.qC;
@@ -94,9 +101,9 @@ struct KvGather {
     const T* kg = static_cast<const T*>(p.k) + kvoff;
     const T* vg = static_cast<const T*>(p.v) + kvoff;
     const int64_t rstride = static_cast<int64_t>(p.Hk) * D;
-    const uint32_t sKs = sK + stage * Cfg::KV_STAGE_BYTES, sVs = sV + stage * Cfg::KV_STAGE_BYTES;
-    copy_row_pair_tile<D, Cfg::PASSES, RPP, RPW, Cfg::KV_L1>(sKs, sVs, kg, vg, key, rstride, warp, lane,
-                                                             [](int kp) { return kp != INT_MAX; });
+    const uint32_t sKs = sK + kstage * Cfg::KV_STAGE_BYTES, sVs = sV + vstage * Cfg::KV_STAGE_BYTES;
+    copy_row_pair_tile<D, Cfg::PASSES, RPP, RPW, Cfg::KV_L1, Layout>(sKs, sVs, kg, vg, key, rstride, warp, lane,
+                                                                     [](int kp) { return kp != INT_MAX; });
     return flag;
   }
 };

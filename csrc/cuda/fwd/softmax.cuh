@@ -56,9 +56,11 @@ __device__ __forceinline__ void mask_scores(float (&s)[MI][NT8][4], const int* k
   }
 }
 
-// One online-softmax step: updates the running max m and (thread-partial) sum l of the thread's rows,
-// rescales the output accumulator o[MI][DT][4] (skipped when no row of the warp has a new max, the
-// common case once a few tiles are in), and turns s into probabilities exp2(s2 - m).
+// One online-softmax step, in two parts (online_softmax below runs both): softmax_probs updates the running
+// max m and (thread-partial) sum l of the thread's rows, turns s into probabilities exp2(s2 - m) and gives
+// the factor alpha by which the output accumulator must be rescaled, returning whether any row of the warp
+// has a new max (else alpha = 1 everywhere: the common case once a few tiles are in); rescale_acc applies
+// alpha to o[MI][DT][4] (and lsum).
 // Rows with nothing seen so far keep m = -inf and use 0 as reference (never -inf - -inf).
 // s holds scores in units of 1 / mul (mul > 0: raw q.k with mul = scale * log2(e); or already
 // transformed scores with mul = 1).
@@ -66,10 +68,9 @@ __device__ __forceinline__ void mask_scores(float (&s)[MI][NT8][4], const int* k
 // MMA_SUM: the row sums are not taken here but by the tensor cores (P times a column of ones, in the PV
 // loop, into `lsum`, an m16n8 accumulator whose every column is the row sum); this step then only rescales
 // lsum with o, and leaves l alone.
-template <int MI, int NT8, int DT, bool MMA_SUM>
-__device__ __forceinline__ void online_softmax(float (&s)[MI][NT8][4], float mul, float (&m)[MI][2],
-                                               float (&l)[MI][2], float (&o)[MI][DT][4], float (&lsum)[MI][4]) {
-  float alpha[MI][2];
+template <int MI, int NT8, bool MMA_SUM>
+__device__ __forceinline__ bool softmax_probs(float (&s)[MI][NT8][4], float mul, float (&m)[MI][2], float (&l)[MI][2],
+                                              float (&alpha)[MI][2]) {
   bool grew = false;
 #pragma unroll
   for (int mi = 0; mi < MI; ++mi)
@@ -105,26 +106,36 @@ __device__ __forceinline__ void online_softmax(float (&s)[MI][NT8][4], float mul
         l[mi][h] = l[mi][h] * alpha[mi][h] + t[0];
       }
     }
-  if (__any_sync(0xffffffffu, grew)) {
+  return __any_sync(0xffffffffu, grew);
+}
+
+template <int MI, int DT, bool MMA_SUM>
+__device__ __forceinline__ void rescale_acc(float (&o)[MI][DT][4], float (&lsum)[MI][4], const float (&alpha)[MI][2]) {
 #pragma unroll
-    for (int mi = 0; mi < MI; ++mi)
+  for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-      for (int d = 0; d < DT; ++d) {
-        o[mi][d][0] *= alpha[mi][0];
-        o[mi][d][1] *= alpha[mi][0];
-        o[mi][d][2] *= alpha[mi][1];
-        o[mi][d][3] *= alpha[mi][1];
-      }
-    if constexpr (MMA_SUM) {
+    for (int d = 0; d < DT; ++d) {
+      o[mi][d][0] *= alpha[mi][0];
+      o[mi][d][1] *= alpha[mi][0];
+      o[mi][d][2] *= alpha[mi][1];
+      o[mi][d][3] *= alpha[mi][1];
+    }
+  if constexpr (MMA_SUM) {
 #pragma unroll
-      for (int mi = 0; mi < MI; ++mi) {
-        lsum[mi][0] *= alpha[mi][0];
-        lsum[mi][1] *= alpha[mi][0];
-        lsum[mi][2] *= alpha[mi][1];
-        lsum[mi][3] *= alpha[mi][1];
-      }
+    for (int mi = 0; mi < MI; ++mi) {
+      lsum[mi][0] *= alpha[mi][0];
+      lsum[mi][1] *= alpha[mi][0];
+      lsum[mi][2] *= alpha[mi][1];
+      lsum[mi][3] *= alpha[mi][1];
     }
   }
+}
+
+template <int MI, int NT8, int DT, bool MMA_SUM>
+__device__ __forceinline__ void online_softmax(float (&s)[MI][NT8][4], float mul, float (&m)[MI][2],
+                                               float (&l)[MI][2], float (&o)[MI][DT][4], float (&lsum)[MI][4]) {
+  float alpha[MI][2];
+  if (softmax_probs<MI, NT8, MMA_SUM>(s, mul, m, l, alpha)) rescale_acc<MI, DT, MMA_SUM>(o, lsum, alpha);
 }
 
 }  // namespace cuda
