@@ -50,6 +50,23 @@ cudaError_t opt_in_smem(Kernel kernel, int bytes, int ctas, std::atomic<uint64_t
   return cudaSuccess;
 }
 
+// Whether the current device is compute capability 9.0 exactly (H100 / H200): the only one that runs sm_90a
+// code (wgmma). Queried once per device.
+inline bool device_runs_sm90a() {
+  static std::atomic<uint64_t> known{0}, yes{0};  // per device bit
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev >= 64) return false;
+  const uint64_t bit = uint64_t{1} << dev;
+  if (known.load(std::memory_order_acquire) & bit) return (yes.load(std::memory_order_relaxed) & bit) != 0;
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
+    return false;
+  if (major == 9 && minor == 0) yes.fetch_or(bit, std::memory_order_relaxed);
+  known.fetch_or(bit, std::memory_order_release);
+  return major == 9 && minor == 0;
+}
+
 // Launches `kernel(p)` on `grid` CTAs of `threads` threads with `smem` bytes of dynamic shared memory, after
 // the opt-in above (`ctas` CTAs per SM, `done` owned by the caller, one per kernel). An empty grid launches
 // nothing; a grid beyond INT_MAX CTAs is cudaErrorInvalidConfiguration. Returns cudaGetLastError().

@@ -18,12 +18,27 @@
 namespace bsattn {
 namespace cuda {
 
-template <typename T, class Cfg>
-cudaError_t launch_tile(const FwdParams& p0, cudaStream_t stream) {
+// BSATTN_FWD_KERNEL=mma: the mma.sync kernel everywhere (A / B comparisons, a fallback); read once.
+inline bool env_forces_mma_fwd() {
+  static const bool forced = [] {
+    const char* e = std::getenv("BSATTN_FWD_KERNEL");
+    return e != nullptr && std::strcmp(e, "mma") == 0;
+  }();
+  return forced;
+}
+
+// One CTA per tile of Cfg::TM packed rows (common/row_tiles.cuh), for either forward kernel.
+template <auto Kernel, class Cfg>
+cudaError_t launch_row_tiles(const FwdParams& p0, cudaStream_t stream) {
   FwdParams p = p0;
   const int64_t grid = row_tile_grid<Cfg::TM>(p);
-  static std::atomic<uint64_t> smem_done{0};  // one per (T, Cfg)
-  return launch_kernel(bsattn_fwd_kernel<T, Cfg>, grid, Cfg::NT, Cfg::SMEM, Cfg::MINB, smem_done, p, stream);
+  static std::atomic<uint64_t> smem_done{0};  // one per kernel
+  return launch_kernel(Kernel, grid, Cfg::NT, Cfg::SMEM, Cfg::MINB, smem_done, p, stream);
+}
+
+template <typename T, class Cfg>
+cudaError_t launch_tile(const FwdParams& p, cudaStream_t stream) {
+  return launch_row_tiles<bsattn_fwd_kernel<T, Cfg>, Cfg>(p, stream);
 }
 
 #ifdef BSATTN_FWD_TUNING
@@ -52,8 +67,9 @@ cudaError_t launch_tuning(const FwdParams& p, cudaStream_t stream, int tm) {
 }
 #endif
 
+// The mma.sync kernel (sm_80 and up), every tile size.
 template <int kDType, int kD>
-cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
+cudaError_t launch_fwd_mma(const FwdParams& p, cudaStream_t stream) {
   using T = typename DTypeOf<kDType>::type;
 #ifdef BSATTN_FWD_TUNING
   if constexpr (kD == 128 && kDType == kBF16)
@@ -67,6 +83,19 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
     default:
       return launch_tile<T, FwdTile<kD, 128>>(p, stream);
   }
+}
+
+// Tiles of 64 and 128 packed rows run the wgmma kernel (fwd_sm90/) on a compute capability 9.0 device when the
+// module has it (D = 64, 128); everything else, or BSATTN_FWD_KERNEL=mma in the environment, the mma.sync one.
+template <int kDType, int kD>
+cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
+#ifdef BSATTN_WITH_SM90
+  if constexpr (kD == 64 || kD == 128) {
+    const int tm = packed_tile_rows(static_cast<int64_t>(p.R) * p.g);
+    if (tm >= 64 && device_runs_sm90a() && !env_forces_mma_fwd()) return launch_fwd_sm90<kDType, kD>(p, stream, tm);
+  }
+#endif
+  return launch_fwd_mma<kDType, kD>(p, stream);
 }
 
 }  // namespace cuda

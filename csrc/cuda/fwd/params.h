@@ -25,9 +25,15 @@ struct FwdParams : ProblemParams {
   int nsplit;              // 128-row tiles per block row (set by the launcher)
 };
 
-// Launches the forward kernel on `stream` (picking the tile for R * g); returns cudaGetLastError().
+// Launches the forward kernel on `stream` (picking the kernel and tile for the device and R * g); returns
+// cudaGetLastError().
 template <int kDType, int kD>
 cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream);
+
+// Built for sm_90a only (fwd_sm90/instantiations, when the build's archs include 90): the wgmma kernel for
+// tiles of `tile_rows` = 64 or 128 packed rows, D = 64 or 128. launch_fwd calls it on compute capability 9.0.
+template <int kDType, int kD>
+cudaError_t launch_fwd_sm90(const FwdParams& p, cudaStream_t stream, int tile_rows);
 
 }  // namespace cuda
 }  // namespace bsattn

@@ -1,0 +1,95 @@
+// The set-up of a forward CTA that does not depend on its math (used by the wgmma kernel, fwd_sm90/kernel.cuh):
+// which tile the CTA computes and which of its rows are real, the block row's list of blocks, the q / o / k / v
+// offsets, and the per-CTA tables in shared memory (the (query row, head) and causal limit of every tile row, the
+// gather's constants). The mma.sync kernel (fwd/kernel.cuh) computes the same inline: routed through these
+// helpers its 128-row D = 128 tile went from 4 to 28 bytes of spills (registers allocated differently), so its
+// timed code stays as it was.
+#pragma once
+
+#include <climits>
+#include <cstdint>
+
+#include "common/bsattn_common.h"
+#include "cuda/common/row_tiles.cuh"
+#include "cuda/fwd/epilogue.cuh"
+#include "cuda/fwd/gather_kv.cuh"
+#include "cuda/fwd/params.h"
+
+namespace bsattn {
+namespace cuda {
+
+struct FwdTileSetup {
+  WorkTile w;
+  int row0;        // packed index of the tile's first row
+  int rows_valid;  // tile rows [0, rows_valid) are real (may exceed the tile: a split block row)
+  int qmin;        // smallest query row of the tile
+  int len;         // blocks listed in the block row
+  int ntiles;      // KV tiles of BN keys over them
+  int64_t q_rstride, qoff, kvoff;  // Hq * D; q / o of the tile's first (row, head); k / v of (b, hk)
+  const int32_t* idx;              // the block row's list of block indices
+};
+
+// Fills `t` for CTA blockIdx.x with TM-row tiles and BN-key KV tiles; false when the tile is past the last
+// query row (uniform: the CTA returns).
+template <int D, int TM, int BN>
+__device__ __forceinline__ bool fwd_tile_setup(const FwdParams& p, FwdTileSetup& t) {
+  t.w = decode_work(blockIdx.x, p);
+  const WorkTile& w = t.w;
+  t.row0 = w.split * TM;
+  const int rows_in_block = min(p.R, p.M - w.br * p.R);
+  t.rows_valid = rows_in_block * p.g - t.row0;
+  if (t.rows_valid <= 0) return false;
+  t.qmin = w.br * p.R + t.row0 / p.g;
+
+  const int64_t lid = static_cast<int64_t>(p.LB > 1 ? w.b : 0) * p.LH + (p.LH > 1 ? w.hk : 0);
+  const RowRange rr = row_range(p.indptr + lid * (p.MB + 1), w.br, p.nnz);
+  t.len = static_cast<int>(rr.end - rr.start);
+  const int64_t ntiles64 = (static_cast<int64_t>(t.len) * p.C + BN - 1) / BN;
+  t.ntiles = ntiles64 > INT_MAX ? INT_MAX : static_cast<int>(ntiles64);
+  t.idx = p.indices + lid * p.nnz + rr.start;
+
+  t.q_rstride = static_cast<int64_t>(p.Hq) * D;
+  t.qoff = (static_cast<int64_t>(w.b) * p.M + static_cast<int64_t>(w.br) * p.R) * t.q_rstride +
+           static_cast<int64_t>(w.hk) * p.g * D;
+  t.kvoff = (static_cast<int64_t>(w.b) * p.N * p.Hk + w.hk) * D;
+  return true;
+}
+
+// Per tile row: (query row in the block row, head in the group), r = -1 for padding; the causal limit
+// i + N - M of its query row i (else INT_MAX - 1).
+template <int TM, int NT>
+__device__ __forceinline__ void fill_row_tables(const FwdParams& p, const FwdTileSetup& t, int2* sRow, int* sLim,
+                                                int tid) {
+  for (int row = tid; row < TM; row += NT) {
+    const int P = t.row0 + row, r = P / p.g;
+    sRow[row] = make_int2(row < t.rows_valid ? r : -1, P - r * p.g);
+    sLim[row] = p.causal ? t.w.br * p.R + r + (p.N - p.M) : INT_MAX - 1;
+  }
+}
+
+// The gather's per-CTA constants (one thread writes them; a barrier must follow).
+template <int BN>
+__device__ __forceinline__ void fill_gather_shared(const FwdParams& p, const FwdTileSetup& t, GatherShared* gs) {
+  gs->kvoff = t.kvoff;
+  gs->idx = t.idx;
+  gs->len = t.len;
+  gs->qC = BN / p.C;
+  gs->rC = BN - gs->qC * p.C;
+  gs->qlim_min = p.causal ? t.qmin + (p.N - p.M) : INT_MAX;
+}
+
+// Where the epilogue writes the tile's o and lse.
+template <typename T>
+__device__ __forceinline__ OutRows tile_out_rows(const FwdParams& p, const FwdTileSetup& t, const int2* sRow) {
+  OutRows out;
+  out.og = static_cast<T*>(p.o) + t.qoff;
+  out.lseg = p.lse + (static_cast<int64_t>(t.w.b) * p.M + static_cast<int64_t>(t.w.br) * p.R) * p.Hq +
+             static_cast<int64_t>(t.w.hk) * p.g;
+  out.o_rstride = t.q_rstride;
+  out.Hq = p.Hq;
+  out.sRow = sRow;
+  return out;
+}
+
+}  // namespace cuda
+}  // namespace bsattn

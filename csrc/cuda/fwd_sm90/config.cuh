@@ -1,0 +1,72 @@
+// Tile configurations of the Hopper forward kernel (fwd_sm90/kernel.cuh).
+//
+// A CTA owns TM = 64 NWG packed query rows; each of its NWG warpgroups owns 64 of them and computes them with
+// wgmma (m64nNk16): S = Q K^T with Q and K from shared memory, O += P V with P from registers. The block row's
+// gathered keys come in KV tiles of BN rows, STAGES deep (cp.async, the forward's gather). All tiles use the
+// 128-byte-swizzled canonical layout (common/gather.cuh AtomSwizzle).
+#pragma once
+
+namespace bsattn {
+namespace cuda {
+
+template <int D_, int NWG_, int BN_, int KST_, int VST_, int MINB_, bool OVERLAP_>
+struct Sm90FwdCfg {
+  static constexpr int D = D_, NWG = NWG_, BN = BN_;
+  // K and V stages. OVERLAP: each warpgroup issues S = Q K^T of tile t before O += P V of tile t - 1 and runs
+  // the softmax of t while the tensor cores finish P V (V tiles live one tile longer: VST >= KST + 1);
+  // else one stage count for both (KST == VST) and the two products of a tile run back to back.
+  static constexpr int KST = KST_, VST = VST_;
+  static constexpr bool OVERLAP = OVERLAP_;
+  // KV tiles in flight ahead of the one being computed
+  static constexpr int PF = OVERLAP ? (KST - 1 < VST - 2 ? KST - 1 : VST - 2) : KST - 1;
+  static constexpr int MINB = MINB_;  // CTAs per SM asked of the register allocator (and the carveout)
+  static constexpr int NWARPS = 4 * NWG, NT = NWARPS * 32;
+  static constexpr int TM = 64 * NWG;  // packed rows per CTA
+  static constexpr int MI = 1;         // m16 strips per warp (the epilogue's view: warp w owns rows 16 w ...)
+  static constexpr bool KV_L1 = false;
+  // KV gather layout (fwd/gather_kv.cuh): threads per row, rows per pass, passes per tile, rows per warp
+  // instruction, key rows resolved per warp per tile
+  static constexpr int CPR = D / 8;
+  static constexpr int RPP = NT / CPR;
+  static constexpr int PASSES = BN / RPP;
+  static constexpr int RPW = 32 / CPR;
+  static constexpr int OWN = BN / NWARPS;
+  // shared memory (bytes): Q tile, K stages, V stages (each 1024-byte aligned), key index per K stage row,
+  // causal limit per tile row, per-CTA gather constants, gather walk state, (query row, head) per tile row;
+  // + 1024 of slack to align the dynamic shared memory to 1024
+  static constexpr int Q_BYTES = TM * D * 2;
+  static constexpr int KV_STAGE_BYTES = BN * D * 2;
+  static constexpr int KV_BYTES = (KST + VST) * KV_STAGE_BYTES;
+  static constexpr int KIDX_BYTES = KST * BN * 4;
+  static constexpr int LIM_BYTES = TM * 4;
+  static constexpr int CTA_BYTES = 32;
+  static constexpr int OWN_BYTES = BN * 8;
+  static constexpr int ROW_BYTES = TM * 8;
+  static constexpr int SMEM = 1024 + Q_BYTES + KV_BYTES + KIDX_BYTES + LIM_BYTES + CTA_BYTES + OWN_BYTES + ROW_BYTES;
+
+  static_assert(OVERLAP ? (KST >= 2 && VST >= 3) : KST == VST, "stage counts");
+  static_assert(D == 64 || D == 128, "wgmma N of O += P V is D: 64 or 128 (the generated ops)");
+  static_assert(BN == 32 || BN == 64 || BN == 128, "wgmma N of S = Q K^T is BN: 32, 64 or 128 (the generated ops)");
+  static_assert(NT % CPR == 0 && BN % RPP == 0 && CPR <= 32, "gather layout");
+  static_assert(OWN <= 32 && OWN == PASSES * RPW, "one owner lane per key row");
+  static_assert((TM * CPR) % NT == 0, "Q tile load layout (load_packed_tile)");
+  static_assert(PF >= 1 && KST <= 8 && VST <= 8, "pipeline depth");
+  static_assert(SMEM <= 227 * 1024, "shared memory per CTA");
+};
+
+// Sm90FwdTile<D, TM>: the configuration for head dim D when R * g packs into TM = 64 or 128 rows. Chosen on an
+// H100 (csrc/cuda/dev/NOTES.md has the variants timed). The winners run 2 to 4 CTAs per SM (8 to 16 warps):
+// with one CTA of 8 warps the tensor cores idle while both warpgroups are in their softmax, which the
+// overlapped schedule (OVERLAP) recovers only in part; with 2 CTAs it still gains ~1 % on the 64-row D = 128
+// tile and nothing elsewhere.
+template <int D, int TM>
+struct Sm90FwdTile;
+
+//                                              D  NWG  BN KST VST MINB OVERLAP
+template <> struct Sm90FwdTile<64, 128> : Sm90FwdCfg<64, 2, 128, 2, 2, 2, false> {};
+template <> struct Sm90FwdTile<64, 64> : Sm90FwdCfg<64, 1, 64, 2, 2, 4, false> {};
+template <> struct Sm90FwdTile<128, 128> : Sm90FwdCfg<128, 2, 64, 2, 2, 2, false> {};
+template <> struct Sm90FwdTile<128, 64> : Sm90FwdCfg<128, 1, 64, 2, 3, 2, true> {};
+
+}  // namespace cuda
+}  // namespace bsattn

@@ -1,0 +1,231 @@
+// The block-sparse attention forward kernel for Hopper (sm_90a): warpgroup MMA (wgmma), same work split,
+// gather, softmax and epilogue as the mma.sync kernel (fwd/kernel.cuh), which it replaces on an H100 / H200 for
+// tiles of 64 and 128 packed rows.
+//
+// One CTA = one tile of TM = 64 NWG packed rows of one block row; warpgroup wg owns rows [64 wg, 64 wg + 64):
+//   1. load the packed Q tile; 2. walk the block row's gathered key sequence in KV tiles of BN rows, PF tiles
+//      ahead (cp.async: fwd/gather_kv.cuh into the wgmma layout); per tile, S = Q K^T (wgmma, both from shared
+//      memory), masked only when the tile needs it, the online softmax (fwd/softmax.cuh: the m64nN accumulator
+//      of a warp is the m16n8 layout of its 16 rows), O += P V (wgmma, P from registers as the A operand);
+//      with OVERLAP, the P V of tile t - 1 runs on the tensor cores during the softmax of tile t (config.cuh);
+//   3. normalise and store o and lse (fwd/epilogue.cuh), each warp its 16 rows.
+#pragma once
+
+#include <climits>
+#include <cstdint>
+
+#include "common/bsattn_common.h"
+#include "cuda/common/row_tiles.cuh"
+#include "cuda/fwd/epilogue.cuh"
+#include "cuda/fwd/gather_kv.cuh"
+#include "cuda/fwd/mma.cuh"
+#include "cuda/fwd/params.h"
+#include "cuda/fwd/softmax.cuh"
+#include "cuda/fwd/tile_setup.cuh"
+#include "cuda/fwd_sm90/config.cuh"
+#include "cuda/fwd_sm90/wgmma.cuh"
+
+#ifndef BSATTN_FWD_TIMELINE_MARK
+#define BSATTN_FWD_TIMELINE_MARK(k)
+#endif
+
+namespace bsattn {
+namespace cuda {
+
+template <typename T, class Cfg>
+__global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_sm90_kernel(const __grid_constant__ FwdParams p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int D = Cfg::D, BN = Cfg::BN, TM = Cfg::TM, KST = Cfg::KST, VST = Cfg::VST, PF = Cfg::PF;
+  constexpr int NT8 = BN / 8, DT = D / 8;
+  using QLayout = AtomSwizzle<D, TM>;
+  using KvLayout = AtomSwizzle<D, BN>;
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+  BSATTN_FWD_TIMELINE_MARK(0);
+
+  // ---- which tile, which rows ----------------------------------------------------------------
+  FwdTileSetup ts;
+  if (!fwd_tile_setup<D, TM, BN>(p, ts)) return;  // (uniform) a split past the last query row
+  const int ntiles = ts.ntiles, rows_valid = ts.rows_valid;
+
+  // ---- shared memory (tiles 1024-byte aligned for the swizzle) ---------------------------------
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t pad = ((raw + 1023u) & ~1023u) - raw;
+  uint8_t* smem = smem_raw + pad;
+  const uint32_t sQ = raw + pad;
+  const uint32_t sK = sQ + Cfg::Q_BYTES;
+  const uint32_t sV = sK + KST * Cfg::KV_STAGE_BYTES;
+  int* sKidx = reinterpret_cast<int*>(smem + Cfg::Q_BYTES + Cfg::KV_BYTES);
+  int* sLim = sKidx + KST * BN;
+  GatherShared* gs = reinterpret_cast<GatherShared*>(sLim + TM);
+  int2* sOwn = reinterpret_cast<int2*>(gs + 1);
+  int2* sRow = sOwn + BN;
+
+  // ---- prologue: Q tile, CTA constants, then the first PF KV tiles -------------------------------
+  {
+    const uint32_t dst[1] = {sQ};
+    const T* const src[1] = {static_cast<const T*>(p.q) + ts.qoff};
+    load_packed_tile<D, TM, Cfg::NT, 1, QLayout>(dst, src, ts.row0, rows_valid, p.g, ts.q_rstride, tid);
+  }
+  BSATTN_FWD_TIMELINE_MARK(1);
+  fill_row_tables<TM, Cfg::NT>(p, ts, sRow, sLim, tid);
+  KvGather<T, Cfg, KvLayout> kv;
+  kv.init(p, ts.idx, ts.len, sOwn, warp, lane);
+  if (tid == 0) fill_gather_shared<BN>(p, ts, gs);
+  __syncthreads();
+  BSATTN_FWD_TIMELINE_MARK(2);
+
+  // tile i goes to K stage i % KST, V stage i % VST; bit i of `pending`: this thread saw a row needing the mask
+  // in the i-th tile not yet consumed
+  auto issue = [&](int i) { return kv.issue(p, *gs, sK, sV, sKidx, i % KST, i % VST, warp, lane); };
+  uint32_t pending = 0;
+#pragma unroll
+  for (int s = 0; s < PF; ++s) {
+    if (s < ntiles) pending |= issue(s) << s;
+    cp_async_commit();
+  }
+  BSATTN_FWD_TIMELINE_MARK(3);
+
+  // ---- per-warpgroup state ------------------------------------------------------------------------
+  const bool wg_active = wg * 64 < rows_valid;  // (uniform per warpgroup) skip 64 rows of pure padding
+  float o[1][DT][4];
+  float m[1][2] = {{-INFINITY, -INFINITY}}, l[1][2] = {{0.f, 0.f}};
+  float lsum[1][4];  // (unused: row sums by FADD)
+#pragma unroll
+  for (int d = 0; d < DT; ++d)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[0][d][e] = 0.f;
+  float(&of)[D / 2] = reinterpret_cast<float(&)[D / 2]>(o);
+  float s[1][NT8][4];
+  float(&sf)[BN / 2] = reinterpret_cast<float(&)[BN / 2]>(s);
+  uint32_t pa[BN / 16][4];  // P of a tile as the A operand of P V (k16 steps along the keys)
+
+  // descriptors: Q rows of this warpgroup; K and V of stage 0 (+ stage * KV_STAGE_BYTES / 16)
+  const uint64_t q_desc = sw128_desc(sQ + wg * 64 * 128, 16, 1024);
+  const uint64_t k_desc = sw128_desc(sK, 16, 1024);
+  const uint64_t v_desc = sw128_desc(sV, BN * 128, 1024);
+  constexpr uint64_t kStageDesc = Cfg::KV_STAGE_BYTES >> 4;
+  // S = Q K^T (issued, not committed): k16 steps along D; step kk is 32 bytes into column block kk / 4
+  auto issue_qk = [&](int kstage) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+      WgmmaOp<T, BN>::ss(sf, q_desc + (((kk >> 2) * TM * 128 + (kk & 3) * 32) >> 4),
+                         k_desc + kstage * kStageDesc + (((kk >> 2) * BN * 128 + (kk & 3) * 32) >> 4), kk > 0 ? 1 : 0);
+  };
+  // O += P V (issued, not committed): k16 steps along the keys; step kk is 16 key rows (2048 bytes) further on
+  auto issue_pv = [&](int vstage) {
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) WgmmaOp<T, D>::rs(of, pa[kk], v_desc + vstage * kStageDesc + kk * (2048 >> 4), 1);
+  };
+  // scores of the tile in K stage `kstage` -> probabilities in s (alpha: o's rescale factor; returns whether
+  // any row's max grew), then P packed into pa
+  float alpha[1][2];
+  auto probs = [&](bool need_mask, int kstage) {
+    float mul = p.s_mul;
+    if (p.use_cap || !(mul > 0.f)) {
+      transform_scores<1, NT8>(s, p);
+      mul = 1.f;
+    }
+    if (need_mask) mask_scores<1, NT8>(s, sKidx + kstage * BN, sLim + warp * 16, lane);
+    return softmax_probs<1, NT8, false>(s, mul, m, l, alpha);
+  };
+  auto pack_p = [&] {
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      pa[kk][0] = Mma<T>::pack(s[0][2 * kk][0], s[0][2 * kk][1]);
+      pa[kk][1] = Mma<T>::pack(s[0][2 * kk][2], s[0][2 * kk][3]);
+      pa[kk][2] = Mma<T>::pack(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
+      pa[kk][3] = Mma<T>::pack(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
+    }
+  };
+
+  // ---- main loop ------------------------------------------------------------------------------
+  // Per tile: wait for it to land, one barrier (which also means every warpgroup is done with the stages the
+  // next issue overwrites), issue tile t + PF; returns whether some row of tile t needs the mask.
+  auto next_tile = [&](int t) {
+    cp_async_wait<PF - 1>();
+    fence_async_shared();  // this thread's landed copies -> visible to every warpgroup's wgmma after the barrier
+    const bool need_mask = __syncthreads_or(static_cast<int>(pending & 1u)) != 0;
+    pending >>= 1;
+    if (t == 0) BSATTN_FWD_TIMELINE_MARK(4);
+    if (t + PF < ntiles) pending |= issue(t + PF) << (PF - 1);
+    cp_async_commit();
+    return need_mask;
+  };
+  if constexpr (Cfg::OVERLAP) {
+    // Tile 0 alone, then per tile t: S(t) and P V(t - 1) issued together, the softmax of t while P V(t - 1)
+    // runs, O rescaled once it has landed. No branch around a wgmma inside the loop (ptxas would serialize
+    // them).
+    if (ntiles > 0) {
+      const bool need_mask = next_tile(0);
+      if (wg_active) {
+        wgmma_fence();
+        issue_qk(0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(sf);
+        probs(need_mask, 0);  // (o = 0: nothing to rescale)
+        pack_p();
+      }
+      for (int t = 1; t < ntiles; ++t) {
+        const bool nm = next_tile(t);
+        if (!wg_active) continue;
+        const int kstage = t % KST;
+        wgmma_fence();
+        issue_qk(kstage);
+        wgmma_commit();
+        issue_pv((t - 1) % VST);
+        wgmma_commit();
+        wgmma_wait<1>();
+        fence_regs(sf);
+        const bool grew = probs(nm, kstage);
+        wgmma_wait<0>();
+        fence_regs(of);
+        if (grew) rescale_acc<1, DT, false>(o, lsum, alpha);
+        pack_p();
+      }
+      if (wg_active) {  // the last tile's P V
+        wgmma_fence();
+        issue_pv((ntiles - 1) % VST);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(of);
+      }
+    }
+  } else {
+    for (int t = 0; t < ntiles; ++t) {
+      const bool need_mask = next_tile(t);
+      if (!wg_active) continue;
+      const int kstage = t % KST;
+      wgmma_fence();
+      issue_qk(kstage);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(sf);
+      if (probs(need_mask, kstage)) rescale_acc<1, DT, false>(o, lsum, alpha);
+      pack_p();
+      wgmma_fence();
+      fence_regs(of);
+      issue_pv(t % VST);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(of);
+    }
+  }
+
+  // ---- epilogue -------------------------------------------------------------------------------
+  BSATTN_FWD_TIMELINE_MARK(5);
+  const OutRows out = tile_out_rows<T>(p, ts, sRow);
+  // Each warp stages its 16 rows in the Q tile (rows 16 warp .. of the row-major view): after the barrier no
+  // warpgroup reads Q any more.
+  cp_async_wait<0>();
+  __syncthreads();
+  BSATTN_FWD_TIMELINE_MARK(6);
+  if (wg_active) store_rows_single<T, Cfg>(o, m, l, sQ + warp * 16 * D * 2, out, warp * 16, lane);
+  BSATTN_FWD_TIMELINE_MARK(7);
+#endif
+}
+
+}  // namespace cuda
+}  // namespace bsattn

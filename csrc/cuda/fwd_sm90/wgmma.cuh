@@ -1,0 +1,41 @@
+// Hopper (sm_90a) warpgroup MMA plumbing of the forward kernel: shared-memory matrix descriptors and the fences
+// that order wgmma.mma_async (an asynchronous-proxy reader of shared memory and writer of registers) with the
+// rest of the kernel. The instructions themselves are generated: wgmma_ops.cuh.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/fwd_sm90/wgmma_ops.cuh"
+
+namespace bsattn {
+namespace cuda {
+
+// Descriptor of a matrix in a 128-byte-swizzled canonical layout (common/gather.cuh AtomSwizzle) starting at
+// shared address `addr`. K-major (A = Q, B = K): sbo = 1024 (the next 8 rows), lbo unused (16). MN-major
+// (B = V): lbo = the next 64-wide column block, sbo = 1024 (the next 8 rows along k). The address field is
+// addr / 16 in the low 14 bits, so adding bytes / 16 to a descriptor moves its start.
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
+         (static_cast<uint64_t>(sbo >> 4) << 32) | (uint64_t{1} << 62);
+}
+
+// Orders this warpgroup's register writes (accumulators, A fragments) before the next wgmma.mma_async.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+// Waits until at most N committed wgmma groups of this warpgroup are pending.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Makes this thread's generic-proxy shared-memory writes (cp.async, st.shared) visible to the async proxy
+// (wgmma operand reads) once a barrier orders them.
+__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Pins registers in place around asynchronous wgmma: the compiler may not move their reads or writes across.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+}  // namespace cuda
+}  // namespace bsattn
