@@ -160,6 +160,8 @@ int main() {
       {2, 50, 60, 4, 1, 64, 1, 1, true, 0.f, true, true},          // D = 64 garbage, per-head
       {1, 96, 100, 4, 2, 128, 16, 4, false, 0.f, false, true},     // packed, garbage
       {1, 70, 90, 2, 1, 128, 32, 24, true, 0.f, false, true},      // non-multiples, garbage
+      {1, 130, 200, 8, 2, 64, 32, 16, true, 0.f, false, true},     // D = 64, 128-row tile, garbage
+      {1, 90, 100, 4, 4, 64, 64, 8, false, 0.f, true, true},       // D = 64, 64-row tile, per-head garbage
   };
   for (const Case& c : cases) run_case(c, rng);
   std::printf("all cases ran\n");

@@ -4,8 +4,11 @@
 // done, 6 epilogue barrier passed, 7 output stored. Prints the launch time (CUDA events, median) and the mean
 // phase lengths per warp.
 //
-//   nvcc -std=c++17 -O3 --expt-relaxed-constexpr -arch=sm_90 -Icsrc csrc/cuda/dev/timeline_fwd.cu -o timeline_fwd
-//   ./timeline_fwd 4:128:128:0.25 4:64:64:1.0:0.5 ...   (g:R:C:density[:jitter of the row lengths]; M = N = 8192, Hq = 32, D = 128, bf16)
+//   nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode arch=compute_90a,code=sm_90a -DBSATTN_WITH_SM90 -Icsrc \
+//     csrc/cuda/dev/timeline_fwd.cu -o timeline_fwd
+//   ./timeline_fwd 4:128:128:0.25 4:64:64:1.0:0.5 ...   (g:R:C:density[:jitter of the row lengths]; M = N = 8192, Hq = 32, D = 128 (HARNESS_D=64: 64), bf16)
+// FWD_KERNEL=mma times the mma.sync kernel (default: what launch_fwd picks); CMP=1 also runs both kernels on the
+// same inputs and prints their largest differences (o, lse).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -38,6 +41,9 @@ __device__ unsigned long long g_tl[kMaxCtas][kMaxWarps][kMarks];  // per CTA and
 #endif
 
 #include "cuda/fwd/launch.cuh"
+#ifdef BSATTN_WITH_SM90
+#include "cuda/fwd_sm90/launch.cuh"
+#endif
 
 namespace {
 
@@ -47,8 +53,9 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
+template <int D>
 void run(int g, int R, int C, double density, double jitter, std::mt19937& rng) {
-  const int B = 1, M = 8192, N = 8192, Hq = 32, Hk = Hq / g, D = 128;
+  const int B = 1, M = 8192, N = 8192, Hq = 32, Hk = Hq / g;
   const int MB = (M + R - 1) / R, NB = (N + C - 1) / C;
   const int per_row = std::max(1, static_cast<int>(std::lround(density * NB)));
   std::vector<int32_t> indptr(MB + 1), indices;
@@ -94,7 +101,15 @@ void run(int g, int R, int C, double density, double jitter, std::mt19937& rng) 
   bsattn::cuda::fill_problem(fp, B, M, N, Hq, Hk, R, C, bsattn::cuda::Layout{MB, NB, 1, 1, nnz}, false,
                              1.f / std::sqrt(static_cast<float>(D)), 0.f);
   fp.q = q, fp.k = k, fp.v = v, fp.indptr = d_indptr, fp.indices = d_indices, fp.o = o, fp.lse = lse;
-  auto launch = [&] { CK((bsattn::cuda::launch_fwd<bsattn::cuda::kBF16, 128>(fp, 0))); };
+  const char* fam = std::getenv("FWD_KERNEL");
+  const bool mma_only = fam && std::strcmp(fam, "mma") == 0;
+  auto launch_mma = [&] { CK((bsattn::cuda::launch_fwd_mma<bsattn::cuda::kBF16, D>(fp, 0))); };
+  auto launch = [&] {
+    if (mma_only)
+      launch_mma();
+    else
+      CK((bsattn::cuda::launch_fwd<bsattn::cuda::kBF16, D>(fp, 0)));
+  };
 
   // time: median over 20 launches (each alone between events), after warm-up
   cudaEvent_t e0, e1;
@@ -114,27 +129,53 @@ void run(int g, int R, int C, double density, double jitter, std::mt19937& rng) 
   const double t_ms = median(ms);
   const double flops = 4.0 * nnz * R * C * D * Hq;
 
+  // one launch's o and lse, copied back (o poisoned first: an unwritten element shows)
+  const size_t nl = static_cast<size_t>(B) * M * Hq;
+  auto fetch = [&](auto&& launch_fn, std::vector<__nv_bfloat16>& oh, std::vector<float>& lh) {
+    oh.resize(nq);
+    lh.resize(nl);
+    CK(cudaMemset(o, 0xff, nq * 2));
+    launch_fn();
+    CK(cudaMemcpy(oh.data(), o, nq * 2, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(lh.data(), lse, nl * 4, cudaMemcpyDeviceToHost));
+  };
+  std::vector<__nv_bfloat16> o1, o2;
+  std::vector<float> l1, l2;
+
   // BSATTN_FWD_TUNE variants (-DBSATTN_FWD_TUNING builds): compare o and lse with variant REF_TUNE (bitwise)
   if (const char* ref = std::getenv("REF_TUNE")) {
-    const size_t nl = static_cast<size_t>(B) * M * Hq;
-    std::vector<uint16_t> o1(nq), o2(nq);
-    std::vector<float> l1(nl), l2(nl);
-    CK(cudaMemset(o, 0xff, nq * 2));
-    launch();
-    CK(cudaMemcpy(o1.data(), o, nq * 2, cudaMemcpyDeviceToHost));
-    CK(cudaMemcpy(l1.data(), lse, nl * 4, cudaMemcpyDeviceToHost));
+    fetch(launch, o1, l1);
     const char* cur = std::getenv("BSATTN_FWD_TUNE");
     const std::string keep = cur ? cur : "";
     setenv("BSATTN_FWD_TUNE", ref, 1);
-    CK(cudaMemset(o, 0xff, nq * 2));
-    launch();
-    CK(cudaMemcpy(o2.data(), o, nq * 2, cudaMemcpyDeviceToHost));
-    CK(cudaMemcpy(l2.data(), lse, nl * 4, cudaMemcpyDeviceToHost));
+    fetch(launch, o2, l2);
     setenv("BSATTN_FWD_TUNE", keep.c_str(), 1);
     size_t od = 0, ld = 0;
-    for (size_t i = 0; i < nq; ++i) od += o1[i] != o2[i];
+    for (size_t i = 0; i < nq; ++i) od += std::memcmp(&o1[i], &o2[i], 2) != 0;
     for (size_t i = 0; i < nl; ++i) ld += std::memcmp(&l1[i], &l2[i], 4) != 0;
     std::printf("  vs variant %s: %zu of %zu o values differ, %zu of %zu lse\n", ref, od, nq, ld, nl);
+  }
+
+  // CMP=1: the picked kernel against the mma.sync kernel (two correct kernels differ by bf16 roundings of o)
+  if (std::getenv("CMP")) {
+    fetch(launch, o1, l1);
+    fetch(launch_mma, o2, l2);
+    double od = 0, osum = 0, omax = 0, ld = 0;
+    size_t bad = 0;
+    for (size_t i = 0; i < nq; ++i) {
+      const double a = __bfloat162float(o1[i]), b = __bfloat162float(o2[i]);
+      const double d = std::fabs(a - b);
+      if (!(d <= 1e30)) ++bad;
+      else od = std::max(od, d), osum += d;
+      omax = std::max(omax, std::fabs(b));
+    }
+    for (size_t i = 0; i < nl; ++i) {
+      const double d = std::fabs(static_cast<double>(l1[i]) - l2[i]);
+      if (!(d <= 1e30) && !(std::isinf(l1[i]) && l1[i] == l2[i])) ++bad;
+      else if (d <= 1e30) ld = std::max(ld, d);
+    }
+    std::printf("  vs mma.sync kernel: o max |diff| %.3g (mean %.3g, max |o| %.3g), lse max |diff| %.3g, %zu non-finite "
+                "mismatches\n", od, osum / nq, omax, ld, bad);
   }
 
   // timeline of one more launch
@@ -166,11 +207,11 @@ void run(int g, int R, int C, double density, double jitter, std::mt19937& rng) 
     ++ctas;
   }
   const double span = (t_max - t_min) * 1e-3;
-  std::printf("g%d R%d C%d dens %.3f jitter %.2f: nnz %lld, %d CTAs of %d rows, %.3f ms, %.1f TFLOP/s | span %.1f us | per warp "
+  std::printf("D%d g%d R%d C%d dens %.3f jitter %.2f: nnz %lld, %d CTAs of %d rows, %.3f ms, %.1f TFLOP/s | span %.1f us | per warp "
               "(us): Q issue %.2f, barrier %.2f, KV issue %.2f, first tile wait %.2f, loop %.2f, epilogue barrier %.2f, "
               "store %.2f | "
               "loop-end spread over a CTA's warps %.2f us\n",
-              g, R, C, density, jitter, static_cast<long long>(nnz), grid, tm, t_ms, flops / t_ms * 1e-9, span, ph[1] / warps,
+              D, g, R, C, density, jitter, static_cast<long long>(nnz), grid, tm, t_ms, flops / t_ms * 1e-9, span, ph[1] / warps,
               ph[2] / warps, ph[3] / warps, ph[4] / warps, ph[5] / warps, ph[6] / warps, ph[7] / warps,
               loop_end_spread / std::max(1, ctas));
   std::fflush(stdout);
@@ -183,6 +224,7 @@ void run(int g, int R, int C, double density, double jitter, std::mt19937& rng) 
 
 int main(int argc, char** argv) {
   std::mt19937 rng(11);
+  const int head_dim = std::getenv("HARNESS_D") ? std::atoi(std::getenv("HARNESS_D")) : 128;  // 64 or 128
   for (int i = 1; i < argc; ++i) {
     int g, R, C;
     double dens, jitter = 0;
@@ -190,7 +232,10 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "bad cell %s (want g:R:C:density[:jitter])\n", argv[i]);
       return 2;
     }
-    run(g, R, C, dens, jitter, rng);
+    if (head_dim == 64)
+      run<64>(g, R, C, dens, jitter, rng);
+    else
+      run<128>(g, R, C, dens, jitter, rng);
   }
   return 0;
 }
