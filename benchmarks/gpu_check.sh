@@ -1,7 +1,8 @@
 #!/bin/bash
 # On a CUDA machine, from the repo root: build + install the package (CPU and CUDA modules) into /tmp/site,
-# run the GPU tests, run them again with the FFI calls captured in CUDA graphs (command buffers), and time
-# cells of the forward grid through the public API.   OUT=dir CELLS="g:R:C,..." bash benchmarks/gpu_check.sh
+# run the GPU tests (on Hopper the forward ones a second time with the mma.sync kernel), run some again with the
+# FFI calls captured in CUDA graphs (command buffers), and time cells of the forward grid through the public API.
+#   OUT=dir CELLS="g:R:C,..." bash benchmarks/gpu_check.sh
 # Options (environment): SANITIZE=1 (compute-sanitizer through the public API), KERNEL_SANITIZE=1 (on the kernels
 # alone), MEMORY="--seq 32768" (peak memory of a training step), CELLS / FWDBWD_CELLS (grids), TRAIN=1,
 # MULTI=1 (several GPUs: tests/test_multi_gpu.py and train_lm data parallel vs one GPU; MULTI_ARGS).
@@ -18,6 +19,12 @@ BSATTN_CUDA=FORCE BSATTN_CUDA_ARCHS=${ARCHS:-90} python3 -m pip install --no-bui
 export PYTHONPATH=/tmp/site
 stamp "gpu tests"
 (cd tests && python3 -m pytest -q -m gpu ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15)
+if [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1)" = "9.0" ]; then
+  # on Hopper the forward's 64- and 128-row tiles run the wgmma kernel: test the mma.sync kernel (what other GPUs
+  # run) on them too
+  stamp "gpu forward tests, mma.sync kernel (BSATTN_FWD_KERNEL=mma)"
+  (cd tests && BSATTN_FWD_KERNEL=mma python3 -m pytest -q -m gpu -k forward 2>&1 | tee "$OUT/pytest_gpu_mma.log" | tail -3)
+fi
 stamp "gpu tests, command buffers"
 (cd tests && XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1" \
   python3 -m pytest -q -m gpu -k "vmap or R16-C16" 2>&1 | tee "$OUT/pytest_cmdbuf.log" | tail -4)
