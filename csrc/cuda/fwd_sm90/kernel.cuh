@@ -11,11 +11,9 @@
 //   3. normalise and store o and lse (fwd/epilogue.cuh), each warp its 16 rows.
 #pragma once
 
-#include <climits>
+#include <cmath>
 #include <cstdint>
 
-#include "common/bsattn_common.h"
-#include "cuda/common/row_tiles.cuh"
 #include "cuda/fwd/epilogue.cuh"
 #include "cuda/fwd/gather_kv.cuh"
 #include "cuda/fwd/mma.cuh"
