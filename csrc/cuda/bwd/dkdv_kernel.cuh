@@ -230,16 +230,10 @@ __device__ __forceinline__ void dkdv_tile(uint32_t sK, uint32_t sV, uint32_t sQ,
     for (int kk = 0; kk < QC / 16; ++kk) {
       uint32_t ap[4], as[4];
       if constexpr (DO_DV) {
-        ap[0] = Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-        ap[1] = Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-        ap[2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        ap[3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        acc_to_a<T>(s, kk, ap);
       }
       if constexpr (DO_DK) {
-        as[0] = Mma<T>::pack(dp[2 * kk][0], dp[2 * kk][1]);
-        as[1] = Mma<T>::pack(dp[2 * kk][2], dp[2 * kk][3]);
-        as[2] = Mma<T>::pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
-        as[3] = Mma<T>::pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+        acc_to_a<T>(dp, kk, as);
       }
 #pragma unroll
       for (int nd = 0; nd < D / 16; ++nd) {

@@ -265,10 +265,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_kernel(const
 #pragma unroll
         for (int kk = 0; kk < NKC / 16; ++kk) {
           uint32_t a[4];
-          a[0] = Mma<T>::pack(dp[2 * kk][0], dp[2 * kk][1]);
-          a[1] = Mma<T>::pack(dp[2 * kk][2], dp[2 * kk][3]);
-          a[2] = Mma<T>::pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
-          a[3] = Mma<T>::pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+          acc_to_a<T>(dp, kk, a);
 #pragma unroll
           for (int nd = 0; nd < D / 16; ++nd) {
             uint32_t bt[4];

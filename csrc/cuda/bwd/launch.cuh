@@ -51,11 +51,8 @@ template <int M> struct DkvTile<256, 64, M> : DkvCfg<256, 4, 1, 32, 2, 16, false
 inline int dkv_tile_keys(int64_t C) { return C <= 16 ? 16 : C <= 64 ? 64 : 128; }
 
 template <typename T, class Cfg>
-cudaError_t launch_dq_tile(const Params& p0, cudaStream_t stream) {
-  Params p = p0;
-  const int64_t grid = row_tile_grid<Cfg::TM>(p);
-  static std::atomic<uint64_t> smem_done{0};  // one per (T, Cfg)
-  return launch_kernel(bsattn_bwd_dq_kernel<T, Cfg>, grid, Cfg::NT, Cfg::SMEM, Cfg::MINB, smem_done, p, stream);
+cudaError_t launch_dq_tile(const Params& p, cudaStream_t stream) {
+  return launch_row_tiles<bsattn_bwd_dq_kernel<T, Cfg>, Cfg>(p, stream);
 }
 
 template <typename T, class Cfg>

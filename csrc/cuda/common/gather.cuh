@@ -1,8 +1,8 @@
 // Device helpers shared by the forward's KV gathers (fwd/gather_kv.cuh, used by fwd_sm90/ too) and the backward
-// kernels' row gathers (bwd/dq_kernel.cuh: K / V; bwd/dkdv_kernel.cuh: Q / dO): the swizzled shared-memory tile layouts, the packed
-// query-row tile load (the forward's Q, dq's q and do), the copy of one tile of gathered row pairs and the
-// pipeline prologue (backward only: routing the forward's through it
-// cost the D = 256 forward 6 registers on sm_80). Force-inlined: the generated code is that of the open-coded
+// kernels' row gathers (bwd/dq_kernel.cuh: K / V; bwd/dkdv_kernel.cuh: Q / dO): the swizzled shared-memory tile
+// layouts, the packed query-row tile load (the forward's Q, dq's q and do), the copy of one tile of gathered row
+// pairs and the pipeline prologue (the backward kernels and fwd_sm90; routing the mma.sync forward's through it
+// cost its D = 256 tile 6 registers on sm_80). Force-inlined: the generated code is that of the open-coded
 // loops (ptxas register counts unchanged).
 #pragma once
 

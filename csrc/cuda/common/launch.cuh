@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/common/problem.h"
+#include "cuda/common/row_tiles.cuh"
 
 namespace bsattn {
 namespace cuda {
@@ -79,6 +80,16 @@ cudaError_t launch_kernel(Kernel kernel, int64_t grid, int threads, int smem, in
   if (err != cudaSuccess) return err;
   kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+// One CTA per tile of Cfg::TM packed query rows (common/row_tiles.cuh: the forward kernels and dq). P: the
+// kernel's parameter block (its nsplit set here on a copy).
+template <auto Kernel, class Cfg, class P>
+cudaError_t launch_row_tiles(const P& p0, cudaStream_t stream) {
+  P p = p0;
+  const int64_t grid = row_tile_grid<Cfg::TM>(p);
+  static std::atomic<uint64_t> smem_done{0};  // one per kernel
+  return launch_kernel(Kernel, grid, Cfg::NT, Cfg::SMEM, Cfg::MINB, smem_done, p, stream);
 }
 
 }  // namespace cuda

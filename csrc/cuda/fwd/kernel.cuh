@@ -203,13 +203,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_kernel(const __
           }
         }
 
-        // Scores stay raw when the multiplier is positive and there is no soft cap: the max commutes
-        // with it and the softmax folds it into one FFMA per score (exp2(s * mul - m)).
-        float mul = p.s_mul;
-        if (p.use_cap || !(mul > 0.f)) {
-          transform_scores<MI, NT8>(s, p);
-          mul = 1.f;
-        }
+        const float mul = prepare_scores<MI, NT8>(s, p);
         if (need_mask)
           mask_scores<MI, NT8>(s, sKidx + stage * BN + wn * NK + ch * Cfg::NKC, sLim + wrow0, lane);
         online_softmax<MI, NT8, DT, Cfg::MMA_SUM>(s, mul, m, l, o, lsum);
@@ -220,10 +214,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_kernel(const __
           uint32_t pa[MI][4];
 #pragma unroll
           for (int mi = 0; mi < MI; ++mi) {
-            pa[mi][0] = Mma<T>::pack(s[mi][2 * kk][0], s[mi][2 * kk][1]);
-            pa[mi][1] = Mma<T>::pack(s[mi][2 * kk][2], s[mi][2 * kk][3]);
-            pa[mi][2] = Mma<T>::pack(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
-            pa[mi][3] = Mma<T>::pack(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
+            acc_to_a<T>(s[mi], kk, pa[mi]);
             if constexpr (Cfg::MMA_SUM) Mma<T>::run(lsum[mi], pa[mi], Mma<T>::kOnes, Mma<T>::kOnes);
           }
 #pragma unroll

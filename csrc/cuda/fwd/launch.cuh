@@ -27,15 +27,6 @@ inline bool env_forces_mma_fwd() {
   return forced;
 }
 
-// One CTA per tile of Cfg::TM packed rows (common/row_tiles.cuh), for either forward kernel.
-template <auto Kernel, class Cfg>
-cudaError_t launch_row_tiles(const FwdParams& p0, cudaStream_t stream) {
-  FwdParams p = p0;
-  const int64_t grid = row_tile_grid<Cfg::TM>(p);
-  static std::atomic<uint64_t> smem_done{0};  // one per kernel
-  return launch_kernel(Kernel, grid, Cfg::NT, Cfg::SMEM, Cfg::MINB, smem_done, p, stream);
-}
-
 template <typename T, class Cfg>
 cudaError_t launch_tile(const FwdParams& p, cudaStream_t stream) {
   return launch_row_tiles<bsattn_fwd_kernel<T, Cfg>, Cfg>(p, stream);

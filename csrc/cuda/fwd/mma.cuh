@@ -107,6 +107,17 @@ struct Mma<__half> {
   }
 };
 
+// The k16 step kk of a 16-row accumulator strip acc[NT8][4] (n8 tiles 2 kk and 2 kk + 1) as the A fragment of
+// the next m16n8k16 (and of a wgmma from registers): the m16n8 accumulator layout is the A layout once packed to
+// b16x2.
+template <typename T, int NT8>
+__device__ __forceinline__ void acc_to_a(const float (&acc)[NT8][4], int kk, uint32_t (&a)[4]) {
+  a[0] = Mma<T>::pack(acc[2 * kk][0], acc[2 * kk][1]);
+  a[1] = Mma<T>::pack(acc[2 * kk][2], acc[2 * kk][3]);
+  a[2] = Mma<T>::pack(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+  a[3] = Mma<T>::pack(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+}
+
 // ---- special functions ----------------------------------------------------------------------
 __device__ __forceinline__ float fast_exp2(float x) {  // ex2.approx(-inf) = +0
   float y;

@@ -33,6 +33,19 @@ __device__ __forceinline__ void transform_scores(float (&s)[MI][NT8][4], const F
   }
 }
 
+// Scores stay raw when the multiplier is positive and there is no soft cap: the max commutes with it and the
+// softmax folds it into one FFMA per score (exp2(s * mul - m)). Otherwise they are transformed here. Returns the
+// multiplier the softmax must apply (p.s_mul or 1).
+template <int MI, int NT8>
+__device__ __forceinline__ float prepare_scores(float (&s)[MI][NT8][4], const FwdParams& p) {
+  float mul = p.s_mul;
+  if (p.use_cap || !(mul > 0.f)) {
+    transform_scores<MI, NT8>(s, p);
+    mul = 1.f;
+  }
+  return mul;
+}
+
 // Masks the scores of key columns whose index (kidx: this warp's key slice of the staged tile,
 // INT_MAX when the row is invalid) exceeds the row's limit (slim: the warp's rows; causal: i + N - M,
 // else INT_MAX - 1).

@@ -2,7 +2,7 @@
 //
 // A CTA owns TM = 64 NWG packed query rows; each of its NWG warpgroups owns 64 of them and computes them with
 // wgmma (m64nNk16): S = Q K^T with Q and K from shared memory, O += P V with P from registers. The block row's
-// gathered keys come in KV tiles of BN rows, STAGES deep (cp.async, the forward's gather). All tiles use the
+// gathered keys come in KV tiles of BN rows, in KST K and VST V stages (cp.async, the forward's gather). All tiles use the
 // 128-byte-swizzled canonical layout (common/gather.cuh AtomSwizzle).
 #pragma once
 

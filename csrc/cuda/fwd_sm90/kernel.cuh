@@ -77,12 +77,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_sm90_kernel(con
   // tile i goes to K stage i % KST, V stage i % VST; bit i of `pending`: this thread saw a row needing the mask
   // in the i-th tile not yet consumed
   auto issue = [&](int i) { return kv.issue(p, *gs, sK, sV, sKidx, i % KST, i % VST, warp, lane); };
-  uint32_t pending = 0;
-#pragma unroll
-  for (int s = 0; s < PF; ++s) {
-    if (s < ntiles) pending |= issue(s) << s;
-    cp_async_commit();
-  }
+  uint32_t pending = issue_prologue<PF + 1>(issue, ntiles);
   BSATTN_FWD_TIMELINE_MARK(3);
 
   // ---- per-warpgroup state ------------------------------------------------------------------------
@@ -116,26 +111,33 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_sm90_kernel(con
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) WgmmaOp<T, D>::rs(of, pa[kk], v_desc + vstage * kStageDesc + kk * (2048 >> 4), 1);
   };
+  // The same, run to completion (nothing else of this warpgroup's in flight)
+  auto qk_now = [&](int kstage) {
+    wgmma_fence();
+    issue_qk(kstage);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(sf);
+  };
+  auto pv_now = [&](int vstage) {
+    wgmma_fence();
+    fence_regs(of);
+    issue_pv(vstage);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(of);
+  };
   // scores of the tile in K stage `kstage` -> probabilities in s (alpha: o's rescale factor; returns whether
   // any row's max grew), then P packed into pa
   float alpha[1][2];
   auto probs = [&](bool need_mask, int kstage) {
-    float mul = p.s_mul;
-    if (p.use_cap || !(mul > 0.f)) {
-      transform_scores<1, NT8>(s, p);
-      mul = 1.f;
-    }
+    const float mul = prepare_scores<1, NT8>(s, p);
     if (need_mask) mask_scores<1, NT8>(s, sKidx + kstage * BN, sLim + warp * 16, lane);
     return softmax_probs<1, NT8, false>(s, mul, m, l, alpha);
   };
   auto pack_p = [&] {
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      pa[kk][0] = Mma<T>::pack(s[0][2 * kk][0], s[0][2 * kk][1]);
-      pa[kk][1] = Mma<T>::pack(s[0][2 * kk][2], s[0][2 * kk][3]);
-      pa[kk][2] = Mma<T>::pack(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
-      pa[kk][3] = Mma<T>::pack(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
-    }
+    for (int kk = 0; kk < BN / 16; ++kk) acc_to_a<T>(s[0], kk, pa[kk]);
   };
 
   // ---- main loop ------------------------------------------------------------------------------
@@ -158,11 +160,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_sm90_kernel(con
     if (ntiles > 0) {
       const bool need_mask = next_tile(0);
       if (wg_active) {
-        wgmma_fence();
-        issue_qk(0);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(sf);
+        qk_now(0);
         probs(need_mask, 0);  // (o = 0: nothing to rescale)
         pack_p();
       }
@@ -183,32 +181,17 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_sm90_kernel(con
         if (grew) rescale_acc<1, DT, false>(o, lsum, alpha);
         pack_p();
       }
-      if (wg_active) {  // the last tile's P V
-        wgmma_fence();
-        issue_pv((ntiles - 1) % VST);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(of);
-      }
+      if (wg_active) pv_now((ntiles - 1) % VST);  // the last tile's P V
     }
   } else {
     for (int t = 0; t < ntiles; ++t) {
       const bool need_mask = next_tile(t);
       if (!wg_active) continue;
       const int kstage = t % KST;
-      wgmma_fence();
-      issue_qk(kstage);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs(sf);
+      qk_now(kstage);
       if (probs(need_mask, kstage)) rescale_acc<1, DT, false>(o, lsum, alpha);
       pack_p();
-      wgmma_fence();
-      fence_regs(of);
-      issue_pv(t % VST);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs(of);
+      pv_now(t % VST);
     }
   }
 

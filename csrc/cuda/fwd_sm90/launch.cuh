@@ -2,13 +2,11 @@
 // instantiation files only; fwd/launch.cuh decides when it runs.
 #pragma once
 
-#include <atomic>
 #include <cstdint>
 
 #include <cuda_runtime.h>
 
 #include "cuda/common/launch.cuh"
-#include "cuda/common/row_tiles.cuh"
 #include "cuda/fwd/launch.cuh"
 #include "cuda/fwd/params.h"
 #include "cuda/fwd_sm90/config.cuh"
