@@ -10,9 +10,38 @@
 namespace bsattn {
 namespace cuda {
 
+// What both forward kernels' configurations (this one and fwd_sm90/config.cuh) derive alike from the head dim D,
+// NT threads, TM packed rows and BN-key KV tiles: the KV gather's thread layout (fwd/gather_kv.cuh) and the
+// shared-memory tables every CTA keeps.
+template <int D, int NT, int TM, int BN>
+struct FwdTileShape {
+  // KV gather: threads per row = CPR (16-byte chunks per row), rows per pass over all threads, passes per tile,
+  // rows one warp issues per instruction, and key rows each warp resolves per tile (one per "owner" lane).
+  static constexpr int CPR = D / 8;
+  static constexpr int RPP = NT / CPR;
+  static constexpr int PASSES = BN / RPP;
+  static constexpr int RPW = 32 / CPR;
+  static constexpr int OWN = BN / (NT / 32);
+  // shared memory (bytes): Q tile, one K or V stage, causal limit per tile row, per-CTA gather constants
+  // (GatherShared), gather walk state per owner row, (query row, head) per tile row
+  static constexpr int Q_BYTES = TM * D * 2;
+  static constexpr int KV_STAGE_BYTES = BN * D * 2;
+  static constexpr int LIM_BYTES = TM * 4;
+  static constexpr int CTA_BYTES = 32;
+  static constexpr int OWN_BYTES = BN * 8;
+  static constexpr int ROW_BYTES = TM * 8;
+
+  static_assert(NT % CPR == 0 && BN % RPP == 0 && CPR <= 32, "gather layout");
+  static_assert(OWN <= 32 && OWN == PASSES * RPW, "one owner lane per key row");
+  static_assert((TM * CPR) % NT == 0, "Q tile load layout (load_packed_tile)");
+};
+
 template <int D_, int WM_, int WN_, int MI_, int BN_, int STAGES_, bool QREG_, int MINB_, int NKC_ = BN_ / WN_,
           bool KV_L1_ = false, bool MMA_SUM_ = false>
-struct FwdCfg {
+struct FwdCfg : FwdTileShape<D_, WM_ * WN_ * 32, WM_ * MI_ * 16, BN_> {
+  using Shape = FwdTileShape<D_, WM_ * WN_ * 32, WM_ * MI_ * 16, BN_>;
+  using Shape::Q_BYTES, Shape::KV_STAGE_BYTES, Shape::LIM_BYTES, Shape::CTA_BYTES, Shape::OWN_BYTES,
+      Shape::ROW_BYTES;
   static constexpr int D = D_;
   static constexpr int WM = WM_, WN = WN_, MI = MI_;
   static constexpr int BN = BN_, STAGES = STAGES_;
@@ -25,24 +54,11 @@ struct FwdCfg {
   static constexpr int NK = BN / WN;       // keys per warp per KV tile
   static constexpr int NKC = NKC_;         // keys per compute chunk: S = Q K^T, softmax, O += P V
   static constexpr int NT8 = NKC / 8;      // n8 score tiles per warp per chunk
-  static constexpr int CPR = D / 8;        // 16-byte chunks per row
-  // KV gather: threads per row = CPR, rows per pass over all threads, passes per tile, rows one warp
-  // issues per instruction, and key rows each warp resolves per tile (one per "owner" lane).
-  static constexpr int RPP = NT / CPR;
-  static constexpr int PASSES = BN / RPP;
-  static constexpr int RPW = 32 / CPR;
-  static constexpr int OWN = BN / NWARPS;
-  // shared memory (bytes): Q tile, K and V stages, key index per staged row, per-warp row max / sum,
-  // causal limit per tile row, per-CTA gather constants, gather walk state, (query row, head) per tile row
-  static constexpr int Q_BYTES = TM * D * 2;
-  static constexpr int KV_STAGE_BYTES = BN * D * 2;
+  // shared memory (bytes): the tile shape's tables (above), K and V stages, key index per staged row, per-warp
+  // row max / sum
   static constexpr int KV_BYTES = 2 * STAGES * KV_STAGE_BYTES;
   static constexpr int KIDX_BYTES = STAGES * BN * 4;
   static constexpr int ML_BYTES = 2 * WN * TM * 4;
-  static constexpr int LIM_BYTES = TM * 4;
-  static constexpr int CTA_BYTES = 32;     // GatherShared
-  static constexpr int OWN_BYTES = BN * 8;  // gather walk state per owner row
-  static constexpr int ROW_BYTES = TM * 8;  // (query row, head) per tile row
   static constexpr int SMEM =
       Q_BYTES + KV_BYTES + KIDX_BYTES + ML_BYTES + LIM_BYTES + CTA_BYTES + OWN_BYTES + ROW_BYTES;
   // WN > 1: the f32 partial outputs are merged in the (then idle) Q tile + K/V stages, rows padded by 8
@@ -51,10 +67,7 @@ struct FwdCfg {
 
   static_assert(D % 64 == 0, "head dim must be a multiple of 64 (swizzle works on 8-chunk groups)");
   static_assert(NKC % 16 == 0 && NK % NKC == 0, "each warp needs whole k16 steps of keys");
-  static_assert(NT % CPR == 0 && BN % RPP == 0 && CPR <= 32, "gather layout");
-  static_assert(OWN <= 32 && OWN == PASSES * RPW, "one owner lane per key row");
   static_assert(WN == 1 || WN * TM * OSTRIDE * 4 <= Q_BYTES + KV_BYTES, "merge buffer must fit in Q + K/V");
-  static_assert((TM * CPR) % NT == 0 && NT % CPR == 0, "Q tile load layout (load_packed_tile)");
   static_assert(STAGES >= 2 && STAGES <= 8, "pipeline depth");
   static_assert(SMEM <= 227 * 1024, "shared memory per CTA");
 };

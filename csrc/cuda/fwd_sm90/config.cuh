@@ -6,11 +6,15 @@
 // 128-byte-swizzled canonical layout (common/gather.cuh AtomSwizzle).
 #pragma once
 
+#include "cuda/fwd/config.cuh"
+
 namespace bsattn {
 namespace cuda {
 
 template <int D_, int NWG_, int BN_, int KST_, int VST_, int MINB_, bool OVERLAP_>
-struct Sm90FwdCfg {
+struct Sm90FwdCfg : FwdTileShape<D_, NWG_ * 128, NWG_ * 64, BN_> {
+  using Shape = FwdTileShape<D_, NWG_ * 128, NWG_ * 64, BN_>;
+  using Shape::Q_BYTES, Shape::KV_STAGE_BYTES, Shape::LIM_BYTES, Shape::CTA_BYTES, Shape::OWN_BYTES, Shape::ROW_BYTES;
   static constexpr int D = D_, NWG = NWG_, BN = BN_;
   // K and V stages. OVERLAP: each warpgroup issues S = Q K^T of tile t before O += P V of tile t - 1 and runs
   // the softmax of t while the tensor cores finish P V (V tiles live one tile longer: VST >= KST + 1);
@@ -24,32 +28,15 @@ struct Sm90FwdCfg {
   static constexpr int TM = 64 * NWG;  // packed rows per CTA
   static constexpr int MI = 1;         // m16 strips per warp (the epilogue's view: warp w owns rows 16 w ...)
   static constexpr bool KV_L1 = false;
-  // KV gather layout (fwd/gather_kv.cuh): threads per row, rows per pass, passes per tile, rows per warp
-  // instruction, key rows resolved per warp per tile
-  static constexpr int CPR = D / 8;
-  static constexpr int RPP = NT / CPR;
-  static constexpr int PASSES = BN / RPP;
-  static constexpr int RPW = 32 / CPR;
-  static constexpr int OWN = BN / NWARPS;
-  // shared memory (bytes): Q tile, K stages, V stages (each 1024-byte aligned), key index per K stage row,
-  // causal limit per tile row, per-CTA gather constants, gather walk state, (query row, head) per tile row;
-  // + 1024 of slack to align the dynamic shared memory to 1024
-  static constexpr int Q_BYTES = TM * D * 2;
-  static constexpr int KV_STAGE_BYTES = BN * D * 2;
+  // shared memory (bytes): the tile shape's tables (fwd/config.cuh), K stages, V stages (each 1024-byte aligned),
+  // key index per K stage row; + 1024 of slack to align the dynamic shared memory to 1024
   static constexpr int KV_BYTES = (KST + VST) * KV_STAGE_BYTES;
   static constexpr int KIDX_BYTES = KST * BN * 4;
-  static constexpr int LIM_BYTES = TM * 4;
-  static constexpr int CTA_BYTES = 32;
-  static constexpr int OWN_BYTES = BN * 8;
-  static constexpr int ROW_BYTES = TM * 8;
   static constexpr int SMEM = 1024 + Q_BYTES + KV_BYTES + KIDX_BYTES + LIM_BYTES + CTA_BYTES + OWN_BYTES + ROW_BYTES;
 
   static_assert(OVERLAP ? (KST >= 2 && VST >= 3) : KST == VST, "stage counts");
   static_assert(D == 64 || D == 128, "wgmma N of O += P V is D: 64 or 128 (the generated ops)");
   static_assert(BN == 32 || BN == 64 || BN == 128, "wgmma N of S = Q K^T is BN: 32, 64 or 128 (the generated ops)");
-  static_assert(NT % CPR == 0 && BN % RPP == 0 && CPR <= 32, "gather layout");
-  static_assert(OWN <= 32 && OWN == PASSES * RPW, "one owner lane per key row");
-  static_assert((TM * CPR) % NT == 0, "Q tile load layout (load_packed_tile)");
   static_assert(PF >= 1 && KST <= 8 && VST <= 8, "pipeline depth");
   static_assert(SMEM <= 227 * 1024, "shared memory per CTA");
 };
