@@ -41,15 +41,15 @@ __device__ __forceinline__ void stage_row_stats(uint32_t sLse, uint32_t sDl, int
 }
 
 // A contiguous tile of ROWS rows of two tensors (K and V: row r at r * rstride of ga / gb) -> the swizzled
-// buffers sA / sB, copied by NT threads (chunk i % CPR of row i / CPR); rows at or past `valid` are zeroed.
-template <int D, int NT, int ROWS, typename T>
+// buffers sA / sB (Layout: common/gather.cuh), copied by NT threads (chunk i % CPR of row i / CPR); rows at or past `valid` are zeroed.
+template <int D, int NT, int ROWS, class Layout = RowSwizzle<D>, typename T>
 __device__ __forceinline__ void load_row_pair_tile(uint32_t sA, uint32_t sB, const T* ga, const T* gb, int valid,
                                                    int64_t rstride, int tid) {
   constexpr int CPR = D / 8;
 #pragma unroll
   for (int i = tid; i < ROWS * CPR; i += NT) {
     const int row = i / CPR, ch = i % CPR;
-    const uint32_t so = swz_off<D>(row, ch);
+    const uint32_t so = Layout::off(row, ch);
     if (row < valid) {
       const int64_t go = row * rstride + ch * 8;
       cp_async16(sA + so, ga + go);
@@ -133,6 +133,82 @@ struct SeqWalk {
   }
 };
 
+// The entries [cs, ce) of col_rows (layout lid) that list the block rows of block column c, clamped to [0, nnz] and
+// non-decreasing whatever col_indptr holds (memory safety for traced layouts).
+__device__ __forceinline__ void column_entries(const Params& p, int64_t lid, int c, int64_t& cs, int64_t& ce) {
+  const int32_t* ci = p.col_indptr + lid * (p.NB + 1);
+  cs = __ldg(ci + c);
+  ce = __ldg(ci + c + 1);
+  cs = cs < 0 ? 0 : (cs > p.nnz ? p.nnz : cs);
+  ce = ce < cs ? cs : (ce > p.nnz ? p.nnz : ce);
+}
+
+// The query side of a column-oriented kernel (dk / dv, and the Hopper backward): the column's block rows
+// (col_rows[cs:ce]) walked as a virtual sequence of packed query rows, E = R * g per block row (query row r, head
+// j of the KV head's group), gathered tile by tile: q and do (copy_row_pair_tile, Map = the tile's TileMap,
+// Layout its shared-memory layout), raw lse and delta, the row's causal limit, and (with a non-null sRid) its
+// global row q_row * Hq + head, -1 for a missing row. The owner lanes hold the walk (SeqWalk).
+template <int D, int BQ, class Map, class Layout, typename T>
+struct ColumnQueryGather {
+  SeqWalk qw;
+  const T* qg;
+  const T* dg;
+  const float* lseg;
+  const float* dlg;
+  int hq0, E, qE, rE, klast, trow_own;
+  bool owner;
+
+  // len: block rows of the column (list at `rows`), klast: the tile's last key (a row whose causal limit is below
+  // it needs the mask), qboff: (b, row 0, head 0) in units of rows of D.
+  __device__ __forceinline__ void init(const Params& p, const int32_t* rows, int len, int hk, int klast_,
+                                       int64_t qboff, int warp, int lane) {
+    const int RG = p.R * p.g;
+    E = RG > 0 ? RG : 1;
+    qE = BQ / E;
+    rE = BQ - qE * E;
+    owner = lane < Map::OWN;
+    trow_own = Map::owner_row(warp, lane);
+    klast = klast_;
+    qw.init(rows, len, trow_own, E, owner);
+    qg = static_cast<const T*>(p.q) + qboff * D;
+    dg = static_cast<const T*>(p.dout) + qboff * D;
+    lseg = p.lse + qboff;
+    dlg = p.delta + qboff;
+    hq0 = hk * p.g;
+  }
+
+  // Issues the copies of the next tile into `stage` (sQs / sDs: that stage's q / do buffers); returns 1 when this
+  // thread saw a row that needs the causal mask.
+  __device__ __forceinline__ uint32_t issue(const Params& p, uint32_t sQs, uint32_t sDs, uint32_t sLse,
+                                            uint32_t sDl, int* sLim, int* sRid, int stage, int warp, int lane) {
+    int rid = -1;  // row of q in units of D within batch b: qi * Hq + h
+    uint32_t flag = 0;
+    if (owner) {
+      int lim = INT_MAX;
+      if (qw.live(owner)) {
+        const int brow = qw.nxt;
+        if (brow >= 0 && brow < p.MB) {
+          const int r = qw.off / p.g;
+          const int qi = brow * p.R + r;
+          if (qi < p.M) {
+            rid = qi * p.Hq + hq0 + (qw.off - r * p.g);
+            if (p.causal) lim = qi + (p.N - p.M);
+          }
+        }
+      }
+      const int srow = stage * BQ + trow_own;
+      stage_row_stats(sLse, sDl, srow, lseg, dlg, rid);
+      sLim[srow] = lim;
+      if (sRid != nullptr) sRid[srow] = rid;
+      flag = (rid >= 0 && lim < klast) ? 1u : 0u;
+    }
+    qw.advance(qE, rE, E, owner);
+    copy_row_pair_tile<D, Map::PASSES, Map::RPP, Map::RPW, false, Layout>(sQs, sDs, qg, dg, rid, D, warp, lane,
+                                                                          [](int rp) { return rp >= 0; });
+    return flag;
+  }
+};
+
 // Per-row statistics as the kernels use them: lse2 = log2(e) * lse, +inf for a row that must contribute
 // nothing (lse = -inf, or padding): then p = exp2(s2 - lse2) = 0 exactly, and delta is forced to 0 so that
 // ds = p * (dp - delta) stays 0 whatever delta holds.
@@ -152,6 +228,56 @@ __device__ __forceinline__ float prob_cap(float raw, float s_mul, float cap_mul,
   const float t = tanh_from_2log2e_x(raw * s_mul);
   fac = fmaf(-t, t, 1.f);
   return fast_exp2(fmaf(t, cap_mul, -lse2));
+}
+
+// p^T (in place of s) and ds^T (in place of dp) of the column-oriented kernels' score accumulators (dk / dv:
+// bwd/dkdv_kernel.cuh, and the Hopper backward bwd_sm90/): s[n][e] is the score of key key[e >> 1] (the thread's
+// two accumulator rows) and staged query row rb + 8 n + (e & 1), whose raw lse / delta are at that index of fLse /
+// fDl. need_mask: multiply p by the (row, column) multiplicity (PACK: the 4-bit count at shift sh[h] of the row's
+// count word in sW) and zero it above the row's causal limit (sLim). DO_DK: also ds^T.
+template <int NQ8, bool DO_DK, bool PACK>
+__device__ __forceinline__ void dkv_probs_ds(float (&s)[NQ8][4], float (&dp)[DO_DK ? NQ8 : 1][4], const float* fLse,
+                                             const float* fDl, const int* sLim, const unsigned long long* sW, int rb,
+                                             bool need_mask, const int (&key)[2], const int (&sh)[2], float s_mul,
+                                             float cap_mul, bool use_cap) {
+#pragma unroll
+  for (int n = 0; n < NQ8; ++n) {
+    const float2 l2 = *reinterpret_cast<const float2*>(fLse + rb + n * 8);
+    float lse2[2], dl[2];
+    if constexpr (DO_DK) {
+      const float2 d2 = *reinterpret_cast<const float2*>(fDl + rb + n * 8);
+      row_stats(l2.x, d2.x, lse2[0], dl[0]);
+      row_stats(l2.y, d2.y, lse2[1], dl[1]);
+    } else {
+      row_stats(l2.x, 0.f, lse2[0], dl[0]);
+      row_stats(l2.y, 0.f, lse2[1], dl[1]);
+    }
+    int2 lim = make_int2(INT_MAX, INT_MAX);
+    ulonglong2 w2 = make_ulonglong2(0ull, 0ull);
+    if (need_mask) {
+      lim = *reinterpret_cast<const int2*>(sLim + rb + n * 8);
+      if constexpr (PACK) w2 = *reinterpret_cast<const ulonglong2*>(sW + rb + n * 8);
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int h = e >> 1, cc = e & 1;
+      float pv, fac = 1.f;
+      if (use_cap)
+        pv = prob_cap(s[n][e], s_mul, cap_mul, lse2[cc], fac);
+      else
+        pv = prob_nocap(s[n][e], s_mul, lse2[cc]);
+      if (need_mask) {
+        if constexpr (PACK) pv *= static_cast<float>(static_cast<uint32_t>((cc ? w2.y : w2.x) >> sh[h]) & 15u);
+        if (key[h] > (cc ? lim.y : lim.x)) pv = 0.f;
+      }
+      s[n][e] = pv;
+      if constexpr (DO_DK) {
+        float ds = pv * (dp[n][e] - dl[cc]);
+        if (use_cap) ds *= fac;
+        dp[n][e] = ds;
+      }
+    }
+  }
 }
 
 }  // namespace bwd

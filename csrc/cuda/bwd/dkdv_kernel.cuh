@@ -186,45 +186,7 @@ __device__ __forceinline__ void dkdv_tile(uint32_t sK, uint32_t sV, uint32_t sQ,
     }
     // p^T (in place of s), ds^T (in place of dp)
     const int rb = stage * BQ + wq * BQW + qc * QC + (lane & 3) * 2;  // staged row of column e & 1 of n = 0
-#pragma unroll
-    for (int n = 0; n < NQ8; ++n) {
-      const float2 l2 = *reinterpret_cast<const float2*>(fLse + rb + n * 8);
-      float lse2[2], dl[2];
-      if constexpr (DO_DK) {
-        const float2 d2 = *reinterpret_cast<const float2*>(fDl + rb + n * 8);
-        row_stats(l2.x, d2.x, lse2[0], dl[0]);
-        row_stats(l2.y, d2.y, lse2[1], dl[1]);
-      } else {
-        row_stats(l2.x, 0.f, lse2[0], dl[0]);
-        row_stats(l2.y, 0.f, lse2[1], dl[1]);
-      }
-      int2 lim = make_int2(INT_MAX, INT_MAX);
-      ulonglong2 w2 = make_ulonglong2(0ull, 0ull);
-      if (need_mask) {
-        lim = *reinterpret_cast<const int2*>(sLim + rb + n * 8);
-        if constexpr (PACK) w2 = *reinterpret_cast<const ulonglong2*>(sW + rb + n * 8);
-      }
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int h = e >> 1, cc = e & 1;
-        float pv, fac = 1.f;
-        if (use_cap)
-          pv = prob_cap(s[n][e], s_mul, cap_mul, lse2[cc], fac);
-        else
-          pv = prob_nocap(s[n][e], s_mul, lse2[cc]);
-        if (need_mask) {
-          if constexpr (PACK)
-            pv *= static_cast<float>(static_cast<uint32_t>((cc ? w2.y : w2.x) >> sh[h]) & 15u);
-          if (key[h] > (cc ? lim.y : lim.x)) pv = 0.f;
-        }
-        s[n][e] = pv;
-        if constexpr (DO_DK) {
-          float ds = pv * (dp[n][e] - dl[cc]);
-          if (use_cap) ds *= fac;
-          dp[n][e] = ds;
-        }
-      }
-    }
+    dkv_probs_ds<NQ8, DO_DK, PACK>(s, dp, fLse, fDl, sLim, sW, rb, need_mask, key, sh, s_mul, cap_mul, use_cap);
     // dv += p^T do, dk += ds^T q
 #pragma unroll
     for (int kk = 0; kk < QC / 16; ++kk) {
@@ -351,13 +313,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_kernel(con
 
   const int64_t lid = static_cast<int64_t>(p.LB > 1 ? b : 0) * p.LH + (p.LH > 1 ? hk : 0);
   int64_t cs, ce;
-  {
-    const int32_t* ci = p.col_indptr + lid * (p.NB + 1);
-    cs = __ldg(ci + c);
-    ce = __ldg(ci + c + 1);
-    cs = cs < 0 ? 0 : (cs > p.nnz ? p.nnz : cs);
-    ce = ce < cs ? cs : (ce > p.nnz ? p.nnz : ce);
-  }
+  column_entries(p, lid, c, cs, ce);
   const int RG = p.R * p.g;  // packed rows per block row (0 when Hq = 0)
   const int len = RG > 0 ? static_cast<int>(ce - cs) : 0;
   const int E = RG > 0 ? RG : 1;
@@ -387,46 +343,11 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_kernel(con
   }
 
   // query gather state (owner lanes)
-  const bool owner = lane < Map::OWN;
-  const int trow_own = Map::owner_row(warp, lane);
-  const int qE = BQ / E, rE = BQ - (BQ / E) * E;
-  const int klast = k0 + nkeys - 1;  // a row whose causal limit is below this needs the mask
-  SeqWalk qw;
-  qw.init(p.col_rows + lid * p.nnz + cs, len, trow_own, E, owner);
-  const T* qg = static_cast<const T*>(p.q) + qboff * D;
-  const T* dg = static_cast<const T*>(p.dout) + qboff * D;
-  const float* lseg = p.lse + qboff;
-  const float* dlg = p.delta + qboff;
-  const int hq0 = hk * p.g;
-
-  // Issues the copies of the next query tile into `stage`; returns 1 when this thread saw a row that needs
-  // the causal mask.
+  ColumnQueryGather<D, BQ, Map, RowSwizzle<D>, T> qgat;
+  qgat.init(p, p.col_rows + lid * p.nnz + cs, len, hk, k0 + nkeys - 1, qboff, warp, lane);
   auto issue = [&](int stage) -> uint32_t {
-    int rid = -1;  // row of q in units of D within batch b: qi * Hq + h
-    uint32_t flag = 0;
-    if (owner) {
-      int lim = INT_MAX;
-      if (qw.live(owner)) {
-        const int brow = qw.nxt;
-        if (brow >= 0 && brow < p.MB) {
-          const int r = qw.off / p.g;
-          const int qi = brow * p.R + r;
-          if (qi < p.M) {
-            rid = qi * p.Hq + hq0 + (qw.off - r * p.g);
-            if (p.causal) lim = qi + (p.N - p.M);
-          }
-        }
-      }
-      const int srow = stage * BQ + trow_own;
-      stage_row_stats(sLse, sDl, srow, lseg, dlg, rid);
-      sLim[srow] = lim;
-      flag = (rid >= 0 && lim < klast) ? 1u : 0u;
-    }
-    qw.advance(qE, rE, E, owner);
-    const uint32_t sQs = sQ + stage * Cfg::Q_STAGE, sDs = sD + stage * Cfg::Q_STAGE;
-    copy_row_pair_tile<D, Map::PASSES, Map::RPP, Map::RPW, false>(sQs, sDs, qg, dg, rid, D, warp, lane,
-                                                                  [](int rp) { return rp >= 0; });
-    return flag;
+    return qgat.issue(p, sQ + stage * Cfg::Q_STAGE, sD + stage * Cfg::Q_STAGE, sLse, sDl, sLim, nullptr, stage, warp,
+                      lane);
   };
 
   uint32_t pending = issue_prologue<S>(issue, ntiles);

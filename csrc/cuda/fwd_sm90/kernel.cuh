@@ -21,7 +21,7 @@
 #include "cuda/fwd/softmax.cuh"
 #include "cuda/fwd/tile_setup.cuh"
 #include "cuda/fwd_sm90/config.cuh"
-#include "cuda/fwd_sm90/wgmma.cuh"
+#include "cuda/common/wgmma.cuh"
 
 #ifndef BSATTN_FWD_TIMELINE_MARK
 #define BSATTN_FWD_TIMELINE_MARK(k)

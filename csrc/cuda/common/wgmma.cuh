@@ -1,11 +1,12 @@
-// Hopper (sm_90a) warpgroup MMA plumbing of the forward kernel: shared-memory matrix descriptors and the fences
-// that order wgmma.mma_async (an asynchronous-proxy reader of shared memory and writer of registers) with the
-// rest of the kernel. The instructions themselves are generated: wgmma_ops.cuh.
+// Hopper (sm_90a) plumbing of the warpgroup-MMA kernels (fwd_sm90/, bwd_sm90/): shared-memory matrix descriptors,
+// the fences that order wgmma.mma_async (an asynchronous-proxy reader of shared memory and writer of registers)
+// with the rest of the kernel, and the other sm_90 instructions they use (stmatrix, vector red). The wgmma
+// instructions themselves are generated: wgmma_ops.cuh.
 #pragma once
 
 #include <cstdint>
 
-#include "cuda/fwd_sm90/wgmma_ops.cuh"
+#include "cuda/common/wgmma_ops.cuh"
 
 namespace bsattn {
 namespace cuda {
@@ -35,6 +36,20 @@ template <int N>
 __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// Four 8 x 8 b16 matrices from registers (the m16n8 accumulator / A-fragment layout: lane holds row lane / 4,
+// columns 2 (lane % 4) + {0, 1} of each) to shared memory transposed: row i of stored matrix m (16 contiguous
+// bytes at the address lane 8 m + i passes) is column i of register matrix m.
+__device__ __forceinline__ void stsm_x4_trans(uint32_t addr, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r[0]),
+               "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+}
+
+// dst[0] += a, dst[1] += b in global memory (one relaxed, gpu-scope vector reduction; dst 8-byte aligned).
+__device__ __forceinline__ void red_add_f32x2(float* dst, float a, float b) {
+  asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst), "f"(a), "f"(b) : "memory");
 }
 
 }  // namespace cuda
