@@ -102,7 +102,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, causal=False, logits_soft_cap=None,
-                           return_lse=False):
+                           return_lse=False, deterministic=False):
     """Block-sparse attention: only the blocks that ``layout`` lists are computed.
 
     Args:
@@ -115,6 +115,11 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
       causal: also mask ``j > i + (N - M)`` (bottom-right aligned, as FlashAttention and FlashInfer).
       logits_soft_cap: ``c``: logits become ``c * tanh(s / c)``.
       return_lse: also return the natural-log log-sum-exp, float32 ``[*B, M, Hq]``.
+      deterministic: make the gradients bitwise repeatable. dk and dv always are; on an H100 / H200 (head dim
+        64 or 128, C > 16) dq is by default accumulated with float32 atomic adds in a workspace of q's shape
+        (4 bytes an element), whose order varies from run to run (differences of the order of float32 rounding).
+        ``True`` uses the deterministic backward there as well: no workspace, slower (BENCHMARKS.md has the
+        figures). No effect on the forward or on the CPU path (deterministic already).
 
     Returns:
       ``o`` in q's dtype, ``[*B, M, Hq, D]`` (and ``lse``). A row with no element taking part gives ``o = 0``
@@ -126,7 +131,8 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
     B = math.prod(batch)
     cfg = Config(block_r=int(layout.block_size[0]), block_c=int(layout.block_size[1]),
                  scale=float(D ** -0.5 if scale is None else scale),
-                 softcap=float(0.0 if logits_soft_cap is None else logits_soft_cap), causal=bool(causal))
+                 softcap=float(0.0 if logits_soft_cap is None else logits_soft_cap), causal=bool(causal),
+                 deterministic=bool(deterministic))
     q3 = jnp.reshape(q, (B, M, Hq, D))
     k3 = jnp.reshape(k, (B, N, Hk, D))
     v3 = jnp.reshape(v, (B, N, Hk, D))

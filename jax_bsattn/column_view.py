@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["column_view"]
+__all__ = ["column_view", "column_order"]
 
 
 def column_view(indptr, indices, num_block_cols: int):
@@ -35,3 +35,10 @@ def column_view(indptr, indices, num_block_cols: int):
         return jnp.zeros(lead + (NB + 1,), jnp.int32), jnp.zeros(lead + (0,), jnp.int32)
     ci, cr = jax.vmap(one)(indptr.reshape(-1, MB + 1), indices.reshape(-1, nnz))
     return ci.reshape(lead + (NB + 1,)), cr.reshape(lead + (nnz,))
+
+
+def column_order(col_indptr):
+    """``col_indptr [..., NB+1]`` -> the block columns by decreasing number of block rows (stable), int32
+    ``[..., NB]``: the CUDA backward starts the longest columns first, so that its last wave holds the shortest
+    (a permutation of ``[0, NB)`` whatever ``col_indptr`` holds)."""
+    return jnp.argsort(col_indptr[..., :-1] - col_indptr[..., 1:], axis=-1, stable=True).astype(jnp.int32)

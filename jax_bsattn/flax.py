@@ -86,6 +86,8 @@ class BlockSparseMultiHeadAttention(nnx.Module):
       rotary: apply rotary position embedding to q and k (query ``i`` at position ``i + N - M``, key ``j``
         at ``j``), with base ``rope_theta``.
       scale: logits scale, default ``1 / sqrt(head_dim)``. logits_soft_cap: as the op.
+      deterministic_backward: bitwise repeatable gradients (the op's ``deterministic``; dropout's
+        ``deterministic`` is another thing).
       use_bias: biases in the projections. dtype: dtype of the computation (q, k, v, the attention and the
         projections; default: the inputs'). param_dtype: of the parameters.
       kernel_init: initialiser of the projection kernels.
@@ -96,7 +98,7 @@ class BlockSparseMultiHeadAttention(nnx.Module):
                  head_dim: int | None = None, out_features: int | None = None, kv_features: int | None = None,
                  layout: LayoutSpec | None = None, causal: bool = False, rotary: bool = False,
                  rope_theta: float = 10000.0, scale: float | None = None, logits_soft_cap: float | None = None,
-                 use_bias: bool = False, dtype=None, param_dtype=jnp.float32,
+                 deterministic_backward: bool = False, use_bias: bool = False, dtype=None, param_dtype=jnp.float32,
                  kernel_init=nnx.initializers.lecun_normal(), rngs: nnx.Rngs):
         self.num_heads = int(num_heads)
         self.num_kv_heads = int(num_kv_heads if num_kv_heads is not None else num_heads)
@@ -113,6 +115,7 @@ class BlockSparseMultiHeadAttention(nnx.Module):
         self.layout = _as_static(layout)
         self.causal, self.rotary, self.rope_theta = bool(causal), bool(rotary), float(rope_theta)
         self.scale, self.logits_soft_cap, self.dtype = scale, logits_soft_cap, dtype
+        self.deterministic_backward = bool(deterministic_backward)
         kv_features = in_features if kv_features is None else kv_features
         out_features = in_features if out_features is None else out_features
 
@@ -144,11 +147,12 @@ class BlockSparseMultiHeadAttention(nnx.Module):
         """The attention proper, ``[*B, M, Hq, D]`` from q and ``[*B, N, Hk, D]`` k, v (after rotary): the
         hook a subclass overrides to compare with another implementation on the same model."""
         return block_sparse_attention(q, k, v, layout, scale=self.scale, causal=self.causal,
-                                      logits_soft_cap=self.logits_soft_cap)
+                                      logits_soft_cap=self.logits_soft_cap,
+                                      deterministic=self.deterministic_backward)
 
 
 def make_attention_fn(layout: LayoutSpec, *, causal: bool = False, scale: float | None = None,
-                      logits_soft_cap: float | None = None):
+                      logits_soft_cap: float | None = None, deterministic_backward: bool = False):
     """An ``attention_fn`` for ``flax.nnx.MultiHeadAttention(attention_fn=...)`` (same keyword arguments as
     ``flax.nnx.dot_product_attention``) computing block-sparse attention with ``layout``.
 
@@ -159,7 +163,8 @@ def make_attention_fn(layout: LayoutSpec, *, causal: bool = False, scale: float 
     ``mask`` or ``bias`` -- express the pattern as a layout (``BlockSparseLayout.from_block_mask``); this
     includes ``decode=True``, which masks its KV cache with a dense mask -- attention dropout in training
     (``dropout_rate > 0`` and not ``deterministic``), and ``module`` (``sow_weights=True``: the attention
-    weights are never materialised).
+    weights are never materialised). ``deterministic_backward``: the op's ``deterministic`` (bitwise
+    repeatable gradients; the ``deterministic`` argument is dropout's).
     """
 
     def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,
@@ -188,6 +193,6 @@ def make_attention_fn(layout: LayoutSpec, *, causal: bool = False, scale: float 
             query, key, value = (jnp.asarray(x, dtype) for x in (query, key, value))
         lay = resolve_layout(layout, query.shape[-3], key.shape[-3])
         return block_sparse_attention(query, key, value, lay, scale=scale, causal=bool(causal or is_causal),
-                                      logits_soft_cap=logits_soft_cap)
+                                      logits_soft_cap=logits_soft_cap, deterministic=deterministic_backward)
 
     return attention_fn

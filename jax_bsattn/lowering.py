@@ -7,10 +7,12 @@ mesh it holds a partitioned call whose per-device body is that same custom call 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 from jax.interpreters import mlir
 
-from .column_view import column_view
+from .column_view import column_order, column_view
 from .partitioning import bwd_partitioned, fwd_partitioned
 from .primitives import Config, bsattn_bwd_ffi_p, bsattn_bwd_p, bsattn_fwd_ffi_p, bsattn_fwd_p, ffi_attributes
 
@@ -52,14 +54,35 @@ def _partitioned_rule(partitioned, platform: str):
     return lower
 
 
+@functools.lru_cache(maxsize=None)
+def _gpus_are_sm90() -> bool:
+    """Whether the local CUDA devices are compute capability 9.0 (H100 / H200): the Hopper backward's."""
+    try:
+        devs = jax.devices("cuda")
+    except RuntimeError:
+        return False
+    return bool(devs) and all(str(getattr(d, "compute_capability", "")) == "9.0" for d in devs)
+
+
+def _atomic_dq(q, cfg: Config) -> bool:
+    """Whether to give the CUDA backward a float32 dq workspace, which lets it run the one-pass Hopper kernel
+    (dq by atomic adds; csrc/cuda/bwd/dispatch.cu has the same conditions)."""
+    return (not cfg.deterministic and cfg.block_c > 16 and q.shape[-1] <= 128 and q.size > 0
+            and _gpus_are_sm90())
+
+
 def _cuda_bwd_call(q, k, v, do, lse, delta, indptr, indices, *, cfg: Config):
     """The CUDA backward also takes the layout's column view (dk / dv walk block columns), built here in
-    XLA from the row view on the device: no host round trip, no dense mask."""
+    XLA from the row view on the device: no host round trip, no dense mask. Its fourth result is the dq
+    workspace (empty: the deterministic backward), dropped here."""
     num_block_cols = -(-k.shape[1] // cfg.block_c)
     col_indptr, col_rows = column_view(indptr, indices, num_block_cols)
+    col_order = column_order(col_indptr)
     out = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
-    return jax.ffi.ffi_call("bsattn_bwd_cuda", out)(q, k, v, do, lse, delta, indptr, indices, col_indptr, col_rows,
-                                                   **ffi_attributes(cfg))
+    out += (jax.ShapeDtypeStruct(q.shape if _atomic_dq(q, cfg) else (0,), jax.numpy.float32),)
+    dq, dk, dv, _ = jax.ffi.ffi_call("bsattn_bwd_cuda", out)(q, k, v, do, lse, delta, indptr, indices, col_indptr,
+                                                            col_rows, col_order, **ffi_attributes(cfg))
+    return dq, dk, dv
 
 
 def _cuda_bwd_rule():

@@ -40,6 +40,8 @@ class Config(NamedTuple):
     scale: float
     softcap: float  # 0.0: no soft cap
     causal: bool
+    # backward: bitwise repeatable dq too (the GPU's fastest dq adds in float atomics; see attention.py)
+    deterministic: bool = False
 
 
 def _primitive(name: str) -> Primitive:

@@ -15,8 +15,9 @@ __all__ = ["block_sparse_attention_reference"]
 
 
 def block_sparse_attention_reference(q, k, v, layout: BlockSparseLayout, *, scale=None, causal=False,
-                                     logits_soft_cap=None, return_lse=False):
-    """Same signature and semantics as :func:`jax_bsattn.block_sparse_attention`, in float32 on a dense mask."""
+                                     logits_soft_cap=None, return_lse=False, deterministic=False):
+    """Same signature and semantics as :func:`jax_bsattn.block_sparse_attention`, in float32 on a dense mask
+    (``deterministic`` is accepted and has nothing to do: this is plain jax.numpy)."""
     return reference_in_dtype(q, k, v, layout, scale=scale, causal=causal, logits_soft_cap=logits_soft_cap,
                               return_lse=return_lse, compute_dtype=jnp.float32)
 

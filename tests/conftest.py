@@ -77,8 +77,9 @@ def check_forward(q, k, v, layout, **kw):
     return assert_close("o", o, o32, olp), assert_close("lse", lse, lse32, lselp)
 
 
-def check_gradients(q, k, v, layout, **kw):
-    """jax.grad of the op against jax.grad of the float32 reference (cotangent: random, fixed)."""
+def check_gradients(q, k, v, layout, op_kw=None, **kw):
+    """jax.grad of the op against jax.grad of the float32 reference (cotangent: random, fixed). op_kw: arguments
+    of the op alone (``deterministic``)."""
     ct = jnp.asarray(np.random.default_rng(7).standard_normal(q.shape), jnp.float32)
 
     def loss(fn, **extra):
@@ -86,7 +87,7 @@ def check_gradients(q, k, v, layout, **kw):
             return jnp.sum(fn(q, k, v, layout, **kw, **extra).astype(jnp.float32) * ct)
         return f
 
-    got = jax.jit(jax.grad(loss(jb.block_sparse_attention), argnums=(0, 1, 2)))(q, k, v)
+    got = jax.jit(jax.grad(loss(jb.block_sparse_attention, **(op_kw or {})), argnums=(0, 1, 2)))(q, k, v)
     cq, ck, cv = on_cpu(q, k, v)
     ref = jax.grad(loss(reference_in_dtype), argnums=(0, 1, 2))(cq, ck, cv)
     lowp = jax.grad(loss(reference_in_dtype, compute_dtype=q.dtype), argnums=(0, 1, 2))(cq, ck, cv)

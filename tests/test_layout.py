@@ -106,3 +106,31 @@ def test_checkify_check_of_traced_layouts():
     lay = jax.jit(lambda ip, ix: jb.BlockSparseLayout.from_csr(ip, ix, (R, C), (M, N)))(*bad)
     with pytest.raises(Exception, match="never decrease"):
         jb.validate_layout(lay)
+
+
+def test_column_view_and_order_match_numpy():
+    """The CUDA backward's column view (block rows per block column, increasing) and its CTA order (block columns
+    by decreasing length, ties in column order), built in XLA, against a plain NumPy construction; stacked
+    layouts with padding and out-of-range indices included."""
+    from jax_bsattn.column_view import column_order, column_view
+    from jax_bsattn.layout import monotone_indptr
+
+    rng = np.random.default_rng(5)
+    MB, NB, nnz = 9, 7, 30
+    ip = np.sort(rng.integers(0, nnz + 1, size=(3, MB + 1)), axis=1).astype(np.int32)
+    ip[:, 0] = 0
+    ix = rng.integers(-2, NB + 2, size=(3, nnz)).astype(np.int32)
+    ci, cr = column_view(monotone_indptr(jnp.asarray(ip), nnz), jnp.asarray(ix), NB)
+    order = np.asarray(column_order(ci))
+    ci, cr = np.asarray(ci), np.asarray(cr)
+    for l in range(3):
+        cols = [[] for _ in range(NB)]
+        for r in range(MB):
+            for e in range(ip[l, r], ip[l, r + 1]):
+                if 0 <= ix[l, e] < NB:
+                    cols[ix[l, e]].append(r)
+        counts = np.array([len(c) for c in cols])
+        np.testing.assert_array_equal(np.diff(ci[l]), counts)
+        for c in range(NB):
+            np.testing.assert_array_equal(cr[l, ci[l, c]:ci[l, c + 1]], cols[c])
+        np.testing.assert_array_equal(order[l], np.argsort(-counts, kind="stable"))

@@ -1,10 +1,13 @@
 // XLA FFI handler `bsattn_bwd_cuda` (contract: csrc/README.md): checks shapes, fills bwd::Params and launches
-// the dq kernel and the dk / dv kernel (two passes at head dim 256) on XLA's stream. No host sync, no
+// the backward on XLA's stream (bwd/dispatch.cu): on an H100 / H200 with a dq_accum workspace, the one-pass Hopper
+// kernel (dq by float atomic adds: dk, dv deterministic, dq not); otherwise the dq kernel and the dk / dv kernel
+// (two passes at head dim 256), which use no float atomics and are bitwise deterministic. No host sync, no
 // allocation, no device reads: the launches depend on shapes and attributes only, so the handler is command-
-// buffer (CUDA graph) compatible. Neither kernel uses atomics: the backward is bitwise deterministic.
+// buffer (CUDA graph) compatible.
 //
-// Operands: q, k, v, do, lse, delta, indptr, indices, col_indptr, col_rows (the column view of the layout,
-// jax_bsattn/column_view.py); results dq, dk, dv.
+// Operands: q, k, v, do, lse, delta, indptr, indices, col_indptr, col_rows, col_order (the column view of the
+// layout and its columns by decreasing length, jax_bsattn/column_view.py); results dq, dk, dv, dq_accum (float32 workspace of q's shape, or empty: the caller
+// asks for the deterministic backward by giving none).
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -32,29 +35,22 @@ ffi::Error bwd_bad(const std::string& msg) { return ffi_common::invalid(kBwdName
 
 template <int kDType>
 cudaError_t launch_all(const bwd::Params& p, int64_t D, bool run_dq, bool run_dkdv, cudaStream_t stream) {
-  cudaError_t err = cudaSuccess;
   switch (D) {
     case 64:
-      if (run_dkdv) err = bwd::launch_dkdv<kDType, 64>(p, stream);
-      if (err == cudaSuccess && run_dq) err = bwd::launch_dq<kDType, 64>(p, stream);
-      break;
+      return bwd::launch_bwd<kDType, 64>(p, stream, run_dq, run_dkdv);
     case 128:
-      if (run_dkdv) err = bwd::launch_dkdv<kDType, 128>(p, stream);
-      if (err == cudaSuccess && run_dq) err = bwd::launch_dq<kDType, 128>(p, stream);
-      break;
+      return bwd::launch_bwd<kDType, 128>(p, stream, run_dq, run_dkdv);
     default:
-      if (run_dkdv) err = bwd::launch_dkdv<kDType, 256>(p, stream);
-      if (err == cudaSuccess && run_dq) err = bwd::launch_dq<kDType, 256>(p, stream);
-      break;
+      return bwd::launch_bwd<kDType, 256>(p, stream, run_dq, run_dkdv);
   }
-  return err;
 }
 
 ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer dout,
                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> delta, ffi::Buffer<ffi::S32> indptr,
                    ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> col_indptr, ffi::Buffer<ffi::S32> col_rows,
+                   ffi::Buffer<ffi::S32> col_order,
                    ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
-                   int64_t block_r, int64_t block_c, float scale, float softcap, bool causal) {
+                   ffi::Result<ffi::Buffer<ffi::F32>> dq_accum, int64_t block_r, int64_t block_c, float scale, float softcap, bool causal) {
   const auto dt = q.element_type();
   if (dt != ffi::DataType::BF16 && dt != ffi::DataType::F16) return bwd_bad("q must be bf16 or f16");
   if (k.element_type() != dt || v.element_type() != dt || dout.element_type() != dt || dq->element_type() != dt ||
@@ -79,6 +75,10 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
     return bwd_bad("dk " + dims_str(dkd) + " and dv " + dims_str(dvd) + " must have k's shape " +
                    dims_str(kd));
   if (ld[0] != B || ld[1] != M || ld[2] != Hq) return bwd_bad("lse " + dims_str(ld) + " must be [B, M, Hq]");
+  const int64_t nacc = static_cast<int64_t>(dq_accum->element_count());
+  if (nacc != 0 && !same_dims(dq_accum->dimensions(), qd))
+    return bwd_bad("dq_accum " + dims_str(dq_accum->dimensions()) + " must be empty or have q's shape " +
+                   dims_str(qd));
   if (!same_dims(dld, ld)) return bwd_bad("delta " + dims_str(dld) + " must be [B, M, Hq]");
   std::string msg = ffi_common::check_head_dim(D);
   if (!msg.empty()) return bwd_bad(msg);
@@ -91,6 +91,9 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
     return bwd_bad("col_indptr " + dims_str(cpd) + " must be [LB, LH, ceil(N / C) + 1]");
   if (crd[0] != LB || crd[1] != LH || crd[2] != nnz)
     return bwd_bad("col_rows " + dims_str(crd) + " must be [LB, LH, nnz] like indices");
+  const auto cod = col_order.dimensions();
+  if (cod.size() != 3 || cod[0] != LB || cod[1] != LH || cod[2] != NB)
+    return bwd_bad("col_order " + dims_str(cod) + " must be [LB, LH, ceil(N / C)]");
 
   bool run_dq = B > 0 && M > 0 && Hq > 0;  // dq has elements
   bool run_dkdv = B > 0 && N > 0;          // dk / dv have elements (zeros when no query sees them)
@@ -122,9 +125,11 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   p.indices = indices.typed_data();
   p.col_indptr = col_indptr.typed_data();
   p.col_rows = col_rows.typed_data();
+  p.col_order = col_order.typed_data();
   p.dq = dq->untyped_data();
   p.dk = dk->untyped_data();
   p.dv = dv->untyped_data();
+  p.dq_accum = nacc != 0 ? dq_accum->typed_data() : nullptr;
   ffi_common::fill_problem(p, B, M, N, Hq, Hk, block_r, block_c, l, causal, scale, softcap);
   p.scale = scale;
 
@@ -148,9 +153,11 @@ XLA_FFI_DEFINE_HANDLER(kBsattnBwdCuda, BwdImpl,
                            .Arg<ffi::Buffer<ffi::S32>>()  // indices
                            .Arg<ffi::Buffer<ffi::S32>>()  // col_indptr
                            .Arg<ffi::Buffer<ffi::S32>>()  // col_rows
+                           .Arg<ffi::Buffer<ffi::S32>>()  // col_order
                            .Ret<ffi::AnyBuffer>()         // dq
                            .Ret<ffi::AnyBuffer>()         // dk
-                           .Ret<ffi::AnyBuffer>()),       // dv
+                           .Ret<ffi::AnyBuffer>()         // dv
+                           .Ret<ffi::Buffer<ffi::F32>>()),  // dq_accum (workspace; empty: deterministic)
                        {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_Handler* bwd_handler() { return kBsattnBwdCuda; }

@@ -33,9 +33,11 @@ struct Params : ProblemParams {
   const int32_t* indices;     // [LB, LH, nnz]
   const int32_t* col_indptr;  // [LB, LH, NB + 1]
   const int32_t* col_rows;    // [LB, LH, nnz]
+  const int32_t* col_order;   // [LB, LH, NB]: the block columns, longest first (the Hopper backward's CTA order)
   void* dq;  // [B, M, Hq, D]
   void* dk;  // [B, N, Hk, D]
   void* dv;  // [B, N, Hk, D]
+  float* dq_accum;  // [B, M, Hq, D] f32 workspace of the Hopper backward (atomic dq); null: not available
   float scale;    // dq = scale * sum dx k, dk = scale * sum dx q
   int nsplit;     // dq: row tiles per block row (set by the launcher)
   int nkc;        // dk / dv: key tiles per block column (set by the launcher)
@@ -48,6 +50,14 @@ cudaError_t launch_dq(const Params& p, cudaStream_t stream);
 // dk, dv [B, N, Hk, D] (every element written; zeros where no query sees a key).
 template <int kDType, int kD>
 cudaError_t launch_dkdv(const Params& p, cudaStream_t stream);
+// Hopper (sm_90a, head dims 64 and 128; built when the CUDA archs include 90): dq, dk and dv in one pass, dq through
+// p.dq_accum (zeroed, accumulated with atomic adds, then converted into p.dq). Defined only with BSATTN_WITH_SM90.
+template <int kDType, int kD>
+cudaError_t launch_bwd_sm90(const Params& p, cudaStream_t stream);
+// The backward of one call (bwd/dispatch.cu): the Hopper kernel where it applies, else dk / dv (run_dkdv) and dq
+// (run_dq).
+template <int kDType, int kD>
+cudaError_t launch_bwd(const Params& p, cudaStream_t stream, bool run_dq, bool run_dkdv);
 
 }  // namespace bwd
 }  // namespace cuda

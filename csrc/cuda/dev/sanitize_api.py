@@ -19,6 +19,9 @@ CASES = [  # (R, C, g, D, M, N, garbage, causal, softcap)
     (16, 16, 4, 128, 70, 90, True, True, None),
     (64, 4, 1, 128, 130, 70, True, False, None),
     (128, 64, 2, 256, 150, 200, False, True, 20.0),
+    # C > 16, D <= 128: the Hopper one-pass backward on an H100 / H200 (C = 100: a partial 64-key tile)
+    (64, 64, 4, 128, 150, 200, True, True, None),
+    (16, 100, 2, 64, 90, 230, False, False, 10.0),
 ]
 
 

@@ -14,7 +14,7 @@ for a in $ARCHS; do GEN="$GEN -gencode=arch=compute_$a,code=sm_$a"; done
 FFI_INC=$(python3 -c "import jax; print(jax.ffi.include_dir())")
 T0=$(date +%s)
 pids=()
-for f in "$ROOT"/csrc/cuda/bwd/instantiations/*.cu; do
+for f in "$ROOT"/csrc/cuda/bwd/instantiations/*.cu "$ROOT"/csrc/cuda/bwd/dispatch.cu; do
   n=$(basename "$f" .cu)
   nvcc -c -std=c++17 -O3 --expt-relaxed-constexpr -DBSATTN_BWD_DEV -Xptxas -v $GEN -Xcompiler=-fPIC,-fvisibility=hidden \
     -I"$ROOT/csrc" "$f" -o "$OUTDIR/obj/$n.o" > "$OUTDIR/obj/$n.log" 2>&1 || { cat "$OUTDIR/obj/$n.log"; exit 1; } &

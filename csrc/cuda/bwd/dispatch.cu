@@ -1,0 +1,37 @@
+// Which backward runs: the Hopper one-pass kernel (bwd_sm90/: dq through atomic adds into a float32 workspace) when
+// the caller gave that workspace, the device is compute capability 9.0 with the sm_90a build, the head dim is 64
+// or 128 and C > 16; otherwise the deterministic pair, dk / dv then dq (bwd/launch.cuh). Host code only: it calls
+// the launchers through their declarations (params.h), so no kernel is instantiated here.
+#include <cuda_runtime.h>
+
+#include "cuda/bwd/params.h"
+#include "cuda/common/launch.cuh"
+
+namespace bsattn {
+namespace cuda {
+namespace bwd {
+
+template <int kDType, int kD>
+cudaError_t launch_bwd(const Params& p, cudaStream_t stream, bool run_dq, bool run_dkdv) {
+#ifdef BSATTN_WITH_SM90
+  if constexpr (kD <= 128) {
+    // C <= 16: the deterministic kernels' 16-key and packed tiles waste less than 64-key tiles would
+    if (p.dq_accum != nullptr && run_dq && p.C > 16 && device_runs_sm90a()) return launch_bwd_sm90<kDType, kD>(p, stream);
+  }
+#endif
+  cudaError_t err = cudaSuccess;
+  if (run_dkdv) err = launch_dkdv<kDType, kD>(p, stream);
+  if (err == cudaSuccess && run_dq) err = launch_dq<kDType, kD>(p, stream);
+  return err;
+}
+
+template cudaError_t launch_bwd<kBF16, 64>(const Params&, cudaStream_t, bool, bool);
+template cudaError_t launch_bwd<kBF16, 128>(const Params&, cudaStream_t, bool, bool);
+template cudaError_t launch_bwd<kBF16, 256>(const Params&, cudaStream_t, bool, bool);
+template cudaError_t launch_bwd<kF16, 64>(const Params&, cudaStream_t, bool, bool);
+template cudaError_t launch_bwd<kF16, 128>(const Params&, cudaStream_t, bool, bool);
+template cudaError_t launch_bwd<kF16, 256>(const Params&, cudaStream_t, bool, bool);
+
+}  // namespace bwd
+}  // namespace cuda
+}  // namespace bsattn
