@@ -132,8 +132,11 @@ def time_cell(build, R, C, M, N, indptr, indices, q, k, v, reps, target_ms):
     return 1e3 * statistics.median(ts), calls, 1e3 * (max(ts) - min(ts))
 
 
-def load_peers(path, seq, density):
+def load_peers(path, seq, density, fwdbwd=False):
+    """Peers' useful TFLOP/s per (system, g, R, C): forward figures, or forward + backward ones (FlexAttention
+    only: FlashInfer has no backward)."""
     peers = {}
+    key = "fwdbwd_tflops" if fwdbwd else "fwd_tflops"
     if not path or not os.path.exists(path):
         return peers
     for line in open(path):
@@ -142,10 +145,10 @@ def load_peers(path, seq, density):
         r = json.loads(line)
         if r.get("seq", 8192) != seq or r.get("density", 0.25) != density:
             continue
-        if r.get("kind") == "fi":
+        if r.get("kind") == "fi" and not fwdbwd:
             peers[(r["req"], r["g"], r["R"], r["C"])] = r["fwd_tflops"]
-        elif r.get("kind") == "flex":
-            peers[("flex", r["g"], r["R"], r["C"])] = r["fwd_tflops"]
+        elif r.get("kind") == "flex" and key in r:
+            peers[("flex", r["g"], r["R"], r["C"])] = r[key]
     return peers
 
 
@@ -236,9 +239,9 @@ def main():
         with open(out_json, "w") as f:
             json.dump(rows, f, indent=1)
 
-    peers = {} if a.fwdbwd else load_peers(a.peers_jsonl, M, a.density)   # peers rows are forward figures
+    peers = load_peers(a.peers_jsonl, M, a.density, a.fwdbwd)
     print(f"\nuseful TFLOP/s, {'forward + backward' if a.fwdbwd else 'forward'}, M = N = {M}, Hq = {HQ}, D = {D}, bf16, density {a.density} ({backend})")
-    print(f'{"g":>2} {"R":>4} {"C":>4} {"ms":>9} {"TF/s":>7} {"fa2":>6} {"x fa2":>6} {"fa3":>6} {"x fa3":>6} {"flex":>6}')
+    print(f'{"g":>2} {"R":>4} {"C":>4} {"ms":>9} {"TF/s":>7} {"fa2":>6} {"x fa2":>6} {"fa3":>6} {"x fa3":>6} {"flex":>6} {"x flex":>6}')
     for r in rows:
         if r["layout"] != "random":
             continue
@@ -249,7 +252,7 @@ def main():
         f = lambda x: f"{x:6.1f}" if x else "     -"
         ratio = lambda x: f"{r['tflops'] / x:6.2f}" if x else "     -"
         print(f'{r["g"]:>2} {r["R"]:>4} {r["C"]:>4} {r["ms"]:9.3f} {r["tflops"]:7.1f} {f(fa2)} {ratio(fa2)} {f(fa3)} '
-              f'{ratio(fa3)} {f(flex)}')
+              f'{ratio(fa3)} {f(flex)} {ratio(flex)}')
     causal = [r for r in rows if r["layout"] == "block_causal"]
     if causal:
         print("\nblock-causal (row i lists blocks 0..i) vs a uniform random layout with the same nnz")

@@ -5,7 +5,11 @@
 #   OUT=dir CELLS="g:R:C,..." bash benchmarks/gpu_check.sh
 # Options (environment): SANITIZE=1 (compute-sanitizer through the public API), KERNEL_SANITIZE=1 (on the kernels
 # alone), MEMORY="--seq 32768" (peak memory of a training step), CELLS / FWDBWD_CELLS (grids), TRAIN=1,
-# MULTI=1 (several GPUs: tests/test_multi_gpu.py and train_lm data parallel vs one GPU; MULTI_ARGS).
+# MULTI=1 (several GPUs: tests/test_multi_gpu.py and train_lm data parallel vs one GPU; MULTI_ARGS),
+# BWD_CHECK="--atomic --quick ..." (csrc/cuda/bwd/check_bwd.py on the installed module: float32-reference checks,
+# determinism, garbage layouts, the backward timing grid; BWD_CHECK2 a second such run), PYTEST_ARGS (e.g. -k backward),
+# FWD_MMA=0 / CMDBUF=0 (skip the mma.sync forward re-run / the command-buffer tests), TESTS=0 (no GPU tests),
+# PEERS="flex" (the peers' phases run first in the same call, from .peers: see shared/peers/README.md; PEER_CELLS).
 set -o pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 # NVLink multicast stays off on the lent multi-GPU hosts (device KINDS.md): keep these set for every program
@@ -14,20 +18,34 @@ RESULTS=${OUT:-/tmp/gpu_check}; OUT=/tmp/gpu_check_work; mkdir -p "$RESULTS" "$O
 T0=$(date +%s); stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 stamp build
+# SKIP_BUILD=1: keep the package a previous call installed on this (still warm) machine
+[ "${SKIP_BUILD:-0}" = 1 ] && [ -d /tmp/site/jax_bsattn ] && echo "(kept /tmp/site)" || \
 BSATTN_CUDA=FORCE BSATTN_CUDA_ARCHS=${ARCHS:-90} python3 -m pip install --no-build-isolation --no-deps --no-index \
   --target /tmp/site . > "$OUT/pip.log" 2>&1 || { tail -40 "$OUT/pip.log"; exit 1; }
 export PYTHONPATH=/tmp/site
-stamp "gpu tests"
-(cd tests && python3 -m pytest -q -m gpu ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15)
-if [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1)" = "9.0" ]; then
+[ "${TESTS:-1}" = 1 ] && stamp "gpu tests" && (cd tests && python3 -m pytest -q -m gpu ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15)
+if [ "${FWD_MMA:-1}" = 1 ] && [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1)" = "9.0" ]; then
   # on Hopper the forward's 64- and 128-row tiles run the wgmma kernel: test the mma.sync kernel (what other GPUs
   # run) on them too
   stamp "gpu forward tests, mma.sync kernel (BSATTN_FWD_KERNEL=mma)"
   (cd tests && BSATTN_FWD_KERNEL=mma python3 -m pytest -q -m gpu -k forward 2>&1 | tee "$OUT/pytest_gpu_mma.log" | tail -3)
 fi
-stamp "gpu tests, command buffers"
-(cd tests && XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1" \
-  python3 -m pytest -q -m gpu -k "vmap or R16-C16" 2>&1 | tee "$OUT/pytest_cmdbuf.log" | tail -4)
+if [ "${CMDBUF:-1}" = 1 ]; then
+  stamp "gpu tests, command buffers"
+  (cd tests && XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1" \
+    python3 -m pytest -q -m gpu -k "vmap or R16-C16" 2>&1 | tee "$OUT/pytest_cmdbuf.log" | tail -4)
+fi
+n=0
+for args in "${BWD_CHECK:-}" "${BWD_CHECK2:-}"; do
+  [ -n "$args" ] || continue
+  n=$((n + 1)); stamp "check_bwd.py $args"
+  mkdir -p "$OUT/bwd$n"
+  # the handler from the installed _bsattn_cuda module (no --lib)
+  (PYTHONPATH=/tmp/site:/tmp/site/jax_bsattn timeout ${BWD_S:-300} python3 csrc/cuda/bwd/check_bwd.py $args \
+    --out "$OUT/bwd$n" > "$OUT/check_bwd$n.log" 2>&1; echo "check_bwd rc=$?"; \
+    grep -E "^FAIL|DIFFERENT|finished': False|^CHECK|^determinism" "$OUT/check_bwd$n.log" | head -20; \
+    sed -n '/bwd timing/,$p' "$OUT/check_bwd$n.log")
+done
 if [ -n "${SANITIZE:-}" ]; then
   SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   for tool in memcheck racecheck; do
@@ -56,15 +74,23 @@ if [ -n "${MEMORY:-}" ]; then
   (cd /tmp && python3 "$OLDPWD/benchmarks/peak_memory.py" $MEMORY > "$OUT/peak_memory.log" 2>&1; echo "memory rc=$?"; \
     grep -v '^{' "$OUT/peak_memory.log" | tail -6)
 fi
+PEERS_ARG=""
+if [ -n "${PEERS:-}" ]; then
+  # the peers in the same call (a copy of shared/peers carried as .peers): PEERS="flex" or "fi:fa2 fi:fa3 flex"
+  stamp "peers: $PEERS"
+  (PHASES="$PEERS" TOTAL_S=${PEERS_S:-300} CELLS=${PEER_CELLS:-} OUT="$OUT/peers" bash .peers/run_peers.sh \
+    > "$OUT/peers.log" 2>&1; echo "peers rc=$?"; tail -4 "$OUT/peers.log")
+  cp "$OUT/peers/anchors.jsonl" "$OUT/peers_anchors.jsonl" 2>/dev/null && PEERS_ARG="--peers-jsonl $OUT/peers_anchors.jsonl"
+fi
 if [ -n "${CELLS:-}" ]; then
   stamp "grid (public API)"
   (cd /tmp && python3 "$OLDPWD/benchmarks/bench_grid.py" --backend api --out "$OUT/grid" --cells "$CELLS" \
-    ${BENCH_ARGS:-} > "$OUT/bench_api.log" 2>&1; echo "bench rc=$?"; sed -n '/useful TFLOP/,$p' "$OUT/bench_api.log" | head -40)
+    $PEERS_ARG ${BENCH_ARGS:-} > "$OUT/bench_api.log" 2>&1; echo "bench rc=$?"; sed -n '/useful TFLOP/,$p' "$OUT/bench_api.log" | head -40)
 fi
 if [ -n "${FWDBWD_CELLS:-}" ]; then
   stamp "grid forward + backward (public API)"
   (cd /tmp && python3 "$OLDPWD/benchmarks/bench_grid.py" --backend api --fwdbwd --out "$OUT/grid_fb" \
-    --cells "$FWDBWD_CELLS" --no-causal --reps 5 > "$OUT/bench_fwdbwd.log" 2>&1; echo "bench rc=$?"; \
+    --cells "$FWDBWD_CELLS" --no-causal --reps 5 $PEERS_ARG > "$OUT/bench_fwdbwd.log" 2>&1; echo "bench rc=$?"; \
     sed -n '/useful TFLOP/,$p' "$OUT/bench_fwdbwd.log" | head -40)
 fi
 if [ -n "${MULTI:-}" ]; then
@@ -119,7 +145,7 @@ if "gpu_small" in runs and "cpu_small" in runs:
 PY
   cat "$OUT/train_summary.txt"
 fi
-for f in pytest_gpu.log pytest_multi_gpu.log multi_summary.txt sanitize_memcheck.log sanitize_racecheck.log kernels_memcheck.log kernels_racecheck.log peak_memory.log bench_api.log bench_fwdbwd.log train_summary.txt grid/grid.json grid_fb/grid.json gpu_sparse/loss.png; do
+for f in peers_anchors.jsonl check_bwd1.log check_bwd2.log pytest_gpu.log pytest_multi_gpu.log multi_summary.txt sanitize_memcheck.log sanitize_racecheck.log kernels_memcheck.log kernels_racecheck.log peak_memory.log bench_api.log bench_fwdbwd.log train_summary.txt grid/grid.json grid_fb/grid.json gpu_sparse/loss.png; do
   [ -f "$OUT/$f" ] && cp "$OUT/$f" "$RESULTS/$(echo $f | tr / _)"
 done
 stamp done
