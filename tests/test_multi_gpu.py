@@ -77,6 +77,6 @@ def test_sharded_on_gpus_equals_one_gpu(name):
         assert err <= 1e-4, (name_, err)
     hlo = f.lower(qs, ks, vs, lay).compile().as_text() + g.lower(qs, ks, vs, lay).compile().as_text()
     assert hlo.count("all-gather") == 0
-    plat = gpus[0].platform
+    plat = "cuda"  # the FFI targets are named per jax platform (cuda), not per device kind (gpu)
     assert hlo.count(f"bsattn_fwd_{plat}") >= 1 and hlo.count(f"bsattn_bwd_{plat}") >= 1
     assert got[0].sharding.is_equivalent_to(spec, 4), got[0].sharding       # o stays sharded as q
