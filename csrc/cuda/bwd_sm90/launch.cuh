@@ -1,6 +1,6 @@
 // Host-side launch of the Hopper backward (bwd_sm90/kernel.cuh): zero dq_accum, one CTA per 64 keys of a block
-// column, then dq = scale * dq_accum. Included by the sm_90a instantiation files only; ffi_bwd.cc decides when it
-// runs.
+// column, then dq = scale * dq_accum. Included by the sm_90a instantiation files only; bwd/dispatch.cu decides when
+// it runs.
 #pragma once
 
 #include <atomic>
@@ -31,7 +31,8 @@ cudaError_t launch_bwd_sm90(const Params& p0, cudaStream_t stream) {
   err = launch_kernel(bsattn_bwd_sm90_kernel<T, Cfg>, grid, Cfg::NT, Cfg::SMEM, Cfg::MINB, smem_done, p, stream);
   if (err != cudaSuccess || nq == 0) return err;
   const int64_t n8 = nq / 8;
-  const int64_t blocks = (n8 + 255) / 256 < 132 * 16 ? (n8 + 255) / 256 : 132 * 16;  // grid-stride beyond
+  constexpr int64_t kMaxBlocks = 132 * 16;  // a few waves of an H100 / H200; the kernel strides over the rest
+  const int64_t blocks = (n8 + 255) / 256 < kMaxBlocks ? (n8 + 255) / 256 : kMaxBlocks;
   bsattn_bwd_dq_convert_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
       p.dq_accum, static_cast<T*>(p.dq), n8, p.scale);
   return cudaGetLastError();
