@@ -514,6 +514,7 @@ def main():
                 print(f'{r["g"]:3} {r["R"]:4} {r["C"]:4} {int(r["causal"]):6} {r["ms"]:8.3f} {r["tflops"]:8.1f} {parts}')
             else:
                 print(f'{r["g"]:3} {r["R"]:4} {r["C"]:4} {int(r["causal"]):6}  error {r["error"][:80]}')
+    os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "check_bwd_atomic.json" if ATOMIC else "check_bwd.json"), "w") as f:
         json.dump(out, f, indent=1, default=str)
     print(f"total {time.time() - t_start:.0f} s", flush=True)
