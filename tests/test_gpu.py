@@ -93,6 +93,19 @@ def test_backward_grid(R, C, g, D, causal, softcap, dtype):
 
 
 @pytest.mark.parametrize("R,C,g,D,causal,softcap,dtype", [
+    (16, 128, 4, 128, True, 30.0, jnp.bfloat16), (64, 256, 2, 128, False, None, jnp.float16),
+    (32, 200, 1, 128, True, None, jnp.bfloat16), (8, 192, 4, 128, False, 30.0, jnp.bfloat16),
+    (128, 128, 8, 128, False, None, jnp.bfloat16)])
+def test_backward_wide_key_tile(R, C, g, D, causal, softcap, dtype):
+    """D = 128, C >= 128 on an H100 / H200: the Hopper backward's two-warpgroup tile (128 keys; C = 200 ends in a
+    part-filled tile); C = 192 ends in a half tile and takes the one-warpgroup tile."""
+    from conftest import check_gradients
+
+    q, k, v, layout = _backward_problem(R, C, g, D, dtype)
+    check_gradients(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
+
+
+@pytest.mark.parametrize("R,C,g,D,causal,softcap,dtype", [
     (64, 64, 4, 128, True, None, jnp.bfloat16), (16, 128, 8, 64, False, 30.0, jnp.float16),
     (128, 5, 1, 128, False, None, jnp.bfloat16), (3, 64, 4, 64, True, 30.0, jnp.bfloat16)])
 def test_backward_deterministic_flag(R, C, g, D, causal, softcap, dtype):
@@ -103,13 +116,14 @@ def test_backward_deterministic_flag(R, C, g, D, causal, softcap, dtype):
     check_gradients(q, k, v, layout, op_kw=dict(deterministic=True), causal=causal, logits_soft_cap=softcap)
 
 
-@pytest.mark.parametrize("deterministic", [True, False])
-def test_backward_is_deterministic(deterministic):
+@pytest.mark.parametrize("deterministic,block", [(True, 64), (False, 64), (False, 128)])
+def test_backward_is_deterministic(deterministic, block):
     """dk and dv are always bitwise repeatable, dq too with deterministic=True; without it dq may differ in the
-    order of its float32 additions only."""
+    order of its float32 additions only (block 64: the Hopper one-warpgroup tile, 128: the two-warpgroup tile)."""
     rng = np.random.default_rng(21)
     M = N = 512
-    layout = jb.BlockSparseLayout.from_block_mask(random_mask(rng, (), 8, 8, 0.5), (64, 64), (M, N))
+    nb = M // block
+    layout = jb.BlockSparseLayout.from_block_mask(random_mask(rng, (), nb, nb, 0.5), (block, block), (M, N))
     q, k, v = random_problem(rng, M=M, N=N, Hq=8, Hk=2, D=128, dtype=jnp.bfloat16)
     grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(
         jb.block_sparse_attention(q, k, v, layout, causal=True, deterministic=deterministic)

@@ -277,6 +277,10 @@ def case_list(quick):
         dict(R=40, C=8, g=2, D=128, M=120, N=400, scale=3.0, name="R*g=80 big scale"),
         dict(R=64, C=16, g=5, D=64, dtype="f16", M=130, N=500, causal=True, name="R*g=320 split"),
         dict(R=128, C=200, g=1, D=128, M=256, N=650, causal=True, name="C=200 two key tiles, short last col"),
+        dict(R=16, C=128, g=4, D=128, Hk=2, M=300, N=700, causal=True, softcap=20.0, per_head=True, garbage=True,
+             name="C=128 D128 causal cap garbage (sm90 wide tile)"),
+        dict(R=64, C=256, g=2, D=128, dtype="f16", M=200, N=900, name="C=256 f16 (sm90 wide tile)"),
+        dict(R=8, C=192, g=8, D=128, M=100, N=500, causal=True, name="C=192: half last tile (sm90 narrow tile)"),
         dict(R=100, C=130, g=2, D=256, Hk=2, M=230, N=300, softcap=15.0, per_head=True, name="D256 C=130"),
         dict(R=16, C=64, g=4, D=128, M=64, N=256, p_empty=0.0, scale=-0.2, name="negative scale"),
         dict(R=16, C=16, g=1, D=64, M=0, N=100, name="M=0 (dk, dv zero)"),
@@ -302,7 +306,8 @@ def determinism(rng, impl):
     largest difference is reported)."""
     out = []
     for (R, C, g, D, M, N, causal) in [(64, 64, 4, 128, 1024, 1024, True), (16, 16, 8, 64, 512, 700, False),
-                                       (128, 128, 1, 256, 512, 512, False), (1, 5, 4, 128, 300, 400, False)]:
+                                       (128, 128, 1, 256, 512, 512, False), (1, 5, 4, 128, 300, 400, False),
+                                       (16, 128, 4, 128, 512, 1024, True)]:
         Hk = 2
         Hq = Hk * g
         MB, NB = -(-M // R), -(-N // C)

@@ -1,8 +1,10 @@
 // Tile configurations of the Hopper backward kernel (bwd_sm90/kernel.cuh).
 //
-// A CTA is one warpgroup and owns BK = 64 keys of one block column; it walks the column's packed query rows in
-// tiles of BQ = 64, STAGES deep (cp.async). Every tile is in the 128-byte-swizzled canonical layout
-// (common/gather.cuh AtomSwizzle), 1024-byte aligned.
+// A CTA is WG warpgroups and owns BK = 64 * WG keys of one block column (warpgroup w: keys 64 w ..); it walks the
+// column's packed query rows in tiles of BQ = 64, STAGES deep (cp.async), every warpgroup on the same q / do tile.
+// With two warpgroups the dq tile (64 rows x D) is split by columns: warpgroup w computes columns w * D / 2 .. over
+// all 128 keys. Every tile is in the 128-byte-swizzled canonical layout (common/gather.cuh AtomSwizzle), 1024-byte
+// aligned.
 #pragma once
 
 #include "cuda/bwd/common.cuh"
@@ -12,29 +14,36 @@ namespace bsattn {
 namespace cuda {
 namespace bwd {
 
-template <int D_, int STAGES_, int MINB_>
+template <int D_, int STAGES_, int MINB_, int WG_ = 1>
 struct Sm90BwdCfg {
-  static constexpr int D = D_, STAGES = STAGES_, MINB = MINB_;
-  static constexpr int BK = 64;   // keys per CTA: wgmma M of s^T, dp^T, dk, dv; K of dq
-  static constexpr int BQ = 64;   // packed query rows per tile: wgmma N of s^T, dp^T; K of dk, dv; M of dq
-  static constexpr int NT = 128;  // one warpgroup; warp w owns keys 16 w .. (and rows 16 w .. of dq)
-  static constexpr int NWARPS = 4;
+  static constexpr int D = D_, STAGES = STAGES_, MINB = MINB_, WG = WG_;
+  static constexpr int BK = 64 * WG;  // keys per CTA; per warpgroup wgmma M of s^T, dp^T, dk, dv; K of dq
+  static constexpr int BQ = 64;       // packed query rows per tile: wgmma N of s^T, dp^T; K of dk, dv; M of dq
+  static constexpr int DQN = D / WG;  // dq columns per warpgroup: wgmma N of dq
+  static constexpr int NT = 128 * WG; // warp w owns keys 16 w .. (and rows 16 (w % 4) .. of dq)
+  static constexpr int NWARPS = 4 * WG;
   // dkdv_store (bwd/dkdv_kernel.cuh) view: one warp column of 16 keys per warp, no row split, dk and dv
   static constexpr int WQ = 1, MODE = 0, CPR = D / 8, DKN = D / 8, DVN = D / 8, OST = D + 8;
   using KLayout = AtomSwizzle<D, BK>;   // K, V
   using QLayout = AtomSwizzle<D, BQ>;   // q, do stages
-  using SLayout = AtomSwizzle<64, BQ>;  // dS: BQ rows x BK = 64 keys (one 128-byte column block)
+  using SLayout = AtomSwizzle<BK, BQ>;  // dS: BQ rows x BK keys (one 128-byte column block per warpgroup)
   using QMap = TileMap<D, NT, BQ>;
   // shared memory (bytes; the tiles first, each a multiple of 1024): K, V, q stages, do stages, dS; then per
   // staged row raw lse, delta, causal limit and global row (-1: none); + 1024 to align the dynamic base
   static constexpr int K_BYTES = BK * D * 2;
   static constexpr int Q_STAGE = BQ * D * 2;
   static constexpr int DS_BYTES = BQ * BK * 2;
-  static constexpr int TILE_BYTES = 2 * K_BYTES + 2 * STAGES * Q_STAGE + DS_BYTES;
+  // two warpgroups: each warp stages its 16 dq rows (DQN floats) here for the bulk-copy reduction into dq_accum; the
+  // row pitch is 32 bytes over, so that the 8-byte stores of 8 rows x 4 lanes fall in distinct banks
+  static constexpr bool BULK_DQ = WG > 1;
+  static constexpr int DQ_PITCH = DQN * 4 + 32;
+  static constexpr int DQ_BYTES = BULK_DQ ? NWARPS * 16 * DQ_PITCH : 0;
+  static constexpr int TILE_BYTES = 2 * K_BYTES + 2 * STAGES * Q_STAGE + DS_BYTES + DQ_BYTES;
   static constexpr int ROW_BYTES = 4 * STAGES * BQ * 4;
   static constexpr int SMEM = 1024 + TILE_BYTES + ROW_BYTES;
 
-  static_assert(D == 64 || D == 128, "wgmma N of dk, dv, dq is D: 64 or 128 (the generated ops)");
+  static_assert(D == 64 || D == 128, "wgmma N of dk, dv is D: 64 or 128 (the generated ops)");
+  static_assert(WG == 1 || (WG == 2 && D == 128), "two warpgroups split dq at a 64-column (128-byte) block");
   static_assert(STAGES >= 2 && STAGES <= 4, "pipeline depth");
   static_assert(SMEM <= 227 * 1024, "shared memory per CTA");
 };
@@ -44,6 +53,9 @@ template <int D>
 struct Sm90BwdTile;
 template <> struct Sm90BwdTile<64> : Sm90BwdCfg<64, 3, 2> {};
 template <> struct Sm90BwdTile<128> : Sm90BwdCfg<128, 2, 2> {};
+// Sm90BwdWideTile: 128 keys in two warpgroups, one CTA per SM (D = 128, block columns of at least 128 keys): each
+// gathered q / do tile serves twice the keys, and dq gets half the atomic adds per FLOP.
+struct Sm90BwdWideTile : Sm90BwdCfg<128, 3, 1, 2> {};
 
 }  // namespace bwd
 }  // namespace cuda

@@ -1,15 +1,17 @@
 // The backward for Hopper (sm_90a): dq, dk and dv in one column-oriented pass on warpgroup MMA (wgmma), dq
 // accumulated in a float32 buffer with atomic adds (bwd_sm90/launch.cuh zeroes it before and converts it after).
 //
-// One CTA (one warpgroup) = BK = 64 keys of one block column c of one (batch, KV head), as the dk / dv kernel
-// (bwd/dkdv_kernel.cuh): K and V are loaded once, then the column's block rows are walked as a virtual sequence of
-// packed query rows (R * g per block row: the g heads of the group are summed inside the kernel), gathered in tiles
-// of BQ = 64 rows (q, do, lse, delta; bwd/common.cuh ColumnQueryGather). Per tile:
+// One CTA = BK = 64 keys per warpgroup (one or two) of one block column c of one (batch, KV head), as the dk / dv
+// kernel (bwd/dkdv_kernel.cuh): K and V are loaded once, then the column's block rows are walked as a virtual
+// sequence of packed query rows (R * g per block row: the g heads of the group are summed inside the kernel),
+// gathered in tiles of BQ = 64 rows (q, do, lse, delta; bwd/common.cuh ColumnQueryGather). Per tile:
 //   s^T = K q^T, dp^T = V do^T        (wgmma ss, m64 = the keys, n64 = the rows; both operands K-major)
 //   p^T, ds^T                          (bwd/common.cuh dkv_probs_ds: soft cap, causal mask, dead rows)
 //   dv += p^T do, dk += ds^T q         (wgmma rs: p^T, ds^T from registers; do, q read MN-major, no transpose)
 //   dS -> shared memory, row-major     (stmatrix .trans of the ds^T registers)
 //   dq_tile = dS K                     (wgmma ss_bt, m64 = the rows; K read MN-major) -> red.add to dq_accum
+//                                      (two warpgroups: each its half of dq's columns, over both warpgroups' keys,
+//                                      staged in shared memory and added by the bulk copy engine)
 // Five matrix products per tile (the deterministic kernels need seven: they compute s and p twice). The gather of
 // tile t + S - 1 is issued under the first two, and dq is queued behind dk, dv (one wait per tile for all three).
 // CTAs run head by head, each head's block columns longest first (col_order): see "which tile" below.
@@ -39,12 +41,13 @@ namespace bwd {
 template <typename T, class Cfg>
 __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_kernel(const __grid_constant__ Params p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int D = Cfg::D, BK = Cfg::BK, BQ = Cfg::BQ, S = Cfg::STAGES;
-  constexpr int NQ8 = BQ / 8, DT = D / 8;
+  constexpr int D = Cfg::D, BK = Cfg::BK, BQ = Cfg::BQ, S = Cfg::STAGES, DQN = Cfg::DQN;
+  constexpr int NQ8 = BQ / 8, DT = D / 8, DQT = DQN / 8;
   using Map = typename Cfg::QMap;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wg = Cfg::WG > 1 ? warp >> 2 : 0, wl = Cfg::WG > 1 ? warp & 3 : warp;  // warpgroup; warp in it
 
   // ---- which tile: key tile kc of the slot-th longest block column of head (b, hk) ---------------------
   // Head-major, so that the CTAs running at one time share few heads (their q, do and dq_accum rows stay in L2:
@@ -84,7 +87,8 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_kernel(con
   const uint32_t sQ = sV + Cfg::K_BYTES;
   const uint32_t sD = sQ + S * Cfg::Q_STAGE;
   const uint32_t sDS = sD + S * Cfg::Q_STAGE;
-  const uint32_t sLse = sDS + Cfg::DS_BYTES;  // [S][BQ] f32 raw lse
+  const uint32_t sDQ = sDS + Cfg::DS_BYTES;   // BULK_DQ: per warp 16 rows x DQ_PITCH bytes
+  const uint32_t sLse = sDQ + Cfg::DQ_BYTES;  // [S][BQ] f32 raw lse
   const uint32_t sDl = sLse + S * BQ * 4;     // [S][BQ] f32 raw delta
   const float* fLse = reinterpret_cast<const float*>(smem + Cfg::TILE_BYTES);
   const float* fDl = fLse + S * BQ;
@@ -113,20 +117,23 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_kernel(con
   dkv_init<Cfg>(adk, adv);
   float(&dkf)[D / 2] = reinterpret_cast<float(&)[D / 2]>(adk);
   float(&dvf)[D / 2] = reinterpret_cast<float(&)[D / 2]>(adv);
-  float s[NQ8][4], dp[NQ8][4], dq[DT][4];
+  float s[NQ8][4], dp[NQ8][4], dq[DQT][4];
   float(&sf)[BQ / 2] = reinterpret_cast<float(&)[BQ / 2]>(s);
   float(&dpf)[BQ / 2] = reinterpret_cast<float(&)[BQ / 2]>(dp);
-  float(&dqf)[D / 2] = reinterpret_cast<float(&)[D / 2]>(dq);
+  float(&dqf)[DQN / 2] = reinterpret_cast<float(&)[DQN / 2]>(dq);
   const float s_mul = p.s_mul, cap_mul = p.cap_mul;
   const bool use_cap = p.use_cap != 0;
-  float* const dq_acc = p.dq_accum + qboff * D + 2 * (lane & 3);
+  float* const dq_rows = p.dq_accum + qboff * D + wg * DQN;  // row 0 of dq_accum, this warpgroup's columns
+  float* const dq_acc = dq_rows + 2 * (lane & 3);
 
   // descriptors (stage 0; + stage * Q_STAGE / 16 for a later stage). K-major operands step 32 bytes per k16 within
-  // a 128-byte column block and ROWS * 128 bytes per block; MN-major ones step 16 rows (2048 bytes) per k16.
-  const uint64_t k_desc = sw128_desc(sK, 16, 1024), v_desc = sw128_desc(sV, 16, 1024);
+  // a 128-byte column block and ROWS * 128 bytes per block; MN-major ones step 16 rows (2048 bytes) per k16. This
+  // warpgroup's keys start at row 64 wg of K and V; its dq columns are K's column block wg (two warpgroups).
+  const uint32_t wrow = wg * 64 * 128;
+  const uint64_t k_desc = sw128_desc(sK + wrow, 16, 1024), v_desc = sw128_desc(sV + wrow, 16, 1024);
   const uint64_t q_desc = sw128_desc(sQ, 16, 1024), d_desc = sw128_desc(sD, 16, 1024);
   const uint64_t q_mn = sw128_desc(sQ, BQ * 128, 1024), d_mn = sw128_desc(sD, BQ * 128, 1024);
-  const uint64_t k_mn = sw128_desc(sK, BK * 128, 1024);
+  const uint64_t k_mn = sw128_desc(sK + wg * BK * 128, BK * 128, 1024);
   const uint64_t ds_desc = sw128_desc(sDS, 16, 1024);
   constexpr uint64_t kStage = Cfg::Q_STAGE >> 4;
   // dS stores: lane 8 m + i of warp w writes row 8 (2 kk + m / 2) + i, keys 16 w + 8 (m % 2) .. of dS
@@ -190,27 +197,52 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_kernel(con
     for (int kk = 0; kk < BQ / 16; ++kk)
       stsm_x4_trans(sDS + Cfg::SLayout::off(16 * kk + st_row, st_chunk), da[kk]);
     fence_async_shared();
-    __syncthreads();  // dS complete (dk, dv may still be running)
+    __syncthreads();  // dS complete, every warpgroup's keys (dk, dv may still be running)
 
-    // dq of the tile's rows = dS K (queued behind dk, dv), added to dq_accum
+    // dq of the tile's rows (this warpgroup's DQN columns) = dS K (queued behind dk, dv), added to dq_accum
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk)
-      WgmmaOp<T, D>::ss_bt(dqf, ds_desc + kk * (32 >> 4), k_mn + kk * (2048 >> 4), kk > 0 ? 1 : 0);
+      WgmmaOp<T, DQN>::ss_bt(dqf, ds_desc + (((kk >> 2) * BQ * 128 + (kk & 3) * 32) >> 4), k_mn + kk * (2048 >> 4),
+                             kk > 0 ? 1 : 0);
     wgmma_commit();
     wgmma_wait<0>();
     fence_regs(dkf);
     fence_regs(dvf);
     fence_regs(dqf);
+    if constexpr (Cfg::BULK_DQ) {
+      // the warp's 16 rows to its staging rows (once the bulk reads of the previous tile's are done), then lane i < 16
+      // adds row i to dq_accum through the bulk copy engine: the atomic traffic leaves the load / store unit
+      const uint32_t sq = sDQ + warp * 16 * Cfg::DQ_PITCH;
+      if (lane < 16) bulk_wait_read<0>();
+      __syncwarp();
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int rid = sRid[stage * BQ + warp * 16 + (lane >> 2) + 8 * h];
-      if (rid >= 0) {
-        float* dst = dq_acc + static_cast<int64_t>(rid) * D;
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t so = sq + ((lane >> 2) + 8 * h) * Cfg::DQ_PITCH + (lane & 3) * 8;
 #pragma unroll
-        for (int j = 0; j < DT; ++j) red_add_f32x2(dst + 8 * j, dq[j][2 * h], dq[j][2 * h + 1]);
+        for (int j = 0; j < DQT; ++j) st_shared_f32x2(so + 32 * j, dq[j][2 * h], dq[j][2 * h + 1]);
+      }
+      fence_async_shared();
+      __syncwarp();
+      if (lane < 16) {
+        const int rid = sRid[stage * BQ + wl * 16 + lane];
+        if (rid >= 0) bulk_reduce_add_f32(dq_rows + static_cast<int64_t>(rid) * D, sq + lane * Cfg::DQ_PITCH, DQN * 4);
+        bulk_commit();
+      }
+    } else {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int rid = sRid[stage * BQ + wl * 16 + (lane >> 2) + 8 * h];
+        if (rid >= 0) {
+          float* dst = dq_acc + static_cast<int64_t>(rid) * D;
+#pragma unroll
+          for (int j = 0; j < DQT; ++j) red_add_f32x2(dst + 8 * j, dq[j][2 * h], dq[j][2 * h + 1]);
+        }
       }
     }
+  }
+  if constexpr (Cfg::BULK_DQ) {
+    if (lane < 16) bulk_wait<0>();  // the staging rows stay valid until read (and the adds are done) before exit
   }
 
   // ---- epilogue: dk * scale, dv (bwd/dkdv_kernel.cuh; K and V staged row-major per warp) ---------------

@@ -1,10 +1,12 @@
-// Host-side launch of the Hopper backward (bwd_sm90/kernel.cuh): zero dq_accum, one CTA per 64 keys of a block
-// column, then dq = scale * dq_accum. Included by the sm_90a instantiation files only; bwd/dispatch.cu decides when
-// it runs.
+// Host-side launch of the Hopper backward (bwd_sm90/kernel.cuh): zero dq_accum, one CTA per 64 or 128 keys of a
+// block column, then dq = scale * dq_accum. Included by the sm_90a instantiation files only; bwd/dispatch.cu decides
+// when it runs.
 #pragma once
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include <cuda_runtime.h>
 
@@ -17,18 +19,41 @@ namespace bsattn {
 namespace cuda {
 namespace bwd {
 
+// BSATTN_BWD_SM90_TILE=narrow: the one-warpgroup tile for every C (A / B comparisons); read once.
+inline bool env_forces_narrow_bwd() {
+  static const bool forced = [] {
+    const char* e = std::getenv("BSATTN_BWD_SM90_TILE");
+    return e != nullptr && std::strcmp(e, "narrow") == 0;
+  }();
+  return forced;
+}
+
+// Whether block columns of C keys take the two-warpgroup tile (128 keys): D = 128 and C >= 128, unless C's last
+// 128-key tile would be at most half full (C mod 128 in 1 .. 64: the one-warpgroup tile pads less there).
+inline bool use_wide_bwd_tile(int C) {
+  return C >= 128 && (C % 128 == 0 || C % 128 > 64) && !env_forces_narrow_bwd();
+}
+
+template <typename T, class Cfg>
+cudaError_t launch_bwd_sm90_tile(Params p, cudaStream_t stream) {
+  p.nkc = static_cast<int>((static_cast<int64_t>(p.C) + Cfg::BK - 1) / Cfg::BK);
+  const int64_t grid = static_cast<int64_t>(p.B) * p.Hk * p.NB * p.nkc;
+  static std::atomic<uint64_t> smem_done{0};  // one per (T, Cfg)
+  return launch_kernel(bsattn_bwd_sm90_kernel<T, Cfg>, grid, Cfg::NT, Cfg::SMEM, Cfg::MINB, smem_done, p, stream);
+}
+
 template <int kDType, int kD>
-cudaError_t launch_bwd_sm90(const Params& p0, cudaStream_t stream) {
+cudaError_t launch_bwd_sm90(const Params& p, cudaStream_t stream) {
   using T = typename DTypeOf<kDType>::type;
-  using Cfg = Sm90BwdTile<kD>;
-  Params p = p0;
   const int64_t nq = static_cast<int64_t>(p.B) * p.M * p.Hq * kD;  // dq elements
   cudaError_t err = cudaMemsetAsync(p.dq_accum, 0, static_cast<size_t>(nq) * sizeof(float), stream);
   if (err != cudaSuccess) return err;
-  p.nkc = static_cast<int>((static_cast<int64_t>(p.C) + Cfg::BK - 1) / Cfg::BK);
-  const int64_t grid = static_cast<int64_t>(p.B) * p.Hk * p.NB * p.nkc;
-  static std::atomic<uint64_t> smem_done{0};  // one per (T, D)
-  err = launch_kernel(bsattn_bwd_sm90_kernel<T, Cfg>, grid, Cfg::NT, Cfg::SMEM, Cfg::MINB, smem_done, p, stream);
+  if constexpr (kD == 128) {
+    if (use_wide_bwd_tile(p.C)) err = launch_bwd_sm90_tile<T, Sm90BwdWideTile>(p, stream);
+    else err = launch_bwd_sm90_tile<T, Sm90BwdTile<kD>>(p, stream);
+  } else {
+    err = launch_bwd_sm90_tile<T, Sm90BwdTile<kD>>(p, stream);
+  }
   if (err != cudaSuccess || nq == 0) return err;
   const int64_t n8 = nq / 8;
   constexpr int64_t kMaxBlocks = 132 * 16;  // a few waves of an H100 / H200; the kernel strides over the rest

@@ -1,6 +1,6 @@
 // Hopper (sm_90a) plumbing of the warpgroup-MMA kernels (fwd_sm90/, bwd_sm90/): shared-memory matrix descriptors,
 // the fences that order wgmma.mma_async (an asynchronous-proxy reader of shared memory and writer of registers)
-// with the rest of the kernel, and the other sm_90 instructions they use (stmatrix, vector red). The wgmma
+// with the rest of the kernel, and the other sm_90 instructions they use (stmatrix, vector red, bulk reduce). The wgmma
 // instructions themselves are generated: wgmma_ops.cuh.
 #pragma once
 
@@ -50,6 +50,28 @@ __device__ __forceinline__ void stsm_x4_trans(uint32_t addr, const uint32_t (&r)
 // dst[0] += a, dst[1] += b in global memory (one relaxed, gpu-scope vector reduction; dst 8-byte aligned).
 __device__ __forceinline__ void red_add_f32x2(float* dst, float a, float b) {
   asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst), "f"(a), "f"(b) : "memory");
+}
+
+__device__ __forceinline__ void st_shared_f32x2(uint32_t dst, float a, float b) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(dst), "f"(a), "f"(b) : "memory");
+}
+
+// dst[i] += src[i] for `bytes` / 4 floats, global += shared, by the bulk copy engine (asynchronous: the source must
+// stay unchanged until bulk_wait_read; its writes must be fenced to the async proxy first). 16-byte aligned, bytes a
+// multiple of 16. Completion is tracked per thread: bulk_commit, then bulk_wait_read (source read) / bulk_wait (done).
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, uint32_t src, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst), "r"(src),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 }  // namespace cuda

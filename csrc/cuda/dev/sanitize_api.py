@@ -22,6 +22,9 @@ CASES = [  # (R, C, g, D, M, N, garbage, causal, softcap)
     # C > 16, D <= 128: the Hopper one-pass backward on an H100 / H200 (C = 100: a partial 64-key tile)
     (64, 64, 4, 128, 150, 200, True, True, None),
     (16, 100, 2, 64, 90, 230, False, False, 10.0),
+    # D = 128, C >= 128: its two-warpgroup tile (C = 200: the second tile holds 72 keys, the last column fewer)
+    (32, 200, 2, 128, 100, 530, True, True, None),
+    (16, 128, 4, 128, 70, 300, False, False, 10.0),
 ]
 
 
