@@ -56,13 +56,15 @@ if [ -n "${SANITIZE:-}" ]; then
   done
 fi
 if [ -n "${KERNEL_SANITIZE:-}" ]; then
-  # the launchers called directly, without JAX (csrc/cuda/dev/sanitize_kernels.cu): forward, dq, dk / dv
+  # the launchers called directly, without JAX (csrc/cuda/dev/sanitize_kernels.cu): forward, dq, dk / dv, Hopper bwd
   stamp "compute-sanitizer on the kernels alone"
   SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  # (sm_90a: the forward's 64- and 128-row tiles run the wgmma kernel, as in the package on an H100 / H200)
+  # (sm_90a: the forward's 64- and 128-row tiles and the backward where C > 16 run the wgmma kernels, as in the package
+  # on an H100 / H200)
   I=csrc/cuda; nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode arch=compute_90a,code=sm_90a -DBSATTN_WITH_SM90 \
     -t 8 -Icsrc $I/dev/sanitize_kernels.cu $I/fwd/instantiations/fwd_bf16_d{64,128}.cu \
     $I/fwd_sm90/instantiations/fwd_sm90_bf16_d{64,128}.cu $I/bwd/instantiations/{dq,dkdv}_bf16_d{64,128}.cu \
+    $I/bwd_sm90/instantiations/bwd_sm90_bf16_d{64,128}.cu \
     -o /tmp/sanitize_kernels > "$OUT/sanitize_kernels_build.log" 2>&1 || tail -20 "$OUT/sanitize_kernels_build.log"
   for tool in memcheck racecheck; do
     timeout ${SAN_S:-200} $SAN --tool $tool --print-limit 20 /tmp/sanitize_kernels > "$OUT/kernels_$tool.log" 2>&1

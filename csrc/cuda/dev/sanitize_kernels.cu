@@ -1,13 +1,18 @@
 // Standalone compute-sanitizer harness for the CUDA kernels: the forward, dq and dk / dv launchers called
 // directly (no JAX, no XLA: compute-sanitizer crashes inside JAX processes after the first case), on small
 // problems with valid layouts and with garbage ones (random int32 in indptr, indices, col_indptr, col_rows),
-// bf16, head dims 64 and 128, every tile family (16 / 64 / 128 rows, packed small blocks, split rows).
+// bf16, head dims 64 and 128, every tile family (16 / 64 / 128 rows, packed small blocks, split rows). Built with
+// BSATTN_WITH_SM90 (and the sm_90a instantiations), it also runs the Hopper backward (one- and two-warpgroup tiles)
+// where C > 16 (its launcher called directly, under the conditions bwd/dispatch.cu checks: D <= 128, C > 16).
 // Only memory safety and races are checked here; correctness is check_fwd.py / check_bwd.py / tests.
 //
 //   nvcc -std=c++17 -O3 --expt-relaxed-constexpr -arch=sm_90 -Icsrc csrc/cuda/dev/sanitize_kernels.cu \
 //     csrc/cuda/fwd/instantiations/fwd_bf16_d{64,128}.cu csrc/cuda/bwd/instantiations/{dq,dkdv}_bf16_d{64,128}.cu \
 //     -o /tmp/sanitize_kernels
 //   compute-sanitizer --tool memcheck /tmp/sanitize_kernels      (then --tool racecheck)
+// Hopper (benchmarks/gpu_check.sh KERNEL_SANITIZE=1 builds this): -gencode arch=compute_90a,code=sm_90a
+//   -DBSATTN_WITH_SM90, plus csrc/cuda/fwd_sm90/instantiations/fwd_sm90_bf16_d{64,128}.cu,
+//   csrc/cuda/bwd_sm90/instantiations/bwd_sm90_bf16_d{64,128}.cu.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -48,7 +53,7 @@ void run_case(const Case& c, std::mt19937& rng) {
   const int MB = (c.M + c.R - 1) / c.R, NB = (c.N + c.C - 1) / c.C;
   const int LB = c.per_head ? c.B : 1, LH = c.per_head ? c.Hk : 1, L = LB * LH;
   // layouts: each block row lists a random subset (about half) of the block columns, sorted
-  std::vector<int32_t> indptr, indices, col_indptr, col_rows;
+  std::vector<int32_t> indptr, indices, col_indptr, col_rows, col_order;
   std::vector<std::vector<int32_t>> rows(static_cast<size_t>(L) * MB);
   size_t nnz = 0;
   for (auto& r : rows) {
@@ -61,6 +66,7 @@ void run_case(const Case& c, std::mt19937& rng) {
   indices.assign(static_cast<size_t>(L) * nnz, -1);  // padding entries are -1
   col_indptr.assign(static_cast<size_t>(L) * (NB + 1), 0);
   col_rows.assign(static_cast<size_t>(L) * nnz, -1);
+  col_order.assign(static_cast<size_t>(L) * NB, 0);  // the Hopper backward's CTA order: longest columns first
   for (int l = 0; l < L; ++l) {
     int pos = 0;
     std::vector<std::vector<int32_t>> cols(NB);
@@ -78,10 +84,13 @@ void run_case(const Case& c, std::mt19937& rng) {
       for (int i : cols[j]) col_rows[l * nnz + cp++] = i;
     }
     col_indptr[l * (NB + 1) + NB] = cp;
+    int32_t* order = col_order.data() + static_cast<size_t>(l) * NB;
+    for (int j = 0; j < NB; ++j) order[j] = j;
+    std::stable_sort(order, order + NB, [&](int32_t x, int32_t y) { return cols[x].size() > cols[y].size(); });
   }
   if (c.garbage) {
     std::uniform_int_distribution<int32_t> any(-1000, 1000);
-    for (auto* a : {&indptr, &indices, &col_indptr, &col_rows})
+    for (auto* a : {&indptr, &indices, &col_indptr, &col_rows, &col_order})
       for (auto& x : *a) x = (rng() % 4 == 0) ? static_cast<int32_t>(rng()) : any(rng);
   }
 
@@ -95,6 +104,7 @@ void run_case(const Case& c, std::mt19937& rng) {
   auto* d_indices = to_device(indices);
   auto* d_col_indptr = to_device(col_indptr);
   auto* d_col_rows = to_device(col_rows);
+  auto* d_col_order = to_device(col_order);
   std::vector<float> delta_h(nl);
   for (auto& x : delta_h) x = 0.01f * static_cast<float>(rng() % 100);
   auto* delta = to_device(delta_h);
@@ -119,6 +129,7 @@ void run_case(const Case& c, std::mt19937& rng) {
   static_cast<ProblemParams&>(bp) = pp;
   bp.q = q, bp.k = k, bp.v = v, bp.dout = dout, bp.lse = lse, bp.delta = delta;
   bp.indptr = d_indptr, bp.indices = d_indices, bp.col_indptr = d_col_indptr, bp.col_rows = d_col_rows;
+  bp.col_order = d_col_order;
   bp.dq = dq, bp.dk = dk, bp.dv = dv, bp.scale = scale;
 
   using bsattn::cuda::kBF16;
@@ -132,18 +143,36 @@ void run_case(const Case& c, std::mt19937& rng) {
     e2 = bwd::launch_dq<kBF16, 128>(bp, 0);
     e3 = bwd::launch_dkdv<kBF16, 128>(bp, 0);
   }
+  cudaError_t e4 = cudaSuccess;  // the Hopper backward (dq through the f32 workspace)
+  const char* hopper = "not run";
+#ifdef BSATTN_WITH_SM90
+  float* dq_accum = nullptr;
+  CK(cudaMalloc(&dq_accum, nq * 4));
+  bp.dq_accum = dq_accum;
+  if (c.C > 16) {
+    e4 = c.D == 64 ? bwd::launch_bwd_sm90<kBF16, 64>(bp, 0) : bwd::launch_bwd_sm90<kBF16, 128>(bp, 0);
+    const bool wide = c.D == 128 && c.C >= 128 && (c.C % 128 == 0 || c.C % 128 > 64);  // bwd_sm90/launch.cuh
+    hopper = wide ? "Hopper, two warpgroups" : "Hopper, one warpgroup";
+  }
+#endif
   const cudaError_t es = cudaDeviceSynchronize();
   std::printf("case B=%d M=%d N=%d Hq=%d Hk=%d D=%d R=%d C=%d causal=%d cap=%g per_head=%d garbage=%d nnz=%zu: "
-              "fwd %s, dq %s, dkdv %s, sync %s\n",
+              "fwd %s, dq %s, dkdv %s, %s %s, sync %s\n",
               c.B, c.M, c.N, c.Hq, c.Hk, c.D, c.R, c.C, c.causal, c.softcap, c.per_head, c.garbage, nnz,
-              cudaGetErrorString(e1), cudaGetErrorString(e2), cudaGetErrorString(e3), cudaGetErrorString(es));
+              cudaGetErrorString(e1), cudaGetErrorString(e2), cudaGetErrorString(e3), hopper, cudaGetErrorString(e4),
+              cudaGetErrorString(es));
+#ifdef BSATTN_WITH_SM90
+  CK(cudaFree(dq_accum));
+#endif
   std::fflush(stdout);
   for (void* ptr : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v), static_cast<void*>(dout),
                     static_cast<void*>(d_indptr), static_cast<void*>(d_indices), static_cast<void*>(d_col_indptr),
-                    static_cast<void*>(d_col_rows), static_cast<void*>(delta), static_cast<void*>(o),
-                    static_cast<void*>(dq), static_cast<void*>(dk), static_cast<void*>(dv), static_cast<void*>(lse)})
+                    static_cast<void*>(d_col_rows), static_cast<void*>(d_col_order), static_cast<void*>(delta),
+                    static_cast<void*>(o), static_cast<void*>(dq), static_cast<void*>(dk), static_cast<void*>(dv),
+                    static_cast<void*>(lse)})
     CK(cudaFree(ptr));
-  if (e1 != cudaSuccess || e2 != cudaSuccess || e3 != cudaSuccess || es != cudaSuccess) std::exit(1);
+  if (e1 != cudaSuccess || e2 != cudaSuccess || e3 != cudaSuccess || e4 != cudaSuccess || es != cudaSuccess)
+    std::exit(1);
 }
 
 }  // namespace
@@ -162,6 +191,9 @@ int main() {
       {1, 70, 90, 2, 1, 128, 32, 24, true, 0.f, false, true},      // non-multiples, garbage
       {1, 130, 200, 8, 2, 64, 32, 16, true, 0.f, false, true},     // D = 64, 128-row tile, garbage
       {1, 90, 100, 4, 4, 64, 64, 8, false, 0.f, true, true},       // D = 64, 64-row tile, per-head garbage
+      {1, 150, 530, 8, 2, 128, 32, 200, true, 0.f, false, true},   // C = 200: the Hopper two-warpgroup tile, garbage
+      {2, 100, 300, 8, 2, 128, 16, 128, false, 20.f, true, false}, // C = 128, per-head, soft cap: two warpgroups
+      {1, 120, 300, 4, 1, 64, 64, 100, true, 0.f, false, false},   // D = 64, C = 100: one warpgroup, partial tile
   };
   for (const Case& c : cases) run_case(c, rng);
   std::printf("all cases ran\n");
