@@ -56,12 +56,8 @@ cudaError_t launch_dq_tile(const Params& p, cudaStream_t stream) {
 }
 
 template <typename T, class Cfg>
-cudaError_t launch_dkdv_tile(const Params& p0, cudaStream_t stream) {
-  Params p = p0;
-  p.nkc = static_cast<int>((static_cast<int64_t>(p.C) + Cfg::BK - 1) / Cfg::BK);
-  const int64_t grid = static_cast<int64_t>(p.B) * p.Hk * p.NB * p.nkc;
-  static std::atomic<uint64_t> smem_done{0};  // one per (T, Cfg)
-  return launch_kernel(bsattn_bwd_dkdv_kernel<T, Cfg>, grid, Cfg::NT, Cfg::SMEM, Cfg::MINB, smem_done, p, stream);
+cudaError_t launch_dkdv_tile(const Params& p, cudaStream_t stream) {
+  return launch_column_tiles<bsattn_bwd_dkdv_kernel<T, Cfg>, Cfg>(p, stream);
 }
 
 // Small blocks (C <= 8, D <= 128): P = 16 / C block columns per 16-key CTA (bsattn_bwd_dkdv_pack_kernel).

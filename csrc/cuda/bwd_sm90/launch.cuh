@@ -5,8 +5,6 @@
 
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include <cuda_runtime.h>
 
@@ -19,27 +17,17 @@ namespace bsattn {
 namespace cuda {
 namespace bwd {
 
-// BSATTN_BWD_SM90_TILE=narrow: the one-warpgroup tile for every C (A / B comparisons); read once.
-inline bool env_forces_narrow_bwd() {
-  static const bool forced = [] {
-    const char* e = std::getenv("BSATTN_BWD_SM90_TILE");
-    return e != nullptr && std::strcmp(e, "narrow") == 0;
-  }();
-  return forced;
-}
-
 // Whether block columns of C keys take the two-warpgroup tile (128 keys): D = 128 and C >= 128, unless C's last
-// 128-key tile would be at most half full (C mod 128 in 1 .. 64: the one-warpgroup tile pads less there).
+// 128-key tile would be at most half full (C mod 128 in 1 .. 64: the one-warpgroup tile pads less there), or
+// BSATTN_BWD_SM90_TILE=narrow is in the environment (A / B comparisons; read once).
 inline bool use_wide_bwd_tile(int C) {
-  return C >= 128 && (C % 128 == 0 || C % 128 > 64) && !env_forces_narrow_bwd();
+  static const bool narrow = env_equals("BSATTN_BWD_SM90_TILE", "narrow");
+  return C >= 128 && (C % 128 == 0 || C % 128 > 64) && !narrow;
 }
 
 template <typename T, class Cfg>
-cudaError_t launch_bwd_sm90_tile(Params p, cudaStream_t stream) {
-  p.nkc = static_cast<int>((static_cast<int64_t>(p.C) + Cfg::BK - 1) / Cfg::BK);
-  const int64_t grid = static_cast<int64_t>(p.B) * p.Hk * p.NB * p.nkc;
-  static std::atomic<uint64_t> smem_done{0};  // one per (T, Cfg)
-  return launch_kernel(bsattn_bwd_sm90_kernel<T, Cfg>, grid, Cfg::NT, Cfg::SMEM, Cfg::MINB, smem_done, p, stream);
+cudaError_t launch_bwd_sm90_tile(const Params& p, cudaStream_t stream) {
+  return launch_column_tiles<bsattn_bwd_sm90_kernel<T, Cfg>, Cfg>(p, stream);
 }
 
 template <int kDType, int kD>

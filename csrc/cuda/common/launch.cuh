@@ -6,6 +6,8 @@
 #include <atomic>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -90,6 +92,23 @@ cudaError_t launch_row_tiles(const P& p0, cudaStream_t stream) {
   const int64_t grid = row_tile_grid<Cfg::TM>(p);
   static std::atomic<uint64_t> smem_done{0};  // one per kernel
   return launch_kernel(Kernel, grid, Cfg::NT, Cfg::SMEM, Cfg::MINB, smem_done, p, stream);
+}
+
+// One CTA per tile of Cfg::BK keys of a block column, for every (batch, KV head, block column): the column-oriented
+// backward kernels (bwd/dkdv_kernel.cuh, bwd_sm90/). P: their parameter block (its nkc set here on a copy).
+template <auto Kernel, class Cfg, class P>
+cudaError_t launch_column_tiles(const P& p0, cudaStream_t stream) {
+  P p = p0;
+  p.nkc = static_cast<int>((static_cast<int64_t>(p.C) + Cfg::BK - 1) / Cfg::BK);
+  const int64_t grid = static_cast<int64_t>(p.B) * p.Hk * p.NB * p.nkc;
+  static std::atomic<uint64_t> smem_done{0};  // one per kernel
+  return launch_kernel(Kernel, grid, Cfg::NT, Cfg::SMEM, Cfg::MINB, smem_done, p, stream);
+}
+
+// Whether the environment variable `name` is set to `value` (the launchers' A / B switches; callers read it once).
+inline bool env_equals(const char* name, const char* value) {
+  const char* e = std::getenv(name);
+  return e != nullptr && std::strcmp(e, value) == 0;
 }
 
 }  // namespace cuda

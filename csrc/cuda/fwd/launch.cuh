@@ -20,10 +20,7 @@ namespace cuda {
 
 // BSATTN_FWD_KERNEL=mma: the mma.sync kernel everywhere (A / B comparisons, a fallback); read once.
 inline bool env_forces_mma_fwd() {
-  static const bool forced = [] {
-    const char* e = std::getenv("BSATTN_FWD_KERNEL");
-    return e != nullptr && std::strcmp(e, "mma") == 0;
-  }();
+  static const bool forced = env_equals("BSATTN_FWD_KERNEL", "mma");
   return forced;
 }
 
