@@ -23,11 +23,16 @@ def column_view(indptr, indices, num_block_cols: int):
     pos = jnp.arange(nnz, dtype=jnp.int32)
 
     def one(ip, ix):
-        row = (jnp.searchsorted(ip, pos, side="right") - 1).astype(jnp.int32)
+        # The block row of each entry (the last i with ip[i] <= pos) and each column's first entry (the number of
+        # listed entries with a smaller column) as histograms + prefix sums: no binary search, whose while loop
+        # costs XLA a kernel launch or more per level.
+        starts = jnp.zeros(nnz + 1, jnp.int32).at[jnp.clip(ip, 0, nnz)].add(1)
+        row = jnp.cumsum(starts[:nnz]) - 1
         listed = (pos >= ip[0]) & (pos < ip[MB]) & (ix >= 0) & (ix < NB)
         key = jnp.where(listed, ix, NB)                 # unlisted entries sort last
         order = jnp.argsort(key, stable=True)           # stable: rows stay increasing within a column
-        col_indptr = jnp.searchsorted(key[order], jnp.arange(NB + 1, dtype=jnp.int32), side="left")
+        per_col = jnp.zeros(NB + 1, jnp.int32).at[key].add(1)
+        col_indptr = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(per_col[:NB])])
         rows = jnp.where(key[order] < NB, jnp.clip(row[order], 0, MB - 1), 0)
         return col_indptr.astype(jnp.int32), rows.astype(jnp.int32)
 

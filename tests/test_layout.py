@@ -118,11 +118,13 @@ def test_column_view_and_order_match_numpy():
     rng = np.random.default_rng(5)
     MB, NB, nnz = 9, 7, 30
     ip = np.sort(rng.integers(0, nnz + 1, size=(3, MB + 1)), axis=1).astype(np.int32)
-    ip[:, 0] = 0
+    ip[:2, 0] = 0            # the third layout starts past entry 0 (its first entries are listed by no row)
+    ip[2, MB] = min(ip[2, MB], nnz - 3)
     ix = rng.integers(-2, NB + 2, size=(3, nnz)).astype(np.int32)
     ci, cr = column_view(monotone_indptr(jnp.asarray(ip), nnz), jnp.asarray(ix), NB)
     order = np.asarray(column_order(ci))
     ci, cr = np.asarray(ci), np.asarray(cr)
+    assert ip[2, 0] > 0 and ip[2, MB] < nnz
     for l in range(3):
         cols = [[] for _ in range(NB)]
         for r in range(MB):
