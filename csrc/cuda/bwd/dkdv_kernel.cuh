@@ -300,18 +300,16 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_kernel(con
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wk = warp / WQ, wq = warp % WQ;
 
-  // ---- which tile (block columns first to last: the heavy columns of causal-like layouts start first) ----
-  int bid = blockIdx.x;
-  const int kc = bid % p.nkc;
-  bid /= p.nkc;
-  const int c = bid % p.NB;
-  const int head = bid / p.NB;
-  const int b = head / p.Hk, hk = head - b * p.Hk;
+  // ---- which tile (common.cuh column_tile: longest columns first) -----------------------------------------
+  const ColumnTile ct = column_tile(p, blockIdx.x);
+  const int kc = ct.kc, b = ct.b, hk = ct.hk;
+  const int64_t lid = ct.lid;
+  const int c = __ldg(p.col_order + lid * p.NB + ct.slot);
+  if (c < 0 || c >= p.NB) return;  // (uniform; the order is a permutation of the block columns)
   const int k0 = c * p.C + kc * BK;  // first key of the tile
   const int nkeys = min(min(BK, p.C - kc * BK), p.N - k0);
   if (nkeys <= 0) return;  // (uniform) a tile past the end of a short last column
 
-  const int64_t lid = static_cast<int64_t>(p.LB > 1 ? b : 0) * p.LH + (p.LH > 1 ? hk : 0);
   int64_t cs, ce;
   column_entries(p, lid, c, cs, ce);
   const int RG = p.R * p.g;  // packed rows per block row (0 when Hq = 0)

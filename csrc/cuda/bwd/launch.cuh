@@ -57,7 +57,7 @@ cudaError_t launch_dq_tile(const Params& p, cudaStream_t stream) {
 
 template <typename T, class Cfg>
 cudaError_t launch_dkdv_tile(const Params& p, cudaStream_t stream) {
-  return launch_column_tiles<bsattn_bwd_dkdv_kernel<T, Cfg>, Cfg>(p, stream);
+  return launch_column_tiles<bsattn_bwd_dkdv_kernel<T, Cfg>, Cfg>(p, stream, Cfg::NT, Cfg::SMEM);
 }
 
 // Small blocks (C <= 8, D <= 128): P = 16 / C block columns per 16-key CTA (bsattn_bwd_dkdv_pack_kernel).

@@ -33,7 +33,7 @@ struct Params : ProblemParams {
   const int32_t* indices;     // [LB, LH, nnz]
   const int32_t* col_indptr;  // [LB, LH, NB + 1]
   const int32_t* col_rows;    // [LB, LH, nnz]
-  const int32_t* col_order;   // [LB, LH, NB]: the block columns, longest first (the Hopper backward's CTA order)
+  const int32_t* col_order;   // [LB, LH, NB]: the block columns, longest first (the column kernels' CTA order)
   void* dq;  // [B, M, Hq, D]
   void* dk;  // [B, N, Hk, D]
   void* dv;  // [B, N, Hk, D]
@@ -42,6 +42,8 @@ struct Params : ProblemParams {
   int nsplit;     // dq: row tiles per block row (set by the launcher)
   int nkc;        // dk / dv: key tiles per block column (set by the launcher)
   int pack;       // dk / dv, packed small blocks: block columns per CTA (set by the launcher)
+  int head_chunks;  // dk / dv and the Hopper backward: the chunks of heads run one after the other (set by the
+                    // launcher; bwd/common.cuh column_tile)
 };
 
 // dq [B, M, Hq, D] (every element written). Returns cudaGetLastError() after the launch.

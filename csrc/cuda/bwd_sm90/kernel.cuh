@@ -14,7 +14,7 @@
 //                                      staged in shared memory and added by the bulk copy engine)
 // Five matrix products per tile (the deterministic kernels need seven: they compute s and p twice). The gather of
 // tile t + S - 1 is issued under the first two, and dq is queued behind dk, dv (one wait per tile for all three).
-// CTAs run head by head, each head's block columns longest first (col_order): see "which tile" below.
+// CTAs run the longest block columns first, a few heads at a time (bwd/common.cuh column_tile).
 // dk and dv stay deterministic (each element summed in registers in a fixed order and written once); dq is not
 // (the order of the float adds into dq_accum varies): `deterministic=True` selects the two-kernel backward.
 //
@@ -49,17 +49,10 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_kernel(con
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = Cfg::WG > 1 ? warp >> 2 : 0, wl = Cfg::WG > 1 ? warp & 3 : warp;  // warpgroup; warp in it
 
-  // ---- which tile: key tile kc of the slot-th longest block column of head (b, hk) ---------------------
-  // Head-major, so that the CTAs running at one time share few heads (their q, do and dq_accum rows stay in L2:
-  // slot-major was 15-25 % slower at g = 1 and C = 64 on the H200); longest columns first within a head, so that
-  // the last wave holds the shortest.
-  int bid = blockIdx.x;
-  const int kc = bid % p.nkc;
-  bid /= p.nkc;
-  const int slot = bid % p.NB;
-  const int head = bid / p.NB;
-  const int b = head / p.Hk, hk = head - b * p.Hk;
-  const int64_t lid = static_cast<int64_t>(p.LB > 1 ? b : 0) * p.LH + (p.LH > 1 ? hk : 0);
+  // ---- which tile: key tile kc of the slot-th longest block column of (b, hk) (bwd/common.cuh column_tile) -
+  const ColumnTile ct = column_tile(p, blockIdx.x);
+  const int kc = ct.kc, slot = ct.slot, b = ct.b, hk = ct.hk;
+  const int64_t lid = ct.lid;
   const int c = __ldg(p.col_order + lid * p.NB + slot);
   if (c < 0 || c >= p.NB) return;  // (uniform; the order is a permutation of the block columns)
   const int k0 = c * p.C + kc * BK;

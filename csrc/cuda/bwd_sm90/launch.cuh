@@ -27,7 +27,7 @@ inline bool use_wide_bwd_tile(int C) {
 
 template <typename T, class Cfg>
 cudaError_t launch_bwd_sm90_tile(const Params& p, cudaStream_t stream) {
-  return launch_column_tiles<bsattn_bwd_sm90_kernel<T, Cfg>, Cfg>(p, stream);
+  return launch_column_tiles<bsattn_bwd_sm90_kernel<T, Cfg>, Cfg>(p, stream, Cfg::NT, Cfg::SMEM);
 }
 
 template <int kDType, int kD>

@@ -70,17 +70,17 @@ inline bool device_runs_sm90a() {
   return major == 9 && minor == 0;
 }
 
-// Launches `kernel(p)` on `grid` CTAs of `threads` threads with `smem` bytes of dynamic shared memory, after
+// Launches `kernel(p, extra...)` on `grid` CTAs of `threads` threads with `smem` bytes of dynamic shared memory, after
 // the opt-in above (`ctas` CTAs per SM, `done` owned by the caller, one per kernel). An empty grid launches
 // nothing; a grid beyond INT_MAX CTAs is cudaErrorInvalidConfiguration. Returns cudaGetLastError().
-template <typename Kernel, typename P>
+template <typename Kernel, typename P, typename... Extra>
 cudaError_t launch_kernel(Kernel kernel, int64_t grid, int threads, int smem, int ctas,
-                          std::atomic<uint64_t>& done, const P& p, cudaStream_t stream) {
+                          std::atomic<uint64_t>& done, const P& p, cudaStream_t stream, const Extra&... extra) {
   if (grid == 0) return cudaSuccess;
   if (grid > INT_MAX) return cudaErrorInvalidConfiguration;
   cudaError_t err = opt_in_smem(kernel, smem, ctas, done);
   if (err != cudaSuccess) return err;
-  kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(p);
+  kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(p, extra...);
   return cudaGetLastError();
 }
 
@@ -94,21 +94,46 @@ cudaError_t launch_row_tiles(const P& p0, cudaStream_t stream) {
   return launch_kernel(Kernel, grid, Cfg::NT, Cfg::SMEM, Cfg::MINB, smem_done, p, stream);
 }
 
-// One CTA per tile of Cfg::BK keys of a block column, for every (batch, KV head, block column): the column-oriented
-// backward kernels (bwd/dkdv_kernel.cuh, bwd_sm90/). P: their parameter block (its nkc set here on a copy).
-template <auto Kernel, class Cfg, class P>
-cudaError_t launch_column_tiles(const P& p0, cudaStream_t stream) {
-  P p = p0;
-  p.nkc = static_cast<int>((static_cast<int64_t>(p.C) + Cfg::BK - 1) / Cfg::BK);
-  const int64_t grid = static_cast<int64_t>(p.B) * p.Hk * p.NB * p.nkc;
-  static std::atomic<uint64_t> smem_done{0};  // one per kernel
-  return launch_kernel(Kernel, grid, Cfg::NT, Cfg::SMEM, Cfg::MINB, smem_done, p, stream);
-}
-
 // Whether the environment variable `name` is set to `value` (the launchers' A / B switches; callers read it once).
 inline bool env_equals(const char* name, const char* value) {
   const char* e = std::getenv(name);
   return e != nullptr && std::strcmp(e, value) == 0;
+}
+
+// The current device's SM count, queried once per device (0 if unknown).
+inline int device_sm_count() {
+  static std::atomic<int> count[64];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
+  int n = count[dev].load(std::memory_order_relaxed);
+  if (n > 0) return n;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 0;
+  count[dev].store(n, std::memory_order_relaxed);
+  return n;
+}
+
+// How many chunks the `heads` (batch, KV head) pairs of a column-oriented grid run in (bwd/common.cuh column_tile):
+// as many as possible with each chunk at least one wave of CTAs (`per_head` CTAs per head, `per_sm` per SM).
+inline int column_head_chunks(int64_t heads, int64_t per_head, int per_sm) {
+  const int64_t wave = static_cast<int64_t>(device_sm_count() > 0 ? device_sm_count() : 132) * per_sm;
+  const int64_t min_heads = per_head > 0 ? (wave + per_head - 1) / per_head : 1;
+  const int64_t n = heads / (min_heads > 0 ? min_heads : 1);
+  return static_cast<int>(n < 1 ? 1 : n > INT_MAX ? INT_MAX : n);
+}
+
+// One CTA per tile of Cfg::BK keys of a block column, for every (batch, KV head, block column): the column-oriented
+// backward kernels (bwd/dkdv_kernel.cuh, bwd_sm90/). P: their parameter block (its nkc and head_chunks set here on a
+// copy). `threads`, `smem`: the CTA's; `extra`: kernel arguments after the parameter block.
+template <auto Kernel, class Cfg, class P, typename... Extra>
+cudaError_t launch_column_tiles(const P& p0, cudaStream_t stream, int threads, int smem, const Extra&... extra) {
+  P p = p0;
+  p.nkc = static_cast<int>((static_cast<int64_t>(p.C) + Cfg::BK - 1) / Cfg::BK);
+  const int64_t per_head = static_cast<int64_t>(p.NB) * p.nkc;
+  const int64_t heads = static_cast<int64_t>(p.B) * p.Hk;
+  static const bool head_major = env_equals("BSATTN_BWD_ORDER", "head");  // A / B: one head per chunk
+  p.head_chunks = head_major ? static_cast<int>(heads) : column_head_chunks(heads, per_head, Cfg::MINB);
+  static std::atomic<uint64_t> smem_done{0};  // one per kernel
+  return launch_kernel(Kernel, heads * per_head, threads, smem, Cfg::MINB, smem_done, p, stream, extra...);
 }
 
 }  // namespace cuda
