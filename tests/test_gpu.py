@@ -95,10 +95,12 @@ def test_backward_grid(R, C, g, D, causal, softcap, dtype):
 @pytest.mark.parametrize("R,C,g,D,causal,softcap,dtype", [
     (16, 128, 4, 128, True, 30.0, jnp.bfloat16), (64, 256, 2, 128, False, None, jnp.float16),
     (32, 200, 1, 128, True, None, jnp.bfloat16), (8, 192, 4, 128, False, 30.0, jnp.bfloat16),
-    (128, 128, 8, 128, False, None, jnp.bfloat16)])
+    (128, 128, 8, 128, False, None, jnp.bfloat16), (64, 128, 3, 128, True, None, jnp.bfloat16)])
 def test_backward_wide_key_tile(R, C, g, D, causal, softcap, dtype):
     """D = 128, C >= 128 on an H100 / H200: the Hopper backward's two-warpgroup tile (128 keys; C = 200 ends in a
-    part-filled tile); C = 192 ends in a half tile and takes the one-warpgroup tile."""
+    part-filled tile); C = 192 ends in a half tile and takes the one-warpgroup tile. dq goes through the tensor-map
+    reduction where R * g is a multiple of 64 and g divides 64 (16 x 4, 64 x 2, 128 x 8), else row by row (32 x 1,
+    64 x 3); the batch of 2 and M = 2 R + 45 put the last block row past the end of each sequence."""
     from conftest import check_gradients
 
     q, k, v, layout = _backward_problem(R, C, g, D, dtype)

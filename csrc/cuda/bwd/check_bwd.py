@@ -280,6 +280,8 @@ def case_list(quick):
         dict(R=16, C=128, g=4, D=128, Hk=2, M=300, N=700, causal=True, softcap=20.0, per_head=True, garbage=True,
              name="C=128 D128 causal cap garbage (sm90 wide tile)"),
         dict(R=64, C=256, g=2, D=128, dtype="f16", M=200, N=900, name="C=256 f16 (sm90 wide tile)"),
+        dict(R=32, C=128, g=4, D=128, B=2, Hk=2, M=150, N=600, causal=True, per_batch=True,
+             name="C=128 B=2, M not a multiple of R (sm90 dq tensor map)"),
         dict(R=8, C=192, g=8, D=128, M=100, N=500, causal=True, name="C=192: half last tile (sm90 narrow tile)"),
         dict(R=100, C=130, g=2, D=256, Hk=2, M=230, N=300, softcap=15.0, per_head=True, name="D256 C=130"),
         dict(R=16, C=64, g=4, D=128, M=64, N=256, p_empty=0.0, scale=-0.2, name="negative scale"),

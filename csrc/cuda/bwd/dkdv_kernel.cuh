@@ -217,17 +217,21 @@ __device__ __forceinline__ void dkdv_tile(uint32_t sK, uint32_t sV, uint32_t sQ,
   }
 }
 
-// Writes dk * scale and dv of the CTA's key rows [0, nkeys) (all threads; after the main loop).
-template <typename T, class Cfg>
+// Writes dk * scale and dv of the CTA's key rows [0, nkeys) (all threads; after the main loop). SYNC = false: the
+// caller has already synchronised the warps that read K / V (WQ == 1 only: the row-split merge needs all threads).
+template <typename T, class Cfg, bool SYNC = true>
 __device__ __forceinline__ void dkdv_store(uint8_t* smem, uint32_t sK, uint32_t sV, T* dkg, T* dvg,
                                            int64_t kv_rstride, int nkeys, int krow0, int wq, bool warp_active,
                                            float scale, const float (&adk)[Cfg::DKN][4],
                                            const float (&adv)[Cfg::DVN][4]) {
   constexpr int D = Cfg::D, WQ = Cfg::WQ, BK = Cfg::BK, CPR = Cfg::CPR, DT = D / 8;
   constexpr bool DO_DV = Cfg::MODE != 2, DO_DK = Cfg::MODE != 1;
+  static_assert(SYNC || WQ == 1, "the row-split merge synchronises every thread");
   const int tid = threadIdx.x, lane = tid & 31;
-  cp_async_wait<0>();
-  __syncthreads();  // every warp is done with K / V / q / do (and every copy into them has landed)
+  if constexpr (SYNC) {
+    cp_async_wait<0>();
+    __syncthreads();  // every warp is done with K / V / q / do (and every copy into them has landed)
+  }
   if constexpr (WQ == 1) {
     // each warp stages its own 16 key rows in its rows of the K (dk) and V (dv) tiles and copies them out
     if (warp_active) {

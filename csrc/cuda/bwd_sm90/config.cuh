@@ -54,7 +54,8 @@ struct Sm90BwdTile;
 template <> struct Sm90BwdTile<64> : Sm90BwdCfg<64, 3, 2> {};
 template <> struct Sm90BwdTile<128> : Sm90BwdCfg<128, 2, 2> {};
 // Sm90BwdWideTile: 128 keys in two warpgroups, one CTA per SM (D = 128, block columns of at least 128 keys): each
-// gathered q / do tile serves twice the keys, and dq gets half the atomic adds per FLOP.
+// gathered q / do tile serves twice the keys, and dq gets half the atomic adds per FLOP. What runs there by default
+// is its warp-specialised form (kernel_ws.cuh, Sm90BwdWsTile); this one is the A / B baseline.
 struct Sm90BwdWideTile : Sm90BwdCfg<128, 3, 1, 2> {};
 
 }  // namespace bwd

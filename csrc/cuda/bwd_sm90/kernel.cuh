@@ -1,6 +1,9 @@
 // The backward for Hopper (sm_90a): dq, dk and dv in one column-oriented pass on warpgroup MMA (wgmma), dq
 // accumulated in a float32 buffer with atomic adds (bwd_sm90/launch.cuh zeroes it before and converts it after).
 //
+// (Two warpgroups: D = 128 and C >= 128 run kernel_ws.cuh, this tile plus a producer warpgroup, by default; this
+// kernel's two-warpgroup instantiation stays as the A / B baseline, BSATTN_BWD_SM90_TILE=wide.)
+//
 // One CTA = BK = 64 keys per warpgroup (one or two) of one block column c of one (batch, KV head), as the dk / dv
 // kernel (bwd/dkdv_kernel.cuh): K and V are loaded once, then the column's block rows are walked as a virtual
 // sequence of packed query rows (R * g per block row: the g heads of the group are summed inside the kernel),

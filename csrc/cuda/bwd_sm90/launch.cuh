@@ -6,11 +6,14 @@
 #include <atomic>
 #include <cstdint>
 
+#include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_runtime.h>
 
 #include "cuda/bwd/params.h"
 #include "cuda/bwd_sm90/config.cuh"
 #include "cuda/bwd_sm90/kernel.cuh"
+#include "cuda/bwd_sm90/kernel_ws.cuh"
 #include "cuda/common/launch.cuh"
 
 namespace bsattn {
@@ -25,6 +28,41 @@ inline bool use_wide_bwd_tile(int C) {
   return C >= 128 && (C % 128 == 0 || C % 128 > 64) && !narrow;
 }
 
+// The driver's cuTensorMapEncodeTiled, through the runtime (no link against libcuda); null if unavailable.
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+#if CUDART_VERSION >= 12050
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q);
+#else
+    const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault, &q);
+#endif
+    if (err != cudaSuccess || q != cudaDriverEntryPointSuccess) f = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// dq_accum [B, M, Hq, D] f32 as a tensor map for bsattn_bwd_sm90_ws_kernel<..., true>: boxes of 32 columns x g heads
+// x BQ / g query rows x 1, 128-byte swizzle. False (and the per-row reduction runs) unless every tile of BQ packed
+// rows is BQ / g whole query rows of one block row (R * g a multiple of BQ, g dividing BQ) and the driver encodes it.
+template <class Cfg>
+bool dq_tensor_map(const Params& p, CUtensorMap* map) {
+  const int64_t RG = static_cast<int64_t>(p.R) * p.g;
+  if (p.g < 1 || Cfg::BQ % p.g != 0 || RG % Cfg::BQ != 0 || p.dq_accum == nullptr) return false;
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(Cfg::D), static_cast<cuuint64_t>(p.Hq),
+                              static_cast<cuuint64_t>(p.M), static_cast<cuuint64_t>(p.B)};
+  const cuuint64_t strides[3] = {dims[0] * 4, dims[0] * dims[1] * 4, dims[0] * dims[1] * dims[2] * 4};  // bytes
+  const cuuint32_t box[4] = {32, static_cast<cuuint32_t>(p.g), static_cast<cuuint32_t>(Cfg::BQ / p.g), 1};
+  const cuuint32_t unit[4] = {1, 1, 1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, p.dq_accum, dims, strides, box, unit,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 template <typename T, class Cfg>
 cudaError_t launch_bwd_sm90_tile(const Params& p, cudaStream_t stream) {
   return launch_column_tiles<bsattn_bwd_sm90_kernel<T, Cfg>, Cfg>(p, stream, Cfg::NT, Cfg::SMEM);
@@ -37,8 +75,24 @@ cudaError_t launch_bwd_sm90(const Params& p, cudaStream_t stream) {
   cudaError_t err = cudaMemsetAsync(p.dq_accum, 0, static_cast<size_t>(nq) * sizeof(float), stream);
   if (err != cudaSuccess) return err;
   if constexpr (kD == 128) {
-    if (use_wide_bwd_tile(p.C)) err = launch_bwd_sm90_tile<T, Sm90BwdWideTile>(p, stream);
-    else err = launch_bwd_sm90_tile<T, Sm90BwdTile<kD>>(p, stream);
+    // the two-warpgroup tile with a producer warpgroup; BSATTN_BWD_SM90_TILE=wide: without it (A / B comparisons)
+    static const bool plain_wide = env_equals("BSATTN_BWD_SM90_TILE", "wide");
+    // BSATTN_BWD_SM90_DQ=rows: dq row by row even where the tensor map applies (A / B comparisons)
+    static const bool row_dq = env_equals("BSATTN_BWD_SM90_DQ", "rows");
+    if (use_wide_bwd_tile(p.C) && !plain_wide) {
+      using Cfg = Sm90BwdWsTile;
+      CUtensorMap map{};
+      if (!row_dq && dq_tensor_map<Cfg>(p, &map))
+        err = launch_column_tiles<bsattn_bwd_sm90_ws_kernel<T, Cfg, true>, Cfg>(p, stream, Cfg::NT_ALL, Cfg::SMEM_WS,
+                                                                                map);
+      else
+        err = launch_column_tiles<bsattn_bwd_sm90_ws_kernel<T, Cfg, false>, Cfg>(p, stream, Cfg::NT_ALL,
+                                                                                 Cfg::SMEM_WS, map);
+    } else if (use_wide_bwd_tile(p.C)) {
+      err = launch_bwd_sm90_tile<T, Sm90BwdWideTile>(p, stream);
+    } else {
+      err = launch_bwd_sm90_tile<T, Sm90BwdTile<kD>>(p, stream);
+    }
   } else {
     err = launch_bwd_sm90_tile<T, Sm90BwdTile<kD>>(p, stream);
   }

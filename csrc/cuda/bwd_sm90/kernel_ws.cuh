@@ -1,0 +1,316 @@
+// The Hopper backward's two-warpgroup tile (D = 128, block columns of at least 128 keys; bwd_sm90/launch.cuh), with
+// a third, producer warpgroup that does the q / do gather: the kernel that runs there by default.
+//
+// The math per tile is kernel.cuh's (s^T, dp^T; p^T, ds^T; dv, dk; dS -> shared memory; dq = dS K), on 128 keys: two
+// MMA warpgroups of 64 keys each, and after the dS barrier warpgroup w computes dq's columns 64 w .. 64 w + 63 over
+// all 128 keys. What differs:
+// - Warps 0-3 only gather (ColumnQueryGather, 128 threads, registers given back with setmaxnreg), STAGES tiles ahead,
+//   and hand each tile over through an mbarrier; warps 4-11 (240 registers) only compute. In kernel.cuh the MMA warps
+//   issued the gather themselves and met it at a CTA barrier every tile (26 % of their stall samples on the H200).
+// - The consumers meet only at the dS barrier (a named barrier among them), so dS is double-buffered: a warpgroup may
+//   store tile t + 1's half while the other still reads tile t's in its dq product.
+// - dq (DQ_MAP, where R * g is a multiple of 64 and g divides 64) goes to dq_accum by two tensor-map reductions per
+//   warpgroup and tile, from a swizzled staging box; otherwise by one bulk reduction per row, as kernel.cuh.
+//
+// Per stage s: full[s] (128 producer arrivals: each producer thread, after its copies of the tile have landed and
+// been fenced to the async proxy, and after its plain stores of the rows' statistics) and empty[s] (256 arrivals: each
+// consumer thread after its last read of the stage: s / dp / dk / dv products waited, the rows' statistics and
+// global rows read). Tile t uses stage t % S and phase t / S.
+//
+// Measured and dropped (csrc/cuda/bwd/README.md): s of tile t + 1 issued under tile t's dq reduction (ptxas
+// serialises the wgmmas for want of registers: 17 % slower); K, V loaded by the consumers while the producer starts
+// the gather (1 % slower).
+#pragma once
+
+#include <climits>
+#include <cstdint>
+
+#include <cuda.h>
+
+#include "cuda/bwd/common.cuh"
+#include "cuda/bwd/dkdv_kernel.cuh"
+#include "cuda/bwd/params.h"
+#include "cuda/bwd_sm90/config.cuh"
+#include "cuda/common/gather.cuh"
+#include "cuda/common/wgmma.cuh"
+#include "cuda/fwd/mma.cuh"
+
+namespace bsattn {
+namespace cuda {
+namespace bwd {
+
+// The consumers' configuration is the two-warpgroup tile's (Cfg::NT = 256 consumer threads), with 2 stages and a
+// second dS buffer; + one producer warpgroup.
+struct Sm90BwdWsTile : Sm90BwdCfg<128, 2, 1, 2> {
+  static constexpr int NT_ALL = NT + 128;
+  // setmaxnreg moves registers within the CTA's launch allocation (384 x 168 = 64512): the consumers' increase must
+  // be covered by what the producer gives back, or it blocks forever
+  static constexpr int LAUNCH_REGS = 168, PRODUCER_REGS = 24, CONSUMER_REGS = 240;
+  using PMap = TileMap<D, 128, BQ>;                               // the producer's gather layout
+  static constexpr int TILE_WS = TILE_BYTES + DS_BYTES;           // + the second dS buffer
+  static constexpr int BAR_OFF = TILE_WS + ROW_BYTES;             // full[S], empty[S] (8 bytes each), flags[S][4]
+  static constexpr int SMEM_WS = 1024 + BAR_OFF + 2 * STAGES * 8 + STAGES * 4 * 4;
+  static_assert(SMEM_WS <= 227 * 1024, "shared memory per CTA");
+  static_assert(ROW_BYTES % 8 == 0, "mbarrier alignment");
+  static_assert(128 * PRODUCER_REGS + NT * CONSUMER_REGS <= NT_ALL * LAUNCH_REGS, "register reallocation");
+  static_assert(LAUNCH_REGS == 65536 / NT_ALL / 8 * 8, "launch registers per thread");
+  static constexpr int DQ_BOX_BYTES = BQ * 32 * 4;  // a tensor-map box: BQ rows x 32 columns of f32
+  static_assert(WG * 2 * DQ_BOX_BYTES <= DQ_BYTES && DQN == 64, "dq staging boxes: two per warpgroup");
+};
+
+// DQ_MAP (R * g a multiple of BQ, g dividing BQ: every tile is BQ / g query rows x the g heads of one block row):
+// dq goes to dq_accum by two tensor-map reductions per warpgroup and tile (dq_map: dq_accum as [B, M, Hq, D] f32,
+// boxes of 32 columns x g heads x BQ / g rows, 128-byte swizzle; rows past M are clipped by the hardware), from a
+// per-warpgroup staging box, instead of one bulk reduction per row (16 per warp, which the compiler issues one lane
+// at a time: UBLKRED takes uniform operands). 6 % faster at 128 x 128 on the H200.
+template <typename T, class Cfg, bool DQ_MAP>
+__global__ void __launch_bounds__(Cfg::NT_ALL, 1)
+    bsattn_bwd_sm90_ws_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap dq_map) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int D = Cfg::D, BK = Cfg::BK, BQ = Cfg::BQ, S = Cfg::STAGES, DQN = Cfg::DQN;
+  constexpr int NQ8 = BQ / 8, DQT = DQN / 8;
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+  // ---- which tile: key tile kc of the slot-th longest block column of (b, hk) (bwd/common.cuh column_tile) -
+  const ColumnTile ct = column_tile(p, blockIdx.x);
+  const int kc = ct.kc, slot = ct.slot, b = ct.b, hk = ct.hk;
+  const int64_t lid = ct.lid;
+  const int c = __ldg(p.col_order + lid * p.NB + slot);
+  if (c < 0 || c >= p.NB) return;  // (uniform)
+  const int k0 = c * p.C + kc * BK;
+  const int nkeys = min(min(BK, p.C - kc * BK), p.N - k0);
+  if (nkeys <= 0) return;  // (uniform)
+  const int kend = k0 + nkeys;
+
+  int64_t cs, ce;
+  column_entries(p, lid, c, cs, ce);
+  const int RG = p.R * p.g;
+  const int len = RG > 0 ? static_cast<int>(ce - cs) : 0;
+  const int64_t nt64 = (static_cast<int64_t>(len) * (RG > 0 ? RG : 1) + BQ - 1) / BQ;
+  const int ntiles = nt64 > INT_MAX ? INT_MAX : static_cast<int>(nt64);
+
+  const int64_t kvoff = (static_cast<int64_t>(b) * p.N * p.Hk + hk) * D;
+  const int64_t kv_rstride = static_cast<int64_t>(p.Hk) * D;
+  const int64_t qboff = static_cast<int64_t>(b) * p.M * p.Hq;
+
+  // ---- shared memory --------------------------------------------------------------------------------------
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t pad = ((raw + 1023u) & ~1023u) - raw;
+  uint8_t* smem = smem_raw + pad;
+  const uint32_t sK = raw + pad;
+  const uint32_t sV = sK + Cfg::K_BYTES;
+  const uint32_t sQ = sV + Cfg::K_BYTES;
+  const uint32_t sD = sQ + S * Cfg::Q_STAGE;
+  const uint32_t sDS = sD + S * Cfg::Q_STAGE;  // 2 buffers
+  const uint32_t sDQ = sDS + 2 * Cfg::DS_BYTES;
+  const uint32_t sLse = sDQ + Cfg::DQ_BYTES;
+  const uint32_t sDl = sLse + S * BQ * 4;
+  const float* fLse = reinterpret_cast<const float*>(smem + Cfg::TILE_WS);
+  const float* fDl = fLse + S * BQ;
+  int* sLim = reinterpret_cast<int*>(smem + Cfg::TILE_WS + 2 * S * BQ * 4);
+  int* sRid = sLim + S * BQ;
+  const uint32_t bar_full = sK + Cfg::BAR_OFF, bar_empty = bar_full + S * 8;
+  int* sFlag = reinterpret_cast<int*>(smem + Cfg::BAR_OFF + 2 * S * 8);  // [S][4]: a producer warp saw a masked row
+
+  if (tid == 0) {
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      mbar_init(bar_full + 8 * s, 128);
+      mbar_init(bar_empty + 8 * s, Cfg::NT);
+    }
+  }
+  {  // K, V by every thread
+    const T* kg = static_cast<const T*>(p.k) + kvoff + k0 * kv_rstride;
+    const T* vg = static_cast<const T*>(p.v) + kvoff + k0 * kv_rstride;
+    load_row_pair_tile<D, Cfg::NT_ALL, BK, typename Cfg::KLayout>(sK, sV, kg, vg, nkeys, kv_rstride, tid);
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_async_shared();
+  }
+  __syncthreads();  // K, V landed and fenced; the mbarriers initialised
+
+  if (warp < 4) {
+    // ---- producer warpgroup: the gather, S tiles ahead ---------------------------------------------------
+    setmaxnreg_dec<Cfg::PRODUCER_REGS>();
+    ColumnQueryGather<D, BQ, typename Cfg::PMap, typename Cfg::QLayout, T> qgat;
+    qgat.init(p, p.col_rows + lid * p.nnz + cs, len, hk, k0 + nkeys - 1, qboff, warp, lane);
+    for (int t = 0; t < ntiles; ++t) {
+      const int s = t % S;
+      if (t >= 1) {  // tile t - 1: wait for its copies, fence them to the async proxy, hand it over
+        cp_async_wait<0>();
+        fence_async_shared();
+        mbar_arrive(bar_full + 8 * ((t - 1) % S));
+      }
+      if (t >= S) mbar_wait(bar_empty + 8 * s, ((t / S) - 1) & 1);  // the consumers are done with tile t - S
+      const uint32_t f = qgat.issue(p, sQ + s * Cfg::Q_STAGE, sD + s * Cfg::Q_STAGE, sLse, sDl, sLim, sRid, s,
+                                    warp, lane);
+      const unsigned any = __ballot_sync(0xffffffffu, f != 0);
+      if (lane == 0) sFlag[s * 4 + warp] = any != 0;
+      cp_async_commit();
+    }
+    if (ntiles >= 1) {
+      cp_async_wait<0>();
+      fence_async_shared();
+      mbar_arrive(bar_full + 8 * ((ntiles - 1) % S));
+    }
+    return;
+  }
+
+  // ---- consumer warpgroups (kernel.cuh's main loop, with mbarriers for the stages) --------------------------
+  setmaxnreg_inc<Cfg::CONSUMER_REGS>();
+  const int cw = warp - 4;               // consumer warp 0..7: keys 16 cw ..
+  const int wg = cw >> 2, wl = cw & 3;   // warpgroup; warp in it (rows 16 wl .. of dq)
+  int key[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) key[h] = k0 + cw * 16 + (lane >> 2) + 8 * h;
+  float adk[D / 8][4], adv[D / 8][4];
+  dkv_init<Cfg>(adk, adv);
+  float(&dkf)[D / 2] = reinterpret_cast<float(&)[D / 2]>(adk);
+  float(&dvf)[D / 2] = reinterpret_cast<float(&)[D / 2]>(adv);
+  float s[NQ8][4], dp[NQ8][4], dq[DQT][4];
+  float(&sf)[BQ / 2] = reinterpret_cast<float(&)[BQ / 2]>(s);
+  float(&dpf)[BQ / 2] = reinterpret_cast<float(&)[BQ / 2]>(dp);
+  float(&dqf)[DQN / 2] = reinterpret_cast<float(&)[DQN / 2]>(dq);
+  const float s_mul = p.s_mul, cap_mul = p.cap_mul;
+  const bool use_cap = p.use_cap != 0;
+  float* const dq_rows = p.dq_accum + qboff * D + wg * DQN;
+
+  const uint32_t wrow = wg * 64 * 128;
+  const uint64_t k_desc = sw128_desc(sK + wrow, 16, 1024), v_desc = sw128_desc(sV + wrow, 16, 1024);
+  const uint64_t q_desc = sw128_desc(sQ, 16, 1024), d_desc = sw128_desc(sD, 16, 1024);
+  const uint64_t q_mn = sw128_desc(sQ, BQ * 128, 1024), d_mn = sw128_desc(sD, BQ * 128, 1024);
+  const uint64_t k_mn = sw128_desc(sK + wg * BK * 128, BK * 128, 1024);
+  const uint64_t ds_desc = sw128_desc(sDS, 16, 1024);
+  constexpr uint64_t kStage = Cfg::Q_STAGE >> 4;
+  const int st_row = ((lane >> 4) << 3) + (lane & 7), st_chunk = 2 * cw + ((lane >> 3) & 1);
+  const uint32_t sq = sDQ + cw * 16 * Cfg::DQ_PITCH;  // this warp's dq staging rows
+
+  for (int t = 0; t < ntiles; ++t) {
+    const int stage = t % S;
+    const uint32_t dsb = (t & 1) * Cfg::DS_BYTES;  // this tile's dS buffer
+    mbar_wait(bar_full + 8 * stage, (t / S) & 1);
+    const bool need_mask = (sFlag[stage * 4] | sFlag[stage * 4 + 1] | sFlag[stage * 4 + 2] | sFlag[stage * 4 + 3]) != 0;
+
+    auto keys_x_rows = [&](float(&acc)[BQ / 2], uint64_t a_desc, uint64_t b_desc) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint64_t ko = ((kk >> 2) * BK * 128 + (kk & 3) * 32) >> 4;
+        const uint64_t qo = stage * kStage + (((kk >> 2) * BQ * 128 + (kk & 3) * 32) >> 4);
+        WgmmaOp<T, BQ>::ss(acc, a_desc + ko, b_desc + qo, kk > 0 ? 1 : 0);
+      }
+      wgmma_commit();
+    };
+    wgmma_fence();
+    keys_x_rows(sf, k_desc, q_desc);
+    keys_x_rows(dpf, v_desc, d_desc);
+    wgmma_wait<0>();
+    fence_regs(sf);
+    fence_regs(dpf);
+
+    const int rb = stage * BQ + (lane & 3) * 2;
+    dkv_probs_ds<NQ8, true, false>(s, dp, fLse, fDl, sLim, nullptr, rb, need_mask, key, key, s_mul, cap_mul,
+                                   use_cap);
+    if (nkeys < BK) {
+#pragma unroll
+      for (int n = 0; n < NQ8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (key[e >> 1] >= kend) s[n][e] = dp[n][e] = 0.f;
+    }
+    uint32_t pa[BQ / 16][4], da[BQ / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < BQ / 16; ++kk) {
+      acc_to_a<T>(s, kk, pa[kk]);
+      acc_to_a<T>(dp, kk, da[kk]);
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BQ / 16; ++kk) WgmmaOp<T, D>::rs(dvf, pa[kk], d_mn + stage * kStage + kk * (2048 >> 4), 1);
+#pragma unroll
+    for (int kk = 0; kk < BQ / 16; ++kk) WgmmaOp<T, D>::rs(dkf, da[kk], q_mn + stage * kStage + kk * (2048 >> 4), 1);
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < BQ / 16; ++kk)
+      stsm_x4_trans(sDS + dsb + Cfg::SLayout::off(16 * kk + st_row, st_chunk), da[kk]);
+    fence_async_shared();
+    named_bar_sync(1, Cfg::NT);  // both halves of dS stored (dk, dv may still be running)
+
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk)
+      WgmmaOp<T, DQN>::ss_bt(dqf, ds_desc + ((dsb + (kk >> 2) * BQ * 128 + (kk & 3) * 32) >> 4),
+                             k_mn + kk * (2048 >> 4), kk > 0 ? 1 : 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(dkf);
+    fence_regs(dvf);
+    fence_regs(dqf);
+
+    if constexpr (DQ_MAP) {
+      mbar_arrive(bar_empty + 8 * stage);  // this thread is done with the stage (the epilogue reads none of it)
+      // dq -> this warpgroup's two staging boxes (row r = the tile's packed row, 128-byte swizzle: 16-byte unit u of
+      // row r at u ^ (r & 7)) -> one thread adds them to dq_accum
+      const bool leader = wl == 0 && lane == 0;
+      const uint32_t box = sDQ + wg * 2 * Cfg::DQ_BOX_BYTES;
+      if (leader) bulk_wait_read<0>();  // the previous tile's boxes have been read
+      named_bar_sync(2 + wg, 128);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = wl * 16 + (lane >> 2) + 8 * h;
+#pragma unroll
+        for (int j = 0; j < DQT; ++j) {
+          const int u = (2 * (j & 3) + ((lane >> 1) & 1)) ^ (r & 7);
+          st_shared_f32x2(box + (j >> 2) * Cfg::DQ_BOX_BYTES + r * 128 + u * 16 + (lane & 1) * 8, dq[j][2 * h],
+                          dq[j][2 * h + 1]);
+        }
+      }
+      fence_async_shared();
+      named_bar_sync(2 + wg, 128);
+      if (leader) {
+        // the tile's first packed row: block entry e of the column, offset off (a multiple of BQ) in its R * g rows
+        const int64_t first = static_cast<int64_t>(t) * BQ;
+        const int e = static_cast<int>(first / RG), off = static_cast<int>(first - static_cast<int64_t>(e) * RG);
+        const int br = __ldg(p.col_rows + lid * p.nnz + cs + e);
+        if (br >= 0 && br < p.MB) {  // (a garbage block row: its rows were gathered as missing, dq = 0)
+          const int qrow = br * p.R + off / p.g, head0 = hk * p.g;
+          bulk_tensor_reduce_add_4d(&dq_map, box, wg * DQN, head0, qrow, b);
+          bulk_tensor_reduce_add_4d(&dq_map, box + Cfg::DQ_BOX_BYTES, wg * DQN + 32, head0, qrow, b);
+        }
+        bulk_commit();
+      }
+    } else {
+      // dq rows -> staging -> bulk reduce, one per row (as kernel.cuh)
+      if (lane < 16) bulk_wait_read<0>();
+      __syncwarp();
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t so = sq + ((lane >> 2) + 8 * h) * Cfg::DQ_PITCH + (lane & 3) * 8;
+#pragma unroll
+        for (int j = 0; j < DQT; ++j) st_shared_f32x2(so + 32 * j, dq[j][2 * h], dq[j][2 * h + 1]);
+      }
+      fence_async_shared();
+      __syncwarp();
+      int rid = -1;
+      if (lane < 16) {
+        rid = sRid[stage * BQ + wl * 16 + lane];
+        if (rid >= 0) bulk_reduce_add_f32(dq_rows + static_cast<int64_t>(rid) * D, sq + lane * Cfg::DQ_PITCH, DQN * 4);
+        bulk_commit();
+      }
+      mbar_arrive(bar_empty + 8 * stage);  // this thread is done with the stage
+    }
+  }
+  if (DQ_MAP ? (wl == 0 && lane == 0) : lane < 16) bulk_wait<0>();
+
+  // ---- epilogue: dk * scale, dv (the consumer warps only) ----------------------------------------------------
+  named_bar_sync(1, Cfg::NT);  // every consumer is done reading K and V
+  dkdv_store<T, Cfg, false>(smem, sK, sV, static_cast<T*>(p.dk) + kvoff + k0 * kv_rstride,
+                            static_cast<T*>(p.dv) + kvoff + k0 * kv_rstride, kv_rstride, nkeys, cw * 16, 0,
+                            cw * 16 < nkeys, p.scale, adk, adv);
+#endif
+}
+
+}  // namespace bwd
+}  // namespace cuda
+}  // namespace bsattn
