@@ -181,6 +181,42 @@ __device__ __forceinline__ void column_entries(const Params& p, int64_t lid, int
   ce = ce < cs ? cs : (ce > p.nnz ? p.nnz : ce);
 }
 
+// Everything a column kernel's CTA needs to know about its tile (column_tile, then the block column, its keys, its
+// row list and the tile count over BQ-row tiles, the tensor offsets). False: nothing to do (uniform; the caller
+// returns): a slot past the order's permutation or a key tile past the end of a short last column.
+struct ColumnWork {
+  int kc, b, hk, c;
+  int64_t lid;
+  int k0, nkeys;   // the tile's first key and its number of keys
+  int64_t cs, ce;  // the column's entries of col_rows
+  int RG, len, ntiles;  // packed rows per block row (0 when Hq = 0), block rows, BQ-row tiles
+  int64_t kvoff, kv_rstride, qboff;  // (b, key 0, hk) in k / v, their row stride; (b, row 0, head 0) in rows
+};
+
+template <int D, int BK, int BQ>
+__device__ __forceinline__ bool column_work(const Params& p, ColumnWork& w) {
+  const ColumnTile ct = column_tile(p, blockIdx.x);
+  w.kc = ct.kc;
+  w.b = ct.b;
+  w.hk = ct.hk;
+  w.lid = ct.lid;
+  w.c = __ldg(p.col_order + w.lid * p.NB + ct.slot);
+  if (w.c < 0 || w.c >= p.NB) return false;  // (the order is a permutation of the block columns)
+  w.k0 = w.c * p.C + w.kc * BK;
+  w.nkeys = min(min(BK, p.C - w.kc * BK), p.N - w.k0);
+  if (w.nkeys <= 0) return false;
+  column_entries(p, w.lid, w.c, w.cs, w.ce);
+  w.RG = p.R * p.g;
+  w.len = w.RG > 0 ? static_cast<int>(w.ce - w.cs) : 0;
+  const int E = w.RG > 0 ? w.RG : 1;
+  const int64_t nt64 = (static_cast<int64_t>(w.len) * E + BQ - 1) / BQ;
+  w.ntiles = nt64 > INT_MAX ? INT_MAX : static_cast<int>(nt64);
+  w.kvoff = (static_cast<int64_t>(w.b) * p.N * p.Hk + w.hk) * D;
+  w.kv_rstride = static_cast<int64_t>(p.Hk) * D;
+  w.qboff = static_cast<int64_t>(w.b) * p.M * p.Hq;
+  return true;
+}
+
 // The query side of a column-oriented kernel (dk / dv, and the Hopper backward): the column's block rows
 // (col_rows[cs:ce]) walked as a virtual sequence of packed query rows, E = R * g per block row (query row r, head
 // j of the KV head's group), gathered tile by tile: q and do (copy_row_pair_tile, Map = the tile's TileMap,

@@ -304,27 +304,13 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_kernel(con
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wk = warp / WQ, wq = warp % WQ;
 
-  // ---- which tile (common.cuh column_tile: longest columns first) -----------------------------------------
-  const ColumnTile ct = column_tile(p, blockIdx.x);
-  const int kc = ct.kc, b = ct.b, hk = ct.hk;
-  const int64_t lid = ct.lid;
-  const int c = __ldg(p.col_order + lid * p.NB + ct.slot);
-  if (c < 0 || c >= p.NB) return;  // (uniform; the order is a permutation of the block columns)
-  const int k0 = c * p.C + kc * BK;  // first key of the tile
-  const int nkeys = min(min(BK, p.C - kc * BK), p.N - k0);
-  if (nkeys <= 0) return;  // (uniform) a tile past the end of a short last column
-
-  int64_t cs, ce;
-  column_entries(p, lid, c, cs, ce);
-  const int RG = p.R * p.g;  // packed rows per block row (0 when Hq = 0)
-  const int len = RG > 0 ? static_cast<int>(ce - cs) : 0;
-  const int E = RG > 0 ? RG : 1;
-  const int64_t nt64 = (static_cast<int64_t>(len) * E + BQ - 1) / BQ;
-  const int ntiles = nt64 > INT_MAX ? INT_MAX : static_cast<int>(nt64);
-
-  const int64_t kvoff = (static_cast<int64_t>(b) * p.N * p.Hk + hk) * D;  // (b, key 0, hk)
-  const int64_t kv_rstride = static_cast<int64_t>(p.Hk) * D;
-  const int64_t qboff = static_cast<int64_t>(b) * p.M * p.Hq;  // (b, row 0, head 0) in units of rows
+  // ---- which tile (common.cuh column_work: longest columns first) -----------------------------------------
+  ColumnWork cw_;
+  if (!column_work<D, BK, BQ>(p, cw_)) return;  // (uniform)
+  const int hk = cw_.hk, k0 = cw_.k0, nkeys = cw_.nkeys;
+  const int64_t lid = cw_.lid, cs = cw_.cs;
+  const int len = cw_.len, ntiles = cw_.ntiles;
+  const int64_t kvoff = cw_.kvoff, kv_rstride = cw_.kv_rstride, qboff = cw_.qboff;
 
   // ---- shared memory ---------------------------------------------------------------------------------
   const uint32_t sK = smem_u32(smem);

@@ -52,27 +52,13 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_kernel(con
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = Cfg::WG > 1 ? warp >> 2 : 0, wl = Cfg::WG > 1 ? warp & 3 : warp;  // warpgroup; warp in it
 
-  // ---- which tile: key tile kc of the slot-th longest block column of (b, hk) (bwd/common.cuh column_tile) -
-  const ColumnTile ct = column_tile(p, blockIdx.x);
-  const int kc = ct.kc, slot = ct.slot, b = ct.b, hk = ct.hk;
-  const int64_t lid = ct.lid;
-  const int c = __ldg(p.col_order + lid * p.NB + slot);
-  if (c < 0 || c >= p.NB) return;  // (uniform; the order is a permutation of the block columns)
-  const int k0 = c * p.C + kc * BK;
-  const int nkeys = min(min(BK, p.C - kc * BK), p.N - k0);
-  if (nkeys <= 0) return;  // (uniform) a tile past the end of a short last column
-  const int kend = k0 + nkeys;
-
-  int64_t cs, ce;
-  column_entries(p, lid, c, cs, ce);
-  const int RG = p.R * p.g;
-  const int len = RG > 0 ? static_cast<int>(ce - cs) : 0;
-  const int64_t nt64 = (static_cast<int64_t>(len) * (RG > 0 ? RG : 1) + BQ - 1) / BQ;
-  const int ntiles = nt64 > INT_MAX ? INT_MAX : static_cast<int>(nt64);
-
-  const int64_t kvoff = (static_cast<int64_t>(b) * p.N * p.Hk + hk) * D;
-  const int64_t kv_rstride = static_cast<int64_t>(p.Hk) * D;
-  const int64_t qboff = static_cast<int64_t>(b) * p.M * p.Hq;
+  // ---- which tile: key tile kc of the slot-th longest block column of (b, hk) (bwd/common.cuh column_work) -
+  ColumnWork cw_;
+  if (!column_work<D, BK, BQ>(p, cw_)) return;  // (uniform)
+  const int hk = cw_.hk, k0 = cw_.k0, nkeys = cw_.nkeys, kend = k0 + nkeys;
+  const int64_t lid = cw_.lid, cs = cw_.cs;
+  const int len = cw_.len, ntiles = cw_.ntiles;
+  const int64_t kvoff = cw_.kvoff, kv_rstride = cw_.kv_rstride, qboff = cw_.qboff;
 
   // ---- shared memory (1024-byte aligned tiles) ---------------------------------------------------------
   const uint32_t raw = smem_u32(smem_raw);

@@ -73,27 +73,13 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
-  // ---- which tile: key tile kc of the slot-th longest block column of (b, hk) (bwd/common.cuh column_tile) -
-  const ColumnTile ct = column_tile(p, blockIdx.x);
-  const int kc = ct.kc, slot = ct.slot, b = ct.b, hk = ct.hk;
-  const int64_t lid = ct.lid;
-  const int c = __ldg(p.col_order + lid * p.NB + slot);
-  if (c < 0 || c >= p.NB) return;  // (uniform)
-  const int k0 = c * p.C + kc * BK;
-  const int nkeys = min(min(BK, p.C - kc * BK), p.N - k0);
-  if (nkeys <= 0) return;  // (uniform)
-  const int kend = k0 + nkeys;
-
-  int64_t cs, ce;
-  column_entries(p, lid, c, cs, ce);
-  const int RG = p.R * p.g;
-  const int len = RG > 0 ? static_cast<int>(ce - cs) : 0;
-  const int64_t nt64 = (static_cast<int64_t>(len) * (RG > 0 ? RG : 1) + BQ - 1) / BQ;
-  const int ntiles = nt64 > INT_MAX ? INT_MAX : static_cast<int>(nt64);
-
-  const int64_t kvoff = (static_cast<int64_t>(b) * p.N * p.Hk + hk) * D;
-  const int64_t kv_rstride = static_cast<int64_t>(p.Hk) * D;
-  const int64_t qboff = static_cast<int64_t>(b) * p.M * p.Hq;
+  // ---- which tile: key tile kc of the slot-th longest block column of (b, hk) (bwd/common.cuh column_work) -
+  ColumnWork cw_;
+  if (!column_work<D, BK, BQ>(p, cw_)) return;  // (uniform)
+  const int b = cw_.b, hk = cw_.hk, k0 = cw_.k0, nkeys = cw_.nkeys, kend = k0 + nkeys;
+  const int64_t lid = cw_.lid, cs = cw_.cs;
+  const int RG = cw_.RG, len = cw_.len, ntiles = cw_.ntiles;
+  const int64_t kvoff = cw_.kvoff, kv_rstride = cw_.kv_rstride, qboff = cw_.qboff;
 
   // ---- shared memory --------------------------------------------------------------------------------------
   const uint32_t raw = smem_u32(smem_raw);
