@@ -63,6 +63,19 @@ bool dq_tensor_map(const Params& p, CUtensorMap* map) {
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// Whether the producer kernel's register plan holds in the binary: setmaxnreg only moves registers within the CTA's
+// launch allocation, so the consumers' setmaxnreg.inc would wait forever if ptxas had given the kernel fewer than
+// Cfg::LAUNCH_REGS a thread (the static_assert checks the constant, this the build).
+template <class Cfg, typename Kernel>
+bool register_plan_holds(Kernel kernel) {
+  cudaFuncAttributes a{};
+  if (cudaFuncGetAttributes(&a, kernel) != cudaSuccess) {
+    (void)cudaGetLastError();  // not left for the launch's error check to find
+    return false;
+  }
+  return a.numRegs * Cfg::NT_ALL >= 128 * Cfg::PRODUCER_REGS + Cfg::NT * Cfg::CONSUMER_REGS;
+}
+
 template <typename T, class Cfg>
 cudaError_t launch_bwd_sm90_tile(const Params& p, cudaStream_t stream) {
   return launch_column_tiles<bsattn_bwd_sm90_kernel<T, Cfg>, Cfg>(p, stream, Cfg::NT, Cfg::SMEM);
@@ -79,8 +92,12 @@ cudaError_t launch_bwd_sm90(const Params& p, cudaStream_t stream) {
     static const bool plain_wide = env_equals("BSATTN_BWD_SM90_TILE", "wide");
     // BSATTN_BWD_SM90_DQ=rows: dq row by row even where the tensor map applies (A / B comparisons)
     static const bool row_dq = env_equals("BSATTN_BWD_SM90_DQ", "rows");
-    if (use_wide_bwd_tile(p.C) && !plain_wide) {
-      using Cfg = Sm90BwdWsTile;
+    using Ws = Sm90BwdWsTile;
+    // (else the plain two-warpgroup kernel runs; read once)
+    static const bool plan = register_plan_holds<Ws>(bsattn_bwd_sm90_ws_kernel<T, Ws, true>) &&
+                             register_plan_holds<Ws>(bsattn_bwd_sm90_ws_kernel<T, Ws, false>);
+    if (use_wide_bwd_tile(p.C) && !plain_wide && plan) {
+      using Cfg = Ws;
       CUtensorMap map{};
       if (!row_dq && dq_tensor_map<Cfg>(p, &map))
         err = launch_column_tiles<bsattn_bwd_sm90_ws_kernel<T, Cfg, true>, Cfg>(p, stream, Cfg::NT_ALL, Cfg::SMEM_WS,
