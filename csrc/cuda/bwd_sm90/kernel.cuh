@@ -33,6 +33,7 @@
 #include "cuda/bwd/dkdv_kernel.cuh"
 #include "cuda/bwd/params.h"
 #include "cuda/bwd_sm90/config.cuh"
+#include "cuda/bwd_sm90/tile.cuh"
 #include "cuda/common/gather.cuh"
 #include "cuda/common/wgmma.cuh"
 #include "cuda/fwd/mma.cuh"
@@ -108,18 +109,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_kernel(con
   float* const dq_rows = p.dq_accum + qboff * D + wg * DQN;  // row 0 of dq_accum, this warpgroup's columns
   float* const dq_acc = dq_rows + 2 * (lane & 3);
 
-  // descriptors (stage 0; + stage * Q_STAGE / 16 for a later stage). K-major operands step 32 bytes per k16 within
-  // a 128-byte column block and ROWS * 128 bytes per block; MN-major ones step 16 rows (2048 bytes) per k16. This
-  // warpgroup's keys start at row 64 wg of K and V; its dq columns are K's column block wg (two warpgroups).
-  const uint32_t wrow = wg * 64 * 128;
-  const uint64_t k_desc = sw128_desc(sK + wrow, 16, 1024), v_desc = sw128_desc(sV + wrow, 16, 1024);
-  const uint64_t q_desc = sw128_desc(sQ, 16, 1024), d_desc = sw128_desc(sD, 16, 1024);
-  const uint64_t q_mn = sw128_desc(sQ, BQ * 128, 1024), d_mn = sw128_desc(sD, BQ * 128, 1024);
-  const uint64_t k_mn = sw128_desc(sK + wg * BK * 128, BK * 128, 1024);
-  const uint64_t ds_desc = sw128_desc(sDS, 16, 1024);
-  constexpr uint64_t kStage = Cfg::Q_STAGE >> 4;
-  // dS stores: lane 8 m + i of warp w writes row 8 (2 kk + m / 2) + i, keys 16 w + 8 (m % 2) .. of dS
-  const int st_row = ((lane >> 4) << 3) + (lane & 7), st_chunk = 2 * warp + ((lane >> 3) & 1);
+  const Sm90TileOps<T, Cfg> ops(sK, sV, sQ, sD, sDS, wg, warp, lane);  // descriptors, dS store position
 
   // ---- main loop -----------------------------------------------------------------------------------------
   for (int t = 0; t < ntiles; ++t) {
@@ -131,86 +121,33 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_kernel(con
     pending >>= 1;
 
     // s^T = K q^T, dp^T = V do^T (one commit group each); the next tile's gather is issued while they run
-    auto keys_x_rows = [&](float(&acc)[BQ / 2], uint64_t a_desc, uint64_t b_desc) {
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const uint64_t ko = ((kk >> 2) * BK * 128 + (kk & 3) * 32) >> 4;
-        const uint64_t qo = stage * kStage + (((kk >> 2) * BQ * 128 + (kk & 3) * 32) >> 4);
-        WgmmaOp<T, BQ>::ss(acc, a_desc + ko, b_desc + qo, kk > 0 ? 1 : 0);
-      }
-      wgmma_commit();
-    };
     wgmma_fence();
-    keys_x_rows(sf, k_desc, q_desc);
-    keys_x_rows(dpf, v_desc, d_desc);
+    ops.keys_x_rows(sf, ops.k_desc, ops.q_desc, stage);
+    ops.keys_x_rows(dpf, ops.v_desc, ops.d_desc, stage);
     if (t + S - 1 < ntiles) pending |= issue((t + S - 1) % S) << (S - 2);
     cp_async_commit();
     wgmma_wait<0>();
     fence_regs(sf);
     fence_regs(dpf);
 
-    // p^T, ds^T; as b16 A fragments (k16 steps along the rows)
-    const int rb = stage * BQ + (lane & 3) * 2;
-    dkv_probs_ds<NQ8, true, false>(s, dp, fLse, fDl, sLim, nullptr, rb, need_mask, key, key, s_mul, cap_mul,
-                                   use_cap);
-    if (nkeys < BK) {  // (uniform) padding keys: their p = exp(-lse) may overflow, and their ds reaches dq
-#pragma unroll
-      for (int n = 0; n < NQ8; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (key[e >> 1] >= kend) s[n][e] = dp[n][e] = 0.f;
-    }
+    // p^T, ds^T as b16 A fragments; dv += p^T do, dk += ds^T q; dS to shared memory while they run
     uint32_t pa[BQ / 16][4], da[BQ / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < BQ / 16; ++kk) {
-      acc_to_a<T>(s, kk, pa[kk]);
-      acc_to_a<T>(dp, kk, da[kk]);
-    }
-    // dv += p^T do, dk += ds^T q
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BQ / 16; ++kk) WgmmaOp<T, D>::rs(dvf, pa[kk], d_mn + stage * kStage + kk * (2048 >> 4), 1);
-#pragma unroll
-    for (int kk = 0; kk < BQ / 16; ++kk) WgmmaOp<T, D>::rs(dkf, da[kk], q_mn + stage * kStage + kk * (2048 >> 4), 1);
-    wgmma_commit();
-    // dS (rows x keys) to shared memory while they run: the A fragment of k16 step kk is the four 8 x 8 blocks
-    // (keys 8 h, rows 8 (2 kk + m)) in stmatrix order
-#pragma unroll
-    for (int kk = 0; kk < BQ / 16; ++kk)
-      stsm_x4_trans(sDS + Cfg::SLayout::off(16 * kk + st_row, st_chunk), da[kk]);
+    sm90_probs_ds<T, BQ>(s, dp, fLse, fDl, sLim, stage * BQ + (lane & 3) * 2, need_mask, key, kend, nkeys < BK, s_mul,
+                         cap_mul, use_cap, pa, da);
+    ops.dv_dk(dvf, dkf, pa, da, stage);
+    ops.store_ds(sDS, 0, da);
     fence_async_shared();
     __syncthreads();  // dS complete, every warpgroup's keys (dk, dv may still be running)
 
     // dq of the tile's rows (this warpgroup's DQN columns) = dS K (queued behind dk, dv), added to dq_accum
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk)
-      WgmmaOp<T, DQN>::ss_bt(dqf, ds_desc + (((kk >> 2) * BQ * 128 + (kk & 3) * 32) >> 4), k_mn + kk * (2048 >> 4),
-                             kk > 0 ? 1 : 0);
-    wgmma_commit();
+    ops.dq(dqf, 0);
     wgmma_wait<0>();
     fence_regs(dkf);
     fence_regs(dvf);
     fence_regs(dqf);
     if constexpr (Cfg::BULK_DQ) {
-      // the warp's 16 rows to its staging rows (once the bulk reads of the previous tile's are done), then lane i < 16
-      // adds row i to dq_accum through the bulk copy engine: the atomic traffic leaves the load / store unit
-      const uint32_t sq = sDQ + warp * 16 * Cfg::DQ_PITCH;
-      if (lane < 16) bulk_wait_read<0>();
-      __syncwarp();
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const uint32_t so = sq + ((lane >> 2) + 8 * h) * Cfg::DQ_PITCH + (lane & 3) * 8;
-#pragma unroll
-        for (int j = 0; j < DQT; ++j) st_shared_f32x2(so + 32 * j, dq[j][2 * h], dq[j][2 * h + 1]);
-      }
-      fence_async_shared();
-      __syncwarp();
-      if (lane < 16) {
-        const int rid = sRid[stage * BQ + wl * 16 + lane];
-        if (rid >= 0) bulk_reduce_add_f32(dq_rows + static_cast<int64_t>(rid) * D, sq + lane * Cfg::DQ_PITCH, DQN * 4);
-        bulk_commit();
-      }
+      // through the bulk copy engine: the atomic traffic leaves the load / store unit
+      sm90_dq_rows_reduce<Cfg>(dq, sDQ + warp * 16 * Cfg::DQ_PITCH, sRid + stage * BQ + wl * 16, dq_rows, lane);
     } else {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {

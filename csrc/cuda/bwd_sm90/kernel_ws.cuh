@@ -31,6 +31,7 @@
 #include "cuda/bwd/dkdv_kernel.cuh"
 #include "cuda/bwd/params.h"
 #include "cuda/bwd_sm90/config.cuh"
+#include "cuda/bwd_sm90/tile.cuh"
 #include "cuda/common/gather.cuh"
 #include "cuda/common/wgmma.cuh"
 #include "cuda/fwd/mma.cuh"
@@ -163,14 +164,7 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
   const bool use_cap = p.use_cap != 0;
   float* const dq_rows = p.dq_accum + qboff * D + wg * DQN;
 
-  const uint32_t wrow = wg * 64 * 128;
-  const uint64_t k_desc = sw128_desc(sK + wrow, 16, 1024), v_desc = sw128_desc(sV + wrow, 16, 1024);
-  const uint64_t q_desc = sw128_desc(sQ, 16, 1024), d_desc = sw128_desc(sD, 16, 1024);
-  const uint64_t q_mn = sw128_desc(sQ, BQ * 128, 1024), d_mn = sw128_desc(sD, BQ * 128, 1024);
-  const uint64_t k_mn = sw128_desc(sK + wg * BK * 128, BK * 128, 1024);
-  const uint64_t ds_desc = sw128_desc(sDS, 16, 1024);
-  constexpr uint64_t kStage = Cfg::Q_STAGE >> 4;
-  const int st_row = ((lane >> 4) << 3) + (lane & 7), st_chunk = 2 * cw + ((lane >> 3) & 1);
+  const Sm90TileOps<T, Cfg> ops(sK, sV, sQ, sD, sDS, wg, cw, lane);  // descriptors, dS store position
   const uint32_t sq = sDQ + cw * 16 * Cfg::DQ_PITCH;  // this warp's dq staging rows
 
   for (int t = 0; t < ntiles; ++t) {
@@ -179,56 +173,22 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
     mbar_wait(bar_full + 8 * stage, (t / S) & 1);
     const bool need_mask = (sFlag[stage * 4] | sFlag[stage * 4 + 1] | sFlag[stage * 4 + 2] | sFlag[stage * 4 + 3]) != 0;
 
-    auto keys_x_rows = [&](float(&acc)[BQ / 2], uint64_t a_desc, uint64_t b_desc) {
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const uint64_t ko = ((kk >> 2) * BK * 128 + (kk & 3) * 32) >> 4;
-        const uint64_t qo = stage * kStage + (((kk >> 2) * BQ * 128 + (kk & 3) * 32) >> 4);
-        WgmmaOp<T, BQ>::ss(acc, a_desc + ko, b_desc + qo, kk > 0 ? 1 : 0);
-      }
-      wgmma_commit();
-    };
     wgmma_fence();
-    keys_x_rows(sf, k_desc, q_desc);
-    keys_x_rows(dpf, v_desc, d_desc);
+    ops.keys_x_rows(sf, ops.k_desc, ops.q_desc, stage);
+    ops.keys_x_rows(dpf, ops.v_desc, ops.d_desc, stage);
     wgmma_wait<0>();
     fence_regs(sf);
     fence_regs(dpf);
 
-    const int rb = stage * BQ + (lane & 3) * 2;
-    dkv_probs_ds<NQ8, true, false>(s, dp, fLse, fDl, sLim, nullptr, rb, need_mask, key, key, s_mul, cap_mul,
-                                   use_cap);
-    if (nkeys < BK) {
-#pragma unroll
-      for (int n = 0; n < NQ8; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (key[e >> 1] >= kend) s[n][e] = dp[n][e] = 0.f;
-    }
     uint32_t pa[BQ / 16][4], da[BQ / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < BQ / 16; ++kk) {
-      acc_to_a<T>(s, kk, pa[kk]);
-      acc_to_a<T>(dp, kk, da[kk]);
-    }
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BQ / 16; ++kk) WgmmaOp<T, D>::rs(dvf, pa[kk], d_mn + stage * kStage + kk * (2048 >> 4), 1);
-#pragma unroll
-    for (int kk = 0; kk < BQ / 16; ++kk) WgmmaOp<T, D>::rs(dkf, da[kk], q_mn + stage * kStage + kk * (2048 >> 4), 1);
-    wgmma_commit();
-#pragma unroll
-    for (int kk = 0; kk < BQ / 16; ++kk)
-      stsm_x4_trans(sDS + dsb + Cfg::SLayout::off(16 * kk + st_row, st_chunk), da[kk]);
+    sm90_probs_ds<T, BQ>(s, dp, fLse, fDl, sLim, stage * BQ + (lane & 3) * 2, need_mask, key, kend, nkeys < BK, s_mul,
+                         cap_mul, use_cap, pa, da);
+    ops.dv_dk(dvf, dkf, pa, da, stage);
+    ops.store_ds(sDS, dsb, da);
     fence_async_shared();
     named_bar_sync(1, Cfg::NT);  // both halves of dS stored (dk, dv may still be running)
 
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk)
-      WgmmaOp<T, DQN>::ss_bt(dqf, ds_desc + ((dsb + (kk >> 2) * BQ * 128 + (kk & 3) * 32) >> 4),
-                             k_mn + kk * (2048 >> 4), kk > 0 ? 1 : 0);
-    wgmma_commit();
+    ops.dq(dqf, dsb);
     wgmma_wait<0>();
     fence_regs(dkf);
     fence_regs(dvf);
@@ -267,23 +227,7 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
         bulk_commit();
       }
     } else {
-      // dq rows -> staging -> bulk reduce, one per row (as kernel.cuh)
-      if (lane < 16) bulk_wait_read<0>();
-      __syncwarp();
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const uint32_t so = sq + ((lane >> 2) + 8 * h) * Cfg::DQ_PITCH + (lane & 3) * 8;
-#pragma unroll
-        for (int j = 0; j < DQT; ++j) st_shared_f32x2(so + 32 * j, dq[j][2 * h], dq[j][2 * h + 1]);
-      }
-      fence_async_shared();
-      __syncwarp();
-      int rid = -1;
-      if (lane < 16) {
-        rid = sRid[stage * BQ + wl * 16 + lane];
-        if (rid >= 0) bulk_reduce_add_f32(dq_rows + static_cast<int64_t>(rid) * D, sq + lane * Cfg::DQ_PITCH, DQN * 4);
-        bulk_commit();
-      }
+      sm90_dq_rows_reduce<Cfg>(dq, sq, sRid + stage * BQ + wl * 16, dq_rows, lane);  // one bulk reduction per row
       mbar_arrive(bar_empty + 8 * stage);  // this thread is done with the stage
     }
   }

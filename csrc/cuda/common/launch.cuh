@@ -115,7 +115,8 @@ inline int device_sm_count() {
 // How many chunks the `heads` (batch, KV head) pairs of a column-oriented grid run in (bwd/common.cuh column_tile):
 // as many as possible with each chunk at least one wave of CTAs (`per_head` CTAs per head, `per_sm` per SM).
 inline int column_head_chunks(int64_t heads, int64_t per_head, int per_sm) {
-  const int64_t wave = static_cast<int64_t>(device_sm_count() > 0 ? device_sm_count() : 132) * per_sm;
+  const int sms = device_sm_count();
+  const int64_t wave = static_cast<int64_t>(sms > 0 ? sms : 132) * per_sm;
   const int64_t min_heads = per_head > 0 ? (wave + per_head - 1) / per_head : 1;
   const int64_t n = heads / (min_heads > 0 ? min_heads : 1);
   return static_cast<int>(n < 1 ? 1 : n > INT_MAX ? INT_MAX : n);
