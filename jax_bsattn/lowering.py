@@ -16,6 +16,10 @@ from .column_view import column_order, column_view
 from .partitioning import bwd_partitioned, fwd_partitioned
 from .primitives import Config, bsattn_bwd_ffi_p, bsattn_bwd_p, bsattn_fwd_ffi_p, bsattn_fwd_p, ffi_attributes
 
+# The float32 words after the dq workspace's q.size: the persistent Hopper kernel's work counter (csrc/cuda/bwd/params.h
+# kDqSchedWords).
+DQ_SCHED_WORDS = 16
+
 # The CUDA kernels' head dims and dtypes; everything else runs on the CPU path only.
 CUDA_HEAD_DIMS = (64, 128, 256)
 CUDA_DTYPES = ("bfloat16", "float16")
@@ -79,7 +83,7 @@ def _cuda_bwd_call(q, k, v, do, lse, delta, indptr, indices, *, cfg: Config):
     col_indptr, col_rows = column_view(indptr, indices, num_block_cols)
     col_order = column_order(col_indptr)
     out = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
-    out += (jax.ShapeDtypeStruct(q.shape if _atomic_dq(q, cfg) else (0,), jax.numpy.float32),)
+    out += (jax.ShapeDtypeStruct((q.size + DQ_SCHED_WORDS,) if _atomic_dq(q, cfg) else (0,), jax.numpy.float32),)
     dq, dk, dv, _ = jax.ffi.ffi_call("bsattn_bwd_cuda", out)(q, k, v, do, lse, delta, indptr, indices, col_indptr,
                                                             col_rows, col_order, **ffi_attributes(cfg))
     return dq, dk, dv

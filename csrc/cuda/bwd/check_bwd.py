@@ -73,7 +73,7 @@ ATOMIC = False
 
 def bwd_ffi(q, k, v, do, lse, delta, ip, ix, cip, crw, R, C, scale, softcap, causal):
     out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-           jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(q.shape if ATOMIC else (0,), jnp.float32))
+           jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((q.size + 16,) if ATOMIC else (0,), jnp.float32))
     return jax.ffi.ffi_call("bsattn_bwd_cuda", out)(
         q, k, v, do, lse, delta, ip, ix, cip, crw, column_order(cip), block_r=np.int64(R), block_c=np.int64(C),
         scale=np.float32(scale), softcap=np.float32(softcap), causal=bool(causal))[:3]

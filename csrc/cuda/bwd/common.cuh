@@ -181,8 +181,8 @@ __device__ __forceinline__ void column_entries(const Params& p, int64_t lid, int
   ce = ce < cs ? cs : (ce > p.nnz ? p.nnz : ce);
 }
 
-// Everything a column kernel's CTA needs to know about its tile (column_tile, then the block column, its keys, its
-// row list and the tile count over BQ-row tiles, the tensor offsets). False: nothing to do (uniform; the caller
+// Everything a column kernel's CTA needs to know about its tile `item` (column_tile, then the block column, its keys,
+// its row list and the tile count over BQ-row tiles, the tensor offsets). False: nothing to do (uniform; the caller
 // returns): a slot past the order's permutation or a key tile past the end of a short last column.
 struct ColumnWork {
   int kc, b, hk, c;
@@ -194,8 +194,8 @@ struct ColumnWork {
 };
 
 template <int D, int BK, int BQ>
-__device__ __forceinline__ bool column_work(const Params& p, ColumnWork& w) {
-  const ColumnTile ct = column_tile(p, blockIdx.x);
+__device__ __forceinline__ bool column_work(const Params& p, ColumnWork& w, int item) {
+  const ColumnTile ct = column_tile(p, item);
   w.kc = ct.kc;
   w.b = ct.b;
   w.hk = ct.hk;

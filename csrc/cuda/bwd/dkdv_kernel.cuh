@@ -306,7 +306,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_kernel(con
 
   // ---- which tile (common.cuh column_work: longest columns first) -----------------------------------------
   ColumnWork cw_;
-  if (!column_work<D, BK, BQ>(p, cw_)) return;  // (uniform)
+  if (!column_work<D, BK, BQ>(p, cw_, blockIdx.x)) return;  // (uniform)
   const int hk = cw_.hk, k0 = cw_.k0, nkeys = cw_.nkeys;
   const int64_t lid = cw_.lid, cs = cw_.cs;
   const int len = cw_.len, ntiles = cw_.ntiles;

@@ -6,7 +6,7 @@
 // buffer (CUDA graph) compatible.
 //
 // Operands: q, k, v, do, lse, delta, indptr, indices, col_indptr, col_rows, col_order (the column view of the
-// layout and its columns by decreasing length, jax_bsattn/column_view.py); results dq, dk, dv, dq_accum (float32 workspace of q's shape, or empty: the caller
+// layout and its columns by decreasing length, jax_bsattn/column_view.py); results dq, dk, dv, dq_accum (flat float32 workspace of q's size + kDqSchedWords, or empty: the caller
 // asks for the deterministic backward by giving none).
 #include <cstdint>
 #include <cstdlib>
@@ -76,9 +76,10 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
                    dims_str(kd));
   if (ld[0] != B || ld[1] != M || ld[2] != Hq) return bwd_bad("lse " + dims_str(ld) + " must be [B, M, Hq]");
   const int64_t nacc = static_cast<int64_t>(dq_accum->element_count());
-  if (nacc != 0 && !same_dims(dq_accum->dimensions(), qd))
-    return bwd_bad("dq_accum " + dims_str(dq_accum->dimensions()) + " must be empty or have q's shape " +
-                   dims_str(qd));
+  const int64_t nq = static_cast<int64_t>(q.element_count());
+  if (nacc != 0 && (dq_accum->dimensions().size() != 1 || nacc != nq + bwd::kDqSchedWords))
+    return bwd_bad("dq_accum " + dims_str(dq_accum->dimensions()) + " must be empty or flat with q's size + " +
+                   std::to_string(bwd::kDqSchedWords) + " elements");
   if (!same_dims(dld, ld)) return bwd_bad("delta " + dims_str(dld) + " must be [B, M, Hq]");
   std::string msg = ffi_common::check_head_dim(D);
   if (!msg.empty()) return bwd_bad(msg);

@@ -20,6 +20,10 @@ using cuda::DType;  // the dtype tags are the forward's (common/problem.h)
 using cuda::kBF16;
 using cuda::kF16;
 
+// The words after dq_accum's B * M * Hq * D floats: the persistent Hopper kernel's work counter (jax_bsattn/lowering.py
+// and check_bwd.py size the workspace with the same number).
+constexpr int kDqSchedWords = 16;
+
 // Everything both kernels need: the shared problem description (common/problem.h: shapes, layout, mask,
 // scaling; the handler also checks that M * Hq and N * Hk fit in int) and the backward's tensors.
 struct Params : ProblemParams {
@@ -37,7 +41,8 @@ struct Params : ProblemParams {
   void* dq;  // [B, M, Hq, D]
   void* dk;  // [B, N, Hk, D]
   void* dv;  // [B, N, Hk, D]
-  float* dq_accum;  // [B, M, Hq, D] f32 workspace of the Hopper backward (atomic dq); null: not available
+  float* dq_accum;  // [B, M, Hq, D] f32 workspace of the Hopper backward (atomic dq), + kDqSchedWords words after it
+                    // (work counters, zeroed with it); null: not available
   float scale;    // dq = scale * sum dx k, dk = scale * sum dx q
   int nsplit;     // dq: row tiles per block row (set by the launcher)
   int nkc;        // dk / dv: key tiles per block column (set by the launcher)

@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
 
   // ---- which tile: key tile kc of the slot-th longest block column of (b, hk) (bwd/common.cuh column_work) -
   ColumnWork cw_;
-  if (!column_work<D, BK, BQ>(p, cw_)) return;  // (uniform)
+  if (!column_work<D, BK, BQ>(p, cw_, blockIdx.x)) return;  // (uniform)
   const int b = cw_.b, hk = cw_.hk, k0 = cw_.k0, nkeys = cw_.nkeys, kend = k0 + nkeys;
   const int64_t lid = cw_.lid, cs = cw_.cs;
   const int RG = cw_.RG, len = cw_.len, ntiles = cw_.ntiles;

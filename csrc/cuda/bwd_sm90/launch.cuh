@@ -14,6 +14,7 @@
 #include "cuda/bwd_sm90/config.cuh"
 #include "cuda/bwd_sm90/kernel.cuh"
 #include "cuda/bwd_sm90/kernel_ws.cuh"
+#include "cuda/bwd_sm90/kernel_wsp.cuh"
 #include "cuda/common/launch.cuh"
 
 namespace bsattn {
@@ -76,6 +77,25 @@ bool register_plan_holds(Kernel kernel) {
   return a.numRegs * Cfg::NT_ALL >= 128 * Cfg::PRODUCER_REGS + Cfg::NT * Cfg::CONSUMER_REGS;
 }
 
+template <typename T, bool DQ_MAP>
+cudaError_t launch_bwd_sm90_wsp(const Params& p0, const CUtensorMap& map, cudaStream_t stream) {
+  using Cfg = Sm90BwdWspTile;
+  Params p = p0;
+  p.nkc = static_cast<int>((static_cast<int64_t>(p.C) + Cfg::BK - 1) / Cfg::BK);
+  const int64_t per_head = static_cast<int64_t>(p.NB) * p.nkc, heads = static_cast<int64_t>(p.B) * p.Hk;
+  p.head_chunks = column_head_chunks(heads, per_head, 1);
+  const int64_t items = heads * per_head;
+  if (items == 0) return cudaSuccess;
+  const int sms = device_sm_count() > 0 ? device_sm_count() : 132;
+  const int64_t grid = items < sms ? items : sms;
+  if (items > INT_MAX - grid) return cudaErrorInvalidConfiguration;  // (the kernel's item indices stay ints)
+  // the work counter: the first word after dq_accum's elements, zeroed with them by the caller
+  unsigned* sched = reinterpret_cast<unsigned*>(p.dq_accum + static_cast<int64_t>(p.B) * p.M * p.Hq * Cfg::D);
+  static std::atomic<uint64_t> smem_done{0};
+  return launch_kernel(bsattn_bwd_sm90_wsp_kernel<T, Cfg, DQ_MAP>, grid, Cfg::NT_ALL, Cfg::SMEM_WSP, 1, smem_done,
+                       p, stream, map, sched, static_cast<int>(items));
+}
+
 template <typename T, class Cfg>
 cudaError_t launch_bwd_sm90_tile(const Params& p, cudaStream_t stream) {
   return launch_column_tiles<bsattn_bwd_sm90_kernel<T, Cfg>, Cfg>(p, stream, Cfg::NT, Cfg::SMEM);
@@ -85,7 +105,7 @@ template <int kDType, int kD>
 cudaError_t launch_bwd_sm90(const Params& p, cudaStream_t stream) {
   using T = typename DTypeOf<kDType>::type;
   const int64_t nq = static_cast<int64_t>(p.B) * p.M * p.Hq * kD;  // dq elements
-  cudaError_t err = cudaMemsetAsync(p.dq_accum, 0, static_cast<size_t>(nq) * sizeof(float), stream);
+  cudaError_t err = cudaMemsetAsync(p.dq_accum, 0, static_cast<size_t>(nq + kDqSchedWords) * sizeof(float), stream);
   if (err != cudaSuccess) return err;
   if constexpr (kD == 128) {
     // the two-warpgroup tile with a producer warpgroup; BSATTN_BWD_SM90_TILE=wide: without it (A / B comparisons)
@@ -96,7 +116,17 @@ cudaError_t launch_bwd_sm90(const Params& p, cudaStream_t stream) {
     // (else the plain two-warpgroup kernel runs; read once)
     static const bool plan = register_plan_holds<Ws>(bsattn_bwd_sm90_ws_kernel<T, Ws, true>) &&
                              register_plan_holds<Ws>(bsattn_bwd_sm90_ws_kernel<T, Ws, false>);
-    if (use_wide_bwd_tile(p.C) && !plain_wide && plan) {
+    static const bool wsp = env_equals("BSATTN_BWD_SM90_TILE", "wsp");  // the persistent kernel
+    static const bool wsp_plan =
+        wsp && register_plan_holds<Sm90BwdWspTile>(bsattn_bwd_sm90_wsp_kernel<T, Sm90BwdWspTile, true>) &&
+        register_plan_holds<Sm90BwdWspTile>(bsattn_bwd_sm90_wsp_kernel<T, Sm90BwdWspTile, false>);
+    if (use_wide_bwd_tile(p.C) && wsp && wsp_plan) {
+      CUtensorMap map{};
+      if (!row_dq && dq_tensor_map<Ws>(p, &map))
+        err = launch_bwd_sm90_wsp<T, true>(p, map, stream);
+      else
+        err = launch_bwd_sm90_wsp<T, false>(p, map, stream);
+    } else if (use_wide_bwd_tile(p.C) && !plain_wide && plan) {
       using Cfg = Ws;
       CUtensorMap map{};
       if (!row_dq && dq_tensor_map<Cfg>(p, &map))

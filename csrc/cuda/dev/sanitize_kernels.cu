@@ -147,7 +147,7 @@ void run_case(const Case& c, std::mt19937& rng) {
   const char* hopper = "not run";
 #ifdef BSATTN_WITH_SM90
   float* dq_accum = nullptr;
-  CK(cudaMalloc(&dq_accum, nq * 4));
+  CK(cudaMalloc(&dq_accum, (nq + bsattn::cuda::bwd::kDqSchedWords) * 4));
   bp.dq_accum = dq_accum;
   if (c.C > 16) {
     e4 = c.D == 64 ? bwd::launch_bwd_sm90<kBF16, 64>(bp, 0) : bwd::launch_bwd_sm90<kBF16, 128>(bp, 0);
