@@ -1,21 +1,33 @@
 // The Hopper backward's two-warpgroup tile (D = 128, block columns of at least 128 keys; bwd_sm90/launch.cuh), with
-// a third, producer warpgroup that does the q / do gather: the kernel that runs there by default.
+// a third, producer warpgroup that does the q / do gather, in a persistent CTA: the kernel that runs there by default.
 //
 // The math per tile is kernel.cuh's (s^T, dp^T; p^T, ds^T; dv, dk; dS -> shared memory; dq = dS K), on 128 keys: two
 // MMA warpgroups of 64 keys each, and after the dS barrier warpgroup w computes dq's columns 64 w .. 64 w + 63 over
 // all 128 keys. What differs:
 // - Warps 0-3 only gather (ColumnQueryGather, 128 threads, registers given back with setmaxnreg), STAGES tiles ahead,
-//   and hand each tile over through an mbarrier; warps 4-11 (240 registers) only compute. In kernel.cuh the MMA warps
+//   and hand each tile over through an mbarrier; warps 4-11 (232 registers) only compute. In kernel.cuh the MMA warps
 //   issued the gather themselves and met it at a CTA barrier every tile (26 % of their stall samples on the H200).
 // - The consumers meet only at the dS barrier (a named barrier among them), so dS is double-buffered: a warpgroup may
 //   store tile t + 1's half while the other still reads tile t's in its dq product.
 // - dq (DQ_MAP, where R * g is a multiple of 64 and g divides 64) goes to dq_accum by two tensor-map reductions per
 //   warpgroup and tile, from a swizzled staging box; otherwise by one bulk reduction per row, as kernel.cuh.
+// - Persistent: one CTA per SM takes work items (a key tile of a block column of one (b, hk); bwd/common.cuh
+//   column_work, in the chunked longest-first order) one after the other. The first is blockIdx.x, the next ones come
+//   from an atomic counter (`sched`, the word after dq_accum's elements, zeroed with them), claimed once the previous
+//   item's last tile is issued, so the order stays close to the greedy one of hardware dispatch. Between two items
+//   the producer gathers the next item's first tile while the consumers finish the previous one, and loads the next
+//   K / V while they write the previous dk / dv straight from their registers. At g = 1 (15.5 waves of short items
+//   at 128 x 128) this was 0.1-0.8 % faster than one CTA per item, 1-3 % at g = 4 (H200, 2026-11-30).
 //
 // Per stage s: full[s] (128 producer arrivals: each producer thread, after its copies of the tile have landed and
 // been fenced to the async proxy, and after its plain stores of the rows' statistics) and empty[s] (256 arrivals: each
 // consumer thread after its last read of the stage: s / dp / dk / dv products waited, the rows' statistics and
-// global rows read). Tile t uses stage t % S and phase t / S.
+// global rows read). Tiles are numbered across items (`done`): tile u uses stage u % S, phase u / S, dS buffer u % 2.
+// Per item n: the producer issues the item's first tile (stages permitting), then waits for item_empty (256
+// arrivals: each consumer thread once its products of item n - 1 are done, K, V no longer read), posts the item
+// index in shared memory, arrives on item_full (count 1, parity n & 1), loads K / V and gathers the rest. It waits
+// every item_empty phase in order before posting the next item, so the barrier is never two phases ahead of a wait.
+// An index >= items ends the loop of both roles.
 //
 // Measured and dropped (csrc/cuda/bwd/README.md): s of tile t + 1 issued under tile t's dq reduction (ptxas
 // serialises the wgmmas for want of registers: 17 % slower); K, V loaded by the consumers while the producer starts
@@ -41,23 +53,45 @@ namespace cuda {
 namespace bwd {
 
 // The consumers' configuration is the two-warpgroup tile's (Cfg::NT = 256 consumer threads), with 2 stages and a
-// second dS buffer; + one producer warpgroup.
+// second dS buffer; + one producer warpgroup and the item slot.
 struct Sm90BwdWsTile : Sm90BwdCfg<128, 2, 1, 2> {
   static constexpr int NT_ALL = NT + 128;
   // setmaxnreg moves registers within the CTA's launch allocation (384 x 168 = 64512): the consumers' increase must
-  // be covered by what the producer gives back, or it blocks forever
-  static constexpr int LAUNCH_REGS = 168, PRODUCER_REGS = 24, CONSUMER_REGS = 240;
+  // be covered by what the producer gives back, or it blocks forever. The producer's item loop needs more than 24
+  // registers (24: 32 bytes of spills; 32: 24, per item, outside the tile loop); the consumers fit in 232 (no spills,
+  // no wgmma serialisation).
+  static constexpr int LAUNCH_REGS = 168, PRODUCER_REGS = 32, CONSUMER_REGS = 232;
   using PMap = TileMap<D, 128, BQ>;                               // the producer's gather layout
   static constexpr int TILE_WS = TILE_BYTES + DS_BYTES;           // + the second dS buffer
   static constexpr int BAR_OFF = TILE_WS + ROW_BYTES;             // full[S], empty[S] (8 bytes each), flags[S][4]
-  static constexpr int SMEM_WS = 1024 + BAR_OFF + 2 * STAGES * 8 + STAGES * 4 * 4;
+  static constexpr int ITEM_OFF = BAR_OFF + 2 * STAGES * 8 + STAGES * 4 * 4;  // item_full, item_empty, 2 indices
+  static constexpr int SMEM_WS = 1024 + ITEM_OFF + 2 * 8 + 8;
   static_assert(SMEM_WS <= 227 * 1024, "shared memory per CTA");
-  static_assert(ROW_BYTES % 8 == 0, "mbarrier alignment");
+  static_assert(ROW_BYTES % 8 == 0 && ITEM_OFF % 8 == 0, "mbarrier alignment");
   static_assert(128 * PRODUCER_REGS + NT * CONSUMER_REGS <= NT_ALL * LAUNCH_REGS, "register reallocation");
   static_assert(LAUNCH_REGS == 65536 / NT_ALL / 8 * 8, "launch registers per thread");
   static constexpr int DQ_BOX_BYTES = BQ * 32 * 4;  // a tensor-map box: BQ rows x 32 columns of f32
   static_assert(WG * 2 * DQ_BOX_BYTES <= DQ_BYTES && DQN == 64, "dq staging boxes: two per warpgroup");
 };
+
+// dk * scale and dv of a consumer warp's 16 keys (krow0 ..) straight from its wgmma accumulators: row
+// krow0 + lane / 4 (+ 8), columns 8 d + 2 (lane % 4) (+ 1); keys at or past nkeys are not written.
+template <typename T, int D>
+__device__ __forceinline__ void dkdv_store_regs(T* dkg, T* dvg, int64_t rstride, int nkeys, int krow0, int lane,
+                                                float scale, const float (&adk)[D / 8][4],
+                                                const float (&adv)[D / 8][4]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = krow0 + (lane >> 2) + 8 * h;
+    if (row >= nkeys) continue;
+#pragma unroll
+    for (int d = 0; d < D / 8; ++d) {
+      const int64_t go = row * rstride + d * 8 + (lane & 3) * 2;
+      *reinterpret_cast<uint32_t*>(dkg + go) = Mma<T>::pack(adk[d][2 * h] * scale, adk[d][2 * h + 1] * scale);
+      *reinterpret_cast<uint32_t*>(dvg + go) = Mma<T>::pack(adv[d][2 * h], adv[d][2 * h + 1]);
+    }
+  }
+}
 
 // DQ_MAP (R * g a multiple of BQ, g dividing BQ: every tile is BQ / g query rows x the g heads of one block row):
 // dq goes to dq_accum by two tensor-map reductions per warpgroup and tile (dq_map: dq_accum as [B, M, Hq, D] f32,
@@ -66,7 +100,8 @@ struct Sm90BwdWsTile : Sm90BwdCfg<128, 2, 1, 2> {
 // at a time: UBLKRED takes uniform operands). 5-6 % faster at 128 x 128 on the H200 (1.870 against 1.979 ms, g = 4).
 template <typename T, class Cfg, bool DQ_MAP>
 __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
-    bsattn_bwd_sm90_ws_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap dq_map) {
+    bsattn_bwd_sm90_ws_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap dq_map,
+                               unsigned* sched, int items) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = Cfg::D, BK = Cfg::BK, BQ = Cfg::BQ, S = Cfg::STAGES, DQN = Cfg::DQN;
   constexpr int NQ8 = BQ / 8, DQT = DQN / 8;
@@ -74,15 +109,7 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
-  // ---- which tile: key tile kc of the slot-th longest block column of (b, hk) (bwd/common.cuh column_work) -
-  ColumnWork cw_;
-  if (!column_work<D, BK, BQ>(p, cw_, blockIdx.x)) return;  // (uniform)
-  const int b = cw_.b, hk = cw_.hk, k0 = cw_.k0, nkeys = cw_.nkeys, kend = k0 + nkeys;
-  const int64_t lid = cw_.lid, cs = cw_.cs;
-  const int RG = cw_.RG, len = cw_.len, ntiles = cw_.ntiles;
-  const int64_t kvoff = cw_.kvoff, kv_rstride = cw_.kv_rstride, qboff = cw_.qboff;
-
-  // ---- shared memory --------------------------------------------------------------------------------------
+  // ---- shared memory ----------------------------------------------------
   const uint32_t raw = smem_u32(smem_raw);
   const uint32_t pad = ((raw + 1023u) & ~1023u) - raw;
   uint8_t* smem = smem_raw + pad;
@@ -100,6 +127,9 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
   int* sRid = sLim + S * BQ;
   const uint32_t bar_full = sK + Cfg::BAR_OFF, bar_empty = bar_full + S * 8;
   int* sFlag = reinterpret_cast<int*>(smem + Cfg::BAR_OFF + 2 * S * 8);  // [S][4]: a producer warp saw a masked row
+  const uint32_t item_full = sK + Cfg::ITEM_OFF, item_empty = item_full + 8;
+  volatile int* sItem = reinterpret_cast<volatile int*>(smem + Cfg::ITEM_OFF + 16);  // item n, for the consumers
+  volatile int* sNext = sItem + 1;                                                     // for the producers
 
   if (tid == 0) {
 #pragma unroll
@@ -107,137 +137,193 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
       mbar_init(bar_full + 8 * s, 128);
       mbar_init(bar_empty + 8 * s, Cfg::NT);
     }
+    mbar_init(item_full, 1);
+    mbar_init(item_empty, Cfg::NT);
   }
-  {  // K, V by every thread
-    const T* kg = static_cast<const T*>(p.k) + kvoff + k0 * kv_rstride;
-    const T* vg = static_cast<const T*>(p.v) + kvoff + k0 * kv_rstride;
-    load_row_pair_tile<D, Cfg::NT_ALL, BK, typename Cfg::KLayout>(sK, sV, kg, vg, nkeys, kv_rstride, tid);
-    cp_async_commit();
-    cp_async_wait<0>();
-    fence_async_shared();
-  }
-  __syncthreads();  // K, V landed and fenced; the mbarriers initialised
+  __syncthreads();  // the mbarriers initialised
 
   if (warp < 4) {
-    // ---- producer warpgroup: the gather, S tiles ahead ---------------------------------------------------
+    // ---- producer warpgroup: per item, its first tile, then (once item n - 1 is done) its slot, K and V, and
+    // the rest of the gather, S tiles ahead. With S = 2 the first tile overlaps only item n - 1's last tile; the
+    // consumers' dk / dv stores cover the K / V load.
     setmaxnreg_dec<Cfg::PRODUCER_REGS>();
-    ColumnQueryGather<D, BQ, typename Cfg::PMap, typename Cfg::QLayout, T> qgat;
-    qgat.init(p, p.col_rows + lid * p.nnz + cs, len, hk, k0 + nkeys - 1, qboff, warp, lane);
-    for (int t = 0; t < ntiles; ++t) {
-      const int s = t % S;
-      if (t >= 1) {  // tile t - 1: wait for its copies, fence them to the async proxy, hand it over
-        cp_async_wait<0>();
-        fence_async_shared();
-        mbar_arrive(bar_full + 8 * ((t - 1) % S));
+    int done = 0;                                // tiles gathered so far, over all items
+    int next = static_cast<int>(blockIdx.x);     // the leader's: item n's index (claimed during item n - 1)
+    for (int n = 0;; ++n) {
+      if (tid == 0) *sNext = next;
+      named_bar_sync(4, 128);  // the producers read item n's index after the leader wrote it
+      const int item = *sNext;
+      named_bar_sync(4, 128);  // ... before the leader writes the next one
+      ColumnWork w;
+      const bool work = item < items && column_work<D, BK, BQ>(p, w, item) && w.ntiles > 0;
+      ColumnQueryGather<D, BQ, typename Cfg::PMap, typename Cfg::QLayout, T> qgat;
+      auto issue = [&](int u) {  // the gather of tile u (a stage the consumers are done with)
+        const int s = u % S;
+        if (u >= S) mbar_wait(bar_empty + 8 * s, ((u / S) - 1) & 1);
+        const uint32_t f = qgat.issue(p, sQ + s * Cfg::Q_STAGE, sD + s * Cfg::Q_STAGE, sLse, sDl, sLim, sRid, s,
+                                      warp, lane);
+        const unsigned any = __ballot_sync(0xffffffffu, f != 0);
+        if (lane == 0) sFlag[s * 4 + warp] = any != 0;
+        cp_async_commit();
+      };
+      if (work) {  // the first tile, while the consumers may still be on item n - 1
+        qgat.init(p, p.col_rows + w.lid * p.nnz + w.cs, w.len, w.hk, w.k0 + w.nkeys - 1, w.qboff, warp, lane);
+        issue(done);
       }
-      if (t >= S) mbar_wait(bar_empty + 8 * s, ((t / S) - 1) & 1);  // the consumers are done with tile t - S
-      const uint32_t f = qgat.issue(p, sQ + s * Cfg::Q_STAGE, sD + s * Cfg::Q_STAGE, sLse, sDl, sLim, sRid, s,
-                                    warp, lane);
-      const unsigned any = __ballot_sync(0xffffffffu, f != 0);
-      if (lane == 0) sFlag[s * 4 + warp] = any != 0;
-      cp_async_commit();
-    }
-    if (ntiles >= 1) {
+      // item n - 1 done (its K, V no longer read, its slot read): post item n; one phase at a time, so that the
+      // 1-bit parity of item_empty can never fall two phases behind
+      if (n >= 1) mbar_wait(item_empty, (n - 1) & 1);
+      if (tid == 0) {
+        *sItem = item;
+        mbar_arrive(item_full);
+      }
+      if (item >= items) return;
+      auto claim_next = [&] {  // item n + 1, once item n's last tile is issued (so that the counter stays greedy)
+        if (tid == 0) next = static_cast<int>(gridDim.x + atomicAdd(sched, 1u));
+      };
+      if (!work) {  // (the consumers skip it alike)
+        claim_next();
+        continue;
+      }
+      {  // K, V of the item, handed over with the first tile (the wait below covers both groups)
+        const T* kg = static_cast<const T*>(p.k) + w.kvoff + w.k0 * w.kv_rstride;
+        const T* vg = static_cast<const T*>(p.v) + w.kvoff + w.k0 * w.kv_rstride;
+        load_row_pair_tile<D, 128, BK, typename Cfg::KLayout>(sK, sV, kg, vg, w.nkeys, w.kv_rstride, tid);
+        cp_async_commit();
+      }
+      for (int t = 1; t < w.ntiles; ++t) {
+        const int u = done + t;
+        cp_async_wait<0>();  // tile u - 1 (and K, V): fence to the async proxy, hand it over
+        fence_async_shared();
+        mbar_arrive(bar_full + 8 * ((u - 1) % S));
+        issue(u);
+      }
+      claim_next();  // (its latency under the last copies)
       cp_async_wait<0>();
       fence_async_shared();
-      mbar_arrive(bar_full + 8 * ((ntiles - 1) % S));
+      mbar_arrive(bar_full + 8 * ((done + w.ntiles - 1) % S));
+      done += w.ntiles;
     }
-    return;
   }
 
-  // ---- consumer warpgroups (kernel.cuh's main loop, with mbarriers for the stages) --------------------------
+  // ---- consumer warpgroups ------------------------------------------------------------------------------------
   setmaxnreg_inc<Cfg::CONSUMER_REGS>();
   const int cw = warp - 4;               // consumer warp 0..7: keys 16 cw ..
   const int wg = cw >> 2, wl = cw & 3;   // warpgroup; warp in it (rows 16 wl .. of dq)
-  int key[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) key[h] = k0 + cw * 16 + (lane >> 2) + 8 * h;
-  float adk[D / 8][4], adv[D / 8][4];
-  dkv_init<Cfg>(adk, adv);
-  float(&dkf)[D / 2] = reinterpret_cast<float(&)[D / 2]>(adk);
-  float(&dvf)[D / 2] = reinterpret_cast<float(&)[D / 2]>(adv);
-  float s[NQ8][4], dp[NQ8][4], dq[DQT][4];
-  float(&sf)[BQ / 2] = reinterpret_cast<float(&)[BQ / 2]>(s);
-  float(&dpf)[BQ / 2] = reinterpret_cast<float(&)[BQ / 2]>(dp);
-  float(&dqf)[DQN / 2] = reinterpret_cast<float(&)[DQN / 2]>(dq);
   const float s_mul = p.s_mul, cap_mul = p.cap_mul;
   const bool use_cap = p.use_cap != 0;
-  float* const dq_rows = p.dq_accum + qboff * D + wg * DQN;
 
   const Sm90TileOps<T, Cfg> ops(sK, sV, sQ, sD, sDS, wg, cw, lane);  // descriptors, dS store position
   const uint32_t sq = sDQ + cw * 16 * Cfg::DQ_PITCH;  // this warp's dq staging rows
 
-  for (int t = 0; t < ntiles; ++t) {
-    const int stage = t % S;
-    const uint32_t dsb = (t & 1) * Cfg::DS_BYTES;  // this tile's dS buffer
-    mbar_wait(bar_full + 8 * stage, (t / S) & 1);
-    const bool need_mask = (sFlag[stage * 4] | sFlag[stage * 4 + 1] | sFlag[stage * 4 + 2] | sFlag[stage * 4 + 3]) != 0;
-
-    wgmma_fence();
-    ops.keys_x_rows(sf, ops.k_desc, ops.q_desc, stage);
-    ops.keys_x_rows(dpf, ops.v_desc, ops.d_desc, stage);
-    wgmma_wait<0>();
-    fence_regs(sf);
-    fence_regs(dpf);
-
-    uint32_t pa[BQ / 16][4], da[BQ / 16][4];
-    sm90_probs_ds<T, BQ>(s, dp, fLse, fDl, sLim, stage * BQ + (lane & 3) * 2, need_mask, key, kend, nkeys < BK, s_mul,
-                         cap_mul, use_cap, pa, da);
-    ops.dv_dk(dvf, dkf, pa, da, stage);
-    ops.store_ds(sDS, dsb, da);
-    fence_async_shared();
-    named_bar_sync(1, Cfg::NT);  // both halves of dS stored (dk, dv may still be running)
-
-    ops.dq(dqf, dsb);
-    wgmma_wait<0>();
-    fence_regs(dkf);
-    fence_regs(dvf);
-    fence_regs(dqf);
-
-    if constexpr (DQ_MAP) {
-      mbar_arrive(bar_empty + 8 * stage);  // this thread is done with the stage (the epilogue reads none of it)
-      // dq -> this warpgroup's two staging boxes (row r = the tile's packed row, 128-byte swizzle: 16-byte unit u of
-      // row r at u ^ (r & 7)) -> one thread adds them to dq_accum
-      const bool leader = wl == 0 && lane == 0;
-      const uint32_t box = sDQ + wg * 2 * Cfg::DQ_BOX_BYTES;
-      if (leader) bulk_wait_read<0>();  // the previous tile's boxes have been read
-      named_bar_sync(2 + wg, 128);
+  int done = 0;  // tiles consumed so far, over all items
+  for (int n = 0;; ++n) {
+    mbar_wait(item_full, n & 1);
+    const int item = *sItem;
+    if (item >= items) break;
+    ColumnWork w;
+    const bool live = column_work<D, BK, BQ>(p, w, item);
+    if (!live || w.ntiles == 0) {
+      mbar_arrive(item_empty);  // no K / V read; the slot is read
+      if (live) {               // a column no row lists: dk = dv = 0
+        float z[D / 8][4];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = wl * 16 + (lane >> 2) + 8 * h;
+        for (int d = 0; d < D / 8; ++d)
 #pragma unroll
-        for (int j = 0; j < DQT; ++j) {
-          const int u = (2 * (j & 3) + ((lane >> 1) & 1)) ^ (r & 7);
-          st_shared_f32x2(box + (j >> 2) * Cfg::DQ_BOX_BYTES + r * 128 + u * 16 + (lane & 1) * 8, dq[j][2 * h],
-                          dq[j][2 * h + 1]);
-        }
+          for (int e = 0; e < 4; ++e) z[d][e] = 0.f;
+        dkdv_store_regs<T, D>(static_cast<T*>(p.dk) + w.kvoff + w.k0 * w.kv_rstride,
+                              static_cast<T*>(p.dv) + w.kvoff + w.k0 * w.kv_rstride, w.kv_rstride, w.nkeys, cw * 16,
+                              lane, 1.f, z, z);
       }
-      fence_async_shared();
-      named_bar_sync(2 + wg, 128);
-      if (leader) {
-        // the tile's first packed row: block entry e of the column, offset off (a multiple of BQ) in its R * g rows
-        const int64_t first = static_cast<int64_t>(t) * BQ;
-        const int e = static_cast<int>(first / RG), off = static_cast<int>(first - static_cast<int64_t>(e) * RG);
-        const int br = __ldg(p.col_rows + lid * p.nnz + cs + e);
-        if (br >= 0 && br < p.MB) {  // (a garbage block row: its rows were gathered as missing, dq = 0)
-          const int qrow = br * p.R + off / p.g, head0 = hk * p.g;
-          bulk_tensor_reduce_add_4d(&dq_map, box, wg * DQN, head0, qrow, b);
-          bulk_tensor_reduce_add_4d(&dq_map, box + Cfg::DQ_BOX_BYTES, wg * DQN + 32, head0, qrow, b);
-        }
-        bulk_commit();
-      }
-    } else {
-      sm90_dq_rows_reduce<Cfg>(dq, sq, sRid + stage * BQ + wl * 16, dq_rows, lane);  // one bulk reduction per row
-      mbar_arrive(bar_empty + 8 * stage);  // this thread is done with the stage
+      continue;
     }
+    const int b = w.b, hk = w.hk, k0 = w.k0, nkeys = w.nkeys, kend = k0 + nkeys, RG = w.RG;
+    const int64_t lid = w.lid, cs = w.cs;
+    int key[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) key[h] = k0 + cw * 16 + (lane >> 2) + 8 * h;
+    float adk[D / 8][4], adv[D / 8][4];
+    dkv_init<Cfg>(adk, adv);
+    float(&dkf)[D / 2] = reinterpret_cast<float(&)[D / 2]>(adk);
+    float(&dvf)[D / 2] = reinterpret_cast<float(&)[D / 2]>(adv);
+    float s[NQ8][4], dp[NQ8][4], dq[DQT][4];
+    float(&sf)[BQ / 2] = reinterpret_cast<float(&)[BQ / 2]>(s);
+    float(&dpf)[BQ / 2] = reinterpret_cast<float(&)[BQ / 2]>(dp);
+    float(&dqf)[DQN / 2] = reinterpret_cast<float(&)[DQN / 2]>(dq);
+    float* const dq_rows = p.dq_accum + w.qboff * D + wg * DQN;
+
+    for (int t = 0; t < w.ntiles; ++t) {
+      const int u = done + t, stage = u % S;
+      const uint32_t dsb = (u & 1) * Cfg::DS_BYTES;  // this tile's dS buffer
+      mbar_wait(bar_full + 8 * stage, (u / S) & 1);
+      const bool need_mask =
+          (sFlag[stage * 4] | sFlag[stage * 4 + 1] | sFlag[stage * 4 + 2] | sFlag[stage * 4 + 3]) != 0;
+
+      wgmma_fence();
+      ops.keys_x_rows(sf, ops.k_desc, ops.q_desc, stage);
+      ops.keys_x_rows(dpf, ops.v_desc, ops.d_desc, stage);
+      wgmma_wait<0>();
+      fence_regs(sf);
+      fence_regs(dpf);
+
+      uint32_t pa[BQ / 16][4], da[BQ / 16][4];
+      sm90_probs_ds<T, BQ>(s, dp, fLse, fDl, sLim, stage * BQ + (lane & 3) * 2, need_mask, key, kend, nkeys < BK,
+                           s_mul, cap_mul, use_cap, pa, da);
+      ops.dv_dk(dvf, dkf, pa, da, stage);
+      ops.store_ds(sDS, dsb, da);
+      fence_async_shared();
+      named_bar_sync(1, Cfg::NT);  // both halves of dS stored (dk, dv may still be running)
+
+      ops.dq(dqf, dsb);
+      wgmma_wait<0>();
+      fence_regs(dkf);
+      fence_regs(dvf);
+      fence_regs(dqf);
+      // the item's last products are done: K and V may be reloaded (the producer also waits for the stage)
+      if (t == w.ntiles - 1) mbar_arrive(item_empty);
+
+      if constexpr (DQ_MAP) {
+        mbar_arrive(bar_empty + 8 * stage);  // this thread is done with the stage (the epilogue reads none of it)
+        const bool leader = wl == 0 && lane == 0;
+        const uint32_t box = sDQ + wg * 2 * Cfg::DQ_BOX_BYTES;
+        if (leader) bulk_wait_read<0>();  // the previous tile's boxes have been read
+        named_bar_sync(2 + wg, 128);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = wl * 16 + (lane >> 2) + 8 * h;
+#pragma unroll
+          for (int j = 0; j < DQT; ++j) {
+            const int uu = (2 * (j & 3) + ((lane >> 1) & 1)) ^ (r & 7);
+            st_shared_f32x2(box + (j >> 2) * Cfg::DQ_BOX_BYTES + r * 128 + uu * 16 + (lane & 1) * 8, dq[j][2 * h],
+                            dq[j][2 * h + 1]);
+          }
+        }
+        fence_async_shared();
+        named_bar_sync(2 + wg, 128);
+        if (leader) {
+          const int64_t first = static_cast<int64_t>(t) * BQ;
+          const int e = static_cast<int>(first / RG), off = static_cast<int>(first - static_cast<int64_t>(e) * RG);
+          const int br = __ldg(p.col_rows + lid * p.nnz + cs + e);
+          if (br >= 0 && br < p.MB) {
+            const int qrow = br * p.R + off / p.g, head0 = hk * p.g;
+            bulk_tensor_reduce_add_4d(&dq_map, box, wg * DQN, head0, qrow, b);
+            bulk_tensor_reduce_add_4d(&dq_map, box + Cfg::DQ_BOX_BYTES, wg * DQN + 32, head0, qrow, b);
+          }
+          bulk_commit();
+        }
+      } else {
+        sm90_dq_rows_reduce<Cfg>(dq, sq, sRid + stage * BQ + wl * 16, dq_rows, lane);  // one per row
+        mbar_arrive(bar_empty + 8 * stage);  // this thread is done with the stage
+      }
+    }
+    done += w.ntiles;
+
+    // ---- the item's dk * scale, dv, from the registers (K, V are being reloaded) -------------------------
+    dkdv_store_regs<T, D>(static_cast<T*>(p.dk) + w.kvoff + k0 * w.kv_rstride,
+                          static_cast<T*>(p.dv) + w.kvoff + k0 * w.kv_rstride, w.kv_rstride, nkeys, cw * 16, lane,
+                          p.scale, adk, adv);
   }
   if (DQ_MAP ? (wl == 0 && lane == 0) : lane < 16) bulk_wait<0>();
-
-  // ---- epilogue: dk * scale, dv (the consumer warps only) ----------------------------------------------------
-  named_bar_sync(1, Cfg::NT);  // every consumer is done reading K and V
-  dkdv_store<T, Cfg, false>(smem, sK, sV, static_cast<T*>(p.dk) + kvoff + k0 * kv_rstride,
-                            static_cast<T*>(p.dv) + kvoff + k0 * kv_rstride, kv_rstride, nkeys, cw * 16, 0,
-                            cw * 16 < nkeys, p.scale, adk, adv);
 #endif
 }
 

@@ -14,7 +14,6 @@
 #include "cuda/bwd_sm90/config.cuh"
 #include "cuda/bwd_sm90/kernel.cuh"
 #include "cuda/bwd_sm90/kernel_ws.cuh"
-#include "cuda/bwd_sm90/kernel_wsp.cuh"
 #include "cuda/common/launch.cuh"
 
 namespace bsattn {
@@ -77,9 +76,12 @@ bool register_plan_holds(Kernel kernel) {
   return a.numRegs * Cfg::NT_ALL >= 128 * Cfg::PRODUCER_REGS + Cfg::NT * Cfg::CONSUMER_REGS;
 }
 
+// The persistent warp-specialised kernel: one CTA per SM (or, with BSATTN_BWD_SM90_PERSIST=0, one per work item, for
+// A / B comparisons; read once), the items handed out by the counter after dq_accum.
 template <typename T, bool DQ_MAP>
-cudaError_t launch_bwd_sm90_wsp(const Params& p0, const CUtensorMap& map, cudaStream_t stream) {
-  using Cfg = Sm90BwdWspTile;
+cudaError_t launch_bwd_sm90_ws(const Params& p0, const CUtensorMap& map, cudaStream_t stream) {
+  using Cfg = Sm90BwdWsTile;
+  static const bool one_item_per_cta = env_equals("BSATTN_BWD_SM90_PERSIST", "0");
   Params p = p0;
   p.nkc = static_cast<int>((static_cast<int64_t>(p.C) + Cfg::BK - 1) / Cfg::BK);
   const int64_t per_head = static_cast<int64_t>(p.NB) * p.nkc, heads = static_cast<int64_t>(p.B) * p.Hk;
@@ -87,12 +89,12 @@ cudaError_t launch_bwd_sm90_wsp(const Params& p0, const CUtensorMap& map, cudaSt
   const int64_t items = heads * per_head;
   if (items == 0) return cudaSuccess;
   const int sms = device_sm_count() > 0 ? device_sm_count() : 132;
-  const int64_t grid = items < sms ? items : sms;
+  const int64_t grid = items < sms || one_item_per_cta ? items : sms;
   if (items > INT_MAX - grid) return cudaErrorInvalidConfiguration;  // (the kernel's item indices stay ints)
   // the work counter: the first word after dq_accum's elements, zeroed with them by the caller
   unsigned* sched = reinterpret_cast<unsigned*>(p.dq_accum + static_cast<int64_t>(p.B) * p.M * p.Hq * Cfg::D);
   static std::atomic<uint64_t> smem_done{0};
-  return launch_kernel(bsattn_bwd_sm90_wsp_kernel<T, Cfg, DQ_MAP>, grid, Cfg::NT_ALL, Cfg::SMEM_WSP, 1, smem_done,
+  return launch_kernel(bsattn_bwd_sm90_ws_kernel<T, Cfg, DQ_MAP>, grid, Cfg::NT_ALL, Cfg::SMEM_WS, 1, smem_done,
                        p, stream, map, sched, static_cast<int>(items));
 }
 
@@ -116,25 +118,12 @@ cudaError_t launch_bwd_sm90(const Params& p, cudaStream_t stream) {
     // (else the plain two-warpgroup kernel runs; read once)
     static const bool plan = register_plan_holds<Ws>(bsattn_bwd_sm90_ws_kernel<T, Ws, true>) &&
                              register_plan_holds<Ws>(bsattn_bwd_sm90_ws_kernel<T, Ws, false>);
-    static const bool wsp = env_equals("BSATTN_BWD_SM90_TILE", "wsp");  // the persistent kernel
-    static const bool wsp_plan =
-        wsp && register_plan_holds<Sm90BwdWspTile>(bsattn_bwd_sm90_wsp_kernel<T, Sm90BwdWspTile, true>) &&
-        register_plan_holds<Sm90BwdWspTile>(bsattn_bwd_sm90_wsp_kernel<T, Sm90BwdWspTile, false>);
-    if (use_wide_bwd_tile(p.C) && wsp && wsp_plan) {
+    if (use_wide_bwd_tile(p.C) && !plain_wide && plan) {
       CUtensorMap map{};
       if (!row_dq && dq_tensor_map<Ws>(p, &map))
-        err = launch_bwd_sm90_wsp<T, true>(p, map, stream);
+        err = launch_bwd_sm90_ws<T, true>(p, map, stream);
       else
-        err = launch_bwd_sm90_wsp<T, false>(p, map, stream);
-    } else if (use_wide_bwd_tile(p.C) && !plain_wide && plan) {
-      using Cfg = Ws;
-      CUtensorMap map{};
-      if (!row_dq && dq_tensor_map<Cfg>(p, &map))
-        err = launch_column_tiles<bsattn_bwd_sm90_ws_kernel<T, Cfg, true>, Cfg>(p, stream, Cfg::NT_ALL, Cfg::SMEM_WS,
-                                                                                map);
-      else
-        err = launch_column_tiles<bsattn_bwd_sm90_ws_kernel<T, Cfg, false>, Cfg>(p, stream, Cfg::NT_ALL,
-                                                                                 Cfg::SMEM_WS, map);
+        err = launch_bwd_sm90_ws<T, false>(p, map, stream);
     } else if (use_wide_bwd_tile(p.C)) {
       err = launch_bwd_sm90_tile<T, Sm90BwdWideTile>(p, stream);
     } else {
