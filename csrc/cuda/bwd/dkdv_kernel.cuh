@@ -217,6 +217,32 @@ __device__ __forceinline__ void dkdv_tile(uint32_t sK, uint32_t sV, uint32_t sQ,
   }
 }
 
+// One tensor's 16 key rows of a warp (its mma / wgmma accumulator fragment: row lane / 4 (+ 8), columns
+// 8 d + 2 (lane % 4) (+ 1)) times mul, to global rows krow0 .. krow0 + 15 of g below nkeys: staged in 16 swizzled rows
+// of D b16 at `stage` (16 x D x 2 bytes, conflict-free), then written 16 bytes a lane, each row's D * 2 bytes
+// contiguous (not 4-byte scattered stores: half-sector writes and a full load / store queue). The stage is free again
+// when it returns.
+template <typename T, int D, int N>
+__device__ __forceinline__ void store_warp_rows(uint32_t stage, T* g, int64_t rstride, int nkeys, int krow0,
+                                                int lane, float mul, const float (&acc)[N][4]) {
+  static_assert(N == D / 8, "a full row of accumulators");
+  constexpr int CPR = D / 8;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int d = 0; d < CPR; ++d)
+      st_shared32(stage + swz_off<D>((lane >> 2) + 8 * h, d) + (lane & 3) * 4,
+                  Mma<T>::pack(acc[d][2 * h] * mul, acc[d][2 * h + 1] * mul));
+  }
+  __syncwarp();
+#pragma unroll
+  for (int i = lane; i < 16 * CPR; i += 32) {
+    const int r = i / CPR, ch = i % CPR;
+    if (krow0 + r < nkeys) st_global16(g + (krow0 + r) * rstride + ch * 8, ld_shared16(stage + swz_off<D>(r, ch)));
+  }
+  __syncwarp();
+}
+
 // Writes dk * scale and dv of the CTA's key rows [0, nkeys) (all threads; after the main loop). SYNC = false: the
 // caller has already synchronised the warps that read K / V (WQ == 1 only: the row-split merge needs all threads).
 template <typename T, class Cfg, bool SYNC = true>
@@ -235,26 +261,8 @@ __device__ __forceinline__ void dkdv_store(uint8_t* smem, uint32_t sK, uint32_t 
   if constexpr (WQ == 1) {
     // each warp stages its own 16 key rows in its rows of the K (dk) and V (dv) tiles and copies them out
     if (warp_active) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = krow0 + (lane >> 2) + 8 * h;
-#pragma unroll
-        for (int d = 0; d < DT; ++d) {
-          const uint32_t so = swz_off<D>(row, d) + (lane & 3) * 4;
-          if constexpr (DO_DK) st_shared32(sK + so, Mma<T>::pack(adk[d][2 * h] * scale, adk[d][2 * h + 1] * scale));
-          if constexpr (DO_DV) st_shared32(sV + so, Mma<T>::pack(adv[d][2 * h], adv[d][2 * h + 1]));
-        }
-      }
-      __syncwarp();
-#pragma unroll
-      for (int i = lane; i < 16 * CPR; i += 32) {
-        const int row = krow0 + i / CPR, ch = i % CPR;
-        if (row < nkeys) {
-          const int64_t go = row * kv_rstride + ch * 8;
-          if constexpr (DO_DK) st_global16(dkg + go, ld_shared16(sK + swz_off<D>(row, ch)));
-          if constexpr (DO_DV) st_global16(dvg + go, ld_shared16(sV + swz_off<D>(row, ch)));
-        }
-      }
+      if constexpr (DO_DK) store_warp_rows<T, D>(sK + krow0 * D * 2, dkg, kv_rstride, nkeys, krow0, lane, scale, adk);
+      if constexpr (DO_DV) store_warp_rows<T, D>(sV + krow0 * D * 2, dvg, kv_rstride, nkeys, krow0, lane, 1.f, adv);
     }
   } else {
     // row-split warps: f32 partials to shared memory, summed in warp order (deterministic); dk then dv

@@ -16,7 +16,7 @@
 //   from an atomic counter (`sched`, the word after dq_accum's elements, zeroed with them), claimed once the previous
 //   item's last tile is issued, so the order stays close to the greedy one of hardware dispatch. Between two items
 //   the producer gathers the next item's first tile while the consumers finish the previous one, and loads the next
-//   K / V while they write the previous dk / dv straight from their registers. At g = 1 (15.5 waves of short items
+//   K / V while they write the previous dk / dv (staged in the dq staging area). At g = 1 (15.5 waves of short items
 //   at 128 x 128) this was 0.1-0.8 % faster than one CTA per item, 1-3 % at g = 4 (H200, 2026-11-30).
 //
 // Per stage s: full[s] (128 producer arrivals: each producer thread, after its copies of the tile have landed and
@@ -74,23 +74,29 @@ struct Sm90BwdWsTile : Sm90BwdCfg<128, 2, 1, 2> {
   static_assert(WG * 2 * DQ_BOX_BYTES <= DQ_BYTES && DQN == 64, "dq staging boxes: two per warpgroup");
 };
 
-// dk * scale and dv of a consumer warp's 16 keys (krow0 ..) straight from its wgmma accumulators: row
-// krow0 + lane / 4 (+ 8), columns 8 d + 2 (lane % 4) (+ 1); keys at or past nkeys are not written.
-template <typename T, int D>
-__device__ __forceinline__ void dkdv_store_regs(T* dkg, T* dvg, int64_t rstride, int nkeys, int krow0, int lane,
-                                                float scale, const float (&adk)[D / 8][4],
-                                                const float (&adv)[D / 8][4]) {
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int row = krow0 + (lane >> 2) + 8 * h;
-    if (row >= nkeys) continue;
-#pragma unroll
-    for (int d = 0; d < D / 8; ++d) {
-      const int64_t go = row * rstride + d * 8 + (lane & 3) * 2;
-      *reinterpret_cast<uint32_t*>(dkg + go) = Mma<T>::pack(adk[d][2 * h] * scale, adk[d][2 * h + 1] * scale);
-      *reinterpret_cast<uint32_t*>(dvg + go) = Mma<T>::pack(adv[d][2 * h], adv[d][2 * h + 1]);
-    }
+// dk * scale and dv of consumer warp cw's 16 keys (krow0 = 16 cw ..), between items: staged through the warp's 4 KB
+// of the dq staging area (K and V are being reloaded), one tensor after the other, once the previous tile's dq
+// reduction has read that area (DQ_MAP: the warpgroup's boxes, read by its leader's tensor reduction; else the warp's
+// staging rows, read by its lanes' bulk reductions). The next tile writes the area only after the warpgroup's (warp's)
+// barrier before its dq staging, which every warp reaches after this.
+template <typename T, class Cfg, bool DQ_MAP>
+__device__ __forceinline__ void ws_dkdv_store(uint32_t sDQ, T* dkg, T* dvg, int64_t rstride, int nkeys, int cw,
+                                              int lane, float scale, const float (&adk)[Cfg::D / 8][4],
+                                              const float (&adv)[Cfg::D / 8][4]) {
+  constexpr int D = Cfg::D;
+  static_assert(16 * D * 2 <= 16 * Cfg::DQ_PITCH && 8 * 16 * D * 2 <= Cfg::DQ_BYTES, "dk / dv staging");
+  uint32_t stage;
+  if constexpr (DQ_MAP) {
+    if ((cw & 3) == 0 && lane == 0) bulk_wait_read<0>();
+    named_bar_sync(2 + (cw >> 2), 128);
+    stage = sDQ + cw * 16 * D * 2;  // inside the warpgroup's two boxes
+  } else {
+    if (lane < 16) bulk_wait_read<0>();
+    __syncwarp();
+    stage = sDQ + cw * 16 * Cfg::DQ_PITCH;  // the warp's staging rows
   }
+  store_warp_rows<T, D>(stage, dkg, rstride, nkeys, cw * 16, lane, scale, adk);
+  store_warp_rows<T, D>(stage, dvg, rstride, nkeys, cw * 16, lane, 1.f, adv);
 }
 
 // DQ_MAP (R * g a multiple of BQ, g dividing BQ: every tile is BQ / g query rows x the g heads of one block row):
@@ -231,9 +237,9 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
         for (int d = 0; d < D / 8; ++d)
 #pragma unroll
           for (int e = 0; e < 4; ++e) z[d][e] = 0.f;
-        dkdv_store_regs<T, D>(static_cast<T*>(p.dk) + w.kvoff + w.k0 * w.kv_rstride,
-                              static_cast<T*>(p.dv) + w.kvoff + w.k0 * w.kv_rstride, w.kv_rstride, w.nkeys, cw * 16,
-                              lane, 1.f, z, z);
+        ws_dkdv_store<T, Cfg, DQ_MAP>(sDQ, static_cast<T*>(p.dk) + w.kvoff + w.k0 * w.kv_rstride,
+                                      static_cast<T*>(p.dv) + w.kvoff + w.k0 * w.kv_rstride, w.kv_rstride, w.nkeys,
+                                      cw, lane, 1.f, z, z);
       }
       continue;
     }
@@ -318,10 +324,10 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
     }
     done += w.ntiles;
 
-    // ---- the item's dk * scale, dv, from the registers (K, V are being reloaded) -------------------------
-    dkdv_store_regs<T, D>(static_cast<T*>(p.dk) + w.kvoff + k0 * w.kv_rstride,
-                          static_cast<T*>(p.dv) + w.kvoff + k0 * w.kv_rstride, w.kv_rstride, nkeys, cw * 16, lane,
-                          p.scale, adk, adv);
+    // ---- the item's dk * scale, dv (through the dq staging area: K, V are being reloaded) ----------------
+    ws_dkdv_store<T, Cfg, DQ_MAP>(sDQ, static_cast<T*>(p.dk) + w.kvoff + k0 * w.kv_rstride,
+                                  static_cast<T*>(p.dv) + w.kvoff + k0 * w.kv_rstride, w.kv_rstride, nkeys, cw, lane,
+                                  p.scale, adk, adv);
   }
   if (DQ_MAP ? (wl == 0 && lane == 0) : lane < 16) bulk_wait<0>();
 #endif
