@@ -84,7 +84,11 @@ __device__ __forceinline__ void ws_dkdv_store(uint32_t sDQ, T* dkg, T* dvg, int6
                                               int lane, float scale, const float (&adk)[Cfg::D / 8][4],
                                               const float (&adv)[Cfg::D / 8][4]) {
   constexpr int D = Cfg::D;
-  static_assert(16 * D * 2 <= 16 * Cfg::DQ_PITCH && 8 * 16 * D * 2 <= Cfg::DQ_BYTES, "dk / dv staging");
+  // each warp's 16 rows of D b16: DQ_MAP, inside its own warpgroup's two boxes (the other warpgroup's leader may be
+  // reducing from its own); else inside the warp's own staging rows
+  static_assert(4 * 16 * D * 2 <= 2 * Cfg::DQ_BOX_BYTES, "dk / dv staging within the warpgroup's boxes");
+  static_assert(16 * D * 2 <= 16 * Cfg::DQ_PITCH && (Cfg::NT / 32) * 16 * Cfg::DQ_PITCH <= Cfg::DQ_BYTES,
+                "dk / dv staging within the warp's dq rows");
   uint32_t stage;
   if constexpr (DQ_MAP) {
     if ((cw & 3) == 0 && lane == 0) bulk_wait_read<0>();
