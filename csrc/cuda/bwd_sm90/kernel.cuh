@@ -61,34 +61,21 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_kernel(con
   const int len = cw_.len, ntiles = cw_.ntiles;
   const int64_t kvoff = cw_.kvoff, kv_rstride = cw_.kv_rstride, qboff = cw_.qboff;
 
-  // ---- shared memory (1024-byte aligned tiles) ---------------------------------------------------------
-  const uint32_t raw = smem_u32(smem_raw);
-  const uint32_t pad = ((raw + 1023u) & ~1023u) - raw;
-  uint8_t* smem = smem_raw + pad;
-  const uint32_t sK = raw + pad;
-  const uint32_t sV = sK + Cfg::K_BYTES;
-  const uint32_t sQ = sV + Cfg::K_BYTES;
-  const uint32_t sD = sQ + S * Cfg::Q_STAGE;
-  const uint32_t sDS = sD + S * Cfg::Q_STAGE;
-  const uint32_t sDQ = sDS + Cfg::DS_BYTES;   // BULK_DQ: per warp 16 rows x DQ_PITCH bytes
-  const uint32_t sLse = sDQ + Cfg::DQ_BYTES;  // [S][BQ] f32 raw lse
-  const uint32_t sDl = sLse + S * BQ * 4;     // [S][BQ] f32 raw delta
-  const float* fLse = reinterpret_cast<const float*>(smem + Cfg::TILE_BYTES);
-  const float* fDl = fLse + S * BQ;
-  int* sLim = reinterpret_cast<int*>(smem + Cfg::TILE_BYTES + 2 * S * BQ * 4);  // [S][BQ] causal limit
-  int* sRid = sLim + S * BQ;                                                    // [S][BQ] global row or -1
+  // ---- shared memory (tile.cuh Sm90Smem) --------------------------------------------------------------
+  const Sm90Smem<Cfg, 1> sm(smem_raw);
+  uint8_t* smem = sm.base;
 
   // ---- prologue: K, V; the first S - 1 query tiles ----------------------------------------------------
   {
     const T* kg = static_cast<const T*>(p.k) + kvoff + k0 * kv_rstride;
     const T* vg = static_cast<const T*>(p.v) + kvoff + k0 * kv_rstride;
-    load_row_pair_tile<D, Cfg::NT, BK, typename Cfg::KLayout>(sK, sV, kg, vg, nkeys, kv_rstride, tid);
+    load_row_pair_tile<D, Cfg::NT, BK, typename Cfg::KLayout>(sm.sK, sm.sV, kg, vg, nkeys, kv_rstride, tid);
   }
   ColumnQueryGather<D, BQ, Map, typename Cfg::QLayout, T> qgat;
   qgat.init(p, p.col_rows + lid * p.nnz + cs, len, hk, k0 + nkeys - 1, qboff, warp, lane);
   auto issue = [&](int stage) -> uint32_t {
-    return qgat.issue(p, sQ + stage * Cfg::Q_STAGE, sD + stage * Cfg::Q_STAGE, sLse, sDl, sLim, sRid, stage, warp,
-                      lane);
+    return qgat.issue(p, sm.sQ + stage * Cfg::Q_STAGE, sm.sD + stage * Cfg::Q_STAGE, sm.sLse, sm.sDl, sm.sLim,
+                      sm.sRid, stage, warp, lane);
   };
   uint32_t pending = issue_prologue<S>(issue, ntiles);
 
@@ -109,7 +96,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_kernel(con
   float* const dq_rows = p.dq_accum + qboff * D + wg * DQN;  // row 0 of dq_accum, this warpgroup's columns
   float* const dq_acc = dq_rows + 2 * (lane & 3);
 
-  const Sm90TileOps<T, Cfg> ops(sK, sV, sQ, sD, sDS, wg, warp, lane);  // descriptors, dS store position
+  const Sm90TileOps<T, Cfg> ops(sm.sK, sm.sV, sm.sQ, sm.sD, sm.sDS, wg, warp, lane);  // descriptors, dS stores
 
   // ---- main loop -----------------------------------------------------------------------------------------
   for (int t = 0; t < ntiles; ++t) {
@@ -132,10 +119,10 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_kernel(con
 
     // p^T, ds^T as b16 A fragments; dv += p^T do, dk += ds^T q; dS to shared memory while they run
     uint32_t pa[BQ / 16][4], da[BQ / 16][4];
-    sm90_probs_ds<T, BQ>(s, dp, fLse, fDl, sLim, stage * BQ + (lane & 3) * 2, need_mask, key, kend, nkeys < BK, s_mul,
-                         cap_mul, use_cap, pa, da);
+    sm90_probs_ds<T, BQ>(s, dp, sm.fLse, sm.fDl, sm.sLim, stage * BQ + (lane & 3) * 2, need_mask, key, kend,
+                         nkeys < BK, s_mul, cap_mul, use_cap, pa, da);
     ops.dv_dk(dvf, dkf, pa, da, stage);
-    ops.store_ds(sDS, 0, da);
+    ops.store_ds(sm.sDS, 0, da);
     fence_async_shared();
     __syncthreads();  // dS complete, every warpgroup's keys (dk, dv may still be running)
 
@@ -147,11 +134,12 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_kernel(con
     fence_regs(dqf);
     if constexpr (Cfg::BULK_DQ) {
       // through the bulk copy engine: the atomic traffic leaves the load / store unit
-      sm90_dq_rows_reduce<Cfg>(dq, sDQ + warp * 16 * Cfg::DQ_PITCH, sRid + stage * BQ + wl * 16, dq_rows, lane);
+      sm90_dq_rows_reduce<Cfg>(dq, sm.sDQ + warp * 16 * Cfg::DQ_PITCH, sm.sRid + stage * BQ + wl * 16, dq_rows,
+                               lane);
     } else {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int rid = sRid[stage * BQ + wl * 16 + (lane >> 2) + 8 * h];
+        const int rid = sm.sRid[stage * BQ + wl * 16 + (lane >> 2) + 8 * h];
         if (rid >= 0) {
           float* dst = dq_acc + static_cast<int64_t>(rid) * D;
 #pragma unroll
@@ -165,7 +153,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_kernel(con
   }
 
   // ---- epilogue: dk * scale, dv (bwd/dkdv_kernel.cuh; K and V staged row-major per warp) ---------------
-  dkdv_store<T, Cfg>(smem, sK, sV, static_cast<T*>(p.dk) + kvoff + k0 * kv_rstride,
+  dkdv_store<T, Cfg>(smem, sm.sK, sm.sV, static_cast<T*>(p.dk) + kvoff + k0 * kv_rstride,
                      static_cast<T*>(p.dv) + kvoff + k0 * kv_rstride, kv_rstride, nkeys, warp * 16, 0,
                      warp * 16 < nkeys, p.scale, adk, adv);
 #endif

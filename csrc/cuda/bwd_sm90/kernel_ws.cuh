@@ -119,25 +119,12 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
-  // ---- shared memory ----------------------------------------------------
-  const uint32_t raw = smem_u32(smem_raw);
-  const uint32_t pad = ((raw + 1023u) & ~1023u) - raw;
-  uint8_t* smem = smem_raw + pad;
-  const uint32_t sK = raw + pad;
-  const uint32_t sV = sK + Cfg::K_BYTES;
-  const uint32_t sQ = sV + Cfg::K_BYTES;
-  const uint32_t sD = sQ + S * Cfg::Q_STAGE;
-  const uint32_t sDS = sD + S * Cfg::Q_STAGE;  // 2 buffers
-  const uint32_t sDQ = sDS + 2 * Cfg::DS_BYTES;
-  const uint32_t sLse = sDQ + Cfg::DQ_BYTES;
-  const uint32_t sDl = sLse + S * BQ * 4;
-  const float* fLse = reinterpret_cast<const float*>(smem + Cfg::TILE_WS);
-  const float* fDl = fLse + S * BQ;
-  int* sLim = reinterpret_cast<int*>(smem + Cfg::TILE_WS + 2 * S * BQ * 4);
-  int* sRid = sLim + S * BQ;
-  const uint32_t bar_full = sK + Cfg::BAR_OFF, bar_empty = bar_full + S * 8;
+  // ---- shared memory (tile.cuh Sm90Smem: two dS buffers; then the mbarriers, flags and the item slot) ------
+  const Sm90Smem<Cfg, 2> sm(smem_raw);
+  uint8_t* smem = sm.base;
+  const uint32_t bar_full = sm.sK + Cfg::BAR_OFF, bar_empty = bar_full + S * 8;
   int* sFlag = reinterpret_cast<int*>(smem + Cfg::BAR_OFF + 2 * S * 8);  // [S][4]: a producer warp saw a masked row
-  const uint32_t item_full = sK + Cfg::ITEM_OFF, item_empty = item_full + 8;
+  const uint32_t item_full = sm.sK + Cfg::ITEM_OFF, item_empty = item_full + 8;
   volatile int* sItem = reinterpret_cast<volatile int*>(smem + Cfg::ITEM_OFF + 16);  // item n, for the consumers
   volatile int* sNext = sItem + 1;                                                     // for the producers
 
@@ -170,8 +157,8 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
       auto issue = [&](int u) {  // the gather of tile u (a stage the consumers are done with)
         const int s = u % S;
         if (u >= S) mbar_wait(bar_empty + 8 * s, ((u / S) - 1) & 1);
-        const uint32_t f = qgat.issue(p, sQ + s * Cfg::Q_STAGE, sD + s * Cfg::Q_STAGE, sLse, sDl, sLim, sRid, s,
-                                      warp, lane);
+        const uint32_t f = qgat.issue(p, sm.sQ + s * Cfg::Q_STAGE, sm.sD + s * Cfg::Q_STAGE, sm.sLse, sm.sDl,
+                                      sm.sLim, sm.sRid, s, warp, lane);
         const unsigned any = __ballot_sync(0xffffffffu, f != 0);
         if (lane == 0) sFlag[s * 4 + warp] = any != 0;
         cp_async_commit();
@@ -198,7 +185,7 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
       {  // K, V of the item, handed over with the first tile (the wait below covers both groups)
         const T* kg = static_cast<const T*>(p.k) + w.kvoff + w.k0 * w.kv_rstride;
         const T* vg = static_cast<const T*>(p.v) + w.kvoff + w.k0 * w.kv_rstride;
-        load_row_pair_tile<D, 128, BK, typename Cfg::KLayout>(sK, sV, kg, vg, w.nkeys, w.kv_rstride, tid);
+        load_row_pair_tile<D, 128, BK, typename Cfg::KLayout>(sm.sK, sm.sV, kg, vg, w.nkeys, w.kv_rstride, tid);
         cp_async_commit();
       }
       for (int t = 1; t < w.ntiles; ++t) {
@@ -223,8 +210,8 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
   const float s_mul = p.s_mul, cap_mul = p.cap_mul;
   const bool use_cap = p.use_cap != 0;
 
-  const Sm90TileOps<T, Cfg> ops(sK, sV, sQ, sD, sDS, wg, cw, lane);  // descriptors, dS store position
-  const uint32_t sq = sDQ + cw * 16 * Cfg::DQ_PITCH;  // this warp's dq staging rows
+  const Sm90TileOps<T, Cfg> ops(sm.sK, sm.sV, sm.sQ, sm.sD, sm.sDS, wg, cw, lane);  // descriptors, dS store position
+  const uint32_t sq = sm.sDQ + cw * 16 * Cfg::DQ_PITCH;  // this warp's dq staging rows
 
   int done = 0;  // tiles consumed so far, over all items
   for (int n = 0;; ++n) {
@@ -241,7 +228,7 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
         for (int d = 0; d < D / 8; ++d)
 #pragma unroll
           for (int e = 0; e < 4; ++e) z[d][e] = 0.f;
-        ws_dkdv_store<T, Cfg, DQ_MAP>(sDQ, static_cast<T*>(p.dk) + w.kvoff + w.k0 * w.kv_rstride,
+        ws_dkdv_store<T, Cfg, DQ_MAP>(sm.sDQ, static_cast<T*>(p.dk) + w.kvoff + w.k0 * w.kv_rstride,
                                       static_cast<T*>(p.dv) + w.kvoff + w.k0 * w.kv_rstride, w.kv_rstride, w.nkeys,
                                       cw, lane, 1.f, z, z);
       }
@@ -277,10 +264,10 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
       fence_regs(dpf);
 
       uint32_t pa[BQ / 16][4], da[BQ / 16][4];
-      sm90_probs_ds<T, BQ>(s, dp, fLse, fDl, sLim, stage * BQ + (lane & 3) * 2, need_mask, key, kend, nkeys < BK,
-                           s_mul, cap_mul, use_cap, pa, da);
+      sm90_probs_ds<T, BQ>(s, dp, sm.fLse, sm.fDl, sm.sLim, stage * BQ + (lane & 3) * 2, need_mask, key, kend,
+                           nkeys < BK, s_mul, cap_mul, use_cap, pa, da);
       ops.dv_dk(dvf, dkf, pa, da, stage);
-      ops.store_ds(sDS, dsb, da);
+      ops.store_ds(sm.sDS, dsb, da);
       fence_async_shared();
       named_bar_sync(1, Cfg::NT);  // both halves of dS stored (dk, dv may still be running)
 
@@ -295,7 +282,7 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
       if constexpr (DQ_MAP) {
         mbar_arrive(bar_empty + 8 * stage);  // this thread is done with the stage (the epilogue reads none of it)
         const bool leader = wl == 0 && lane == 0;
-        const uint32_t box = sDQ + wg * 2 * Cfg::DQ_BOX_BYTES;
+        const uint32_t box = sm.sDQ + wg * 2 * Cfg::DQ_BOX_BYTES;
         if (leader) bulk_wait_read<0>();  // the previous tile's boxes have been read
         named_bar_sync(2 + wg, 128);
 #pragma unroll
@@ -322,14 +309,14 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
           bulk_commit();
         }
       } else {
-        sm90_dq_rows_reduce<Cfg>(dq, sq, sRid + stage * BQ + wl * 16, dq_rows, lane);  // one per row
+        sm90_dq_rows_reduce<Cfg>(dq, sq, sm.sRid + stage * BQ + wl * 16, dq_rows, lane);  // one per row
         mbar_arrive(bar_empty + 8 * stage);  // this thread is done with the stage
       }
     }
     done += w.ntiles;
 
     // ---- the item's dk * scale, dv (through the dq staging area: K, V are being reloaded) ----------------
-    ws_dkdv_store<T, Cfg, DQ_MAP>(sDQ, static_cast<T*>(p.dk) + w.kvoff + k0 * w.kv_rstride,
+    ws_dkdv_store<T, Cfg, DQ_MAP>(sm.sDQ, static_cast<T*>(p.dk) + w.kvoff + k0 * w.kv_rstride,
                                   static_cast<T*>(p.dv) + w.kvoff + k0 * w.kv_rstride, w.kv_rstride, nkeys, cw, lane,
                                   p.scale, adk, adv);
   }

@@ -83,10 +83,7 @@ cudaError_t launch_bwd_sm90_ws(const Params& p0, const CUtensorMap& map, cudaStr
   using Cfg = Sm90BwdWsTile;
   static const bool one_item_per_cta = env_equals("BSATTN_BWD_SM90_PERSIST", "0");
   Params p = p0;
-  p.nkc = static_cast<int>((static_cast<int64_t>(p.C) + Cfg::BK - 1) / Cfg::BK);
-  const int64_t per_head = static_cast<int64_t>(p.NB) * p.nkc, heads = static_cast<int64_t>(p.B) * p.Hk;
-  p.head_chunks = column_head_chunks(heads, per_head, 1);
-  const int64_t items = heads * per_head;
+  const int64_t items = column_tiles_setup<Cfg>(p);  // the work items: column_tiles' tiles
   if (items == 0) return cudaSuccess;
   const int sms = device_sm_count() > 0 ? device_sm_count() : 132;
   const int64_t grid = items < sms || one_item_per_cta ? items : sms;

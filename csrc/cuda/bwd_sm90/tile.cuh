@@ -15,6 +15,39 @@ namespace bsattn {
 namespace cuda {
 namespace bwd {
 
+// The shared-memory carve-up of both kernels, 1024-byte aligned: K, V, S stages of q and do, DS_BUFS dS buffers,
+// the dq staging (per warp 16 rows x DQ_PITCH bytes, or kernel_ws's boxes), then each stage's row statistics:
+// [S][BQ] raw lse, raw delta (f32), causal limit, global row or -1 (int).
+template <class Cfg, int DS_BUFS>
+struct Sm90Smem {
+  uint8_t* base;  // the aligned start (generic pointer)
+  uint32_t sK, sV, sQ, sD, sDS, sDQ, sLse, sDl;
+  const float* fLse;
+  const float* fDl;
+  int* sLim;
+  int* sRid;
+  static constexpr int ROWS_OFF = Cfg::TILE_BYTES + (DS_BUFS - 1) * Cfg::DS_BYTES;  // the row statistics
+
+  __device__ __forceinline__ explicit Sm90Smem(uint8_t* raw_ptr) {
+    constexpr int S = Cfg::STAGES, BQ = Cfg::BQ;
+    const uint32_t raw = smem_u32(raw_ptr);
+    const uint32_t pad = ((raw + 1023u) & ~1023u) - raw;
+    base = raw_ptr + pad;
+    sK = raw + pad;
+    sV = sK + Cfg::K_BYTES;
+    sQ = sV + Cfg::K_BYTES;
+    sD = sQ + S * Cfg::Q_STAGE;
+    sDS = sD + S * Cfg::Q_STAGE;
+    sDQ = sDS + DS_BUFS * Cfg::DS_BYTES;
+    sLse = sDQ + Cfg::DQ_BYTES;
+    sDl = sLse + S * BQ * 4;
+    fLse = reinterpret_cast<const float*>(base + ROWS_OFF);
+    fDl = fLse + S * BQ;
+    sLim = reinterpret_cast<int*>(base + ROWS_OFF + 2 * S * BQ * 4);
+    sRid = sLim + S * BQ;
+  }
+};
+
 // The shared-memory operand descriptors of a warpgroup (stage 0; + stage * Q_STAGE / 16 for a later stage) and a
 // lane's stmatrix position in dS. K-major operands step 32 bytes per k16 within a 128-byte column block and
 // ROWS * 128 bytes per block; MN-major ones step 16 rows (2048 bytes) per k16. Warpgroup wg's keys start at row

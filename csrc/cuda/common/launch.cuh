@@ -122,19 +122,28 @@ inline int column_head_chunks(int64_t heads, int64_t per_head, int per_sm) {
   return static_cast<int>(n < 1 ? 1 : n > INT_MAX ? INT_MAX : n);
 }
 
-// One CTA per tile of Cfg::BK keys of a block column, for every (batch, KV head, block column): the column-oriented
-// backward kernels (bwd/dkdv_kernel.cuh, bwd_sm90/). P: their parameter block (its nkc and head_chunks set here on a
-// copy). `threads`, `smem`: the CTA's; `extra`: kernel arguments after the parameter block.
-template <auto Kernel, class Cfg, class P, typename... Extra>
-cudaError_t launch_column_tiles(const P& p0, cudaStream_t stream, int threads, int smem, const Extra&... extra) {
-  P p = p0;
+// A column-oriented grid: one tile of Cfg::BK keys of a block column for every (batch, KV head, block column), the
+// tiles in bwd/common.cuh column_tile's order. Sets p.nkc and p.head_chunks (BSATTN_BWD_ORDER=head: one head per
+// chunk, for A / B; read once) and returns the number of tiles.
+template <class Cfg, class P>
+int64_t column_tiles_setup(P& p) {
   p.nkc = static_cast<int>((static_cast<int64_t>(p.C) + Cfg::BK - 1) / Cfg::BK);
   const int64_t per_head = static_cast<int64_t>(p.NB) * p.nkc;
   const int64_t heads = static_cast<int64_t>(p.B) * p.Hk;
-  static const bool head_major = env_equals("BSATTN_BWD_ORDER", "head");  // A / B: one head per chunk
+  static const bool head_major = env_equals("BSATTN_BWD_ORDER", "head");
   p.head_chunks = head_major ? static_cast<int>(heads) : column_head_chunks(heads, per_head, Cfg::MINB);
+  return heads * per_head;
+}
+
+// One CTA per tile of such a grid: the column-oriented backward kernels (bwd/dkdv_kernel.cuh, bwd_sm90/). P: their
+// parameter block (set up on a copy). `threads`, `smem`: the CTA's; `extra`: kernel arguments after the parameter
+// block.
+template <auto Kernel, class Cfg, class P, typename... Extra>
+cudaError_t launch_column_tiles(const P& p0, cudaStream_t stream, int threads, int smem, const Extra&... extra) {
+  P p = p0;
+  const int64_t tiles = column_tiles_setup<Cfg>(p);
   static std::atomic<uint64_t> smem_done{0};  // one per kernel
-  return launch_kernel(Kernel, heads * per_head, threads, smem, Cfg::MINB, smem_done, p, stream, extra...);
+  return launch_kernel(Kernel, tiles, threads, smem, Cfg::MINB, smem_done, p, stream, extra...);
 }
 
 }  // namespace cuda
