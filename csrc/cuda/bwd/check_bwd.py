@@ -69,11 +69,14 @@ def register(lib):
 # --atomic: give the handler the float32 dq workspace (the Hopper one-pass backward where it applies); else an
 # empty one (the deterministic kernels)
 ATOMIC = False
+# the words after the dq workspace's q.size floats (csrc/cuda/bwd/params.h kDqSchedWords, jax_bsattn/lowering.py)
+DQ_SCHED_WORDS = 16
 
 
 def bwd_ffi(q, k, v, do, lse, delta, ip, ix, cip, crw, R, C, scale, softcap, causal):
     out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-           jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((q.size + 16,) if ATOMIC else (0,), jnp.float32))
+           jax.ShapeDtypeStruct(v.shape, v.dtype),
+           jax.ShapeDtypeStruct((q.size + DQ_SCHED_WORDS,) if ATOMIC else (0,), jnp.float32))
     return jax.ffi.ffi_call("bsattn_bwd_cuda", out)(
         q, k, v, do, lse, delta, ip, ix, cip, crw, column_order(cip), block_r=np.int64(R), block_c=np.int64(C),
         scale=np.float32(scale), softcap=np.float32(softcap), causal=bool(causal))[:3]
