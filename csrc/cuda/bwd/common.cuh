@@ -171,6 +171,18 @@ __device__ __forceinline__ ColumnTile column_tile(const Params& p, int bid) {
   return t;
 }
 
+// The first index in [lo, hi) of an increasing list whose entry is >= value (hi if none): binary search.
+__device__ __forceinline__ int first_at_least(const int32_t* list, int lo, int hi, int value) {
+  while (lo < hi) {
+    const int mid = lo + ((hi - lo) >> 1);
+    if (__ldg(list + mid) < value)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
 // The entries [cs, ce) of col_rows (layout lid) that list the block rows of block column c, clamped to [0, nnz] and
 // non-decreasing whatever col_indptr holds (memory safety for traced layouts).
 __device__ __forceinline__ void column_entries(const Params& p, int64_t lid, int c, int64_t& cs, int64_t& ce) {
@@ -304,15 +316,20 @@ __device__ __forceinline__ float prob_cap(float raw, float s_mul, float cap_mul,
   return fast_exp2(fmaf(t, cap_mul, -lse2));
 }
 
+// How dkv_probs_ds weighs p by the (row, column) multiplicity when need_mask: not at all (every listed block once),
+// by the 4-bit count at shift mul[h] of the row's count word in sW (the packed small-block kernel), or by mul[h]
+// itself, the multiplicity of the thread's key row h (the compact small-block kernel).
+enum DkvMul { kMulNone = 0, kMulCountWord = 1, kMulPerKey = 2 };
+
 // p^T (in place of s) and ds^T (in place of dp) of the column-oriented kernels' score accumulators (dk / dv:
-// bwd/dkdv_kernel.cuh, and the Hopper backward bwd_sm90/): s[n][e] is the score of key key[e >> 1] (the thread's
-// two accumulator rows) and staged query row rb + 8 n + (e & 1), whose raw lse / delta are at that index of fLse /
-// fDl. need_mask: multiply p by the (row, column) multiplicity (PACK: the 4-bit count at shift sh[h] of the row's
-// count word in sW) and zero it above the row's causal limit (sLim). DO_DK: also ds^T.
-template <int NQ8, bool DO_DK, bool PACK>
+// bwd/dkdv_kernel.cuh, bwd/dkdv_compact_kernel.cuh, and the Hopper backward bwd_sm90/): s[n][e] is the score of key
+// key[e >> 1] (the thread's two accumulator rows) and staged query row rb + 8 n + (e & 1), whose raw lse / delta are
+// at that index of fLse / fDl. need_mask: multiply p by the (row, column) multiplicity (MUL, above) and zero it above
+// the row's causal limit (sLim). DO_DK: also ds^T.
+template <int NQ8, bool DO_DK, int MUL>
 __device__ __forceinline__ void dkv_probs_ds(float (&s)[NQ8][4], float (&dp)[DO_DK ? NQ8 : 1][4], const float* fLse,
                                              const float* fDl, const int* sLim, const unsigned long long* sW, int rb,
-                                             bool need_mask, const int (&key)[2], const int (&sh)[2], float s_mul,
+                                             bool need_mask, const int (&key)[2], const int (&mul)[2], float s_mul,
                                              float cap_mul, bool use_cap) {
 #pragma unroll
   for (int n = 0; n < NQ8; ++n) {
@@ -330,7 +347,7 @@ __device__ __forceinline__ void dkv_probs_ds(float (&s)[NQ8][4], float (&dp)[DO_
     ulonglong2 w2 = make_ulonglong2(0ull, 0ull);
     if (need_mask) {
       lim = *reinterpret_cast<const int2*>(sLim + rb + n * 8);
-      if constexpr (PACK) w2 = *reinterpret_cast<const ulonglong2*>(sW + rb + n * 8);
+      if constexpr (MUL == kMulCountWord) w2 = *reinterpret_cast<const ulonglong2*>(sW + rb + n * 8);
     }
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
@@ -341,7 +358,9 @@ __device__ __forceinline__ void dkv_probs_ds(float (&s)[NQ8][4], float (&dp)[DO_
       else
         pv = prob_nocap(s[n][e], s_mul, lse2[cc]);
       if (need_mask) {
-        if constexpr (PACK) pv *= static_cast<float>(static_cast<uint32_t>((cc ? w2.y : w2.x) >> sh[h]) & 15u);
+        if constexpr (MUL == kMulCountWord)
+          pv *= static_cast<float>(static_cast<uint32_t>((cc ? w2.y : w2.x) >> mul[h]) & 15u);
+        if constexpr (MUL == kMulPerKey) pv *= static_cast<float>(mul[h]);
         if (key[h] > (cc ? lim.y : lim.x)) pv = 0.f;
       }
       s[n][e] = pv;

@@ -186,7 +186,8 @@ __device__ __forceinline__ void dkdv_tile(uint32_t sK, uint32_t sV, uint32_t sQ,
     }
     // p^T (in place of s), ds^T (in place of dp)
     const int rb = stage * BQ + wq * BQW + qc * QC + (lane & 3) * 2;  // staged row of column e & 1 of n = 0
-    dkv_probs_ds<NQ8, DO_DK, PACK>(s, dp, fLse, fDl, sLim, sW, rb, need_mask, key, sh, s_mul, cap_mul, use_cap);
+    dkv_probs_ds<NQ8, DO_DK, PACK ? kMulCountWord : kMulNone>(s, dp, fLse, fDl, sLim, sW, rb, need_mask, key, sh, s_mul,
+                                                              cap_mul, use_cap);
     // dv += p^T do, dk += ds^T q
 #pragma unroll
     for (int kk = 0; kk < QC / 16; ++kk) {
@@ -503,21 +504,12 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_pack_kerne
         if (cur < end) nx = max(__ldg(rows + cur), 0);
       }
       nx = __reduce_min_sync(0xffffffffu, nx);
-      const int w0 = nx >= p.MB ? INT_MAX : max(win0 + W, (nx / W) * W);
+      // (past the last block row: done; only an unsorted, hand-made column view can get there with entries left)
+      int w0 = nx >= p.MB ? INT_MAX : max(win0 + W, (nx / W) * W);
+      if (w0 >= p.MB) w0 = INT_MAX;
       if (lane < Pv) {
         // entries of the window: the lists are increasing, so they are a prefix of what is left (binary search)
-        int lo = cur;
-        if (w0 != INT_MAX) {
-          int hi = end;
-          const int stop = w0 + W;
-          while (lo < hi) {
-            const int mid = lo + ((hi - lo) >> 1);
-            if (__ldg(rows + mid) < stop)
-              lo = mid + 1;
-            else
-              hi = mid;
-          }
-        }
+        const int lo = w0 != INT_MAX ? first_at_least(rows, cur, end, w0 + W) : cur;
         sCnt[lane] = lo - cur;
       }
       if (lane == 0) *sWin = w0;
@@ -546,17 +538,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_pack_kerne
           const int cur = sCur[l], a = cur + j;
           const int br = __ldg(rows + a);
           int occ = 0;  // earlier occurrences of br in the column's run
-          if (a > cur && __ldg(rows + a - 1) == br) {
-            int lo = cur, hi = a;
-            while (lo < hi) {
-              const int mid = lo + ((hi - lo) >> 1);
-              if (__ldg(rows + mid) < br)
-                lo = mid + 1;
-              else
-                hi = mid;
-            }
-            occ = a - lo;
-          }
+          if (a > cur && __ldg(rows + a - 1) == br) occ = a - first_at_least(rows, cur, a, br);
           more |= occ >= lo15 + 15;
           if (occ >= lo15 && occ < lo15 + 15 && br >= win0 && br < wend)
             atomicAdd(cnt + (br - win0), 1ull << (4 * l));

@@ -127,7 +127,7 @@ __device__ __forceinline__ void sm90_probs_ds(float (&s)[BQ / 8][4], float (&dp)
                                               const int (&key)[2], int kend, bool part, float s_mul, float cap_mul,
                                               bool use_cap, uint32_t (&pa)[BQ / 16][4], uint32_t (&da)[BQ / 16][4]) {
   constexpr int NQ8 = BQ / 8;
-  dkv_probs_ds<NQ8, true, false>(s, dp, fLse, fDl, sLim, nullptr, rb, need_mask, key, key, s_mul, cap_mul, use_cap);
+  dkv_probs_ds<NQ8, true, kMulNone>(s, dp, fLse, fDl, sLim, nullptr, rb, need_mask, key, key, s_mul, cap_mul, use_cap);
   if (part) {  // (uniform)
 #pragma unroll
     for (int n = 0; n < NQ8; ++n)
