@@ -108,6 +108,18 @@ def test_backward_wide_key_tile(R, C, g, D, causal, softcap, dtype):
 
 
 @pytest.mark.parametrize("R,C,g,D,causal,softcap,dtype", [
+    (64, 1, 4, 128, True, None, jnp.bfloat16), (128, 2, 2, 128, False, 30.0, jnp.float16),
+    (32, 1, 8, 128, False, None, jnp.bfloat16)])
+def test_backward_compact_small_blocks(R, C, g, D, causal, softcap, dtype):
+    """C <= 2, R * g >= 256, D = 128 on an H100 / H200: dk / dv by the compact kernel (the listed keys of each block
+    row compacted into groups of 16, dk / dv summed in shared memory)."""
+    from conftest import check_gradients
+
+    q, k, v, layout = _backward_problem(R, C, g, D, dtype)
+    check_gradients(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
+
+
+@pytest.mark.parametrize("R,C,g,D,causal,softcap,dtype", [
     (64, 64, 4, 128, True, None, jnp.bfloat16), (16, 128, 8, 64, False, 30.0, jnp.float16),
     (128, 5, 1, 128, False, None, jnp.bfloat16), (3, 64, 4, 64, True, 30.0, jnp.bfloat16)])
 def test_backward_deterministic_flag(R, C, g, D, causal, softcap, dtype):

@@ -308,6 +308,13 @@ def case_list(quick):
         dict(R=16, C=1, g=1, D=64, M=0, N=40, name="pack: M=0"),
         dict(R=4, C=1, g=2, D=128, M=40, N=30, p_empty=0.0, dup=19, name="pack: a block listed 20 times (2 passes)"),
         dict(R=2, C=4, g=1, D=64, M=30, N=40, dup=40, garbage=True, name="pack: 41 copies + garbage (3 passes)"),
+        # compact small blocks (C <= 2, R * g >= 256, D = 128): windows of 32 block rows, groups of 16 keys
+        dict(R=64, C=1, g=4, D=128, Hk=2, M=4480, N=300, causal=True, per_head=True, garbage=True, dup=2,
+             name="compact: C=1 3 windows causal dup x3 garbage"),
+        dict(R=128, C=2, g=2, D=128, dtype="f16", M=300, N=333, softcap=10.0, name="compact: C=2 f16 cap"),
+        dict(R=64, C=2, g=4, D=128, B=2, M=300, N=500, per_batch=True, p_empty=0.0, dup=19,
+             name="compact: a block listed 20 times"),
+        dict(R=80, C=1, g=4, D=128, M=200, N=3000, p_empty=0.0, name="compact: R*g=320 (a half tile), 47 CTAs"),
     ]
     return cases + [dict(base, **e) for e in edge]
 
@@ -318,7 +325,8 @@ def determinism(rng, impl):
     out = []
     for (R, C, g, D, M, N, causal) in [(64, 64, 4, 128, 1024, 1024, True), (16, 16, 8, 64, 512, 700, False),
                                        (128, 128, 1, 256, 512, 512, False), (1, 5, 4, 128, 300, 400, False),
-                                       (16, 128, 4, 128, 512, 1024, True)]:
+                                       (16, 128, 4, 128, 512, 1024, True),
+                                       (64, 1, 4, 128, 512, 600, True)]:
         Hk = 2
         Hq = Hk * g
         MB, NB = -(-M // R), -(-N // C)
@@ -342,7 +350,8 @@ def determinism(rng, impl):
 def robustness(rng, impl):
     """Garbage column views and layouts straight into the FFI (no monotone_indptr / column_view): must finish."""
     res = []
-    for (R, C, g, D) in [(3, 5, 4, 64), (64, 1, 2, 128), (16, 64, 1, 128), (1, 16, 8, 256), (128, 128, 1, 128)]:
+    for (R, C, g, D) in [(3, 5, 4, 64), (64, 1, 2, 128), (16, 64, 1, 128), (1, 16, 8, 256), (128, 128, 1, 128),
+                         (64, 1, 4, 128)]:
         B, Hk, M, N = 2, 2, 130, 150
         Hq = Hk * g
         MB, NB = -(-M // R), -(-N // C)

@@ -10,6 +10,7 @@
 
 #include <cuda_runtime.h>
 
+#include "cuda/bwd/dkdv_compact_kernel.cuh"
 #include "cuda/bwd/dkdv_kernel.cuh"
 #include "cuda/bwd/dq_kernel.cuh"
 #include "cuda/bwd/params.h"
@@ -73,9 +74,27 @@ cudaError_t launch_dkdv_pack(const Params& p0, cudaStream_t stream) {
                        stream);
 }
 
+// Small blocks under tall block rows (C <= 2, R * g >= 256, D = 128) where the device has the shared memory: the
+// listed keys compacted, 64 keys per CTA (bsattn_bwd_dkdv_compact_kernel). Elsewhere among C <= 8 it measured no
+// faster than the packed kernel, or slower (R * g = 64: 1.4x slower; C = 8: 1.4x), H200, 2026-11-30.
+template <typename T, int kD>
+cudaError_t launch_dkdv_compact(const Params& p0, cudaStream_t stream) {
+  using Cfg = DkvCompactCfg<kD>;
+  Params p = p0;
+  p.pack = Cfg::KR / p.C;
+  p.nkc = 1;
+  const int64_t grid = static_cast<int64_t>(p.B) * p.Hk * ((p.NB + p.pack - 1) / p.pack);
+  static std::atomic<uint64_t> smem_done{0};  // one per (T, Cfg)
+  return launch_kernel(bsattn_bwd_dkdv_compact_kernel<T, Cfg>, grid, Cfg::NT, Cfg::SMEM, 1, smem_done, p, stream);
+}
+
+inline bool dkdv_compact_applies(const Params& p, int smem) {
+  return p.C <= 2 && static_cast<int64_t>(p.R) * p.g >= 256 && device_smem_optin() >= smem;
+}
+
 #ifdef BSATTN_BWD_DEV
 // Development builds only: BSATTN_BWD_TUNE holds letters that switch a choice off, for timing side by side:
-// 'n': no column packing.
+// 'n': no column packing; 'c': no compact small-block kernel.
 inline bool bwd_tune(char c) {
   const char* e = std::getenv("BSATTN_BWD_TUNE");
   return e != nullptr && std::strchr(e, c) != nullptr;
@@ -117,6 +136,9 @@ cudaError_t launch_dq(const Params& p, cudaStream_t stream) {
 template <int kDType, int kD>
 cudaError_t launch_dkdv(const Params& p, cudaStream_t stream) {
   using T = typename DTypeOf<kDType>::type;
+  if constexpr (kD == 128) {
+    if (dkdv_compact_applies(p, DkvCompactCfg<kD>::SMEM) && !bwd_tune('c')) return launch_dkdv_compact<T, kD>(p, stream);
+  }
   if constexpr (kD <= 128) {
     if (p.C <= 8 && !bwd_tune('n')) return launch_dkdv_pack<T, kD>(p, stream);
   }

@@ -100,16 +100,28 @@ inline bool env_equals(const char* name, const char* value) {
   return e != nullptr && std::strcmp(e, value) == 0;
 }
 
-// The current device's SM count, queried once per device (0 if unknown).
-inline int device_sm_count() {
-  static std::atomic<int> count[64];
+// An attribute of the current device, queried once per device (0 if unknown); `cache` is the caller's, one per
+// attribute.
+inline int cached_device_attribute(cudaDeviceAttr attr, std::atomic<int> (&cache)[64]) {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
-  int n = count[dev].load(std::memory_order_relaxed);
+  int n = cache[dev].load(std::memory_order_relaxed);
   if (n > 0) return n;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 0;
-  count[dev].store(n, std::memory_order_relaxed);
+  if (cudaDeviceGetAttribute(&n, attr, dev) != cudaSuccess) return 0;
+  cache[dev].store(n, std::memory_order_relaxed);
   return n;
+}
+
+// The current device's SM count.
+inline int device_sm_count() {
+  static std::atomic<int> cache[64];
+  return cached_device_attribute(cudaDevAttrMultiProcessorCount, cache);
+}
+
+// The current device's opt-in shared memory per block (bytes).
+inline int device_smem_optin() {
+  static std::atomic<int> cache[64];
+  return cached_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, cache);
 }
 
 // How many chunks the `heads` (batch, KV head) pairs of a column-oriented grid run in (bwd/common.cuh column_tile):

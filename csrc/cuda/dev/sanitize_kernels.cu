@@ -194,6 +194,8 @@ int main() {
       {1, 150, 530, 8, 2, 128, 32, 200, true, 0.f, false, true},   // C = 200: the Hopper two-warpgroup tile, garbage
       {2, 100, 300, 8, 2, 128, 16, 128, false, 20.f, true, false}, // C = 128, per-head, soft cap: two warpgroups
       {1, 120, 300, 4, 1, 64, 64, 100, true, 0.f, false, false},   // D = 64, C = 100: one warpgroup, partial tile
+      {1, 300, 200, 8, 2, 128, 64, 1, true, 0.f, false, true},     // compact small blocks (R * g = 256), garbage
+      {2, 130, 150, 8, 2, 128, 128, 2, false, 10.f, true, false},  // compact, C = 2, R * g = 512, per-head, cap
   };
   for (const Case& c : cases) run_case(c, rng);
   std::printf("all cases ran\n");
