@@ -94,7 +94,7 @@ inline bool dkdv_compact_applies(const Params& p, int smem) {
 
 #ifdef BSATTN_BWD_DEV
 // Development builds only: BSATTN_BWD_TUNE holds letters that switch a choice off, for timing side by side:
-// 'n': no column packing; 'c': no compact small-block kernel.
+// 'n': no column packing; 'c': no compact small-block kernel; 'C': the compact kernel for every C <= 8 (profiling).
 inline bool bwd_tune(char c) {
   const char* e = std::getenv("BSATTN_BWD_TUNE");
   return e != nullptr && std::strchr(e, c) != nullptr;
@@ -137,7 +137,9 @@ template <int kDType, int kD>
 cudaError_t launch_dkdv(const Params& p, cudaStream_t stream) {
   using T = typename DTypeOf<kDType>::type;
   if constexpr (kD == 128) {
-    if (dkdv_compact_applies(p, DkvCompactCfg<kD>::SMEM) && !bwd_tune('c')) return launch_dkdv_compact<T, kD>(p, stream);
+    constexpr int smem = DkvCompactCfg<kD>::SMEM;
+    const bool forced = bwd_tune('C') && p.C <= 8 && p.R * p.g >= 1 && device_smem_optin() >= smem;
+    if ((dkdv_compact_applies(p, smem) && !bwd_tune('c')) || forced) return launch_dkdv_compact<T, kD>(p, stream);
   }
   if constexpr (kD <= 128) {
     if (p.C <= 8 && !bwd_tune('n')) return launch_dkdv_pack<T, kD>(p, stream);
