@@ -21,8 +21,9 @@
 //
 // The unit list is built in shared memory one window of WR = 32 block rows at a time, from the column view: each
 // column's entries in the window (a binary search from its cursor), the multiplicity of each (block row, column)
-// written by the first entry of its run (one writer, no atomics), a 64-bit mask of listed columns per block row, and
-// the units in block-row order. Shared memory: 214 KB (one CTA per SM; beyond the 163 KB of an A100, where the packed
+// written by the first entry of its run (one writer, no atomics), a 64-bit mask of listed columns per block row, the
+// units in block-row order, and each unit's 16 key slots (computed once there, not by every thread at every unit: at
+// R * g = 64 that per-thread setup took 39 % of the stall samples). Shared memory: 214 KB (one CTA per SM; beyond the 163 KB of an A100, where the packed
 // kernel runs instead).
 //
 // Where it runs (bwd/launch.cuh): C <= 2 and R * g >= 256, where it measured faster than the packed kernel. A
@@ -67,12 +68,14 @@ struct DkvCompactCfg {
   static constexpr int OFF_PM = OFF_CNT + WR * 64 * 4;           // [WR] u64: columns listed by the block row
   static constexpr int MAXG = 5;  // groups per block row: ceil(P / G) <= 5 for C <= 8
   static constexpr int OFF_UNIT = OFF_PM + WR * 8;               // [WR * MAXG] u16: block row | group << 8
-  static constexpr int OFF_MISC = OFF_UNIT + WR * MAXG * 2;      // column cursors, ends, counts, offsets; scalars
+  static constexpr int OFF_USLOT = OFF_UNIT + WR * MAXG * 2;     // [WR * MAXG][16] s8: each unit's key slots (-1: none)
+  static constexpr int OFF_UDUP = OFF_USLOT + WR * MAXG * 16;    // [WR * MAXG] u8: a key of the unit listed twice or more
+  static constexpr int OFF_MISC = OFF_UDUP + WR * MAXG;          // column cursors, ends, counts, offsets; scalars
   static constexpr int SMEM = OFF_MISC + (4 * 64 + 8) * 4;
   using QMap = TileMap<D, NT, BQ>;
   static_assert(D == 128 && DW == 16, "phase 2 gives each warp 16 columns of dk / dv");
   static_assert(WR <= 32, "unit list: one lane per block row of a window");
-  static_assert(OFF_DO % 128 == 0 && OFF_ACC % 16 == 0 && OFF_PM % 8 == 0, "alignment");
+  static_assert(OFF_DO % 128 == 0 && OFF_ACC % 16 == 0 && OFF_PM % 8 == 0 && OFF_MISC % 4 == 0, "alignment");
 };
 
 // Position of the n-th (from 0) set bit of x, which has more than n.
@@ -131,6 +134,8 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_dkdv_compact_kernel(con
   int* cnt = reinterpret_cast<int*>(smem + Cfg::OFF_CNT);
   unsigned long long* pm = reinterpret_cast<unsigned long long*>(smem + Cfg::OFF_PM);
   uint16_t* units = reinterpret_cast<uint16_t*>(smem + Cfg::OFF_UNIT);
+  int8_t* uslot = reinterpret_cast<int8_t*>(smem + Cfg::OFF_USLOT);
+  uint8_t* udup = smem + Cfg::OFF_UDUP;
   int* sCur = reinterpret_cast<int*>(smem + Cfg::OFF_MISC);  // [64] next entry of each column's list
   int* sEnd = sCur + 64;                                      // [64] end of each column's list
   int* sCnt = sEnd + 64;                                      // [64] entries of each column in the window
@@ -173,15 +178,6 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_dkdv_compact_kernel(con
   const int ka = (lane & 7) + ((lane >> 3) & 1) * 8;
   const uint32_t b1_lane = (warp * 8 + sw) * RS;
   const uint32_t t_lane = ka * RS;
-  // the thread's compacted keys (its two accumulator rows, its ldmatrix A row) as (column of the group, key in it)
-  int ci_h[2], e_h[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int kr = (lane >> 2) + 8 * h;
-    ci_h[h] = kr / C;
-    e_h[h] = kr - ci_h[h] * C;
-  }
-  const int ci_a = ka / C, e_a = ka - (ka / C) * C;
 
   int win0 = -WR;
   while (true) {
@@ -268,6 +264,28 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_dkdv_compact_kernel(con
     __syncthreads();
     const int nunits = *sNU;
     const int ntiles = nunits * TPU;
+    // ---- each unit's 16 keys, once: compacted key kr -> the (grp * G + kr / C)-th listed column of the block row,
+    // key kr % C of it -> its slot among the CTA's keys (-1: none); whether one of them is listed more than once
+    for (int base = warp * 32; base < nunits * 16; base += NT) {
+      const int i = base + lane, u = i >> 4, kr = i & 15;
+      bool twice = false;
+      if (u < nunits) {  // (whole half-warps)
+        const int ent = units[u];
+        const int bl = ent & 0xff, grp = ent >> 8;
+        const unsigned long long m = pm[bl];
+        const int ci = kr / C, e = kr - ci * C, n = grp * G + ci;
+        int sl = -1;
+        if (ci < G && n < __popcll(m)) {
+          const int col = select_bit64(m, n);
+          sl = col * C + e < nkeys ? col * C + e : -1;
+          twice = sl >= 0 && cnt[bl * 64 + col] != 1;
+        }
+        uslot[i] = static_cast<int8_t>(sl);
+      }
+      const unsigned bal = __ballot_sync(0xffffffffu, twice);
+      if (u < nunits && kr == 0) udup[u] = ((bal >> (lane & 16)) & 0xffffu) != 0u;
+    }
+    __syncthreads();
 
     // ---- the window's tiles: unit u = t / TPU, its packed rows (t % TPU) * BQ .. ---------------------------
     auto issue = [&](int t, int stage) -> uint32_t {
@@ -317,29 +335,16 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_dkdv_compact_kernel(con
     for (int t = 0; t < ntiles; ++t) {
       const int stage = t % S, u = t / TPU, rt = t - u * TPU;
       if (rt == 0) {
-        const int ent = units[u];
-        const int bl = ent & 0xff, grp = ent >> 8;
-        const unsigned long long m = pm[bl];
-        const int npres = __popcll(m);
-        // compacted key kr -> the (grp * G + kr / C)-th listed column of the block row, key kr % C of it: its slot
-        // among the CTA's keys (-1: none)
-        auto slot_of = [&](int ci, int e, int& col) -> int {
-          const int n = grp * G + ci;
-          if (ci >= G || n >= npres) return -1;
-          col = select_bit64(m, n);
-          const int sl = col * C + e;
-          return sl < nkeys ? sl : -1;
-        };
-        dup = false;
+        const int8_t* us = uslot + u * 16;
+        dup = udup[u] != 0;
+        const int bl = units[u] & 0xff;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          int col = 0;
-          slot[h] = slot_of(ci_h[h], e_h[h], col);
-          mul[h] = slot[h] >= 0 ? cnt[bl * 64 + col] : 0;
+          slot[h] = us[(lane >> 2) + 8 * h];
+          mul[h] = slot[h] < 0 ? 0 : dup ? cnt[bl * 64 + slot[h] / C] : 1;
           key[h] = slot[h] >= 0 ? k0 + slot[h] : INT_MAX;
-          dup |= slot[h] >= 0 && mul[h] != 1;
         }
-        int cola = 0, sa = slot_of(ci_a, e_a, cola);
+        int sa = us[ka];
         sa = sa < 0 ? 0 : sa;  // a key row that is not added: any row's data
         const uint32_t a_row = sa * RS;
         const int a_x = (lane >> 4) ^ (sa & 7);
