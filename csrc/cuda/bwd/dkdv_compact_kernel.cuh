@@ -23,8 +23,8 @@
 // column's entries in the window (a binary search from its cursor), the multiplicity of each (block row, column)
 // written by the first entry of its run (one writer, no atomics), a 64-bit mask of listed columns per block row, the
 // units in block-row order, and each unit's 16 key slots (computed once there, not by every thread at every unit: at
-// R * g = 64 that per-thread setup took 39 % of the stall samples). Shared memory: 214 KB (one CTA per SM; beyond the 163 KB of an A100, where the packed
-// kernel runs instead).
+// R * g = 64 that per-thread setup took 39 % of the stall samples). Shared memory: 217 KB (one CTA per SM; beyond the
+// 163 KB of an A100, where the packed kernel runs instead).
 //
 // Where it runs (bwd/launch.cuh): C <= 2 and R * g >= 256, where it measured faster than the packed kernel. A
 // variant that gathered each tile once for all of a block row's groups (adding dk / dv at every tile) was slower
@@ -69,7 +69,7 @@ struct DkvCompactCfg {
   static constexpr int MAXG = 5;  // groups per block row: ceil(P / G) <= 5 for C <= 8
   static constexpr int OFF_UNIT = OFF_PM + WR * 8;               // [WR * MAXG] u16: block row | group << 8
   static constexpr int OFF_USLOT = OFF_UNIT + WR * MAXG * 2;     // [WR * MAXG][16] s8: each unit's key slots (-1: none)
-  static constexpr int OFF_UDUP = OFF_USLOT + WR * MAXG * 16;    // [WR * MAXG] u8: a key of the unit listed twice or more
+  static constexpr int OFF_UDUP = OFF_USLOT + WR * MAXG * 16;    // [WR * MAXG] u8: a key listed twice or more
   static constexpr int OFF_MISC = OFF_UDUP + WR * MAXG;          // column cursors, ends, counts, offsets; scalars
   static constexpr int SMEM = OFF_MISC + (4 * 64 + 8) * 4;
   using QMap = TileMap<D, NT, BQ>;
