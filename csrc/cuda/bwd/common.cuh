@@ -171,6 +171,12 @@ __device__ __forceinline__ ColumnTile column_tile(const Params& p, int bid) {
   return t;
 }
 
+// At most this many of a column's entries are taken into one window of the small-block kernels' merged walks (a
+// valid layout has one per block row, times its multiplicity): their sums over a CTA's columns then stay far from
+// int overflow whatever a hand-made column view holds. Entries past it (only a block listed more than 2^24 times)
+// are skipped.
+constexpr int kMaxWindowEntries = 1 << 24;
+
 // The first index in [lo, hi) of an increasing list whose entry is >= value (hi if none): binary search.
 __device__ __forceinline__ int first_at_least(const int32_t* list, int lo, int hi, int value) {
   while (lo < hi) {

@@ -21,7 +21,7 @@
 //
 // The unit list is built in shared memory one window of WR = 32 block rows at a time, from the column view: each
 // column's entries in the window (a binary search from its cursor), the multiplicity of each (block row, column)
-// written by the first entry of its run (one writer, no atomics), a 64-bit mask of listed columns per block row, the
+// counted by shared-memory integer atomics (order-independent), a 64-bit mask of listed columns per block row, the
 // units in block-row order, and each unit's 16 key slots (computed once there, not by every thread at every unit: at
 // R * g = 64 that per-thread setup took 39 % of the stall samples). Shared memory: 217 KB (one CTA per SM; beyond the
 // 163 KB of an A100, where the packed kernel runs instead).
@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_dkdv_compact_kernel(con
   const int nkeys = min(Pv * C, p.N - k0);  // >= 1
   const int64_t lid = static_cast<int64_t>(p.LB > 1 ? b : 0) * p.LH + (p.LH > 1 ? hk : 0);
   const int E = p.R * p.g;  // packed rows per block row (>= 256: the launcher's condition; >= 1 suffices)
-  const int TPU = (E + BQ - 1) / BQ;  // tiles per unit
+  const int TPU = E / BQ + (E % BQ != 0);  // tiles per unit (no overflow for any E)
   const int64_t kvoff = (static_cast<int64_t>(b) * p.N * p.Hk + hk) * D;
   const int64_t kv_rstride = static_cast<int64_t>(p.Hk) * D;
   const int64_t qboff = static_cast<int64_t>(b) * p.M * p.Hq;
@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_dkdv_compact_kernel(con
       for (int l = lane; l < Pv; l += 32)
         if (sCur[l] < sEnd[l]) nx = min(nx, max(__ldg(rows + sCur[l]), 0));
       nx = __reduce_min_sync(0xffffffffu, nx);
-      // (past the last block row: done; only an unsorted, hand-made column view can get there with entries left)
+      // (past the last block row: done; entries may be left, at block rows >= MB or in an unsorted hand-made view)
       int w0 = nx >= p.MB ? INT_MAX : max(win0 + WR, (nx / WR) * WR);
       if (w0 >= p.MB) w0 = INT_MAX;
       int run = 0;  // inclusive prefix of the counts of columns up to this lane's
@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_dkdv_compact_kernel(con
         if (l < Pv && w0 != INT_MAX) {
           // entries of the window: the lists are increasing, so they are a prefix of what is left (binary search)
           const int cur = sCur[l];
-          n = first_at_least(rows, cur, sEnd[l], w0 + WR) - cur;
+          n = min(first_at_least(rows, cur, sEnd[l], w0 + WR) - cur, kMaxWindowEntries);
         }
         int x = n;
 #pragma unroll
@@ -221,9 +221,10 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_dkdv_compact_kernel(con
     if (win0 == INT_MAX) break;  // (uniform)
     const int wend = min(win0 + WR, p.MB);
 
-    // ---- multiplicities: the first entry of each run of equal block rows writes the run's length -------------
+    // ---- multiplicities: every entry of the window adds 1 to its (block row, column) count (integer adds: the
+    // counts do not depend on their order, even in an unsorted hand-made column view)
     {
-      const int tot = *sTot;
+      const int tot = *sTot;  // <= 64 * kMaxWindowEntries
       for (int i = tid; i < tot; i += NT) {
         int lo = 0, hi = Pv - 1;  // the column l: the last with sOff[l] <= i
         while (lo < hi) {
@@ -233,12 +234,8 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_dkdv_compact_kernel(con
           else
             hi = mid - 1;
         }
-        const int l = lo, cur = sCur[l], a = cur + (i - sOff[l]), end = cur + sCnt[l];
-        const int br = __ldg(rows + a);
-        if (br < win0 || br >= wend || (a > cur && __ldg(rows + a - 1) == br)) continue;
-        // the run's end: the first entry past a above br (br < wend <= MB: no overflow)
-        const int rend = first_at_least(rows, a + 1, end, br + 1);
-        cnt[(br - win0) * 64 + l] = rend - a;
+        const int br = __ldg(rows + sCur[lo] + (i - sOff[lo]));
+        if (br >= win0 && br < wend) atomicAdd(cnt + (br - win0) * 64 + lo, 1);
       }
     }
     __syncthreads();
@@ -294,8 +291,9 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_dkdv_compact_kernel(con
       if (owner) {
         int lim = INT_MAX;
         const int u = t / TPU;
-        const int pr = (t - u * TPU) * BQ + trow_own;
-        if (pr < E) {
+        const int r0 = (t - u * TPU) * BQ;  // <= E - 1
+        if (trow_own < E - r0) {
+          const int pr = r0 + trow_own;
           const int br = win0 + (units[u] & 0xff);
           const int r = pr / p.g;
           const int qi = br * p.R + r;

@@ -510,7 +510,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_pack_kerne
       if (lane < Pv) {
         // entries of the window: the lists are increasing, so they are a prefix of what is left (binary search)
         const int lo = w0 != INT_MAX ? first_at_least(rows, cur, end, w0 + W) : cur;
-        sCnt[lane] = lo - cur;
+        sCnt[lane] = min(lo - cur, kMaxWindowEntries);
       }
       if (lane == 0) *sWin = w0;
     }

@@ -76,7 +76,10 @@ cudaError_t launch_dkdv_pack(const Params& p0, cudaStream_t stream) {
 
 // Small blocks under tall block rows (C <= 2, R * g >= 256, D = 128) where the device has the shared memory: the
 // listed keys compacted, 64 keys per CTA (bsattn_bwd_dkdv_compact_kernel). Elsewhere among C <= 8 it measured no
-// faster than the packed kernel, or slower (R * g = 64: 1.4x slower; C = 8: 1.4x), H200, 2026-11-30.
+// faster than the packed kernel, or slower (H200, 2026-11-30: R * g = 64, 1.07x slower; C = 8, 1.26x; C = 4, 4 %
+// faster but not checked). It runs one CTA per SM on a quarter as many CTAs as the packed kernel, so on a grid of
+// fewer CTAs than SMs the packed kernel may be faster: not measured, and not part of the rule (the tests' small shapes
+// would then no longer reach this kernel).
 template <typename T, int kD>
 cudaError_t launch_dkdv_compact(const Params& p0, cudaStream_t stream) {
   using Cfg = DkvCompactCfg<kD>;
