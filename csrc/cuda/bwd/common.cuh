@@ -177,6 +177,15 @@ __device__ __forceinline__ ColumnTile column_tile(const Params& p, int bid) {
 // are skipped.
 constexpr int kMaxWindowEntries = 1 << 24;
 
+// The small-block kernels' next window of W block rows (whole warp): the first W-aligned one after win0 that holds the
+// smallest next block row of the CTA's columns (nx: this lane's candidate, INT_MAX if none). INT_MAX when there is
+// none before MB: done (entries may be left, at block rows >= MB or in an unsorted hand-made column view).
+__device__ __forceinline__ int next_window(int nx, int win0, int W, int MB) {
+  nx = __reduce_min_sync(0xffffffffu, nx);
+  const int w0 = nx >= MB ? INT_MAX : max(win0 + W, (nx / W) * W);
+  return w0 >= MB ? INT_MAX : w0;
+}
+
 // The first index in [lo, hi) of an increasing list whose entry is >= value (hi if none): binary search.
 __device__ __forceinline__ int first_at_least(const int32_t* list, int lo, int hi, int value) {
   while (lo < hi) {
@@ -187,6 +196,45 @@ __device__ __forceinline__ int first_at_least(const int32_t* list, int lo, int h
       hi = mid;
   }
   return lo;
+}
+
+// Packed row `off` of block row `br` (query row r = off / g of the block row, head hq0 + off % g) -> rid, its row of q
+// in units of D within the batch (q_row * Hq + head), and lim, its causal limit (set only when causal). False, both
+// left alone, when the query row is past M.
+__device__ __forceinline__ bool packed_query_row(const Params& p, int br, int off, int hq0, int& rid, int& lim) {
+  const int r = off / p.g;
+  const int qi = br * p.R + r;
+  if (qi >= p.M) return false;
+  rid = qi * p.Hq + hq0 + (off - r * p.g);
+  if (p.causal) lim = qi + (p.N - p.M);
+  return true;
+}
+
+// Which keys a CTA of the small-block kernels (packed, compact) holds: P = p.pack consecutive block columns c0 .. c0 +
+// Pv - 1 of (batch b, KV head hk), groups head-major; their keys k0 .. k0 + nkeys - 1 (nkeys >= 1: c0 < NB) and the
+// tensor offsets.
+struct ColumnGroup {
+  int b, hk, c0, Pv, k0, nkeys;
+  int64_t lid;                       // the group's layout: (b, hk) for per-batch / per-head layouts
+  int64_t kvoff, kv_rstride, qboff;  // (b, key 0, hk) in k / v, their row stride; (b, row 0, head 0) in rows
+};
+
+template <int D>
+__device__ __forceinline__ ColumnGroup column_group(const Params& p, int bid) {
+  const int ng = (p.NB + p.pack - 1) / p.pack;
+  const int cg = bid % ng, head = bid / ng;
+  ColumnGroup w;
+  w.b = head / p.Hk;
+  w.hk = head - w.b * p.Hk;
+  w.c0 = cg * p.pack;
+  w.Pv = min(p.pack, p.NB - w.c0);
+  w.k0 = w.c0 * p.C;
+  w.nkeys = min(w.Pv * p.C, p.N - w.k0);
+  w.lid = static_cast<int64_t>(p.LB > 1 ? w.b : 0) * p.LH + (p.LH > 1 ? w.hk : 0);
+  w.kvoff = (static_cast<int64_t>(w.b) * p.N * p.Hk + w.hk) * D;
+  w.kv_rstride = static_cast<int64_t>(p.Hk) * D;
+  w.qboff = static_cast<int64_t>(w.b) * p.M * p.Hq;
+  return w;
 }
 
 // The entries [cs, ce) of col_rows (layout lid) that list the block rows of block column c, clamped to [0, nnz] and
@@ -279,14 +327,7 @@ struct ColumnQueryGather {
       int lim = INT_MAX;
       if (qw.live(owner)) {
         const int brow = qw.nxt;
-        if (brow >= 0 && brow < p.MB) {
-          const int r = qw.off / p.g;
-          const int qi = brow * p.R + r;
-          if (qi < p.M) {
-            rid = qi * p.Hq + hq0 + (qw.off - r * p.g);
-            if (p.causal) lim = qi + (p.N - p.M);
-          }
-        }
+        if (brow >= 0 && brow < p.MB) packed_query_row(p, brow, qw.off, hq0, rid, lim);
       }
       const int srow = stage * BQ + trow_own;
       stage_row_stats(sLse, sDl, srow, lseg, dlg, rid);

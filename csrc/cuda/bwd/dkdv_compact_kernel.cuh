@@ -78,6 +78,16 @@ struct DkvCompactCfg {
   static_assert(OFF_DO % 128 == 0 && OFF_ACC % 16 == 0 && OFF_PM % 8 == 0 && OFF_MISC % 4 == 0, "alignment");
 };
 
+// The sum of x over lanes 0 .. lane of the warp (whole warp).
+__device__ __forceinline__ int warp_inclusive_sum(int x, int lane) {
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += y;
+  }
+  return x;
+}
+
 // Position of the n-th (from 0) set bit of x, which has more than n.
 __device__ __forceinline__ int select_bit32(uint32_t x, int n) {
   int pos = 0;
@@ -106,21 +116,13 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_dkdv_compact_kernel(con
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
-  // ---- which keys: P = p.pack block columns from c0 of (b, hk), head-major -----------------------------------
-  const int P = p.pack, C = p.C, G = 16 / C;
-  const int ng = (p.NB + P - 1) / P;
-  const int cg = blockIdx.x % ng, head = blockIdx.x / ng;
-  const int b = head / p.Hk, hk = head - b * p.Hk;
-  const int c0 = cg * P;
-  const int Pv = min(P, p.NB - c0);
-  const int k0 = c0 * C;
-  const int nkeys = min(Pv * C, p.N - k0);  // >= 1
-  const int64_t lid = static_cast<int64_t>(p.LB > 1 ? b : 0) * p.LH + (p.LH > 1 ? hk : 0);
+  // ---- which keys: p.pack block columns of (b, hk) (common.cuh column_group) --------------------------------
+  const ColumnGroup cgw = column_group<D>(p, blockIdx.x);
+  const int hk = cgw.hk, c0 = cgw.c0, Pv = cgw.Pv, k0 = cgw.k0, nkeys = cgw.nkeys;
+  const int64_t lid = cgw.lid, kvoff = cgw.kvoff, kv_rstride = cgw.kv_rstride, qboff = cgw.qboff;
+  const int C = p.C, G = 16 / C;
   const int E = p.R * p.g;  // packed rows per block row (>= 256: the launcher's condition; >= 1 suffices)
   const int TPU = E / BQ + (E % BQ != 0);  // tiles per unit (no overflow for any E)
-  const int64_t kvoff = (static_cast<int64_t>(b) * p.N * p.Hk + hk) * D;
-  const int64_t kv_rstride = static_cast<int64_t>(p.Hk) * D;
-  const int64_t qboff = static_cast<int64_t>(b) * p.M * p.Hq;
 
   // ---- shared memory ---------------------------------------------------------------------------------------
   const uint32_t s0 = smem_u32(smem);
@@ -187,10 +189,7 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_dkdv_compact_kernel(con
       int nx = INT_MAX;
       for (int l = lane; l < Pv; l += 32)
         if (sCur[l] < sEnd[l]) nx = min(nx, max(__ldg(rows + sCur[l]), 0));
-      nx = __reduce_min_sync(0xffffffffu, nx);
-      // (past the last block row: done; entries may be left, at block rows >= MB or in an unsorted hand-made view)
-      int w0 = nx >= p.MB ? INT_MAX : max(win0 + WR, (nx / WR) * WR);
-      if (w0 >= p.MB) w0 = INT_MAX;
+      const int w0 = next_window(nx, win0, WR, p.MB);
       int run = 0;  // inclusive prefix of the counts of columns up to this lane's
       for (int base = 0; base < 64; base += 32) {
         const int l = base + lane;
@@ -200,12 +199,7 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_dkdv_compact_kernel(con
           const int cur = sCur[l];
           n = min(first_at_least(rows, cur, sEnd[l], w0 + WR) - cur, kMaxWindowEntries);
         }
-        int x = n;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-          const int y = __shfl_up_sync(0xffffffffu, x, o);
-          if (lane >= o) x += y;
-        }
+        const int x = warp_inclusive_sum(n, lane);
         sCnt[l] = n;
         sOff[l] = run + x - n;
         run += __shfl_sync(0xffffffffu, x, 31);
@@ -249,12 +243,7 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_dkdv_compact_kernel(con
     if (warp == 0) {
       const int ncols = lane < WR ? __popcll(pm[lane]) : 0;
       const int ngr = (ncols + G - 1) / G;
-      int x = ngr;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, x, o);
-        if (lane >= o) x += y;
-      }
+      const int x = warp_inclusive_sum(ngr, lane);
       for (int j = 0; j < ngr; ++j) units[x - ngr + j] = static_cast<uint16_t>(lane | (j << 8));
       if (lane == 31) *sNU = x;
     }
@@ -292,16 +281,7 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_dkdv_compact_kernel(con
         int lim = INT_MAX;
         const int u = t / TPU;
         const int r0 = (t - u * TPU) * BQ;  // <= E - 1
-        if (trow_own < E - r0) {
-          const int pr = r0 + trow_own;
-          const int br = win0 + (units[u] & 0xff);
-          const int r = pr / p.g;
-          const int qi = br * p.R + r;
-          if (qi < p.M) {
-            rid = qi * p.Hq + hq0 + (pr - r * p.g);
-            if (p.causal) lim = qi + (p.N - p.M);
-          }
-        }
+        if (trow_own < E - r0) packed_query_row(p, win0 + (units[u] & 0xff), r0 + trow_own, hq0, rid, lim);
         const int srow = stage * BQ + trow_own;
         stage_row_stats(sLse, sDl, srow, lseg, dlg, rid);
         sLim[srow] = lim;

@@ -404,24 +404,12 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_pack_kerne
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wq = warp % WQ;
 
-  // ---- which tile ----------------------------------------------------------------------------------------
-  const int P = p.pack;
-  const int ng = (p.NB + P - 1) / P;
-  int bid = blockIdx.x;
-  const int cg = bid % ng;
-  const int head = bid / ng;
-  const int b = head / p.Hk, hk = head - b * p.Hk;
-  const int c0 = cg * P;
-  const int Pv = min(P, p.NB - c0);  // columns of this group (>= 1)
-  const int k0 = c0 * p.C;
-  const int nkeys = min(Pv * p.C, p.N - k0);  // >= 1: c0 < NB
-  const int64_t lid = static_cast<int64_t>(p.LB > 1 ? b : 0) * p.LH + (p.LH > 1 ? hk : 0);
+  // ---- which tile (common.cuh column_group) ----------------------------------------------------------------
+  const ColumnGroup grp = column_group<D>(p, blockIdx.x);
+  const int hk = grp.hk, c0 = grp.c0, Pv = grp.Pv, k0 = grp.k0, nkeys = grp.nkeys;
+  const int64_t lid = grp.lid, kvoff = grp.kvoff, kv_rstride = grp.kv_rstride, qboff = grp.qboff;
   const int RG = p.R * p.g;
   const int E = RG > 0 ? RG : 1;
-
-  const int64_t kvoff = (static_cast<int64_t>(b) * p.N * p.Hk + hk) * D;
-  const int64_t kv_rstride = static_cast<int64_t>(p.Hk) * D;
-  const int64_t qboff = static_cast<int64_t>(b) * p.M * p.Hq;
 
   // ---- shared memory ---------------------------------------------------------------------------------
   const uint32_t sK = smem_u32(smem);
@@ -445,10 +433,8 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_pack_kerne
 
   // ---- prologue: column ranges, K, V tile ------------------------------------------------------------
   if (tid < Pv) {
-    const int32_t* ci = p.col_indptr + lid * (p.NB + 1) + c0 + tid;
-    int64_t cs = __ldg(ci), ce = __ldg(ci + 1);
-    cs = cs < 0 ? 0 : (cs > p.nnz ? p.nnz : cs);
-    ce = ce < cs ? cs : (ce > p.nnz ? p.nnz : ce);
+    int64_t cs, ce;
+    column_entries(p, lid, c0 + tid, cs, ce);
     sCur[tid] = static_cast<int>(cs);
     sEnd[tid] = static_cast<int>(RG > 0 ? ce : cs);  // Hq = 0: nothing to walk
   }
@@ -503,10 +489,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_pack_kerne
         end = sEnd[lane];
         if (cur < end) nx = max(__ldg(rows + cur), 0);
       }
-      nx = __reduce_min_sync(0xffffffffu, nx);
-      // (past the last block row: done; only an unsorted, hand-made column view can get there with entries left)
-      int w0 = nx >= p.MB ? INT_MAX : max(win0 + W, (nx / W) * W);
-      if (w0 >= p.MB) w0 = INT_MAX;
+      const int w0 = next_window(nx, win0, W, p.MB);
       if (lane < Pv) {
         // entries of the window: the lists are increasing, so they are a prefix of what is left (binary search)
         const int lo = w0 != INT_MAX ? first_at_least(rows, cur, end, w0 + W) : cur;
@@ -581,16 +564,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_pack_kerne
         if (owner) {
           int lim = INT_MAX;
           unsigned long long w = 0ull;
-          if (ent < len) {
-            const int br = win0 + lbr[ent];
-            const int r = off / p.g;
-            const int qi = br * p.R + r;
-            if (qi < p.M) {
-              rid = qi * p.Hq + hq0 + (off - r * p.g);
-              w = cnt[ent];
-              if (p.causal) lim = qi + (p.N - p.M);
-            }
-          }
+          if (ent < len && packed_query_row(p, win0 + lbr[ent], off, hq0, rid, lim)) w = cnt[ent];
           const int srow = stage * BQ + trow_own;
           stage_row_stats(sLse, sDl, srow, lseg, dlg, rid);
           sLim[srow] = lim;

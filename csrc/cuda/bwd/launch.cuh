@@ -61,17 +61,23 @@ cudaError_t launch_dkdv_tile(const Params& p, cudaStream_t stream) {
   return launch_column_tiles<bsattn_bwd_dkdv_kernel<T, Cfg>, Cfg>(p, stream, Cfg::NT, Cfg::SMEM);
 }
 
-// Small blocks (C <= 8, D <= 128): P = 16 / C block columns per 16-key CTA (bsattn_bwd_dkdv_pack_kernel).
-template <typename T, int kD>
-cudaError_t launch_dkdv_pack(const Params& p0, cudaStream_t stream) {
-  using Cfg = DkvTile<kD, 16, 0>;
+// The small-block kernels' grid: one CTA per group of `keys` / C block columns of every (batch, KV head) (common.cuh
+// column_group); p.pack and p.nkc set on a copy.
+template <auto Kernel>
+cudaError_t launch_column_groups(const Params& p0, cudaStream_t stream, int keys, int threads, int smem, int ctas) {
   Params p = p0;
-  p.pack = 16 / p.C;
+  p.pack = keys / p.C;
   p.nkc = 1;
   const int64_t grid = static_cast<int64_t>(p.B) * p.Hk * ((p.NB + p.pack - 1) / p.pack);
-  static std::atomic<uint64_t> smem_done{0};  // one per (T, Cfg)
-  return launch_kernel(bsattn_bwd_dkdv_pack_kernel<T, Cfg>, grid, Cfg::NT, Cfg::PACK_SMEM, Cfg::MINB, smem_done, p,
-                       stream);
+  static std::atomic<uint64_t> smem_done{0};  // one per kernel
+  return launch_kernel(Kernel, grid, threads, smem, ctas, smem_done, p, stream);
+}
+
+// Small blocks (C <= 8, D <= 128): P = 16 / C block columns per 16-key CTA (bsattn_bwd_dkdv_pack_kernel).
+template <typename T, int kD>
+cudaError_t launch_dkdv_pack(const Params& p, cudaStream_t stream) {
+  using Cfg = DkvTile<kD, 16, 0>;
+  return launch_column_groups<bsattn_bwd_dkdv_pack_kernel<T, Cfg>>(p, stream, 16, Cfg::NT, Cfg::PACK_SMEM, Cfg::MINB);
 }
 
 // Small blocks under tall block rows (C <= 2, R * g >= 256, D = 128) where the device has the shared memory: the
@@ -81,14 +87,9 @@ cudaError_t launch_dkdv_pack(const Params& p0, cudaStream_t stream) {
 // fewer CTAs than SMs the packed kernel may be faster: not measured, and not part of the rule (the tests' small shapes
 // would then no longer reach this kernel).
 template <typename T, int kD>
-cudaError_t launch_dkdv_compact(const Params& p0, cudaStream_t stream) {
+cudaError_t launch_dkdv_compact(const Params& p, cudaStream_t stream) {
   using Cfg = DkvCompactCfg<kD>;
-  Params p = p0;
-  p.pack = Cfg::KR / p.C;
-  p.nkc = 1;
-  const int64_t grid = static_cast<int64_t>(p.B) * p.Hk * ((p.NB + p.pack - 1) / p.pack);
-  static std::atomic<uint64_t> smem_done{0};  // one per (T, Cfg)
-  return launch_kernel(bsattn_bwd_dkdv_compact_kernel<T, Cfg>, grid, Cfg::NT, Cfg::SMEM, 1, smem_done, p, stream);
+  return launch_column_groups<bsattn_bwd_dkdv_compact_kernel<T, Cfg>>(p, stream, Cfg::KR, Cfg::NT, Cfg::SMEM, 1);
 }
 
 inline bool dkdv_compact_applies(const Params& p, int smem) {

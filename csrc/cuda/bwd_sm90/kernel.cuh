@@ -108,14 +108,10 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_kernel(con
     pending >>= 1;
 
     // s^T = K q^T, dp^T = V do^T (one commit group each); the next tile's gather is issued while they run
-    wgmma_fence();
-    ops.keys_x_rows(sf, ops.k_desc, ops.q_desc, stage);
-    ops.keys_x_rows(dpf, ops.v_desc, ops.d_desc, stage);
-    if (t + S - 1 < ntiles) pending |= issue((t + S - 1) % S) << (S - 2);
-    cp_async_commit();
-    wgmma_wait<0>();
-    fence_regs(sf);
-    fence_regs(dpf);
+    ops.scores(sf, dpf, stage, [&] {
+      if (t + S - 1 < ntiles) pending |= issue((t + S - 1) % S) << (S - 2);
+      cp_async_commit();
+    });
 
     // p^T, ds^T as b16 A fragments; dv += p^T do, dk += ds^T q; dS to shared memory while they run
     uint32_t pa[BQ / 16][4], da[BQ / 16][4];

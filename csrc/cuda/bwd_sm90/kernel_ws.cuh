@@ -256,12 +256,7 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
       const bool need_mask =
           (sFlag[stage * 4] | sFlag[stage * 4 + 1] | sFlag[stage * 4 + 2] | sFlag[stage * 4 + 3]) != 0;
 
-      wgmma_fence();
-      ops.keys_x_rows(sf, ops.k_desc, ops.q_desc, stage);
-      ops.keys_x_rows(dpf, ops.v_desc, ops.d_desc, stage);
-      wgmma_wait<0>();
-      fence_regs(sf);
-      fence_regs(dpf);
+      ops.scores(sf, dpf, stage, [] {});
 
       uint32_t pa[BQ / 16][4], da[BQ / 16][4];
       sm90_probs_ds<T, BQ>(s, dp, sm.fLse, sm.fDl, sm.sLim, stage * BQ + (lane & 3) * 2, need_mask, key, kend,

@@ -88,6 +88,20 @@ struct Sm90TileOps {
     wgmma_commit();
   }
 
+  // s^T = K q^T and dp^T = V do^T of the stage; `between()` runs while they do (the kernels' gather issue), then
+  // both are waited for and fenced
+  template <class Between>
+  __device__ __forceinline__ void scores(float (&sf)[BQ / 2], float (&dpf)[BQ / 2], int stage,
+                                         Between&& between) const {
+    wgmma_fence();
+    keys_x_rows(sf, k_desc, q_desc, stage);
+    keys_x_rows(dpf, v_desc, d_desc, stage);
+    between();
+    wgmma_wait<0>();
+    fence_regs(sf);
+    fence_regs(dpf);
+  }
+
   // dv += p^T do, dk += ds^T q (A from registers; do, q read MN-major); one commit group
   __device__ __forceinline__ void dv_dk(float (&dvf)[D / 2], float (&dkf)[D / 2], const uint32_t (&pa)[BQ / 16][4],
                                         const uint32_t (&da)[BQ / 16][4], int stage) const {
