@@ -315,6 +315,17 @@ def case_list(quick):
         dict(R=64, C=2, g=4, D=128, B=2, M=300, N=500, per_batch=True, p_empty=0.0, dup=19,
              name="compact: a block listed 20 times"),
         dict(R=80, C=1, g=4, D=128, M=200, N=3000, p_empty=0.0, name="compact: R*g=320 (a half tile), 47 CTAs"),
+        # 8 < C <= 16: the 16-key column kernel
+        dict(R=16, C=16, g=4, D=128, Hk=2, M=300, N=1000, causal=True, per_head=True, garbage=True, dup=2,
+             name="C=16 causal dup x3 garbage"),
+        dict(R=64, C=12, g=2, D=128, dtype="f16", M=200, N=500, softcap=10.0, name="C=12 f16 cap"),
+        dict(R=64, C=16, g=1, D=128, M=256, N=200, p_empty=0.0, dup=19, name="C=16 a block listed 20 times"),
+        dict(R=32, C=14, g=4, D=64, B=2, M=200, N=300, per_batch=True, causal=True, name="C=14 D=64 batch 2"),
+        # scores of unlisted keys far above the row's log-sum-exp: their p overflows, and must be masked, not
+        # multiplied by 0 (packed and compact kernels)
+        dict(R=16, C=2, g=2, D=128, M=200, N=400, scale=10.0, name="pack: scale 10, unlisted keys' p overflows"),
+        dict(R=40, C=8, g=2, D=64, M=120, N=400, scale=10.0, name="pack: C=8 D=64 scale 10"),
+        dict(R=64, C=1, g=4, D=128, M=256, N=300, scale=10.0, dup=1, name="compact: scale 10"),
     ]
     return cases + [dict(base, **e) for e in edge]
 
@@ -326,7 +337,7 @@ def determinism(rng, impl):
     for (R, C, g, D, M, N, causal) in [(64, 64, 4, 128, 1024, 1024, True), (16, 16, 8, 64, 512, 700, False),
                                        (128, 128, 1, 256, 512, 512, False), (1, 5, 4, 128, 300, 400, False),
                                        (16, 128, 4, 128, 512, 1024, True),
-                                       (64, 1, 4, 128, 512, 600, True)]:
+                                       (64, 1, 4, 128, 512, 600, True), (16, 16, 4, 128, 512, 1000, True)]:
         Hk = 2
         Hq = Hk * g
         MB, NB = -(-M // R), -(-N // C)
@@ -351,7 +362,7 @@ def robustness(rng, impl):
     """Garbage column views and layouts straight into the FFI (no monotone_indptr / column_view): must finish."""
     res = []
     for (R, C, g, D) in [(3, 5, 4, 64), (64, 1, 2, 128), (16, 64, 1, 128), (1, 16, 8, 256), (128, 128, 1, 128),
-                         (64, 1, 4, 128)]:
+                         (64, 1, 4, 128), (16, 16, 4, 128)]:
         B, Hk, M, N = 2, 2, 130, 150
         Hq = Hk * g
         MB, NB = -(-M // R), -(-N // C)
@@ -469,6 +480,7 @@ def main():
     ap.add_argument("--tune", default="", help="g:R:C:letters,... cells also timed with BSATTN_BWD_TUNE=letters")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     ap.add_argument("--seed", type=int, default=int(time.time()) % 100000)
+    ap.add_argument("--c-range", default="", help="lo:hi: only the correctness cases with lo <= C <= hi")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip remaining correctness cases after this")
     a = ap.parse_args()
     global ATOMIC
@@ -488,7 +500,8 @@ def main():
     if not a.no_check:
         results = []
         t0 = time.time()
-        for cfg in case_list(a.quick):
+        c_lo, c_hi = (int(x) for x in a.c_range.split(":")) if a.c_range else (0, 1 << 30)
+        for cfg in (c for c in case_list(a.quick) if c_lo <= c["C"] <= c_hi):
             if time.time() - t0 > a.budget_s:
                 print("correctness budget spent: remaining cases skipped", flush=True)
                 break

@@ -405,9 +405,12 @@ __device__ __forceinline__ void dkv_probs_ds(float (&s)[NQ8][4], float (&dp)[DO_
       else
         pv = prob_nocap(s[n][e], s_mul, lse2[cc]);
       if (need_mask) {
-        if constexpr (MUL == kMulCountWord)
-          pv *= static_cast<float>(static_cast<uint32_t>((cc ? w2.y : w2.x) >> mul[h]) & 15u);
-        if constexpr (MUL == kMulPerKey) pv *= static_cast<float>(mul[h]);
+        // a multiplicity of 0 selects 0, not 0 * p: an unlisted key's p can overflow to inf (its score is not in
+        // the row's log-sum-exp), and inf * 0 is NaN
+        int m = 1;
+        if constexpr (MUL == kMulCountWord) m = static_cast<int>(static_cast<uint32_t>((cc ? w2.y : w2.x) >> mul[h]) & 15u);
+        if constexpr (MUL == kMulPerKey) m = mul[h];
+        if (MUL != kMulNone) pv = m != 0 ? pv * static_cast<float>(m) : 0.f;
         if (key[h] > (cc ? lim.y : lim.x)) pv = 0.f;
       }
       s[n][e] = pv;

@@ -12,7 +12,8 @@
 // order of additions, so dq is bitwise deterministic.
 //
 // Key rows that are invalid (entry past the row's range, block index outside [0, NB), key >= N) are zero in
-// shared memory: their ds multiplies a zero row of k, so they need no mask. Rows with lse = -inf (or padding)
+// shared memory and have index INT_MAX: the tiles that hold one take the mask, which zeroes their p (exp(-lse) of a
+// zero row overflows where lse < -88, and inf times their zero k would be NaN). Rows with lse = -inf (or padding)
 // get lse2 = +inf: p = 0 exactly.
 #pragma once
 
@@ -111,7 +112,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_kernel(const
   }
   for (int row = tid; row < TM; row += Cfg::NT) {
     float l2 = INFINITY, dl = 0.f;
-    int lim = INT_MAX;
+    int lim = INT_MAX - 1;  // below the padding keys' index: they are masked like keys past a causal limit
     const int P = row0 + row;
     const int r = P / p.g, j = P - r * p.g;
     if (row < rows_valid) {
@@ -136,7 +137,8 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_kernel(const
   const T* vg = static_cast<const T*>(p.v) + kvoff;
 
   // Issues the copies of the next KV tile into `stage`; returns 1 when this thread saw a key that needs the
-  // causal mask.
+  // causal mask, or a padding key (INT_MAX): its zero row gives p = exp(-lse), which overflows where lse < -88, and
+  // inf * 0 would reach dq as NaN.
   auto issue = [&](int stage) -> uint32_t {
     int key = INT_MAX;
     if (kw.live(owner)) {
@@ -149,7 +151,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_kernel(const
     uint32_t flag = 0;
     if (owner) {
       sKidx[stage * BN + trow_own] = key;
-      flag = (key != INT_MAX && key > qlim_min) ? 1u : 0u;
+      flag = key > qlim_min || key == INT_MAX ? 1u : 0u;
     }
     kw.advance(qC, rC, p.C, owner);
     const uint32_t sKs = sK + stage * Cfg::KV_STAGE, sVs = sV + stage * Cfg::KV_STAGE;
