@@ -119,12 +119,14 @@ def test_backward_compact_small_blocks(R, C, g, D, causal, softcap, dtype):
     check_gradients(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
 
 
-@pytest.mark.parametrize("R,C,g,D", [(16, 2, 2, 64), (64, 2, 4, 128), (16, 16, 4, 128)])
+@pytest.mark.parametrize("R,C,g,D", [(16, 2, 2, 64), (64, 2, 4, 128), (16, 16, 4, 128), (16, 40, 4, 128),
+                                     (8, 200, 4, 128), (16, 40, 2, 256)])
 def test_backward_rows_with_very_low_lse(R, C, g, D):
     """Block row i lists only block column i, whose keys score about -16 |u_i|^2 / sqrt(D) (-128 or less) against its
     queries (q = 4 u_i, k = -4 u_i, plus noise), so lse < -88: a padding key's p = exp(-lse) and an unlisted key's p
     (score about 0) overflow to inf and must be masked, not multiplied by 0 (that gives NaN). Deterministic, whatever
-    the seed; the dq kernel's padding keys, the packed (16 x 2), compact (64 x 2, g = 4) and column (16 x 16) dk / dv."""
+    the seed; the dq kernel's padding keys, the packed (16 x 2), compact (64 x 2, g = 4) and column (16 x 16) dk / dv,
+    the Hopper backward's part-filled key tiles (C = 40: one warpgroup; C = 200: two), D = 256 (the pair)."""
     from conftest import check_gradients
 
     rng = np.random.default_rng(5)
