@@ -40,6 +40,22 @@ def random_problem(rng, *, batch=(), M, N, Hq, Hk, D, dtype=jnp.float32):
     return draw(tuple(batch) + (M, Hq, D)), draw(tuple(batch) + (N, Hk, D)), draw(tuple(batch) + (N, Hk, D))
 
 
+def low_lse_problem(R, C, g, D, dtype=jnp.bfloat16, nb=4, Hk=2):
+    """q, k, v, layout where block row i lists only block column i, whose keys score about -16 |u_i|^2 / sqrt(D)
+    (-128 or less) against its queries (q = 4 u_i, k = -4 u_i, plus noise): every row's lse < -88, so p = exp(s - lse)
+    overflows to inf for any key a kernel computes but must not count (padding keys, whose score is 0; unlisted keys
+    of a packed tile, scoring about 0). Those must be masked, not multiplied by 0 (NaN). Deterministic."""
+    rng = np.random.default_rng(5)
+    M, N, Hq = nb * R, nb * C, Hk * g
+    u = rng.standard_normal((nb, Hk, D))
+    noise = lambda *shape: 0.3 * rng.standard_normal(shape)
+    q = 4 * np.repeat(np.repeat(u, g, axis=1)[:, None], R, axis=1).reshape(M, Hq, D) + noise(M, Hq, D)
+    k = -4 * np.repeat(u[:, None], C, axis=1).reshape(N, Hk, D) + noise(N, Hk, D)
+    v = rng.standard_normal((N, Hk, D))
+    q, k, v = (jnp.asarray(x[None], dtype) for x in (q, k, v))
+    return q, k, v, jb.BlockSparseLayout.from_block_mask(np.eye(nb, dtype=bool), (R, C), (M, N))
+
+
 def rel_err(x, ref):
     x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
     ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)

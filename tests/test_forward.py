@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jax_bsattn as jb
-from conftest import check_forward, random_mask, random_problem
+from conftest import check_forward, low_lse_problem, random_mask, random_problem
 
 RS = (1, 2, 3, 16, 64)
 CS = (1, 5, 16, 64)
@@ -66,6 +66,12 @@ def test_padded_indices_and_uneven_rows():
     layout = jb.BlockSparseLayout.from_csr(indptr, indices, (16, 16), (M, N))
     q, k, v = random_problem(np.random.default_rng(3), M=M, N=N, Hq=4, Hk=2, D=32)
     check_forward(q, k, v, layout, causal=True)
+
+
+@pytest.mark.parametrize("R,C,g,D", [(16, 2, 2, 64), (4, 16, 1, 16)])
+def test_rows_with_very_low_lse(R, C, g, D):
+    """Every row's lse < -88 (conftest.low_lse_problem): o and lse stay finite and exact."""
+    check_forward(*low_lse_problem(R, C, g, D, jnp.float32))
 
 
 def test_all_empty_layout_gives_zero_and_minus_inf():

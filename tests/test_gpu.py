@@ -122,24 +122,12 @@ def test_backward_compact_small_blocks(R, C, g, D, causal, softcap, dtype):
 @pytest.mark.parametrize("R,C,g,D", [(16, 2, 2, 64), (64, 2, 4, 128), (16, 16, 4, 128), (16, 40, 4, 128),
                                      (8, 200, 4, 128), (16, 40, 2, 256)])
 def test_backward_rows_with_very_low_lse(R, C, g, D):
-    """Block row i lists only block column i, whose keys score about -16 |u_i|^2 / sqrt(D) (-128 or less) against its
-    queries (q = 4 u_i, k = -4 u_i, plus noise), so lse < -88: a padding key's p = exp(-lse) and an unlisted key's p
-    (score about 0) overflow to inf and must be masked, not multiplied by 0 (that gives NaN). Deterministic, whatever
-    the seed; the dq kernel's padding keys, the packed (16 x 2), compact (64 x 2, g = 4) and column (16 x 16) dk / dv,
-    the Hopper backward's part-filled key tiles (C = 40: one warpgroup; C = 200: two), D = 256 (the pair)."""
-    from conftest import check_gradients
+    """Every row's lse < -88 (conftest.low_lse_problem): the dq kernel's padding keys, the packed (16 x 2), compact
+    (64 x 2, g = 4) and column (16 x 16) dk / dv, the Hopper backward's part-filled key tiles (C = 40: one warpgroup;
+    C = 200: two), D = 256 (the pair)."""
+    from conftest import check_gradients, low_lse_problem
 
-    rng = np.random.default_rng(5)
-    nb, Hk = 4, 2
-    M, N, Hq = nb * R, nb * C, Hk * g
-    u = rng.standard_normal((nb, Hk, D))
-    noise = lambda *shape: 0.3 * rng.standard_normal(shape)
-    q = 4 * np.repeat(np.repeat(u, g, axis=1)[:, None], R, axis=1).reshape(M, Hq, D) + noise(M, Hq, D)
-    k = -4 * np.repeat(u[:, None], C, axis=1).reshape(N, Hk, D) + noise(N, Hk, D)
-    v = rng.standard_normal((N, Hk, D))
-    q, k, v = (jnp.asarray(x[None], jnp.bfloat16) for x in (q, k, v))
-    layout = jb.BlockSparseLayout.from_block_mask(np.eye(nb, dtype=bool), (R, C), (M, N))
-    check_gradients(q, k, v, layout)
+    check_gradients(*low_lse_problem(R, C, g, D))
 
 
 @pytest.mark.parametrize("R,C,g,D", [(16, 2, 2, 128), (40, 8, 2, 64), (64, 1, 4, 128)])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jax_bsattn as jb
-from conftest import check_gradients, random_mask, random_problem
+from conftest import check_gradients, low_lse_problem, random_mask, random_problem
 
 
 def _cases():
@@ -35,6 +35,23 @@ def test_low_precision(dtype):
     layout = jb.BlockSparseLayout.from_block_mask(random_mask(rng, (2,), 4, 5, 0.5), (16, 16), (M, N))
     q, k, v = random_problem(rng, batch=(3,), M=M, N=N, Hq=4, Hk=2, D=64, dtype=dtype)
     check_gradients(q, k, v, layout, causal=True)
+
+
+@pytest.mark.parametrize("R,C,g,D,dtype", [(16, 2, 2, 64, jnp.float32), (8, 5, 4, 32, jnp.bfloat16),
+                                           (4, 16, 1, 16, jnp.float32)])
+def test_rows_with_very_low_lse(R, C, g, D, dtype):
+    """Every row's lse < -88 (conftest.low_lse_problem): keys a kernel computes but must not count get p = inf."""
+    check_gradients(*low_lse_problem(R, C, g, D, dtype))
+
+
+@pytest.mark.parametrize("scale", [10.0, -10.0])
+def test_large_scale(scale):
+    """Scale +-10: scores far above a row's log-sum-exp for the keys it does not list."""
+    rng = np.random.default_rng(14)
+    M, N = 48, 60
+    layout = jb.BlockSparseLayout.from_block_mask(random_mask(rng, (), 6, 12, 0.4), (8, 5), (M, N))
+    q, k, v = random_problem(rng, M=M, N=N, Hq=4, Hk=2, D=32)
+    check_gradients(q, k, v, layout, scale=scale, causal=True)
 
 
 def test_per_batch_layouts():
