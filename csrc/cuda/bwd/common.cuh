@@ -363,6 +363,13 @@ __device__ __forceinline__ float prob_cap(float raw, float s_mul, float cap_mul,
   return fast_exp2(fmaf(t, cap_mul, -lse2));
 }
 
+// The keys of a thread's two accumulator rows (h = 0, 1: fragment rows lane / 4 and lane / 4 + 8) of a 16-row mma /
+// wgmma fragment whose rows are keys k0 ..
+__device__ __forceinline__ void fragment_row_keys(int k0, int lane, int (&key)[2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) key[h] = k0 + (lane >> 2) + 8 * h;
+}
+
 // How dkv_probs_ds weighs p by the (row, column) multiplicity when need_mask: not at all (every listed block once),
 // by the 4-bit count at shift mul[h] of the row's count word in sW (the packed small-block kernel), or by mul[h]
 // itself, the multiplicity of the thread's key row h (the compact small-block kernel).
@@ -405,12 +412,12 @@ __device__ __forceinline__ void dkv_probs_ds(float (&s)[NQ8][4], float (&dp)[DO_
       else
         pv = prob_nocap(s[n][e], s_mul, lse2[cc]);
       if (need_mask) {
-        // a multiplicity of 0 selects 0, not 0 * p: an unlisted key's p can overflow to inf (its score is not in
-        // the row's log-sum-exp), and inf * 0 is NaN
-        int m = 1;
-        if constexpr (MUL == kMulCountWord) m = static_cast<int>(static_cast<uint32_t>((cc ? w2.y : w2.x) >> mul[h]) & 15u);
-        if constexpr (MUL == kMulPerKey) m = mul[h];
-        if (MUL != kMulNone) pv = m != 0 ? pv * static_cast<float>(m) : 0.f;
+        if constexpr (MUL != kMulNone) {
+          // a multiplicity of 0 selects 0, not 0 * p: an unlisted key's p can overflow to inf (its score is not in
+          // the row's log-sum-exp), and inf * 0 is NaN
+          const int m = MUL == kMulPerKey ? mul[h] : static_cast<int>(((cc ? w2.y : w2.x) >> mul[h]) & 15u);
+          pv = m != 0 ? pv * static_cast<float>(m) : 0.f;
+        }
         if (key[h] > (cc ? lim.y : lim.x)) pv = 0.f;
       }
       s[n][e] = pv;

@@ -354,8 +354,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_kernel(con
   const bool warp_active = krow0 < nkeys;
   const DkvLanes lanes = dkv_lanes<Cfg>(krow0, wq, lane);
   int key[2];  // keys of the thread's two accumulator rows
-#pragma unroll
-  for (int h = 0; h < 2; ++h) key[h] = k0 + krow0 + (lane >> 2) + 8 * h;
+  fragment_row_keys(k0 + krow0, lane, key);
 
   float adk[Cfg::DKN][4], adv[Cfg::DVN][4];
   uint32_t kf[Cfg::KFN][4], vf[Cfg::VFN][4];

@@ -92,9 +92,8 @@ cudaError_t launch_dkdv_compact(const Params& p, cudaStream_t stream) {
   return launch_column_groups<bsattn_bwd_dkdv_compact_kernel<T, Cfg>>(p, stream, Cfg::KR, Cfg::NT, Cfg::SMEM, 1);
 }
 
-inline bool dkdv_compact_applies(const Params& p, int smem) {
-  return p.C <= 2 && static_cast<int64_t>(p.R) * p.g >= 256 && device_smem_optin() >= smem;
-}
+// Its rule (the device's shared memory checked by the caller).
+inline bool dkdv_compact_applies(const Params& p) { return p.C <= 2 && static_cast<int64_t>(p.R) * p.g >= 256; }
 
 #ifdef BSATTN_BWD_DEV
 // Development builds only: BSATTN_BWD_TUNE holds letters that switch a choice off, for timing side by side:
@@ -141,9 +140,8 @@ template <int kDType, int kD>
 cudaError_t launch_dkdv(const Params& p, cudaStream_t stream) {
   using T = typename DTypeOf<kDType>::type;
   if constexpr (kD == 128) {
-    constexpr int smem = DkvCompactCfg<kD>::SMEM;
-    const bool forced = bwd_tune('C') && p.C <= 8 && p.R * p.g >= 1 && device_smem_optin() >= smem;
-    if ((dkdv_compact_applies(p, smem) && !bwd_tune('c')) || forced) return launch_dkdv_compact<T, kD>(p, stream);
+    const bool compact = (dkdv_compact_applies(p) && !bwd_tune('c')) || (bwd_tune('C') && p.C <= 8 && p.R * p.g >= 1);
+    if (compact && device_smem_optin() >= DkvCompactCfg<kD>::SMEM) return launch_dkdv_compact<T, kD>(p, stream);
   }
   if constexpr (kD <= 128) {
     if (p.C <= 8 && !bwd_tune('n')) return launch_dkdv_pack<T, kD>(p, stream);

@@ -81,8 +81,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_kernel(con
 
   // ---- per-thread state ----------------------------------------------------------------------------------
   int key[2];  // keys of the thread's two accumulator rows of s^T, dk, dv
-#pragma unroll
-  for (int h = 0; h < 2; ++h) key[h] = k0 + warp * 16 + (lane >> 2) + 8 * h;
+  fragment_row_keys(k0 + warp * 16, lane, key);
   float adk[DT][4], adv[DT][4];
   dkv_init<Cfg>(adk, adv);
   float(&dkf)[D / 2] = reinterpret_cast<float(&)[D / 2]>(adk);

@@ -237,8 +237,7 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
     const int b = w.b, hk = w.hk, k0 = w.k0, nkeys = w.nkeys, kend = k0 + nkeys, RG = w.RG;
     const int64_t lid = w.lid, cs = w.cs;
     int key[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) key[h] = k0 + cw * 16 + (lane >> 2) + 8 * h;
+    fragment_row_keys(k0 + cw * 16, lane, key);
     float adk[D / 8][4], adv[D / 8][4];
     dkv_init<Cfg>(adk, adv);
     float(&dkf)[D / 2] = reinterpret_cast<float(&)[D / 2]>(adk);

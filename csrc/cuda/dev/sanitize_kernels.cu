@@ -196,7 +196,7 @@ int main() {
       {1, 120, 300, 4, 1, 64, 64, 100, true, 0.f, false, false},   // D = 64, C = 100: one warpgroup, partial tile
       {1, 300, 200, 8, 2, 128, 64, 1, true, 0.f, false, true},     // compact small blocks (R * g = 256), garbage
       {2, 130, 150, 8, 2, 128, 128, 2, false, 10.f, true, false},  // compact, C = 2, R * g = 512, per-head, cap
-      {1, 100, 250, 8, 2, 128, 64, 12, false, 0.f, true, true},   // merged columns, C = 12 (5 a CTA), per-head garbage
+      {1, 100, 250, 8, 2, 128, 64, 12, false, 0.f, true, true},   // C = 12: the 16-key column kernel, per-head garbage
   };
   for (const Case& c : cases) run_case(c, rng);
   std::printf("all cases ran\n");
