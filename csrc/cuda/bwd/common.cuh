@@ -363,6 +363,67 @@ __device__ __forceinline__ float prob_cap(float raw, float s_mul, float cap_mul,
   return fast_exp2(fmaf(t, cap_mul, -lse2));
 }
 
+// p and ds (in place of dp) of the row-oriented dq kernels' accumulators (bwd/dq_kernel.cuh, bwd_sm90/dq_kernel.cuh):
+// s[n][e] is the score of the thread's row h = e >> 1 (fragment row lane / 4 + 8 h: lse2[h], dl[h], causal limit
+// lim[h]) and key kidx[8 n + (e & 1)] (kidx: the thread's first key column of the chunk, (lane % 4) * 2 in). need_mask:
+// p = 0 for keys above the row's limit (causal, and the padding keys' INT_MAX).
+template <int NT8>
+__device__ __forceinline__ void dq_probs_ds(const float (&s)[NT8][4], float (&dp)[NT8][4], const int* kidx,
+                                            bool need_mask, const float (&lse2)[2], const float (&dl)[2],
+                                            const int (&lim)[2], float s_mul, float cap_mul, bool use_cap) {
+#pragma unroll
+  for (int n = 0; n < NT8; ++n) {
+    int2 kk2 = make_int2(0, 0);
+    if (need_mask) kk2 = *reinterpret_cast<const int2*>(kidx + n * 8);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int h = e >> 1;
+      float pv, fac = 1.f;
+      if (use_cap)
+        pv = prob_cap(s[n][e], s_mul, cap_mul, lse2[h], fac);
+      else
+        pv = prob_nocap(s[n][e], s_mul, lse2[h]);
+      if (need_mask && ((e & 1) ? kk2.y : kk2.x) > lim[h]) pv = 0.f;
+      float ds = pv * (dp[n][e] - dl[h]);
+      if (use_cap) ds *= fac;
+      dp[n][e] = ds;
+    }
+  }
+}
+
+// dq = scale * acc of one warp's 16 rows (wrow0 ..; acc in the m16n8 accumulator layout, acc[d]: columns 8 d ..):
+// staged as b16 in the warp's own rows of a RowSwizzle tile at sStage (no longer read by anyone), then written out
+// 16 bytes a lane, all shared-memory reads before the (predicated) global stores; rows whose sRow entry is -1
+// (padding) are skipped. sRow: (query row in the block row, head) per tile row; dqg: dq of the tile's first row.
+template <typename T, int D>
+__device__ __forceinline__ void store_dq_rows(const float (&acc)[D / 8][4], float scale, uint32_t sStage, int wrow0,
+                                              const int2* sRow, T* dqg, int64_t q_rstride, int lane) {
+  constexpr int CPR = D / 8;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = wrow0 + (lane >> 2) + 8 * h;
+#pragma unroll
+    for (int d = 0; d < D / 8; ++d)
+      st_shared32(sStage + swz_off<D>(row, d) + (lane & 3) * 4,
+                  Mma<T>::pack(acc[d][2 * h] * scale, acc[d][2 * h + 1] * scale));
+  }
+  __syncwarp();
+  constexpr int ITERS = 16 * CPR / 32;
+  uint4 val[ITERS];
+  int2 rj[ITERS];
+#pragma unroll
+  for (int it = 0; it < ITERS; ++it) {
+    const int i = lane + 32 * it, row = wrow0 + i / CPR;
+    rj[it] = sRow[row];
+    val[it] = ld_shared16(sStage + swz_off<D>(row, i % CPR));
+  }
+#pragma unroll
+  for (int it = 0; it < ITERS; ++it) {
+    const int c = (lane + 32 * it) % CPR;
+    if (rj[it].x >= 0) st_global16(dqg + rj[it].x * q_rstride + rj[it].y * D + c * 8, val[it]);
+  }
+}
+
 // The keys of a thread's two accumulator rows (h = 0, 1: fragment rows lane / 4 and lane / 4 + 8) of a 16-row mma /
 // wgmma fragment whose rows are keys k0 ..
 __device__ __forceinline__ void fragment_row_keys(int k0, int lane, int (&key)[2]) {

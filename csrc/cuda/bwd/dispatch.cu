@@ -1,6 +1,7 @@
 // Which backward runs: the Hopper one-pass kernel (bwd_sm90/: dq through atomic adds into a float32 workspace) when
 // the caller gave that workspace, the device is compute capability 9.0 with the sm_90a build, the head dim is 64
-// or 128 and C > 16; otherwise the deterministic pair, dk / dv then dq (bwd/launch.cuh). Host code only: it calls
+// or 128 and C > 16; otherwise the deterministic pair, dk / dv then dq (bwd/launch.cuh; dq on wgmma,
+// bwd_sm90/dq_kernel.cuh, on such a device where R * g > 16). Host code only: it calls
 // the launchers through their declarations (params.h), so no kernel is instantiated here.
 #include <cuda_runtime.h>
 
@@ -21,8 +22,16 @@ cudaError_t launch_bwd(const Params& p, cudaStream_t stream, bool run_dq, bool r
 #endif
   cudaError_t err = cudaSuccess;
   if (run_dkdv) err = launch_dkdv<kDType, kD>(p, stream);
-  if (err == cudaSuccess && run_dq) err = launch_dq<kDType, kD>(p, stream);
-  return err;
+  if (err != cudaSuccess || !run_dq) return err;
+#ifdef BSATTN_WITH_SM90
+  if constexpr (kD <= 128) {
+    // dq on wgmma where a tile has 64 or 128 packed rows; BSATTN_BWD_DQ=mma: the mma.sync kernel (A / B; read once)
+    static const bool mma_dq = env_equals("BSATTN_BWD_DQ", "mma");
+    if (static_cast<int64_t>(p.R) * p.g > 16 && !mma_dq && device_runs_sm90a())
+      return launch_dq_sm90<kDType, kD>(p, stream);
+  }
+#endif
+  return launch_dq<kDType, kD>(p, stream);
 }
 
 template cudaError_t launch_bwd<kBF16, 64>(const Params&, cudaStream_t, bool, bool);

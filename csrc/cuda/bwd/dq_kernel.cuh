@@ -244,25 +244,8 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_kernel(const
           }
         }
         // p, ds (in place of dp)
-        const int* kidx = sKidx + stage * BN + wn * NK + ch * NKC + (lane & 3) * 2;
-#pragma unroll
-        for (int n = 0; n < NT8; ++n) {
-          int2 kk2 = make_int2(0, 0);
-          if (need_mask) kk2 = *reinterpret_cast<const int2*>(kidx + n * 8);
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int h = e >> 1;
-            float pv, fac = 1.f;
-            if (use_cap)
-              pv = prob_cap(s[n][e], s_mul, cap_mul, lse2[h], fac);
-            else
-              pv = prob_nocap(s[n][e], s_mul, lse2[h]);
-            if (need_mask && ((e & 1) ? kk2.y : kk2.x) > lim[h]) pv = 0.f;
-            float ds = pv * (dp[n][e] - dl[h]);
-            if (use_cap) ds *= fac;
-            dp[n][e] = ds;
-          }
-        }
+        dq_probs_ds<NT8>(s, dp, sKidx + stage * BN + wn * NK + ch * NKC + (lane & 3) * 2, need_mask, lse2, dl, lim,
+                         s_mul, cap_mul, use_cap);
         // dq += ds k
 #pragma unroll
         for (int kk = 0; kk < NKC / 16; ++kk) {
@@ -287,32 +270,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_kernel(const
   const float scale = p.scale;
   if constexpr (WN == 1) {
     // each warp stages its own 16 rows in its rows of the q tile and copies them out
-    if (warp_active) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = wrow0 + (lane >> 2) + 8 * h;
-#pragma unroll
-        for (int d = 0; d < DT; ++d)
-          st_shared32(sQ + swz_off<D>(row, d) + (lane & 3) * 4,
-                      Mma<T>::pack(acc[d][2 * h] * scale, acc[d][2 * h + 1] * scale));
-      }
-      __syncwarp();
-      // all shared-memory reads first, then the (predicated) global stores
-      constexpr int ITERS = 16 * CPR / 32;
-      uint4 val[ITERS];
-      int2 rj[ITERS];
-#pragma unroll
-      for (int it = 0; it < ITERS; ++it) {
-        const int i = lane + 32 * it, row = wrow0 + i / CPR;
-        rj[it] = sRow[row];
-        val[it] = ld_shared16(sQ + swz_off<D>(row, i % CPR));
-      }
-#pragma unroll
-      for (int it = 0; it < ITERS; ++it) {
-        const int c = (lane + 32 * it) % CPR;
-        if (rj[it].x >= 0) st_global16(dqg + rj[it].x * q_rstride + rj[it].y * D + c * 8, val[it]);
-      }
-    }
+    if (warp_active) store_dq_rows<T, D>(acc, scale, sQ, wrow0, sRow, dqg, q_rstride, lane);
   } else {
     // key-split warps: f32 partials to shared memory, summed in warp order (deterministic)
     float* sO = reinterpret_cast<float*>(smem);

@@ -61,6 +61,10 @@ cudaError_t launch_dkdv(const Params& p, cudaStream_t stream);
 // p.dq_accum (zeroed, accumulated with atomic adds, then converted into p.dq). Defined only with BSATTN_WITH_SM90.
 template <int kDType, int kD>
 cudaError_t launch_bwd_sm90(const Params& p, cudaStream_t stream);
+// Hopper (sm_90a, head dims 64 and 128; with BSATTN_WITH_SM90): dq alone (every element written), on wgmma, for
+// R * g > 16. Deterministic, like launch_dq.
+template <int kDType, int kD>
+cudaError_t launch_dq_sm90(const Params& p, cudaStream_t stream);
 // The backward of one call (bwd/dispatch.cu): the Hopper kernel where it applies, else dk / dv (run_dkdv) and dq
 // (run_dq).
 template <int kDType, int kD>

@@ -9,6 +9,7 @@
 
 #include "cuda/bwd/common.cuh"
 #include "cuda/common/gather.cuh"
+#include "cuda/fwd/config.cuh"
 
 namespace bsattn {
 namespace cuda {
@@ -57,6 +58,38 @@ template <> struct Sm90BwdTile<128> : Sm90BwdCfg<128, 2, 2> {};
 // gathered q / do tile serves twice the keys, and dq gets half the atomic adds per FLOP. What runs there by default
 // is its warp-specialised form (kernel_ws.cuh, Sm90BwdWsTile); this one is the A / B baseline.
 struct Sm90BwdWideTile : Sm90BwdCfg<128, 3, 1, 2> {};
+
+// The Hopper dq kernel (dq_kernel.cuh): TM = 64 NWG packed query rows per CTA (warpgroup w: rows 64 w ..), the
+// block row's gathered keys in KV tiles of BN rows, ST stages of K and V (both live until the tile's dq product), the
+// forward's gather (FwdTileShape: its thread layout and tables); MINB CTAs per SM.
+template <int D_, int NWG_, int BN_, int ST_, int MINB_>
+struct Sm90DqCfg : FwdTileShape<D_, NWG_ * 128, NWG_ * 64, BN_> {
+  using Shape = FwdTileShape<D_, NWG_ * 128, NWG_ * 64, BN_>;
+  using Shape::Q_BYTES, Shape::KV_STAGE_BYTES, Shape::LIM_BYTES, Shape::CTA_BYTES, Shape::OWN_BYTES, Shape::ROW_BYTES;
+  static constexpr int D = D_, NWG = NWG_, BN = BN_, ST = ST_, MINB = MINB_;
+  static constexpr int PF = ST - 1;  // KV tiles in flight ahead of the one being computed
+  static constexpr int NT = NWG * 128, TM = NWG * 64;
+  static constexpr bool KV_L1 = false;
+  // shared memory (bytes): q and do tiles, K stages, V stages (each 1024-byte aligned), key index per staged row, the
+  // tile shape's tables, lse2 and delta per tile row; + 1024 to align the dynamic base
+  static constexpr int KV_BYTES = 2 * ST * KV_STAGE_BYTES;
+  static constexpr int SMEM =
+      1024 + 2 * Q_BYTES + KV_BYTES + ST * BN * 4 + LIM_BYTES + CTA_BYTES + OWN_BYTES + ROW_BYTES + 2 * TM * 4;
+
+  static_assert(D == 64 || D == 128, "wgmma N of dq = dS K is D: 64 or 128 (the generated ops)");
+  static_assert(BN == 32 || BN == 64 || BN == 128, "wgmma N of S, dP is BN: 32, 64 or 128 (the generated ops)");
+  static_assert(ST >= 2 && ST <= 8, "pipeline depth");
+  static_assert(SMEM <= 227 * 1024, "shared memory per CTA");
+};
+
+// Sm90DqTile<D>: the configuration for head dim D. 64 packed rows per CTA everywhere: at D = 128, two CTAs of 64 rows
+// measured as fast as one CTA of 128 (two warpgroups, one CTA per SM) or 1 % faster (H200, 2026-11-30, C = 16, R * g
+// >= 128); at D = 64 two warpgroups under two CTAs per SM spilled.
+template <int D>
+struct Sm90DqTile;
+//                                     D  NWG  BN  ST MINB
+template <> struct Sm90DqTile<64> : Sm90DqCfg<64, 1, 64, 2, 3> {};
+template <> struct Sm90DqTile<128> : Sm90DqCfg<128, 1, 64, 2, 2> {};
 
 }  // namespace bwd
 }  // namespace cuda

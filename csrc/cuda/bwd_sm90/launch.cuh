@@ -12,6 +12,7 @@
 
 #include "cuda/bwd/params.h"
 #include "cuda/bwd_sm90/config.cuh"
+#include "cuda/bwd_sm90/dq_kernel.cuh"
 #include "cuda/bwd_sm90/kernel.cuh"
 #include "cuda/bwd_sm90/kernel_ws.cuh"
 #include "cuda/common/launch.cuh"
@@ -138,10 +139,34 @@ cudaError_t launch_bwd_sm90(const Params& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// dq alone (bwd_sm90/dq_kernel.cuh) in tiles of 64 packed rows: common/row_tiles.cuh's grid over the forward's
+// parameter block plus dq's tensors.
+template <int kDType, int kD>
+cudaError_t launch_dq_sm90(const Params& p, cudaStream_t stream) {
+  using T = typename DTypeOf<kDType>::type;
+  Sm90DqParams d{};
+  static_cast<ProblemParams&>(d) = p;
+  d.q = p.q;
+  d.k = p.k;
+  d.v = p.v;
+  d.indptr = p.indptr;
+  d.indices = p.indices;
+  d.dout = p.dout;
+  d.lse_rows = p.lse;
+  d.delta = p.delta;
+  d.dq = p.dq;
+  d.scale = p.scale;
+  using Cfg = Sm90DqTile<kD>;
+  return launch_row_tiles<bsattn_bwd_dq_sm90_kernel<T, Cfg>, Cfg>(d, stream);
+}
+
 }  // namespace bwd
 }  // namespace cuda
 }  // namespace bsattn
 
 #define BSATTN_INSTANTIATE_BWD_SM90(DTYPE, D)                                                    \
   template cudaError_t bsattn::cuda::bwd::launch_bwd_sm90<bsattn::cuda::bwd::DTYPE, D>(          \
+      const bsattn::cuda::bwd::Params&, cudaStream_t);
+#define BSATTN_INSTANTIATE_DQ_SM90(DTYPE, D)                                                    \
+  template cudaError_t bsattn::cuda::bwd::launch_dq_sm90<bsattn::cuda::bwd::DTYPE, D>(          \
       const bsattn::cuda::bwd::Params&, cudaStream_t);

@@ -30,10 +30,7 @@ struct Sm90Smem {
 
   __device__ __forceinline__ explicit Sm90Smem(uint8_t* raw_ptr) {
     constexpr int S = Cfg::STAGES, BQ = Cfg::BQ;
-    const uint32_t raw = smem_u32(raw_ptr);
-    const uint32_t pad = ((raw + 1023u) & ~1023u) - raw;
-    base = raw_ptr + pad;
-    sK = raw + pad;
+    base = align_smem_1024(raw_ptr, sK);
     sV = sK + Cfg::K_BYTES;
     sQ = sV + Cfg::K_BYTES;
     sD = sQ + S * Cfg::Q_STAGE;

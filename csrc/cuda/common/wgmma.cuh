@@ -7,9 +7,21 @@
 #include <cstdint>
 
 #include "cuda/common/wgmma_ops.cuh"
+#include "cuda/fwd/mma.cuh"
 
 namespace bsattn {
 namespace cuda {
+
+// The first 1024-byte-aligned byte of the dynamic shared memory `raw` (the 128-byte swizzle's tiles must start on
+// 1024 bytes; the kernels' configurations reserve 1024 bytes of slack for this): returned as a pointer, its shared
+// address in `addr`. (fwd_sm90/kernel.cuh keeps the open-coded lines: through this helper ptxas laid out its address
+// arithmetic differently, and that timed kernel's SASS is kept as measured.)
+__device__ __forceinline__ uint8_t* align_smem_1024(uint8_t* raw, uint32_t& addr) {
+  const uint32_t a = smem_u32(raw);
+  const uint32_t pad = ((a + 1023u) & ~1023u) - a;
+  addr = a + pad;
+  return raw + pad;
+}
 
 // Descriptor of a matrix in a 128-byte-swizzled canonical layout (common/gather.cuh AtomSwizzle) starting at
 // shared address `addr`. K-major (A = Q, B = K): sbo = 1024 (the next 8 rows), lbo unused (16). MN-major

@@ -154,6 +154,10 @@ void run_case(const Case& c, std::mt19937& rng) {
     const bool wide = c.D == 128 && c.C >= 128 && (c.C % 128 == 0 || c.C % 128 > 64);  // bwd_sm90/launch.cuh
     hopper = wide ? "Hopper, two warpgroups" : "Hopper, one warpgroup";
   }
+  if (e4 == cudaSuccess && c.R * (c.Hq / c.Hk) > 16) {  // the Hopper dq kernel (bwd/dispatch.cu's rule)
+    e4 = c.D == 64 ? bwd::launch_dq_sm90<kBF16, 64>(bp, 0) : bwd::launch_dq_sm90<kBF16, 128>(bp, 0);
+    hopper = c.C > 16 ? "Hopper, then Hopper dq" : "Hopper dq";
+  }
 #endif
   const cudaError_t es = cudaDeviceSynchronize();
   std::printf("case B=%d M=%d N=%d Hq=%d Hk=%d D=%d R=%d C=%d causal=%d cap=%g per_head=%d garbage=%d nnz=%zu: "

@@ -1,0 +1,185 @@
+// The Hopper (sm_90a) dq kernel: the row-oriented dq of bwd/dq_kernel.cuh on warpgroup MMA. It runs wherever dq comes
+// from its own pass (the deterministic pair: C <= 16, or deterministic=True) on an H100 / H200 with R * g > 16
+// (bwd/dispatch.cu).
+//
+// One CTA = one tile of TM = 64 NWG packed rows (config.cuh Sm90DqTile: NWG = 1) of one block row (the forward's tile
+// set-up, fwd/tile_setup.cuh); warpgroup wg owns rows [64 wg, 64 wg + 64). It loads the q and do tiles once (the wgmma
+// layout) with each row's lse and delta, then walks the block row's gathered key sequence in KV tiles of BN keys (the
+// forward's gather, fwd/gather_kv.cuh), PF tiles ahead. Per tile:
+//   S = Q K^T, dP = dO V^T     (wgmma, both operands from shared memory)
+//   p, dS = p (dP - delta)     (bwd/common.cuh dq_probs_ds, masked only in tiles that need it)
+//   dQ += dS K                 (wgmma, dS from registers as the A operand, K read MN-major)
+// and finally writes dq = scale * dQ, every element once after a fixed order of additions: bitwise repeatable, like
+// the mma.sync kernel. Padding key rows (index INT_MAX) are zero and flag their tile for the mask, as there.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/bwd/common.cuh"
+#include "cuda/bwd_sm90/config.cuh"
+#include "cuda/common/wgmma.cuh"
+#include "cuda/fwd/gather_kv.cuh"
+#include "cuda/fwd/params.h"
+#include "cuda/fwd/tile_setup.cuh"
+
+namespace bsattn {
+namespace cuda {
+namespace bwd {
+
+// The forward's parameter block (shapes, layout, q, k, v; its o / lse unused) and what dq adds. Filled by the
+// launcher (launch.cuh launch_dq_sm90) from bwd::Params.
+struct Sm90DqParams : FwdParams {
+  const void* dout;        // [B, M, Hq, D]
+  const float* lse_rows;   // [B, M, Hq] the forward's log-sum-exp
+  const float* delta;      // [B, M, Hq] rowsum(do * o) - dlse
+  void* dq;                // [B, M, Hq, D]
+  float scale;
+};
+
+template <typename T, class Cfg>
+__global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_sm90_kernel(const __grid_constant__ Sm90DqParams p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int D = Cfg::D, BN = Cfg::BN, TM = Cfg::TM, ST = Cfg::ST, PF = Cfg::PF;
+  constexpr int NT8 = BN / 8, DT = D / 8;
+  using QLayout = AtomSwizzle<D, TM>;
+  using KvLayout = AtomSwizzle<D, BN>;
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+
+  // ---- which tile (rows [0, ts.rows_valid) of it are real), which keys ----------------------------------
+  FwdTileSetup ts;
+  if (!fwd_tile_setup<D, TM, BN>(p, ts)) return;  // (uniform) a split past the last query row
+
+  // ---- shared memory (tiles 1024-byte aligned for the swizzle) -------------------------------------------
+  uint32_t sQ;
+  uint8_t* smem = align_smem_1024(smem_raw, sQ);
+  const uint32_t sDo = sQ + Cfg::Q_BYTES;
+  const uint32_t sK = sDo + Cfg::Q_BYTES;
+  const uint32_t sV = sK + ST * Cfg::KV_STAGE_BYTES;
+  int* sKidx = reinterpret_cast<int*>(smem + 2 * Cfg::Q_BYTES + Cfg::KV_BYTES);
+  int* sLim = sKidx + ST * BN;
+  GatherShared* gs = reinterpret_cast<GatherShared*>(sLim + TM);
+  int2* sOwn = reinterpret_cast<int2*>(gs + 1);
+  int2* sRow = sOwn + BN;
+  float* sLse2 = reinterpret_cast<float*>(sRow + TM);
+  float* sDl = sLse2 + TM;
+
+  // ---- prologue: q and do tiles, per-row tables and statistics, then the first PF KV tiles ---------------
+  {
+    const uint32_t dst[2] = {sQ, sDo};
+    const T* const src[2] = {static_cast<const T*>(p.q) + ts.qoff, static_cast<const T*>(p.dout) + ts.qoff};
+    load_packed_tile<D, TM, Cfg::NT, 2, QLayout>(dst, src, ts.row0, ts.rows_valid, p.g, ts.q_rstride, tid);
+  }
+  fill_row_tables<TM, Cfg::NT>(p, ts, sRow, sLim, tid);
+  {
+    const WorkTile& w = ts.w;
+    const int64_t soff = (static_cast<int64_t>(w.b) * p.M + static_cast<int64_t>(w.br) * p.R) * p.Hq +
+                         static_cast<int64_t>(w.hk) * p.g;  // lse / delta of (b, first row, first head of group)
+    for (int row = tid; row < TM; row += Cfg::NT) {
+      float l2 = INFINITY, dl = 0.f;  // padding rows: p = 0 exactly
+      if (row < ts.rows_valid) {
+        const int P = ts.row0 + row, r = P / p.g;
+        const int64_t si = soff + static_cast<int64_t>(r) * p.Hq + (P - r * p.g);
+        row_stats(__ldg(p.lse_rows + si), __ldg(p.delta + si), l2, dl);
+      }
+      sLse2[row] = l2;
+      sDl[row] = dl;
+    }
+  }
+  KvGather<T, Cfg, KvLayout> kv;
+  kv.init(p, ts.idx, ts.len, sOwn, warp, lane);
+  if (tid == 0) fill_gather_shared<BN>(p, ts, gs);
+  __syncthreads();
+
+  // tile i goes to stage i % ST; bit i of `pending`: this thread saw a key needing the mask in the i-th tile not yet
+  // consumed (causal, or a padding key)
+  auto issue = [&](int i) { return kv.issue(p, *gs, sK, sV, sKidx, i % ST, warp, lane); };
+  uint32_t pending = issue_prologue<PF + 1>(issue, ts.ntiles);
+
+  // ---- per-warpgroup state --------------------------------------------------------------------------------
+  const bool wg_active = wg * 64 < ts.rows_valid;  // (uniform per warpgroup) skip 64 rows of pure padding
+  float acc[DT][4];
+#pragma unroll
+  for (int d = 0; d < DT; ++d)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[d][e] = 0.f;
+  float(&accf)[D / 2] = reinterpret_cast<float(&)[D / 2]>(acc);
+  float s[NT8][4], dp[NT8][4];
+  float(&sf)[BN / 2] = reinterpret_cast<float(&)[BN / 2]>(s);
+  float(&dpf)[BN / 2] = reinterpret_cast<float(&)[BN / 2]>(dp);
+  uint32_t da[BN / 16][4];  // dS as the A operand of dQ += dS K (k16 steps along the keys)
+
+  float lse2[2], dl[2];
+  int lim[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = warp * 16 + (lane >> 2) + 8 * h;
+    lse2[h] = sLse2[row];
+    dl[h] = sDl[row];
+    lim[h] = sLim[row];
+  }
+  const float s_mul = p.s_mul, cap_mul = p.cap_mul;
+  const bool use_cap = p.use_cap != 0;
+
+  // descriptors: q / do rows of this warpgroup (K-major A); K and V of stage 0 as the K-major B of S and dP; K of
+  // stage 0 as the MN-major B of dQ (+ stage * KV_STAGE_BYTES / 16 for the others)
+  const uint64_t q_desc = sw128_desc(sQ + wg * 64 * 128, 16, 1024);
+  const uint64_t do_desc = sw128_desc(sDo + wg * 64 * 128, 16, 1024);
+  const uint64_t k_desc = sw128_desc(sK, 16, 1024);
+  const uint64_t v_desc = sw128_desc(sV, 16, 1024);
+  const uint64_t kt_desc = sw128_desc(sK, BN * 128, 1024);
+  constexpr uint64_t kStageDesc = Cfg::KV_STAGE_BYTES >> 4;
+  // S = Q K^T and dP = dO V^T (issued, not committed): k16 steps along D; step kk is 32 bytes into column block kk / 4
+  auto issue_rows_keys = [&](float(&out)[BN / 2], uint64_t a_desc, uint64_t b_desc) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+      WgmmaOp<T, BN>::ss(out, a_desc + (((kk >> 2) * TM * 128 + (kk & 3) * 32) >> 4),
+                         b_desc + (((kk >> 2) * BN * 128 + (kk & 3) * 32) >> 4), kk > 0 ? 1 : 0);
+  };
+
+  // ---- main loop ------------------------------------------------------------------------------------------
+  for (int t = 0; t < ts.ntiles; ++t) {
+    // wait for tile t, one barrier (every warpgroup is also done with the stage the next issue overwrites), issue
+    // tile t + PF
+    cp_async_wait<PF - 1>();
+    fence_async_shared();  // this thread's landed copies -> visible to every warpgroup's wgmma after the barrier
+    const bool need_mask = __syncthreads_or(static_cast<int>(pending & 1u)) != 0;
+    pending >>= 1;
+    if (t + PF < ts.ntiles) pending |= issue(t + PF) << (PF - 1);
+    cp_async_commit();
+    if (!wg_active) continue;
+
+    const int stage = t % ST;
+    wgmma_fence();
+    issue_rows_keys(sf, q_desc, k_desc + stage * kStageDesc);
+    issue_rows_keys(dpf, do_desc, v_desc + stage * kStageDesc);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(sf);
+    fence_regs(dpf);
+    dq_probs_ds<NT8>(s, dp, sKidx + stage * BN + (lane & 3) * 2, need_mask, lse2, dl, lim, s_mul, cap_mul, use_cap);
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) acc_to_a<T>(dp, kk, da[kk]);
+    // dQ += dS K: k16 steps along the keys; step kk is 16 key rows (2048 bytes) further on
+    wgmma_fence();
+    fence_regs(accf);
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk)
+      WgmmaOp<T, D>::rs(accf, da[kk], kt_desc + stage * kStageDesc + kk * (2048 >> 4), 1);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(accf);
+  }
+
+  // ---- epilogue: dq * scale, each warp its 16 rows, staged in the q tile -----------------------------------
+  cp_async_wait<0>();
+  __syncthreads();  // every warpgroup is done with q / do / K / V (and every copy into them has landed)
+  if (wg_active)
+    store_dq_rows<T, D>(acc, p.scale, sQ, warp * 16, sRow, static_cast<T*>(p.dq) + ts.qoff, ts.q_rstride, lane);
+#endif
+}
+
+}  // namespace bwd
+}  // namespace cuda
+}  // namespace bsattn
