@@ -27,7 +27,7 @@ cudaError_t launch_bwd(const Params& p, cudaStream_t stream, bool run_dq, bool r
   if constexpr (kD <= 128) {
     // dq on wgmma where a tile has 64 or 128 packed rows; BSATTN_BWD_DQ=mma: the mma.sync kernel (A / B; read once)
     static const bool mma_dq = env_equals("BSATTN_BWD_DQ", "mma");
-    if (static_cast<int64_t>(p.R) * p.g > 16 && !mma_dq && device_runs_sm90a())
+    if (dq_sm90_applies(p) && !mma_dq && device_runs_sm90a())
       return launch_dq_sm90<kDType, kD>(p, stream);
   }
 #endif

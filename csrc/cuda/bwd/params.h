@@ -65,6 +65,9 @@ cudaError_t launch_bwd_sm90(const Params& p, cudaStream_t stream);
 // R * g > 16. Deterministic, like launch_dq.
 template <int kDType, int kD>
 cudaError_t launch_dq_sm90(const Params& p, cudaStream_t stream);
+// Its rule beside the device and head dim (bwd/dispatch.cu): tiles of 64 packed rows, where R * g > 16 (at most 16: the
+// mma.sync kernel's 16-row tile pads less).
+inline bool dq_sm90_applies(const Params& p) { return static_cast<int64_t>(p.R) * p.g > 16; }
 // The backward of one call (bwd/dispatch.cu): the Hopper kernel where it applies, else dk / dv (run_dkdv) and dq
 // (run_dq).
 template <int kDType, int kD>

@@ -130,13 +130,6 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_sm90_kernel(
   const uint64_t v_desc = sw128_desc(sV, 16, 1024);
   const uint64_t kt_desc = sw128_desc(sK, BN * 128, 1024);
   constexpr uint64_t kStageDesc = Cfg::KV_STAGE_BYTES >> 4;
-  // S = Q K^T and dP = dO V^T (issued, not committed): k16 steps along D; step kk is 32 bytes into column block kk / 4
-  auto issue_rows_keys = [&](float(&out)[BN / 2], uint64_t a_desc, uint64_t b_desc) {
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-      WgmmaOp<T, BN>::ss(out, a_desc + (((kk >> 2) * TM * 128 + (kk & 3) * 32) >> 4),
-                         b_desc + (((kk >> 2) * BN * 128 + (kk & 3) * 32) >> 4), kk > 0 ? 1 : 0);
-  };
 
   // ---- main loop ------------------------------------------------------------------------------------------
   for (int t = 0; t < ts.ntiles; ++t) {
@@ -152,8 +145,8 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_sm90_kernel(
 
     const int stage = t % ST;
     wgmma_fence();
-    issue_rows_keys(sf, q_desc, k_desc + stage * kStageDesc);
-    issue_rows_keys(dpf, do_desc, v_desc + stage * kStageDesc);
+    wgmma_ss_kmajor<T, BN, D, TM, BN>(sf, q_desc, k_desc + stage * kStageDesc);    // S = Q K^T
+    wgmma_ss_kmajor<T, BN, D, TM, BN>(dpf, do_desc, v_desc + stage * kStageDesc);  // dP = dO V^T
     wgmma_commit();
     wgmma_wait<0>();
     fence_regs(sf);
@@ -161,12 +154,10 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_sm90_kernel(
     dq_probs_ds<NT8>(s, dp, sKidx + stage * BN + (lane & 3) * 2, need_mask, lse2, dl, lim, s_mul, cap_mul, use_cap);
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) acc_to_a<T>(dp, kk, da[kk]);
-    // dQ += dS K: k16 steps along the keys; step kk is 16 key rows (2048 bytes) further on
+    // dQ += dS K (k16 steps along the keys)
     wgmma_fence();
     fence_regs(accf);
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk)
-      WgmmaOp<T, D>::rs(accf, da[kk], kt_desc + stage * kStageDesc + kk * (2048 >> 4), 1);
+    wgmma_rs_mn<T, D, BN / 16>(accf, da, kt_desc + stage * kStageDesc);
     wgmma_commit();
     wgmma_wait<0>();
     fence_regs(accf);

@@ -76,12 +76,7 @@ struct Sm90TileOps {
   // commit group
   __device__ __forceinline__ void keys_x_rows(float (&acc)[BQ / 2], uint64_t a_desc, uint64_t b_desc,
                                               int stage) const {
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint64_t ko = ((kk >> 2) * BK * 128 + (kk & 3) * 32) >> 4;
-      const uint64_t qo = stage * kStage + (((kk >> 2) * BQ * 128 + (kk & 3) * 32) >> 4);
-      WgmmaOp<T, BQ>::ss(acc, a_desc + ko, b_desc + qo, kk > 0 ? 1 : 0);
-    }
+    wgmma_ss_kmajor<T, BQ, D, BK, BQ>(acc, a_desc, b_desc + stage * kStage);
     wgmma_commit();
   }
 
@@ -103,10 +98,8 @@ struct Sm90TileOps {
   __device__ __forceinline__ void dv_dk(float (&dvf)[D / 2], float (&dkf)[D / 2], const uint32_t (&pa)[BQ / 16][4],
                                         const uint32_t (&da)[BQ / 16][4], int stage) const {
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BQ / 16; ++kk) WgmmaOp<T, D>::rs(dvf, pa[kk], d_mn + stage * kStage + kk * (2048 >> 4), 1);
-#pragma unroll
-    for (int kk = 0; kk < BQ / 16; ++kk) WgmmaOp<T, D>::rs(dkf, da[kk], q_mn + stage * kStage + kk * (2048 >> 4), 1);
+    wgmma_rs_mn<T, D, BQ / 16>(dvf, pa, d_mn + stage * kStage);
+    wgmma_rs_mn<T, D, BQ / 16>(dkf, da, q_mn + stage * kStage);
     wgmma_commit();
   }
 

@@ -32,6 +32,27 @@ __device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo, uint
          (static_cast<uint64_t>(sbo >> 4) << 32) | (uint64_t{1} << 62);
 }
 
+// acc (64 x N) (+)= A B^T over a contraction of KD (the D / 16 k16 steps of wgmma ss, issued, not committed): A = 64
+// rows of a K-major 128-byte-swizzled tile of AROWS rows, B = the N rows of one of BROWS rows (common/gather.cuh
+// AtomSwizzle); step kk is 32 bytes into column block kk / 4 of each. The first step overwrites acc. S = Q K^T (the
+// forward, dq), s^T = K q^T and dp^T = V do^T (the one-pass backward).
+template <typename T, int N, int KD, int AROWS, int BROWS>
+__device__ __forceinline__ void wgmma_ss_kmajor(float (&acc)[N / 2], uint64_t a_desc, uint64_t b_desc) {
+#pragma unroll
+  for (int kk = 0; kk < KD / 16; ++kk)
+    WgmmaOp<T, N>::ss(acc, a_desc + (((kk >> 2) * AROWS * 128 + (kk & 3) * 32) >> 4),
+                      b_desc + (((kk >> 2) * BROWS * 128 + (kk & 3) * 32) >> 4), kk > 0 ? 1 : 0);
+}
+
+// acc (64 x N) += A B over KSTEPS k16 steps (wgmma rs, issued, not committed): A from registers (a[kk]: the m16n8k16 A
+// fragments), B read MN-major from a 128-byte-swizzled tile (16 rows, 2048 bytes, a step). O += P V, dQ += dS K,
+// dv += p^T do, dk += ds^T q.
+template <typename T, int N, int KSTEPS>
+__device__ __forceinline__ void wgmma_rs_mn(float (&acc)[N / 2], const uint32_t (&a)[KSTEPS][4], uint64_t b_desc) {
+#pragma unroll
+  for (int kk = 0; kk < KSTEPS; ++kk) WgmmaOp<T, N>::rs(acc, a[kk], b_desc + kk * (2048 >> 4), 1);
+}
+
 // Orders this warpgroup's register writes (accumulators, A fragments) before the next wgmma.mma_async.
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }

@@ -154,7 +154,7 @@ void run_case(const Case& c, std::mt19937& rng) {
     const bool wide = c.D == 128 && c.C >= 128 && (c.C % 128 == 0 || c.C % 128 > 64);  // bwd_sm90/launch.cuh
     hopper = wide ? "Hopper, two warpgroups" : "Hopper, one warpgroup";
   }
-  if (e4 == cudaSuccess && c.R * (c.Hq / c.Hk) > 16) {  // the Hopper dq kernel (bwd/dispatch.cu's rule)
+  if (e4 == cudaSuccess && bwd::dq_sm90_applies(bp)) {  // the Hopper dq kernel
     e4 = c.D == 64 ? bwd::launch_dq_sm90<kBF16, 64>(bp, 0) : bwd::launch_dq_sm90<kBF16, 128>(bp, 0);
     hopper = c.C > 16 ? "Hopper, then Hopper dq" : "Hopper dq";
   }

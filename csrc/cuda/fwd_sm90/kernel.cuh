@@ -100,17 +100,9 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_sm90_kernel(con
   const uint64_t v_desc = sw128_desc(sV, BN * 128, 1024);
   constexpr uint64_t kStageDesc = Cfg::KV_STAGE_BYTES >> 4;
   // S = Q K^T (issued, not committed): k16 steps along D; step kk is 32 bytes into column block kk / 4
-  auto issue_qk = [&](int kstage) {
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-      WgmmaOp<T, BN>::ss(sf, q_desc + (((kk >> 2) * TM * 128 + (kk & 3) * 32) >> 4),
-                         k_desc + kstage * kStageDesc + (((kk >> 2) * BN * 128 + (kk & 3) * 32) >> 4), kk > 0 ? 1 : 0);
-  };
+  auto issue_qk = [&](int kstage) { wgmma_ss_kmajor<T, BN, D, TM, BN>(sf, q_desc, k_desc + kstage * kStageDesc); };
   // O += P V (issued, not committed): k16 steps along the keys; step kk is 16 key rows (2048 bytes) further on
-  auto issue_pv = [&](int vstage) {
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) WgmmaOp<T, D>::rs(of, pa[kk], v_desc + vstage * kStageDesc + kk * (2048 >> 4), 1);
-  };
+  auto issue_pv = [&](int vstage) { wgmma_rs_mn<T, D, BN / 16>(of, pa, v_desc + vstage * kStageDesc); };
   // The same, run to completion (nothing else of this warpgroup's in flight)
   auto qk_now = [&](int kstage) {
     wgmma_fence();
