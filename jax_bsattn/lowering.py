@@ -68,11 +68,19 @@ def _gpus_are_sm90() -> bool:
     return bool(devs) and all(str(getattr(d, "compute_capability", "")) == "9.0" for d in devs)
 
 
-def _atomic_dq(q, cfg: Config) -> bool:
+def _one_pass_hopper(block_r: int, block_c: int, g: int) -> bool:
+    """Where the one-pass Hopper backward runs (csrc/cuda/bwd/params.h bwd_sm90_applies): C > 16, or the packed
+    small-block form (R * g <= 4 with C <= 16, or C <= 2 with R * g < 256)."""
+    rg = block_r * g
+    return block_c > 16 or rg <= 4 or (block_c <= 2 and rg < 256)
+
+
+def _atomic_dq(q, k, cfg: Config) -> bool:
     """Whether to give the CUDA backward a float32 dq workspace, which lets it run the one-pass Hopper kernel
     (dq by atomic adds; csrc/cuda/bwd/dispatch.cu has the same conditions)."""
-    return (not cfg.deterministic and cfg.block_c > 16 and q.shape[-1] <= 128 and q.size > 0
-            and _gpus_are_sm90())
+    g = q.shape[-2] // max(k.shape[-2], 1)
+    return (not cfg.deterministic and _one_pass_hopper(cfg.block_r, cfg.block_c, g) and q.shape[-1] <= 128
+            and q.size > 0 and _gpus_are_sm90())
 
 
 def _cuda_bwd_call(q, k, v, do, lse, delta, indptr, indices, *, cfg: Config):
@@ -83,7 +91,7 @@ def _cuda_bwd_call(q, k, v, do, lse, delta, indptr, indices, *, cfg: Config):
     col_indptr, col_rows = column_view(indptr, indices, num_block_cols)
     col_order = column_order(col_indptr)
     out = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
-    out += (jax.ShapeDtypeStruct((q.size + DQ_SCHED_WORDS,) if _atomic_dq(q, cfg) else (0,), jax.numpy.float32),)
+    out += (jax.ShapeDtypeStruct((q.size + DQ_SCHED_WORDS,) if _atomic_dq(q, k, cfg) else (0,), jax.numpy.float32),)
     dq, dk, dv, _ = jax.ffi.ffi_call("bsattn_bwd_cuda", out)(q, k, v, do, lse, delta, indptr, indices, col_indptr,
                                                             col_rows, col_order, **ffi_attributes(cfg))
     return dq, dk, dv

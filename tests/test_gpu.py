@@ -85,7 +85,8 @@ def _backward_problem(R, C, g, D, dtype):
 @pytest.mark.parametrize("R,C,g,D,causal,softcap,dtype", list(_bwd_cases()))
 def test_backward_grid(R, C, g, D, causal, softcap, dtype):
     """jax.grad through the CUDA forward and backward against jax.grad of the float32 reference (on an H100 /
-    H200 the one-pass Hopper backward wherever C > 16 and D <= 128)."""
+    H200 the one-pass Hopper backward wherever D <= 128 and C > 16, or C <= 16 with R * g <= 4, or C <= 2 with
+    R * g < 256: csrc/cuda/bwd/params.h)."""
     from conftest import check_gradients
 
     q, k, v, layout = _backward_problem(R, C, g, D, dtype)
@@ -119,6 +120,25 @@ def test_backward_compact_small_blocks(R, C, g, D, causal, softcap, dtype):
     check_gradients(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
 
 
+@pytest.mark.parametrize("R,C,g,D,M,causal,softcap,dtype", [
+    (1, 1, 4, 128, 900, True, None, jnp.bfloat16), (1, 16, 4, 128, 300, False, 30.0, jnp.float16),
+    (2, 3, 2, 64, 500, True, None, jnp.bfloat16), (16, 2, 4, 128, 400, False, None, jnp.bfloat16),
+    (1, 1, 1, 128, 200, False, None, jnp.bfloat16)])
+def test_backward_packed_small_blocks(R, C, g, D, M, causal, softcap, dtype):
+    """C <= 16 with R * g <= 4, or C <= 2 with R * g < 256, D <= 128 on an H100 / H200: the packed one-pass Hopper
+    backward (64 / C block columns per 64-key tile, their row lists merged window by window). M = 900 at R = 1: three
+    windows of 384 block rows; C = 3: 21 columns a tile, some straddling two warps' keys; R * g = 64: one block row a
+    tile."""
+    from conftest import check_gradients
+
+    rng = np.random.default_rng(M + 31 * C)
+    N, Hk = M + 77, 2
+    mask = random_mask(rng, (Hk,), -(-M // R), -(-N // C), 0.3)
+    layout = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=D, dtype=dtype)
+    check_gradients(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
+
+
 @pytest.mark.parametrize("R,C,g,D", [(16, 2, 2, 64), (64, 2, 4, 128), (16, 16, 4, 128), (16, 40, 4, 128),
                                      (8, 200, 4, 128), (16, 40, 2, 256)])
 def test_backward_rows_with_very_low_lse(R, C, g, D):
@@ -130,11 +150,12 @@ def test_backward_rows_with_very_low_lse(R, C, g, D):
     check_gradients(*low_lse_problem(R, C, g, D))
 
 
-@pytest.mark.parametrize("R,C,g,D", [(16, 2, 2, 128), (40, 8, 2, 64), (64, 1, 4, 128)])
+@pytest.mark.parametrize("R,C,g,D", [(16, 2, 2, 128), (40, 8, 2, 64), (64, 1, 4, 128), (1, 4, 4, 128)])
 def test_backward_unlisted_keys_overflow(R, C, g, D):
     """Scale 10: keys of a packed tile that a block row does not list score far above that row's log-sum-exp, so
     their p overflows to inf before the multiplicity masks it; the mask must select 0 (inf * 0 is NaN). The packed
-    small-block kernel (C <= 8), and the compact one (64 x 1, g = 4)."""
+    small-block kernel (C <= 8; on an H100 / H200 16 x 2, g = 2 and 1 x 4, g = 4 run the packed one-pass Hopper
+    kernel), and the compact one (64 x 1, g = 4)."""
     from conftest import check_gradients
 
     q, k, v, layout = _backward_problem(R, C, g, D, jnp.bfloat16)

@@ -198,6 +198,38 @@ __device__ __forceinline__ int first_at_least(const int32_t* list, int lo, int h
   return lo;
 }
 
+// The small-block kernels' window list (bwd/dkdv_kernel.cuh pack kernel, bwd_sm90/pack_kernel.cuh): the W words
+// of a window's block rows (nonzero: some column lists the row) compacted in place, in block-row order, with each
+// kept row's offset in the window in lbr; returns how many were kept. Whole CTA of NT threads (NWARPS warps, W a
+// multiple of NT); sScan: NWARPS ints of shared scratch. Ends with a barrier.
+template <int W, int NT, int NWARPS>
+__device__ __forceinline__ int compact_listed_rows(unsigned long long* words, uint16_t* lbr, int* sScan, int tid,
+                                                   int lane, int warp) {
+  int len = 0;
+  for (int base = 0; base < W; base += NT) {
+    const int i = base + tid;
+    const unsigned long long v = words[i];
+    const unsigned bal = __ballot_sync(0xffffffffu, v != 0ull);
+    if (lane == 0) sScan[warp] = __popc(bal);
+    __syncthreads();
+    int woff = 0, tot = 0;
+#pragma unroll
+    for (int w = 0; w < NWARPS; ++w) {
+      const int cw = sScan[w];
+      woff += w < warp ? cw : 0;
+      tot += cw;
+    }
+    if (v != 0ull) {
+      const int at = len + woff + __popc(bal & ((1u << lane) - 1u));  // <= i: never an unread entry
+      words[at] = v;
+      lbr[at] = static_cast<uint16_t>(i);
+    }
+    len += tot;
+    __syncthreads();
+  }
+  return len;
+}
+
 // Packed row `off` of block row `br` (query row r = off / g of the block row, head hq0 + off % g) -> rid, its row of q
 // in units of D within the batch (q_row * Hq + head), and lim, its causal limit (set only when causal). False, both
 // left alone, when the query row is past M.
@@ -432,9 +464,11 @@ __device__ __forceinline__ void fragment_row_keys(int k0, int lane, int (&key)[2
 }
 
 // How dkv_probs_ds weighs p by the (row, column) multiplicity when need_mask: not at all (every listed block once),
-// by the 4-bit count at shift mul[h] of the row's count word in sW (the packed small-block kernel), or by mul[h]
-// itself, the multiplicity of the thread's key row h (the compact small-block kernel).
-enum DkvMul { kMulNone = 0, kMulCountWord = 1, kMulPerKey = 2 };
+// by the 4-bit count at shift mul[h] of the row's count word in sW (the packed small-block kernel), by mul[h]
+// itself, the multiplicity of the thread's key row h (the compact small-block kernel), or by bit mul[h] of word
+// sW[sEnt[row]], the row's entry in a window list (the Hopper packed kernel, bwd_sm90/pack_kernel.cuh: one pass per
+// occurrence, so 0 or 1).
+enum DkvMul { kMulNone = 0, kMulCountWord = 1, kMulPerKey = 2, kMulEntryBit = 3 };
 
 // p^T (in place of s) and ds^T (in place of dp) of the column-oriented kernels' score accumulators (dk / dv:
 // bwd/dkdv_kernel.cuh, bwd/dkdv_compact_kernel.cuh, and the Hopper backward bwd_sm90/): s[n][e] is the score of key
@@ -445,7 +479,7 @@ template <int NQ8, bool DO_DK, int MUL>
 __device__ __forceinline__ void dkv_probs_ds(float (&s)[NQ8][4], float (&dp)[DO_DK ? NQ8 : 1][4], const float* fLse,
                                              const float* fDl, const int* sLim, const unsigned long long* sW, int rb,
                                              bool need_mask, const int (&key)[2], const int (&mul)[2], float s_mul,
-                                             float cap_mul, bool use_cap) {
+                                             float cap_mul, bool use_cap, const int* sEnt = nullptr) {
 #pragma unroll
   for (int n = 0; n < NQ8; ++n) {
     const float2 l2 = *reinterpret_cast<const float2*>(fLse + rb + n * 8);
@@ -463,6 +497,10 @@ __device__ __forceinline__ void dkv_probs_ds(float (&s)[NQ8][4], float (&dp)[DO_
     if (need_mask) {
       lim = *reinterpret_cast<const int2*>(sLim + rb + n * 8);
       if constexpr (MUL == kMulCountWord) w2 = *reinterpret_cast<const ulonglong2*>(sW + rb + n * 8);
+      if constexpr (MUL == kMulEntryBit) {
+        const int2 en = *reinterpret_cast<const int2*>(sEnt + rb + n * 8);
+        w2 = make_ulonglong2(sW[en.x], sW[en.y]);
+      }
     }
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
@@ -476,7 +514,8 @@ __device__ __forceinline__ void dkv_probs_ds(float (&s)[NQ8][4], float (&dp)[DO_
         if constexpr (MUL != kMulNone) {
           // a multiplicity of 0 selects 0, not 0 * p: an unlisted key's p can overflow to inf (its score is not in
           // the row's log-sum-exp), and inf * 0 is NaN
-          const int m = MUL == kMulPerKey ? mul[h] : static_cast<int>(((cc ? w2.y : w2.x) >> mul[h]) & 15u);
+          const unsigned fmask = MUL == kMulEntryBit ? 1u : 15u;
+          const int m = MUL == kMulPerKey ? mul[h] : static_cast<int>(((cc ? w2.y : w2.x) >> mul[h]) & fmask);
           pv = m != 0 ? pv * static_cast<float>(m) : 0.f;
         }
         if (key[h] > (cc ? lim.y : lim.x)) pv = 0.f;

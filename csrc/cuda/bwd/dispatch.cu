@@ -16,8 +16,9 @@ template <int kDType, int kD>
 cudaError_t launch_bwd(const Params& p, cudaStream_t stream, bool run_dq, bool run_dkdv) {
 #ifdef BSATTN_WITH_SM90
   if constexpr (kD <= 128) {
-    // C <= 16: the deterministic kernels' 16-key and packed tiles waste less than 64-key tiles would
-    if (p.dq_accum != nullptr && run_dq && p.C > 16 && device_runs_sm90a()) return launch_bwd_sm90<kDType, kD>(p, stream);
+    // elsewhere at C <= 16 the deterministic kernels' 16-key, packed and compact tiles measured faster
+    if (p.dq_accum != nullptr && run_dq && bwd_sm90_applies(p) && device_runs_sm90a())
+      return launch_bwd_sm90<kDType, kD>(p, stream);
   }
 #endif
   cudaError_t err = cudaSuccess;

@@ -530,28 +530,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_pack_kerne
       __syncthreads();
       const bool again = *sMore != 0;
       // ---- compact the window's listed block rows, in order, in place
-      int len = 0;
-      for (int base = 0; base < W; base += NT) {
-        const int i = base + tid;
-        const unsigned long long v = cnt[i];
-        const unsigned bal = __ballot_sync(0xffffffffu, v != 0ull);
-        if (lane == 0) sScan[warp] = __popc(bal);
-        __syncthreads();
-        int woff = 0, tot = 0;
-#pragma unroll
-        for (int w = 0; w < NWARPS; ++w) {
-          const int cw = sScan[w];
-          woff += w < warp ? cw : 0;
-          tot += cw;
-        }
-        if (v != 0ull) {
-          const int at = len + woff + __popc(bal & ((1u << lane) - 1u));  // <= i: never an unread entry
-          cnt[at] = v;
-          lbr[at] = static_cast<uint16_t>(i);
-        }
-        len += tot;
-        __syncthreads();
-      }
+      const int len = compact_listed_rows<W, NT, NWARPS>(cnt, lbr, sScan, tid, lane, warp);
 
       // ---- the window's tiles: its merged rows as a virtual sequence of packed query rows
       const int64_t nt64 = (static_cast<int64_t>(len) * E + BQ - 1) / BQ;

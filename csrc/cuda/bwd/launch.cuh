@@ -65,18 +65,6 @@ cudaError_t launch_dkdv_tile(const Params& p, cudaStream_t stream) {
   return launch_column_tiles<bsattn_bwd_dkdv_kernel<T, Cfg>, Cfg>(p, stream, Cfg::NT, Cfg::SMEM);
 }
 
-// The small-block kernels' grid: one CTA per group of `keys` / C block columns of every (batch, KV head) (common.cuh
-// column_group); p.pack and p.nkc set on a copy.
-template <auto Kernel>
-cudaError_t launch_column_groups(const Params& p0, cudaStream_t stream, int keys, int threads, int smem, int ctas) {
-  Params p = p0;
-  p.pack = keys / p.C;
-  p.nkc = 1;
-  const int64_t grid = static_cast<int64_t>(p.B) * p.Hk * ((p.NB + p.pack - 1) / p.pack);
-  static std::atomic<uint64_t> smem_done{0};  // one per kernel
-  return launch_kernel(Kernel, grid, threads, smem, ctas, smem_done, p, stream);
-}
-
 // Small blocks (C <= 8, D <= 128): P = 16 / C block columns per 16-key CTA (bsattn_bwd_dkdv_pack_kernel).
 template <typename T, int kD>
 cudaError_t launch_dkdv_pack(const Params& p, cudaStream_t stream) {

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 
 #include <cuda_runtime.h>
 
@@ -61,6 +62,26 @@ cudaError_t launch_dkdv(const Params& p, cudaStream_t stream);
 // p.dq_accum (zeroed, accumulated with atomic adds, then converted into p.dq). Defined only with BSATTN_WITH_SM90.
 template <int kDType, int kD>
 cudaError_t launch_bwd_sm90(const Params& p, cudaStream_t stream);
+// Where the packed small-block form of the Hopper one-pass backward runs (bwd_sm90/pack_kernel.cuh: 64 / C block
+// columns in one 64-key tile), C <= 16: where it measured faster than the deterministic pair (H200, 2026-11-30,
+// density 1/4): R * g <= 4 (one to four packed rows per block row: 1.3-2.5x at C 1 .. 16), or C <= 2 with
+// R * g < 256 (1.1-1.3x; from 256 packed rows the pair's compact dk / dv kernel is faster). Elsewhere (C 4 .. 16 with
+// R * g >= 8, C <= 2 with R * g >= 256) the pair was 5-40 % faster. BSATTN_BWD_SM90_PACK=0 / all in the environment:
+// never / for every C <= 16 (A / B timing, where the caller gave the workspace; read once).
+inline bool sm90_pack_applies(const Params& p) {
+  static const int mode = [] {
+    const char* e = std::getenv("BSATTN_BWD_SM90_PACK");
+    if (e == nullptr) return 1;
+    return e[0] == '0' ? 0 : e[0] == 'a' ? 2 : 1;
+  }();
+  const int64_t rg = static_cast<int64_t>(p.R) * p.g;
+  if (p.C > 16 || mode == 0) return false;
+  return mode == 2 || rg <= 4 || (p.C <= 2 && rg < 256);
+}
+// The one-pass Hopper backward's rule beside the device, head dim and workspace (bwd/dispatch.cu;
+// jax_bsattn/lowering.py gives the workspace on the same rule): C > 16 (64- and 128-key tiles of one block column), or
+// the packed form above.
+inline bool bwd_sm90_applies(const Params& p) { return p.C > 16 || sm90_pack_applies(p); }
 // Hopper (sm_90a, head dims 64 and 128; with BSATTN_WITH_SM90): dq alone (every element written), on wgmma, for
 // R * g > 16. Deterministic, like launch_dq.
 template <int kDType, int kD>

@@ -59,6 +59,29 @@ template <> struct Sm90BwdTile<128> : Sm90BwdCfg<128, 2, 2> {};
 // is its warp-specialised form (kernel_ws.cuh, Sm90BwdWsTile); this one is the A / B baseline.
 struct Sm90BwdWideTile : Sm90BwdCfg<128, 3, 1, 2> {};
 
+// Sm90BwdPackTile<D>: the packed small-block kernel (pack_kernel.cuh): the one-warpgroup tile above (64 keys, now
+// 64 / C block columns of C <= 16 keys) plus a window of W block rows of the columns' merged row lists. Extra shared
+// memory after the tile's (from EXTRA_OFF of the aligned base): the window entry of each staged row ([STAGES][BQ]
+// int), a 64-bit word of listed columns per window entry and one zero entry ([W + 1] u64), the entries' block rows
+// ([W] u16), per column its window start, list end, entries in the window and next block row ([4][64] int), and the
+// compaction scan, window start and pass flag (8 int). At D = 128 two CTAs per SM still fit.
+template <int D_>
+struct Sm90BwdPackTile : Sm90BwdTile<D_> {
+  using Base = Sm90BwdTile<D_>;
+  static constexpr int W = 384;
+  static constexpr int MAX_COLS = Base::BK;  // C = 1: one bit per column in a 64-bit word
+  static constexpr int EXTRA_OFF = Base::TILE_BYTES + Base::ROW_BYTES;
+  static constexpr int ENT_BYTES = Base::STAGES * Base::BQ * 4;
+  static constexpr int BITS_BYTES = (W + 1) * 8;
+  static constexpr int LBR_BYTES = W * 2;
+  static constexpr int COL_BYTES = (4 * MAX_COLS + 8) * 4;
+  static constexpr int PACK_SMEM = Base::SMEM + ENT_BYTES + BITS_BYTES + LBR_BYTES + COL_BYTES;
+  static_assert(Base::WG == 1 && Base::BK == 64 && Base::NT == 128, "one warpgroup of four 16-key warps");
+  static_assert(EXTRA_OFF % 8 == 0 && ENT_BYTES % 8 == 0 && LBR_BYTES % 4 == 0, "alignment of the extra arrays");
+  static_assert(W % Base::NT == 0 && W <= 65536, "window: whole compaction chunks, u16 offsets");
+  static_assert(Base::MINB * (PACK_SMEM + 1024) <= 228 * 1024, "MINB CTAs per SM");
+};
+
 // The Hopper dq kernel (dq_kernel.cuh): TM = 64 NWG packed query rows per CTA (warpgroup w: rows 64 w ..), the
 // block row's gathered keys in KV tiles of BN rows, ST stages of K and V (both live until the tile's dq product), the
 // forward's gather (FwdTileShape: its thread layout and tables); MINB CTAs per SM.

@@ -132,15 +132,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_kernel(con
       sm90_dq_rows_reduce<Cfg>(dq, sm.sDQ + warp * 16 * Cfg::DQ_PITCH, sm.sRid + stage * BQ + wl * 16, dq_rows,
                                lane);
     } else {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int rid = sm.sRid[stage * BQ + wl * 16 + (lane >> 2) + 8 * h];
-        if (rid >= 0) {
-          float* dst = dq_acc + static_cast<int64_t>(rid) * D;
-#pragma unroll
-          for (int j = 0; j < DQT; ++j) red_add_f32x2(dst + 8 * j, dq[j][2 * h], dq[j][2 * h + 1]);
-        }
-      }
+      sm90_dq_rows_red<Cfg>(dq, sm.sRid + stage * BQ + wl * 16, dq_acc, lane);
     }
   }
   if constexpr (Cfg::BULK_DQ) {

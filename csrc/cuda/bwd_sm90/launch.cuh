@@ -15,6 +15,7 @@
 #include "cuda/bwd_sm90/dq_kernel.cuh"
 #include "cuda/bwd_sm90/kernel.cuh"
 #include "cuda/bwd_sm90/kernel_ws.cuh"
+#include "cuda/bwd_sm90/pack_kernel.cuh"
 #include "cuda/common/launch.cuh"
 
 namespace bsattn {
@@ -101,13 +102,23 @@ cudaError_t launch_bwd_sm90_tile(const Params& p, cudaStream_t stream) {
   return launch_column_tiles<bsattn_bwd_sm90_kernel<T, Cfg>, Cfg>(p, stream, Cfg::NT, Cfg::SMEM);
 }
 
+// Small blocks (C <= 16): 64 / C block columns per 64-key CTA (pack_kernel.cuh).
+template <typename T, int kD>
+cudaError_t launch_bwd_sm90_pack(const Params& p, cudaStream_t stream) {
+  using Cfg = Sm90BwdPackTile<kD>;
+  return launch_column_groups<bsattn_bwd_sm90_pack_kernel<T, Cfg>>(p, stream, Cfg::BK, Cfg::NT, Cfg::PACK_SMEM,
+                                                                    Cfg::MINB);
+}
+
 template <int kDType, int kD>
 cudaError_t launch_bwd_sm90(const Params& p, cudaStream_t stream) {
   using T = typename DTypeOf<kDType>::type;
   const int64_t nq = static_cast<int64_t>(p.B) * p.M * p.Hq * kD;  // dq elements
   cudaError_t err = cudaMemsetAsync(p.dq_accum, 0, static_cast<size_t>(nq + kDqSchedWords) * sizeof(float), stream);
   if (err != cudaSuccess) return err;
-  if constexpr (kD == 128) {
+  if (p.C <= 16) {
+    err = launch_bwd_sm90_pack<T, kD>(p, stream);
+  } else if constexpr (kD == 128) {
     // the two-warpgroup tile with a producer warpgroup; BSATTN_BWD_SM90_TILE=wide: without it (A / B comparisons)
     static const bool plain_wide = env_equals("BSATTN_BWD_SM90_TILE", "wide");
     // BSATTN_BWD_SM90_DQ=rows: dq row by row even where the tensor map applies (A / B comparisons)

@@ -124,14 +124,21 @@ struct Sm90TileOps {
 
 // p^T and ds^T of the tile from s^T, dp^T (dkv_probs_ds), padding keys (at or past kend) zeroed when the tile is
 // part-filled (their p = exp(-lse) may overflow, and their ds reaches dq), as b16 A fragments (k16 steps along the
-// rows).
-template <typename T, int BQ>
+// rows). MUL = kMulPerKey or kMulEntryBit (the packed kernel): p weighed by the (row, column) multiplicity, sW / sEnt / mul as
+// dkv_probs_ds takes them.
+template <typename T, int BQ, int MUL = kMulNone>
 __device__ __forceinline__ void sm90_probs_ds(float (&s)[BQ / 8][4], float (&dp)[BQ / 8][4], const float* fLse,
                                               const float* fDl, const int* sLim, int rb, bool need_mask,
                                               const int (&key)[2], int kend, bool part, float s_mul, float cap_mul,
-                                              bool use_cap, uint32_t (&pa)[BQ / 16][4], uint32_t (&da)[BQ / 16][4]) {
+                                              bool use_cap, uint32_t (&pa)[BQ / 16][4], uint32_t (&da)[BQ / 16][4],
+                                              const unsigned long long* sW = nullptr, const int* sEnt = nullptr,
+                                              const int (*mul)[2] = nullptr) {
   constexpr int NQ8 = BQ / 8;
-  dkv_probs_ds<NQ8, true, kMulNone>(s, dp, fLse, fDl, sLim, nullptr, rb, need_mask, key, key, s_mul, cap_mul, use_cap);
+  if constexpr (MUL == kMulNone)
+    dkv_probs_ds<NQ8, true, kMulNone>(s, dp, fLse, fDl, sLim, nullptr, rb, need_mask, key, key, s_mul, cap_mul,
+                                      use_cap);
+  else
+    dkv_probs_ds<NQ8, true, MUL>(s, dp, fLse, fDl, sLim, sW, rb, need_mask, key, *mul, s_mul, cap_mul, use_cap, sEnt);
   if (part) {  // (uniform)
 #pragma unroll
     for (int n = 0; n < NQ8; ++n)
@@ -143,6 +150,22 @@ __device__ __forceinline__ void sm90_probs_ds(float (&s)[BQ / 8][4], float (&dp)
   for (int kk = 0; kk < BQ / 16; ++kk) {
     acc_to_a<T>(s, kk, pa[kk]);
     acc_to_a<T>(dp, kk, da[kk]);
+  }
+}
+
+// dq of the warp's 16 rows (rid: their global rows, -1: none) added to dq_accum with red.global.add.v2.f32 (dq_acc:
+// row 0 of dq_accum at the lane's first column).
+template <class Cfg>
+__device__ __forceinline__ void sm90_dq_rows_red(const float (&dq)[Cfg::DQN / 8][4], const int* rid, float* dq_acc,
+                                                 int lane) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = rid[(lane >> 2) + 8 * h];
+    if (r >= 0) {
+      float* dst = dq_acc + static_cast<int64_t>(r) * Cfg::D;
+#pragma unroll
+      for (int j = 0; j < Cfg::DQN / 8; ++j) red_add_f32x2(dst + 8 * j, dq[j][2 * h], dq[j][2 * h + 1]);
+    }
   }
 }
 

@@ -158,5 +158,18 @@ cudaError_t launch_column_tiles(const P& p0, cudaStream_t stream, int threads, i
   return launch_kernel(Kernel, tiles, threads, smem, Cfg::MINB, smem_done, p, stream, extra...);
 }
 
+// The small-block kernels' grid (bwd/dkdv_kernel.cuh, bwd/dkdv_compact_kernel.cuh, bwd_sm90/pack_kernel.cuh): one CTA
+// per group of `keys` / C block columns of every (batch, KV head) (bwd/common.cuh column_group); p.pack and p.nkc set
+// on a copy.
+template <auto Kernel, class P>
+cudaError_t launch_column_groups(const P& p0, cudaStream_t stream, int keys, int threads, int smem, int ctas) {
+  P p = p0;
+  p.pack = keys / p.C;
+  p.nkc = 1;
+  const int64_t grid = static_cast<int64_t>(p.B) * p.Hk * ((p.NB + p.pack - 1) / p.pack);
+  static std::atomic<uint64_t> smem_done{0};  // one per kernel
+  return launch_kernel(Kernel, grid, threads, smem, ctas, smem_done, p, stream);
+}
+
 }  // namespace cuda
 }  // namespace bsattn

@@ -149,14 +149,14 @@ void run_case(const Case& c, std::mt19937& rng) {
   float* dq_accum = nullptr;
   CK(cudaMalloc(&dq_accum, (nq + bsattn::cuda::bwd::kDqSchedWords) * 4));
   bp.dq_accum = dq_accum;
-  if (c.C > 16) {
+  if (bwd::bwd_sm90_applies(bp)) {
     e4 = c.D == 64 ? bwd::launch_bwd_sm90<kBF16, 64>(bp, 0) : bwd::launch_bwd_sm90<kBF16, 128>(bp, 0);
     const bool wide = c.D == 128 && c.C >= 128 && (c.C % 128 == 0 || c.C % 128 > 64);  // bwd_sm90/launch.cuh
-    hopper = wide ? "Hopper, two warpgroups" : "Hopper, one warpgroup";
+    hopper = c.C <= 16 ? "Hopper, packed columns" : wide ? "Hopper, two warpgroups" : "Hopper, one warpgroup";
   }
   if (e4 == cudaSuccess && bwd::dq_sm90_applies(bp)) {  // the Hopper dq kernel
     e4 = c.D == 64 ? bwd::launch_dq_sm90<kBF16, 64>(bp, 0) : bwd::launch_dq_sm90<kBF16, 128>(bp, 0);
-    hopper = c.C > 16 ? "Hopper, then Hopper dq" : "Hopper dq";
+    hopper = bwd::bwd_sm90_applies(bp) ? "Hopper, then Hopper dq" : "Hopper dq";
   }
 #endif
   const cudaError_t es = cudaDeviceSynchronize();
@@ -201,6 +201,8 @@ int main() {
       {1, 300, 200, 8, 2, 128, 64, 1, true, 0.f, false, true},     // compact small blocks (R * g = 256), garbage
       {2, 130, 150, 8, 2, 128, 128, 2, false, 10.f, true, false},  // compact, C = 2, R * g = 512, per-head, cap
       {1, 100, 250, 8, 2, 128, 64, 12, false, 0.f, true, true},   // C = 12: the 16-key column kernel, per-head garbage
+      {1, 500, 520, 2, 1, 128, 1, 3, true, 0.f, false, false},    // C = 3: Hopper packed columns (21 a CTA), R = 1, 2 windows
+      {2, 100, 150, 4, 1, 128, 2, 1, false, 15.f, true, true},    // C = 1, per-head garbage, soft cap: packed columns
   };
   for (const Case& c : cases) run_case(c, rng);
   std::printf("all cases ran\n");
