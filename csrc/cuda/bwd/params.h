@@ -64,9 +64,10 @@ template <int kDType, int kD>
 cudaError_t launch_bwd_sm90(const Params& p, cudaStream_t stream);
 // Where the packed small-block form of the Hopper one-pass backward runs (bwd_sm90/pack_kernel.cuh: 64 / C block
 // columns in one 64-key tile), C <= 16: where it measured faster than the deterministic pair (H200, 2026-11-30,
-// density 1/4): R * g <= 4 (one to four packed rows per block row: 1.3-2.5x at C 1 .. 16), or C <= 2 with
-// R * g < 256 (1.1-1.3x; from 256 packed rows the pair's compact dk / dv kernel is faster). Elsewhere (C 4 .. 16 with
-// R * g >= 8, C <= 2 with R * g >= 256) the pair was 5-40 % faster. BSATTN_BWD_SM90_PACK=0 / all in the environment:
+// density 1/4): R * g <= 4 (one to four packed rows per block row: 1.26-2.51x at C 1 .. 16), or C <= 2 with
+// R * g < 256 (1.12-1.32x; from 256 packed rows the pair's compact dk / dv kernel is faster). Elsewhere (C 4 .. 16
+// with R * g >= 8, C <= 2 with R * g >= 256) the pair was 5-51 % faster (bwd/README.md, "Hopper packed small
+// blocks"). BSATTN_BWD_SM90_PACK=0 / all in the environment:
 // never / for every C <= 16 (A / B timing, where the caller gave the workspace; read once).
 inline bool sm90_pack_applies(const Params& p) {
   static const int mode = [] {
