@@ -242,6 +242,29 @@ __device__ __forceinline__ bool packed_query_row(const Params& p, int br, int of
   return true;
 }
 
+// An owner lane's place in a window list walked as packed query rows (the small-block kernels): packed row off of
+// entry ent, E rows per entry; each tile of BQ rows moves on qE = BQ / E entries and rE = BQ % E rows.
+struct WindowRowCursor {
+  int ent, off;
+  __device__ __forceinline__ void init(int trow, int E) {
+    ent = trow / E;
+    off = trow - ent * E;
+  }
+  // Its row's rid and causal limit (packed_query_row); false for a row past the list's len entries or past M.
+  __device__ __forceinline__ bool query_row(const Params& p, int len, int win0, const uint16_t* lbr, int hq0, int& rid,
+                                            int& lim) const {
+    return ent < len && packed_query_row(p, win0 + lbr[ent], off, hq0, rid, lim);
+  }
+  __device__ __forceinline__ void advance(int qE, int rE, int E) {
+    ent += qE;
+    off += rE;
+    if (off >= E) {
+      off -= E;
+      ++ent;
+    }
+  }
+};
+
 // Which keys a CTA of the small-block kernels (packed, compact) holds: P = p.pack consecutive block columns c0 .. c0 +
 // Pv - 1 of (batch b, KV head hk), groups head-major; their keys k0 .. k0 + nkeys - 1 (nkeys >= 1: c0 < NB) and the
 // tensor offsets.

@@ -1,8 +1,8 @@
 // Which backward runs: the Hopper one-pass kernel (bwd_sm90/: dq through atomic adds into a float32 workspace) when
 // the caller gave that workspace, the device is compute capability 9.0 with the sm_90a build, the head dim is 64
-// or 128 and C > 16; otherwise the deterministic pair, dk / dv then dq (bwd/launch.cuh; dq on wgmma,
-// bwd_sm90/dq_kernel.cuh, on such a device where R * g > 16). Host code only: it calls
-// the launchers through their declarations (params.h), so no kernel is instantiated here.
+// or 128 and C > 16 or the packed small-block rule holds (params.h bwd_sm90_applies); otherwise the deterministic
+// pair, dk / dv then dq (bwd/launch.cuh; dq on wgmma, bwd_sm90/dq_kernel.cuh, on such a device where R * g > 16).
+// Host code only: it calls the launchers through their declarations (params.h), so no kernel is instantiated here.
 #include <cuda_runtime.h>
 
 #include "cuda/bwd/params.h"

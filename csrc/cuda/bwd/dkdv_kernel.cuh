@@ -535,26 +535,22 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_pack_kerne
       // ---- the window's tiles: its merged rows as a virtual sequence of packed query rows
       const int64_t nt64 = (static_cast<int64_t>(len) * E + BQ - 1) / BQ;
       const int ntiles = static_cast<int>(nt64);  // len <= W
-      int ent = trow_own / E, off = trow_own - (trow_own / E) * E;
+      WindowRowCursor cur_row;
+      cur_row.init(trow_own, E);
       auto issue = [&](int stage) -> uint32_t {
         int rid = -1;
         uint32_t flag = 0;
         if (owner) {
           int lim = INT_MAX;
           unsigned long long w = 0ull;
-          if (ent < len && packed_query_row(p, win0 + lbr[ent], off, hq0, rid, lim)) w = cnt[ent];
+          if (cur_row.query_row(p, len, win0, lbr, hq0, rid, lim)) w = cnt[cur_row.ent];
           const int srow = stage * BQ + trow_own;
           stage_row_stats(sLse, sDl, srow, lseg, dlg, rid);
           sLim[srow] = lim;
           sW[srow] = w;
           flag = (rid >= 0 && (w != fullw || lim < klast)) ? 1u : 0u;
         }
-        ent += qE;
-        off += rE;
-        if (off >= E) {
-          off -= E;
-          ++ent;
-        }
+        cur_row.advance(qE, rE, E);
         const uint32_t sQs = sQ + stage * Cfg::Q_STAGE, sDs = sD + stage * Cfg::Q_STAGE;
         copy_row_pair_tile<D, Map::PASSES, Map::RPP, Map::RPW, false>(sQs, sDs, qg, dg, rid, D, warp, lane,
                                                                       [](int rp) { return rp >= 0; });

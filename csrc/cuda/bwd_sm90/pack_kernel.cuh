@@ -174,24 +174,20 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_pack_kerne
 
       // ---- the window's tiles: its merged rows as a virtual sequence of packed query rows -------------------
       const int ntiles = static_cast<int>((static_cast<int64_t>(len) * E + BQ - 1) / BQ);
-      int ent = trow_own / E, off = trow_own - (trow_own / E) * E;
+      WindowRowCursor cur_row;
+      cur_row.init(trow_own, E);
       auto issue = [&](int stage) -> uint32_t {
         int rid = -1;  // row of q in units of D within batch b: qi * Hq + h
         if (owner) {
           int lim = INT_MAX, e = W;
-          if (ent < len && packed_query_row(p, win0 + lbr[ent], off, hq0, rid, lim)) e = ent;
+          if (cur_row.query_row(p, len, win0, lbr, hq0, rid, lim)) e = cur_row.ent;
           const int srow = stage * BQ + trow_own;
           stage_row_stats(sm.sLse, sm.sDl, srow, lseg, dlg, rid);
           sm.sLim[srow] = lim;
           sm.sRid[srow] = rid;
           sEnt[srow] = e;
         }
-        ent += qE;
-        off += rE;
-        if (off >= E) {
-          off -= E;
-          ++ent;
-        }
+        cur_row.advance(qE, rE, E);
         copy_row_pair_tile<D, Map::PASSES, Map::RPP, Map::RPW, false, typename Cfg::QLayout>(
             sm.sQ + stage * Cfg::Q_STAGE, sm.sD + stage * Cfg::Q_STAGE, qg, dg, rid, D, warp, lane,
             [](int rp) { return rp >= 0; });
