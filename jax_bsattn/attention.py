@@ -116,9 +116,9 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
       logits_soft_cap: ``c``: logits become ``c * tanh(s / c)``.
       return_lse: also return the natural-log log-sum-exp, float32 ``[*B, M, Hq]``.
       deterministic: make the gradients bitwise repeatable. dk and dv always are; on an H100 / H200 (head dim
-        64 or 128, and C > 16, or C <= 16 with R * g <= 4, or C <= 2 with R * g < 256) dq is by default
-        accumulated with float32 atomic adds in a workspace of q's shape (4 bytes an element), whose order varies
-        from run to run (differences of the order of float32 rounding).
+        64 or 128, and C > 16, or C <= 16 with R * g <= 4, C <= 2 with R * g < 256, or C <= 4 with R * g <= 8) dq is
+        by default accumulated with float32 atomic adds in a workspace of q's shape (4 bytes an element), whose
+        order varies from run to run (differences of the order of float32 rounding).
         ``True`` uses the deterministic backward there as well: no workspace, slower (BENCHMARKS.md has the
         figures). No effect on the forward or on the CPU path (deterministic already).
 

@@ -70,9 +70,9 @@ def _gpus_are_sm90() -> bool:
 
 def _one_pass_hopper(block_r: int, block_c: int, g: int) -> bool:
     """Where the one-pass Hopper backward runs (csrc/cuda/bwd/params.h bwd_sm90_applies): C > 16, or the packed
-    small-block form (R * g <= 4 with C <= 16, or C <= 2 with R * g < 256)."""
+    small-block form (R * g <= 4 with C <= 16, C <= 2 with R * g < 256, or C <= 4 with R * g <= 8)."""
     rg = block_r * g
-    return block_c > 16 or rg <= 4 or (block_c <= 2 and rg < 256)
+    return block_c > 16 or rg <= 4 or (block_c <= 2 and rg < 256) or (block_c <= 4 and rg <= 8)
 
 
 def _atomic_dq(q, k, cfg: Config) -> bool:

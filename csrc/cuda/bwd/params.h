@@ -64,10 +64,11 @@ template <int kDType, int kD>
 cudaError_t launch_bwd_sm90(const Params& p, cudaStream_t stream);
 // Where the packed small-block form of the Hopper one-pass backward runs (bwd_sm90/pack_kernel.cuh: 64 / C block
 // columns in one 64-key tile), C <= 16: where it measured faster than the deterministic pair (H200, 2026-11-30,
-// density 1/4): R * g <= 4 (one to four packed rows per block row: 1.26-2.51x at C 1 .. 16), or C <= 2 with
-// R * g < 256 (1.12-1.32x; from 256 packed rows the pair's compact dk / dv kernel is faster). Elsewhere (C 4 .. 16
-// with R * g >= 8, C <= 2 with R * g >= 256) the pair was 5-51 % faster (bwd/README.md, "Hopper packed small
-// blocks"). BSATTN_BWD_SM90_PACK=0 / all in the environment:
+// density 1/4): R * g <= 4 (one to four packed rows per block row: 1.26-2.51x at C 1 .. 16), C <= 2 with
+// R * g < 256 (1.12-1.32x; from 256 packed rows the pair's compact dk / dv kernel is faster), or C = 3, 4 with
+// R * g <= 8 (1.11-1.12x at 8 x 4). Elsewhere (C 4 .. 16 with R * g >= 16, C 8 .. 16 with R * g >= 8, C <= 2 with
+// R * g >= 256) the pair was 5-51 % faster (bwd/README.md, "Hopper packed small blocks"). BSATTN_BWD_SM90_PACK=0 /
+// all in the environment:
 // never / for every C <= 16 (A / B timing, where the caller gave the workspace; read once).
 inline bool sm90_pack_applies(const Params& p) {
   static const int mode = [] {
@@ -77,7 +78,7 @@ inline bool sm90_pack_applies(const Params& p) {
   }();
   const int64_t rg = static_cast<int64_t>(p.R) * p.g;
   if (p.C > 16 || mode == 0) return false;
-  return mode == 2 || rg <= 4 || (p.C <= 2 && rg < 256);
+  return mode == 2 || rg <= 4 || (p.C <= 2 && rg < 256) || (p.C <= 4 && rg <= 8);
 }
 // The one-pass Hopper backward's rule beside the device, head dim and workspace (bwd/dispatch.cu;
 // jax_bsattn/lowering.py gives the workspace on the same rule): C > 16 (64- and 128-key tiles of one block column), or
