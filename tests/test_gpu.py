@@ -61,6 +61,43 @@ def test_forward_vmap_and_garbage_layouts():
     np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), np.isneginf(np.asarray(lse_ref)))
 
 
+# R * g <= 16 on an H100 / H200: the sweep forward (fwd_sm90/sweep_kernel.cuh) over several block rows per tile,
+# masked per key: part-filled last tiles of rows and keys, blocks straddling bit words, causal, soft cap, f16.
+@pytest.mark.parametrize("R,C,g,D,M,N,causal,softcap,dtype", [
+    (1, 1, 4, 128, 300, 700, True, None, jnp.bfloat16), (1, 1, 8, 64, 130, 257, False, 30.0, jnp.float16),
+    (2, 3, 2, 128, 101, 190, True, None, jnp.bfloat16), (3, 16, 4, 128, 97, 300, False, None, jnp.bfloat16),
+    (1, 40, 16, 64, 70, 333, True, 20.0, jnp.bfloat16), (16, 1, 1, 128, 150, 129, False, None, jnp.float16),
+    (1, 1, 4, 128, 40, 20000, False, None, jnp.bfloat16)])
+def test_forward_sweep_small_row_groups(R, C, g, D, M, N, causal, softcap, dtype):
+    rng = np.random.default_rng(R * 100 + C * 10 + g)
+    Hk = 2
+    MB, NB = -(-M // R), -(-N // C)
+    mask = random_mask(rng, (Hk,), MB, NB, 0.3)
+    mask[0, 1] = False   # an empty block row
+    layout = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=D, dtype=dtype)
+    with jax.default_device(jax.devices("cuda")[0]):
+        check_forward(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
+
+
+# A block listed twice counts twice: the sweep forward's tiles holding a duplicate take the per-row gather instead,
+# next to tiles without one (and out-of-range entries, skipped).
+@pytest.mark.parametrize("R,C,g,D", [(1, 1, 4, 128), (2, 5, 4, 64)])
+def test_forward_sweep_duplicate_blocks(R, C, g, D):
+    rng = np.random.default_rng(7 + R)
+    M, N, Hk = 90, 200, 2
+    MB, NB = -(-M // R), -(-N // C)
+    rows = [rng.choice(NB, size=int(rng.integers(1, NB // 2)), replace=False).tolist() for _ in range(MB)]
+    rows[3] += [rows[3][0], rows[3][0]]       # three times
+    rows[40 // R] += [rows[40 // R][-1], -3, NB + 7]
+    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int32)
+    indices = np.asarray(sum(rows, []), np.int32)
+    layout = jb.BlockSparseLayout(indptr, indices, (R, C), (M, N), validate=False)  # (as a traced layout may be)
+    q, k, v = random_problem(rng, batch=(1,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=D, dtype=jnp.bfloat16)
+    with jax.default_device(jax.devices("cuda")[0]):
+        check_forward(q, k, v, layout, causal=True)
+
+
 def _bwd_cases():
     Rs, Cs, gs, Ds = (1, 3, 16, 64, 128), (1, 5, 16, 64, 128), (1, 4, 8), (64, 128, 256)
     for n, (R, C) in enumerate(itertools.product(Rs, Cs)):
@@ -85,8 +122,8 @@ def _backward_problem(R, C, g, D, dtype):
 @pytest.mark.parametrize("R,C,g,D,causal,softcap,dtype", list(_bwd_cases()))
 def test_backward_grid(R, C, g, D, causal, softcap, dtype):
     """jax.grad through the CUDA forward and backward against jax.grad of the float32 reference (on an H100 /
-    H200 the one-pass Hopper backward wherever D <= 128 and C > 16, or C <= 16 with R * g <= 4, or C <= 2 with
-    R * g < 256: csrc/cuda/bwd/params.h)."""
+    H200 the one-pass Hopper backward wherever D <= 128 and C > 16, or C <= 16 with R * g <= 4, C <= 2 with
+    R * g < 256, or C <= 4 with R * g <= 8: csrc/cuda/bwd/params.h)."""
     from conftest import check_gradients
 
     q, k, v, layout = _backward_problem(R, C, g, D, dtype)
@@ -123,9 +160,10 @@ def test_backward_compact_small_blocks(R, C, g, D, causal, softcap, dtype):
 @pytest.mark.parametrize("R,C,g,D,M,causal,softcap,dtype", [
     (1, 1, 4, 128, 900, True, None, jnp.bfloat16), (1, 16, 4, 128, 300, False, 30.0, jnp.float16),
     (2, 3, 2, 64, 500, True, None, jnp.bfloat16), (16, 2, 4, 128, 400, False, None, jnp.bfloat16),
-    (1, 1, 1, 128, 200, False, None, jnp.bfloat16)])
+    (1, 1, 1, 128, 200, False, None, jnp.bfloat16), (2, 4, 4, 128, 300, True, None, jnp.bfloat16)])
 def test_backward_packed_small_blocks(R, C, g, D, M, causal, softcap, dtype):
-    """C <= 16 with R * g <= 4, or C <= 2 with R * g < 256, D <= 128 on an H100 / H200: the packed one-pass Hopper
+    """C <= 16 with R * g <= 4, C <= 2 with R * g < 256, or C <= 4 with R * g <= 8, D <= 128 on an H100 / H200: the
+    packed one-pass Hopper
     backward (64 / C block columns per 64-key tile, their row lists merged window by window). M = 900 at R = 1: three
     windows of 384 block rows; C = 3: 21 columns a tile, some straddling two warps' keys; R * g = 64: one block row a
     tile."""

@@ -23,6 +23,7 @@ struct FwdParams : ProblemParams {
   void* o;                 // [B, M, Hq, D]
   float* lse;              // [B, M, Hq]
   int nsplit;              // 128-row tiles per block row (set by the launcher)
+  int sweep_brt;           // the sweep kernel (fwd_sm90/sweep_kernel.cuh): block rows per CTA (set by the launcher)
 };
 
 // Launches the forward kernel on `stream` (picking the kernel and tile for the device and R * g); returns
@@ -34,6 +35,12 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream);
 // tiles of `tile_rows` = 64 or 128 packed rows, D = 64 or 128. launch_fwd calls it on compute capability 9.0.
 template <int kDType, int kD>
 cudaError_t launch_fwd_sm90(const FwdParams& p, cudaStream_t stream, int tile_rows);
+
+// Built for sm_90a only, like launch_fwd_sm90: the sweep kernel for R * g <= 16 (fwd_sm90/sweep_kernel.cuh), D = 64
+// or 128. Returns cudaErrorNotSupported, launching nothing, where it does not apply (fwd_sweep_block_rows); launch_fwd
+// then runs a gather kernel.
+template <int kDType, int kD>
+cudaError_t launch_fwd_sm90_sweep(const FwdParams& p, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace bsattn

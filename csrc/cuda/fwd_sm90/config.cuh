@@ -55,5 +55,15 @@ template <> struct Sm90FwdTile<64, 64> : Sm90FwdCfg<64, 1, 64, 2, 2, 4, false> {
 template <> struct Sm90FwdTile<128, 128> : Sm90FwdCfg<128, 2, 64, 2, 2, 2, false> {};
 template <> struct Sm90FwdTile<128, 64> : Sm90FwdCfg<128, 1, 64, 2, 3, 2, true> {};
 
+// Sm90SweepTile<D>: the sweep kernel's configuration (fwd_sm90/sweep_kernel.cuh: one warpgroup, 64 rows, 64-key
+// tiles, plus the key bit map). Two stages each without the overlap keep two CTAs per SM with a 16 KB bit map at
+// D = 128 (R * g = 4, N = 8192). The overlapped schedule (K 2, V 3 stages) left one CTA per SM there and measured
+// 1.4-1.7x slower at R * g = 4 (H200, 2026-11-30).
+template <int D>
+struct Sm90SweepTile;
+//                                               D  NWG  BN KST VST MINB OVERLAP
+template <> struct Sm90SweepTile<64> : Sm90FwdCfg<64, 1, 64, 2, 2, 3, false> {};
+template <> struct Sm90SweepTile<128> : Sm90FwdCfg<128, 1, 64, 2, 2, 2, false> {};
+
 }  // namespace cuda
 }  // namespace bsattn

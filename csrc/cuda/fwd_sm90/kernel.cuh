@@ -21,6 +21,7 @@
 #include "cuda/fwd/softmax.cuh"
 #include "cuda/fwd/tile_setup.cuh"
 #include "cuda/fwd_sm90/config.cuh"
+#include "cuda/fwd_sm90/shared.cuh"
 #include "cuda/common/wgmma.cuh"
 
 #ifndef BSATTN_FWD_TIMELINE_MARK
@@ -104,21 +105,8 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_sm90_kernel(con
   // O += P V (issued, not committed): k16 steps along the keys; step kk is 16 key rows (2048 bytes) further on
   auto issue_pv = [&](int vstage) { wgmma_rs_mn<T, D, BN / 16>(of, pa, v_desc + vstage * kStageDesc); };
   // The same, run to completion (nothing else of this warpgroup's in flight)
-  auto qk_now = [&](int kstage) {
-    wgmma_fence();
-    issue_qk(kstage);
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(sf);
-  };
-  auto pv_now = [&](int vstage) {
-    wgmma_fence();
-    fence_regs(of);
-    issue_pv(vstage);
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(of);
-  };
+  auto qk_now = [&](int kstage) { sm90_qk_now<T, BN, D, TM>(sf, q_desc, k_desc + kstage * kStageDesc); };
+  auto pv_now = [&](int vstage) { sm90_pv_now<T, D, BN / 16>(of, pa, v_desc + vstage * kStageDesc); };
   // scores of the tile in K stage `kstage` -> probabilities in s (alpha: o's rescale factor; returns whether
   // any row's max grew), then P packed into pa
   float alpha[1][2];

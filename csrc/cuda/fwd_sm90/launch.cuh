@@ -11,6 +11,7 @@
 #include "cuda/fwd/params.h"
 #include "cuda/fwd_sm90/config.cuh"
 #include "cuda/fwd_sm90/kernel.cuh"
+#include "cuda/fwd_sm90/sweep_kernel.cuh"
 
 namespace bsattn {
 namespace cuda {
@@ -60,8 +61,55 @@ cudaError_t launch_fwd_sm90(const FwdParams& p, cudaStream_t stream, int tile_ro
   return launch_tile_sm90<T, Sm90FwdTile<kD, 128>>(p, stream);
 }
 
+// Block rows per CTA of the sweep kernel, or 0 where it does not apply: R * g <= 16 (four block rows or more per
+// 64-row tile), a density (the layout's capacity over the block grid) of at least R * g / 32, and the bit map within
+// the device's shared memory. The sweep costs about what a dense forward does whatever the density (at C <= 16 nearly
+// every 64-key tile holds a listed key of some block row); the gathers cost in proportion to the density and to
+// 1 / (R * g) (their 16-row tile, a few real rows, L2 traffic per listed key): H200, M = N = 8192, density 1/4,
+// 7.45 ms at R * g = 4, 3.76 at 8, 1.91 at 16 against about 2.9 for the sweep (sweep_kernel.cuh has the figures).
+// BSATTN_FWD_SWEEP=0: never; =all: wherever it fits (A / B runs). Read once.
+template <class Cfg>
+int fwd_sweep_block_rows(const FwdParams& p) {
+  static const bool never = env_equals("BSATTN_FWD_SWEEP", "0"), always = env_equals("BSATTN_FWD_SWEEP", "all");
+  const int64_t rg = static_cast<int64_t>(p.R) * p.g;
+  if (never || rg > 16 || p.MB <= 0 || p.NB <= 0) return 0;
+  const double density = static_cast<double>(p.nnz) / (static_cast<double>(p.MB) * p.NB);
+  if (!always && density * 32 < static_cast<double>(rg)) return 0;
+  FwdParams q = p;
+  q.sweep_brt = static_cast<int>(64 / rg);
+  const int64_t smem = int64_t{Cfg::SMEM} + sweep_shape<Cfg>(q).extra;
+  return smem <= device_smem_optin() ? q.sweep_brt : 0;
+}
+
+template <typename T, class Cfg>
+cudaError_t launch_sweep_sm90(const FwdParams& p0, cudaStream_t stream) {
+  FwdParams p = p0;
+  p.sweep_brt = fwd_sweep_block_rows<Cfg>(p);
+  if (p.sweep_brt == 0) return cudaErrorNotSupported;
+  const SweepShape sh = sweep_shape<Cfg>(p);
+  const int64_t grid = static_cast<int64_t>(p.B) * p.Hk * ((p.MB + p.sweep_brt - 1) / p.sweep_brt);
+  // the bit map's size varies by call: opt in to the device's maximum once
+  static std::atomic<uint64_t> smem_done{0};
+  if (grid == 0) return cudaSuccess;
+  if (grid > INT_MAX) return cudaErrorInvalidConfiguration;
+  const auto kernel = bsattn_fwd_sm90_sweep_kernel<T, Cfg>;
+  cudaError_t err = opt_in_smem(kernel, device_smem_optin(), 1, smem_done);
+  if (err != cudaSuccess) return err;
+  kernel<<<static_cast<unsigned>(grid), Cfg::NT, Cfg::SMEM + sh.extra, stream>>>(p, sh);
+  return cudaGetLastError();
+}
+
+template <int kDType, int kD>
+cudaError_t launch_fwd_sm90_sweep(const FwdParams& p, cudaStream_t stream) {
+  return launch_sweep_sm90<typename DTypeOf<kDType>::type, Sm90SweepTile<kD>>(p, stream);
+}
+
 }  // namespace cuda
 }  // namespace bsattn
+
+#define BSATTN_INSTANTIATE_FWD_SM90_SWEEP(DTYPE, D)                                                                \
+  template cudaError_t bsattn::cuda::launch_fwd_sm90_sweep<bsattn::cuda::DTYPE, D>(const bsattn::cuda::FwdParams&, \
+                                                                                     cudaStream_t);
 
 #define BSATTN_INSTANTIATE_FWD_SM90(DTYPE, D)                                                                  \
   template cudaError_t bsattn::cuda::launch_fwd_sm90<bsattn::cuda::DTYPE, D>(const bsattn::cuda::FwdParams&, \
