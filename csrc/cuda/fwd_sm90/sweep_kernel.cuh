@@ -192,7 +192,8 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_sm90_sweep_kern
       const int j = j0 + tid;
       uint32_t any = 0u;
       if (j < nk)
-        for (int i = 0; i < nbr; ++i) any |= sBm[i * sh.words + 2 * j] | (2 * j + 1 < sh.words ? sBm[i * sh.words + 2 * j + 1] : 0u);
+        for (int i = 0; i < nbr; ++i)
+          any |= sBm[i * sh.words + 2 * j] | (2 * j + 1 < sh.words ? sBm[i * sh.words + 2 * j + 1] : 0u);
       const uint32_t bal = __ballot_sync(0xffffffffu, any != 0u);
       if (lane == 0) sFlag[2 + warp] = __popc(bal);
       __syncthreads();
