@@ -67,18 +67,27 @@ cudaError_t launch_fwd_sm90(const FwdParams& p, cudaStream_t stream, int tile_ro
 // every 64-key tile holds a listed key of some block row); the gathers cost in proportion to the density and to
 // 1 / (R * g) (their 16-row tile, a few real rows, L2 traffic per listed key): H200, M = N = 8192, density 1/4,
 // 7.45 ms at R * g = 4, 3.76 at 8, 1.91 at 16 against about 2.9 for the sweep (sweep_kernel.cuh has the figures).
-// BSATTN_FWD_SWEEP=0: never; =all: wherever it fits (A / B runs). Read once.
+// Also at least 1 / 16 (at R * g = 1 the sweep's 7-13 ms against the gathers' 30 at density 1/4 and 9.6 against
+// 15.6 at 1/8 put the break-even near 1/15), and two CTAs per SM where R * g > 2 (at R * g = 4 a sweep of one CTA per
+// SM measured slower than the gathers; at R * g = 1 it still won 2.3-4.2x). BSATTN_FWD_SWEEP=0: never; =all:
+// wherever it fits (A / B runs). Read once.
 template <class Cfg>
 int fwd_sweep_block_rows(const FwdParams& p) {
   static const bool never = env_equals("BSATTN_FWD_SWEEP", "0"), always = env_equals("BSATTN_FWD_SWEEP", "all");
+  static std::atomic<int> smem_per_sm[64];
   const int64_t rg = static_cast<int64_t>(p.R) * p.g;
   if (never || rg > 16 || p.MB <= 0 || p.NB <= 0) return 0;
   const double density = static_cast<double>(p.nnz) / (static_cast<double>(p.MB) * p.NB);
-  if (!always && density * 32 < static_cast<double>(rg)) return 0;
+  if (!always && (density * 32 < static_cast<double>(rg) || density * 16 < 1.0)) return 0;
   FwdParams q = p;
   q.sweep_brt = static_cast<int>(64 / rg);
   const int64_t smem = int64_t{Cfg::SMEM} + sweep_shape<Cfg>(q).extra;
-  return smem <= device_smem_optin() ? q.sweep_brt : 0;
+  if (smem > device_smem_optin()) return 0;
+  if (!always) {
+    const int per_sm = cached_device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, smem_per_sm);
+    if (rg > 2 && per_sm > 0 && 2 * (smem + 1024) > per_sm) return 0;
+  }
+  return q.sweep_brt;
 }
 
 template <typename T, class Cfg>

@@ -14,6 +14,11 @@
 // with the forward's gather (fwd/gather_kv.cuh) over its list and the other block rows' rows masked out. That is
 // slower (each 64-row tile has R * g real rows), exact, and keeps every result independent of scheduling.
 //
+// Unlike the gathers, the sweep reads keys no block row of the CTA lists (and its siblings' keys): their p is 0,
+// but a non-finite value in v there (0 * inf, 0 * NaN) makes the row's output NaN. The gathers have that exposure
+// only at the causally masked keys of listed blocks. Zero-filling the keys no block row lists would narrow it (not
+// done).
+//
 // Measured (H200, 2026-11-30, M = N = 8192, Hq = 32, D = 128, bf16, density 1/4, forward alone, ms, the gathers
 // (BSATTN_FWD_SWEEP=0) -> this kernel, one call; benchmarks/results/h200_s13_call3_validate.log):
 //   g = 1, R = 1: C = 1 29.91 -> 13.10, C = 16 .. 128 29.74-30.02 -> 7.02-7.23
