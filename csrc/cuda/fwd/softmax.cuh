@@ -47,15 +47,11 @@ __device__ __forceinline__ float prepare_scores(float (&s)[MI][NT8][4], const Fw
 }
 
 // Masks the scores of key columns whose index (kidx: this warp's key slice of the staged tile,
-// INT_MAX when the row is invalid) exceeds the row's limit (slim: the warp's rows; causal: i + N - M,
-// else INT_MAX - 1).
+// INT_MAX when the row is invalid) exceeds the row's limit (lim: the thread's rows (lane / 4, + 8) of each strip;
+// causal: i + N - M, else INT_MAX - 1; -1 masks every key).
 template <int MI, int NT8>
-__device__ __forceinline__ void mask_scores(float (&s)[MI][NT8][4], const int* kidx, const int* slim, int lane) {
-  int lim[MI][2];
-#pragma unroll
-  for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) lim[mi][h] = slim[mi * 16 + (lane >> 2) + 8 * h];
+__device__ __forceinline__ void mask_scores_by_limit(float (&s)[MI][NT8][4], const int* kidx, const int (&lim)[MI][2],
+                                                     int lane) {
 #pragma unroll
   for (int n = 0; n < NT8; ++n) {
     const int2 kk = *reinterpret_cast<const int2*>(kidx + n * 8 + (lane & 3) * 2);
@@ -67,6 +63,17 @@ __device__ __forceinline__ void mask_scores(float (&s)[MI][NT8][4], const int* k
         if (kk.y > lim[mi][h]) s[mi][n][2 * h + 1] = -INFINITY;
       }
   }
+}
+
+// The same with the limits of the warp's rows in shared memory (slim).
+template <int MI, int NT8>
+__device__ __forceinline__ void mask_scores(float (&s)[MI][NT8][4], const int* kidx, const int* slim, int lane) {
+  int lim[MI][2];
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) lim[mi][h] = slim[mi * 16 + (lane >> 2) + 8 * h];
+  mask_scores_by_limit<MI, NT8>(s, kidx, lim, lane);
 }
 
 // One online-softmax step, in two parts (online_softmax below runs both): softmax_probs updates the running

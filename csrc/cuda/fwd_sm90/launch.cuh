@@ -79,15 +79,14 @@ int fwd_sweep_block_rows(const FwdParams& p) {
   if (never || rg > 16 || p.MB <= 0 || p.NB <= 0) return 0;
   const double density = static_cast<double>(p.nnz) / (static_cast<double>(p.MB) * p.NB);
   if (!always && (density * 32 < static_cast<double>(rg) || density * 16 < 1.0)) return 0;
-  FwdParams q = p;
-  q.sweep_brt = static_cast<int>(64 / rg);
-  const int64_t smem = int64_t{Cfg::SMEM} + sweep_shape<Cfg>(q).extra;
+  const int brt = static_cast<int>(64 / rg);
+  const int64_t smem = int64_t{Cfg::SMEM} + sweep_shape<Cfg>(p, brt).extra;
   if (smem > device_smem_optin()) return 0;
   if (!always) {
     const int per_sm = cached_device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, smem_per_sm);
     if (rg > 2 && per_sm > 0 && 2 * (smem + 1024) > per_sm) return 0;
   }
-  return q.sweep_brt;
+  return brt;
 }
 
 template <typename T, class Cfg>
@@ -95,17 +94,17 @@ cudaError_t launch_sweep_sm90(const FwdParams& p0, cudaStream_t stream) {
   FwdParams p = p0;
   p.sweep_brt = fwd_sweep_block_rows<Cfg>(p);
   if (p.sweep_brt == 0) return cudaErrorNotSupported;
-  const SweepShape sh = sweep_shape<Cfg>(p);
+  const SweepShape sh = sweep_shape<Cfg>(p, p.sweep_brt);
   const int64_t grid = static_cast<int64_t>(p.B) * p.Hk * ((p.MB + p.sweep_brt - 1) / p.sweep_brt);
-  // the bit map's size varies by call: opt in to the device's maximum once
+  // the bit map's size varies by call: opt in to the device's maximum first (launch_kernel's opt-in, sharing
+  // smem_done, then finds it done and does not lower it to this call's size)
   static std::atomic<uint64_t> smem_done{0};
-  if (grid == 0) return cudaSuccess;
-  if (grid > INT_MAX) return cudaErrorInvalidConfiguration;
   const auto kernel = bsattn_fwd_sm90_sweep_kernel<T, Cfg>;
-  cudaError_t err = opt_in_smem(kernel, device_smem_optin(), 1, smem_done);
-  if (err != cudaSuccess) return err;
-  kernel<<<static_cast<unsigned>(grid), Cfg::NT, Cfg::SMEM + sh.extra, stream>>>(p, sh);
-  return cudaGetLastError();
+  if (grid > 0) {
+    const cudaError_t err = opt_in_smem(kernel, device_smem_optin(), 1, smem_done);
+    if (err != cudaSuccess) return err;
+  }
+  return launch_kernel(kernel, grid, Cfg::NT, Cfg::SMEM + sh.extra, 1, smem_done, p, stream, sh);
 }
 
 template <int kDType, int kD>

@@ -59,11 +59,11 @@ struct SweepShape {
   int extra;     // bytes beyond Cfg::SMEM
 };
 template <class Cfg>
-inline SweepShape sweep_shape(const FwdParams& p) {
+inline SweepShape sweep_shape(const FwdParams& p, int brt) {
   SweepShape s;
   s.words = (p.N + 31) / 32;
   s.ktiles = (p.N + Cfg::BN - 1) / Cfg::BN;
-  const int64_t bytes = int64_t{Cfg::TM} * 4 + 64 + int64_t{s.ktiles} * 4 + int64_t{p.sweep_brt} * s.words * 4;
+  const int64_t bytes = int64_t{Cfg::TM} * 4 + 64 + int64_t{s.ktiles} * 4 + int64_t{brt} * s.words * 4;
   s.extra = bytes > INT_MAX / 2 ? INT_MAX / 2 : static_cast<int>(bytes);
   return s;
 }
@@ -124,7 +124,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_sm90_sweep_kern
   int2* sOwn = reinterpret_cast<int2*>(gs + 1);
   int2* sRow = sOwn + BN;
   int* sBmOff = reinterpret_cast<int*>(sRow + TM);  // per tile row: its block row's first word in sBm
-  int* sFlag = sBmOff + TM;                         // [0]: a duplicate; [1]: key tiles listed; [2..5]: per-warp counts
+  int* sFlag = sBmOff + TM;                         // [1]: key tiles listed; [2..5]: per-warp counts
   int* sTiles = sFlag + 16;                         // the key tiles to compute, in order
   uint32_t* sBm = reinterpret_cast<uint32_t*>(sTiles + sh.ktiles);
 
@@ -324,7 +324,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_sm90_sweep_kern
       const int ntiles = nt64 > INT_MAX ? INT_MAX : static_cast<int>(nt64);
       Gather kv;
       kv.init(p, indices + rr.start, len, sOwn, warp, lane);
-      if (tid == 0) {
+      if (tid == 0) {  // (tile_setup.cuh fill_gather_shared's fields; through it this kernel's code changed throughout)
         gs->kvoff = kvoff;
         gs->idx = indices + rr.start;
         gs->len = len;
@@ -334,18 +334,8 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_sm90_sweep_kern
       }
       __syncthreads();
       auto issue = [&](int, int kstage, int vstage) { kv.issue(p, *gs, sK, sV, sKidx, kstage, vstage, warp, lane); };
-      const int la = br_a == i ? lim_a : -1, lb = br_b == i ? lim_b : -1;  // -1: every key masked
-      auto mask = [&](int, int kstage) {
-        const int* kidx = sKidx + kstage * BN;
-#pragma unroll
-        for (int n = 0; n < NT8; ++n) {
-          const int2 kk = *reinterpret_cast<const int2*>(kidx + n * 8 + (lane & 3) * 2);
-          if (kk.x > la) s[0][n][0] = -INFINITY;
-          if (kk.y > la) s[0][n][1] = -INFINITY;
-          if (kk.x > lb) s[0][n][2] = -INFINITY;
-          if (kk.y > lb) s[0][n][3] = -INFINITY;
-        }
-      };
+      const int lim[1][2] = {{br_a == i ? lim_a : -1, br_b == i ? lim_b : -1}};  // -1: every key masked
+      auto mask = [&](int, int kstage) { mask_scores_by_limit<1, NT8>(s, sKidx + kstage * BN, lim, lane); };
       run_tiles(ntiles, issue, mask);
     }
   }
