@@ -8,6 +8,8 @@ mesh it holds a partitioned call whose per-device body is that same custom call 
 from __future__ import annotations
 
 import functools
+import math
+import os
 
 import jax
 from jax.interpreters import mlir
@@ -83,6 +85,24 @@ def _atomic_dq(q, k, cfg: Config) -> bool:
             and q.size > 0 and _gpus_are_sm90())
 
 
+def _sweep_words(q, k, indptr, indices, cfg: Config) -> int:
+    """Floats the sweep form of the Hopper backward needs after the dq workspace (csrc/cuda/bwd/params.h
+    sm90_sweep_applies and sweep_workspace_words: the same rule; off unless BSATTN_BWD_SWEEP is 1 or all while it is
+    unmeasured), else 0."""
+    mode = os.environ.get("BSATTN_BWD_SWEEP", "")
+    if not mode.startswith(("1", "a")):
+        return 0
+    R, C = cfg.block_r, cfg.block_c
+    g = q.shape[-2] // max(k.shape[-2], 1)
+    MB, NB = -(-q.shape[1] // R), -(-k.shape[1] // C)
+    if q.shape[-1] != 128 or C > 16 or C & (C - 1) or not _one_pass_hopper(R, C, g) or MB <= 0 or NB <= 0:
+        return 0
+    if not mode.startswith("a") and not (R * g <= 8 and indices.shape[-1] >= MB * NB / 8):
+        return 0
+    layouts = math.prod(indptr.shape[:-1]) or 1
+    return 8 + 2 * layouts * MB * (-(-NB // 64)) + MB
+
+
 def _cuda_bwd_call(q, k, v, do, lse, delta, indptr, indices, *, cfg: Config):
     """The CUDA backward also takes the layout's column view (dk / dv walk block columns), built here in
     XLA from the row view on the device: no host round trip, no dense mask. Its fourth result is the dq
@@ -91,7 +111,8 @@ def _cuda_bwd_call(q, k, v, do, lse, delta, indptr, indices, *, cfg: Config):
     col_indptr, col_rows = column_view(indptr, indices, num_block_cols)
     col_order = column_order(col_indptr)
     out = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
-    out += (jax.ShapeDtypeStruct((q.size + DQ_SCHED_WORDS,) if _atomic_dq(q, k, cfg) else (0,), jax.numpy.float32),)
+    words = q.size + DQ_SCHED_WORDS + _sweep_words(q, k, indptr, indices, cfg) if _atomic_dq(q, k, cfg) else 0
+    out += (jax.ShapeDtypeStruct((words,), jax.numpy.float32),)
     dq, dk, dv, _ = jax.ffi.ffi_call("bsattn_bwd_cuda", out)(q, k, v, do, lse, delta, indptr, indices, col_indptr,
                                                             col_rows, col_order, **ffi_attributes(cfg))
     return dq, dk, dv

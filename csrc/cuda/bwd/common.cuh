@@ -314,19 +314,26 @@ struct ColumnWork {
   int64_t kvoff, kv_rstride, qboff;  // (b, key 0, hk) in k / v, their row stride; (b, row 0, head 0) in rows
 };
 
-template <int D, int BK, int BQ>
+// SWEEP (the sweep form of the Hopper backward, p.C = BK): column c is keys c BK .., in order, and its row list is
+// every block row (p.sweep_rows, with p.nnz = 0 so that every layout shares it).
+template <int D, int BK, int BQ, bool SWEEP = false>
 __device__ __forceinline__ bool column_work(const Params& p, ColumnWork& w, int item) {
   const ColumnTile ct = column_tile(p, item);
   w.kc = ct.kc;
   w.b = ct.b;
   w.hk = ct.hk;
   w.lid = ct.lid;
-  w.c = __ldg(p.col_order + w.lid * p.NB + ct.slot);
+  w.c = SWEEP ? ct.slot : __ldg(p.col_order + w.lid * p.NB + ct.slot);
   if (w.c < 0 || w.c >= p.NB) return false;  // (the order is a permutation of the block columns)
   w.k0 = w.c * p.C + w.kc * BK;
   w.nkeys = min(min(BK, p.C - w.kc * BK), p.N - w.k0);
   if (w.nkeys <= 0) return false;
-  column_entries(p, w.lid, w.c, w.cs, w.ce);
+  if constexpr (SWEEP) {
+    w.cs = 0;
+    w.ce = p.MB;
+  } else {
+    column_entries(p, w.lid, w.c, w.cs, w.ce);
+  }
   w.RG = p.R * p.g;
   w.len = w.RG > 0 ? static_cast<int>(w.ce - w.cs) : 0;
   const int E = w.RG > 0 ? w.RG : 1;
@@ -373,15 +380,20 @@ struct ColumnQueryGather {
   }
 
   // Issues the copies of the next tile into `stage` (sQs / sDs: that stage's q / do buffers); returns 1 when this
-  // thread saw a row that needs the causal mask.
+  // thread saw a row that needs the causal mask. WORDS (the sweep): also stages words wb, wb + 1 of the row's block
+  // row in the bit map (bits: the layout's, nbw words a block row) at sWord[2 srow], 0 for a missing row.
+  template <bool WORDS = false>
   __device__ __forceinline__ uint32_t issue(const Params& p, uint32_t sQs, uint32_t sDs, uint32_t sLse,
-                                            uint32_t sDl, int* sLim, int* sRid, int stage, int warp, int lane) {
+                                            uint32_t sDl, int* sLim, int* sRid, int stage, int warp, int lane,
+                                            const unsigned long long* bits = nullptr, int nbw = 0, int wb = 0,
+                                            unsigned long long* sWord = nullptr) {
     int rid = -1;  // row of q in units of D within batch b: qi * Hq + h
     uint32_t flag = 0;
     if (owner) {
       int lim = INT_MAX;
+      int brow = -1;
       if (qw.live(owner)) {
-        const int brow = qw.nxt;
+        brow = qw.nxt;
         if (brow >= 0 && brow < p.MB) packed_query_row(p, brow, qw.off, hq0, rid, lim);
       }
       const int srow = stage * BQ + trow_own;
@@ -389,6 +401,16 @@ struct ColumnQueryGather {
       sLim[srow] = lim;
       if (sRid != nullptr) sRid[srow] = rid;
       flag = (rid >= 0 && lim < klast) ? 1u : 0u;
+      if constexpr (WORDS) {
+        unsigned long long w0 = 0ull, w1 = 0ull;
+        if (rid >= 0) {
+          const unsigned long long* src = bits + static_cast<int64_t>(brow) * nbw + wb;
+          w0 = __ldg(src);
+          if (wb + 1 < nbw) w1 = __ldg(src + 1);
+        }
+        sWord[2 * srow] = w0;
+        sWord[2 * srow + 1] = w1;
+      }
     }
     qw.advance(qE, rE, E, owner);
     copy_row_pair_tile<D, Map::PASSES, Map::RPP, Map::RPW, false, Layout>(sQs, sDs, qg, dg, rid, D, warp, lane,

@@ -77,8 +77,8 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   if (ld[0] != B || ld[1] != M || ld[2] != Hq) return bwd_bad("lse " + dims_str(ld) + " must be [B, M, Hq]");
   const int64_t nacc = static_cast<int64_t>(dq_accum->element_count());
   const int64_t nq = static_cast<int64_t>(q.element_count());
-  if (nacc != 0 && (dq_accum->dimensions().size() != 1 || nacc != nq + bwd::kDqSchedWords))
-    return bwd_bad("dq_accum " + dims_str(dq_accum->dimensions()) + " must be empty or flat with q's size + " +
+  if (nacc != 0 && (dq_accum->dimensions().size() != 1 || nacc < nq + bwd::kDqSchedWords))
+    return bwd_bad("dq_accum " + dims_str(dq_accum->dimensions()) + " must be empty or flat with at least q's size + " +
                    std::to_string(bwd::kDqSchedWords) + " elements");
   if (!same_dims(dld, ld)) return bwd_bad("delta " + dims_str(dld) + " must be [B, M, Hq]");
   std::string msg = ffi_common::check_head_dim(D);
@@ -131,6 +131,7 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   p.dk = dk->untyped_data();
   p.dv = dv->untyped_data();
   p.dq_accum = nacc != 0 ? dq_accum->typed_data() : nullptr;
+  p.dq_accum_words = nacc;
   ffi_common::fill_problem(p, B, M, N, Hq, Hk, block_r, block_c, l, causal, scale, softcap);
   p.scale = scale;
 

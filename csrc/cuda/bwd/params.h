@@ -50,6 +50,13 @@ struct Params : ProblemParams {
   int pack;       // dk / dv, packed small blocks: block columns per CTA (set by the launcher)
   int head_chunks;  // dk / dv and the Hopper backward: the chunks of heads run one after the other (set by the
                     // launcher; bwd/common.cuh column_tile)
+  int64_t dq_accum_words;  // floats in the dq workspace (0: none); the sweep's tables follow the dq part
+  // The sweep form of the Hopper backward (bwd_sm90/launch.cuh launch_bwd_sm90_sweep sets them; else null / 0): 128
+  // contiguous keys a work item, every block row walked, p masked by the layout's bit per (block row, column).
+  const unsigned long long* sweep_bits;  // [LB * LH][MB][sweep_nbw]: bit c % 64 of word c / 64 set: column c listed
+  const int* sweep_dup;   // != 0: a block is listed twice in a row (the sweep defers to the packed kernel)
+  const int32_t* sweep_rows;  // 0 .. MB - 1: every work item's row list
+  int sweep_nbw, sweep_c;  // bit words per block row; the layout's C (p.C holds the sweep's 128-key columns)
 };
 
 // dq [B, M, Hq, D] (every element written). Returns cudaGetLastError() after the launch.
@@ -84,6 +91,29 @@ inline bool sm90_pack_applies(const Params& p) {
 // jax_bsattn/lowering.py gives the workspace on the same rule): C > 16 (64- and 128-key tiles of one block column), or
 // the packed form above.
 inline bool bwd_sm90_applies(const Params& p) { return p.C > 16 || sm90_pack_applies(p); }
+// The sweep form (bwd_sm90/kernel_ws.cuh with SWEEP; never run on a GPU yet): where the packed form runs, D = 128,
+// C a power of two <= 16, R * g <= 8 and the layout's capacity at least 1 / 8 of the block grid (nearly every block
+// row then lists some column of a 128-key item: the walk over all block rows wastes little more than the packed
+// kernel's merge). BSATTN_BWD_SWEEP=all: wherever the packed form runs with D = 128 and such a C; otherwise it must
+// be set to 1 while this is unmeasured (read once). jax_bsattn/lowering.py gives the workspace on the same rule.
+inline bool sm90_sweep_applies(const Params& p, int D) {
+  static const int mode = [] {
+    const char* e = std::getenv("BSATTN_BWD_SWEEP");
+    if (e == nullptr) return 0;
+    return e[0] == 'a' ? 2 : e[0] == '1' ? 1 : 0;
+  }();
+  if (mode == 0 || D != 128 || p.C > 16 || (p.C & (p.C - 1)) != 0 || !sm90_pack_applies(p) || p.MB <= 0 ||
+      p.NB <= 0)
+    return false;
+  const double density = static_cast<double>(p.nnz) / (static_cast<double>(p.MB) * p.NB);
+  return mode == 2 || (static_cast<int64_t>(p.R) * p.g <= 8 && density >= 0.125);
+}
+// Floats of the dq workspace the sweep's tables take after its dq part (nq + kDqSchedWords): the dup flag (and
+// padding to 8 bytes), the bit map, the row list.
+inline int64_t sweep_workspace_words(const Params& p) {
+  const int64_t nbw = (static_cast<int64_t>(p.NB) + 63) / 64;
+  return 8 + 2 * static_cast<int64_t>(p.LB) * p.LH * p.MB * nbw + p.MB;
+}
 // Hopper (sm_90a, head dims 64 and 128; with BSATTN_WITH_SM90): dq alone (every element written), on wgmma, for
 // R * g > 16. Deterministic, like launch_dq.
 template <int kDType, int kD>

@@ -74,6 +74,15 @@ struct Sm90BwdWsTile : Sm90BwdCfg<128, 2, 1, 2> {
   static_assert(WG * 2 * DQ_BOX_BYTES <= DQ_BYTES && DQN == 64, "dq staging boxes: two per warpgroup");
 };
 
+// The sweep form (SWEEP): + per staged row its block row's two bit words of the item's columns, and the (constant)
+// entry of each staged row in them (dkv_probs_ds kMulEntryBit reads sW[sEnt[row]]).
+struct Sm90BwdSweepTile : Sm90BwdWsTile {
+  static constexpr int WORD_OFF = (ITEM_OFF + 2 * 8 + 8 + 15) / 16 * 16;
+  static constexpr int ENT_OFF = WORD_OFF + STAGES * BQ * 16;
+  static constexpr int SMEM_SWEEP = 1024 + ENT_OFF + STAGES * BQ * 4;
+  static_assert(SMEM_SWEEP <= 227 * 1024, "shared memory per CTA");
+};
+
 // dk * scale and dv of consumer warp cw's 16 keys (krow0 = 16 cw ..), between items: staged through the warp's 4 KB
 // of the dq staging area (K and V are being reloaded), one tensor after the other, once the previous tile's dq
 // reduction has read that area (DQ_MAP: the warpgroup's boxes, read by its leader's tensor reduction; else the warp's
@@ -108,7 +117,12 @@ __device__ __forceinline__ void ws_dkdv_store(uint32_t sDQ, T* dkg, T* dvg, int6
 // boxes of 32 columns x g heads x BQ / g rows, 128-byte swizzle; rows past M are clipped by the hardware), from a
 // per-warpgroup staging box, instead of one bulk reduction per row (16 per warp, which the compiler issues one lane
 // at a time: UBLKRED takes uniform operands). 5-6 % faster at 128 x 128 on the H200 (1.870 against 1.979 ms, g = 4).
-template <typename T, class Cfg, bool DQ_MAP>
+//
+// SWEEP (Cfg = Sm90BwdSweepTile, p as launch_bwd_sm90_sweep sets it): the items are 128 contiguous keys (p.C = 128),
+// every block row is walked (p.sweep_rows), and p is masked by the layout's bit per (block row, column), the
+// producer staging each row's two words of the item's columns; a CTA does nothing when the layout has a duplicate
+// block (*p.sweep_dup: the packed kernel then runs instead).
+template <typename T, class Cfg, bool DQ_MAP, bool SWEEP = false>
 __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
     bsattn_bwd_sm90_ws_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap dq_map,
                                unsigned* sched, int items) {
@@ -118,6 +132,9 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if constexpr (SWEEP) {
+    if (*reinterpret_cast<const volatile int*>(p.sweep_dup) != 0) return;  // (uniform)
+  }
 
   // ---- shared memory (tile.cuh Sm90Smem: two dS buffers; then the mbarriers, flags and the item slot) ------
   const Sm90Smem<Cfg, 2> sm(smem_raw);
@@ -137,6 +154,13 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
     mbar_init(item_full, 1);
     mbar_init(item_empty, Cfg::NT);
   }
+  unsigned long long* sWord = nullptr;  // SWEEP: [S * BQ][2]
+  int* sEnt = nullptr;                  // SWEEP: [S * BQ], 2 * row
+  if constexpr (SWEEP) {
+    sWord = reinterpret_cast<unsigned long long*>(smem + Cfg::WORD_OFF);
+    sEnt = reinterpret_cast<int*>(smem + Cfg::ENT_OFF);
+    for (int i = tid; i < S * BQ; i += Cfg::NT_ALL) sEnt[i] = 2 * i;
+  }
   __syncthreads();  // the mbarriers initialised
 
   if (warp < 4) {
@@ -152,13 +176,18 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
       const int item = *sNext;
       named_bar_sync(4, 128);  // ... before the leader writes the next one
       ColumnWork w;
-      const bool work = item < items && column_work<D, BK, BQ>(p, w, item) && w.ntiles > 0;
+      const bool work = item < items && column_work<D, BK, BQ, SWEEP>(p, w, item) && w.ntiles > 0;
       ColumnQueryGather<D, BQ, typename Cfg::PMap, typename Cfg::QLayout, T> qgat;
+      // SWEEP: the item's block-row words start at its first key's column / 64
+      const unsigned long long* bits =
+          SWEEP && work ? p.sweep_bits + w.lid * p.MB * static_cast<int64_t>(p.sweep_nbw) : nullptr;
+      const int wb = SWEEP && work ? (w.k0 / p.sweep_c) >> 6 : 0;
       auto issue = [&](int u) {  // the gather of tile u (a stage the consumers are done with)
         const int s = u % S;
         if (u >= S) mbar_wait(bar_empty + 8 * s, ((u / S) - 1) & 1);
-        const uint32_t f = qgat.issue(p, sm.sQ + s * Cfg::Q_STAGE, sm.sD + s * Cfg::Q_STAGE, sm.sLse, sm.sDl,
-                                      sm.sLim, sm.sRid, s, warp, lane);
+        const uint32_t f = qgat.template issue<SWEEP>(p, sm.sQ + s * Cfg::Q_STAGE, sm.sD + s * Cfg::Q_STAGE, sm.sLse,
+                                                      sm.sDl, sm.sLim, sm.sRid, s, warp, lane, bits, p.sweep_nbw, wb,
+                                                      sWord);
         const unsigned any = __ballot_sync(0xffffffffu, f != 0);
         if (lane == 0) sFlag[s * 4 + warp] = any != 0;
         cp_async_commit();
@@ -219,7 +248,7 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
     const int item = *sItem;
     if (item >= items) break;
     ColumnWork w;
-    const bool live = column_work<D, BK, BQ>(p, w, item);
+    const bool live = column_work<D, BK, BQ, SWEEP>(p, w, item);
     if (!live || w.ntiles == 0) {
       mbar_arrive(item_empty);  // no K / V read; the slot is read
       if (live) {               // a column no row lists: dk = dv = 0
@@ -247,6 +276,14 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
     float(&dpf)[BQ / 2] = reinterpret_cast<float(&)[BQ / 2]>(dp);
     float(&dqf)[DQN / 2] = reinterpret_cast<float(&)[DQN / 2]>(dq);
     float* const dq_rows = p.dq_accum + w.qboff * D + wg * DQN;
+    // SWEEP: this thread's keys' columns (bits of one of the two staged words: both keys lie in one 16-key group)
+    int mulbit[2] = {0, 0}, wsel = 0;
+    if constexpr (SWEEP) {
+      const int wb = (k0 / p.sweep_c) >> 6;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) mulbit[h] = (key[h] / p.sweep_c) & 63;
+      wsel = min(max(((key[0] / p.sweep_c) >> 6) - wb, 0), 1);
+    }
 
     for (int t = 0; t < w.ntiles; ++t) {
       const int u = done + t, stage = u % S;
@@ -258,8 +295,13 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
       ops.scores(sf, dpf, stage, [] {});
 
       uint32_t pa[BQ / 16][4], da[BQ / 16][4];
-      sm90_probs_ds<T, BQ>(s, dp, sm.fLse, sm.fDl, sm.sLim, stage * BQ + (lane & 3) * 2, need_mask, key, kend,
-                           nkeys < BK, s_mul, cap_mul, use_cap, pa, da);
+      if constexpr (SWEEP)
+        sm90_probs_ds<T, BQ, kMulEntryBit>(s, dp, sm.fLse, sm.fDl, sm.sLim, stage * BQ + (lane & 3) * 2, true, key,
+                                           kend, nkeys < BK, s_mul, cap_mul, use_cap, pa, da, sWord + wsel, sEnt,
+                                           &mulbit);
+      else
+        sm90_probs_ds<T, BQ>(s, dp, sm.fLse, sm.fDl, sm.sLim, stage * BQ + (lane & 3) * 2, need_mask, key, kend,
+                             nkeys < BK, s_mul, cap_mul, use_cap, pa, da);
       ops.dv_dk(dvf, dkf, pa, da, stage);
       ops.store_ds(sm.sDS, dsb, da);
       fence_async_shared();

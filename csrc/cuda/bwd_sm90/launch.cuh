@@ -102,21 +102,105 @@ cudaError_t launch_bwd_sm90_tile(const Params& p, cudaStream_t stream) {
   return launch_column_tiles<bsattn_bwd_sm90_kernel<T, Cfg>, Cfg>(p, stream, Cfg::NT, Cfg::SMEM);
 }
 
-// Small blocks (C <= 16): 64 / C block columns per 64-key CTA (pack_kernel.cuh).
-template <typename T, int kD>
+// Small blocks (C <= 16): 64 / C block columns per 64-key CTA (pack_kernel.cuh); GATED: behind the sweep form.
+template <typename T, int kD, bool GATED = false>
 cudaError_t launch_bwd_sm90_pack(const Params& p, cudaStream_t stream) {
   using Cfg = Sm90BwdPackTile<kD>;
-  return launch_column_groups<bsattn_bwd_sm90_pack_kernel<T, Cfg>>(p, stream, Cfg::BK, Cfg::NT, Cfg::PACK_SMEM,
-                                                                    Cfg::MINB);
+  return launch_column_groups<bsattn_bwd_sm90_pack_kernel<T, Cfg, GATED>>(p, stream, Cfg::BK, Cfg::NT,
+                                                                           Cfg::PACK_SMEM, Cfg::MINB);
+}
+
+// The sweep form's tables (one warp per (layout, block row)): bit c % 64 of word c / 64 of the block row's words for
+// each listed column c in [0, NB) (atomicOr: order-free); *dup = 1 where a bit was already set (a block listed twice:
+// the bit map cannot count it); rows[br] = br. bits and dup zeroed by the caller.
+template <typename T>  // (T: one instance per instantiation file, no duplicate symbol)
+__global__ void bsattn_bwd_sweep_tables_kernel(const __grid_constant__ Params p, unsigned long long* bits, int* dup,
+                                               int32_t* rows) {
+  const int64_t gw = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (gw >= static_cast<int64_t>(p.LB) * p.LH * p.MB) return;  // (uniform per warp)
+  const int64_t lid = gw / p.MB;
+  const int br = static_cast<int>(gw - lid * p.MB);
+  if (lid == 0 && lane == 0) rows[br] = br;
+  const RowRange rr = row_range(p.indptr + lid * (p.MB + 1), br, p.nnz);
+  const int32_t* idx = p.indices + lid * p.nnz;
+  unsigned long long* row = bits + gw * p.sweep_nbw;
+  bool d = false;
+  for (int64_t e = rr.start + lane; e < rr.end; e += 32) {
+    const int c = __ldg(idx + e);
+    if (!valid_block(c, p.NB)) continue;
+    const unsigned long long bit = 1ull << (c & 63);
+    d |= (atomicOr(row + (c >> 6), bit) & bit) != 0ull;
+  }
+  if (__any_sync(0xffffffffu, d) && lane == 0) *dup = 1;
+}
+
+// The sweep form (sm90_sweep_applies, the workspace holding its tables): the tables, then the warp-specialised kernel
+// over 128-key items with every block row (SWEEP), then the packed kernel, which runs only if the layout has a
+// duplicate block (both read *dup: one of them does the work). dq_accum (all of it) zeroed by the caller.
+template <typename T>
+cudaError_t launch_bwd_sm90_sweep(const Params& p0, cudaStream_t stream) {
+  using Cfg = Sm90BwdSweepTile;
+  const int64_t nq = static_cast<int64_t>(p0.B) * p0.M * p0.Hq * Cfg::D;
+  float* const tab = p0.dq_accum + nq + kDqSchedWords;
+  int* const dup = reinterpret_cast<int*>(tab);
+  const int nbw = (p0.NB + 63) / 64;
+  unsigned long long* const bits = reinterpret_cast<unsigned long long*>(tab + 8);
+  int32_t* const rows = reinterpret_cast<int32_t*>(tab + 8 + 2 * static_cast<int64_t>(p0.LB) * p0.LH * p0.MB * nbw);
+  Params p = p0;
+  p.sweep_nbw = nbw;
+  p.sweep_c = p0.C;
+  const int64_t warps = static_cast<int64_t>(p.LB) * p.LH * p.MB;
+  const int64_t blocks = (warps + 7) / 8;
+  if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+  if (blocks > 0)
+    bsattn_bwd_sweep_tables_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p, bits, dup, rows);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  // the warp-specialised kernel over 128-key items: columns of 128 keys, every block row (nnz = 0: one shared list)
+  Params s = p;
+  s.C = Cfg::BK;
+  s.NB = (p.N + Cfg::BK - 1) / Cfg::BK;
+  s.col_rows = rows;
+  s.nnz = 0;
+  s.sweep_bits = bits;
+  s.sweep_dup = dup;
+  s.sweep_rows = rows;
+  const int64_t items = column_tiles_setup<Cfg>(s);
+  if (items > 0) {
+    const int sms = device_sm_count() > 0 ? device_sm_count() : 132;
+    const int64_t grid = items < sms ? items : sms;
+    if (items > INT_MAX - grid) return cudaErrorInvalidConfiguration;
+    unsigned* sched = reinterpret_cast<unsigned*>(p.dq_accum + nq);
+    CUtensorMap map{};
+    static std::atomic<uint64_t> smem_done{0};
+    err = launch_kernel(bsattn_bwd_sm90_ws_kernel<T, Cfg, false, true>, grid, Cfg::NT_ALL, Cfg::SMEM_SWEEP, 1,
+                        smem_done, s, stream, map, sched, static_cast<int>(items));
+    if (err != cudaSuccess) return err;
+  }
+  Params k = p;  // the packed kernel, for a layout with a duplicate block
+  k.sweep_dup = dup;
+  return launch_bwd_sm90_pack<T, 128, true>(k, stream);
 }
 
 template <int kDType, int kD>
 cudaError_t launch_bwd_sm90(const Params& p, cudaStream_t stream) {
   using T = typename DTypeOf<kDType>::type;
   const int64_t nq = static_cast<int64_t>(p.B) * p.M * p.Hq * kD;  // dq elements
-  cudaError_t err = cudaMemsetAsync(p.dq_accum, 0, static_cast<size_t>(nq + kDqSchedWords) * sizeof(float), stream);
+  // the sweep form where it applies and the caller's workspace holds its tables (lowering.py, the same rule)
+  bool sweep = false;
+  if constexpr (kD == 128) {
+    using Sw = Sm90BwdSweepTile;
+    static const bool sweep_plan = register_plan_holds<Sw>(bsattn_bwd_sm90_ws_kernel<T, Sw, false, true>);
+    sweep = sweep_plan && sm90_sweep_applies(p, kD) &&
+            p.dq_accum_words >= nq + kDqSchedWords + sweep_workspace_words(p);
+  }
+  const int64_t zero_words = sweep ? nq + kDqSchedWords + sweep_workspace_words(p) : nq + kDqSchedWords;
+  cudaError_t err = cudaMemsetAsync(p.dq_accum, 0, static_cast<size_t>(zero_words) * sizeof(float), stream);
   if (err != cudaSuccess) return err;
-  if (p.C <= 16) {
+  if (sweep) {
+    if constexpr (kD == 128) err = launch_bwd_sm90_sweep<T>(p, stream);  // (sweep is false otherwise)
+  } else if (p.C <= 16) {
     err = launch_bwd_sm90_pack<T, kD>(p, stream);
   } else if constexpr (kD == 128) {
     // the two-warpgroup tile with a producer warpgroup; BSATTN_BWD_SM90_TILE=wide: without it (A / B comparisons)

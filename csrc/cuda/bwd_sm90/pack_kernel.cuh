@@ -35,7 +35,9 @@ namespace bsattn {
 namespace cuda {
 namespace bwd {
 
-template <typename T, class Cfg>
+// GATED: launched behind the sweep form (launch.cuh launch_bwd_sm90_sweep), it runs only where the layout has a
+// duplicate block (*p.sweep_dup != 0).
+template <typename T, class Cfg, bool GATED = false>
 __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_pack_kernel(const __grid_constant__ Params p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = Cfg::D, BK = Cfg::BK, BQ = Cfg::BQ, S = Cfg::STAGES, W = Cfg::W, NT = Cfg::NT;
@@ -45,6 +47,9 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_pack_kerne
   extern __shared__ __align__(1024) uint8_t smem_raw[];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if constexpr (GATED) {
+    if (*reinterpret_cast<const volatile int*>(p.sweep_dup) == 0) return;  // (uniform)
+  }
 
   // ---- which columns (bwd/common.cuh column_group; p.pack = 64 / C) --------------------------------------
   const ColumnGroup grp = column_group<D>(p, blockIdx.x);
