@@ -73,10 +73,17 @@ ATOMIC = False
 DQ_SCHED_WORDS = 16
 
 
+def sweep_words(ip, N, C):
+    """The sweep form's tables after the dq workspace (csrc/cuda/bwd/params.h sweep_workspace_words), given whenever
+    --atomic: the handler takes them only where its rule (and BSATTN_BWD_SWEEP) sends the call to the sweep."""
+    LL, MB, NB = ip.shape[0] * ip.shape[1], ip.shape[-1] - 1, -(-N // C)
+    return 8 + 2 * LL * MB * (-(-NB // 64)) + MB
+
+
 def bwd_ffi(q, k, v, do, lse, delta, ip, ix, cip, crw, R, C, scale, softcap, causal):
+    words = q.size + DQ_SCHED_WORDS + sweep_words(ip, k.shape[1], C) if ATOMIC else 0
     out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-           jax.ShapeDtypeStruct(v.shape, v.dtype),
-           jax.ShapeDtypeStruct((q.size + DQ_SCHED_WORDS,) if ATOMIC else (0,), jnp.float32))
+           jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((words,), jnp.float32))
     return jax.ffi.ffi_call("bsattn_bwd_cuda", out)(
         q, k, v, do, lse, delta, ip, ix, cip, crw, column_order(cip), block_r=np.int64(R), block_c=np.int64(C),
         scale=np.float32(scale), softcap=np.float32(softcap), causal=bool(causal))[:3]

@@ -147,8 +147,11 @@ void run_case(const Case& c, std::mt19937& rng) {
   const char* hopper = "not run";
 #ifdef BSATTN_WITH_SM90
   float* dq_accum = nullptr;
-  CK(cudaMalloc(&dq_accum, (nq + bsattn::cuda::bwd::kDqSchedWords) * 4));
+  // (+ the sweep form's tables: launch_bwd_sm90 takes the sweep where BSATTN_BWD_SWEEP and its rule say so)
+  const int64_t acc_words = nq + bsattn::cuda::bwd::kDqSchedWords + bwd::sweep_workspace_words(bp);
+  CK(cudaMalloc(&dq_accum, acc_words * 4));
   bp.dq_accum = dq_accum;
+  bp.dq_accum_words = acc_words;
   if (bwd::bwd_sm90_applies(bp)) {
     e4 = c.D == 64 ? bwd::launch_bwd_sm90<kBF16, 64>(bp, 0) : bwd::launch_bwd_sm90<kBF16, 128>(bp, 0);
     const bool wide = c.D == 128 && c.C >= 128 && (c.C % 128 == 0 || c.C % 128 > 64);  // bwd_sm90/launch.cuh
