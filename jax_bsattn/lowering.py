@@ -97,6 +97,8 @@ def _sweep_words(q, k, indptr, indices, cfg: Config) -> int:
     MB, NB = -(-q.shape[1] // R), -(-k.shape[1] // C)
     if q.shape[-1] != 128 or C > 16 or C & (C - 1) or not _one_pass_hopper(R, C, g) or MB <= 0 or NB <= 0:
         return 0
+    if MB * (-(-NB // 64)) * 8 > 4 * indices.shape[-1]:   # the bit map no larger than the layout's indices
+        return 0
     if not mode.startswith("a") and not (R * g <= 8 and indices.shape[-1] >= MB * NB / 8):
         return 0
     layouts = math.prod(indptr.shape[:-1]) or 1

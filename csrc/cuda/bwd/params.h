@@ -105,6 +105,8 @@ inline bool sm90_sweep_applies(const Params& p, int D) {
   if (mode == 0 || D != 128 || p.C > 16 || (p.C & (p.C - 1)) != 0 || !sm90_pack_applies(p) || p.MB <= 0 ||
       p.NB <= 0)
     return false;
+  // the bit map no larger than the layout's own indices (4 nnz bytes a layout), whatever the mode
+  if (static_cast<int64_t>(p.MB) * ((p.NB + 63) / 64) * 8 > 4 * p.nnz) return false;
   const double density = static_cast<double>(p.nnz) / (static_cast<double>(p.MB) * p.NB);
   return mode == 2 || (static_cast<int64_t>(p.R) * p.g <= 8 && density >= 0.125);
 }
