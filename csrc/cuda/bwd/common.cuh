@@ -315,7 +315,8 @@ struct ColumnWork {
 };
 
 // SWEEP (the sweep form of the Hopper backward, p.C = BK): column c is keys c BK .., in order, and its row list is
-// every block row (p.sweep_rows, with p.nnz = 0 so that every layout shares it).
+// every block row (p.sweep_rows = 0 .. MB - 1, with p.nnz = 0 so that every layout shares it), from the first whose
+// last query row's causal limit reaches k0 (causal: the rows above see none of the keys).
 template <int D, int BK, int BQ, bool SWEEP = false>
 __device__ __forceinline__ bool column_work(const Params& p, ColumnWork& w, int item) {
   const ColumnTile ct = column_tile(p, item);
@@ -330,6 +331,10 @@ __device__ __forceinline__ bool column_work(const Params& p, ColumnWork& w, int 
   if (w.nkeys <= 0) return false;
   if constexpr (SWEEP) {
     w.cs = 0;
+    if (p.causal) {  // query row qi sees key k0 when qi >= k0 - (N - M): block rows from (k0 - (N - M) - (R - 1)) / R
+      const int64_t first = static_cast<int64_t>(w.k0) - (static_cast<int64_t>(p.N) - p.M) - (p.R - 1);
+      w.cs = first <= 0 ? 0 : (first / p.R > p.MB ? p.MB : first / p.R);
+    }
     w.ce = p.MB;
   } else {
     column_entries(p, w.lid, w.c, w.cs, w.ce);
