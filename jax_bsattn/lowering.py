@@ -87,10 +87,10 @@ def _atomic_dq(q, k, cfg: Config) -> bool:
 
 def _sweep_words(q, k, indptr, indices, cfg: Config) -> int:
     """Floats the sweep form of the Hopper backward needs after the dq workspace (csrc/cuda/bwd/params.h
-    sm90_sweep_applies and sweep_workspace_words: the same rule; off unless BSATTN_BWD_SWEEP is 1 or all while it is
-    unmeasured), else 0."""
-    mode = os.environ.get("BSATTN_BWD_SWEEP", "")
-    if not mode.startswith(("1", "a")):
+    sm90_sweep_applies and sweep_workspace_words: the same rule; BSATTN_BWD_SWEEP=0 / all: never / wherever the
+    packed form runs with D = 128 and C a power of two <= 16), else 0."""
+    mode = os.environ.get("BSATTN_BWD_SWEEP", "1")
+    if mode.startswith("0"):
         return 0
     R, C = cfg.block_r, cfg.block_c
     g = q.shape[-2] // max(k.shape[-2], 1)

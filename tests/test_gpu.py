@@ -178,6 +178,46 @@ def test_backward_packed_small_blocks(R, C, g, D, M, causal, softcap, dtype):
     check_gradients(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
 
 
+@pytest.mark.parametrize("R,C,g,M,N,causal,softcap,dtype", [
+    (1, 1, 4, 300, 700, True, None, jnp.bfloat16), (1, 16, 4, 200, 1000, False, 30.0, jnp.float16),
+    (2, 2, 2, 101, 390, True, None, jnp.bfloat16), (8, 1, 1, 150, 129, True, None, jnp.float16),
+    (1, 4, 8, 130, 300, True, 20.0, jnp.bfloat16), (1, 1, 1, 40, 9000, False, None, jnp.bfloat16)])
+def test_backward_sweep_small_row_groups(R, C, g, M, N, causal, softcap, dtype):
+    """R * g <= 8, C a power of two <= 16, D = 128, the layout's capacity >= 1/8 of the block grid, on an H100 / H200:
+    the sweep backward (bwd_sm90/kernel_ws.cuh SWEEP: every block row walked per 128 contiguous keys, p and ds masked
+    by the layout's bits). Per-head layouts with an empty block row, part-filled last key items (N = 700, 1000, 390,
+    129), causal with N > M and N < M, soft cap, f16, a long N (141 bit words a block row)."""
+    from conftest import check_gradients
+
+    rng = np.random.default_rng(M + 13 * C + g)
+    Hk = 2
+    MB, NB = -(-M // R), -(-N // C)
+    mask = random_mask(rng, (Hk,), MB, NB, 0.3)
+    mask[1, 2] = False
+    layout = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=128, dtype=dtype)
+    check_gradients(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
+
+
+@pytest.mark.parametrize("R,C,g", [(1, 1, 4), (2, 4, 2)])
+def test_backward_sweep_duplicate_blocks(R, C, g):
+    """A block listed twice counts twice: where the sweep backward's rule holds, a layout with a duplicate (found by
+    its table pass) runs the packed kernel instead; out-of-range entries are skipped by both."""
+    from conftest import check_gradients
+
+    rng = np.random.default_rng(11 + C)
+    M, N, Hk = 90, 300, 2
+    MB, NB = -(-M // R), -(-N // C)
+    rows = [rng.choice(NB, size=NB // 3, replace=False).tolist() for _ in range(MB)]
+    rows[3] += [rows[3][0], rows[3][0]]
+    rows[40 // R] += [rows[40 // R][-1], -3, NB + 7]
+    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int32)
+    indices = np.asarray(sum(rows, []), np.int32)
+    layout = jb.BlockSparseLayout(indptr, indices, (R, C), (M, N), validate=False)
+    q, k, v = random_problem(rng, batch=(1,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=128, dtype=jnp.bfloat16)
+    check_gradients(q, k, v, layout, causal=True)
+
+
 @pytest.mark.parametrize("R,C,g,D", [(16, 2, 2, 64), (64, 2, 4, 128), (16, 16, 4, 128), (16, 40, 4, 128),
                                      (8, 200, 4, 128), (16, 40, 2, 256)])
 def test_backward_rows_with_very_low_lse(R, C, g, D):
@@ -189,12 +229,14 @@ def test_backward_rows_with_very_low_lse(R, C, g, D):
     check_gradients(*low_lse_problem(R, C, g, D))
 
 
-@pytest.mark.parametrize("R,C,g,D", [(16, 2, 2, 128), (40, 8, 2, 64), (64, 1, 4, 128), (1, 4, 4, 128)])
+@pytest.mark.parametrize("R,C,g,D", [(16, 2, 2, 128), (40, 8, 2, 64), (64, 1, 4, 128), (1, 4, 4, 128),
+                                     (1, 4, 2, 128)])
 def test_backward_unlisted_keys_overflow(R, C, g, D):
     """Scale 10: keys of a packed tile that a block row does not list score far above that row's log-sum-exp, so
     their p overflows to inf before the multiplicity masks it; the mask must select 0 (inf * 0 is NaN). The packed
     small-block kernel (C <= 8; on an H100 / H200 16 x 2, g = 2 and 1 x 4, g = 4 run the packed one-pass Hopper
-    kernel), and the compact one (64 x 1, g = 4)."""
+    kernel), the compact one (64 x 1, g = 4) and the sweep (1 x 4, g = 2: every key of a 128-key item scored, the
+    unlisted ones masked by the layout's bits)."""
     from conftest import check_gradients
 
     q, k, v, layout = _backward_problem(R, C, g, D, jnp.bfloat16)

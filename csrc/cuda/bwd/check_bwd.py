@@ -483,6 +483,7 @@ def main():
     ap.add_argument("--no-time", action="store_true")
     ap.add_argument("--sanitize", action="store_true", help="only the robustness cases and a few small checks")
     ap.add_argument("--cells", default="", help="timing cells g:R:C[:causal],... (default: the peers' grid)")
+    ap.add_argument("--density", type=float, default=0.25, help="timing: the fraction of each block row listed")
     ap.add_argument("--parts-g", default="4", help="g values whose cells also time dq and dk/dv alone (dev lib)")
     ap.add_argument("--tune", default="", help="g:R:C:letters,... cells also timed with BSATTN_BWD_TUNE=letters")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
@@ -548,9 +549,11 @@ def main():
             if c:
                 g_, R_, C_, v_ = c.split(":")
                 tune.setdefault((int(g_), int(R_), int(C_)), []).append(v_)
-        rows = timing(impl, cells, parts_g=tuple(int(x) for x in a.parts_g.split(",") if x), tune=tune)
+        rows = timing(impl, cells, density=a.density, parts_g=tuple(int(x) for x in a.parts_g.split(",") if x),
+                      tune=tune)
         out["timing"] = rows
-        print("\nbwd timing: M = N = 8192, Hq = 32, D = 128, bf16, density 0.25 (useful TFLOP/s = 10 nnz R C D Hq / t)")
+        print(f"\nbwd timing: M = N = 8192, Hq = 32, D = 128, bf16, density {a.density:g}"
+              " (useful TFLOP/s = 10 nnz R C D Hq / t)")
         print("  g    R    C  causal      ms   TFLOP/s   dq ms  dkdv ms")
         for r in rows:
             if "ms" in r:

@@ -91,16 +91,18 @@ inline bool sm90_pack_applies(const Params& p) {
 // jax_bsattn/lowering.py gives the workspace on the same rule): C > 16 (64- and 128-key tiles of one block column), or
 // the packed form above.
 inline bool bwd_sm90_applies(const Params& p) { return p.C > 16 || sm90_pack_applies(p); }
-// The sweep form (bwd_sm90/kernel_ws.cuh with SWEEP; never run on a GPU yet): where the packed form runs, D = 128,
-// C a power of two <= 16, R * g <= 8 and the layout's capacity at least 1 / 8 of the block grid (nearly every block
-// row then lists some column of a 128-key item: the walk over all block rows wastes little more than the packed
-// kernel's merge). BSATTN_BWD_SWEEP=all: wherever the packed form runs with D = 128 and such a C; otherwise it must
-// be set to 1 while this is unmeasured (read once). jax_bsattn/lowering.py gives the workspace on the same rule.
+// The sweep form (bwd_sm90/kernel_ws.cuh with SWEEP): where the packed form runs, D = 128, C a power of two <= 16,
+// R * g <= 8 and the layout's capacity at least 1 / 8 of the block grid (nearly every block row then lists some
+// column of a 128-key item: the walk over all block rows wastes little more than the packed kernel's merge). H200,
+// 2026-11-30, density 1/4, backward alone, packed against sweep: 4:1:1 14.89 / 8.33 ms, 4:1:16 9.39 / 8.14, 8:1:1
+// 13.07 / 8.34, 4:2:1 13.14 / 8.21, 1:1:1 27.14 / 8.44 (bwd/README.md, "Hopper sweep"). BSATTN_BWD_SWEEP=0 / all in
+// the environment: never / wherever the packed form runs with D = 128 and such a C (read once).
+// jax_bsattn/lowering.py gives the workspace on the same rule.
 inline bool sm90_sweep_applies(const Params& p, int D) {
   static const int mode = [] {
     const char* e = std::getenv("BSATTN_BWD_SWEEP");
-    if (e == nullptr) return 0;
-    return e[0] == 'a' ? 2 : e[0] == '1' ? 1 : 0;
+    if (e == nullptr) return 1;
+    return e[0] == '0' ? 0 : e[0] == 'a' ? 2 : 1;
   }();
   if (mode == 0 || D != 128 || p.C > 16 || (p.C & (p.C - 1)) != 0 || !sm90_pack_applies(p) || p.MB <= 0 ||
       p.NB <= 0)
