@@ -99,7 +99,7 @@ def _sweep_words(q, k, indptr, indices, cfg: Config) -> int:
         return 0
     if MB * (-(-NB // 64)) * 8 > 4 * indices.shape[-1]:   # the bit map no larger than the layout's indices
         return 0
-    if not mode.startswith("a") and not (R * g <= 8 and indices.shape[-1] >= MB * NB / 8):
+    if not mode.startswith("a") and 64 * indices.shape[-1] < C * MB * NB:   # the capacity >= C / 64 of the grid
         return 0
     layouts = math.prod(indptr.shape[:-1]) or 1
     return 8 + 2 * layouts * MB * (-(-NB // 64)) + MB

@@ -91,13 +91,16 @@ inline bool sm90_pack_applies(const Params& p) {
 // jax_bsattn/lowering.py gives the workspace on the same rule): C > 16 (64- and 128-key tiles of one block column), or
 // the packed form above.
 inline bool bwd_sm90_applies(const Params& p) { return p.C > 16 || sm90_pack_applies(p); }
-// The sweep form (bwd_sm90/kernel_ws.cuh with SWEEP): where the packed form runs, D = 128, C a power of two <= 16,
-// R * g <= 8 and the layout's capacity at least 1 / 8 of the block grid (nearly every block row then lists some
-// column of a 128-key item: the walk over all block rows wastes little more than the packed kernel's merge). H200,
-// 2026-11-30, density 1/4, backward alone, packed against sweep: 4:1:1 14.89 / 8.33 ms, 4:1:16 9.39 / 8.14, 8:1:1
-// 13.07 / 8.34, 4:2:1 13.14 / 8.21, 1:1:1 27.14 / 8.44 (bwd/README.md, "Hopper sweep"). BSATTN_BWD_SWEEP=0 / all in
-// the environment: never / wherever the packed form runs with D = 128 and such a C (read once).
-// jax_bsattn/lowering.py gives the workspace on the same rule.
+// The sweep form (bwd_sm90/kernel_ws.cuh with SWEEP): where the packed form runs, D = 128, C a power of two <= 16
+// and the layout's capacity at least C / 64 of the block grid. It walks every block row for each 128 contiguous keys
+// (a dense backward's work, about 8.2-8.4 ms at M = N = 8192, Hq = 32 whatever R, C, g and density), where the
+// packed form's cost grows with the density and with 1 / C. H200, 2026-11-30, backward alone, packed / sweep ms:
+// density 1/4: 4:1:C for C = 1, 2, 4, 8, 16: 14.89 / 8.33, 14.67 / 8.30, 13.87 / 8.21, 12.12 / 8.20, 9.39 / 8.14;
+// 4:16:1 11.47 / 8.33, 4:32:1 11.36 / 8.17; density 1/8: 4:1:8 8.66 / 8.71 and 4:1:16 5.76 / 8.24 (packed), C <= 4
+// sweep (4:1:4 11.61 / 8.30); density 1/16: 4:1:4 8.26 / 8.30, 4:1:2 10.97 / 8.21; density 1/32: 4:1:1 10.69 / 8.21
+// (bwd/README.md, "Hopper sweep"). The bit map stays no larger than the layout's indices (density >= 1/32).
+// BSATTN_BWD_SWEEP=0 / all in the environment: never / wherever the packed form runs with D = 128 and such a C,
+// whatever the density (read once). jax_bsattn/lowering.py gives the workspace on the same rule.
 inline bool sm90_sweep_applies(const Params& p, int D) {
   static const int mode = [] {
     const char* e = std::getenv("BSATTN_BWD_SWEEP");
@@ -109,8 +112,7 @@ inline bool sm90_sweep_applies(const Params& p, int D) {
     return false;
   // the bit map no larger than the layout's own indices (4 nnz bytes a layout), whatever the mode
   if (static_cast<int64_t>(p.MB) * ((p.NB + 63) / 64) * 8 > 4 * p.nnz) return false;
-  const double density = static_cast<double>(p.nnz) / (static_cast<double>(p.MB) * p.NB);
-  return mode == 2 || (static_cast<int64_t>(p.R) * p.g <= 8 && density >= 0.125);
+  return mode == 2 || 64 * p.nnz >= static_cast<int64_t>(p.C) * p.MB * p.NB;
 }
 // Floats of the dq workspace the sweep's tables take after its dq part (nq + kDqSchedWords): the dup flag (and
 // padding to 8 bytes), the bit map, the row list.
