@@ -124,7 +124,8 @@ def _backward_problem(R, C, g, D, dtype):
 def test_backward_grid(R, C, g, D, causal, softcap, dtype):
     """jax.grad through the CUDA forward and backward against jax.grad of the float32 reference (on an H100 /
     H200 the one-pass Hopper backward wherever D <= 128 and C > 16, or C <= 16 with R * g <= 4, C <= 2 with
-    R * g < 256, or C <= 4 with R * g <= 8: csrc/cuda/bwd/params.h)."""
+    R * g < 256, or C <= 4 with R * g <= 8, in its sweep form where D = 128, C is a power of two and the layout
+    holds at least C / 64 of the block grid: csrc/cuda/bwd/params.h)."""
     from conftest import check_gradients
 
     q, k, v, layout = _backward_problem(R, C, g, D, dtype)
@@ -183,9 +184,9 @@ def test_backward_packed_small_blocks(R, C, g, D, M, causal, softcap, dtype):
     (2, 2, 2, 101, 390, True, None, jnp.bfloat16), (8, 1, 1, 150, 129, True, None, jnp.float16),
     (1, 4, 8, 130, 300, True, 20.0, jnp.bfloat16), (1, 1, 1, 40, 9000, False, None, jnp.bfloat16)])
 def test_backward_sweep_small_row_groups(R, C, g, M, N, causal, softcap, dtype):
-    """R * g <= 8, C a power of two <= 16, D = 128, the layout's capacity >= 1/8 of the block grid, on an H100 / H200:
-    the sweep backward (bwd_sm90/kernel_ws.cuh SWEEP: every block row walked per 128 contiguous keys, p and ds masked
-    by the layout's bits). Per-head layouts with an empty block row, part-filled last key items (N = 700, 1000, 390,
+    """D = 128, C a power of two <= 16 where the packed form runs, the layout's capacity >= C / 64 of the block grid,
+    on an H100 / H200: the sweep backward (bwd_sm90/kernel_ws.cuh SWEEP: every block row walked per 128 contiguous
+    keys, p and ds masked by the layout's bits; params.h sm90_sweep_applies). Per-head layouts with an empty block row, part-filled last key items (N = 700, 1000, 390,
     129), causal with N > M and N < M, soft cap, f16, a long N (141 bit words a block row)."""
     from conftest import check_gradients
 
@@ -254,10 +255,11 @@ def test_backward_deterministic_flag(R, C, g, D, causal, softcap, dtype):
     check_gradients(q, k, v, layout, op_kw=dict(deterministic=True), causal=causal, logits_soft_cap=softcap)
 
 
-@pytest.mark.parametrize("deterministic,block", [(True, 64), (False, 64), (False, 128)])
+@pytest.mark.parametrize("deterministic,block", [(True, 64), (False, 64), (False, 128), (False, 1), (False, 2)])
 def test_backward_is_deterministic(deterministic, block):
     """dk and dv are always bitwise repeatable, dq too with deterministic=True; without it dq may differ in the
-    order of its float32 additions only (block 64: the Hopper one-warpgroup tile, 128: the two-warpgroup tile)."""
+    order of its float32 additions only (block 64: the Hopper one-warpgroup tile, 128: the two-warpgroup tile; 1 and
+    2: the sweep, R * g = 4 and 8)."""
     rng = np.random.default_rng(21)
     M = N = 512
     nb = M // block
