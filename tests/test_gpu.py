@@ -186,8 +186,9 @@ def test_backward_packed_small_blocks(R, C, g, D, M, causal, softcap, dtype):
 def test_backward_sweep_small_row_groups(R, C, g, M, N, causal, softcap, dtype):
     """D = 128, C a power of two <= 16 where the packed form runs, the layout's capacity >= C / 64 of the block grid,
     on an H100 / H200: the sweep backward (bwd_sm90/kernel_ws.cuh SWEEP: every block row walked per 128 contiguous
-    keys, p and ds masked by the layout's bits; params.h sm90_sweep_applies). Per-head layouts with an empty block row, part-filled last key items (N = 700, 1000, 390,
-    129), causal with N > M and N < M, soft cap, f16, a long N (141 bit words a block row)."""
+    keys, p and ds masked by the layout's bits; params.h sm90_sweep_applies). Per-head layouts with an empty block
+    row, part-filled last key items (N = 700, 1000, 390, 129), causal with N > M and N < M, soft cap, f16, a long N
+    (141 bit words a block row)."""
     from conftest import check_gradients
 
     rng = np.random.default_rng(M + 13 * C + g)
