@@ -232,13 +232,14 @@ def test_backward_rows_with_very_low_lse(R, C, g, D):
 
 
 @pytest.mark.parametrize("R,C,g,D", [(16, 2, 2, 128), (40, 8, 2, 64), (64, 1, 4, 128), (1, 4, 4, 128),
-                                     (1, 4, 2, 128)])
+                                     (1, 4, 2, 128), (1, 3, 4, 128), (2, 2, 2, 64)])
 def test_backward_unlisted_keys_overflow(R, C, g, D):
     """Scale 10: keys of a packed tile that a block row does not list score far above that row's log-sum-exp, so
     their p overflows to inf before the multiplicity masks it; the mask must select 0 (inf * 0 is NaN). The packed
-    small-block kernel (C <= 8; on an H100 / H200 16 x 2, g = 2 and 1 x 4, g = 4 run the packed one-pass Hopper
-    kernel), the compact one (64 x 1, g = 4) and the sweep (1 x 4, g = 2: every key of a 128-key item scored, the
-    unlisted ones masked by the layout's bits)."""
+    small-block kernel (C <= 8; 40 x 8, g = 2 everywhere, the others where the Hopper kernels do not run), the compact
+    one (64 x 1, g = 4); on an H100 / H200 the packed one-pass Hopper kernel (1 x 3, g = 4: C not a power of two;
+    2 x 2, g = 2: D = 64) and the sweep (16 x 2, 1 x 4: every key of a 128-key item scored, the unlisted ones masked
+    by the layout's bits)."""
     from conftest import check_gradients
 
     q, k, v, layout = _backward_problem(R, C, g, D, jnp.bfloat16)
