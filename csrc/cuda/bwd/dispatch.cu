@@ -1,7 +1,8 @@
 // Which backward runs: the Hopper one-pass kernel (bwd_sm90/: dq through atomic adds into a float32 workspace) when
 // the caller gave that workspace, the device is compute capability 9.0 with the sm_90a build, the head dim is 64
-// or 128 and C > 16 or the packed small-block rule holds (params.h bwd_sm90_applies); otherwise the deterministic
-// pair, dk / dv then dq (bwd/launch.cuh; dq on wgmma, bwd_sm90/dq_kernel.cuh, on such a device where R * g > 16).
+// or 128 and C > 16, the packed small-block rule or the sweep's holds (params.h bwd_sm90_applies); otherwise the
+// deterministic pair, dk / dv then dq (bwd/launch.cuh; dq on wgmma, bwd_sm90/dq_kernel.cuh, on such a device where
+// R * g > 16).
 // Host code only: it calls the launchers through their declarations (params.h), so no kernel is instantiated here.
 #include <cuda_runtime.h>
 
@@ -17,7 +18,7 @@ cudaError_t launch_bwd(const Params& p, cudaStream_t stream, bool run_dq, bool r
 #ifdef BSATTN_WITH_SM90
   if constexpr (kD <= 128) {
     // elsewhere at C <= 16 the deterministic kernels' 16-key, packed and compact tiles measured faster
-    if (p.dq_accum != nullptr && run_dq && bwd_sm90_applies(p) && device_runs_sm90a())
+    if (p.dq_accum != nullptr && run_dq && bwd_sm90_applies(p, kD) && device_runs_sm90a())
       return launch_bwd_sm90<kDType, kD>(p, stream);
   }
 #endif

@@ -152,14 +152,14 @@ void run_case(const Case& c, std::mt19937& rng) {
   CK(cudaMalloc(&dq_accum, acc_words * 4));
   bp.dq_accum = dq_accum;
   bp.dq_accum_words = acc_words;
-  if (bwd::bwd_sm90_applies(bp)) {
+  if (bwd::bwd_sm90_applies(bp, c.D)) {
     e4 = c.D == 64 ? bwd::launch_bwd_sm90<kBF16, 64>(bp, 0) : bwd::launch_bwd_sm90<kBF16, 128>(bp, 0);
     const bool wide = c.D == 128 && c.C >= 128 && (c.C % 128 == 0 || c.C % 128 > 64);  // bwd_sm90/launch.cuh
     hopper = c.C <= 16 ? "Hopper, packed columns" : wide ? "Hopper, two warpgroups" : "Hopper, one warpgroup";
   }
   if (e4 == cudaSuccess && bwd::dq_sm90_applies(bp)) {  // the Hopper dq kernel
     e4 = c.D == 64 ? bwd::launch_dq_sm90<kBF16, 64>(bp, 0) : bwd::launch_dq_sm90<kBF16, 128>(bp, 0);
-    hopper = bwd::bwd_sm90_applies(bp) ? "Hopper, then Hopper dq" : "Hopper dq";
+    hopper = bwd::bwd_sm90_applies(bp, c.D) ? "Hopper, then Hopper dq" : "Hopper dq";
   }
 #endif
   const cudaError_t es = cudaDeviceSynchronize();
