@@ -151,12 +151,13 @@ def test_backward_wide_key_tile(R, C, g, D, causal, softcap, dtype):
     (64, 1, 4, 128, True, None, jnp.bfloat16), (128, 2, 2, 128, False, 30.0, jnp.float16),
     (32, 1, 8, 128, False, None, jnp.bfloat16)])
 def test_backward_compact_small_blocks(R, C, g, D, causal, softcap, dtype):
-    """C <= 2, R * g >= 256, D = 128 on an H100 / H200: dk / dv by the compact kernel (the listed keys of each block
-    row compacted into groups of 16, dk / dv summed in shared memory)."""
+    """C <= 2, R * g >= 256, D = 128 on an H100 / H200 with deterministic=True (without it the sweep takes these
+    layouts, at least 1/4 full): dk / dv by the compact kernel (the listed keys of each block row compacted into
+    groups of 16, dk / dv summed in shared memory)."""
     from conftest import check_gradients
 
     q, k, v, layout = _backward_problem(R, C, g, D, dtype)
-    check_gradients(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
+    check_gradients(q, k, v, layout, op_kw=dict(deterministic=True), causal=causal, logits_soft_cap=softcap)
 
 
 @pytest.mark.parametrize("R,C,g,D,M,causal,softcap,dtype,density", [
@@ -201,6 +202,26 @@ def test_backward_sweep_small_row_groups(R, C, g, M, N, causal, softcap, dtype):
     check_gradients(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
 
 
+@pytest.mark.parametrize("R,C,g,M,N,causal,softcap,dtype", [
+    (64, 1, 4, 300, 500, True, None, jnp.bfloat16), (32, 2, 8, 200, 333, False, 30.0, jnp.float16),
+    (4, 4, 4, 150, 290, True, None, jnp.bfloat16), (16, 4, 4, 130, 700, False, None, jnp.bfloat16),
+    (128, 1, 2, 256, 300, True, None, jnp.bfloat16)])
+def test_backward_sweep_tall_row_groups(R, C, g, M, N, causal, softcap, dtype):
+    """C <= 4 outside the packed form's rule (R * g = 16 .. 256), D = 128, the layout at least 1/4 full, on an H100 /
+    H200: the sweep backward where the deterministic pair ran before. A block row spans up to four 64-row tiles
+    (R * g = 256); causal with N > M and N < M, soft cap, f16."""
+    from conftest import check_gradients
+
+    rng = np.random.default_rng(M + 17 * C + R)
+    Hk = 2
+    MB, NB = -(-M // R), -(-N // C)
+    mask = random_mask(rng, (Hk,), MB, NB, 0.4)
+    mask[0, 1] = False
+    layout = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=128, dtype=dtype)
+    check_gradients(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
+
+
 @pytest.mark.parametrize("R,C,g", [(1, 1, 4), (2, 4, 2)])
 def test_backward_sweep_duplicate_blocks(R, C, g):
     """A block listed twice counts twice: where the sweep backward's rule holds, a layout with a duplicate (found by
@@ -223,27 +244,29 @@ def test_backward_sweep_duplicate_blocks(R, C, g):
 @pytest.mark.parametrize("R,C,g,D", [(16, 2, 2, 64), (64, 2, 4, 128), (16, 16, 4, 128), (16, 40, 4, 128),
                                      (8, 200, 4, 128), (16, 40, 2, 256)])
 def test_backward_rows_with_very_low_lse(R, C, g, D):
-    """Every row's lse < -88 (conftest.low_lse_problem): the dq kernel's padding keys, the packed (16 x 2), compact
-    (64 x 2, g = 4) and column (16 x 16) dk / dv, the Hopper backward's part-filled key tiles (C = 40: one warpgroup;
-    C = 200: two), D = 256 (the pair)."""
+    """Every row's lse < -88 (conftest.low_lse_problem): the dq kernel's padding keys, the packed (16 x 2) and column
+    (16 x 16) dk / dv, 64 x 2 with g = 4 (on an H100 / H200 the sweep where the layout is at least 1/4 full, else the
+    compact dk / dv kernel), the Hopper backward's part-filled key tiles (C = 40: one warpgroup; C = 200: two),
+    D = 256 (the pair)."""
     from conftest import check_gradients, low_lse_problem
 
     check_gradients(*low_lse_problem(R, C, g, D))
 
 
-@pytest.mark.parametrize("R,C,g,D", [(16, 2, 2, 128), (40, 8, 2, 64), (64, 1, 4, 128), (1, 4, 4, 128),
-                                     (1, 4, 2, 128), (1, 3, 4, 128), (2, 2, 2, 64)])
-def test_backward_unlisted_keys_overflow(R, C, g, D):
+@pytest.mark.parametrize("R,C,g,D,det", [(16, 2, 2, 128, False), (40, 8, 2, 64, False), (64, 1, 4, 128, True),
+                                         (64, 1, 4, 128, False), (1, 4, 4, 128, False), (1, 4, 2, 128, False),
+                                         (1, 3, 4, 128, False), (2, 2, 2, 64, False)])
+def test_backward_unlisted_keys_overflow(R, C, g, D, det):
     """Scale 10: keys of a packed tile that a block row does not list score far above that row's log-sum-exp, so
     their p overflows to inf before the multiplicity masks it; the mask must select 0 (inf * 0 is NaN). The packed
     small-block kernel (C <= 8; 40 x 8, g = 2 everywhere, the others where the Hopper kernels do not run), the compact
-    one (64 x 1, g = 4); on an H100 / H200 the packed one-pass Hopper kernel (1 x 3, g = 4: C not a power of two;
-    2 x 2, g = 2: D = 64) and the sweep (16 x 2, 1 x 4: every key of a 128-key item scored, the unlisted ones masked
-    by the layout's bits)."""
+    one (64 x 1, g = 4, deterministic); on an H100 / H200 the packed one-pass Hopper kernel (1 x 3, g = 4: C not a
+    power of two; 2 x 2, g = 2: D = 64) and the sweep (16 x 2, 1 x 4, 64 x 1: every key of a 128-key item scored,
+    the unlisted ones masked by the layout's bits)."""
     from conftest import check_gradients
 
     q, k, v, layout = _backward_problem(R, C, g, D, jnp.bfloat16)
-    check_gradients(q, k, v, layout, scale=10.0)
+    check_gradients(q, k, v, layout, op_kw=dict(deterministic=det), scale=10.0)
 
 
 @pytest.mark.parametrize("R,C,g,D,causal,softcap,dtype", [
