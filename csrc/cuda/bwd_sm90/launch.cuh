@@ -48,11 +48,14 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 
 // dq_accum [B, M, Hq, D] f32 as a tensor map for bsattn_bwd_sm90_ws_kernel<..., true>: boxes of 32 columns x g heads
 // x BQ / g query rows x 1, 128-byte swizzle. False (and the per-row reduction runs) unless every tile of BQ packed
-// rows is BQ / g whole query rows of one block row (R * g a multiple of BQ, g dividing BQ) and the driver encodes it.
+// rows is BQ / g consecutive whole query rows (g dividing BQ) and the driver encodes it: R * g a multiple of BQ (a
+// tile within one block row), or, with consecutive_rows (the sweep: its row list is every block row in order), R * g
+// dividing BQ (a tile of BQ / (R * g) consecutive block rows).
 template <class Cfg>
-bool dq_tensor_map(const Params& p, CUtensorMap* map) {
+bool dq_tensor_map(const Params& p, CUtensorMap* map, bool consecutive_rows = false) {
   const int64_t RG = static_cast<int64_t>(p.R) * p.g;
-  if (p.g < 1 || Cfg::BQ % p.g != 0 || RG % Cfg::BQ != 0 || p.dq_accum == nullptr) return false;
+  if (p.g < 1 || RG < 1 || Cfg::BQ % p.g != 0 || p.dq_accum == nullptr) return false;
+  if (RG % Cfg::BQ != 0 && !(consecutive_rows && Cfg::BQ % RG == 0)) return false;
   const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
   if (encode == nullptr) return false;
   const cuuint64_t dims[4] = {static_cast<cuuint64_t>(Cfg::D), static_cast<cuuint64_t>(p.Hq),
@@ -172,10 +175,19 @@ cudaError_t launch_bwd_sm90_sweep(const Params& p0, cudaStream_t stream) {
     const int64_t grid = items < sms ? items : sms;
     if (items > INT_MAX - grid) return cudaErrorInvalidConfiguration;
     unsigned* sched = reinterpret_cast<unsigned*>(p.dq_accum + nq);
+    // dq by tensor map where a tile is consecutive whole query rows (R * g dividing 64 or a multiple of it; the
+    // kernel's box coordinate: the tile's first block row, rows[cs + e] = cs + e); BSATTN_BWD_SM90_DQ=rows: row by row
+    static const bool row_dq = env_equals("BSATTN_BWD_SM90_DQ", "rows");
+    static const bool map_plan = register_plan_holds<Cfg>(bsattn_bwd_sm90_ws_kernel<T, Cfg, true, true>);
     CUtensorMap map{};
-    static std::atomic<uint64_t> smem_done{0};
-    err = launch_kernel(bsattn_bwd_sm90_ws_kernel<T, Cfg, false, true>, grid, Cfg::NT_ALL, Cfg::SMEM_SWEEP, 1,
-                        smem_done, s, stream, map, sched, static_cast<int>(items));
+    const bool by_map = !row_dq && map_plan && dq_tensor_map<Cfg>(s, &map, true);
+    static std::atomic<uint64_t> smem_done{0}, smem_done_map{0};
+    if (by_map)
+      err = launch_kernel(bsattn_bwd_sm90_ws_kernel<T, Cfg, true, true>, grid, Cfg::NT_ALL, Cfg::SMEM_SWEEP, 1,
+                          smem_done_map, s, stream, map, sched, static_cast<int>(items));
+    else
+      err = launch_kernel(bsattn_bwd_sm90_ws_kernel<T, Cfg, false, true>, grid, Cfg::NT_ALL, Cfg::SMEM_SWEEP, 1,
+                          smem_done, s, stream, map, sched, static_cast<int>(items));
     if (err != cudaSuccess) return err;
   }
   Params k = p;  // the packed kernel, for a layout with a duplicate block
