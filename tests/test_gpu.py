@@ -125,7 +125,8 @@ def test_backward_grid(R, C, g, D, causal, softcap, dtype):
     """jax.grad through the CUDA forward and backward against jax.grad of the float32 reference (on an H100 /
     H200 the one-pass Hopper backward wherever D <= 128 and C > 16, or C <= 16 with R * g <= 4, C <= 2 with
     R * g < 256, or C <= 4 with R * g <= 8, in its sweep form where D = 128, C is a power of two and the layout
-    holds at least C / 64 of the block grid: csrc/cuda/bwd/params.h)."""
+    holds at least C / 64 of the block grid, and also as the sweep where D = 128, C <= 4 and the layout is at least
+    1/4 full: csrc/cuda/bwd/params.h)."""
     from conftest import check_gradients
 
     q, k, v, layout = _backward_problem(R, C, g, D, dtype)
@@ -183,7 +184,8 @@ def test_backward_packed_small_blocks(R, C, g, D, M, causal, softcap, dtype, den
 @pytest.mark.parametrize("R,C,g,M,N,causal,softcap,dtype", [
     (1, 1, 4, 300, 700, True, None, jnp.bfloat16), (1, 16, 4, 200, 1000, False, 30.0, jnp.float16),
     (2, 2, 2, 101, 390, True, None, jnp.bfloat16), (8, 1, 1, 150, 129, True, None, jnp.float16),
-    (1, 4, 8, 130, 300, True, 20.0, jnp.bfloat16), (1, 1, 1, 40, 9000, False, None, jnp.bfloat16)])
+    (1, 4, 8, 130, 300, True, 20.0, jnp.bfloat16), (1, 1, 1, 40, 9000, False, None, jnp.bfloat16),
+    (3, 2, 2, 150, 400, True, None, jnp.bfloat16)])
 def test_backward_sweep_small_row_groups(R, C, g, M, N, causal, softcap, dtype):
     """D = 128, C a power of two <= 16 where the packed form runs, the layout's capacity >= C / 64 of the block grid,
     on an H100 / H200: the sweep backward (bwd_sm90/kernel_ws.cuh SWEEP: every block row walked per 128 contiguous
@@ -205,11 +207,12 @@ def test_backward_sweep_small_row_groups(R, C, g, M, N, causal, softcap, dtype):
 @pytest.mark.parametrize("R,C,g,M,N,causal,softcap,dtype", [
     (64, 1, 4, 300, 500, True, None, jnp.bfloat16), (32, 2, 8, 200, 333, False, 30.0, jnp.float16),
     (4, 4, 4, 150, 290, True, None, jnp.bfloat16), (16, 4, 4, 130, 700, False, None, jnp.bfloat16),
-    (128, 1, 2, 256, 300, True, None, jnp.bfloat16)])
+    (128, 1, 2, 256, 300, True, None, jnp.bfloat16), (12, 4, 4, 300, 200, True, None, jnp.bfloat16)])
 def test_backward_sweep_tall_row_groups(R, C, g, M, N, causal, softcap, dtype):
     """C <= 4 outside the packed form's rule (R * g = 16 .. 256), D = 128, the layout at least 1/4 full, on an H100 /
     H200: the sweep backward where the deterministic pair ran before. A block row spans up to four 64-row tiles
-    (R * g = 256); causal with N > M and N < M, soft cap, f16."""
+    (R * g = 256); causal with N > M and N < M (12 x 4), soft cap, f16; dq by tensor map (R * g a multiple of 64 or
+    dividing it) and row by row (R * g = 48)."""
     from conftest import check_gradients
 
     rng = np.random.default_rng(M + 17 * C + R)
@@ -222,18 +225,19 @@ def test_backward_sweep_tall_row_groups(R, C, g, M, N, causal, softcap, dtype):
     check_gradients(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
 
 
-@pytest.mark.parametrize("R,C,g", [(1, 1, 4), (2, 4, 2)])
+@pytest.mark.parametrize("R,C,g", [(1, 1, 4), (2, 4, 2), (32, 1, 8)])
 def test_backward_sweep_duplicate_blocks(R, C, g):
     """A block listed twice counts twice: where the sweep backward's rule holds, a layout with a duplicate (found by
-    its table pass) runs the packed kernel instead; out-of-range entries are skipped by both."""
+    its table pass) runs the packed kernel instead (also outside the packed rule: 32 x 1, g = 8); out-of-range
+    entries are skipped by both."""
     from conftest import check_gradients
 
     rng = np.random.default_rng(11 + C)
     M, N, Hk = 90, 300, 2
     MB, NB = -(-M // R), -(-N // C)
     rows = [rng.choice(NB, size=NB // 3, replace=False).tolist() for _ in range(MB)]
-    rows[3] += [rows[3][0], rows[3][0]]
-    rows[40 // R] += [rows[40 // R][-1], -3, NB + 7]
+    rows[3 % MB] += [rows[3 % MB][0], rows[3 % MB][0]]
+    rows[40 // R % MB] += [rows[40 // R % MB][-1], -3, NB + 7]
     indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int32)
     indices = np.asarray(sum(rows, []), np.int32)
     layout = jb.BlockSparseLayout(indptr, indices, (R, C), (M, N), validate=False)
@@ -245,9 +249,8 @@ def test_backward_sweep_duplicate_blocks(R, C, g):
                                      (8, 200, 4, 128), (16, 40, 2, 256)])
 def test_backward_rows_with_very_low_lse(R, C, g, D):
     """Every row's lse < -88 (conftest.low_lse_problem): the dq kernel's padding keys, the packed (16 x 2) and column
-    (16 x 16) dk / dv, 64 x 2 with g = 4 (on an H100 / H200 the sweep where the layout is at least 1/4 full, else the
-    compact dk / dv kernel), the Hopper backward's part-filled key tiles (C = 40: one warpgroup; C = 200: two),
-    D = 256 (the pair)."""
+    (16 x 16) dk / dv, the compact one (64 x 2, g = 4: its layout too small for the sweep's bit map), the Hopper
+    backward's part-filled key tiles (C = 40: one warpgroup; C = 200: two), D = 256 (the pair)."""
     from conftest import check_gradients, low_lse_problem
 
     check_gradients(*low_lse_problem(R, C, g, D))

@@ -155,7 +155,10 @@ void run_case(const Case& c, std::mt19937& rng) {
   if (bwd::bwd_sm90_applies(bp, c.D)) {
     e4 = c.D == 64 ? bwd::launch_bwd_sm90<kBF16, 64>(bp, 0) : bwd::launch_bwd_sm90<kBF16, 128>(bp, 0);
     const bool wide = c.D == 128 && c.C >= 128 && (c.C % 128 == 0 || c.C % 128 > 64);  // bwd_sm90/launch.cuh
-    hopper = c.C <= 16 ? "Hopper, packed columns" : wide ? "Hopper, two warpgroups" : "Hopper, one warpgroup";
+    hopper = bwd::sm90_sweep_applies(bp, c.D) ? "Hopper, sweep (or packed columns after a duplicate)"
+             : c.C <= 16                     ? "Hopper, packed columns"
+             : wide                          ? "Hopper, two warpgroups"
+                                             : "Hopper, one warpgroup";
   }
   if (e4 == cudaSuccess && bwd::dq_sm90_applies(bp)) {  // the Hopper dq kernel
     e4 = c.D == 64 ? bwd::launch_dq_sm90<kBF16, 64>(bp, 0) : bwd::launch_dq_sm90<kBF16, 128>(bp, 0);
