@@ -5,6 +5,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jax_bsattn as jb
 
@@ -36,3 +37,30 @@ def test_cpu_lowering_uses_cpu_targets():
     q = jnp.ones((16, 2, 16), jnp.float32)
     text = jax.jit(lambda q: jb.block_sparse_attention(q, q, q, layout)).lower(q).as_text()
     assert "custom_call @bsattn_fwd_cpu" in text
+
+
+# The sweep backward's rule as lowering.py applies it (it sizes the workspace; csrc/cuda/bwd/params.h
+# sm90_sweep_applies decides the same on the device): D = 128, C a power of two within the packed form's rule, the
+# layout's capacity at least C / 64 of the block grid, its bit map no larger than the layout's indices.
+@pytest.mark.parametrize("R,C,g,D,density,swept", [
+    (1, 1, 4, 128, 0.25, True), (1, 16, 4, 128, 0.25, True), (1, 16, 4, 128, 0.125, False),
+    (1, 8, 4, 128, 0.125, True), (1, 4, 4, 128, 0.0625, True), (16, 1, 4, 128, 0.25, True),
+    (1, 1, 4, 64, 0.25, False), (1, 3, 4, 128, 0.25, False), (4, 16, 4, 128, 0.5, False),
+    (64, 1, 4, 128, 0.25, False), (1, 1, 4, 128, 1 / 64, False)])
+def test_sweep_backward_rule(R, C, g, D, density, swept, monkeypatch):
+    from jax_bsattn.lowering import _sweep_words
+    from jax_bsattn.primitives import Config
+
+    monkeypatch.delenv("BSATTN_BWD_SWEEP", raising=False)
+    M = N = 1024
+    MB, NB = -(-M // R), -(-N // C)
+    q = jax.ShapeDtypeStruct((1, M, 2 * g, D), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, N, 2, D), jnp.bfloat16)
+    indptr = jax.ShapeDtypeStruct((MB + 1,), jnp.int32)
+    indices = jax.ShapeDtypeStruct((int(density * MB * NB),), jnp.int32)
+    words = _sweep_words(q, k, indptr, indices, Config(R, C, 1.0, 0.0, False))
+    assert (words > 0) == swept
+    if swept:   # the dup flag (8), two floats a bit word, the row list
+        assert words == 8 + 2 * MB * (-(-NB // 64)) + MB
+    monkeypatch.setenv("BSATTN_BWD_SWEEP", "0")
+    assert _sweep_words(q, k, indptr, indices, Config(R, C, 1.0, 0.0, False)) == 0
