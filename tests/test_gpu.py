@@ -245,6 +245,20 @@ def test_backward_sweep_duplicate_blocks(R, C, g):
     check_gradients(q, k, v, layout, causal=True)
 
 
+@pytest.mark.parametrize("R,C,g,causal,softcap,dtype", [
+    (16, 16, 4, True, None, jnp.bfloat16), (3, 12, 2, False, 30.0, jnp.float16), (64, 16, 1, True, None, jnp.bfloat16),
+    (1, 9, 8, False, None, jnp.bfloat16)])
+def test_backward_narrow_columns(R, C, g, causal, softcap, dtype):
+    """8 < C <= 16, D = 128 on an H100 / H200 wherever the deterministic pair runs (here deterministic=True; by
+    default too where the one-pass kernel does not, as at 16 x 16, g = 4): dk / dv by the narrow-column wgmma kernel
+    (bwd_sm90/dkdv_narrow_kernel.cuh: 16 keys as wgmma N, dv^T and dk^T with D as M). C = 12 and 9: padding keys in
+    every tile; N = 3 C + 61 ends in a part-filled column; M = 2 R + 45 a part-filled last block row."""
+    from conftest import check_gradients
+
+    q, k, v, layout = _backward_problem(R, C, g, 128, dtype)
+    check_gradients(q, k, v, layout, op_kw=dict(deterministic=True), causal=causal, logits_soft_cap=softcap)
+
+
 @pytest.mark.parametrize("R,C,g,D", [(16, 2, 2, 64), (64, 2, 4, 128), (16, 16, 4, 128), (16, 40, 4, 128),
                                      (8, 200, 4, 128), (16, 40, 2, 256)])
 def test_backward_rows_with_very_low_lse(R, C, g, D):
@@ -283,11 +297,12 @@ def test_backward_deterministic_flag(R, C, g, D, causal, softcap, dtype):
     check_gradients(q, k, v, layout, op_kw=dict(deterministic=True), causal=causal, logits_soft_cap=softcap)
 
 
-@pytest.mark.parametrize("deterministic,block", [(True, 64), (False, 64), (False, 128), (False, 1), (False, 2)])
+@pytest.mark.parametrize("deterministic,block", [(True, 64), (False, 64), (False, 128), (False, 1), (False, 2),
+                                                 (True, 16)])
 def test_backward_is_deterministic(deterministic, block):
     """dk and dv are always bitwise repeatable, dq too with deterministic=True; without it dq may differ in the
     order of its float32 additions only (block 64: the Hopper one-warpgroup tile, 128: the two-warpgroup tile; 1 and
-    2: the sweep, R * g = 4 and 8)."""
+    2: the sweep, R * g = 4 and 8; 16 with deterministic=True: the narrow-column dk / dv)."""
     rng = np.random.default_rng(21)
     M = N = 512
     nb = M // block

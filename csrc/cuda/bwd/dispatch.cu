@@ -23,7 +23,20 @@ cudaError_t launch_bwd(const Params& p, cudaStream_t stream, bool run_dq, bool r
   }
 #endif
   cudaError_t err = cudaSuccess;
-  if (run_dkdv) err = launch_dkdv<kDType, kD>(p, stream);
+  if (run_dkdv) {
+    bool done = false;
+#ifdef BSATTN_WITH_SM90
+    if constexpr (kD == 128) {
+      // dk / dv on wgmma for narrow block columns; BSATTN_BWD_DKDV=mma: the mma.sync column tile (A / B; read once)
+      static const bool mma_dkdv = env_equals("BSATTN_BWD_DKDV", "mma");
+      if (dkdv_sm90_applies(p, kD) && !mma_dkdv && device_runs_sm90a()) {
+        err = launch_dkdv_sm90<kDType, kD>(p, stream);
+        done = true;
+      }
+    }
+#endif
+    if (!done) err = launch_dkdv<kDType, kD>(p, stream);
+  }
   if (err != cudaSuccess || !run_dq) return err;
 #ifdef BSATTN_WITH_SM90
   if constexpr (kD <= 128) {

@@ -137,6 +137,13 @@ cudaError_t launch_dq_sm90(const Params& p, cudaStream_t stream);
 // Its rule beside the device and head dim (bwd/dispatch.cu): tiles of 64 packed rows, where R * g > 16 (at most 16: the
 // mma.sync kernel's 16-row tile pads less).
 inline bool dq_sm90_applies(const Params& p) { return static_cast<int64_t>(p.R) * p.g > 16; }
+// Hopper (sm_90a, head dim 128; with BSATTN_WITH_SM90): dk, dv alone (every element written) on wgmma for narrow block
+// columns, bwd_sm90/dkdv_narrow_kernel.cuh. Deterministic, like launch_dkdv.
+template <int kDType, int kD>
+cudaError_t launch_dkdv_sm90(const Params& p, cudaStream_t stream);
+// Its rule beside the device (bwd/dispatch.cu): D = 128 and 8 < C <= 16, where launch_dkdv runs the mma.sync 16-key
+// column tile (C <= 8 has the packed and compact kernels). Never run on a GPU yet.
+inline bool dkdv_sm90_applies(const Params& p, int D) { return D == 128 && p.C > 8 && p.C <= 16; }
 // The backward of one call (bwd/dispatch.cu): the Hopper kernel where it applies, else dk / dv (run_dkdv) and dq
 // (run_dq).
 template <int kDType, int kD>

@@ -12,6 +12,7 @@
 
 #include "cuda/bwd/params.h"
 #include "cuda/bwd_sm90/config.cuh"
+#include "cuda/bwd_sm90/dkdv_narrow_kernel.cuh"
 #include "cuda/bwd_sm90/dq_kernel.cuh"
 #include "cuda/bwd_sm90/kernel.cuh"
 #include "cuda/bwd_sm90/kernel_ws.cuh"
@@ -268,12 +269,28 @@ cudaError_t launch_dq_sm90(const Params& p, cudaStream_t stream) {
   return launch_row_tiles<bsattn_bwd_dq_sm90_kernel<T, Cfg>, Cfg>(d, stream);
 }
 
+// dk, dv alone for narrow block columns (bwd_sm90/dkdv_narrow_kernel.cuh): one CTA per 16-key block column.
+template <int kDType, int kD>
+cudaError_t launch_dkdv_sm90(const Params& p, cudaStream_t stream) {
+  using T = typename DTypeOf<kDType>::type;
+  if constexpr (kD == 128) {
+    using Cfg = Sm90DkdvNarrowTile;
+    if (p.C > Cfg::BK) return cudaErrorNotSupported;  // (dkdv_sm90_applies keeps C <= 16)
+    return launch_column_tiles<bsattn_bwd_sm90_dkdv_narrow_kernel<T, Cfg>, Cfg>(p, stream, Cfg::NT, Cfg::SMEM);
+  } else {
+    return cudaErrorNotSupported;
+  }
+}
+
 }  // namespace bwd
 }  // namespace cuda
 }  // namespace bsattn
 
 #define BSATTN_INSTANTIATE_BWD_SM90(DTYPE, D)                                                    \
   template cudaError_t bsattn::cuda::bwd::launch_bwd_sm90<bsattn::cuda::bwd::DTYPE, D>(          \
+      const bsattn::cuda::bwd::Params&, cudaStream_t);
+#define BSATTN_INSTANTIATE_DKDV_SM90(DTYPE, D)                                                  \
+  template cudaError_t bsattn::cuda::bwd::launch_dkdv_sm90<bsattn::cuda::bwd::DTYPE, D>(        \
       const bsattn::cuda::bwd::Params&, cudaStream_t);
 #define BSATTN_INSTANTIATE_DQ_SM90(DTYPE, D)                                                    \
   template cudaError_t bsattn::cuda::bwd::launch_dq_sm90<bsattn::cuda::bwd::DTYPE, D>(          \
