@@ -315,7 +315,7 @@ struct ColumnWork {
 };
 
 // SWEEP (the sweep form of the Hopper backward, p.C = BK): column c is keys c BK .., in order, and its row list is
-// every block row (p.sweep_rows = 0 .. MB - 1, with p.nnz = 0 so that every layout shares it), from the first whose
+// every block row (p.col_rows = 0 .. MB - 1, with p.nnz = 0 so that every layout shares it), from the first whose
 // last query row's causal limit reaches k0 (causal: the rows above see none of the keys).
 template <int D, int BK, int BQ, bool SWEEP = false>
 __device__ __forceinline__ bool column_work(const Params& p, ColumnWork& w, int item) {

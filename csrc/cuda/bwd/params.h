@@ -55,7 +55,7 @@ struct Params : ProblemParams {
   // contiguous keys a work item, every block row walked, p masked by the layout's bit per (block row, column).
   const unsigned long long* sweep_bits;  // [LB * LH][MB][sweep_nbw]: bit c % 64 of word c / 64 set: column c listed
   const int* sweep_dup;   // != 0: a block is listed twice in a row (the sweep defers to the packed kernel)
-  const int32_t* sweep_rows;  // 0 .. MB - 1: every work item's row list
+  // (every work item's row list, 0 .. MB - 1, is passed as col_rows with nnz = 0)
   int sweep_nbw, sweep_c;  // bit words per block row; the layout's C (p.C holds the sweep's 128-key columns)
 };
 
@@ -69,6 +69,12 @@ cudaError_t launch_dkdv(const Params& p, cudaStream_t stream);
 // p.dq_accum (zeroed, accumulated with atomic adds, then converted into p.dq). Defined only with BSATTN_WITH_SM90.
 template <int kDType, int kD>
 cudaError_t launch_bwd_sm90(const Params& p, cudaStream_t stream);
+// A three-way switch in the environment, read by the caller once: 0 when the variable starts with '0', 2 with 'a'
+// ("all"), else (or unset) 1, the default rule.
+inline int env_switch(const char* name) {
+  const char* e = std::getenv(name);
+  return e == nullptr ? 1 : e[0] == '0' ? 0 : e[0] == 'a' ? 2 : 1;
+}
 // Where the packed small-block form of the Hopper one-pass backward runs (bwd_sm90/pack_kernel.cuh: 64 / C block
 // columns in one 64-key tile), C <= 16: where it measured faster than the deterministic pair (H200, 2026-11-30,
 // density 1/4): R * g <= 4 (one to four packed rows per block row: 1.26-2.51x at C 1 .. 16), C <= 2 with
@@ -82,11 +88,7 @@ inline bool sm90_pack_rule(const Params& p) {  // (the rule alone, without the v
   return p.C <= 16 && (rg <= 4 || (p.C <= 2 && rg < 256) || (p.C <= 4 && rg <= 8));
 }
 inline bool sm90_pack_applies(const Params& p) {
-  static const int mode = [] {
-    const char* e = std::getenv("BSATTN_BWD_SM90_PACK");
-    if (e == nullptr) return 1;
-    return e[0] == '0' ? 0 : e[0] == 'a' ? 2 : 1;
-  }();
+  static const int mode = env_switch("BSATTN_BWD_SM90_PACK");
   if (p.C > 16 || mode == 0) return false;
   return mode == 2 || sm90_pack_rule(p);
 }
@@ -105,11 +107,7 @@ inline bool sm90_pack_applies(const Params& p) {
 // environment: never / wherever D = 128 and C is such a power of two, whatever the density and R * g (read once).
 // jax_bsattn/lowering.py gives the workspace on the same rule.
 inline bool sm90_sweep_applies(const Params& p, int D) {
-  static const int mode = [] {
-    const char* e = std::getenv("BSATTN_BWD_SWEEP");
-    if (e == nullptr) return 1;
-    return e[0] == '0' ? 0 : e[0] == 'a' ? 2 : 1;
-  }();
+  static const int mode = env_switch("BSATTN_BWD_SWEEP");
   if (mode == 0 || D != 128 || p.C > 16 || (p.C & (p.C - 1)) != 0 || p.MB <= 0 || p.NB <= 0) return false;
   const bool packed = sm90_pack_rule(p);
   if (mode == 1 && !packed && p.C > 4) return false;

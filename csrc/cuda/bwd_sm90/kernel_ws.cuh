@@ -120,7 +120,7 @@ __device__ __forceinline__ void ws_dkdv_store(uint32_t sDQ, T* dkg, T* dvg, int6
 // at a time: UBLKRED takes uniform operands). 5-6 % faster at 128 x 128 on the H200 (1.870 against 1.979 ms, g = 4).
 //
 // SWEEP (Cfg = Sm90BwdSweepTile, p as launch_bwd_sm90_sweep sets it): the items are 128 contiguous keys (p.C = 128),
-// every block row is walked (p.sweep_rows), and p is masked by the layout's bit per (block row, column), the
+// every block row is walked (p.col_rows: 0 .. MB - 1), and p is masked by the layout's bit per (block row, column), the
 // producer staging each row's two words of the item's columns; a CTA does nothing when the layout has a duplicate
 // block (*p.sweep_dup: the packed kernel then runs instead).
 template <typename T, class Cfg, bool DQ_MAP, bool SWEEP = false>

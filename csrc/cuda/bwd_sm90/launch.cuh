@@ -82,11 +82,11 @@ bool register_plan_holds(Kernel kernel) {
   return a.numRegs * Cfg::NT_ALL >= 128 * Cfg::PRODUCER_REGS + Cfg::NT * Cfg::CONSUMER_REGS;
 }
 
-// The persistent warp-specialised kernel: one CTA per SM (or, with BSATTN_BWD_SM90_PERSIST=0, one per work item, for
-// A / B comparisons; read once), the items handed out by the counter after dq_accum.
-template <typename T, bool DQ_MAP>
-cudaError_t launch_bwd_sm90_ws(const Params& p0, const CUtensorMap& map, cudaStream_t stream) {
-  using Cfg = Sm90BwdWsTile;
+// A persistent warp-specialised kernel (kernel_ws.cuh; Cfg its tile, p as it takes it): one CTA per SM (or, with
+// BSATTN_BWD_SM90_PERSIST=0, one per work item, for A / B comparisons; read once), the items handed out by the
+// counter after dq_accum's elements (zeroed with them by the caller).
+template <auto Kernel, class Cfg>
+cudaError_t launch_ws_persistent(const Params& p0, int smem, const CUtensorMap& map, cudaStream_t stream) {
   static const bool one_item_per_cta = env_equals("BSATTN_BWD_SM90_PERSIST", "0");
   Params p = p0;
   const int64_t items = column_tiles_setup<Cfg>(p);  // the work items: column_tiles' tiles
@@ -94,11 +94,15 @@ cudaError_t launch_bwd_sm90_ws(const Params& p0, const CUtensorMap& map, cudaStr
   const int sms = device_sm_count() > 0 ? device_sm_count() : 132;
   const int64_t grid = items < sms || one_item_per_cta ? items : sms;
   if (items > INT_MAX - grid) return cudaErrorInvalidConfiguration;  // (the kernel's item indices stay ints)
-  // the work counter: the first word after dq_accum's elements, zeroed with them by the caller
   unsigned* sched = reinterpret_cast<unsigned*>(p.dq_accum + static_cast<int64_t>(p.B) * p.M * p.Hq * Cfg::D);
-  static std::atomic<uint64_t> smem_done{0};
-  return launch_kernel(bsattn_bwd_sm90_ws_kernel<T, Cfg, DQ_MAP>, grid, Cfg::NT_ALL, Cfg::SMEM_WS, 1, smem_done,
-                       p, stream, map, sched, static_cast<int>(items));
+  static std::atomic<uint64_t> smem_done{0};  // one per kernel
+  return launch_kernel(Kernel, grid, Cfg::NT_ALL, smem, 1, smem_done, p, stream, map, sched, static_cast<int>(items));
+}
+
+template <typename T, bool DQ_MAP>
+cudaError_t launch_bwd_sm90_ws(const Params& p, const CUtensorMap& map, cudaStream_t stream) {
+  using Cfg = Sm90BwdWsTile;
+  return launch_ws_persistent<bsattn_bwd_sm90_ws_kernel<T, Cfg, DQ_MAP>, Cfg>(p, Cfg::SMEM_WS, map, stream);
 }
 
 template <typename T, class Cfg>
@@ -169,28 +173,16 @@ cudaError_t launch_bwd_sm90_sweep(const Params& p0, cudaStream_t stream) {
   s.nnz = 0;
   s.sweep_bits = bits;
   s.sweep_dup = dup;
-  s.sweep_rows = rows;
-  const int64_t items = column_tiles_setup<Cfg>(s);
-  if (items > 0) {
-    const int sms = device_sm_count() > 0 ? device_sm_count() : 132;
-    const int64_t grid = items < sms ? items : sms;
-    if (items > INT_MAX - grid) return cudaErrorInvalidConfiguration;
-    unsigned* sched = reinterpret_cast<unsigned*>(p.dq_accum + nq);
-    // dq by tensor map where a tile is consecutive whole query rows (R * g dividing 64 or a multiple of it; the
-    // kernel's box coordinate: the tile's first block row, rows[cs + e] = cs + e); BSATTN_BWD_SM90_DQ=rows: row by row
-    static const bool row_dq = env_equals("BSATTN_BWD_SM90_DQ", "rows");
-    static const bool map_plan = register_plan_holds<Cfg>(bsattn_bwd_sm90_ws_kernel<T, Cfg, true, true>);
-    CUtensorMap map{};
-    const bool by_map = !row_dq && map_plan && dq_tensor_map<Cfg>(s, &map, true);
-    static std::atomic<uint64_t> smem_done{0}, smem_done_map{0};
-    if (by_map)
-      err = launch_kernel(bsattn_bwd_sm90_ws_kernel<T, Cfg, true, true>, grid, Cfg::NT_ALL, Cfg::SMEM_SWEEP, 1,
-                          smem_done_map, s, stream, map, sched, static_cast<int>(items));
-    else
-      err = launch_kernel(bsattn_bwd_sm90_ws_kernel<T, Cfg, false, true>, grid, Cfg::NT_ALL, Cfg::SMEM_SWEEP, 1,
-                          smem_done, s, stream, map, sched, static_cast<int>(items));
-    if (err != cudaSuccess) return err;
-  }
+  // dq by tensor map where a tile is consecutive whole query rows (R * g dividing 64 or a multiple of it; the
+  // kernel's box coordinate: the tile's first block row, rows[cs + e] = cs + e); BSATTN_BWD_SM90_DQ=rows: row by row
+  static const bool row_dq = env_equals("BSATTN_BWD_SM90_DQ", "rows");
+  static const bool map_plan = register_plan_holds<Cfg>(bsattn_bwd_sm90_ws_kernel<T, Cfg, true, true>);
+  CUtensorMap map{};
+  if (!row_dq && map_plan && dq_tensor_map<Cfg>(s, &map, true))
+    err = launch_ws_persistent<bsattn_bwd_sm90_ws_kernel<T, Cfg, true, true>, Cfg>(s, Cfg::SMEM_SWEEP, map, stream);
+  else
+    err = launch_ws_persistent<bsattn_bwd_sm90_ws_kernel<T, Cfg, false, true>, Cfg>(s, Cfg::SMEM_SWEEP, map, stream);
+  if (err != cudaSuccess) return err;
   Params k = p;  // the packed kernel, for a layout with a duplicate block
   k.sweep_dup = dup;
   return launch_bwd_sm90_pack<T, 128, true>(k, stream);
