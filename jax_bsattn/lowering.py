@@ -70,39 +70,48 @@ def _gpus_are_sm90() -> bool:
     return bool(devs) and all(str(getattr(d, "compute_capability", "")) == "9.0" for d in devs)
 
 
-def _one_pass_hopper(block_r: int, block_c: int, g: int) -> bool:
-    """Where the one-pass Hopper backward runs (csrc/cuda/bwd/params.h bwd_sm90_applies): C > 16, or the packed
-    small-block form (R * g <= 4 with C <= 16, C <= 2 with R * g < 256, or C <= 4 with R * g <= 8)."""
+def _packed_rule(block_r: int, block_c: int, g: int) -> bool:
+    """The packed small-block form's rule (csrc/cuda/bwd/params.h sm90_pack_rule): C <= 16 with R * g <= 4, C <= 2
+    with R * g < 256, or C <= 4 with R * g <= 8."""
     rg = block_r * g
-    return block_c > 16 or rg <= 4 or (block_c <= 2 and rg < 256) or (block_c <= 4 and rg <= 8)
-
-
-def _atomic_dq(q, k, cfg: Config) -> bool:
-    """Whether to give the CUDA backward a float32 dq workspace, which lets it run the one-pass Hopper kernel
-    (dq by atomic adds; csrc/cuda/bwd/dispatch.cu has the same conditions)."""
-    g = q.shape[-2] // max(k.shape[-2], 1)
-    return (not cfg.deterministic and _one_pass_hopper(cfg.block_r, cfg.block_c, g) and q.shape[-1] <= 128
-            and q.size > 0 and _gpus_are_sm90())
+    return block_c <= 16 and (rg <= 4 or (block_c <= 2 and rg < 256) or (block_c <= 4 and rg <= 8))
 
 
 def _sweep_words(q, k, indptr, indices, cfg: Config) -> int:
     """Floats the sweep form of the Hopper backward needs after the dq workspace (csrc/cuda/bwd/params.h
-    sm90_sweep_applies and sweep_workspace_words: the same rule; BSATTN_BWD_SWEEP=0 / all: never / wherever the
-    packed form runs with D = 128 and C a power of two <= 16), else 0."""
+    sm90_sweep_applies and sweep_workspace_words: the same rule; BSATTN_BWD_SWEEP=0 / all: never / wherever D = 128
+    and C is a power of two <= 16), else 0."""
     mode = os.environ.get("BSATTN_BWD_SWEEP", "1")
     if mode.startswith("0"):
         return 0
     R, C = cfg.block_r, cfg.block_c
     g = q.shape[-2] // max(k.shape[-2], 1)
     MB, NB = -(-q.shape[1] // R), -(-k.shape[1] // C)
-    if q.shape[-1] != 128 or C > 16 or C & (C - 1) or not _one_pass_hopper(R, C, g) or MB <= 0 or NB <= 0:
+    if q.shape[-1] != 128 or C > 16 or C & (C - 1) or MB <= 0 or NB <= 0:
+        return 0
+    packed = _packed_rule(R, C, g)
+    if not mode.startswith("a") and not packed and C > 4:
         return 0
     if MB * (-(-NB // 64)) * 8 > 4 * indices.shape[-1]:   # the bit map no larger than the layout's indices
         return 0
-    if not mode.startswith("a") and 64 * indices.shape[-1] < C * MB * NB:   # the capacity >= C / 64 of the grid
+    # the capacity >= C / 64 of the block grid within the packed rule, >= 1 / 4 outside it
+    if not mode.startswith("a") and (64 if packed else 4 * C) * indices.shape[-1] < C * MB * NB:
         return 0
     layouts = math.prod(indptr.shape[:-1]) or 1
     return 8 + 2 * layouts * MB * (-(-NB // 64)) + MB
+
+
+def _dq_workspace_words(q, k, indptr, indices, cfg: Config) -> int:
+    """Floats of the float32 dq workspace that lets the CUDA backward run the one-pass Hopper kernel (dq by atomic
+    adds; csrc/cuda/bwd/dispatch.cu has the same conditions: C > 16, the packed rule or the sweep's), with the
+    sweep's tables after it; 0 (the deterministic pair) otherwise."""
+    if cfg.deterministic or q.shape[-1] > 128 or q.size == 0 or not _gpus_are_sm90():
+        return 0
+    g = q.shape[-2] // max(k.shape[-2], 1)
+    sweep = _sweep_words(q, k, indptr, indices, cfg)
+    if not (cfg.block_c > 16 or _packed_rule(cfg.block_r, cfg.block_c, g) or sweep):
+        return 0
+    return q.size + DQ_SCHED_WORDS + sweep
 
 
 def _cuda_bwd_call(q, k, v, do, lse, delta, indptr, indices, *, cfg: Config):
@@ -113,8 +122,7 @@ def _cuda_bwd_call(q, k, v, do, lse, delta, indptr, indices, *, cfg: Config):
     col_indptr, col_rows = column_view(indptr, indices, num_block_cols)
     col_order = column_order(col_indptr)
     out = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
-    words = q.size + DQ_SCHED_WORDS + _sweep_words(q, k, indptr, indices, cfg) if _atomic_dq(q, k, cfg) else 0
-    out += (jax.ShapeDtypeStruct((words,), jax.numpy.float32),)
+    out += (jax.ShapeDtypeStruct((_dq_workspace_words(q, k, indptr, indices, cfg),), jax.numpy.float32),)
     dq, dk, dv, _ = jax.ffi.ffi_call("bsattn_bwd_cuda", out)(q, k, v, do, lse, delta, indptr, indices, col_indptr,
                                                             col_rows, col_order, **ffi_attributes(cfg))
     return dq, dk, dv

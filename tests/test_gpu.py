@@ -125,7 +125,8 @@ def test_backward_grid(R, C, g, D, causal, softcap, dtype):
     """jax.grad through the CUDA forward and backward against jax.grad of the float32 reference (on an H100 /
     H200 the one-pass Hopper backward wherever D <= 128 and C > 16, or C <= 16 with R * g <= 4, C <= 2 with
     R * g < 256, or C <= 4 with R * g <= 8, in its sweep form where D = 128, C is a power of two and the layout
-    holds at least C / 64 of the block grid: csrc/cuda/bwd/params.h)."""
+    holds at least C / 64 of the block grid, and also as the sweep where D = 128, C <= 4 and the layout is at least
+    1/4 full: csrc/cuda/bwd/params.h)."""
     from conftest import check_gradients
 
     q, k, v, layout = _backward_problem(R, C, g, D, dtype)
@@ -151,12 +152,13 @@ def test_backward_wide_key_tile(R, C, g, D, causal, softcap, dtype):
     (64, 1, 4, 128, True, None, jnp.bfloat16), (128, 2, 2, 128, False, 30.0, jnp.float16),
     (32, 1, 8, 128, False, None, jnp.bfloat16)])
 def test_backward_compact_small_blocks(R, C, g, D, causal, softcap, dtype):
-    """C <= 2, R * g >= 256, D = 128 on an H100 / H200: dk / dv by the compact kernel (the listed keys of each block
-    row compacted into groups of 16, dk / dv summed in shared memory)."""
+    """C <= 2, R * g >= 256, D = 128 on an H100 / H200 with deterministic=True (without it the sweep takes these
+    layouts, at least 1/4 full): dk / dv by the compact kernel (the listed keys of each block row compacted into
+    groups of 16, dk / dv summed in shared memory)."""
     from conftest import check_gradients
 
     q, k, v, layout = _backward_problem(R, C, g, D, dtype)
-    check_gradients(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
+    check_gradients(q, k, v, layout, op_kw=dict(deterministic=True), causal=causal, logits_soft_cap=softcap)
 
 
 @pytest.mark.parametrize("R,C,g,D,M,causal,softcap,dtype,density", [
@@ -182,7 +184,8 @@ def test_backward_packed_small_blocks(R, C, g, D, M, causal, softcap, dtype, den
 @pytest.mark.parametrize("R,C,g,M,N,causal,softcap,dtype", [
     (1, 1, 4, 300, 700, True, None, jnp.bfloat16), (1, 16, 4, 200, 1000, False, 30.0, jnp.float16),
     (2, 2, 2, 101, 390, True, None, jnp.bfloat16), (8, 1, 1, 150, 129, True, None, jnp.float16),
-    (1, 4, 8, 130, 300, True, 20.0, jnp.bfloat16), (1, 1, 1, 40, 9000, False, None, jnp.bfloat16)])
+    (1, 4, 8, 130, 300, True, 20.0, jnp.bfloat16), (1, 1, 1, 40, 9000, False, None, jnp.bfloat16),
+    (3, 2, 2, 150, 400, True, None, jnp.bfloat16)])
 def test_backward_sweep_small_row_groups(R, C, g, M, N, causal, softcap, dtype):
     """D = 128, C a power of two <= 16 where the packed form runs, the layout's capacity >= C / 64 of the block grid,
     on an H100 / H200: the sweep backward (bwd_sm90/kernel_ws.cuh SWEEP: every block row walked per 128 contiguous
@@ -201,18 +204,40 @@ def test_backward_sweep_small_row_groups(R, C, g, M, N, causal, softcap, dtype):
     check_gradients(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
 
 
-@pytest.mark.parametrize("R,C,g", [(1, 1, 4), (2, 4, 2)])
+@pytest.mark.parametrize("R,C,g,M,N,causal,softcap,dtype", [
+    (64, 1, 4, 300, 500, True, None, jnp.bfloat16), (32, 2, 8, 200, 333, False, 30.0, jnp.float16),
+    (4, 4, 4, 150, 290, True, None, jnp.bfloat16), (16, 4, 4, 130, 700, False, None, jnp.bfloat16),
+    (128, 1, 2, 256, 300, True, None, jnp.bfloat16), (12, 4, 4, 300, 200, True, None, jnp.bfloat16)])
+def test_backward_sweep_tall_row_groups(R, C, g, M, N, causal, softcap, dtype):
+    """C <= 4 outside the packed form's rule (R * g = 16 .. 256), D = 128, the layout at least 1/4 full, on an H100 /
+    H200: the sweep backward where the deterministic pair ran before. A block row spans up to four 64-row tiles
+    (R * g = 256); causal with N > M and N < M (12 x 4), soft cap, f16; dq by tensor map (R * g a multiple of 64 or
+    dividing it) and row by row (R * g = 48)."""
+    from conftest import check_gradients
+
+    rng = np.random.default_rng(M + 17 * C + R)
+    Hk = 2
+    MB, NB = -(-M // R), -(-N // C)
+    mask = random_mask(rng, (Hk,), MB, NB, 0.4)
+    mask[0, 1] = False
+    layout = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=128, dtype=dtype)
+    check_gradients(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
+
+
+@pytest.mark.parametrize("R,C,g", [(1, 1, 4), (2, 4, 2), (32, 1, 8)])
 def test_backward_sweep_duplicate_blocks(R, C, g):
     """A block listed twice counts twice: where the sweep backward's rule holds, a layout with a duplicate (found by
-    its table pass) runs the packed kernel instead; out-of-range entries are skipped by both."""
+    its table pass) runs the packed kernel instead (also outside the packed rule: 32 x 1, g = 8); out-of-range
+    entries are skipped by both."""
     from conftest import check_gradients
 
     rng = np.random.default_rng(11 + C)
     M, N, Hk = 90, 300, 2
     MB, NB = -(-M // R), -(-N // C)
     rows = [rng.choice(NB, size=NB // 3, replace=False).tolist() for _ in range(MB)]
-    rows[3] += [rows[3][0], rows[3][0]]
-    rows[40 // R] += [rows[40 // R][-1], -3, NB + 7]
+    rows[3 % MB] += [rows[3 % MB][0], rows[3 % MB][0]]
+    rows[40 // R % MB] += [rows[40 // R % MB][-1], -3, NB + 7]
     indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int32)
     indices = np.asarray(sum(rows, []), np.int32)
     layout = jb.BlockSparseLayout(indptr, indices, (R, C), (M, N), validate=False)
@@ -220,30 +245,45 @@ def test_backward_sweep_duplicate_blocks(R, C, g):
     check_gradients(q, k, v, layout, causal=True)
 
 
+@pytest.mark.parametrize("R,C,g,causal,softcap,dtype", [
+    (16, 16, 4, True, None, jnp.bfloat16), (3, 12, 2, False, 30.0, jnp.float16), (64, 16, 1, True, None, jnp.bfloat16),
+    (1, 9, 8, False, None, jnp.bfloat16)])
+def test_backward_narrow_columns(R, C, g, causal, softcap, dtype):
+    """8 < C <= 16, D = 128 on an H100 / H200 wherever the deterministic pair runs (here deterministic=True; by
+    default too where the one-pass kernel does not, as at 16 x 16, g = 4): dk / dv by the narrow-column wgmma kernel
+    (bwd_sm90/dkdv_narrow_kernel.cuh: 16 keys as wgmma N, dv^T and dk^T with D as M). C = 12 and 9: padding keys in
+    every tile; N = 3 C + 61 ends in a part-filled column; M = 2 R + 45 a part-filled last block row."""
+    from conftest import check_gradients
+
+    q, k, v, layout = _backward_problem(R, C, g, 128, dtype)
+    check_gradients(q, k, v, layout, op_kw=dict(deterministic=True), causal=causal, logits_soft_cap=softcap)
+
+
 @pytest.mark.parametrize("R,C,g,D", [(16, 2, 2, 64), (64, 2, 4, 128), (16, 16, 4, 128), (16, 40, 4, 128),
                                      (8, 200, 4, 128), (16, 40, 2, 256)])
 def test_backward_rows_with_very_low_lse(R, C, g, D):
-    """Every row's lse < -88 (conftest.low_lse_problem): the dq kernel's padding keys, the packed (16 x 2), compact
-    (64 x 2, g = 4) and column (16 x 16) dk / dv, the Hopper backward's part-filled key tiles (C = 40: one warpgroup;
-    C = 200: two), D = 256 (the pair)."""
+    """Every row's lse < -88 (conftest.low_lse_problem): the dq kernel's padding keys, the packed (16 x 2) and column
+    (16 x 16) dk / dv, the compact one (64 x 2, g = 4: its layout too small for the sweep's bit map), the Hopper
+    backward's part-filled key tiles (C = 40: one warpgroup; C = 200: two), D = 256 (the pair)."""
     from conftest import check_gradients, low_lse_problem
 
     check_gradients(*low_lse_problem(R, C, g, D))
 
 
-@pytest.mark.parametrize("R,C,g,D", [(16, 2, 2, 128), (40, 8, 2, 64), (64, 1, 4, 128), (1, 4, 4, 128),
-                                     (1, 4, 2, 128), (1, 3, 4, 128), (2, 2, 2, 64)])
-def test_backward_unlisted_keys_overflow(R, C, g, D):
+@pytest.mark.parametrize("R,C,g,D,det", [(16, 2, 2, 128, False), (40, 8, 2, 64, False), (64, 1, 4, 128, True),
+                                         (64, 1, 4, 128, False), (1, 4, 4, 128, False), (1, 4, 2, 128, False),
+                                         (1, 3, 4, 128, False), (2, 2, 2, 64, False)])
+def test_backward_unlisted_keys_overflow(R, C, g, D, det):
     """Scale 10: keys of a packed tile that a block row does not list score far above that row's log-sum-exp, so
     their p overflows to inf before the multiplicity masks it; the mask must select 0 (inf * 0 is NaN). The packed
     small-block kernel (C <= 8; 40 x 8, g = 2 everywhere, the others where the Hopper kernels do not run), the compact
-    one (64 x 1, g = 4); on an H100 / H200 the packed one-pass Hopper kernel (1 x 3, g = 4: C not a power of two;
-    2 x 2, g = 2: D = 64) and the sweep (16 x 2, 1 x 4: every key of a 128-key item scored, the unlisted ones masked
-    by the layout's bits)."""
+    one (64 x 1, g = 4, deterministic); on an H100 / H200 the packed one-pass Hopper kernel (1 x 3, g = 4: C not a
+    power of two; 2 x 2, g = 2: D = 64) and the sweep (16 x 2, 1 x 4, 64 x 1: every key of a 128-key item scored,
+    the unlisted ones masked by the layout's bits)."""
     from conftest import check_gradients
 
     q, k, v, layout = _backward_problem(R, C, g, D, jnp.bfloat16)
-    check_gradients(q, k, v, layout, scale=10.0)
+    check_gradients(q, k, v, layout, op_kw=dict(deterministic=det), scale=10.0)
 
 
 @pytest.mark.parametrize("R,C,g,D,causal,softcap,dtype", [
@@ -257,11 +297,12 @@ def test_backward_deterministic_flag(R, C, g, D, causal, softcap, dtype):
     check_gradients(q, k, v, layout, op_kw=dict(deterministic=True), causal=causal, logits_soft_cap=softcap)
 
 
-@pytest.mark.parametrize("deterministic,block", [(True, 64), (False, 64), (False, 128), (False, 1), (False, 2)])
+@pytest.mark.parametrize("deterministic,block", [(True, 64), (False, 64), (False, 128), (False, 1), (False, 2),
+                                                 (True, 16)])
 def test_backward_is_deterministic(deterministic, block):
     """dk and dv are always bitwise repeatable, dq too with deterministic=True; without it dq may differ in the
     order of its float32 additions only (block 64: the Hopper one-warpgroup tile, 128: the two-warpgroup tile; 1 and
-    2: the sweep, R * g = 4 and 8)."""
+    2: the sweep, R * g = 4 and 8; 16 with deterministic=True: the narrow-column dk / dv)."""
     rng = np.random.default_rng(21)
     M = N = 512
     nb = M // block

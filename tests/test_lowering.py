@@ -41,12 +41,14 @@ def test_cpu_lowering_uses_cpu_targets():
 
 # The sweep backward's rule as lowering.py applies it (it sizes the workspace; csrc/cuda/bwd/params.h
 # sm90_sweep_applies decides the same on the device): D = 128, C a power of two within the packed form's rule, the
-# layout's capacity at least C / 64 of the block grid, its bit map no larger than the layout's indices.
+# layout's capacity at least C / 64 of the block grid, or outside that rule C <= 4 and a capacity of at least 1 / 4;
+# its bit map no larger than the layout's indices.
 @pytest.mark.parametrize("R,C,g,D,density,swept", [
     (1, 1, 4, 128, 0.25, True), (1, 16, 4, 128, 0.25, True), (1, 16, 4, 128, 0.125, False),
     (1, 8, 4, 128, 0.125, True), (1, 4, 4, 128, 0.0625, True), (16, 1, 4, 128, 0.25, True),
     (1, 1, 4, 64, 0.25, False), (1, 3, 4, 128, 0.25, False), (4, 16, 4, 128, 0.5, False),
-    (64, 1, 4, 128, 0.25, False), (1, 1, 4, 128, 1 / 64, False)])
+    (64, 1, 4, 128, 0.25, True), (64, 1, 4, 128, 0.125, False), (4, 4, 4, 128, 0.25, True),
+    (4, 8, 4, 128, 0.5, False), (1, 1, 4, 128, 1 / 64, False)])
 def test_sweep_backward_rule(R, C, g, D, density, swept, monkeypatch):
     from jax_bsattn.lowering import _sweep_words
     from jax_bsattn.primitives import Config

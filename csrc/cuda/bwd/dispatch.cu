@@ -1,7 +1,8 @@
 // Which backward runs: the Hopper one-pass kernel (bwd_sm90/: dq through atomic adds into a float32 workspace) when
 // the caller gave that workspace, the device is compute capability 9.0 with the sm_90a build, the head dim is 64
-// or 128 and C > 16 or the packed small-block rule holds (params.h bwd_sm90_applies); otherwise the deterministic
-// pair, dk / dv then dq (bwd/launch.cuh; dq on wgmma, bwd_sm90/dq_kernel.cuh, on such a device where R * g > 16).
+// or 128 and C > 16, the packed small-block rule or the sweep's holds (params.h bwd_sm90_applies); otherwise the
+// deterministic pair, dk / dv then dq (bwd/launch.cuh; dq on wgmma, bwd_sm90/dq_kernel.cuh, on such a device where
+// R * g > 16).
 // Host code only: it calls the launchers through their declarations (params.h), so no kernel is instantiated here.
 #include <cuda_runtime.h>
 
@@ -17,12 +18,25 @@ cudaError_t launch_bwd(const Params& p, cudaStream_t stream, bool run_dq, bool r
 #ifdef BSATTN_WITH_SM90
   if constexpr (kD <= 128) {
     // elsewhere at C <= 16 the deterministic kernels' 16-key, packed and compact tiles measured faster
-    if (p.dq_accum != nullptr && run_dq && bwd_sm90_applies(p) && device_runs_sm90a())
+    if (p.dq_accum != nullptr && run_dq && bwd_sm90_applies(p, kD) && device_runs_sm90a())
       return launch_bwd_sm90<kDType, kD>(p, stream);
   }
 #endif
   cudaError_t err = cudaSuccess;
-  if (run_dkdv) err = launch_dkdv<kDType, kD>(p, stream);
+  if (run_dkdv) {
+    bool done = false;
+#ifdef BSATTN_WITH_SM90
+    if constexpr (kD == 128) {
+      // dk / dv on wgmma for narrow block columns; BSATTN_BWD_DKDV=mma: the mma.sync column tile (A / B; read once)
+      static const bool mma_dkdv = env_equals("BSATTN_BWD_DKDV", "mma");
+      if (dkdv_sm90_applies(p, kD) && !mma_dkdv && device_runs_sm90a()) {
+        err = launch_dkdv_sm90<kDType, kD>(p, stream);
+        done = true;
+      }
+    }
+#endif
+    if (!done) err = launch_dkdv<kDType, kD>(p, stream);
+  }
   if (err != cudaSuccess || !run_dq) return err;
 #ifdef BSATTN_WITH_SM90
   if constexpr (kD <= 128) {

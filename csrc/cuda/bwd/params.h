@@ -83,34 +83,44 @@ inline int env_switch(const char* name) {
 // R * g >= 256) the pair was 5-51 % faster (bwd/README.md, "Hopper packed small blocks"). BSATTN_BWD_SM90_PACK=0 /
 // all in the environment:
 // never / for every C <= 16 (A / B timing, where the caller gave the workspace; read once).
+inline bool sm90_pack_rule(const Params& p) {  // (the rule alone, without the variable)
+  const int64_t rg = static_cast<int64_t>(p.R) * p.g;
+  return p.C <= 16 && (rg <= 4 || (p.C <= 2 && rg < 256) || (p.C <= 4 && rg <= 8));
+}
 inline bool sm90_pack_applies(const Params& p) {
   static const int mode = env_switch("BSATTN_BWD_SM90_PACK");
-  const int64_t rg = static_cast<int64_t>(p.R) * p.g;
   if (p.C > 16 || mode == 0) return false;
-  return mode == 2 || rg <= 4 || (p.C <= 2 && rg < 256) || (p.C <= 4 && rg <= 8);
+  return mode == 2 || sm90_pack_rule(p);
 }
-// The one-pass Hopper backward's rule beside the device, head dim and workspace (bwd/dispatch.cu;
-// jax_bsattn/lowering.py gives the workspace on the same rule): C > 16 (64- and 128-key tiles of one block column), or
-// the packed form above.
-inline bool bwd_sm90_applies(const Params& p) { return p.C > 16 || sm90_pack_applies(p); }
-// The sweep form (bwd_sm90/kernel_ws.cuh with SWEEP): where the packed form runs, D = 128, C a power of two <= 16
-// and the layout's capacity at least C / 64 of the block grid. It walks every block row for each 128 contiguous keys
-// (a dense backward's work, about 8.2-8.4 ms at M = N = 8192, Hq = 32 whatever R, C, g and density), where the
-// packed form's cost grows with the density and with 1 / C. H200, 2026-11-30, backward alone, packed / sweep ms:
-// density 1/4: 4:1:C for C = 1, 2, 4, 8, 16: 14.89 / 8.33, 14.67 / 8.30, 13.87 / 8.21, 12.12 / 8.20, 9.39 / 8.14;
-// 4:16:1 11.47 / 8.33, 4:32:1 11.36 / 8.17; density 1/8: 4:1:8 8.66 / 8.71 and 4:1:16 5.76 / 8.24 (packed), C <= 4
-// sweep (4:1:4 11.61 / 8.30); density 1/16: 4:1:4 8.26 / 8.30, 4:1:2 10.97 / 8.21; density 1/32: 4:1:1 10.69 / 8.21
-// (bwd/README.md, "Hopper sweep"). The bit map stays no larger than the layout's indices (density >= 1/32).
-// BSATTN_BWD_SWEEP=0 / all in the environment: never / wherever the packed form runs with D = 128 and such a C,
-// whatever the density (read once). jax_bsattn/lowering.py gives the workspace on the same rule.
+// The sweep form (bwd_sm90/kernel_ws.cuh with SWEEP): D = 128, C a power of two <= 16, and either within the packed
+// form's rule with the layout's capacity at least C / 64 of the block grid, or outside it with C <= 4 and a capacity
+// of at least 1 / 4 (where the pair runs otherwise). It walks every block row for each 128 contiguous keys (a dense
+// backward's work, about 8.1-8.4 ms at M = N = 8192, Hq = 32 whatever R, C, g and density), where the packed form's
+// cost grows with the density and with 1 / C, and the pair's with the density. H200, 2026-11-30, backward alone ms:
+// packed / sweep at density 1/4: 4:1:C for C = 1, 2, 4, 8, 16: 14.89 / 8.33, 14.67 / 8.30, 13.87 / 8.21, 12.12 / 8.20,
+// 9.39 / 8.14; 4:16:1 11.47 / 8.33, 4:32:1 11.36 / 8.17; density 1/8: 4:1:8 8.66 / 8.71 and 4:1:16 5.76 / 8.24
+// (packed), C <= 4 sweep (4:1:4 11.61 / 8.30); density 1/16: 4:1:4 8.26 / 8.30, 4:1:2 10.97 / 8.21; density 1/32:
+// 4:1:1 10.69 / 8.21. Pair / sweep at density 1/4: 4:64:1 10.42 / 8.24, 4:128:1 9.79 / 8.12, 4:4:4 11.05 / 8.12,
+// 4:16:4 9.79 / 8.05; at C = 8, 16 with R * g >= 16 the pair took 5.5-8.0 (twelfth session), and its cost falls
+// with the density (below about 1/5 it would win at C <= 4 too: unmeasured, hence 1/4). bwd/README.md, "Hopper
+// sweep". The bit map stays no larger than the layout's indices (density >= 1/32). BSATTN_BWD_SWEEP=0 / all in the
+// environment: never / wherever D = 128 and C is such a power of two, whatever the density and R * g (read once).
+// jax_bsattn/lowering.py gives the workspace on the same rule.
 inline bool sm90_sweep_applies(const Params& p, int D) {
   static const int mode = env_switch("BSATTN_BWD_SWEEP");
-  if (mode == 0 || D != 128 || p.C > 16 || (p.C & (p.C - 1)) != 0 || !sm90_pack_applies(p) || p.MB <= 0 ||
-      p.NB <= 0)
-    return false;
+  if (mode == 0 || D != 128 || p.C > 16 || (p.C & (p.C - 1)) != 0 || p.MB <= 0 || p.NB <= 0) return false;
+  const bool packed = sm90_pack_rule(p);
+  if (mode == 1 && !packed && p.C > 4) return false;
   // the bit map no larger than the layout's own indices (4 nnz bytes a layout), whatever the mode
   if (static_cast<int64_t>(p.MB) * ((p.NB + 63) / 64) * 8 > 4 * p.nnz) return false;
-  return mode == 2 || 64 * p.nnz >= static_cast<int64_t>(p.C) * p.MB * p.NB;
+  const int64_t grid = static_cast<int64_t>(p.MB) * p.NB;
+  return mode == 2 || (packed ? 64 * p.nnz >= p.C * grid : 4 * p.nnz >= grid);
+}
+// The one-pass Hopper backward's rule beside the device, head dim (D) and workspace (bwd/dispatch.cu;
+// jax_bsattn/lowering.py gives the workspace on the same rule): C > 16 (64- and 128-key tiles of one block column),
+// the packed form above, or the sweep.
+inline bool bwd_sm90_applies(const Params& p, int D) {
+  return p.C > 16 || sm90_pack_applies(p) || sm90_sweep_applies(p, D);
 }
 // Floats of the dq workspace the sweep's tables take after its dq part (nq + kDqSchedWords): the dup flag (and
 // padding to 8 bytes), the bit map, the row list.
@@ -125,6 +135,13 @@ cudaError_t launch_dq_sm90(const Params& p, cudaStream_t stream);
 // Its rule beside the device and head dim (bwd/dispatch.cu): tiles of 64 packed rows, where R * g > 16 (at most 16: the
 // mma.sync kernel's 16-row tile pads less).
 inline bool dq_sm90_applies(const Params& p) { return static_cast<int64_t>(p.R) * p.g > 16; }
+// Hopper (sm_90a, head dim 128; with BSATTN_WITH_SM90): dk, dv alone (every element written) on wgmma for narrow block
+// columns, bwd_sm90/dkdv_narrow_kernel.cuh. Deterministic, like launch_dkdv.
+template <int kDType, int kD>
+cudaError_t launch_dkdv_sm90(const Params& p, cudaStream_t stream);
+// Its rule beside the device (bwd/dispatch.cu): D = 128 and 8 < C <= 16, where launch_dkdv runs the mma.sync 16-key
+// column tile (C <= 8 has the packed and compact kernels). Never run on a GPU yet.
+inline bool dkdv_sm90_applies(const Params& p, int D) { return D == 128 && p.C > 8 && p.C <= 16; }
 // The backward of one call (bwd/dispatch.cu): the Hopper kernel where it applies, else dk / dv (run_dkdv) and dq
 // (run_dq).
 template <int kDType, int kD>

@@ -112,7 +112,8 @@ __device__ __forceinline__ void ws_dkdv_store(uint32_t sDQ, T* dkg, T* dvg, int6
   store_warp_rows<T, D>(stage, dvg, rstride, nkeys, cw * 16, lane, 1.f, adv);
 }
 
-// DQ_MAP (R * g a multiple of BQ, g dividing BQ: every tile is BQ / g query rows x the g heads of one block row):
+// DQ_MAP (g dividing BQ, and R * g a multiple of BQ: every tile is BQ / g query rows x the g heads of one block row;
+// or, SWEEP, R * g dividing BQ: a tile is BQ / (R * g) consecutive block rows, its box at the first one's first row):
 // dq goes to dq_accum by two tensor-map reductions per warpgroup and tile (dq_map: dq_accum as [B, M, Hq, D] f32,
 // boxes of 32 columns x g heads x BQ / g rows, 128-byte swizzle; rows past M are clipped by the hardware), from a
 // per-warpgroup staging box, instead of one bulk reduction per row (16 per warp, which the compiler issues one lane

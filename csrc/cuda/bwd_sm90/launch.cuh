@@ -12,6 +12,7 @@
 
 #include "cuda/bwd/params.h"
 #include "cuda/bwd_sm90/config.cuh"
+#include "cuda/bwd_sm90/dkdv_narrow_kernel.cuh"
 #include "cuda/bwd_sm90/dq_kernel.cuh"
 #include "cuda/bwd_sm90/kernel.cuh"
 #include "cuda/bwd_sm90/kernel_ws.cuh"
@@ -48,11 +49,16 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 
 // dq_accum [B, M, Hq, D] f32 as a tensor map for bsattn_bwd_sm90_ws_kernel<..., true>: boxes of 32 columns x g heads
 // x BQ / g query rows x 1, 128-byte swizzle. False (and the per-row reduction runs) unless every tile of BQ packed
-// rows is BQ / g whole query rows of one block row (R * g a multiple of BQ, g dividing BQ) and the driver encodes it.
+// rows is BQ / g consecutive whole query rows (g dividing BQ) and the driver encodes it: R * g a multiple of BQ (a
+// tile within one block row), or, with consecutive_rows (the sweep: its row list is every block row in order), R * g
+// dividing BQ with g > 1 (a tile of BQ / (R * g) consecutive block rows).
 template <class Cfg>
-bool dq_tensor_map(const Params& p, CUtensorMap* map) {
+bool dq_tensor_map(const Params& p, CUtensorMap* map, bool consecutive_rows = false) {
   const int64_t RG = static_cast<int64_t>(p.R) * p.g;
-  if (p.g < 1 || Cfg::BQ % p.g != 0 || RG % Cfg::BQ != 0 || p.dq_accum == nullptr) return false;
+  if (p.g < 1 || RG < 1 || Cfg::BQ % p.g != 0 || p.dq_accum == nullptr) return false;
+  // (consecutive block rows of one head, g = 1: 64 rows of 128 bytes a box; R = g = 1 measured 4 % slower than row by
+  // row, H200, 2026-11-30, where g = 4 gained 4-6 %)
+  if (RG % Cfg::BQ != 0 && !(consecutive_rows && Cfg::BQ % RG == 0 && p.g > 1)) return false;
   const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
   if (encode == nullptr) return false;
   const cuuint64_t dims[4] = {static_cast<cuuint64_t>(Cfg::D), static_cast<cuuint64_t>(p.Hq),
@@ -169,8 +175,15 @@ cudaError_t launch_bwd_sm90_sweep(const Params& p0, cudaStream_t stream) {
   s.nnz = 0;
   s.sweep_bits = bits;
   s.sweep_dup = dup;
-  const CUtensorMap map{};
-  err = launch_ws_persistent<bsattn_bwd_sm90_ws_kernel<T, Cfg, false, true>, Cfg>(s, Cfg::SMEM_SWEEP, map, stream);
+  // dq by tensor map where a tile is consecutive whole query rows (R * g dividing 64 or a multiple of it; the
+  // kernel's box coordinate: the tile's first block row, rows[cs + e] = cs + e); BSATTN_BWD_SM90_DQ=rows: row by row
+  static const bool row_dq = env_equals("BSATTN_BWD_SM90_DQ", "rows");
+  static const bool map_plan = register_plan_holds<Cfg>(bsattn_bwd_sm90_ws_kernel<T, Cfg, true, true>);
+  CUtensorMap map{};
+  if (!row_dq && map_plan && dq_tensor_map<Cfg>(s, &map, true))
+    err = launch_ws_persistent<bsattn_bwd_sm90_ws_kernel<T, Cfg, true, true>, Cfg>(s, Cfg::SMEM_SWEEP, map, stream);
+  else
+    err = launch_ws_persistent<bsattn_bwd_sm90_ws_kernel<T, Cfg, false, true>, Cfg>(s, Cfg::SMEM_SWEEP, map, stream);
   if (err != cudaSuccess) return err;
   Params k = p;  // the packed kernel, for a layout with a duplicate block
   k.sweep_dup = dup;
@@ -250,12 +263,28 @@ cudaError_t launch_dq_sm90(const Params& p, cudaStream_t stream) {
   return launch_row_tiles<bsattn_bwd_dq_sm90_kernel<T, Cfg>, Cfg>(d, stream);
 }
 
+// dk, dv alone for narrow block columns (bwd_sm90/dkdv_narrow_kernel.cuh): one CTA per 16-key block column.
+template <int kDType, int kD>
+cudaError_t launch_dkdv_sm90(const Params& p, cudaStream_t stream) {
+  using T = typename DTypeOf<kDType>::type;
+  if constexpr (kD == 128) {
+    using Cfg = Sm90DkdvNarrowTile;
+    if (p.C > Cfg::BK) return cudaErrorNotSupported;  // (dkdv_sm90_applies keeps C <= 16)
+    return launch_column_tiles<bsattn_bwd_sm90_dkdv_narrow_kernel<T, Cfg>, Cfg>(p, stream, Cfg::NT, Cfg::SMEM);
+  } else {
+    return cudaErrorNotSupported;
+  }
+}
+
 }  // namespace bwd
 }  // namespace cuda
 }  // namespace bsattn
 
 #define BSATTN_INSTANTIATE_BWD_SM90(DTYPE, D)                                                    \
   template cudaError_t bsattn::cuda::bwd::launch_bwd_sm90<bsattn::cuda::bwd::DTYPE, D>(          \
+      const bsattn::cuda::bwd::Params&, cudaStream_t);
+#define BSATTN_INSTANTIATE_DKDV_SM90(DTYPE, D)                                                  \
+  template cudaError_t bsattn::cuda::bwd::launch_dkdv_sm90<bsattn::cuda::bwd::DTYPE, D>(        \
       const bsattn::cuda::bwd::Params&, cudaStream_t);
 #define BSATTN_INSTANTIATE_DQ_SM90(DTYPE, D)                                                    \
   template cudaError_t bsattn::cuda::bwd::launch_dq_sm90<bsattn::cuda::bwd::DTYPE, D>(          \

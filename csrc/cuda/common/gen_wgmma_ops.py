@@ -3,13 +3,14 @@
 inline-PTX wrappers.
 
 One wrapper per (element type, N): `ss` (A and B from shared memory, both K-major: S = Q K^T), `ss_bt` (A K-major,
-B MN-major, both from shared memory: the backward's dq = dS K) and `rs` (A from registers, B from shared memory
-MN-major: O += P V). Each has N / 2 f32 accumulator operands, which is why they are generated rather than written
+B MN-major, both from shared memory: the backward's dq = dS K), `ss_at` (A MN-major, B K-major, both from shared
+memory: the narrow-column backward's dv^T = do^T p, A read from the do tile as stored) and `rs` (A from registers, B
+from shared memory MN-major: O += P V). Each has N / 2 f32 accumulator operands, which is why they are generated rather than written
 out. Run from this folder: python3 gen_wgmma_ops.py > wgmma_ops.cuh
 """
 
 TYPES = {"__nv_bfloat16": "bf16", "__half": "f16"}
-NS = (32, 64, 128)
+NS = (16, 32, 64, 128)
 
 
 def acc_list(n_regs):
@@ -22,19 +23,19 @@ def acc_constraints(n_regs):
 
 def op(ctype, ptx, n):
     r = n // 2
-    def ss_op(name, tnsp_b):
+    def ss_op(name, tnsp_a, tnsp_b):
         return (
             f"  static __device__ __forceinline__ void {name}(float (&d)[{r}], uint64_t a, uint64_t b, int scale_d) {{\n"
             f'    asm volatile(\n'
             f'        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{r + 2}, 0;\\n"\n'
             f'        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx}.{ptx} "\n'
-            f'        "{{{acc_list(r)}}}, %{r}, %{r + 1}, p, 1, 1, 0, {tnsp_b};\\n}}\\n"\n'
+            f'        "{{{acc_list(r)}}}, %{r}, %{r + 1}, p, 1, 1, {tnsp_a}, {tnsp_b};\\n}}\\n"\n'
             f"        : {acc_constraints(r)}\n"
             f'        : "l"(a), "l"(b), "r"(scale_d));\n'
             f"  }}\n"
         )
 
-    ss = ss_op("ss", 0) + ss_op("ss_bt", 1)
+    ss = ss_op("ss", 0, 0) + ss_op("ss_bt", 0, 1) + ss_op("ss_at", 1, 0)
     rs = (
         f"  static __device__ __forceinline__ void rs(float (&d)[{r}], const uint32_t (&a)[4], uint64_t b, int scale_d) {{\n"
         f'    asm volatile(\n'
@@ -54,6 +55,7 @@ def main():
         "//   WgmmaOp<T, N>::ss(d, a_desc, b_desc, scale_d): d (64 x N) (+)= A (64 x 16, smem, K-major) B (16 x N, smem,",
         "//     K-major: N rows of 16 contiguous k), d = 0 first when scale_d == 0.",
         "//   WgmmaOp<T, N>::ss_bt(d, a_desc, b_desc, scale_d): the same with B MN-major (16 rows of N contiguous values).",
+        "//   WgmmaOp<T, N>::ss_at(d, a_desc, b_desc, scale_d): the same as ss with A MN-major (16 k of 64 contiguous rows).",
         "//   WgmmaOp<T, N>::rs(d, a, b_desc, scale_d): A from registers (the m16n8k16 A fragment of the warp's 16",
         "//     rows), B (16 x N) MN-major in smem (16 rows of N contiguous values).",
         "// d: the accumulator fragment, element 4 j + 2 h + e = row 16 warp + lane / 4 + 8 h, column 8 j + 2 (lane % 4) + e",

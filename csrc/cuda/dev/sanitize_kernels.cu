@@ -12,7 +12,8 @@
 //   compute-sanitizer --tool memcheck /tmp/sanitize_kernels      (then --tool racecheck)
 // Hopper (benchmarks/gpu_check.sh KERNEL_SANITIZE=1 builds this): -gencode arch=compute_90a,code=sm_90a
 //   -DBSATTN_WITH_SM90, plus csrc/cuda/fwd_sm90/instantiations/{fwd_sm90,sweep}_bf16_d{64,128}.cu,
-//   csrc/cuda/bwd_sm90/instantiations/{bwd,dq}_sm90_bf16_d{64,128}.cu (the harness calls launch_dq_sm90).
+//   csrc/cuda/bwd_sm90/instantiations/{bwd,dq}_sm90_bf16_d{64,128}.cu and dkdv_sm90_bf16_d128.cu (the harness calls
+//   launch_dq_sm90 and launch_dkdv_sm90).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -142,6 +143,10 @@ void run_case(const Case& c, std::mt19937& rng) {
     e1 = bsattn::cuda::launch_fwd<kBF16, 128>(fp, 0);
     e2 = bwd::launch_dq<kBF16, 128>(bp, 0);
     e3 = bwd::launch_dkdv<kBF16, 128>(bp, 0);
+#ifdef BSATTN_WITH_SM90
+    // the Hopper narrow-column dk / dv where it applies (after the mma.sync one, over the same outputs)
+    if (e3 == cudaSuccess && bwd::dkdv_sm90_applies(bp, c.D)) e3 = bwd::launch_dkdv_sm90<kBF16, 128>(bp, 0);
+#endif
   }
   cudaError_t e4 = cudaSuccess;  // the Hopper backward (dq through the f32 workspace)
   const char* hopper = "not run";
@@ -152,14 +157,17 @@ void run_case(const Case& c, std::mt19937& rng) {
   CK(cudaMalloc(&dq_accum, acc_words * 4));
   bp.dq_accum = dq_accum;
   bp.dq_accum_words = acc_words;
-  if (bwd::bwd_sm90_applies(bp)) {
+  if (bwd::bwd_sm90_applies(bp, c.D)) {
     e4 = c.D == 64 ? bwd::launch_bwd_sm90<kBF16, 64>(bp, 0) : bwd::launch_bwd_sm90<kBF16, 128>(bp, 0);
     const bool wide = c.D == 128 && c.C >= 128 && (c.C % 128 == 0 || c.C % 128 > 64);  // bwd_sm90/launch.cuh
-    hopper = c.C <= 16 ? "Hopper, packed columns" : wide ? "Hopper, two warpgroups" : "Hopper, one warpgroup";
+    hopper = bwd::sm90_sweep_applies(bp, c.D) ? "Hopper, sweep (or packed columns after a duplicate)"
+             : c.C <= 16                     ? "Hopper, packed columns"
+             : wide                          ? "Hopper, two warpgroups"
+                                             : "Hopper, one warpgroup";
   }
   if (e4 == cudaSuccess && bwd::dq_sm90_applies(bp)) {  // the Hopper dq kernel
     e4 = c.D == 64 ? bwd::launch_dq_sm90<kBF16, 64>(bp, 0) : bwd::launch_dq_sm90<kBF16, 128>(bp, 0);
-    hopper = bwd::bwd_sm90_applies(bp) ? "Hopper, then Hopper dq" : "Hopper dq";
+    hopper = bwd::bwd_sm90_applies(bp, c.D) ? "Hopper, then Hopper dq" : "Hopper dq";
   }
 #endif
   const cudaError_t es = cudaDeviceSynchronize();
@@ -204,6 +212,7 @@ int main() {
       {1, 300, 200, 8, 2, 128, 64, 1, true, 0.f, false, true},     // compact small blocks (R * g = 256), garbage
       {2, 130, 150, 8, 2, 128, 128, 2, false, 10.f, true, false},  // compact, C = 2, R * g = 512, per-head, cap
       {1, 100, 250, 8, 2, 128, 64, 12, false, 0.f, true, true},   // C = 12: the 16-key column kernel, per-head garbage
+      {2, 90, 333, 4, 1, 128, 16, 16, true, 30.f, false, true},   // C = 16: the narrow-column kernels, causal, cap, garbage
       {1, 500, 520, 2, 1, 128, 1, 3, true, 0.f, false, false},    // C = 3: Hopper packed columns (21 a CTA), R = 1, 2 windows
       {2, 100, 150, 4, 1, 128, 2, 1, false, 15.f, true, true},    // C = 1, per-head garbage, soft cap: packed columns
   };
