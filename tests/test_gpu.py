@@ -181,6 +181,20 @@ def test_backward_packed_small_blocks(R, C, g, D, M, causal, softcap, dtype, den
     check_gradients(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
 
 
+def _check_per_head_gradients(R, C, g, M, N, causal, softcap, dtype, *, seed, density, empty_row):
+    """Gradients against the reference for a random per-head layout (2 KV heads, one block row of one head left
+    empty: empty_row = (head, block row)), batch 2, D = 128."""
+    from conftest import check_gradients
+
+    rng = np.random.default_rng(seed)
+    Hk = 2
+    mask = random_mask(rng, (Hk,), -(-M // R), -(-N // C), density)
+    mask[empty_row] = False
+    layout = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=128, dtype=dtype)
+    check_gradients(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
+
+
 @pytest.mark.parametrize("R,C,g,M,N,causal,softcap,dtype", [
     (1, 1, 4, 300, 700, True, None, jnp.bfloat16), (1, 16, 4, 200, 1000, False, 30.0, jnp.float16),
     (2, 2, 2, 101, 390, True, None, jnp.bfloat16), (8, 1, 1, 150, 129, True, None, jnp.float16),
@@ -192,16 +206,7 @@ def test_backward_sweep_small_row_groups(R, C, g, M, N, causal, softcap, dtype):
     keys, p and ds masked by the layout's bits; params.h sm90_sweep_applies). Per-head layouts with an empty block
     row, part-filled last key items (N = 700, 1000, 390, 129), causal with N > M and N < M, soft cap, f16, a long N
     (141 bit words a block row)."""
-    from conftest import check_gradients
-
-    rng = np.random.default_rng(M + 13 * C + g)
-    Hk = 2
-    MB, NB = -(-M // R), -(-N // C)
-    mask = random_mask(rng, (Hk,), MB, NB, 0.3)
-    mask[1, 2] = False
-    layout = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
-    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=128, dtype=dtype)
-    check_gradients(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
+    _check_per_head_gradients(R, C, g, M, N, causal, softcap, dtype, seed=M + 13 * C + g, density=0.3, empty_row=(1, 2))
 
 
 @pytest.mark.parametrize("R,C,g,M,N,causal,softcap,dtype", [
@@ -213,16 +218,7 @@ def test_backward_sweep_tall_row_groups(R, C, g, M, N, causal, softcap, dtype):
     H200: the sweep backward where the deterministic pair ran before. A block row spans up to four 64-row tiles
     (R * g = 256); causal with N > M and N < M (12 x 4), soft cap, f16; dq by tensor map (R * g a multiple of 64 or
     dividing it) and row by row (R * g = 48)."""
-    from conftest import check_gradients
-
-    rng = np.random.default_rng(M + 17 * C + R)
-    Hk = 2
-    MB, NB = -(-M // R), -(-N // C)
-    mask = random_mask(rng, (Hk,), MB, NB, 0.4)
-    mask[0, 1] = False
-    layout = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
-    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=128, dtype=dtype)
-    check_gradients(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
+    _check_per_head_gradients(R, C, g, M, N, causal, softcap, dtype, seed=M + 17 * C + R, density=0.4, empty_row=(0, 1))
 
 
 @pytest.mark.parametrize("R,C,g", [(1, 1, 4), (2, 4, 2), (32, 1, 8)])
