@@ -119,8 +119,8 @@ def _fwd_sweep_table_words(q, k, indptr, indices, cfg: Config) -> int:
     params.h fwd_sweep_table_words and fwd_sm90/launch.cuh fwd_sweep_block_rows: the same rule, less the device's
     shared memory, which only the device knows; a workspace it leaves unused costs memory, not results), else 0: each
     CTA builds its rows' maps. BSATTN_FWD_SWEEP=0 / all and BSATTN_FWD_SWEEP_TABLE=0 as on the device."""
-    mode = os.environ.get("BSATTN_FWD_SWEEP", "1")
-    if mode.startswith("0") or os.environ.get("BSATTN_FWD_SWEEP_TABLE", "1").startswith("0"):
+    mode = os.environ.get("BSATTN_FWD_SWEEP", "")  # (exact values, as the device reads them)
+    if mode == "0" or os.environ.get("BSATTN_FWD_SWEEP_TABLE", "") == "0":
         return 0
     if q.shape[-1] not in (64, 128) or q.size == 0 or not _gpus_are_sm90():
         return 0
@@ -130,7 +130,7 @@ def _fwd_sweep_table_words(q, k, indptr, indices, cfg: Config) -> int:
     MB, NB, nnz = -(-M // R), -(-N // C), indices.shape[-1]
     if R * g > 16 or MB <= 0 or NB <= 0:
         return 0
-    if not mode.startswith("a") and (32 * nnz < R * g * MB * NB or 16 * nnz < MB * NB):
+    if mode != "all" and (32 * nnz < R * g * MB * NB or 16 * nnz < MB * NB):
         return 0  # the density (capacity over the block grid) >= R g / 32 and >= 1 / 16
     words = -(-N // 32)
     if MB * words > nnz:  # the maps no larger than the layout's indices

@@ -76,8 +76,11 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   p.o = o->untyped_data();
   p.lse = lse->typed_data();
   ffi_common::fill_problem(p, B, M, N, Hq, Hk, block_r, block_c, l, causal, scale, softcap);
-  // the sweep's workspace: used only where it holds fwd_sweep_table_words (any other size: each CTA builds its maps)
+  // the sweep's workspace: empty, or exactly fwd_sweep_table_words (the lowering's size; used where the sweep runs)
   p.sweep_ws_words = static_cast<int64_t>(ws->element_count());
+  if (p.sweep_ws_words != 0 && p.sweep_ws_words != fwd_sweep_table_words(p))
+    return bad("workspace " + dims_str(ws->dimensions()) + " must be empty or hold " +
+               std::to_string(fwd_sweep_table_words(p)) + " words (jax_bsattn/lowering.py _fwd_sweep_table_words)");
   p.sweep_ws = p.sweep_ws_words != 0 ? ws->typed_data() : nullptr;
   p.sweep_table = nullptr;
 
