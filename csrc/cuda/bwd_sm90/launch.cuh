@@ -195,15 +195,16 @@ cudaError_t launch_bwd_sm90(const Params& p, cudaStream_t stream) {
   using T = typename DTypeOf<kDType>::type;
   const int64_t nq = static_cast<int64_t>(p.B) * p.M * p.Hq * kD;  // dq elements
   // the sweep form where it applies and the caller's workspace holds its tables (lowering.py, the same rule)
+  const int64_t sweep_words = sweep_workspace_words(p);
   bool sweep = false;
   if constexpr (kD == 128) {
-    if (sm90_sweep_applies(p, kD) && p.dq_accum_words >= nq + kDqSchedWords + sweep_workspace_words(p)) {
+    if (sm90_sweep_applies(p, kD) && p.dq_accum_words >= nq + kDqSchedWords + sweep_words) {
       using Sw = Sm90BwdSweepTile;  // (its attributes read only where it may run: no module load otherwise)
       static const bool sweep_plan = register_plan_holds<Sw>(bsattn_bwd_sm90_ws_kernel<T, Sw, false, true>);
       sweep = sweep_plan;
     }
   }
-  const int64_t zero_words = sweep ? nq + kDqSchedWords + sweep_workspace_words(p) : nq + kDqSchedWords;
+  const int64_t zero_words = nq + kDqSchedWords + (sweep ? sweep_words : 0);
   cudaError_t err = cudaMemsetAsync(p.dq_accum, 0, static_cast<size_t>(zero_words) * sizeof(float), stream);
   if (err != cudaSuccess) return err;
   if (sweep) {

@@ -5,8 +5,8 @@ inline-PTX wrappers.
 One wrapper per (element type, N): `ss` (A and B from shared memory, both K-major: S = Q K^T), `ss_bt` (A K-major,
 B MN-major, both from shared memory: the backward's dq = dS K), `ss_at` (A MN-major, B K-major, both from shared
 memory: the narrow-column backward's dv^T = do^T p, A read from the do tile as stored) and `rs` (A from registers, B
-from shared memory MN-major: O += P V). Each has N / 2 f32 accumulator operands, which is why they are generated rather than written
-out. Run from this folder: python3 gen_wgmma_ops.py > wgmma_ops.cuh
+from shared memory MN-major: O += P V). Each has N / 2 f32 accumulator operands, which is why they are generated
+rather than written out. Run from this folder: python3 gen_wgmma_ops.py > wgmma_ops.cuh
 """
 
 TYPES = {"__nv_bfloat16": "bf16", "__half": "f16"}
