@@ -35,7 +35,8 @@ def test_cuda_lowering_holds_custom_calls_with_attributes():
 def test_cpu_lowering_uses_cpu_targets():
     layout = jb.BlockSparseLayout.from_block_mask(np.ones((2, 2), bool), (8, 8), (16, 16))
     q = jnp.ones((16, 2, 16), jnp.float32)
-    text = jax.jit(lambda q: jb.block_sparse_attention(q, q, q, layout)).lower(q).as_text()
+    text = jax.jit(lambda q: jb.block_sparse_attention(q, q, q, layout)).trace(q).lower(
+        lowering_platforms=("cpu",)).as_text()
     assert "custom_call @bsattn_fwd_cpu" in text
 
 

@@ -205,6 +205,7 @@ def main():
               + (f'err_o {r["err_o"]:.2e} (lowp {r["err_o_lowp"]:.2e}) err_lse {r["err_lse"]:.2e} '
                  f'(lowp {r["err_lse_lowp"]:.2e}) empty={r["empty_rows"]} empty_ok={int(r["empty_ok"])} nan={int(r["nan"])}'
                  if "err_o" in r else r.get("error", "")) + (" " + r["name"] if "name" in r else ""), flush=True)
+    os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "check_fwd.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
     nfail = sum(not r["ok"] for r in results)
