@@ -114,6 +114,50 @@ def _dq_workspace_words(q, k, indptr, indices, cfg: Config) -> int:
     return q.size + DQ_SCHED_WORDS + sweep
 
 
+def _fwd_sweep_table_words(q, k, indptr, indices, cfg: Config) -> int:
+    """Words (u32) of the CUDA forward's workspace: the sweep kernel's bit maps, built once per call (csrc/cuda/fwd/
+    params.h fwd_sweep_table_words and fwd_sm90/launch.cuh fwd_sweep_block_rows: the same rule, less the device's
+    shared memory, which only the device knows; a workspace it leaves unused costs memory, not results), else 0: each
+    CTA builds its rows' maps. BSATTN_FWD_SWEEP=0 / all and BSATTN_FWD_SWEEP_TABLE=0 as on the device."""
+    mode = os.environ.get("BSATTN_FWD_SWEEP", "")  # (exact values, as the device reads them)
+    if mode == "0" or os.environ.get("BSATTN_FWD_SWEEP_TABLE", "") == "0":
+        return 0
+    if q.shape[-1] not in (64, 128) or q.size == 0 or not _gpus_are_sm90():
+        return 0
+    R, C = cfg.block_r, cfg.block_c
+    g = q.shape[-2] // max(k.shape[-2], 1)
+    M, N = q.shape[1], k.shape[1]
+    MB, NB, nnz = -(-M // R), -(-N // C), indices.shape[-1]
+    if R * g > 16 or MB <= 0 or NB <= 0:
+        return 0
+    if mode != "all" and (32 * nnz < R * g * MB * NB or 16 * nnz < MB * NB):
+        return 0  # the density (capacity over the block grid) >= R g / 32 and >= 1 / 16
+    words = -(-N // 32)
+    if MB * words > nnz:  # the maps no larger than the layout's indices
+        return 0
+    layouts = math.prod(indptr.shape[:-1]) or 1
+    return layouts * MB * (words + 1)
+
+
+def _cuda_fwd_call(q, k, v, indptr, indices, *, cfg: Config):
+    """The CUDA forward's third result is its workspace (the sweep's bit maps; empty where it runs none), dropped."""
+    out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:-1], jax.numpy.float32),
+           jax.ShapeDtypeStruct((_fwd_sweep_table_words(q, k, indptr, indices, cfg),), jax.numpy.uint32))
+    o, lse, _ = jax.ffi.ffi_call("bsattn_fwd_cuda", out)(q, k, v, indptr, indices, **ffi_attributes(cfg))
+    return o, lse
+
+
+def _cuda_call_rule(call):
+    """A CUDA lowering through a jnp function of the operands (a hidden workspace result, a column view)."""
+    lower_call = mlir.lower_fun(call, multiple_results=True)
+
+    def lower(ctx, *args, cfg: Config):
+        _check_cuda(ctx.avals_in[0])
+        return lower_call(ctx, *args, cfg=cfg)
+
+    return lower
+
+
 def _cuda_bwd_call(q, k, v, do, lse, delta, indptr, indices, *, cfg: Config):
     """The CUDA backward also takes the layout's column view (dk / dv walk block columns), built here in
     XLA from the row view on the device: no host round trip, no dense mask. Its fourth result is the dq
@@ -128,20 +172,11 @@ def _cuda_bwd_call(q, k, v, do, lse, delta, indptr, indices, *, cfg: Config):
     return dq, dk, dv
 
 
-def _cuda_bwd_rule():
-    lower_call = mlir.lower_fun(_cuda_bwd_call, multiple_results=True)
-
-    def lower(ctx, *args, cfg: Config):
-        _check_cuda(ctx.avals_in[0])
-        return lower_call(ctx, *args, cfg=cfg)
-
-    return lower
-
-
 mlir.register_lowering(bsattn_bwd_ffi_p, _ffi_rule("bsattn_bwd_cpu", "cpu"), platform="cpu")
-mlir.register_lowering(bsattn_bwd_ffi_p, _cuda_bwd_rule(), platform="cuda")
+mlir.register_lowering(bsattn_bwd_ffi_p, _cuda_call_rule(_cuda_bwd_call), platform="cuda")
+mlir.register_lowering(bsattn_fwd_ffi_p, _ffi_rule("bsattn_fwd_cpu", "cpu"), platform="cpu")
+mlir.register_lowering(bsattn_fwd_ffi_p, _cuda_call_rule(_cuda_fwd_call), platform="cuda")
 for _platform in ("cpu", "cuda"):
-    mlir.register_lowering(bsattn_fwd_ffi_p, _ffi_rule(f"bsattn_fwd_{_platform}", _platform), platform=_platform)
     mlir.register_lowering(bsattn_fwd_p, _partitioned_rule(fwd_partitioned, _platform), platform=_platform)
     mlir.register_lowering(bsattn_bwd_p, _partitioned_rule(bwd_partitioned, _platform), platform=_platform)
 

@@ -35,7 +35,8 @@ def test_cuda_lowering_holds_custom_calls_with_attributes():
 def test_cpu_lowering_uses_cpu_targets():
     layout = jb.BlockSparseLayout.from_block_mask(np.ones((2, 2), bool), (8, 8), (16, 16))
     q = jnp.ones((16, 2, 16), jnp.float32)
-    text = jax.jit(lambda q: jb.block_sparse_attention(q, q, q, layout)).lower(q).as_text()
+    text = jax.jit(lambda q: jb.block_sparse_attention(q, q, q, layout)).trace(q).lower(
+        lowering_platforms=("cpu",)).as_text()
     assert "custom_call @bsattn_fwd_cpu" in text
 
 
@@ -66,3 +67,33 @@ def test_sweep_backward_rule(R, C, g, D, density, swept, monkeypatch):
         assert words == 8 + 2 * MB * (-(-NB // 64)) + MB
     monkeypatch.setenv("BSATTN_BWD_SWEEP", "0")
     assert _sweep_words(q, k, indptr, indices, Config(R, C, 1.0, 0.0, False)) == 0
+
+
+# The forward sweep's workspace as lowering.py sizes it (csrc/cuda/fwd/params.h fwd_sweep_table_words and
+# fwd_sm90/launch.cuh fwd_sweep_block_rows: the same rule, less the device's shared memory): R * g <= 16, the layout's
+# capacity at least R * g / 32 and 1 / 16 of the block grid, D = 64 or 128, and the bit maps (a bit per key and block
+# row, and a flag per block row) no larger than the layout's indices.
+@pytest.mark.parametrize("R,C,g,D,density,tabled", [
+    (1, 1, 4, 128, 0.25, True), (1, 8, 4, 128, 0.25, True), (1, 16, 4, 128, 0.25, False),
+    (2, 1, 4, 64, 0.5, True), (4, 1, 4, 128, 0.25, False), (1, 1, 4, 128, 1 / 32, False),
+    (1, 1, 4, 256, 0.25, False), (16, 1, 4, 128, 0.5, False), (1, 2, 1, 128, 0.25, True)])
+def test_forward_sweep_table_rule(R, C, g, D, density, tabled, monkeypatch):
+    from jax_bsattn import lowering
+    from jax_bsattn.primitives import Config
+
+    monkeypatch.setattr(lowering, "_gpus_are_sm90", lambda: True)
+    for var in ("BSATTN_FWD_SWEEP", "BSATTN_FWD_SWEEP_TABLE"):
+        monkeypatch.delenv(var, raising=False)
+    M = N = 1024
+    MB, NB = -(-M // R), -(-N // C)
+    q = jax.ShapeDtypeStruct((1, M, 2 * g, D), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, N, 2, D), jnp.bfloat16)
+    indptr = jax.ShapeDtypeStruct((2, MB + 1), jnp.int32)   # per-head layouts: two
+    indices = jax.ShapeDtypeStruct((2, int(density * MB * NB)), jnp.int32)
+    cfg = Config(R, C, 1.0, 0.0, False)
+    words = lowering._fwd_sweep_table_words(q, k, indptr, indices, cfg)
+    assert words == (2 * MB * (N // 32 + 1) if tabled else 0)
+    for var in ("BSATTN_FWD_SWEEP", "BSATTN_FWD_SWEEP_TABLE"):
+        monkeypatch.setenv(var, "0")
+        assert lowering._fwd_sweep_table_words(q, k, indptr, indices, cfg) == 0
+        monkeypatch.delenv(var)

@@ -19,17 +19,22 @@ auto bind_attributes(Binding&& b) {  // Binding's builder methods are &&-qualifi
       .template Attr<bool>("causal");
 }
 
-// Forward: q, k, v, indptr, indices -> o, lse.
-template <typename Binding>
+// Forward: q, k, v, indptr, indices -> o, lse; with kWorkspace (CUDA) also a flat u32 workspace result, empty or
+// sized by the caller (the sweep kernel's bit maps, csrc/README.md).
+template <bool kWorkspace = false, typename Binding>
 auto bind_forward(Binding&& b) {
   namespace ffi = xla::ffi;
-  return bind_attributes(std::move(b).template Arg<ffi::AnyBuffer>()         // q
-                             .template Arg<ffi::AnyBuffer>()      // k
-                             .template Arg<ffi::AnyBuffer>()      // v
-                             .template Arg<ffi::Buffer<ffi::S32>>()  // indptr
-                             .template Arg<ffi::Buffer<ffi::S32>>()  // indices
-                             .template Ret<ffi::AnyBuffer>()      // o
-                             .template Ret<ffi::Buffer<ffi::F32>>());  // lse
+  auto r = std::move(b).template Arg<ffi::AnyBuffer>()         // q
+               .template Arg<ffi::AnyBuffer>()                 // k
+               .template Arg<ffi::AnyBuffer>()                 // v
+               .template Arg<ffi::Buffer<ffi::S32>>()          // indptr
+               .template Arg<ffi::Buffer<ffi::S32>>()          // indices
+               .template Ret<ffi::AnyBuffer>()                 // o
+               .template Ret<ffi::Buffer<ffi::F32>>();         // lse
+  if constexpr (kWorkspace)
+    return bind_attributes(std::move(r).template Ret<ffi::Buffer<ffi::U32>>());  // workspace
+  else
+    return bind_attributes(std::move(r));
 }
 
 }  // namespace bsattn

@@ -9,7 +9,7 @@ rounded to bf16 / f16) as error budget: pass when ||o - ref|| / ||ref|| <= 2 * e
 likewise, -inf lse exactly where the reference has an empty row, o == 0 there, no NaN anywhere.
 --sanitize runs a few small garbage-layout cases without references (for compute-sanitizer).
 """
-import argparse, itertools, json, os, sys, time
+import argparse, math, itertools, json, os, sys, time
 
 import numpy as np
 
@@ -23,12 +23,21 @@ from check_common import DT, case_inputs, count_matrix, draw_scale, make_layout,
 for _n, _c in _bsattn_cuda.registrations().items():
     jax.ffi.register_ffi_target(_n, _c, platform="CUDA")
 
+def sweep_table_words(M, N, R, indptr, indices):
+    """The sweep's workspace as csrc/cuda/fwd/params.h fwd_sweep_table_words sizes it (the launcher uses it only where
+    the sweep runs; BSATTN_FWD_SWEEP_TABLE=0 makes each CTA build its own maps instead, for the other path)."""
+    MB, words, nnz = -(-M // R), -(-N // 32), indices.shape[-1]
+    return math.prod(indptr.shape[:-1]) * MB * (words + 1) if 0 < MB * words <= nnz else 0
+
+
 def fwd_call(q, k, v, indptr, indices, R, C, scale, softcap, causal):
     B, M, Hq, D = q.shape
-    out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, M, Hq), jnp.float32))
+    tw = sweep_table_words(M, k.shape[1], R, indptr, indices)
+    out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, M, Hq), jnp.float32),
+           jax.ShapeDtypeStruct((tw,), jnp.uint32))
     return jax.ffi.ffi_call("bsattn_fwd_cuda", out)(
         q, k, v, indptr, indices, block_r=np.int64(R), block_c=np.int64(C), scale=np.float32(scale),
-        softcap=np.float32(softcap), causal=bool(causal))
+        softcap=np.float32(softcap), causal=bool(causal))[:2]
 
 
 _jitted = {}
@@ -196,6 +205,7 @@ def main():
               + (f'err_o {r["err_o"]:.2e} (lowp {r["err_o_lowp"]:.2e}) err_lse {r["err_lse"]:.2e} '
                  f'(lowp {r["err_lse_lowp"]:.2e}) empty={r["empty_rows"]} empty_ok={int(r["empty_ok"])} nan={int(r["nan"])}'
                  if "err_o" in r else r.get("error", "")) + (" " + r["name"] if "name" in r else ""), flush=True)
+    os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "check_fwd.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
     nfail = sum(not r["ok"] for r in results)

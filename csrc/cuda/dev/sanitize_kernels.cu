@@ -126,6 +126,12 @@ void run_case(const Case& c, std::mt19937& rng) {
   FwdParams fp{};
   static_cast<ProblemParams&>(fp) = pp;
   fp.q = q, fp.k = k, fp.v = v, fp.indptr = d_indptr, fp.indices = d_indices, fp.o = o, fp.lse = lse;
+  // the forward sweep's workspace: its bit maps built by the table pass where the sweep runs and they fit
+  // (BSATTN_FWD_SWEEP_TABLE=0: each CTA builds its own, as with an empty workspace)
+  uint32_t* fwd_ws = nullptr;
+  fp.sweep_ws_words = bsattn::cuda::fwd_sweep_table_words(pp);
+  if (fp.sweep_ws_words > 0) CK(cudaMalloc(&fwd_ws, fp.sweep_ws_words * 4));
+  fp.sweep_ws = fwd_ws;
   bwd::Params bp{};
   static_cast<ProblemParams&>(bp) = pp;
   bp.q = q, bp.k = k, bp.v = v, bp.dout = dout, bp.lse = lse, bp.delta = delta;
@@ -184,7 +190,7 @@ void run_case(const Case& c, std::mt19937& rng) {
                     static_cast<void*>(d_indptr), static_cast<void*>(d_indices), static_cast<void*>(d_col_indptr),
                     static_cast<void*>(d_col_rows), static_cast<void*>(d_col_order), static_cast<void*>(delta),
                     static_cast<void*>(o), static_cast<void*>(dq), static_cast<void*>(dk), static_cast<void*>(dv),
-                    static_cast<void*>(lse)})
+                    static_cast<void*>(lse), static_cast<void*>(fwd_ws)})
     CK(cudaFree(ptr));
   if (e1 != cudaSuccess || e2 != cudaSuccess || e3 != cudaSuccess || e4 != cudaSuccess || es != cudaSuccess)
     std::exit(1);

@@ -1,6 +1,8 @@
 // XLA FFI handler `bsattn_fwd_cuda` (contract: csrc/README.md): checks shapes, fills FwdParams and
 // launches the forward kernel on XLA's stream. No host sync, no allocation, no device reads: the launch
-// depends on shapes and attributes only, so the handler is command-buffer (CUDA graph) compatible.
+// depends on shapes and attributes only, so the handler is command-buffer (CUDA graph) compatible. Its third
+// result is a u32 workspace (the sweep kernel's bit maps, fwd/params.h fwd_sweep_table_words), empty or sized by
+// jax_bsattn/lowering.py.
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -31,8 +33,8 @@ constexpr int64_t kMaxInt = (int64_t{1} << 31) - 1;
 
 ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices, ffi::Result<ffi::AnyBuffer> o,
-                   ffi::Result<ffi::Buffer<ffi::F32>> lse, int64_t block_r, int64_t block_c, float scale,
-                   float softcap, bool causal) {
+                   ffi::Result<ffi::Buffer<ffi::F32>> lse, ffi::Result<ffi::Buffer<ffi::U32>> ws, int64_t block_r,
+                   int64_t block_c, float scale, float softcap, bool causal) {
   const auto dt = q.element_type();
   if (dt != ffi::DataType::BF16 && dt != ffi::DataType::F16) return bad("q must be bf16 or f16");
   if (k.element_type() != dt || v.element_type() != dt || o->element_type() != dt)
@@ -48,6 +50,7 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   if (!same_dims(vd, kd)) return bad("v " + dims_str(vd) + " must have k's shape " + dims_str(kd));
   if (!same_dims(od, qd)) return bad("o " + dims_str(od) + " must have q's shape " + dims_str(qd));
   if (ld[0] != B || ld[1] != M || ld[2] != Hq) return bad("lse " + dims_str(ld) + " must be [B, M, Hq]");
+  if (ws->dimensions().size() != 1) return bad("workspace " + dims_str(ws->dimensions()) + " must be flat");
   std::string msg = ffi_common::check_head_dim(D);
   if (!msg.empty()) return bad(msg);
   if (Hk < 1 || Hq % Hk != 0) return bad("Hq must be a positive multiple of Hk");
@@ -73,6 +76,13 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   p.o = o->untyped_data();
   p.lse = lse->typed_data();
   ffi_common::fill_problem(p, B, M, N, Hq, Hk, block_r, block_c, l, causal, scale, softcap);
+  // the sweep's workspace: empty, or exactly fwd_sweep_table_words (the lowering's size; used where the sweep runs)
+  p.sweep_ws_words = static_cast<int64_t>(ws->element_count());
+  if (p.sweep_ws_words != 0 && p.sweep_ws_words != fwd_sweep_table_words(p))
+    return bad("workspace " + dims_str(ws->dimensions()) + " must be empty or hold " +
+               std::to_string(fwd_sweep_table_words(p)) + " words (jax_bsattn/lowering.py _fwd_sweep_table_words)");
+  p.sweep_ws = p.sweep_ws_words != 0 ? ws->typed_data() : nullptr;
+  p.sweep_table = nullptr;
 
   cudaError_t err = cudaSuccess;
   const bool bf16 = dt == ffi::DataType::BF16;
@@ -93,7 +103,7 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER(kBsattnFwdCuda, FwdImpl,
-                       bind_forward(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
+                       bind_forward<true>(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()),
                        {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_Handler* fwd_handler() { return kBsattnFwdCuda; }

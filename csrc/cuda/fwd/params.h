@@ -24,7 +24,20 @@ struct FwdParams : ProblemParams {
   float* lse;              // [B, M, Hq]
   int nsplit;              // 128-row tiles per block row (set by the launcher)
   int sweep_brt;           // the sweep kernel (fwd_sm90/sweep_kernel.cuh): block rows per CTA (set by the launcher)
+  uint32_t* sweep_ws;      // the caller's workspace for the sweep's bit maps (empty: null)
+  int64_t sweep_ws_words;  // its size in 32-bit words
+  const uint32_t* sweep_table;  // the bit maps built there for this call, or null: each CTA builds its own (launcher)
 };
+
+// 32-bit words of the sweep's bit maps built once per call (fwd_sm90/sweep_kernel.cuh): per layout and block row, a
+// bit per key (ceil(N / 32) words), then per layout and block row a duplicate flag. 0 where they would be larger than
+// the layout's indices (the caller then gives no workspace and each CTA builds its rows' maps itself, as it always did
+// before: at C >= 16 that costs little). jax_bsattn/lowering.py sizes the workspace on the same rule.
+inline int64_t fwd_sweep_table_words(const ProblemParams& p) {
+  const int64_t words = (static_cast<int64_t>(p.N) + 31) / 32;
+  if (p.MB <= 0 || p.N <= 0 || int64_t{p.MB} * words > p.nnz) return 0;
+  return int64_t{p.LB} * p.LH * p.MB * (words + 1);
+}
 
 // Launches the forward kernel on `stream` (picking the kernel and tile for the device and R * g); returns
 // cudaGetLastError().

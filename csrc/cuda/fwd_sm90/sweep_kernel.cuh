@@ -28,6 +28,9 @@
 // 1.98 -> 3.07), and still wins at R * g = 4 with density 1/8 (3.92 -> 3.40): fwd_sweep_block_rows (launch.cuh) has
 // the rule. At C = 1 building the bit map costs about 0.8 ms of the 3.84 (32 K shared-memory atomics a tile), and
 // g = 1 (64 block rows a tile: a 64 KB bit map, one CTA per SM, four times g = 4's key traffic) stays at 7 ms.
+// Hence the table pass (fifteenth session, not yet run on a GPU): where the caller's workspace holds them (maps no
+// larger than the layout's indices: C <= 8 at density 1/4), the maps are built once per call and layout, in global
+// memory (bsattn_fwd_sweep_table_kernel), and each CTA loads its rows' words; otherwise each CTA builds its own.
 // Dropped: building with one entry per thread per step (5.10 ms at 4:1:1); combining the atomics of a warp's lanes
 // that hit one word (__match_any_sync, then __reduce_or_sync / __reduce_add_sync over each lane's group: the results
 // stayed exact but tiles went to the duplicate path, up to 18x slower at C >= 16); the overlapped schedule
@@ -78,6 +81,32 @@ __device__ __forceinline__ bool set_key_bits(uint32_t* row, int lo, int hi) {
     dup |= (atomicOr(row + w, bits) & bits) != 0u;
   }
   return dup;
+}
+
+// The table pass (where the caller gave the workspace, fwd/params.h fwd_sweep_table_words): each layout's bit map
+// built once per call in global memory, one warp per (layout, block row), from a zeroed table, with a duplicate flag
+// per block row (a bit already set; one writer, the warp's lane 0). The sweep's CTAs then load their rows' words
+// instead of building them: one build per layout rather than per (batch, KV head) and tile, off the CTAs' path.
+// (T: the forward's dtype, unused; a template so that each instantiation file may hold it)
+template <typename T>
+__global__ void __launch_bounds__(256) bsattn_fwd_sweep_table_kernel(const __grid_constant__ FwdParams p,
+                                                                    uint32_t* table, int words) {
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  const int64_t layouts = static_cast<int64_t>(p.LB) * p.LH;
+  if (item >= layouts * p.MB) return;
+  const int64_t lid = item / p.MB;
+  const int r = static_cast<int>(item - lid * p.MB);
+  const RowRange rr = row_range(p.indptr + lid * (p.MB + 1), r, p.nnz);
+  const int32_t* indices = p.indices + lid * p.nnz;
+  uint32_t* row = table + item * words;
+  bool dup = false;
+  for (int64_t e = rr.start + lane; e < rr.end; e += 32) {
+    const int c = __ldg(indices + e);
+    if (valid_block(c, p.NB)) dup |= set_key_bits(row, c * p.C, min(c * p.C + p.C, p.N));
+  }
+  dup = __any_sync(0xffffffffu, dup);
+  if (lane == 0) table[layouts * p.MB * words + item] = dup ? 1u : 0u;
 }
 
 template <typename T, class Cfg>
@@ -143,47 +172,56 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_sm90_sweep_kern
     sBmOff[row] = (real ? r / p.R : 0) * sh.words;
     sLim[row] = p.causal ? m0 + r + causal_shift : INT_MAX - 1;
   }
-  for (int i = tid; i < nbr * sh.words; i += NT) sBm[i] = 0u;
-  int64_t* sRange = reinterpret_cast<int64_t*>(smem + Cfg::Q_BYTES);  // (start, end) per block row, in the idle K stage
-  for (int i = tid; i < nbr; i += NT) {
-    const RowRange rr = row_range(indptr, br0 + i, p.nnz);
-    sRange[2 * i] = rr.start;
-    sRange[2 * i + 1] = rr.end;
-  }
-  __syncthreads();
-  // The block rows' entries in batches of kBatch per thread, the next batch's loads in flight while this one's bits
-  // are set (at R = C = 1 a tile's 16 block rows list ~32 K entries: one latency per batch, not per entry).
   bool dup = false;
-  {
-    constexpr int kBatch = 16;
-    int i = 0;
-    int64_t e0 = nbr > 0 ? sRange[0] : 0;
-    auto settle = [&] {  // (uniform) to the next block row with entries left
-      while (i < nbr && e0 >= sRange[2 * i + 1])
-        if (++i < nbr) e0 = sRange[2 * i];
-    };
-    auto load = [&](int (&c)[kBatch]) {
-      const int64_t end = i < nbr ? sRange[2 * i + 1] : 0;
+  if (p.sweep_table != nullptr) {  // (uniform) the rows' maps and duplicate flags from the table pass
+    const int64_t layouts = static_cast<int64_t>(p.LB) * p.LH;
+    const uint32_t* src = p.sweep_table + (lid * p.MB + br0) * sh.words;
+    for (int i = tid; i < nbr * sh.words; i += NT) sBm[i] = __ldg(src + i);
+    const uint32_t* flags = p.sweep_table + layouts * p.MB * sh.words + lid * p.MB + br0;
+    for (int i = tid; i < nbr; i += NT) dup |= __ldg(flags + i) != 0u;
+  } else {
+    for (int i = tid; i < nbr * sh.words; i += NT) sBm[i] = 0u;
+    // (start, end) per block row, in the idle K stage
+    int64_t* sRange = reinterpret_cast<int64_t*>(smem + Cfg::Q_BYTES);
+    for (int i = tid; i < nbr; i += NT) {
+      const RowRange rr = row_range(indptr, br0 + i, p.nnz);
+      sRange[2 * i] = rr.start;
+      sRange[2 * i + 1] = rr.end;
+    }
+    __syncthreads();
+    // The block rows' entries in batches of kBatch per thread, the next batch's loads in flight while this one's bits
+    // are set (at R = C = 1 a tile's 16 block rows list ~32 K entries: one latency per batch, not per entry).
+    {
+      constexpr int kBatch = 16;
+      int i = 0;
+      int64_t e0 = nbr > 0 ? sRange[0] : 0;
+      auto settle = [&] {  // (uniform) to the next block row with entries left
+        while (i < nbr && e0 >= sRange[2 * i + 1])
+          if (++i < nbr) e0 = sRange[2 * i];
+      };
+      auto load = [&](int (&c)[kBatch]) {
+        const int64_t end = i < nbr ? sRange[2 * i + 1] : 0;
 #pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        const int64_t e = e0 + tid + j * NT;
-        c[j] = e < end ? __ldg(indices + e) : -1;
-      }
-    };
-    settle();
-    int c[kBatch];
-    load(c);
-    while (i < nbr) {
-      uint32_t* row = sBm + i * sh.words;
-      e0 += kBatch * NT;
+        for (int j = 0; j < kBatch; ++j) {
+          const int64_t e = e0 + tid + j * NT;
+          c[j] = e < end ? __ldg(indices + e) : -1;
+        }
+      };
       settle();
-      int cn[kBatch];
-      load(cn);
+      int c[kBatch];
+      load(c);
+      while (i < nbr) {
+        uint32_t* row = sBm + i * sh.words;
+        e0 += kBatch * NT;
+        settle();
+        int cn[kBatch];
+        load(cn);
 #pragma unroll
-      for (int j = 0; j < kBatch; ++j)
-        if (valid_block(c[j], p.NB)) dup |= set_key_bits(row, c[j] * p.C, min(c[j] * p.C + p.C, p.N));
+        for (int j = 0; j < kBatch; ++j)
+          if (valid_block(c[j], p.NB)) dup |= set_key_bits(row, c[j] * p.C, min(c[j] * p.C + p.C, p.N));
 #pragma unroll
-      for (int j = 0; j < kBatch; ++j) c[j] = cn[j];
+        for (int j = 0; j < kBatch; ++j) c[j] = cn[j];
+      }
     }
   }
   dup = __syncthreads_or(static_cast<int>(dup)) != 0;
