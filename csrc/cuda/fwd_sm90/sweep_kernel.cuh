@@ -28,9 +28,13 @@
 // 1.98 -> 3.07), and still wins at R * g = 4 with density 1/8 (3.92 -> 3.40): fwd_sweep_block_rows (launch.cuh) has
 // the rule. At C = 1 building the bit map costs about 0.8 ms of the 3.84 (32 K shared-memory atomics a tile), and
 // g = 1 (64 block rows a tile: a 64 KB bit map, one CTA per SM, four times g = 4's key traffic) stays at 7 ms.
-// Hence the table pass (fifteenth session, not yet run on a GPU): where the caller's workspace holds them (maps no
-// larger than the layout's indices: C <= 8 at density 1/4), the maps are built once per call and layout, in global
-// memory (bsattn_fwd_sweep_table_kernel), and each CTA loads its rows' words; otherwise each CTA builds its own.
+// Hence the table pass (fifteenth session): where the caller's workspace holds them (maps no larger than the
+// layout's indices: C <= 8 at density 1/4), the maps are built once per call and layout, in global memory
+// (bsattn_fwd_sweep_table_kernel), and each CTA loads its rows' words; otherwise each CTA builds its own. Measured
+// (H200, sixteenth session, forward alone through the API, ms, BSATTN_FWD_SWEEP_TABLE=0 -> table;
+// benchmarks/results/h200_s16_call1_fwd_table.log): 4:1:1 3.851 -> 2.920, 1:1:1 13.069 -> 4.914, 8:1:1 3.305 ->
+// 2.891, 4:1:4 3.225 -> 2.836, 4:1:8 3.125 -> 2.827, 4:2:1 3.297 -> 2.840; 4:1:16 (no table: maps larger than the
+// layout) 3.077 / 3.089.
 // Dropped: building with one entry per thread per step (5.10 ms at 4:1:1); combining the atomics of a warp's lanes
 // that hit one word (__match_any_sync, then __reduce_or_sync / __reduce_add_sync over each lane's group: the results
 // stayed exact but tiles went to the duplicate path, up to 18x slower at C >= 16); the overlapped schedule
