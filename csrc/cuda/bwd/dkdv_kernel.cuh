@@ -370,9 +370,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_kernel(con
   // ---- main loop ---------------------------------------------------------------------------------------
   for (int t = 0; t < ntiles; ++t) {
     const int stage = t % S;
-    cp_async_wait<S - 2>();
-    const bool need_mask = __syncthreads_or(static_cast<int>(pending & 1u)) != 0;
-    pending >>= 1;
+    const bool need_mask = tile_landed<S - 2>(pending);
     if (t + S - 1 < ntiles) pending |= issue((t + S - 1) % S) << (S - 2);
     cp_async_commit();
 
@@ -560,9 +558,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_pack_kerne
       uint32_t pending = issue_prologue<S>(issue, ntiles);
       for (int t = 0; t < ntiles; ++t) {
         const int stage = t % S;
-        cp_async_wait<S - 2>();
-        const bool need_mask = __syncthreads_or(static_cast<int>(pending & 1u)) != 0;
-        pending >>= 1;
+        const bool need_mask = tile_landed<S - 2>(pending);
         if (t + S - 1 < ntiles) pending |= issue((t + S - 1) % S) << (S - 2);
         cp_async_commit();
         dkdv_tile<T, Cfg, true>(sK, sV, sQ, sD, fLse, fDl, sLim, sW, stage, wq, need_mask, lanes, key, sh, s_mul,

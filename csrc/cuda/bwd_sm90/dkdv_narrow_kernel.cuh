@@ -115,11 +115,8 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB)
   // ---- main loop -----------------------------------------------------------------------------------------
   for (int t = 0; t < ntiles; ++t) {
     const int stage = t % S;
-    cp_async_wait<S - 2>();
-    fence_async_shared();  // landed copies -> visible to wgmma after the barrier
-    // the barrier also means: every warp is done with the stage the next issue overwrites, and with p^T, ds^T
-    const bool need_mask = __syncthreads_or(static_cast<int>(pending & 1u)) != 0;
-    pending >>= 1;
+    // (the barrier also means: every warp is done with p^T, ds^T)
+    const bool need_mask = tile_landed<S - 2>(pending, fence_async_shared);
 
     // s = q K^T, dp = do V^T (one commit group each); the next tile's gather is issued while they run
     wgmma_fence();

@@ -135,10 +135,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_sm90_kernel(
   for (int t = 0; t < ts.ntiles; ++t) {
     // wait for tile t, one barrier (every warpgroup is also done with the stage the next issue overwrites), issue
     // tile t + PF
-    cp_async_wait<PF - 1>();
-    fence_async_shared();  // this thread's landed copies -> visible to every warpgroup's wgmma after the barrier
-    const bool need_mask = __syncthreads_or(static_cast<int>(pending & 1u)) != 0;
-    pending >>= 1;
+    const bool need_mask = tile_landed<PF - 1>(pending, fence_async_shared);
     if (t + PF < ts.ntiles) pending |= issue(t + PF) << (PF - 1);
     cp_async_commit();
     if (!wg_active) continue;

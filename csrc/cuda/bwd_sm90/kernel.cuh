@@ -100,11 +100,8 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_kernel(con
   // ---- main loop -----------------------------------------------------------------------------------------
   for (int t = 0; t < ntiles; ++t) {
     const int stage = t % S;
-    cp_async_wait<S - 2>();
-    fence_async_shared();  // landed copies -> visible to wgmma after the barrier
-    // the barrier also means: every warp is done with the stage the next issue overwrites, and with dS
-    const bool need_mask = __syncthreads_or(static_cast<int>(pending & 1u)) != 0;
-    pending >>= 1;
+    // (the barrier also means: every warp is done with dS)
+    const bool need_mask = tile_landed<S - 2>(pending, fence_async_shared);
 
     // s^T = K q^T, dp^T = V do^T (one commit group each); the next tile's gather is issued while they run
     ops.scores(sf, dpf, stage, [&] {

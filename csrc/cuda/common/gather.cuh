@@ -112,5 +112,22 @@ __device__ __forceinline__ uint32_t issue_prologue(Issue&& issue, int ntiles) {
   return pending;
 }
 
+// The consumer side of those bits, at the top of tile t's step: wait until this thread has at most WAIT copy groups
+// in flight (tile t's have landed), make its copies visible (`visible`: the Hopper kernels pass fence_async_shared so
+// that wgmma sees them), then one barrier, which also means every thread is done with the stage the next issue
+// overwrites. Returns whether some thread saw a row needing the mask in tile t, and drops that bit.
+template <int WAIT, class Visible>
+__device__ __forceinline__ bool tile_landed(uint32_t& pending, Visible&& visible) {
+  cp_async_wait<WAIT>();
+  visible();
+  const bool need_mask = __syncthreads_or(static_cast<int>(pending & 1u)) != 0;
+  pending >>= 1;
+  return need_mask;
+}
+template <int WAIT>
+__device__ __forceinline__ bool tile_landed(uint32_t& pending) {
+  return tile_landed<WAIT>(pending, [] {});
+}
+
 }  // namespace cuda
 }  // namespace bsattn

@@ -156,9 +156,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_kernel(const __
   // ---- main loop ------------------------------------------------------------------------------
   for (int t = 0; t < ntiles; ++t) {
     const int stage = t % S;
-    cp_async_wait<S - 2>();
-    const bool need_mask = __syncthreads_or(static_cast<int>(pending & 1u)) != 0;
-    pending >>= 1;
+    const bool need_mask = tile_landed<S - 2>(pending);
     if (t == 0) BSATTN_FWD_TIMELINE_MARK(4);
     if (t + S - 1 < ntiles) pending |= kv.issue(p, *gs, sK, sV, sKidx, (t + S - 1) % S, warp, lane) << (S - 2);
     cp_async_commit();

@@ -124,10 +124,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_sm90_kernel(con
   // Per tile: wait for it to land, one barrier (which also means every warpgroup is done with the stages the
   // next issue overwrites), issue tile t + PF; returns whether some row of tile t needs the mask.
   auto next_tile = [&](int t) {
-    cp_async_wait<PF - 1>();
-    fence_async_shared();  // this thread's landed copies -> visible to every warpgroup's wgmma after the barrier
-    const bool need_mask = __syncthreads_or(static_cast<int>(pending & 1u)) != 0;
-    pending >>= 1;
+    const bool need_mask = tile_landed<PF - 1>(pending, fence_async_shared);
     if (t == 0) BSATTN_FWD_TIMELINE_MARK(4);
     if (t + PF < ntiles) pending |= issue(t + PF) << (PF - 1);
     cp_async_commit();
