@@ -176,15 +176,21 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_fwd_sm90_ws_kernel(const __
       mbar_arrive(empty_k);
       pack_p();
     }
+    // PINGPONG (both warpgroups active): warpgroup 0 issues first in every step, then hands the turn to 1, which
+    // hands it back (its first arrival before the loop, none after its last step)
+    const bool pp = Cfg::PINGPONG && nact == 2;
+    if (pp && wg == 1 && ntiles > 1) named_bar_arrive(2, 256);
     for (int t = 1; t < ntiles; ++t) {
       const int ks = t % KST;
       const bool nm = wait_k(t);
       wait_v(t - 1);
+      if (pp) named_bar_sync(2 + wg, 256);
       wgmma_fence();
       issue_qk(ks);
       wgmma_commit();
       issue_pv((t - 1) % VST);
       wgmma_commit();
+      if (pp && (wg == 0 || t < ntiles - 1)) named_bar_arrive(3 - wg, 256);
       wgmma_wait<1>();
       fence_regs(sf);
       const bool grew = probs(nm, ks);
