@@ -148,10 +148,6 @@ __device__ __forceinline__ void cp_async_mbar_arrive(uint32_t bar) {
 __device__ __forceinline__ void named_bar_sync(int id, int count) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
-// Arrival on barrier `id` without waiting (the other side of a named_bar_sync of `count` threads).
-__device__ __forceinline__ void named_bar_arrive(int id, int count) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
 // Warpgroup register reallocation (sm_90a): the producer gives registers back, the consumers take them.
 template <int N>
 __device__ __forceinline__ void setmaxnreg_dec() {

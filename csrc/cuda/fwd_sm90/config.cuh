@@ -59,14 +59,11 @@ template <> struct Sm90FwdTile<128, 64> : Sm90FwdCfg<128, 1, 64, 2, 3, 2, true> 
 // warpgroups of Sm90FwdTile<128, 128> (64 rows each, the overlapped schedule on 128-key tiles); warps 8-11 only gather
 // (the FwdTileShape of 128 threads), K KST and V VST stages ahead, handing each over through an mbarrier. One CTA per
 // SM: 1024 + Q 32 KB + 2 K + 3 V stages of 32 KB + tables, about 197 KB.
-template <int D_, int BN_, int KST_, int VST_, bool PINGPONG_ = false>
+template <int D_, int BN_, int KST_, int VST_>
 struct Sm90FwdWsCfg : FwdTileShape<D_, 128, 128, BN_> {
   using Shape = FwdTileShape<D_, 128, 128, BN_>;
   using Shape::Q_BYTES, Shape::KV_STAGE_BYTES, Shape::LIM_BYTES, Shape::CTA_BYTES, Shape::OWN_BYTES, Shape::ROW_BYTES;
   static constexpr int D = D_, BN = BN_, KST = KST_, VST = VST_;
-  // PINGPONG: the two warpgroups take turns issuing a tile's products (named barriers), so that one's softmax runs
-  // while the other's products do
-  static constexpr bool PINGPONG = PINGPONG_;
   static constexpr int NWG = 2, TM = 128, MI = 1;
   static constexpr int NTC = 256, NT = NTC + 128;  // consumer threads; the launch (+ the producer warpgroup)
   static constexpr int MINB = 1;
@@ -88,7 +85,6 @@ struct Sm90FwdWsCfg : FwdTileShape<D_, 128, 128, BN_> {
   static_assert(SMEM <= 227 * 1024, "shared memory per CTA");
 };
 using Sm90FwdWsTile = Sm90FwdWsCfg<128, 128, 2, 3>;
-using Sm90FwdWsPingPongTile = Sm90FwdWsCfg<128, 128, 2, 3, true>;
 
 // Sm90SweepTile<D>: the sweep kernel's configuration (fwd_sm90/sweep_kernel.cuh: one warpgroup, 64 rows, 64-key
 // tiles, plus the key bit map). Two stages each without the overlap keep two CTAs per SM with a 16 KB bit map at

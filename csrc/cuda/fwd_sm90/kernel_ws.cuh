@@ -16,6 +16,13 @@
 //
 // Phases: tile t's K stage is t % KST, its phase (t / KST) & 1 (V alike); the empty barriers count the consumer
 // threads of the warpgroups holding real rows (a warpgroup of pure padding skips the loop and never arrives).
+//
+// Measured (H200, 2026-11-30, forward alone through the API, M = N = 8192, Hq = 32, density 1/4): 456-471 useful
+// TFLOP/s at R * g >= 128 (0.586-0.604 ms) against 416-427 (0.644-0.661) for kernel.cuh's tile (two CTAs of two
+// warpgroups per SM, 64-key tiles, every thread gathering), whatever C (1, 16, 64, 128). Tried and dropped: the two
+// warpgroups taking turns at issuing their products (FlashAttention-3's pingpong, by named barriers): within 1 %.
+// Its per-warpgroup state and loop step repeat kernel.cuh's: folding both into one helper changed both kernels' SASS
+// (register numbering, a few instructions moved), so that waits for a GPU run (branch wip/fwd-rows).
 #pragma once
 
 #include <cmath>
@@ -176,21 +183,15 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_fwd_sm90_ws_kernel(const __
       mbar_arrive(empty_k);
       pack_p();
     }
-    // PINGPONG (both warpgroups active): warpgroup 0 issues first in every step, then hands the turn to 1, which
-    // hands it back (its first arrival before the loop, none after its last step)
-    const bool pp = Cfg::PINGPONG && nact == 2;
-    if (pp && wg == 1 && ntiles > 1) named_bar_arrive(2, 256);
     for (int t = 1; t < ntiles; ++t) {
       const int ks = t % KST;
       const bool nm = wait_k(t);
       wait_v(t - 1);
-      if (pp) named_bar_sync(2 + wg, 256);
       wgmma_fence();
       issue_qk(ks);
       wgmma_commit();
       issue_pv((t - 1) % VST);
       wgmma_commit();
-      if (pp && (wg == 0 || t < ntiles - 1)) named_bar_arrive(3 - wg, 256);
       wgmma_wait<1>();
       fence_regs(sf);
       const bool grew = probs(nm, ks);

@@ -15,9 +15,6 @@ namespace cuda {
 template <int kDType>
 cudaError_t launch_fwd_sm90_ws(const FwdParams& p, cudaStream_t stream) {
   using T = typename DTypeOf<kDType>::type;
-  // BSATTN_FWD_WS=pp: the warpgroups take turns (Sm90FwdWsCfg PINGPONG; A / B). Read once.
-  static const bool pingpong = env_equals("BSATTN_FWD_WS", "pp");
-  if (pingpong) return launch_row_tiles<bsattn_fwd_sm90_ws_kernel<T, Sm90FwdWsPingPongTile>, Sm90FwdWsPingPongTile>(p, stream);
   return launch_row_tiles<bsattn_fwd_sm90_ws_kernel<T, Sm90FwdWsTile>, Sm90FwdWsTile>(p, stream);
 }
 
