@@ -40,11 +40,12 @@ struct AtomSwizzle {
 };
 
 // One tile of gathered row pairs (the same rows of two tensors: K and V, or Q and dO) -> the swizzled stage
-// buffers sA, sB. Thread layout: lane copies 16-byte chunk lane % CPR (CPR = D / 8) of tile rows
-// ps * RPP + warp * RPW + lane / CPR, pass ps < PASSES. `grow` is the calling lane's global row when it is
+// buffers sA, sB (PAIR = false: ga alone into sA). Thread layout: lane copies 16-byte chunk lane % CPR (CPR = D / 8)
+// of tile rows ps * RPP + warp * RPW + lane / CPR, pass ps < PASSES. `grow` is the calling lane's global row when it is
 // the owner lane ps * RPW + lane / CPR of such a row (broadcast by shuffle); a row whose index fails
 // `valid` is zero-filled, the others are copied by cp.async (.ca when L1) from row * rstride of ga / gb.
-template <int D, int PASSES, int RPP, int RPW, bool L1, class Layout = RowSwizzle<D>, typename T, class Valid>
+template <int D, int PASSES, int RPP, int RPW, bool L1, class Layout = RowSwizzle<D>, bool PAIR = true, typename T,
+          class Valid>
 __device__ __forceinline__ void copy_row_pair_tile(uint32_t sA, uint32_t sB, const T* ga, const T* gb, int grow,
                                                    int64_t rstride, int warp, int lane, Valid valid) {
   constexpr int CPR = D / 8;
@@ -62,7 +63,7 @@ __device__ __forceinline__ void copy_row_pair_tile(uint32_t sA, uint32_t sB, con
     // rows are >= 0 when valid: one 32 x 32 -> 64-bit unsigned multiply-add
     const uint64_t go = static_cast<uint64_t>(static_cast<uint32_t>(ok ? gr : 0)) * rs32 + c * 8;
     cp_async16_zfill<L1>(sA + so, ga + go, ok ? 16 : 0);
-    cp_async16_zfill<L1>(sB + so, gb + go, ok ? 16 : 0);
+    if constexpr (PAIR) cp_async16_zfill<L1>(sB + so, gb + go, ok ? 16 : 0);
   }
 }
 

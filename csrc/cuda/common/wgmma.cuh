@@ -138,6 +138,12 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
       "r"(parity)
       : "memory");
 }
+// An arrive-on that fires once every cp.async the thread issued before it has landed: it raises the phase's pending
+// count now and lowers it then, so the phase cannot complete before those copies have (the thread arrives as well,
+// mbar_arrive, which also releases its plain stores).
+__device__ __forceinline__ void cp_async_mbar_arrive(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
 // Barrier `id` (1..15) among `count` threads (a multiple of 32): the consumer warps of a warp-specialised CTA.
 __device__ __forceinline__ void named_bar_sync(int id, int count) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");

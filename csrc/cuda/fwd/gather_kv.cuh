@@ -72,8 +72,25 @@ struct KvGather {
   // V tiles longer than K tiles).
   __device__ __forceinline__ uint32_t issue(const FwdParams& p, const GatherShared& gs, uint32_t sK, uint32_t sV,
                                             int* sKidx, int kstage, int vstage, int warp, int lane) {
+    int key;
+    const uint32_t flag = next_keys(p, gs, sKidx, kstage, warp, lane, key);
+    const int64_t kvoff = gs.kvoff;
+    const T* kg = static_cast<const T*>(p.k) + kvoff;
+    const T* vg = static_cast<const T*>(p.v) + kvoff;
+    const int64_t rstride = static_cast<int64_t>(p.Hk) * D;
+    const uint32_t sKs = sK + kstage * Cfg::KV_STAGE_BYTES, sVs = sV + vstage * Cfg::KV_STAGE_BYTES;
+    copy_row_pair_tile<D, Cfg::PASSES, RPP, RPW, Cfg::KV_L1, Layout>(sKs, sVs, kg, vg, key, rstride, warp, lane,
+                                                                     [](int kp) { return kp != INT_MAX; });
+    return flag;
+  }
+
+  // The owner lanes' step of the walk: the key rows of the next KV tile, recorded for K stage `kstage` (sKidx) and
+  // in `key` (this lane's row when it is an owner lane, else INT_MAX; the copies shuffle them). Returns 1 when this
+  // thread saw a row of the tile that needs the mask.
+  __device__ __forceinline__ uint32_t next_keys(const FwdParams& p, const GatherShared& gs, int* sKidx, int kstage,
+                                                int warp, int lane, int& key) {
     const bool owner = lane < Cfg::OWN;
-    int key = INT_MAX;
+    key = INT_MAX;
     uint32_t flag = 0;
     if (owner) {
       int2 st = *own;  // (entry, offset) of this tile
@@ -96,15 +113,15 @@ struct KvGather {
       *own = st;
       blk_next = st.x < gs.len ? __ldg(gs.idx + st.x) : -1;
     }
-
-    const int64_t kvoff = gs.kvoff;
-    const T* kg = static_cast<const T*>(p.k) + kvoff;
-    const T* vg = static_cast<const T*>(p.v) + kvoff;
-    const int64_t rstride = static_cast<int64_t>(p.Hk) * D;
-    const uint32_t sKs = sK + kstage * Cfg::KV_STAGE_BYTES, sVs = sV + vstage * Cfg::KV_STAGE_BYTES;
-    copy_row_pair_tile<D, Cfg::PASSES, RPP, RPW, Cfg::KV_L1, Layout>(sKs, sVs, kg, vg, key, rstride, warp, lane,
-                                                                     [](int kp) { return kp != INT_MAX; });
     return flag;
+  }
+
+  // The cp.async copies (not committed) of the tile's rows (keys from next_keys) of one tensor: g (K or V of the
+  // (b, hk)) into the stage buffer s.
+  __device__ __forceinline__ void copy_rows(const FwdParams& p, uint32_t s, const T* g, int key, int warp, int lane) {
+    const int64_t rstride = static_cast<int64_t>(p.Hk) * D;
+    copy_row_pair_tile<D, Cfg::PASSES, RPP, RPW, Cfg::KV_L1, Layout, false>(s, 0u, g, g, key, rstride, warp, lane,
+                                                                            [](int kp) { return kp != INT_MAX; });
   }
 };
 

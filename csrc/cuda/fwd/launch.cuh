@@ -74,7 +74,8 @@ cudaError_t launch_fwd_mma(const FwdParams& p, cudaStream_t stream) {
 }
 
 // On a compute capability 9.0 device when the module has the sm_90a kernels (D = 64, 128): tiles of 64 and 128
-// packed rows run the wgmma gather kernel (fwd_sm90/kernel.cuh), R * g <= 16 the sweep kernel where it applies
+// packed rows run the wgmma gather kernel (fwd_sm90/kernel.cuh; kernel_ws.cuh for 128 rows at D = 128), R * g <= 16
+// the sweep kernel where it applies
 // (fwd_sm90/sweep_kernel.cuh); everything else, or BSATTN_FWD_KERNEL=mma in the environment, the mma.sync one.
 template <int kDType, int kD>
 cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {

@@ -49,6 +49,11 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream);
 template <int kDType, int kD>
 cudaError_t launch_fwd_sm90(const FwdParams& p, cudaStream_t stream, int tile_rows);
 
+// Built for sm_90a only, like launch_fwd_sm90: its 128-row tile at D = 128 with a producer warpgroup
+// (fwd_sm90/kernel_ws.cuh), in translation units of its own.
+template <int kDType>
+cudaError_t launch_fwd_sm90_ws(const FwdParams& p, cudaStream_t stream);
+
 // Built for sm_90a only, like launch_fwd_sm90: the sweep kernel for R * g <= 16 (fwd_sm90/sweep_kernel.cuh), D = 64
 // or 128. Returns cudaErrorNotSupported, launching nothing, where it does not apply (fwd_sweep_block_rows); launch_fwd
 // then runs a gather kernel.

@@ -55,6 +55,37 @@ template <> struct Sm90FwdTile<64, 64> : Sm90FwdCfg<64, 1, 64, 2, 2, 4, false> {
 template <> struct Sm90FwdTile<128, 128> : Sm90FwdCfg<128, 2, 64, 2, 2, 2, false> {};
 template <> struct Sm90FwdTile<128, 64> : Sm90FwdCfg<128, 1, 64, 2, 3, 2, true> {};
 
+// Sm90FwdWsTile: the warp-specialised 128-row tile (fwd_sm90/kernel_ws.cuh, D = 128). Warps 0-7 are the two MMA
+// warpgroups of Sm90FwdTile<128, 128> (64 rows each, the overlapped schedule on 128-key tiles); warps 8-11 only gather
+// (the FwdTileShape of 128 threads), K KST and V VST stages ahead, handing each over through an mbarrier. One CTA per
+// SM: 1024 + Q 32 KB + 2 K + 3 V stages of 32 KB + tables, about 197 KB.
+template <int D_, int BN_, int KST_, int VST_>
+struct Sm90FwdWsCfg : FwdTileShape<D_, 128, 128, BN_> {
+  using Shape = FwdTileShape<D_, 128, 128, BN_>;
+  using Shape::Q_BYTES, Shape::KV_STAGE_BYTES, Shape::LIM_BYTES, Shape::CTA_BYTES, Shape::OWN_BYTES, Shape::ROW_BYTES;
+  static constexpr int D = D_, BN = BN_, KST = KST_, VST = VST_;
+  static constexpr int NWG = 2, TM = 128, MI = 1;
+  static constexpr int NTC = 256, NT = NTC + 128;  // consumer threads; the launch (+ the producer warpgroup)
+  static constexpr int MINB = 1;
+  static constexpr bool KV_L1 = false;
+  // setmaxnreg moves registers within the launch allocation (384 x 168): what the consumers take, the producer gives
+  static constexpr int LAUNCH_REGS = 168, PRODUCER_REGS = 40, CONSUMER_REGS = 232;
+  static constexpr int KV_BYTES = (KST + VST) * KV_STAGE_BYTES;
+  static constexpr int KIDX_BYTES = KST * BN * 4;
+  // full / empty mbarriers of the K stages, then of the V stages; per K stage and producer warp: a row needs the mask
+  static constexpr int BAR_BYTES = 2 * (KST + VST) * 8, FLAG_BYTES = KST * 4 * 4;
+  static constexpr int TAB_BYTES = KIDX_BYTES + LIM_BYTES + CTA_BYTES + OWN_BYTES + ROW_BYTES;
+  static constexpr int SMEM = 1024 + Q_BYTES + KV_BYTES + TAB_BYTES + BAR_BYTES + FLAG_BYTES;
+
+  static_assert(D == 128 && BN == 128, "the 128-row D = 128 tile on 128-key tiles (the generated wgmma ops)");
+  static_assert(KST >= 2 && VST >= KST + 1, "V tiles live one tile longer (P V of t - 1 runs beside S of t)");
+  static_assert(TAB_BYTES % 8 == 0, "mbarrier alignment");
+  static_assert(128 * PRODUCER_REGS + NTC * CONSUMER_REGS <= NT * LAUNCH_REGS, "register reallocation");
+  static_assert(LAUNCH_REGS == 65536 / NT / 8 * 8, "launch registers per thread");
+  static_assert(SMEM <= 227 * 1024, "shared memory per CTA");
+};
+using Sm90FwdWsTile = Sm90FwdWsCfg<128, 128, 2, 3>;
+
 // Sm90SweepTile<D>: the sweep kernel's configuration (fwd_sm90/sweep_kernel.cuh: one warpgroup, 64 rows, 64-key
 // tiles, plus the key bit map). Two stages each without the overlap keep two CTAs per SM with a 16 KB bit map at
 // D = 128 (R * g = 4, N = 8192). The overlapped schedule (K 2, V 3 stages) left one CTA per SM there and measured
