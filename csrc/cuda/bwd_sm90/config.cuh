@@ -54,12 +54,18 @@ struct Sm90BwdCfg {
 // rows are wgmma M of s = q K^T and dp = do V^T (N = the 16 keys); dv^T += do^T p and dk^T += q^T ds take D as M (D / 64
 // m64 halves, N = 16 keys, K = the tile's rows), do and q read MN-major from their stages as gathered, p^T and ds^T
 // from shared memory. Every tile 1024-byte aligned.
-template <int D_, int STAGES_, int MINB_>
+//
+// WS: a fifth to eighth warp, a producer warpgroup, does the gather (K, V and the q / do tiles), handing each stage
+// over through an mbarrier (full: its copies landed and its row statistics and mask flags stored; empty: the
+// consumers' products and reads done), so the MMA warpgroup meets no CTA barrier (BSATTN_BWD_DKDV=ws).
+template <int D_, int STAGES_, int MINB_, bool WS_ = false>
 struct Sm90DkdvNarrowCfg {
   static constexpr int D = D_, STAGES = STAGES_, MINB = MINB_;
+  static constexpr bool WS = WS_;
   static constexpr int BK = 16;  // keys per CTA: wgmma N of every product
   static constexpr int BQ = 64;  // packed query rows per tile: wgmma M of s, dp; K of dv^T, dk^T
-  static constexpr int NT = 128, NWARPS = 4;
+  static constexpr int NT = 128, NWARPS = 4;  // the MMA warpgroup
+  static constexpr int NT_ALL = NT + (WS ? 128 : 0);
   static constexpr int HALVES = D / 64;  // m64 blocks of dv^T, dk^T
   using KLayout = AtomSwizzle<D, BK>;   // K, V: 16 rows, D / 64 column blocks of 2 KB
   using QLayout = AtomSwizzle<D, BQ>;   // q, do stages
@@ -71,16 +77,21 @@ struct Sm90DkdvNarrowCfg {
   static constexpr int OUT_PITCH = D * 2 + 16;  // the epilogue's staging rows (16 keys) inside stage 0 of q
   static constexpr int TILE_BYTES = 2 * K_BYTES + 2 * STAGES * Q_STAGE + 2 * P_BYTES;
   static constexpr int ROW_BYTES = 3 * STAGES * BQ * 4;  // per staged row: raw lse, raw delta (f32), causal limit
-  static constexpr int SMEM = 1024 + TILE_BYTES + ROW_BYTES;
+  // WS: full[S], empty[S] mbarriers, then a mask flag per stage and producer warp
+  static constexpr int BAR_OFF = TILE_BYTES + ROW_BYTES;
+  static constexpr int WS_BYTES = WS ? 2 * STAGES * 8 + STAGES * 4 * 4 : 0;
+  static constexpr int SMEM = 1024 + TILE_BYTES + ROW_BYTES + WS_BYTES;
 
   static_assert(D == 64 || D == 128, "dv^T, dk^T in m64 halves of D");
   static_assert(K_BYTES % 1024 == 0 && Q_STAGE % 1024 == 0 && P_BYTES % 1024 == 0, "1024-byte aligned tiles");
   static_assert(2 * BK * OUT_PITCH <= Q_STAGE, "dk, dv staging inside stage 0 of q");
   static_assert(STAGES >= 2 && STAGES <= 4, "pipeline depth");
-  static_assert(SMEM <= 227 * 1024, "shared memory per CTA");
+  static_assert(SMEM <= 227 * 1024 && MINB * (SMEM + 1024) <= 228 * 1024, "shared memory per CTA");
+  static_assert(BAR_OFF % 8 == 0, "mbarrier alignment");
 };
 // D = 128: three stages, 111 KB, two CTAs per SM.
 struct Sm90DkdvNarrowTile : Sm90DkdvNarrowCfg<128, 3, 2> {};
+struct Sm90DkdvNarrowWsTile : Sm90DkdvNarrowCfg<128, 3, 2, true> {};
 
 // Sm90BwdTile<D>: the configuration for head dim D; two CTAs per SM (each up to 255 registers a thread).
 template <int D>

@@ -13,6 +13,11 @@
 // the keys are N here, and dv, dk are computed transposed, with D as M. The mma.sync kernel takes the keys as its
 // 16-row M instead, on instructions of a quarter of the rate.
 //
+// Cfg::WS (Sm90DkdvNarrowWsTile, BSATTN_BWD_DKDV=ws; never run on a GPU): a producer warpgroup (warps 4-7) loads K,
+// V and gathers the tiles, handing each stage over through mbarriers (full: copies landed, row statistics and mask
+// flags stored; empty: the MMA warpgroup's products and reads of it done), so the MMA warpgroup meets no CTA barrier:
+// only its own named barrier before the dv^T, dk^T products. Two CTAs of eight warps per SM.
+//
 // Deterministic: dv^T and dk^T are summed in registers in the column's row order and written once (staged through
 // stage 0 of q). Padding keys (past C or N) are zero in K and V, and their p is selected to 0 (exp(-lse) may
 // overflow); a missing query row has lse = -inf (p = 0) and delta = 0.
@@ -48,7 +53,7 @@ __device__ __forceinline__ void store_slice_trans(const float (&acc)[8], float m
 }
 
 template <typename T, class Cfg>
-__global__ void __launch_bounds__(Cfg::NT, Cfg::MINB)
+__global__ void __launch_bounds__(Cfg::NT_ALL, Cfg::MINB)
     bsattn_bwd_sm90_dkdv_narrow_kernel(const __grid_constant__ Params p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = Cfg::D, BK = Cfg::BK, BQ = Cfg::BQ, S = Cfg::STAGES, H = Cfg::HALVES;
@@ -77,18 +82,56 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB)
   int* const sLim = reinterpret_cast<int*>(base + Cfg::TILE_BYTES + 2 * S * BQ * 4);
 
   // ---- prologue: K, V (rows past nkeys zeroed); the first S - 1 query tiles ---------------------------------
-  {
+  // (WS: the producer warpgroup's, handing every stage over through full / empty mbarriers)
+  const uint32_t bar_full = sK + Cfg::BAR_OFF, bar_empty = bar_full + S * 8;
+  const int* const sFlag = reinterpret_cast<const int*>(base + Cfg::BAR_OFF + 2 * S * 8);  // [S][4]
+  uint32_t pending = 0;
+  if constexpr (Cfg::WS) {
+    if (tid == 0) {
+#pragma unroll
+      for (int s = 0; s < S; ++s) {
+        mbar_init(bar_full + 8 * s, 128);
+        mbar_init(bar_empty + 8 * s, Cfg::NT);
+      }
+    }
+    __syncthreads();  // the mbarriers initialised
+    if (warp >= Cfg::NWARPS) {
+      const int pw = warp - Cfg::NWARPS;
+      if (ntiles == 0) return;  // (no copy: the consumers wait for none)
+      const T* kg = static_cast<const T*>(p.k) + kvoff + k0 * kv_rstride;
+      const T* vg = static_cast<const T*>(p.v) + kvoff + k0 * kv_rstride;
+      load_row_pair_tile<D, 128, BK, typename Cfg::KLayout>(sK, sV, kg, vg, nkeys, kv_rstride, tid - Cfg::NT);
+      ColumnQueryGather<D, BQ, Map, typename Cfg::QLayout, T> qgat;
+      qgat.init(p, p.col_rows + lid * p.nnz + cs, len, hk, k0 + nkeys - 1, qboff, pw, lane);
+      int* const flags = reinterpret_cast<int*>(base + Cfg::BAR_OFF + 2 * S * 8);
+      for (int t = 0; t < ntiles; ++t) {
+        const int stage = t % S;
+        if (t >= S) mbar_wait(bar_empty + 8 * stage, ((t / S) - 1) & 1);
+        const uint32_t f = qgat.issue(p, sQ + stage * Cfg::Q_STAGE, sD + stage * Cfg::Q_STAGE, sLse, sDl, sLim,
+                                      nullptr, stage, pw, lane);
+        const unsigned any = __ballot_sync(0xffffffffu, f != 0);
+        if (lane == 0) flags[stage * 4 + pw] = any != 0;
+        // tile t (and, with tile 0, K and V) landed: every copy the thread issued before; the plain arrival releases
+        // the rows' statistics and the flag (the consumers' wait on the last tile covers every copy)
+        cp_async_mbar_arrive(bar_full + 8 * stage);
+        mbar_arrive(bar_full + 8 * stage);
+      }
+      return;
+    }
+  } else {
     const T* kg = static_cast<const T*>(p.k) + kvoff + k0 * kv_rstride;
     const T* vg = static_cast<const T*>(p.v) + kvoff + k0 * kv_rstride;
     load_row_pair_tile<D, Cfg::NT, BK, typename Cfg::KLayout>(sK, sV, kg, vg, nkeys, kv_rstride, tid);
   }
   ColumnQueryGather<D, BQ, Map, typename Cfg::QLayout, T> qgat;
-  qgat.init(p, p.col_rows + lid * p.nnz + cs, len, hk, k0 + nkeys - 1, qboff, warp, lane);
   auto issue = [&](int stage) -> uint32_t {
     return qgat.issue(p, sQ + stage * Cfg::Q_STAGE, sD + stage * Cfg::Q_STAGE, sLse, sDl, sLim, nullptr, stage, warp,
                       lane);
   };
-  uint32_t pending = issue_prologue<S>(issue, ntiles);
+  if constexpr (!Cfg::WS) {
+    qgat.init(p, p.col_rows + lid * p.nnz + cs, len, hk, k0 + nkeys - 1, qboff, warp, lane);
+    pending = issue_prologue<S>(issue, ntiles);
+  }
 
   // ---- operand descriptors (stage 0; + stage * kStage for a later stage) -----------------------------------
   constexpr uint64_t kStage = Cfg::Q_STAGE >> 4;
@@ -115,8 +158,17 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB)
   // ---- main loop -----------------------------------------------------------------------------------------
   for (int t = 0; t < ntiles; ++t) {
     const int stage = t % S;
-    // (the barrier also means: every warp is done with p^T, ds^T)
-    const bool need_mask = tile_landed<S - 2>(pending, fence_async_shared);
+    // (the barrier also means: every warp is done with p^T, ds^T; WS: each warp is, its products of the last tile
+    // waited, and wgmma is warpgroup-wide)
+    bool need_mask;
+    if constexpr (Cfg::WS) {
+      mbar_wait(bar_full + 8 * stage, (t / S) & 1);
+      fence_async_shared();  // the producer's landed copies -> wgmma
+      const int* f = sFlag + stage * 4;
+      need_mask = (f[0] | f[1] | f[2] | f[3]) != 0;
+    } else {
+      need_mask = tile_landed<S - 2>(pending, fence_async_shared);
+    }
 
     // s = q K^T, dp = do V^T (one commit group each); the next tile's gather is issued while they run
     wgmma_fence();
@@ -124,8 +176,10 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB)
     wgmma_commit();
     wgmma_ss_kmajor<T, BK, D, BQ, BK>(dpf, d_desc + stage * kStage, v_desc);
     wgmma_commit();
-    if (t + S - 1 < ntiles) pending |= issue((t + S - 1) % S) << (S - 2);
-    cp_async_commit();
+    if constexpr (!Cfg::WS) {
+      if (t + S - 1 < ntiles) pending |= issue((t + S - 1) % S) << (S - 2);
+      cp_async_commit();
+    }
     wgmma_wait<0>();
     fence_regs(sf);
     fence_regs(dpf);
@@ -165,7 +219,11 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB)
     store_slice_trans<T>(sf, 1.f, lane, p_row);
     store_slice_trans<T>(dpf, 1.f, lane, ds_row);
     fence_async_shared();
-    __syncthreads();  // every warp's rows of p^T, ds^T stored
+    // every warp's rows of p^T, ds^T stored
+    if constexpr (Cfg::WS)
+      named_bar_sync(1, Cfg::NT);
+    else
+      __syncthreads();
 
     // dv^T += do^T p, dk^T += q^T ds over the tile's 64 rows (4 k16 steps), per m64 half of D; one commit group
     wgmma_fence();
@@ -184,11 +242,16 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB)
       fence_regs(dvt[hh]);
       fence_regs(dkt[hh]);
     }
+    if constexpr (Cfg::WS) mbar_arrive(bar_empty + 8 * stage);  // every read of the stage done
   }
 
   // ---- epilogue: dv, dk * scale, staged [key][D] in stage 0 of q (transposed back), 16 bytes a thread --------
-  cp_async_wait<0>();
-  __syncthreads();  // every product done, no copy in flight: stage 0 is free
+  if constexpr (Cfg::WS) {
+    named_bar_sync(1, Cfg::NT);  // every product done; every copy landed (the waits on full): stage 0 is free
+  } else {
+    cp_async_wait<0>();
+    __syncthreads();  // every product done, no copy in flight: stage 0 is free
+  }
   const uint32_t sOutV = sQ, sOutK = sQ + BK * Cfg::OUT_PITCH;
 #pragma unroll
   for (int hh = 0; hh < H; ++hh) {
@@ -198,7 +261,10 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB)
     store_slice_trans<T>(dvt[hh], 1.f, lane, v_row);
     store_slice_trans<T>(dkt[hh], p.scale, lane, k_row);
   }
-  __syncthreads();
+  if constexpr (Cfg::WS)
+    named_bar_sync(1, Cfg::NT);
+  else
+    __syncthreads();
   T* const dvg = static_cast<T*>(p.dv) + kvoff + k0 * kv_rstride;
   T* const dkg = static_cast<T*>(p.dk) + kvoff + k0 * kv_rstride;
   constexpr int CPR = D / 8;

@@ -1,0 +1,31 @@
+// Host-side launch of the narrow-column dk / dv kernel's form with a producer warpgroup (dkdv_narrow_kernel.cuh,
+// Sm90DkdvNarrowWsTile). Included by its own instantiation files only, so that the default form's translation unit
+// (and SASS) stays as it was.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "cuda/bwd/params.h"
+#include "cuda/bwd_sm90/config.cuh"
+#include "cuda/bwd_sm90/dkdv_narrow_kernel.cuh"
+#include "cuda/common/launch.cuh"
+
+namespace bsattn {
+namespace cuda {
+namespace bwd {
+
+template <int kDType>
+cudaError_t launch_dkdv_sm90_ws(const Params& p, cudaStream_t stream) {
+  using T = typename DTypeOf<kDType>::type;
+  using Cfg = Sm90DkdvNarrowWsTile;
+  if (p.C > Cfg::BK) return cudaErrorNotSupported;
+  return launch_column_tiles<bsattn_bwd_sm90_dkdv_narrow_kernel<T, Cfg>, Cfg>(p, stream, Cfg::NT_ALL, Cfg::SMEM);
+}
+
+}  // namespace bwd
+}  // namespace cuda
+}  // namespace bsattn
+
+#define BSATTN_INSTANTIATE_DKDV_SM90_WS(DTYPE)                                                   \
+  template cudaError_t bsattn::cuda::bwd::launch_dkdv_sm90_ws<bsattn::cuda::bwd::DTYPE>(        \
+      const bsattn::cuda::bwd::Params&, cudaStream_t);
