@@ -139,7 +139,8 @@ inline bool dq_sm90_applies(const Params& p) { return static_cast<int64_t>(p.R) 
 // columns, bwd_sm90/dkdv_narrow_kernel.cuh. Deterministic, like launch_dkdv.
 template <int kDType, int kD>
 cudaError_t launch_dkdv_sm90(const Params& p, cudaStream_t stream);
-// Its form with a producer warpgroup (Sm90DkdvNarrowWsTile; BSATTN_BWD_DKDV=ws), in translation units of its own.
+// Its form with a producer warpgroup (Sm90DkdvNarrowWsTile; the default, BSATTN_BWD_DKDV=narrow runs the form without),
+// in translation units of its own.
 template <int kDType>
 cudaError_t launch_dkdv_sm90_ws(const Params& p, cudaStream_t stream);
 // Its rule beside the device (bwd/dispatch.cu): D = 128 and 8 < C <= 16, where launch_dkdv runs the mma.sync 16-key

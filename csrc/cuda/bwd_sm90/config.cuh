@@ -57,7 +57,8 @@ struct Sm90BwdCfg {
 //
 // WS: a fifth to eighth warp, a producer warpgroup, does the gather (K, V and the q / do tiles), handing each stage
 // over through an mbarrier (full: its copies landed and its row statistics and mask flags stored; empty: the
-// consumers' products and reads done), so the MMA warpgroup meets no CTA barrier (BSATTN_BWD_DKDV=ws).
+// consumers' products and reads done), so the MMA warpgroup meets no CTA barrier. The default; BSATTN_BWD_DKDV=narrow
+// runs the form without (WS = false).
 template <int D_, int STAGES_, int MINB_, bool WS_ = false>
 struct Sm90DkdvNarrowCfg {
   static constexpr int D = D_, STAGES = STAGES_, MINB = MINB_;

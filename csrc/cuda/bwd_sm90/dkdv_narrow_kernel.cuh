@@ -13,10 +13,11 @@
 // the keys are N here, and dv, dk are computed transposed, with D as M. The mma.sync kernel takes the keys as its
 // 16-row M instead, on instructions of a quarter of the rate.
 //
-// Cfg::WS (Sm90DkdvNarrowWsTile, BSATTN_BWD_DKDV=ws; never run on a GPU): a producer warpgroup (warps 4-7) loads K,
-// V and gathers the tiles, handing each stage over through mbarriers (full: copies landed, row statistics and mask
-// flags stored; empty: the MMA warpgroup's products and reads of it done), so the MMA warpgroup meets no CTA barrier:
-// only its own named barrier before the dv^T, dk^T products. Two CTAs of eight warps per SM.
+// Cfg::WS (Sm90DkdvNarrowWsTile, the default; BSATTN_BWD_DKDV=narrow runs the form without): a producer warpgroup
+// (warps 4-7) loads K, V and gathers the tiles, handing each stage over through mbarriers (full: copies landed, row
+// statistics and mask flags stored; empty: the MMA warpgroup's products and reads of it done), so the MMA warpgroup
+// meets no CTA barrier: only its own named barrier before the dv^T, dk^T products. Two CTAs of eight warps per SM.
+// 2-3 % faster than the form without (H200, 2026-11-30: the kernel 2.88 against 2.95 ms at 4:64:16).
 //
 // Deterministic: dv^T and dk^T are summed in registers in the column's row order and written once (staged through
 // stage 0 of q). Padding keys (past C or N) are zero in K and V, and their p is selected to 0 (exp(-lse) may

@@ -1,4 +1,4 @@
-// Hopper narrow-column dk / dv with a producer warpgroup (BSATTN_BWD_DKDV=ws): f16, head dim 128. Compiled for sm_90a
+// Hopper narrow-column dk / dv with a producer warpgroup (the default): f16, head dim 128. Compiled for sm_90a
 // only.
 #include "cuda/bwd_sm90/launch_dkdv_ws.cuh"
 
