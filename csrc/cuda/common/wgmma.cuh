@@ -62,7 +62,8 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 // Makes this thread's generic-proxy shared-memory writes (cp.async, st.shared) visible to the async proxy
-// (wgmma operand reads) once a barrier orders them.
+// (wgmma operand reads) once a barrier orders them; or, after an mbarrier wait (acquire), the writes that wait
+// made visible to this thread, other threads' landed cp.async copies included (fwd_sm90/kernel_ws.cuh).
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 // Pins registers in place around asynchronous wgmma: the compiler may not move their reads or writes across.
 template <int N>

@@ -37,6 +37,7 @@ struct GatherShared {
   int qC, rC;          // BN = qC * C + rC
   int qlim_min;        // causal: keys above this need the mask for some row of the tile (else INT_MAX)
 };
+static_assert(sizeof(GatherShared) <= 32, "the kernels keep it in CTA_BYTES = 32 (fwd/config.cuh FwdTileShape)");
 
 // Layout: the stage buffers' tile layout (common/gather.cuh; the mma.sync kernel's RowSwizzle by default).
 template <typename T, class Cfg, class Layout = RowSwizzle<Cfg::D>>

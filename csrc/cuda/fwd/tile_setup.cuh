@@ -1,4 +1,5 @@
-// The set-up of a forward CTA that does not depend on its math (used by the wgmma kernel, fwd_sm90/kernel.cuh):
+// The set-up of a forward CTA that does not depend on its math (used by the wgmma kernels, fwd_sm90/kernel.cuh and
+// kernel_ws.cuh):
 // which tile the CTA computes and which of its rows are real, the block row's list of blocks, the q / o / k / v
 // offsets, and the per-CTA tables in shared memory (the (query row, head) and causal limit of every tile row, the
 // gather's constants). The mma.sync kernel (fwd/kernel.cuh) computes the same inline: routed through these

@@ -1,4 +1,4 @@
-// Tile configurations of the Hopper forward kernel (fwd_sm90/kernel.cuh).
+// Tile configurations of the Hopper forward kernels (fwd_sm90/kernel.cuh, kernel_ws.cuh, sweep_kernel.cuh).
 //
 // A CTA owns TM = 64 NWG packed query rows; each of its NWG warpgroups owns 64 of them and computes them with
 // wgmma (m64nNk16): S = Q K^T with Q and K from shared memory, O += P V with P from registers. The block row's
@@ -82,6 +82,8 @@ struct Sm90FwdWsCfg : FwdTileShape<D_, 128, 128, BN_> {
   static_assert(TAB_BYTES % 8 == 0, "mbarrier alignment");
   static_assert(128 * PRODUCER_REGS + NTC * CONSUMER_REGS <= NT * LAUNCH_REGS, "register reallocation");
   static_assert(LAUNCH_REGS == 65536 / NT / 8 * 8, "launch registers per thread");
+  static_assert(PRODUCER_REGS % 8 == 0 && CONSUMER_REGS % 8 == 0 && PRODUCER_REGS >= 24 && CONSUMER_REGS <= 256,
+                "setmaxnreg: multiples of 8 in 24 .. 256");
   static_assert(SMEM <= 227 * 1024, "shared memory per CTA");
 };
 using Sm90FwdWsTile = Sm90FwdWsCfg<128, 128, 2, 3>;

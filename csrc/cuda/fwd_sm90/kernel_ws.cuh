@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_fwd_sm90_ws_kernel(const __
       cp_async_mbar_arrive(full_v + 8 * vs);
       mbar_arrive(full_v + 8 * vs);
     }
-    cp_async_wait<0>();  // (no thread leaves with copies in flight)
+    // (copies may still be in flight: the consumers' wait on the last V tile covers every earlier copy of each thread)
     return;
   }
 

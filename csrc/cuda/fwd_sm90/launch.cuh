@@ -60,8 +60,9 @@ cudaError_t launch_fwd_sm90(const FwdParams& p, cudaStream_t stream, int tile_ro
 #endif
   if (tile_rows == 64) return launch_tile_sm90<T, Sm90FwdTile<kD, 64>>(p, stream);
   if constexpr (kD == 128) {
-    // the 128-row tile with a producer warpgroup (kernel_ws.cuh, its own instantiation files): 9-12 % faster at
-    // R * g >= 128 (H200, 2026-11-30); BSATTN_FWD_WS=0: this file's two-warpgroup tile (A / B). Read once.
+    // the 128-row tile with a producer warpgroup (kernel_ws.cuh, its own instantiation files): 9.5-11.4 % faster at
+    // R * g >= 128 (H200, 2026-11-30, same-call pairs); BSATTN_FWD_WS=0: this file's two-warpgroup tile (A / B).
+    // Read once.
     static const bool ws = !env_equals("BSATTN_FWD_WS", "0");
     if (ws) return launch_fwd_sm90_ws<kDType>(p, stream);
   }
