@@ -11,9 +11,9 @@
 //     -o /tmp/sanitize_kernels
 //   compute-sanitizer --tool memcheck /tmp/sanitize_kernels      (then --tool racecheck)
 // Hopper (benchmarks/gpu_check.sh KERNEL_SANITIZE=1 builds this): -gencode arch=compute_90a,code=sm_90a
-//   -DBSATTN_WITH_SM90, plus csrc/cuda/fwd_sm90/instantiations/{fwd_sm90,sweep}_bf16_d{64,128}.cu,
-//   csrc/cuda/bwd_sm90/instantiations/{bwd,dq}_sm90_bf16_d{64,128}.cu and dkdv_sm90_bf16_d128.cu (the harness calls
-//   launch_dq_sm90 and launch_dkdv_sm90).
+//   -DBSATTN_WITH_SM90, plus csrc/cuda/fwd_sm90/instantiations/{fwd_sm90,sweep}_bf16_d{64,128}.cu and
+//   fwd_ws_bf16_d128.cu, csrc/cuda/bwd_sm90/instantiations/{bwd,dq}_sm90_bf16_d{64,128}.cu and dkdv_sm90_bf16_d128.cu
+//   (the harness calls launch_dq_sm90 and launch_dkdv_sm90; BSATTN_FWD_WS picks the 128-row forward tile).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

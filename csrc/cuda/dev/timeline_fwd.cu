@@ -43,6 +43,7 @@ __device__ unsigned long long g_tl[kMaxCtas][kMaxWarps][kMarks];  // per CTA and
 #include "cuda/fwd/launch.cuh"
 #ifdef BSATTN_WITH_SM90
 #include "cuda/fwd_sm90/launch.cuh"
+#include "cuda/fwd_sm90/launch_ws.cuh"  // (launch_fwd_sm90 calls it for the 128-row tile at D = 128)
 #endif
 
 namespace {
