@@ -69,7 +69,7 @@ struct Sm90FwdWsCfg : FwdTileShape<D_, 128, 128, BN_> {
   static constexpr int MINB = 1;
   static constexpr bool KV_L1 = false;
   // setmaxnreg moves registers within the launch allocation (384 x 168): what the consumers take, the producer gives
-  static constexpr int LAUNCH_REGS = 168, PRODUCER_REGS = 40, CONSUMER_REGS = 232;
+  static constexpr int LAUNCH_REGS = 65536 / NT / 8 * 8, PRODUCER_REGS = 40, CONSUMER_REGS = 232;
   static constexpr int KV_BYTES = (KST + VST) * KV_STAGE_BYTES;
   static constexpr int KIDX_BYTES = KST * BN * 4;
   // full / empty mbarriers of the K stages, then of the V stages; per K stage and producer warp: a row needs the mask
@@ -81,7 +81,6 @@ struct Sm90FwdWsCfg : FwdTileShape<D_, 128, 128, BN_> {
   static_assert(KST >= 2 && VST >= KST + 1, "V tiles live one tile longer (P V of t - 1 runs beside S of t)");
   static_assert(TAB_BYTES % 8 == 0, "mbarrier alignment");
   static_assert(128 * PRODUCER_REGS + NTC * CONSUMER_REGS <= NT * LAUNCH_REGS, "register reallocation");
-  static_assert(LAUNCH_REGS == 65536 / NT / 8 * 8, "launch registers per thread");
   static_assert(PRODUCER_REGS % 8 == 0 && CONSUMER_REGS % 8 == 0 && PRODUCER_REGS >= 24 && CONSUMER_REGS <= 256,
                 "setmaxnreg: multiples of 8 in 24 .. 256");
   static_assert(SMEM <= 227 * 1024, "shared memory per CTA");

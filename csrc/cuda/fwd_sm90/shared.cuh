@@ -1,7 +1,7 @@
-// What the Hopper forward kernels (the gather, kernel.cuh, and the sweep, sweep_kernel.cuh) share: the two products
-// of a KV tile run to completion (nothing else of the warpgroup's in flight), S = Q K^T and O += P V. (Their shared
-// memory starts with the same carve-up, written out in each: routed through one struct, the gather kernel's SASS
-// changed throughout, and it is the timed one.)
+// What the Hopper forward kernels (the gather, kernel.cuh and kernel_ws.cuh, and the sweep, sweep_kernel.cuh) share:
+// the two products of a KV tile run to completion (nothing else of the warpgroup's in flight), S = Q K^T and O += P V.
+// (Their shared memory starts with the same carve-up, written out in each: routed through one struct, the timed
+// kernels' SASS changed throughout; tried again in the seventeenth session for all three, with the same result.)
 #pragma once
 
 #include <cmath>
