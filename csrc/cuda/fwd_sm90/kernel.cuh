@@ -36,7 +36,6 @@ template <typename T, class Cfg>
 __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_sm90_kernel(const __grid_constant__ FwdParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = Cfg::D, BN = Cfg::BN, TM = Cfg::TM, KST = Cfg::KST, VST = Cfg::VST, PF = Cfg::PF;
-  constexpr int NT8 = BN / 8, DT = D / 8;
   using QLayout = AtomSwizzle<D, TM>;
   using KvLayout = AtomSwizzle<D, BN>;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -84,42 +83,8 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_sm90_kernel(con
 
   // ---- per-warpgroup state ------------------------------------------------------------------------
   const bool wg_active = wg * 64 < rows_valid;  // (uniform per warpgroup) skip 64 rows of pure padding
-  float o[1][DT][4];
-  float m[1][2] = {{-INFINITY, -INFINITY}}, l[1][2] = {{0.f, 0.f}};
-  float lsum[1][4];  // (unused: row sums by FADD)
-#pragma unroll
-  for (int d = 0; d < DT; ++d)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) o[0][d][e] = 0.f;
-  float(&of)[D / 2] = reinterpret_cast<float(&)[D / 2]>(o);
-  float s[1][NT8][4];
-  float(&sf)[BN / 2] = reinterpret_cast<float(&)[BN / 2]>(s);
-  uint32_t pa[BN / 16][4];  // P of a tile as the A operand of P V (k16 steps along the keys)
-
-  // descriptors: Q rows of this warpgroup; K and V of stage 0 (+ stage * KV_STAGE_BYTES / 16)
-  const uint64_t q_desc = sw128_desc(sQ + wg * 64 * 128, 16, 1024);
-  const uint64_t k_desc = sw128_desc(sK, 16, 1024);
-  const uint64_t v_desc = sw128_desc(sV, BN * 128, 1024);
-  constexpr uint64_t kStageDesc = Cfg::KV_STAGE_BYTES >> 4;
-  // S = Q K^T (issued, not committed): k16 steps along D; step kk is 32 bytes into column block kk / 4
-  auto issue_qk = [&](int kstage) { wgmma_ss_kmajor<T, BN, D, TM, BN>(sf, q_desc, k_desc + kstage * kStageDesc); };
-  // O += P V (issued, not committed): k16 steps along the keys; step kk is 16 key rows (2048 bytes) further on
-  auto issue_pv = [&](int vstage) { wgmma_rs_mn<T, D, BN / 16>(of, pa, v_desc + vstage * kStageDesc); };
-  // The same, run to completion (nothing else of this warpgroup's in flight)
-  auto qk_now = [&](int kstage) { sm90_qk_now<T, BN, D, TM>(sf, q_desc, k_desc + kstage * kStageDesc); };
-  auto pv_now = [&](int vstage) { sm90_pv_now<T, D, BN / 16>(of, pa, v_desc + vstage * kStageDesc); };
-  // scores of the tile in K stage `kstage` -> probabilities in s (alpha: o's rescale factor; returns whether
-  // any row's max grew), then P packed into pa
-  float alpha[1][2];
-  auto probs = [&](bool need_mask, int kstage) {
-    const float mul = prepare_scores<1, NT8>(s, p);
-    if (need_mask) mask_scores<1, NT8>(s, sKidx + kstage * BN, sLim + warp * 16, lane);
-    return softmax_probs<1, NT8, false>(s, mul, m, l, alpha);
-  };
-  auto pack_p = [&] {
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) acc_to_a<T>(s[0], kk, pa[kk]);
-  };
+  Sm90FwdRows<T, Cfg> rows(sQ, sK, sV, wg);
+  const int* const slim = sLim + warp * 16;
 
   // ---- main loop ------------------------------------------------------------------------------
   // Per tile: wait for it to land, one barrier (which also means every warpgroup is done with the stages the
@@ -138,38 +103,27 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_sm90_kernel(con
     if (ntiles > 0) {
       const bool need_mask = next_tile(0);
       if (wg_active) {
-        qk_now(0);
-        probs(need_mask, 0);  // (o = 0: nothing to rescale)
-        pack_p();
+        rows.qk_now(0);
+        rows.probs(p, need_mask, sKidx, slim, lane);  // (o = 0: nothing to rescale)
+        rows.pack_p();
       }
       for (int t = 1; t < ntiles; ++t) {
         const bool nm = next_tile(t);
         if (!wg_active) continue;
         const int kstage = t % KST;
-        wgmma_fence();
-        issue_qk(kstage);
-        wgmma_commit();
-        issue_pv((t - 1) % VST);
-        wgmma_commit();
-        wgmma_wait<1>();
-        fence_regs(sf);
-        const bool grew = probs(nm, kstage);
-        wgmma_wait<0>();
-        fence_regs(of);
-        if (grew) rescale_acc<1, DT, false>(o, lsum, alpha);
-        pack_p();
+        rows.overlapped_step(p, nm, kstage, (t - 1) % VST, sKidx + kstage * BN, slim, lane, [] {}, [] {});
       }
-      if (wg_active) pv_now((ntiles - 1) % VST);  // the last tile's P V
+      if (wg_active) rows.pv_now((ntiles - 1) % VST);  // the last tile's P V
     }
   } else {
     for (int t = 0; t < ntiles; ++t) {
       const bool need_mask = next_tile(t);
       if (!wg_active) continue;
       const int kstage = t % KST;
-      qk_now(kstage);
-      if (probs(need_mask, kstage)) rescale_acc<1, DT, false>(o, lsum, alpha);
-      pack_p();
-      pv_now(t % VST);
+      rows.qk_now(kstage);
+      if (rows.probs(p, need_mask, sKidx + kstage * BN, slim, lane)) rows.rescale();
+      rows.pack_p();
+      rows.pv_now(t % VST);
     }
   }
 
@@ -181,7 +135,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_sm90_kernel(con
   cp_async_wait<0>();
   __syncthreads();
   BSATTN_FWD_TIMELINE_MARK(6);
-  if (wg_active) store_rows_single<T, Cfg>(o, m, l, sQ + warp * 16 * D * 2, out, warp * 16, lane);
+  if (wg_active) store_rows_single<T, Cfg>(rows.o, rows.m, rows.l, sQ + warp * 16 * D * 2, out, warp * 16, lane);
   BSATTN_FWD_TIMELINE_MARK(7);
 #endif
 }

@@ -21,8 +21,6 @@
 // TFLOP/s at R * g >= 128 (0.586-0.604 ms) against 416-427 (0.644-0.661) for kernel.cuh's tile (two CTAs of two
 // warpgroups per SM, 64-key tiles, every thread gathering), whatever C (1, 16, 64, 128). Tried and dropped: the two
 // warpgroups taking turns at issuing their products (FlashAttention-3's pingpong, by named barriers): within 1 %.
-// Its per-warpgroup state and loop step repeat kernel.cuh's: folding both into one helper changed both kernels' SASS
-// (register numbering, a few instructions moved), so that waits for a GPU run (branch wip/fwd-rows).
 #pragma once
 
 #include <cmath>
@@ -45,7 +43,6 @@ template <typename T, class Cfg>
 __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_fwd_sm90_ws_kernel(const __grid_constant__ FwdParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = Cfg::D, BN = Cfg::BN, TM = Cfg::TM, KST = Cfg::KST, VST = Cfg::VST, NTC = Cfg::NTC;
-  constexpr int NT8 = BN / 8, DT = D / 8;
   using QLayout = AtomSwizzle<D, TM>;
   using KvLayout = AtomSwizzle<D, BN>;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -130,36 +127,8 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_fwd_sm90_ws_kernel(const __
   // ---- consumer warpgroups ------------------------------------------------------------------------------------
   setmaxnreg_inc<Cfg::CONSUMER_REGS>();
   const bool wg_active = wg * 64 < rows_valid;  // (uniform per warpgroup) skip 64 rows of pure padding
-  float o[1][DT][4];
-  float m[1][2] = {{-INFINITY, -INFINITY}}, l[1][2] = {{0.f, 0.f}};
-  float lsum[1][4];  // (unused: row sums by FADD)
-#pragma unroll
-  for (int d = 0; d < DT; ++d)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) o[0][d][e] = 0.f;
-  float(&of)[D / 2] = reinterpret_cast<float(&)[D / 2]>(o);
-  float s[1][NT8][4];
-  float(&sf)[BN / 2] = reinterpret_cast<float(&)[BN / 2]>(s);
-  uint32_t pa[BN / 16][4];  // P of a tile as the A operand of P V (k16 steps along the keys)
-
-  const uint64_t q_desc = sw128_desc(sQ + wg * 64 * 128, 16, 1024);
-  const uint64_t k_desc = sw128_desc(sK, 16, 1024);
-  const uint64_t v_desc = sw128_desc(sV, BN * 128, 1024);
-  constexpr uint64_t kStageDesc = Cfg::KV_STAGE_BYTES >> 4;
-  auto issue_qk = [&](int ks) { wgmma_ss_kmajor<T, BN, D, TM, BN>(sf, q_desc, k_desc + ks * kStageDesc); };
-  auto issue_pv = [&](int vs) { wgmma_rs_mn<T, D, BN / 16>(of, pa, v_desc + vs * kStageDesc); };
-  auto qk_now = [&](int ks) { sm90_qk_now<T, BN, D, TM>(sf, q_desc, k_desc + ks * kStageDesc); };
-  auto pv_now = [&](int vs) { sm90_pv_now<T, D, BN / 16>(of, pa, v_desc + vs * kStageDesc); };
-  float alpha[1][2];
-  auto probs = [&](bool need_mask, int ks) {
-    const float mul = prepare_scores<1, NT8>(s, p);
-    if (need_mask) mask_scores<1, NT8>(s, sKidx + ks * BN, sLim + warp * 16, lane);
-    return softmax_probs<1, NT8, false>(s, mul, m, l, alpha);
-  };
-  auto pack_p = [&] {
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) acc_to_a<T>(s[0], kk, pa[kk]);
-  };
+  Sm90FwdRows<T, Cfg> rows(sQ, sK, sV, wg);
+  const int* const slim = sLim + warp * 16;
   // tile t's K landed (and its key indices, flags written): returns whether some row of it needs the mask
   auto wait_k = [&](int t) {
     const int ks = t % KST;
@@ -175,41 +144,29 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_fwd_sm90_ws_kernel(const __
 
   if (wg_active && ntiles > 0) {
     // Tile 0 alone, then per tile t: S(t) and P V(t - 1) issued together, the softmax of t while P V(t - 1) runs,
-    // O rescaled once it has landed. No branch around a wgmma inside the loop (ptxas would serialize them).
+    // O rescaled once it has landed (Sm90FwdRows::overlapped_step).
     {
       const bool nm = wait_k(0);
-      qk_now(0);
-      probs(nm, 0);  // (o = 0: nothing to rescale)
+      rows.qk_now(0);
+      rows.probs(p, nm, sKidx, slim, lane);  // (o = 0: nothing to rescale)
       mbar_arrive(empty_k);
-      pack_p();
+      rows.pack_p();
     }
     for (int t = 1; t < ntiles; ++t) {
-      const int ks = t % KST;
+      const int ks = t % KST, vs = (t - 1) % VST;
       const bool nm = wait_k(t);
       wait_v(t - 1);
-      wgmma_fence();
-      issue_qk(ks);
-      wgmma_commit();
-      issue_pv((t - 1) % VST);
-      wgmma_commit();
-      wgmma_wait<1>();
-      fence_regs(sf);
-      const bool grew = probs(nm, ks);
-      mbar_arrive(empty_k + 8 * ks);  // S(t) and the mask done with the K stage
-      wgmma_wait<0>();
-      fence_regs(of);
-      mbar_arrive(empty_v + 8 * ((t - 1) % VST));
-      if (grew) rescale_acc<1, DT, false>(o, lsum, alpha);
-      pack_p();
+      rows.overlapped_step(p, nm, ks, vs, sKidx + ks * BN, slim, lane, [&] { mbar_arrive(empty_k + 8 * ks); },
+                           [&] { mbar_arrive(empty_v + 8 * vs); });
     }
     wait_v(ntiles - 1);
-    pv_now((ntiles - 1) % VST);  // the last tile's P V (no arrival: nothing waits for that stage any more)
+    rows.pv_now((ntiles - 1) % VST);  // the last tile's P V (no arrival: nothing waits for that stage any more)
   }
 
   // ---- epilogue -------------------------------------------------------------------------------
   const OutRows out = tile_out_rows<T>(p, ts, sRow);
   named_bar_sync(1, NTC);  // both warpgroups done reading Q: each warp stages its 16 rows there
-  if (wg_active) store_rows_single<T, Cfg>(o, m, l, sQ + warp * 16 * D * 2, out, warp * 16, lane);
+  if (wg_active) store_rows_single<T, Cfg>(rows.o, rows.m, rows.l, sQ + warp * 16 * D * 2, out, warp * 16, lane);
 #endif
 }
 
