@@ -247,7 +247,8 @@ def test_backward_sweep_duplicate_blocks(R, C, g):
 def test_backward_narrow_columns(R, C, g, causal, softcap, dtype):
     """8 < C <= 16, D = 128 on an H100 / H200 wherever the deterministic pair runs (here deterministic=True; by
     default too where the one-pass kernel does not, as at 16 x 16, g = 4): dk / dv by the narrow-column wgmma kernel
-    (bwd_sm90/dkdv_narrow_kernel.cuh: 16 keys as wgmma N, dv^T and dk^T with D as M). C = 12 and 9: padding keys in
+    (bwd_sm90/dkdv_narrow_kernel.cuh: 16 keys as wgmma N, dv^T and dk^T with D as M; its form with a producer
+    warpgroup, unless BSATTN_BWD_DKDV=narrow is set for the process). C = 12 and 9: padding keys in
     every tile; N = 3 C + 61 ends in a part-filled column; M = 2 R + 45 a part-filled last block row."""
     from conftest import check_gradients
 
