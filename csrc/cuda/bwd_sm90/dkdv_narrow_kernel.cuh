@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, Cfg::MINB)
   // ---- prologue: K, V (rows past nkeys zeroed); the first S - 1 query tiles ---------------------------------
   // (WS: the producer warpgroup's, handing every stage over through full / empty mbarriers)
   const uint32_t bar_full = sK + Cfg::BAR_OFF, bar_empty = bar_full + S * 8;
-  const int* const sFlag = reinterpret_cast<const int*>(base + Cfg::BAR_OFF + 2 * S * 8);  // [S][4]
+  int* const sFlag = reinterpret_cast<int*>(base + Cfg::BAR_OFF + 2 * S * 8);  // [S][4]: a row needs the mask
   uint32_t pending = 0;
   if constexpr (Cfg::WS) {
     if (tid == 0) {
@@ -104,14 +104,13 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, Cfg::MINB)
       load_row_pair_tile<D, 128, BK, typename Cfg::KLayout>(sK, sV, kg, vg, nkeys, kv_rstride, tid - Cfg::NT);
       ColumnQueryGather<D, BQ, Map, typename Cfg::QLayout, T> qgat;
       qgat.init(p, p.col_rows + lid * p.nnz + cs, len, hk, k0 + nkeys - 1, qboff, pw, lane);
-      int* const flags = reinterpret_cast<int*>(base + Cfg::BAR_OFF + 2 * S * 8);
       for (int t = 0; t < ntiles; ++t) {
         const int stage = t % S;
         if (t >= S) mbar_wait(bar_empty + 8 * stage, ((t / S) - 1) & 1);
         const uint32_t f = qgat.issue(p, sQ + stage * Cfg::Q_STAGE, sD + stage * Cfg::Q_STAGE, sLse, sDl, sLim,
                                       nullptr, stage, pw, lane);
         const unsigned any = __ballot_sync(0xffffffffu, f != 0);
-        if (lane == 0) flags[stage * 4 + pw] = any != 0;
+        if (lane == 0) sFlag[stage * 4 + pw] = any != 0;
         // tile t (and, with tile 0, K and V) landed: every copy the thread issued before; the plain arrival releases
         // the rows' statistics and the flag (the consumers' wait on the last tile covers every copy)
         cp_async_mbar_arrive(bar_full + 8 * stage);

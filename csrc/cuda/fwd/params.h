@@ -29,6 +29,11 @@ struct FwdParams : ProblemParams {
   const uint32_t* sweep_table;  // the bit maps built there for this call, or null: each CTA builds its own (launcher)
 };
 
+// The rows of the sweep's table (below): one per layout and block row; row r's bit map at r * words, its flag at
+// rows * words + r.
+__host__ __device__ inline int64_t fwd_sweep_rows(const ProblemParams& p) {
+  return static_cast<int64_t>(p.LB) * p.LH * p.MB;
+}
 // 32-bit words of the sweep's bit maps built once per call (fwd_sm90/sweep_kernel.cuh): per layout and block row, a
 // bit per key (ceil(N / 32) words), then per layout and block row a duplicate flag. 0 where they would be larger than
 // the layout's indices (the caller then gives no workspace and each CTA builds its rows' maps itself, as it always did
@@ -36,7 +41,7 @@ struct FwdParams : ProblemParams {
 inline int64_t fwd_sweep_table_words(const ProblemParams& p) {
   const int64_t words = (static_cast<int64_t>(p.N) + 31) / 32;
   if (p.MB <= 0 || p.N <= 0 || int64_t{p.MB} * words > p.nnz) return 0;
-  return int64_t{p.LB} * p.LH * p.MB * (words + 1);
+  return fwd_sweep_rows(p) * (words + 1);
 }
 
 // Launches the forward kernel on `stream` (picking the kernel and tile for the device and R * g); returns

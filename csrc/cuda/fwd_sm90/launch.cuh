@@ -116,10 +116,10 @@ cudaError_t launch_sweep_sm90(const FwdParams& p0, cudaStream_t stream) {
   // BSATTN_FWD_SWEEP_TABLE=0: each CTA builds its rows' maps (A / B)
   static const bool own_maps = env_equals("BSATTN_FWD_SWEEP_TABLE", "0");
   const int64_t table_words = fwd_sweep_table_words(p);
-  const int64_t rows = static_cast<int64_t>(p.LB) * p.LH * p.MB;  // a warp each in the table pass
+  const int64_t rows = fwd_sweep_rows(p);  // a warp each in the table pass
   if (!own_maps && grid > 0 && table_words > 0 && p.sweep_ws != nullptr && p.sweep_ws_words >= table_words &&
       (rows + 7) / 8 <= INT_MAX) {
-    cudaError_t err = cudaMemsetAsync(p.sweep_ws, 0, static_cast<size_t>(rows * sh.words) * 4, stream);
+    cudaError_t err = cudaMemsetAsync(p.sweep_ws, 0, static_cast<size_t>(rows * sh.words) * 4, stream);  // the maps
     if (err != cudaSuccess) return err;
     const unsigned blocks = static_cast<unsigned>((rows + 7) / 8);
     bsattn_fwd_sweep_table_kernel<T><<<blocks, 256, 0, stream>>>(p, p.sweep_ws, sh.words);

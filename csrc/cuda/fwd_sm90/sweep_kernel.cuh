@@ -110,6 +110,7 @@ __global__ void __launch_bounds__(256) bsattn_fwd_sweep_table_kernel(const __gri
     if (valid_block(c, p.NB)) dup |= set_key_bits(row, c * p.C, min(c * p.C + p.C, p.N));
   }
   dup = __any_sync(0xffffffffu, dup);
+  // (the flags at fwd_sweep_rows(p) * words, fwd/params.h, written out: through that helper this kernel's SASS changed)
   if (lane == 0) table[layouts * p.MB * words + item] = dup ? 1u : 0u;
 }
 
@@ -178,10 +179,9 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_sm90_sweep_kern
   }
   bool dup = false;
   if (p.sweep_table != nullptr) {  // (uniform) the rows' maps and duplicate flags from the table pass
-    const int64_t layouts = static_cast<int64_t>(p.LB) * p.LH;
     const uint32_t* src = p.sweep_table + (lid * p.MB + br0) * sh.words;
     for (int i = tid; i < nbr * sh.words; i += NT) sBm[i] = __ldg(src + i);
-    const uint32_t* flags = p.sweep_table + layouts * p.MB * sh.words + lid * p.MB + br0;
+    const uint32_t* flags = p.sweep_table + fwd_sweep_rows(p) * sh.words + lid * p.MB + br0;
     for (int i = tid; i < nbr; i += NT) dup |= __ldg(flags + i) != 0u;
   } else {
     for (int i = tid; i < nbr * sh.words; i += NT) sBm[i] = 0u;
