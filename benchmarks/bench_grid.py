@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 D, HQ = 128, 32
-HK_OF = {1: 32, 4: 8, 8: 4}
+HK_OF = {g: HQ // g for g in (1, 2, 4, 8, 16, 32)}  # any g that divides Hq
 BLOCKS = [1, 16, 64, 128]
 CAUSAL_CELLS = [(1, 128, 128), (4, 128, 128), (8, 128, 128), (4, 64, 64), (8, 64, 64), (4, 16, 16), (1, 16, 16)]
 
@@ -206,16 +206,21 @@ def main():
     M = N = a.seq
     cells = ([tuple(int(x) for x in c.split(":")) for c in a.cells.split(",") if c]
              or [(g, R, C) for g in (1, 4, 8) for R in BLOCKS for C in BLOCKS])
+    for g, R, C in cells:
+        if g not in HK_OF or min(R, C) < 1:
+            ap.error(f"--cells: {g}:{R}:{C} needs g dividing Hq = {HQ} and R, C >= 1")
     key = jax.random.PRNGKey(0)
     kq, kk, kv = jax.random.split(key, 3)
     q = jax.random.normal(kq, (1, M, HQ, D), jnp.bfloat16)
-    kvs = {g: (jax.random.normal(kk, (1, N, HK_OF[g], D), jnp.bfloat16),
-               jax.random.normal(kv, (1, N, HK_OF[g], D), jnp.bfloat16)) for g in (1, 4, 8)}
+    kvs = {}  # by g, made on first use (the same keys as before for every g)
     layouts = {}
     rows = []
     out_json = os.path.join(a.out, "grid.json")
 
     def record(g, R, C, layout, indptr, indices):
+        if g not in kvs:
+            kvs[g] = (jax.random.normal(kk, (1, N, HK_OF[g], D), jnp.bfloat16),
+                      jax.random.normal(kv, (1, N, HK_OF[g], D), jnp.bfloat16))
         k, v = kvs[g]
         nnz = int(indptr[-1])
         ms, calls, spread = time_cell(build, R, C, M, N, indptr, indices, q, k, v, a.reps, a.target_ms)
