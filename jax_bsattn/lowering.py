@@ -105,6 +105,9 @@ def _dq_workspace_words(q, k, indptr, indices, cfg: Config) -> int:
     """Floats of the float32 dq workspace that lets the CUDA backward run the one-pass Hopper kernel (dq by atomic
     adds; csrc/cuda/bwd/dispatch.cu has the same conditions: C > 16, the packed rule or the sweep's), with the
     sweep's tables after it; 0 (the deterministic pair) otherwise."""
+    if q.shape[-1] == 128 and q.size and os.environ.get("BSATTN_BWD_ROWS") == "1" and _gpus_are_sm90():
+        # the row-oriented prototype (csrc/cuda/bwd/params.h rows_workspace_words): 64-bit dk and dv sums
+        return max(q.size + DQ_SCHED_WORDS, 4 * k.size)
     if cfg.deterministic or q.shape[-1] > 128 or q.size == 0 or not _gpus_are_sm90():
         return 0
     g = q.shape[-2] // max(k.shape[-2], 1)

@@ -448,9 +448,10 @@ __device__ __forceinline__ float prob_cap(float raw, float s_mul, float cap_mul,
 // p and ds (in place of dp) of the row-oriented dq kernels' accumulators (bwd/dq_kernel.cuh, bwd_sm90/dq_kernel.cuh):
 // s[n][e] is the score of the thread's row h = e >> 1 (fragment row lane / 4 + 8 h: lse2[h], dl[h], causal limit
 // lim[h]) and key kidx[8 n + (e & 1)] (kidx: the thread's first key column of the chunk, (lane % 4) * 2 in). need_mask:
-// p = 0 for keys above the row's limit (causal, and the padding keys' INT_MAX).
-template <int NT8>
-__device__ __forceinline__ void dq_probs_ds(const float (&s)[NT8][4], float (&dp)[NT8][4], const int* kidx,
+// p = 0 for keys above the row's limit (causal, and the padding keys' INT_MAX). KEEP_P: p replaces s (the row-oriented
+// backward, bwd_sm90/rows_kernel.cuh, needs p^T for dv).
+template <int NT8, bool KEEP_P = false>
+__device__ __forceinline__ void dq_probs_ds(float (&s)[NT8][4], float (&dp)[NT8][4], const int* kidx,
                                             bool need_mask, const float (&lse2)[2], const float (&dl)[2],
                                             const int (&lim)[2], float s_mul, float cap_mul, bool use_cap) {
 #pragma unroll
@@ -469,6 +470,7 @@ __device__ __forceinline__ void dq_probs_ds(const float (&s)[NT8][4], float (&dp
       float ds = pv * (dp[n][e] - dl[h]);
       if (use_cap) ds *= fac;
       dp[n][e] = ds;
+      if (KEEP_P) s[n][e] = pv;
     }
   }
 }

@@ -16,6 +16,13 @@ namespace bwd {
 template <int kDType, int kD>
 cudaError_t launch_bwd(const Params& p, cudaStream_t stream, bool run_dq, bool run_dkdv) {
 #ifdef BSATTN_WITH_SM90
+  if constexpr (kD == 128) {
+    // the row-oriented prototype where asked for (BSATTN_BWD_ROWS=1; read once) and given its workspace
+    static const bool rows = env_equals("BSATTN_BWD_ROWS", "1");
+    if (rows && run_dq && run_dkdv && p.dq_accum != nullptr && p.dq_accum_words >= rows_workspace_words(p, kD) &&
+        device_runs_sm90a())
+      return launch_bwd_rows_sm90<kDType>(p, stream);
+  }
   if constexpr (kD <= 128) {
     // elsewhere at C <= 16 the deterministic kernels' 16-key, packed and compact tiles measured faster
     if (p.dq_accum != nullptr && run_dq && bwd_sm90_applies(p, kD) && device_runs_sm90a())

@@ -146,6 +146,14 @@ cudaError_t launch_dkdv_sm90_ws(const Params& p, cudaStream_t stream);
 // Its rule beside the device (bwd/dispatch.cu): D = 128 and 8 < C <= 16, where launch_dkdv runs the mma.sync 16-key
 // column tile (C <= 8 has the packed and compact kernels); 2-4 % faster than that tile (H200, 2026-11-30).
 inline bool dkdv_sm90_applies(const Params& p, int D) { return D == 128 && p.C > 8 && p.C <= 16; }
+// Hopper (sm_90a, D = 128; with BSATTN_WITH_SM90): the row-oriented backward, a prototype behind BSATTN_BWD_ROWS=1
+// (bwd_sm90/rows_kernel.cuh): dq, dk and dv in one pass over each block row's listed keys, dk / dv added as 64-bit
+// fixed point into p.dq_accum (at least rows_workspace_words(p) floats), so all three are bitwise repeatable.
+template <int kDType>
+cudaError_t launch_bwd_rows_sm90(const Params& p, cudaStream_t stream);
+inline int64_t rows_workspace_words(const Params& p, int D) {
+  return 4 * static_cast<int64_t>(p.B) * p.N * p.Hk * D;
+}
 // The backward of one call (bwd/dispatch.cu): the Hopper kernel where it applies, else dk / dv (run_dkdv) and dq
 // (run_dq).
 template <int kDType, int kD>
