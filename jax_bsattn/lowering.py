@@ -101,13 +101,26 @@ def _sweep_words(q, k, indptr, indices, cfg: Config) -> int:
     return 8 + 2 * layouts * MB * (-(-NB // 64)) + MB
 
 
+def _rows_words(q, k, cfg: Config) -> int:
+    """Floats of the row-oriented Hopper backward's workspace (csrc/cuda/bwd/params.h rows_sm90_rule and
+    rows_workspace_words: D = 128, C <= 16, R * g >= 128; 64-bit dk and dv sums and four maxima; at least the dq
+    workspace's minimum, which the handler checks), else 0. BSATTN_BWD_ROWS=0: never. Deterministic as it is, it runs
+    under deterministic=True too."""
+    g = q.shape[-2] // max(k.shape[-2], 1)
+    if (q.shape[-1] != 128 or cfg.block_c > 16 or cfg.block_r * g < 128 or q.size == 0
+            or os.environ.get("BSATTN_BWD_ROWS") == "0" or not _gpus_are_sm90()):
+        return 0
+    return max(q.size + DQ_SCHED_WORDS, 4 * k.size + 8)
+
+
 def _dq_workspace_words(q, k, indptr, indices, cfg: Config) -> int:
-    """Floats of the float32 dq workspace that lets the CUDA backward run the one-pass Hopper kernel (dq by atomic
-    adds; csrc/cuda/bwd/dispatch.cu has the same conditions: C > 16, the packed rule or the sweep's), with the
-    sweep's tables after it; 0 (the deterministic pair) otherwise."""
-    if q.shape[-1] == 128 and q.size and os.environ.get("BSATTN_BWD_ROWS") == "1" and _gpus_are_sm90():
-        # the row-oriented prototype (csrc/cuda/bwd/params.h rows_workspace_words): 64-bit dk and dv sums
-        return max(q.size + DQ_SCHED_WORDS, 4 * k.size)
+    """Floats of the float32 workspace of the CUDA backward: the row-oriented kernel's where it applies (_rows_words),
+    else the dq workspace that lets it run the one-pass Hopper kernel (dq by atomic adds; csrc/cuda/bwd/dispatch.cu
+    has the same conditions: C > 16, the packed rule or the sweep's), with the sweep's tables after it; 0 (the
+    deterministic pair) otherwise."""
+    rows = _rows_words(q, k, cfg)
+    if rows:
+        return rows
     if cfg.deterministic or q.shape[-1] > 128 or q.size == 0 or not _gpus_are_sm90():
         return 0
     g = q.shape[-2] // max(k.shape[-2], 1)

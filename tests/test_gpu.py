@@ -287,7 +287,8 @@ def test_backward_unlisted_keys_overflow(R, C, g, D, det):
     (64, 64, 4, 128, True, None, jnp.bfloat16), (16, 128, 8, 64, False, 30.0, jnp.float16),
     (128, 5, 1, 128, False, None, jnp.bfloat16), (3, 64, 4, 64, True, 30.0, jnp.bfloat16)])
 def test_backward_deterministic_flag(R, C, g, D, causal, softcap, dtype):
-    """deterministic=True: the two-kernel backward (what every GPU but an H100 / H200 runs by default)."""
+    """deterministic=True: the two-kernel backward (what every GPU but an H100 / H200 runs by default), or on an H100
+    / H200 the row-oriented kernel where it applies (128:5 with g = 1: deterministic as it is)."""
     from conftest import check_gradients
 
     q, k, v, layout = _backward_problem(R, C, g, D, dtype)
@@ -315,3 +316,41 @@ def test_backward_is_deterministic(deterministic, block):
         else:
             a32, b32 = np.asarray(a, np.float32), np.asarray(b, np.float32)
             assert np.linalg.norm(a32 - b32) <= 1e-2 * np.linalg.norm(a32), name
+
+
+# The row-oriented Hopper backward (csrc/cuda/bwd_sm90/rows_kernel.cuh: D = 128, C <= 16, R * g >= 128): one or
+# several 128-row tiles a block row, causal, soft cap, per-head layouts, M not a multiple of R, f16; and a cotangent
+# of 1e-9 (a mean over many elements): its fixed point takes its scale from the call's maxima, so small gradients
+# keep their precision.
+@pytest.mark.parametrize("R,C,g,M,N,causal,softcap,dtype,per_head,ct_scale", [
+    (64, 1, 4, 512, 700, False, None, jnp.bfloat16, False, 1.0),
+    (128, 1, 4, 512, 640, True, None, jnp.bfloat16, True, 1.0),
+    (128, 16, 8, 384, 512, False, 30.0, jnp.float16, False, 1.0),
+    (64, 16, 4, 448, 333, True, None, jnp.bfloat16, True, 1.0),
+    (128, 3, 2, 300, 301, False, None, jnp.bfloat16, False, 1.0),
+    (96, 16, 4, 300, 512, False, None, jnp.bfloat16, False, 1e-9),
+    (32, 1, 4, 256, 400, True, 30.0, jnp.float16, True, 1e-9)])
+def test_backward_rows(R, C, g, M, N, causal, softcap, dtype, per_head, ct_scale):
+    from conftest import assert_close, on_cpu
+    from jax_bsattn.reference import reference_in_dtype
+
+    rng = np.random.default_rng(R * 31 + C)
+    Hk = 2
+    MB, NB = -(-M // R), -(-N // C)
+    layout = jb.BlockSparseLayout.from_block_mask(random_mask(rng, (Hk,) if per_head else (), MB, NB, 0.3), (R, C),
+                                                  (M, N))
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=128, dtype=dtype)
+    ct = ct_scale * jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+    def loss(fn, **extra):
+        return lambda q, k, v: jnp.sum(fn(q, k, v, layout, causal=causal, logits_soft_cap=softcap, **extra)
+                                       .astype(jnp.float32) * ct)
+
+    got = jax.jit(jax.grad(loss(jb.block_sparse_attention), argnums=(0, 1, 2)))(q, k, v)
+    again = jax.jit(jax.grad(loss(jb.block_sparse_attention, deterministic=True), argnums=(0, 1, 2)))(q, k, v)
+    cq, ck, cv = on_cpu(q, k, v)
+    ref = jax.grad(loss(reference_in_dtype), argnums=(0, 1, 2))(cq, ck, cv)
+    lowp = jax.grad(loss(reference_in_dtype, compute_dtype=q.dtype), argnums=(0, 1, 2))(cq, ck, cv)
+    for name, a, b, r, lp in zip(("dq", "dk", "dv"), got, again, ref, lowp):
+        assert_close(name, a, r, lp)
+        assert np.array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16)), name  # repeatable

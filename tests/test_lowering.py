@@ -69,6 +69,30 @@ def test_sweep_backward_rule(R, C, g, D, density, swept, monkeypatch):
     assert _sweep_words(q, k, indptr, indices, Config(R, C, 1.0, 0.0, False)) == 0
 
 
+# The row-oriented Hopper backward's workspace as lowering.py sizes it (csrc/cuda/bwd/params.h rows_sm90_rule and
+# rows_workspace_words: the same rule): D = 128, C <= 16, R * g >= 128, deterministic or not; 64-bit dk and dv sums
+# and four maxima, never under the dq workspace's minimum the handler checks.
+@pytest.mark.parametrize("R,C,g,D,rows", [
+    (64, 1, 4, 128, True), (128, 16, 1, 128, True), (16, 16, 8, 128, True), (32, 3, 4, 128, True),
+    (16, 16, 4, 128, False), (64, 17, 4, 128, False), (64, 1, 4, 64, False), (128, 1, 1, 256, False)])
+def test_rows_backward_rule(R, C, g, D, rows, monkeypatch):
+    from jax_bsattn import lowering
+    from jax_bsattn.primitives import Config
+
+    monkeypatch.setattr(lowering, "_gpus_are_sm90", lambda: True)
+    monkeypatch.delenv("BSATTN_BWD_ROWS", raising=False)
+    q = jax.ShapeDtypeStruct((2, 1024, 2 * g, D), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 700, 2, D), jnp.bfloat16)
+    want = max(q.size + lowering.DQ_SCHED_WORDS, 4 * k.size + 8) if rows else 0
+    for det in (False, True):
+        assert lowering._rows_words(q, k, Config(R, C, 1.0, 0.0, False, det)) == want
+    monkeypatch.setenv("BSATTN_BWD_ROWS", "0")
+    assert lowering._rows_words(q, k, Config(R, C, 1.0, 0.0, False)) == 0
+    monkeypatch.setattr(lowering, "_gpus_are_sm90", lambda: False)
+    monkeypatch.delenv("BSATTN_BWD_ROWS")
+    assert lowering._rows_words(q, k, Config(R, C, 1.0, 0.0, False)) == 0
+
+
 # The forward sweep's workspace as lowering.py sizes it (csrc/cuda/fwd/params.h fwd_sweep_table_words and
 # fwd_sm90/launch.cuh fwd_sweep_block_rows: the same rule, less the device's shared memory): R * g <= 16, the layout's
 # capacity at least R * g / 32 and 1 / 16 of the block grid, D = 64 or 128, and the bit maps (a bit per key and block

@@ -66,8 +66,8 @@ def register(lib):
 
 
 # ---- the call under test ------------------------------------------------------------------------------
-# --atomic: give the handler the float32 dq workspace (the Hopper one-pass backward where it applies); else an
-# empty one (the deterministic kernels)
+# --atomic: give the handler the float32 workspace (the row-oriented Hopper backward's where it applies, else the dq
+# workspace of the Hopper one-pass backward); else an empty one (the deterministic kernels)
 ATOMIC = False
 # the words after the dq workspace's q.size floats (csrc/cuda/bwd/params.h kDqSchedWords, jax_bsattn/lowering.py)
 DQ_SCHED_WORDS = 16
@@ -82,8 +82,9 @@ def sweep_words(ip, N, C):
 
 def bwd_ffi(q, k, v, do, lse, delta, ip, ix, cip, crw, R, C, scale, softcap, causal):
     words = q.size + DQ_SCHED_WORDS + sweep_words(ip, k.shape[1], C) if ATOMIC else 0
-    if os.environ.get("BSATTN_BWD_ROWS") == "1" and q.shape[-1] == 128:  # the row-oriented prototype's dk / dv sums
-        words = max(words, q.size + DQ_SCHED_WORDS, 4 * k.size)
+    g = q.shape[-2] // k.shape[-2]
+    if ATOMIC and q.shape[-1] == 128 and C <= 16 and R * g >= 128:  # the row-oriented kernel's (params.h rows_sm90_rule)
+        words = max(words, 4 * k.size + 8)
     out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
            jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((words,), jnp.float32))
     return jax.ffi.ffi_call("bsattn_bwd_cuda", out)(

@@ -146,13 +146,21 @@ cudaError_t launch_dkdv_sm90_ws(const Params& p, cudaStream_t stream);
 // Its rule beside the device (bwd/dispatch.cu): D = 128 and 8 < C <= 16, where launch_dkdv runs the mma.sync 16-key
 // column tile (C <= 8 has the packed and compact kernels); 2-4 % faster than that tile (H200, 2026-11-30).
 inline bool dkdv_sm90_applies(const Params& p, int D) { return D == 128 && p.C > 8 && p.C <= 16; }
-// Hopper (sm_90a, D = 128; with BSATTN_WITH_SM90): the row-oriented backward, a prototype behind BSATTN_BWD_ROWS=1
-// (bwd_sm90/rows_kernel.cuh): dq, dk and dv in one pass over each block row's listed keys, dk / dv added as 64-bit
-// fixed point into p.dq_accum (at least rows_workspace_words(p) floats), so all three are bitwise repeatable.
+// Hopper (sm_90a, D = 128; with BSATTN_WITH_SM90): the row-oriented backward (bwd_sm90/rows_kernel.cuh): dq, dk and
+// dv in one pass over each block row's listed keys, dk / dv added as 64-bit fixed point into p.dq_accum (at least
+// rows_workspace_words(p) floats), so all three are bitwise repeatable.
 template <int kDType>
 cudaError_t launch_bwd_rows_sm90(const Params& p, cudaStream_t stream);
 inline int64_t rows_workspace_words(const Params& p, int D) {
-  return 4 * static_cast<int64_t>(p.B) * p.N * p.Hk * D;
+  return 4 * static_cast<int64_t>(p.B) * p.N * p.Hk * D + 8;  // dk, dv sums (int64), the maxima
+}
+// Its rule beside the device and the workspace (bwd/dispatch.cu; jax_bsattn/lowering.py sizes the workspace on the
+// same rule): D = 128, C <= 16 (where the column kernels re-gather rows for every 16 keys or sweep) and R * g >= 128
+// (its 128-row tile full). BSATTN_BWD_ROWS=0: never (A / B; read once by the caller). H200, 2026-11-30: backward
+// alone 3.06-3.10 ms at 4:64:1 ... 8:128:16 against 4.02-7.74 (the narrow pair, the sweep), 3.40 at 1:128:1 against
+// 7.99; 6.39 at 4:16:1 (R g = 64, half-empty tiles) and slower than the narrow pair at 4:16:16 (6.40 against 4.03).
+inline bool rows_sm90_rule(const Params& p, int D) {
+  return D == 128 && p.C <= 16 && static_cast<int64_t>(p.R) * p.g >= 128;
 }
 // The backward of one call (bwd/dispatch.cu): the Hopper kernel where it applies, else dk / dv (run_dkdv) and dq
 // (run_dq).

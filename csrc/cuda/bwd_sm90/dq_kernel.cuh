@@ -36,6 +36,23 @@ struct Sm90DqParams : FwdParams {
   float scale;
 };
 
+// The block from the backward's parameters (launch.cuh launch_dq_sm90, launch_rows.cuh).
+inline Sm90DqParams dq_sm90_params(const Params& p) {
+  Sm90DqParams d{};
+  static_cast<ProblemParams&>(d) = p;
+  d.q = p.q;
+  d.k = p.k;
+  d.v = p.v;
+  d.indptr = p.indptr;
+  d.indices = p.indices;
+  d.dout = p.dout;
+  d.lse_rows = p.lse;
+  d.delta = p.delta;
+  d.dq = p.dq;
+  d.scale = p.scale;
+  return d;
+}
+
 template <typename T, class Cfg>
 __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_sm90_kernel(const __grid_constant__ Sm90DqParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)

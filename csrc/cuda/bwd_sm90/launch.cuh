@@ -248,18 +248,7 @@ cudaError_t launch_bwd_sm90(const Params& p, cudaStream_t stream) {
 template <int kDType, int kD>
 cudaError_t launch_dq_sm90(const Params& p, cudaStream_t stream) {
   using T = typename DTypeOf<kDType>::type;
-  Sm90DqParams d{};
-  static_cast<ProblemParams&>(d) = p;
-  d.q = p.q;
-  d.k = p.k;
-  d.v = p.v;
-  d.indptr = p.indptr;
-  d.indices = p.indices;
-  d.dout = p.dout;
-  d.lse_rows = p.lse;
-  d.delta = p.delta;
-  d.dq = p.dq;
-  d.scale = p.scale;
+  const Sm90DqParams d = dq_sm90_params(p);
   using Cfg = Sm90DqTile<kD>;
   return launch_row_tiles<bsattn_bwd_dq_sm90_kernel<T, Cfg>, Cfg>(d, stream);
 }

@@ -1,10 +1,11 @@
-// The row-oriented Hopper backward (sm_90a, D = 128; a prototype behind BSATTN_BWD_ROWS=1): dq, dk and dv from one
-// pass over each block row's listed keys, as the forward walks them. Why: at C <= 16 the column kernels re-gather a
+// The row-oriented Hopper backward (sm_90a, D = 128; bwd/params.h rows_sm90_applies: C <= 16 with R * g >= 128): dq,
+// dk and dv from one pass over each block row's listed keys, as the forward walks them. Why: at C <= 16 the column kernels re-gather a
 // block column's query rows for every C keys (the narrow dk / dv kernel) or do a dense sweep's work (C <= 4), while
 // a row tile gathers each listed key once and every product it computes is useful. The price is dk / dv: each row
 // tile adds its part into every key it lists. Float atomics would make dk / dv depend on the order of arrival;
-// integer adds do not, so the parts are added as 64-bit fixed point (x * 2^32, rounded to nearest) into a workspace
-// the launcher zeroes and then converts: dk, dv stay bitwise repeatable. Measured cost of that scatter at the grid's
+// integer adds do not, so the parts are added as 64-bit fixed point (x times a power of two from this call's bounds,
+// rows_scales; rounded to nearest) into a workspace the launcher zeroes and then converts: dk, dv stay bitwise
+// repeatable. Measured cost of that scatter at the grid's
 // C = 1 shapes: about 3.4 TB/s of reductions (csrc/cuda/dev/scatter_bench.cu, staged rows 2.2x faster than the
 // accumulator layout's scattered 64-byte pieces).
 //
@@ -17,9 +18,8 @@
 //   warpgroup 0: dV_t = p^T dO, warpgroup 1: dK_t = dS^T Q   (M = the 64 keys, K = the 128 rows; A by ldmatrix)
 //   each warp stages its 16 keys' half rows (f32) and adds them, rounded, into the workspace (lane-consecutive
 //   64-bit reductions, 256 bytes an instruction); padding keys (index >= N) are skipped.
-// Where a block row has several 128-row tiles (R g = 256, 512, 1024) they run as one cluster and each key's parts
-// are first summed across it through distributed shared memory (in rank order, so still repeatable): one
-// workspace addition per (block row, key) instead of one per tile, the scatter's bytes halved or better.
+// Tried and dropped (session 19, branch wip/rows-bwd at ecbffe3): a block row's 128-row tiles as one cluster, each
+// key's parts summed across it through distributed shared memory before one workspace addition: 30-60 % slower.
 #pragma once
 
 #include <climits>
@@ -39,24 +39,75 @@ namespace bwd {
 
 // The dq kernel's parameters and the fixed-point workspace.
 struct Sm90RowsParams : Sm90DqParams {
-  long long* acc_dk;  // [B, N, Hk, D] sum of round(part * fx_dk) (zeroed by the launcher)
-  long long* acc_dv;  // [B, N, Hk, D] sum of round(part * fx_dv)
-  float fx_dk;        // scale * 2^32 (dk = scale * sum dS^T q)
-  float fx_dv;        // 2^32
+  long long* acc_dk;         // [B, N, Hk, D] sum of round(part * scale * fk) (zeroed by the launcher)
+  long long* acc_dv;         // [B, N, Hk, D] sum of round(part * fv)
+  const unsigned* amax;      // max |q|, |v|, |do|, |delta| as float bits (rows_amax_kernel)
 };
 
-// Waits until every thread of every CTA in the cluster has arrived (release / acquire: shared-memory writes before
-// it are visible to the other CTAs' reads after it).
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+// The fixed-point scales of one call, powers of two from bounds on |dv| and |dk| (every part and every sum stays
+// under 2^61 in magnitude): with T rows (M g) seeing a key, |dv| <= T max|do| and |dk| <= scale T max|q| (D max|do|
+// max|v| + max|delta|) (|p| <= 1, |o| <= max|v|, the soft cap's factor <= 1). A sum's resolution is then about its
+// bound times 2^-61: entries down to 2^-36 of the bound keep bf16's precision. Non-finite bounds (inf / NaN inputs):
+// ok = false, and the outputs are NaN.
+struct RowsScales {
+  float fv, fk;  // multipliers of dv parts and of scale * dk parts
+  double inv_v, inv_k;
+  bool ok;
+};
+__device__ __forceinline__ RowsScales rows_scales(const unsigned* amax, int M, int g, int D, float scale) {
+  const double aq = __uint_as_float(amax[0]), av = __uint_as_float(amax[1]), ado = __uint_as_float(amax[2]),
+               adl = __uint_as_float(amax[3]);
+  const double rows = static_cast<double>(M) * g;
+  const double bv = rows * ado, bk = static_cast<double>(scale) * rows * aq * (D * ado * av + adl);
+  RowsScales r;
+  r.ok = isfinite(bv) && isfinite(bk);
+  int ev = 0, ek = 0;
+  frexp(bv, &ev);  // b < 2^e (0 for b = 0)
+  frexp(bk, &ek);
+  ev = min(max(61 - ev, -126), 127);
+  ek = min(max(61 - ek, -126), 127);
+  r.fv = ldexpf(1.f, ev);
+  r.fk = ldexpf(1.f, ek);
+  r.inv_v = ldexp(1.0, -ev);
+  r.inv_k = ldexp(1.0, -ek);
+  return r;
 }
-// The f32 at shared address `addr` of the cluster's CTA `rank` (the same offset in its shared memory).
-__device__ __forceinline__ float ld_cluster_f32(uint32_t addr, int rank) {
-  uint32_t ra;
-  float v;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(ra) : "r"(addr), "r"(rank));
-  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(ra) : "memory");
-  return v;
+
+// max |x| over q, v, do and delta into amax[0..3] (float bits: non-negative floats order as unsigned; a NaN wins).
+template <typename T>
+__global__ void bsattn_bwd_rows_amax_kernel(const T* __restrict__ q, int64_t nq, const T* __restrict__ v, int64_t nv,
+                                            const T* __restrict__ dout, const float* __restrict__ delta, int64_t nd,
+                                            unsigned* amax) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  float m[4] = {0.f, 0.f, 0.f, 0.f};
+  bool nan[4] = {false, false, false, false};  // (fmaxf drops NaNs)
+  const T* src[3] = {q, v, dout};
+  const int64_t n8[3] = {nq / 8, nv / 8, nq / 8};  // (D = 128: whole 8-element vectors)
+#pragma unroll
+  for (int a = 0; a < 3; ++a)
+    for (int64_t i = i0; i < n8[a]; i += stride) {
+      const uint4 w = __ldcs(reinterpret_cast<const uint4*>(src[a]) + i);
+      const T* x = reinterpret_cast<const T*>(&w);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float f = fabsf(static_cast<float>(x[e]));
+        m[a] = fmaxf(m[a], f);
+        nan[a] |= f != f;
+      }
+    }
+  for (int64_t i = i0; i < nd; i += stride) {
+    const float f = fabsf(delta[i]);
+    m[3] = fmaxf(m[3], f);
+    nan[3] |= f != f;
+  }
+#pragma unroll
+  for (int a = 0; a < 4; ++a) {
+    unsigned u = nan[a] ? 0x7fffffffu : __float_as_uint(m[a]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) u = max(u, __shfl_xor_sync(0xffffffffu, u, o));
+    if ((threadIdx.x & 31) == 0) atomicMax(amax + a, u);
+  }
 }
 
 // Two warpgroups of 64 rows (the dq kernel's shape with NWG = 2) plus p^T and dS^T (BN keys x TM rows, b16, rows
@@ -75,8 +126,7 @@ struct Sm90RowsCfg : Sm90DqCfg<D_, 2, BN_, ST_, 1> {
 };
 struct Sm90RowsTile : Sm90RowsCfg<128, 64, 2> {};
 
-// CL: CTAs per cluster, 1 or the block row's tile count (2, 4 or 8; the launcher's rule: every tile holds rows).
-template <typename T, class Cfg, int CL>
+template <typename T, class Cfg>
 __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_rows_sm90_kernel(const __grid_constant__ Sm90RowsParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = Cfg::D, BN = Cfg::BN, TM = Cfg::TM, ST = Cfg::ST, PF = Cfg::PF;
@@ -174,7 +224,8 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_rows_sm90_kernel(const 
   // this lane's ldmatrix row (key 16 wq + 8 ((lane >> 3) & 1) + (lane & 7), rows 8 (lane >> 4) of a 16-row step)
   const uint32_t ld_src = (wg == 0 ? sPt : sDst) +
                           (16 * wq + 8 * ((lane >> 3) & 1) + (lane & 7)) * Cfg::PT_PITCH + 16 * (lane >> 4);
-  const float fx = wg == 0 ? p.fx_dv : p.fx_dk;
+  const RowsScales fs = rows_scales(p.amax, p.M, p.g, D, p.scale);
+  const float fx = wg == 0 ? fs.fv : p.scale * fs.fk;
   long long* const accg = (wg == 0 ? p.acc_dv : p.acc_dk) + ts.kvoff;
   const int64_t key_stride = static_cast<int64_t>(p.Hk) * D;
 
@@ -227,12 +278,9 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_rows_sm90_kernel(const 
       wgmma_wait<0>();
       fence_regs(taccf);
     }
-    // add into the workspace, half a row (D / 2 columns) at a time: each warp stages its 16 keys (f32); then, with
-    // clusters, CTA r adds keys [r kpc, (r + 1) kpc) of the tile summed over the cluster's CTAs in rank order (the
-    // same float additions every run), else each warp adds its own 16 keys
-    constexpr int KPC = BN / CL, KPW = KPC / 4;  // keys a CTA, a warp adds
-    const int key0 = ts.w.split % CL * KPC + wq * KPW;
-    const int* kidx = sKidx + stage * BN;
+    // add into the workspace, half a row (D / 2 columns) at a time: each warp stages its 16 keys (f32), loads them
+    // back a row per key (all 16 keys' loads first), rounds and adds
+    const int* kidx = sKidx + stage * BN + 16 * wq;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
 #pragma unroll
@@ -243,32 +291,15 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_rows_sm90_kernel(const 
         st_shared_f32x2(sStg + (key + 8) * Cfg::STG_PITCH + col * 4, tacc[half * DT / 2 + d][2],
                         tacc[half * DT / 2 + d][3]);
       }
-      if (CL > 1)
-        cluster_sync();
-      else
-        __syncwarp();
-      // the warp's KPW keys x 2 columns a lane: every part loaded first (remote loads in flight together), then
-      // summed in rank order
-      float v[KPW][2];
+      __syncwarp();
+      float v[16][2];
 #pragma unroll
-      for (int r = 0; r < KPW; ++r)
+      for (int r = 0; r < 16; ++r)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const uint32_t a = sStg + (key0 + r) * Cfg::STG_PITCH + (lane + 32 * h) * 4;
-          if constexpr (CL > 1) {
-            float part[CL];
+        for (int h = 0; h < 2; ++h) v[r][h] = stg[(16 * wq + r) * (Cfg::STG_PITCH / 4) + lane + 32 * h];
 #pragma unroll
-            for (int q = 0; q < CL; ++q) part[q] = ld_cluster_f32(a, q);
-            v[r][h] = part[0];
-#pragma unroll
-            for (int q = 1; q < CL; ++q) v[r][h] += part[q];
-          } else {
-            v[r][h] = stg[(a - sStg) / 4];
-          }
-        }
-#pragma unroll
-      for (int r = 0; r < KPW; ++r) {
-        const int j = kidx[key0 + r];
+      for (int r = 0; r < 16; ++r) {
+        const int j = kidx[r];
         if (j < 0 || j >= p.N) continue;  // (uniform per warp) padding keys
         long long* dst = accg + j * key_stride + half * (D / 2) + lane;
 #pragma unroll
@@ -277,10 +308,7 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_rows_sm90_kernel(const 
           asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;\n" ::"l"(dst + 32 * h), "l"(iv) : "memory");
         }
       }
-      if (CL > 1)
-        cluster_sync();  // every CTA done reading the staging rows before they are written again
-      else
-        __syncwarp();
+      __syncwarp();
     }
   }
 
@@ -291,22 +319,25 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_rows_sm90_kernel(const 
 #endif
 }
 
-// dk and dv = the fixed-point sums times 2^-32, in the inputs' dtype: acc holds dk's nk sums then dv's; 8 elements a
-// thread (nk a multiple of 8).
+// dk and dv = the fixed-point sums over their scales, in the inputs' dtype (NaN where the bounds were not finite): acc
+// holds dk's nk sums then dv's; 8 elements a thread (nk a multiple of 8).
 template <typename T>
-__global__ void bsattn_bwd_rows_finalize_kernel(const long long* __restrict__ acc, T* __restrict__ dk,
-                                                T* __restrict__ dv, int64_t nk) {
+__global__ void bsattn_bwd_rows_finalize_kernel(const long long* __restrict__ acc, const unsigned* amax,
+                                                T* __restrict__ dk, T* __restrict__ dv, int64_t nk, int M, int g,
+                                                float scale) {
+  const RowsScales fs = rows_scales(amax, M, g, 128, scale);
   const int64_t n8 = 2 * nk / 8, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n8; i += stride) {
+    const int64_t e = 8 * i;
+    const double inv = e < nk ? fs.inv_k : fs.inv_v;
     const longlong2* src = reinterpret_cast<const longlong2*>(acc) + 4 * i;
     alignas(16) T out[8];
 #pragma unroll
     for (int h = 0; h < 4; ++h) {
       const longlong2 a = __ldcs(src + h);
-      out[2 * h] = static_cast<T>(static_cast<float>(static_cast<double>(a.x) * 0x1p-32));
-      out[2 * h + 1] = static_cast<T>(static_cast<float>(static_cast<double>(a.y) * 0x1p-32));
+      out[2 * h] = static_cast<T>(fs.ok ? static_cast<float>(static_cast<double>(a.x) * inv) : NAN);
+      out[2 * h + 1] = static_cast<T>(fs.ok ? static_cast<float>(static_cast<double>(a.y) * inv) : NAN);
     }
-    const int64_t e = 8 * i;
     T* dst = e < nk ? dk + e : dv + (e - nk);
     *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(out);
   }
