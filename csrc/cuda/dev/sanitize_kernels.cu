@@ -13,8 +13,8 @@
 // Hopper (benchmarks/gpu_check.sh KERNEL_SANITIZE=1 builds this): -gencode arch=compute_90a,code=sm_90a
 //   -DBSATTN_WITH_SM90, plus csrc/cuda/fwd_sm90/instantiations/{fwd_sm90,sweep}_bf16_d{64,128}.cu and
 //   fwd_ws_bf16_d128.cu, csrc/cuda/bwd_sm90/instantiations/{bwd,dq}_sm90_bf16_d{64,128}.cu, dkdv_sm90_bf16_d128.cu and
-//   dkdv_ws_sm90_bf16_d128.cu (the harness calls launch_dq_sm90 and launch_dkdv_sm90; BSATTN_FWD_WS and
-//   BSATTN_BWD_DKDV pick the forms).
+//   dkdv_ws_sm90_bf16_d128.cu and rows_sm90_bf16_d128.cu (the harness calls launch_dq_sm90, launch_dkdv_sm90 and,
+//   where its rule holds, launch_bwd_rows_sm90; BSATTN_FWD_WS and BSATTN_BWD_DKDV pick the forms).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -176,6 +176,16 @@ void run_case(const Case& c, std::mt19937& rng) {
     e4 = c.D == 64 ? bwd::launch_dq_sm90<kBF16, 64>(bp, 0) : bwd::launch_dq_sm90<kBF16, 128>(bp, 0);
     hopper = bwd::bwd_sm90_applies(bp, c.D) ? "Hopper, then Hopper dq" : "Hopper dq";
   }
+  float* rows_ws = nullptr;  // the row-oriented backward where its rule holds (its own workspace, over the same outputs)
+  if (e4 == cudaSuccess && bwd::rows_sm90_rule(bp, c.D)) {
+    const int64_t rw = bwd::rows_workspace_words(bp, c.D);
+    CK(cudaMalloc(&rows_ws, rw * 4));
+    bwd::Params rp = bp;
+    rp.dq_accum = rows_ws;
+    rp.dq_accum_words = rw;
+    e4 = bwd::launch_bwd_rows_sm90<kBF16>(rp, 0);
+    hopper = "Hopper dq, then the row-oriented backward";
+  }
 #endif
   const cudaError_t es = cudaDeviceSynchronize();
   std::printf("case B=%d M=%d N=%d Hq=%d Hk=%d D=%d R=%d C=%d causal=%d cap=%g per_head=%d garbage=%d nnz=%zu: "
@@ -185,6 +195,7 @@ void run_case(const Case& c, std::mt19937& rng) {
               cudaGetErrorString(es));
 #ifdef BSATTN_WITH_SM90
   CK(cudaFree(dq_accum));
+  if (rows_ws != nullptr) CK(cudaFree(rows_ws));
 #endif
   std::fflush(stdout);
   for (void* ptr : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v), static_cast<void*>(dout),
@@ -216,7 +227,7 @@ int main() {
       {1, 150, 530, 8, 2, 128, 32, 200, true, 0.f, false, true},   // C = 200: the Hopper two-warpgroup tile, garbage
       {2, 100, 300, 8, 2, 128, 16, 128, false, 20.f, true, false}, // C = 128, per-head, soft cap: two warpgroups
       {1, 120, 300, 4, 1, 64, 64, 100, true, 0.f, false, false},   // D = 64, C = 100: one warpgroup, partial tile
-      {1, 300, 200, 8, 2, 128, 64, 1, true, 0.f, false, true},     // compact small blocks (R * g = 256), garbage
+      {1, 300, 200, 8, 2, 128, 64, 1, true, 0.f, false, true},     // compact (R * g = 256), garbage; row-oriented
       {2, 130, 150, 8, 2, 128, 128, 2, false, 10.f, true, false},  // compact, C = 2, R * g = 512, per-head, cap
       {1, 100, 250, 8, 2, 128, 64, 12, false, 0.f, true, true},   // C = 12: the 16-key column kernel, per-head garbage
       {2, 90, 333, 4, 1, 128, 16, 16, true, 30.f, false, true},   // C = 16: the narrow-column kernels, causal, cap, garbage
