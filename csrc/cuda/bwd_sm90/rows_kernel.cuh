@@ -18,8 +18,10 @@
 //   warpgroup 0: dV_t = p^T dO, warpgroup 1: dK_t = dS^T Q   (M = the 64 keys, K = the 128 rows; A by ldmatrix)
 //   each warp stages its 16 keys' half rows (f32) and adds them, rounded, into the workspace (lane-consecutive
 //   64-bit reductions, 256 bytes an instruction); padding keys (index >= N) are skipped.
-// Its prologue and S / dP / dQ steps repeat dq_kernel.cuh's lines (NWG = 2): one shared helper would change that
-// measured kernel's SASS, so they stay written out twice.
+// Its prologue and S / dP / dQ steps repeat dq_kernel.cuh's lines (NWG = 2). Shared helpers were tried (session 19's
+// review: the smem carve-up and prologue as one struct and function, or only the row-statistics loops): each changed
+// the measured dq kernel's SASS (registers swapped, 8 instructions fewer at D = 128), which no GPU run has checked, so
+// the lines stay written out twice until one can.
 // Tried and dropped (session 19, branch wip/rows-bwd at ecbffe3): a block row's 128-row tiles as one cluster, each
 // key's parts summed across it through distributed shared memory before one workspace addition: 30-60 % slower.
 #pragma once
