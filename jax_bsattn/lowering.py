@@ -107,7 +107,8 @@ def _rows_words(q, k, cfg: Config) -> int:
     workspace's minimum, which the handler checks), else 0. BSATTN_BWD_ROWS=0: never. Deterministic as it is, it runs
     under deterministic=True too."""
     g = q.shape[-2] // max(k.shape[-2], 1)
-    if (q.shape[-1] != 128 or cfg.block_c > 16 or cfg.block_r * g < 128 or q.size == 0
+    rg = cfg.block_r * g
+    if (q.shape[-1] != 128 or cfg.block_c > 16 or rg < 64 or (rg < 128 and cfg.block_c > 8) or q.size == 0
             or os.environ.get("BSATTN_BWD_ROWS") == "0" or not _gpus_are_sm90()):
         return 0
     return max(q.size + DQ_SCHED_WORDS, 4 * k.size + 8)

@@ -329,7 +329,9 @@ def test_backward_is_deterministic(deterministic, block):
     (64, 16, 4, 448, 333, True, None, jnp.bfloat16, True, 1.0),
     (128, 3, 2, 300, 301, False, None, jnp.bfloat16, False, 1.0),
     (96, 16, 4, 300, 512, False, None, jnp.bfloat16, False, 1e-9),
-    (32, 1, 4, 256, 400, True, 30.0, jnp.float16, True, 1e-9)])
+    (32, 1, 4, 256, 400, True, 30.0, jnp.float16, True, 1e-9),
+    (16, 4, 4, 320, 500, True, None, jnp.bfloat16, True, 1.0),
+    (32, 8, 2, 200, 300, False, 30.0, jnp.bfloat16, False, 1.0)])
 def test_backward_rows(R, C, g, M, N, causal, softcap, dtype, per_head, ct_scale):
     from conftest import assert_close, on_cpu
     from jax_bsattn.reference import reference_in_dtype

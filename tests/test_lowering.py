@@ -74,7 +74,8 @@ def test_sweep_backward_rule(R, C, g, D, density, swept, monkeypatch):
 # and four maxima, never under the dq workspace's minimum the handler checks.
 @pytest.mark.parametrize("R,C,g,D,rows", [
     (64, 1, 4, 128, True), (128, 16, 1, 128, True), (16, 16, 8, 128, True), (32, 3, 4, 128, True),
-    (16, 16, 4, 128, False), (64, 17, 4, 128, False), (64, 1, 4, 64, False), (128, 1, 1, 256, False)])
+    (16, 16, 4, 128, False), (16, 8, 4, 128, True), (64, 1, 1, 128, True), (16, 9, 4, 128, False),
+    (8, 1, 4, 128, False), (64, 17, 4, 128, False), (64, 1, 4, 64, False), (128, 1, 1, 256, False)])
 def test_rows_backward_rule(R, C, g, D, rows, monkeypatch):
     from jax_bsattn import lowering
     from jax_bsattn.primitives import Config

@@ -233,6 +233,7 @@ int main() {
       {2, 90, 333, 4, 1, 128, 16, 16, true, 30.f, false, true},   // C = 16: the narrow-column kernels, causal, cap, garbage
       {1, 500, 520, 2, 1, 128, 1, 3, true, 0.f, false, false},    // C = 3: Hopper packed columns (21 a CTA), R = 1, 2 windows
       {2, 100, 150, 4, 1, 128, 2, 1, false, 15.f, true, true},    // C = 1, per-head garbage, soft cap: packed columns
+      {2, 120, 200, 8, 2, 128, 16, 4, true, 0.f, true, true},    // R * g = 64, C = 4: row-oriented, half-empty tiles
   };
   for (const Case& c : cases) run_case(c, rng);
   std::printf("all cases ran\n");
