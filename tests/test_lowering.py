@@ -70,8 +70,8 @@ def test_sweep_backward_rule(R, C, g, D, density, swept, monkeypatch):
 
 
 # The row-oriented Hopper backward's workspace as lowering.py sizes it (csrc/cuda/bwd/params.h rows_sm90_rule and
-# rows_workspace_words: the same rule): D = 128, C <= 16, R * g >= 128, deterministic or not; 64-bit dk and dv sums
-# and four maxima, never under the dq workspace's minimum the handler checks.
+# rows_workspace_words: the same rule): D = 128, C <= 16, R * g >= 128 or R * g = 64 with C <= 8, deterministic or not;
+# 64-bit dk and dv sums and four maxima, never under the dq workspace's minimum the handler checks.
 @pytest.mark.parametrize("R,C,g,D,rows", [
     (64, 1, 4, 128, True), (128, 16, 1, 128, True), (16, 16, 8, 128, True), (32, 3, 4, 128, True),
     (16, 16, 4, 128, False), (16, 8, 4, 128, True), (64, 1, 1, 128, True), (16, 9, 4, 128, False),

@@ -154,13 +154,14 @@ cudaError_t launch_bwd_rows_sm90(const Params& p, cudaStream_t stream);
 inline int64_t rows_workspace_words(const Params& p, int D) {
   return 4 * static_cast<int64_t>(p.B) * p.N * p.Hk * D + 8;  // dk, dv sums (int64), the maxima
 }
-// Its rule beside the device and the workspace (bwd/dispatch.cu; jax_bsattn/lowering.py sizes the workspace on the
-// same rule): D = 128, C <= 16 (where the column kernels re-gather rows for every 16 keys or sweep) and R * g >= 128
-// (its 128-row tile full), or R * g >= 64 with C <= 8: half-empty tiles, still faster than the sweep or the pair there
+// Its rule beside the device and the workspace (bwd/dispatch.cu; jax_bsattn/lowering.py sizes the workspace on the same
+// rule): D = 128, C <= 16 (where the column kernels re-gather rows for every 16 keys or sweep) and R * g >= 128 (its
+// 128-row tile full), or R * g >= 64 with C <= 8: half-empty tiles, still faster than the sweep or the pair there
 // (H200, session 20, backward alone with a form about 0.3 ms slower than this one: 6.9 against 7.8 ms at 4:16:1 ..
-// 4:16:4, 6.9 against 6.8 at 4:16:8, density 1/4; 3.6 against 7.7, 5.9, 3.7 at 1/8). BSATTN_BWD_ROWS=0: never (A / B; read once by the caller). H200, 2026-11-30: backward
-// alone 3.06-3.10 ms at 4:64:1 ... 8:128:16 against 4.02-7.74 (the narrow pair, the sweep), 3.40 at 1:128:1 against
-// 7.99; 6.39 at 4:16:1 (R g = 64, half-empty tiles) and slower than the narrow pair at 4:16:16 (6.40 against 4.03).
+// 4:16:4, 6.9 against 6.8 at 4:16:8, density 1/4; 3.6 against 7.7, 5.9, 3.7 at 1/8). BSATTN_BWD_ROWS=0: never (A / B;
+// read once by the caller). H200, 2026-11-30: backward alone 3.06-3.10 ms at 4:64:1 ... 8:128:16 against 4.02-7.74 (the
+// narrow pair, the sweep), 3.40 at 1:128:1 against 7.99; 6.39 at 4:16:1 (R g = 64, half-empty tiles) and slower than
+// the narrow pair at 4:16:16 (6.40 against 4.03).
 inline bool rows_sm90_rule(const Params& p, int D) {
   const int64_t rg = static_cast<int64_t>(p.R) * p.g;
   return D == 128 && p.C <= 16 && (rg >= 128 || (rg >= 64 && p.C <= 8));
