@@ -83,7 +83,8 @@ def sweep_words(ip, N, C):
 def bwd_ffi(q, k, v, do, lse, delta, ip, ix, cip, crw, R, C, scale, softcap, causal):
     words = q.size + DQ_SCHED_WORDS + sweep_words(ip, k.shape[1], C) if ATOMIC else 0
     g = q.shape[-2] // k.shape[-2]
-    if ATOMIC and q.shape[-1] == 128 and C <= 16 and (R * g >= 128 or (R * g >= 64 and C <= 8)):  # the row-oriented kernel's (params.h rows_sm90_rule)
+    # the row-oriented kernel's workspace where its rule holds (params.h rows_sm90_rule, lowering.py _rows_words)
+    if ATOMIC and q.shape[-1] == 128 and C <= 16 and (R * g >= 128 or (R * g >= 64 and C <= 8)):
         words = max(words, 4 * k.size + 8)
     out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
            jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((words,), jnp.float32))
