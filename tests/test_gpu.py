@@ -318,10 +318,10 @@ def test_backward_is_deterministic(deterministic, block):
             assert np.linalg.norm(a32 - b32) <= 1e-2 * np.linalg.norm(a32), name
 
 
-# The row-oriented Hopper backward (csrc/cuda/bwd_sm90/rows_kernel.cuh: D = 128, C <= 16, R * g >= 128): one or
-# several 128-row tiles a block row, causal, soft cap, per-head layouts, M not a multiple of R, f16; and a cotangent
-# of 1e-9 (a mean over many elements): its fixed point takes its scale from the call's maxima, so small gradients
-# keep their precision.
+# The row-oriented Hopper backward (csrc/cuda/bwd_sm90/rows_kernel.cuh: D = 128, C <= 16, R * g >= 128, or R * g = 64
+# with C <= 8): one or several 128-row tiles a block row, half-empty ones, causal, soft cap, per-head layouts, M not a
+# multiple of R, f16; and a cotangent of 1e-9 (a mean over many elements): its fixed point takes its scale from the
+# call's maxima, so small gradients keep their precision.
 @pytest.mark.parametrize("R,C,g,M,N,causal,softcap,dtype,per_head,ct_scale", [
     (64, 1, 4, 512, 700, False, None, jnp.bfloat16, False, 1.0),
     (128, 1, 4, 512, 640, True, None, jnp.bfloat16, True, 1.0),
@@ -356,3 +356,61 @@ def test_backward_rows(R, C, g, M, N, causal, softcap, dtype, per_head, ct_scale
     for name, a, b, r, lp in zip(("dq", "dk", "dv"), got, again, ref, lowp):
         assert_close(name, a, r, lp)
         assert np.array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16)), name  # repeatable
+
+
+@pytest.mark.parametrize("R,C,g,causal", [(64, 1, 4, False), (128, 16, 2, True)])
+def test_backward_rows_nonfinite_outside_layout(R, C, g, causal):
+    """The row-oriented backward's scales come from maxima over the finite values only: inf / NaN where the layout
+    excludes them (keys no block lists, rows of empty block rows) change nothing, as on the CPU path; without causal,
+    a NaN the layout uses makes NaN exactly the rows the CPU kernel makes NaN. (Not covered, a known limit of the GPU
+    kernels, forward included: inf / NaN inside a listed block at elements the causal mask excludes, which a
+    gathered tile multiplies by p = 0.)"""
+    from conftest import assert_close, on_cpu
+    from jax_bsattn.reference import reference_in_dtype
+
+    rng = np.random.default_rng(5)
+    M, N, Hk = 4 * R, 256, 2
+    MB, NB = M // R, -(-N // C)
+    mask = random_mask(rng, (), MB, NB, 0.4)
+    mask[:, 0] = False          # keys [0, C): listed nowhere
+    mask[0] = False             # block row 0: empty
+    mask[1:, 1] = True          # block column 1 listed by every other block row
+    layout = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=128, dtype=jnp.bfloat16)
+    ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+    def grads(fn, q, k, v, ct=ct, **extra):
+        return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, layout, causal=causal, **extra).astype(jnp.float32) * ct),
+                        argnums=(0, 1, 2))(q, k, v)
+
+    gpu = jax.jit(lambda q, k, v, ct: grads(jb.block_sparse_attention, q, k, v, ct))
+
+    def cpu(q, k, v, ct):
+        cq, ck, cv, cct = on_cpu(q, k, v, ct)
+        with jax.default_device(jax.devices("cpu")[0]):
+            return grads(jb.block_sparse_attention, cq, ck, cv, cct)
+
+    bad_v = v.at[:, :C].set(jnp.nan)                     # excluded keys
+    bad_q = q.at[:, :R].set(jnp.inf)                     # the empty block row's queries
+    got = gpu(bad_q, k, bad_v, ct)
+    cq, ck, cv = on_cpu(q, k, v)
+    ref = grads(reference_in_dtype, cq, ck, cv)          # (the dense reference would spread 0 * NaN: clean inputs)
+    lowp = grads(reference_in_dtype, cq, ck, cv, compute_dtype=q.dtype)
+    for name, a, r, lp in zip(("dq", "dk", "dv"), got, ref, lowp):
+        assert_close(name, a, r, lp)                     # (the empty block row's dq: 0 in both)
+    if causal:
+        return
+    # a NaN the layout uses (keys of block column 1): the same NaN rows as the CPU kernel, in dq, dk and dv
+    used = v.at[:, C:2 * C].set(jnp.nan)
+    for name, a, b in zip(("dq", "dk", "dv"), gpu(q, k, used, ct), cpu(q, k, used, ct)):
+        a, b = np.asarray(jnp.asarray(a, jnp.float32)), np.asarray(jnp.asarray(b, jnp.float32))
+        assert np.array_equal(np.isnan(a), np.isnan(b)), name
+    assert np.isnan(np.asarray(gpu(q, k, used, ct)[1], np.float32)).any()
+    # a NaN cotangent row (one query row of block row 2, every head): NaN dv and dk on the keys it attends, through
+    # the dv flags as well as the dk ones, as on the CPU
+    bad_ct = ct.at[:, 2 * R].set(jnp.nan)
+    got = gpu(q, k, v, bad_ct)
+    for name, a, b in zip(("dq", "dk", "dv"), got, cpu(q, k, v, bad_ct)):
+        a, b = np.asarray(jnp.asarray(a, jnp.float32)), np.asarray(jnp.asarray(b, jnp.float32))
+        assert np.array_equal(np.isnan(a), np.isnan(b)), name
+    assert np.isnan(np.asarray(got[2], np.float32)).any()

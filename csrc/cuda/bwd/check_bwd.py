@@ -85,7 +85,7 @@ def bwd_ffi(q, k, v, do, lse, delta, ip, ix, cip, crw, R, C, scale, softcap, cau
     g = q.shape[-2] // k.shape[-2]
     # the row-oriented kernel's workspace where its rule holds (params.h rows_sm90_rule, lowering.py _rows_words)
     if ATOMIC and q.shape[-1] == 128 and C <= 16 and (R * g >= 128 or (R * g >= 64 and C <= 8)):
-        words = max(words, 4 * k.size + 8)
+        words = max(words, 4 * k.size + 8 + 4 * ((2 * (k.size // 128) + 15) // 16))
     out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
            jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((words,), jnp.float32))
     return jax.ffi.ffi_call("bsattn_bwd_cuda", out)(

@@ -152,7 +152,10 @@ inline bool dkdv_sm90_applies(const Params& p, int D) { return D == 128 && p.C >
 template <int kDType>
 cudaError_t launch_bwd_rows_sm90(const Params& p, cudaStream_t stream);
 inline int64_t rows_workspace_words(const Params& p, int D) {
-  return 4 * static_cast<int64_t>(p.B) * p.N * p.Hk * D + 8;  // dk, dv sums (int64), the maxima
+  const int64_t keys = static_cast<int64_t>(p.B) * p.N * p.Hk;
+  // dk, dv sums (int64), the maxima, a flag byte per key row each: whole 16-byte words, which the launcher's one memset
+  // needs to stay on its fast path (session 21: an odd tail cost about 2 % of forward + backward)
+  return 4 * keys * D + 8 + 4 * ((2 * keys + 15) / 16);
 }
 // Its rule beside the device and the workspace (bwd/dispatch.cu; jax_bsattn/lowering.py sizes the workspace on the same
 // rule): D = 128, C <= 16 (where the column kernels re-gather rows for every 16 keys or sweep) and R * g >= 128 (its

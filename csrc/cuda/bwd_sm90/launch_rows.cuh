@@ -1,6 +1,6 @@
 // Host-side launch of the row-oriented Hopper backward (rows_kernel.cuh): zero the fixed-point dk / dv workspace
-// (p.dq_accum: 4 B N Hk D floats, then 4 words), the maxima that set its scales, one CTA per 128 packed rows, then
-// convert (one kernel for dk and dv).
+// (p.dq_accum: 4 B N Hk D floats, 8 words, 2 B N Hk bytes), the maxima that set its scales, one CTA per 128 packed
+// rows, then convert (one kernel for dk and dv).
 // Included by its own instantiation files only (the other kernels' translation units stay as they were).
 #pragma once
 
@@ -24,10 +24,13 @@ cudaError_t launch_bwd_rows_sm90(const Params& p, cudaStream_t stream) {
   const int64_t nk = static_cast<int64_t>(p.B) * p.N * p.Hk * Cfg::D;
   const int64_t nq = static_cast<int64_t>(p.B) * p.M * p.Hq * Cfg::D;
   if (p.dq_accum == nullptr || p.dq_accum_words < rows_workspace_words(p, Cfg::D)) return cudaErrorInvalidValue;
-  // the workspace: dk's and dv's 64-bit sums, then the four maxima
+  // the workspace: dk's and dv's 64-bit sums, the four maxima (8 words), then a byte per key row for dk and for dv
   long long* acc = reinterpret_cast<long long*>(p.dq_accum);
   unsigned* amax = reinterpret_cast<unsigned*>(p.dq_accum + 4 * nk);
-  cudaError_t err = cudaMemsetAsync(acc, 0, static_cast<size_t>(4 * nk + 4) * sizeof(float), stream);
+  unsigned char* bad_dk = reinterpret_cast<unsigned char*>(p.dq_accum + 4 * nk + 8);
+  unsigned char* bad_dv = bad_dk + nk / Cfg::D;
+  cudaError_t err =
+      cudaMemsetAsync(acc, 0, static_cast<size_t>(rows_workspace_words(p, Cfg::D)) * sizeof(float), stream);
   if (err != cudaSuccess) return err;
   const unsigned sms = static_cast<unsigned>(std::max(1, device_sm_count()));
   bsattn_bwd_rows_amax_kernel<T><<<4 * sms, 256, 0, stream>>>(static_cast<const T*>(p.q), nq,
@@ -38,11 +41,14 @@ cudaError_t launch_bwd_rows_sm90(const Params& p, cudaStream_t stream) {
   d.acc_dk = acc;
   d.acc_dv = acc + nk;
   d.amax = amax;
+  d.bad_dk = bad_dk;
+  d.bad_dv = bad_dv;
+  d.zero = 0;
   err = launch_row_tiles<bsattn_bwd_rows_sm90_kernel<T, Cfg>, Cfg>(d, stream);
   if (err != cudaSuccess) return err;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((2 * nk / 8 + 255) / 256, 8 * sms));
   if (nk > 0)
-    bsattn_bwd_rows_finalize_kernel<T><<<blocks, 256, 0, stream>>>(acc, amax, static_cast<T*>(p.dk),
+    bsattn_bwd_rows_finalize_kernel<T><<<blocks, 256, 0, stream>>>(acc, amax, bad_dk, bad_dv, static_cast<T*>(p.dk),
                                                                    static_cast<T*>(p.dv), nk, p.M, p.g, p.scale);
   return cudaGetLastError();
 }

@@ -5,9 +5,9 @@
 // every product it computes is useful. The price is dk / dv: each row tile adds its part into every key it lists. Float
 // atomics would make dk / dv depend on the order of arrival; integer adds do not, so the parts are added as 64-bit
 // fixed point (x times a power of two from this call's bounds, rows_scales; rounded to nearest) into a workspace the
-// launcher zeroes and then converts: dk, dv stay bitwise repeatable. Measured cost of that scatter at the grid's C = 1
-// shapes: about 3.4 TB/s of reductions (csrc/cuda/dev/scatter_bench.cu, staged rows 2.2x faster than the accumulator
-// layout's scattered 64-byte pieces).
+// launcher zeroes and then converts: dk, dv stay bitwise repeatable. A key whose part is not finite is flagged and
+// comes out NaN. Measured cost of that scatter at the grid's C = 1 shapes: about 3.4 TB/s of reductions
+// (csrc/cuda/dev/scatter_bench.cu, staged rows 2.2x faster than the accumulator layout's scattered 64-byte pieces).
 //
 // One CTA = 128 packed rows of one block row (two warpgroups of 64, as the dq kernel with NWG = 2), the block row's
 // gathered keys in KV tiles of BN = 64. Per tile:
@@ -45,39 +45,46 @@ namespace bwd {
 struct Sm90RowsParams : Sm90DqParams {
   long long* acc_dk;         // [B, N, Hk, D] sum of round(part * scale * fk) (zeroed by the launcher)
   long long* acc_dv;         // [B, N, Hk, D] sum of round(part * fv)
-  const unsigned* amax;      // max |q|, |v|, |do|, |delta| as float bits (rows_amax_kernel)
+  const unsigned* amax;      // max |q|, |v|, |do|, |delta| over their finite values, as float bits
+  unsigned char* bad_dk;     // [B, N, Hk] set where a dk part was not finite (zeroed by the launcher)
+  unsigned char* bad_dv;     // [B, N, Hk] the same for dv
+  uint32_t zero;             // 0, from the launcher (dS^T's copy, below)
 };
 
-// The fixed-point scales of one call, powers of two from bounds on |dv| and |dk| (every part and every sum stays
-// under 2^61 in magnitude): with T rows (M g) seeing a key, |dv| <= T max|do| and |dk| <= scale T max|q| (D max|do|
-// max|v| + max|delta|) (|p| <= 1, |o| <= max|v|, the soft cap's factor <= 1). A sum's resolution is then about its
-// bound times 2^-61: entries down to 2^-36 of the bound keep bf16's precision. Non-finite bounds (inf / NaN inputs):
-// ok = false, and the outputs are NaN.
+// The fixed-point scales of one call, powers of two from bounds on |dv| and |dk| (every finite part and every sum
+// stays under 2^61 in magnitude): with T rows (M g) seeing a key, |dv| <= T max|do| and |dk| <= |scale| T max|q|
+// (D max|do| max|v| + max|delta|) (|p| <= 1, |o| <= max|v|, the soft cap's factor <= 1), the maxima over the finite
+// values of the whole tensors. A sum's resolution is then about its bound times 2^-61: entries down to 2^-36 of the
+// bound keep bf16's precision. A part that is not finite (an inf / NaN input it reads, or a float32 overflow) flags
+// its key instead, and the key's output is NaN.
 struct RowsScales {
-  float fv, fk;  // multipliers of dv parts and of scale * dk parts
+  float fv, fk;  // multipliers of dv parts and of dk parts (the latter times scale: mk)
+  float mk;      // scale * fk, finite
   double inv_v, inv_k;
-  bool ok;
 };
 __device__ __forceinline__ RowsScales rows_scales(const unsigned* amax, int M, int g, int D, float scale) {
   const double aq = __uint_as_float(amax[0]), av = __uint_as_float(amax[1]), ado = __uint_as_float(amax[2]),
                adl = __uint_as_float(amax[3]);
   const double rows = static_cast<double>(M) * g;
-  const double bv = rows * ado, bk = static_cast<double>(scale) * rows * aq * (D * ado * av + adl);
-  RowsScales r;
-  r.ok = isfinite(bv) && isfinite(bk);
-  int ev = 0, ek = 0;
-  frexp(bv, &ev);  // b < 2^e (0 for b = 0)
+  const double bv = rows * ado, bk = fabs(static_cast<double>(scale)) * rows * aq * (D * ado * av + adl);
+  int ev = 0, ek = 0, es = 0;
+  frexp(bv, &ev);  // b < 2^e (0 for b = 0); finite: the maxima are
   frexp(bk, &ek);
+  frexp(static_cast<double>(scale), &es);
   ev = min(max(61 - ev, -126), 127);
-  ek = min(max(61 - ek, -126), 127);
+  ek = min(max(61 - ek, -126), 127 - max(es, 0));  // scale * 2^ek stays a finite float
+  RowsScales r;
   r.fv = ldexpf(1.f, ev);
   r.fk = ldexpf(1.f, ek);
+  r.mk = scale * r.fk;
   r.inv_v = ldexp(1.0, -ev);
   r.inv_k = ldexp(1.0, -ek);
   return r;
 }
 
-// max |x| over q, v, do and delta into amax[0..3] (float bits: non-negative floats order as unsigned; a NaN wins).
+// max |x| over the finite values of q, v, do and delta into amax[0..3] (float bits: non-negative floats order as
+// unsigned). Non-finite values are left out: they may sit where the layout excludes them; where a part reads one,
+// that part is not finite and flags its key.
 template <typename T>
 __global__ void bsattn_bwd_rows_amax_kernel(const T* __restrict__ q, int64_t nq, const T* __restrict__ v, int64_t nv,
                                             const T* __restrict__ dout, const float* __restrict__ delta, int64_t nd,
@@ -85,7 +92,6 @@ __global__ void bsattn_bwd_rows_amax_kernel(const T* __restrict__ q, int64_t nq,
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   float m[4] = {0.f, 0.f, 0.f, 0.f};
-  bool nan[4] = {false, false, false, false};  // (fmaxf drops NaNs)
   const T* src[3] = {q, v, dout};
   const int64_t n8[3] = {nq / 8, nv / 8, nq / 8};  // (D = 128: whole 8-element vectors)
 #pragma unroll
@@ -96,18 +102,16 @@ __global__ void bsattn_bwd_rows_amax_kernel(const T* __restrict__ q, int64_t nq,
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         const float f = fabsf(static_cast<float>(x[e]));
-        m[a] = fmaxf(m[a], f);
-        nan[a] |= f != f;
+        if (f <= 3.402823466e38f) m[a] = fmaxf(m[a], f);  // (false for inf and NaN)
       }
     }
   for (int64_t i = i0; i < nd; i += stride) {
     const float f = fabsf(delta[i]);
-    m[3] = fmaxf(m[3], f);
-    nan[3] |= f != f;
+    if (f <= 3.402823466e38f) m[3] = fmaxf(m[3], f);
   }
 #pragma unroll
   for (int a = 0; a < 4; ++a) {
-    unsigned u = nan[a] ? 0x7fffffffu : __float_as_uint(m[a]);
+    unsigned u = __float_as_uint(m[a]);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) u = max(u, __shfl_xor_sync(0xffffffffu, u, o));
     if ((threadIdx.x & 31) == 0) atomicMax(amax + a, u);
@@ -129,6 +133,12 @@ struct Sm90RowsCfg : Sm90DqCfg<D_, 2, BN_, ST_, 1> {
   static_assert(SMEM <= 227 * 1024, "shared memory per CTA");
 };
 struct Sm90RowsTile : Sm90RowsCfg<128, 64, 2> {};
+
+// Sets the byte at a to 1 where bad holds, as a predicated store: no branch, so the adding loop keeps its schedule.
+__device__ __forceinline__ void flag_if(bool bad, unsigned char* a) {
+  asm volatile("{\n .reg .pred q;\n setp.ne.u32 q, %0, 0;\n @q st.global.u8 [%1], 1;\n}\n" ::"r"(unsigned(bad)), "l"(a)
+               : "memory");
+}
 
 template <typename T, class Cfg>
 __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_rows_sm90_kernel(const __grid_constant__ Sm90RowsParams p) {
@@ -229,7 +239,8 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_rows_sm90_kernel(const 
   const uint32_t ld_src = (wg == 0 ? sPt : sDst) +
                           (16 * wq + 8 * ((lane >> 3) & 1) + (lane & 7)) * Cfg::PT_PITCH + 16 * (lane >> 4);
   const RowsScales fs = rows_scales(p.amax, p.M, p.g, D, p.scale);
-  const float fx = wg == 0 ? fs.fv : p.scale * fs.fk;
+  const float fx = wg == 0 ? fs.fv : fs.mk;
+  unsigned char* const bad = (wg == 0 ? p.bad_dv : p.bad_dk) + ts.kvoff / D;  // (b, key 0, hk)
   long long* const accg = (wg == 0 ? p.acc_dv : p.acc_dk) + ts.kvoff;
   const int64_t key_stride = static_cast<int64_t>(p.Hk) * D;
 
@@ -247,10 +258,25 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_rows_sm90_kernel(const 
     wgmma_wait<0>();
     fence_regs(sf);
     fence_regs(dpf);
-    dq_probs_ds<NT8, true>(s, dp, sKidx + stage * BN + (lane & 3) * 2, need_mask, lse2, dl, lim, s_mul, cap_mul,
-                           use_cap);
+    // the soft cap's test outside the call: one copy of the step per case. Left to the compiler, this kernel's
+    // other changes (session 20) turned it into a branch per element around each exponential, 7 % slower overall.
+    if (use_cap)
+      dq_probs_ds<NT8, true>(s, dp, sKidx + stage * BN + (lane & 3) * 2, need_mask, lse2, dl, lim, s_mul, cap_mul, true);
+    else
+      dq_probs_ds<NT8, true>(s, dp, sKidx + stage * BN + (lane & 3) * 2, need_mask, lse2, dl, lim, s_mul, cap_mul, false);
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) acc_to_a<T>(dp, kk, da[kk]);
+    // dS^T is stored while dQ runs, from a copy: the PTX ISA leaves reading a wgmma's A registers before its wait
+    // undefined. The copy (xor with a zero the compiler cannot see) keeps registers of its own; it cost nothing
+    // measurable against reading da itself (session 20, calls 3-4: within 0.5 %).
+    uint32_t db[BN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        db[kk][e] = da[kk][e] ^ p.zero;
+        asm volatile("" : "+r"(db[kk][e]));  // the copy made before the wgmma is issued
+      }
     wgmma_fence();
     fence_regs(accf);
     wgmma_rs_mn<T, D, BN / 16>(accf, da, kt_desc + stage * kStageDesc);  // dQ += dS K
@@ -261,7 +287,7 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_rows_sm90_kernel(const 
       uint32_t pa[4];
       acc_to_a<T>(s, kk, pa);
       stsm_x4_trans(sPt + st_off + kk * 16 * Cfg::PT_PITCH, pa);
-      stsm_x4_trans(sDst + st_off + kk * 16 * Cfg::PT_PITCH, da[kk]);
+      stsm_x4_trans(sDst + st_off + kk * 16 * Cfg::PT_PITCH, db[kk]);
     }
     wgmma_wait<0>();
     fence_regs(accf);
@@ -306,6 +332,10 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_rows_sm90_kernel(const 
         const int j = kidx[r];
         if (j < 0 || j >= p.N) continue;  // (uniform per warp) padding keys
         long long* dst = accg + j * key_stride + half * (D / 2) + lane;
+        // a part that is not finite (inf / NaN read, or a float32 overflow) flags its key: each lane tests its own two
+        // values (session 21: within 0.5 % of no test; a warp vote here cost 3 %, x * 0 sums over tacc 2 %)
+        flag_if(!(fabsf(v[r][0]) <= 3.402823466e38f) || !(fabsf(v[r][1]) <= 3.402823466e38f),
+                bad + static_cast<int64_t>(j) * p.Hk);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const long long iv = __float2ll_rn(v[r][h] * fx);
@@ -323,26 +353,30 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_rows_sm90_kernel(const 
 #endif
 }
 
-// dk and dv = the fixed-point sums over their scales, in the inputs' dtype (NaN where the bounds were not finite): acc
-// holds dk's nk sums then dv's; 8 elements a thread (nk a multiple of 8).
+// dk and dv = the fixed-point sums over their scales, in the inputs' dtype, NaN for a key flagged as having read a
+// non-finite value: acc holds dk's nk sums then dv's; 8 elements a thread (nk a multiple of 8, D = 128).
 template <typename T>
 __global__ void bsattn_bwd_rows_finalize_kernel(const long long* __restrict__ acc, const unsigned* amax,
-                                                T* __restrict__ dk, T* __restrict__ dv, int64_t nk, int M, int g,
-                                                float scale) {
+                                                const unsigned char* __restrict__ bad_dk,
+                                                const unsigned char* __restrict__ bad_dv, T* __restrict__ dk,
+                                                T* __restrict__ dv, int64_t nk, int M, int g, float scale) {
   const RowsScales fs = rows_scales(amax, M, g, 128, scale);
   const int64_t n8 = 2 * nk / 8, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n8; i += stride) {
     const int64_t e = 8 * i;
-    const double inv = e < nk ? fs.inv_k : fs.inv_v;
+    const bool is_k = e < nk;
+    const int64_t ek = is_k ? e : e - nk;
+    const double inv = is_k ? fs.inv_k : fs.inv_v;
+    const bool nan = (is_k ? bad_dk : bad_dv)[ek / 128] != 0;
     const longlong2* src = reinterpret_cast<const longlong2*>(acc) + 4 * i;
     alignas(16) T out[8];
 #pragma unroll
     for (int h = 0; h < 4; ++h) {
       const longlong2 a = __ldcs(src + h);
-      out[2 * h] = static_cast<T>(fs.ok ? static_cast<float>(static_cast<double>(a.x) * inv) : NAN);
-      out[2 * h + 1] = static_cast<T>(fs.ok ? static_cast<float>(static_cast<double>(a.y) * inv) : NAN);
+      out[2 * h] = static_cast<T>(nan ? NAN : static_cast<float>(static_cast<double>(a.x) * inv));
+      out[2 * h + 1] = static_cast<T>(nan ? NAN : static_cast<float>(static_cast<double>(a.y) * inv));
     }
-    T* dst = e < nk ? dk + e : dv + (e - nk);
+    T* dst = is_k ? dk + ek : dv + ek;
     *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(out);
   }
 }
