@@ -26,6 +26,7 @@
 // key's parts summed across it through distributed shared memory before one workspace addition: 30-60 % slower.
 #pragma once
 
+#include <cfloat>
 #include <climits>
 #include <cstdint>
 
@@ -43,7 +44,7 @@ namespace bwd {
 
 // The dq kernel's parameters and the fixed-point workspace.
 struct Sm90RowsParams : Sm90DqParams {
-  long long* acc_dk;         // [B, N, Hk, D] sum of round(part * scale * fk) (zeroed by the launcher)
+  long long* acc_dk;         // [B, N, Hk, D] sum of round(part * mk) (zeroed by the launcher)
   long long* acc_dv;         // [B, N, Hk, D] sum of round(part * fv)
   const unsigned* amax;      // max |q|, |v|, |do|, |delta| over their finite values, as float bits
   unsigned char* bad_dk;     // [B, N, Hk] set where a dk part was not finite (zeroed by the launcher)
@@ -58,10 +59,12 @@ struct Sm90RowsParams : Sm90DqParams {
 // bound keep bf16's precision. A part that is not finite (an inf / NaN input it reads, or a float32 overflow) flags
 // its key instead, and the key's output is NaN.
 struct RowsScales {
-  float fv, fk;  // multipliers of dv parts and of dk parts (the latter times scale: mk)
-  float mk;      // scale * fk, finite
+  float fv;  // multiplier of dv parts
+  float mk;  // multiplier of dk parts: scale * 2^ek, finite
   double inv_v, inv_k;
 };
+// |x| <= FLT_MAX: false for inf and NaN
+__device__ __forceinline__ bool finite_f32(float x) { return fabsf(x) <= FLT_MAX; }
 __device__ __forceinline__ RowsScales rows_scales(const unsigned* amax, int M, int g, int D, float scale) {
   const double aq = __uint_as_float(amax[0]), av = __uint_as_float(amax[1]), ado = __uint_as_float(amax[2]),
                adl = __uint_as_float(amax[3]);
@@ -75,8 +78,7 @@ __device__ __forceinline__ RowsScales rows_scales(const unsigned* amax, int M, i
   ek = min(max(61 - ek, -126), 127 - max(es, 0));  // scale * 2^ek stays a finite float
   RowsScales r;
   r.fv = ldexpf(1.f, ev);
-  r.fk = ldexpf(1.f, ek);
-  r.mk = scale * r.fk;
+  r.mk = scale * ldexpf(1.f, ek);
   r.inv_v = ldexp(1.0, -ev);
   r.inv_k = ldexp(1.0, -ek);
   return r;
@@ -101,13 +103,13 @@ __global__ void bsattn_bwd_rows_amax_kernel(const T* __restrict__ q, int64_t nq,
       const T* x = reinterpret_cast<const T*>(&w);
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
-        const float f = fabsf(static_cast<float>(x[e]));
-        if (f <= 3.402823466e38f) m[a] = fmaxf(m[a], f);  // (false for inf and NaN)
+        const float f = static_cast<float>(x[e]);
+        if (finite_f32(f)) m[a] = fmaxf(m[a], fabsf(f));
       }
     }
   for (int64_t i = i0; i < nd; i += stride) {
-    const float f = fabsf(delta[i]);
-    if (f <= 3.402823466e38f) m[3] = fmaxf(m[3], f);
+    const float f = delta[i];
+    if (finite_f32(f)) m[3] = fmaxf(m[3], fabsf(f));
   }
 #pragma unroll
   for (int a = 0; a < 4; ++a) {
@@ -334,8 +336,7 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_rows_sm90_kernel(const 
         long long* dst = accg + j * key_stride + half * (D / 2) + lane;
         // a part that is not finite (inf / NaN read, or a float32 overflow) flags its key: each lane tests its own two
         // values (session 21: within 0.5 % of no test; a warp vote here cost 3 %, x * 0 sums over tacc 2 %)
-        flag_if(!(fabsf(v[r][0]) <= 3.402823466e38f) || !(fabsf(v[r][1]) <= 3.402823466e38f),
-                bad + static_cast<int64_t>(j) * p.Hk);
+        flag_if(!finite_f32(v[r][0]) || !finite_f32(v[r][1]), bad + static_cast<int64_t>(j) * p.Hk);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const long long iv = __float2ll_rn(v[r][h] * fx);
