@@ -24,6 +24,8 @@
 // the lines stay written out twice until one can.
 // Tried and dropped (session 19, branch wip/rows-bwd at ecbffe3): a block row's 128-row tiles as one cluster, each
 // key's parts summed across it through distributed shared memory before one workspace addition: 30-60 % slower.
+// Session 22 (branch wip/rows-red-ab): the additions cost about 15 % (none at all: 2.68 against 3.15 ms at 4:64:1),
+// 32-bit ones would save 2-4 %; tile t + 1's S / dP issued under tile t's additions was 5-7 % slower (255 registers).
 #pragma once
 
 #include <cfloat>
