@@ -53,6 +53,93 @@ inline Sm90DqParams dq_sm90_params(const Params& p) {
   return d;
 }
 
+// The dq tile's shared memory (config.cuh Sm90DqCfg::SMEM; the row kernel's first part): q and do tiles, K / V stages
+// (1024-byte aligned for the swizzle), the key index of each staged row, the tile's tables, lse2 and delta per row.
+struct Sm90DqSmem {
+  uint8_t* base;  // the aligned base (sQ's generic address)
+  uint32_t sQ, sDo, sK, sV;
+  int* sKidx;
+  int* sLim;
+  GatherShared* gs;
+  int2* sOwn;
+  int2* sRow;
+  float* sLse2;
+  float* sDl;
+};
+template <class Cfg>
+__device__ __forceinline__ Sm90DqSmem sm90_dq_smem(uint8_t* smem_raw) {
+  Sm90DqSmem m;
+  m.base = align_smem_1024(smem_raw, m.sQ);
+  m.sDo = m.sQ + Cfg::Q_BYTES;
+  m.sK = m.sDo + Cfg::Q_BYTES;
+  m.sV = m.sK + Cfg::ST * Cfg::KV_STAGE_BYTES;
+  m.sKidx = reinterpret_cast<int*>(m.base + 2 * Cfg::Q_BYTES + Cfg::KV_BYTES);
+  m.sLim = m.sKidx + Cfg::ST * Cfg::BN;
+  m.gs = reinterpret_cast<GatherShared*>(m.sLim + Cfg::TM);
+  m.sOwn = reinterpret_cast<int2*>(m.gs + 1);
+  m.sRow = m.sOwn + Cfg::BN;
+  m.sLse2 = reinterpret_cast<float*>(m.sRow + Cfg::TM);
+  m.sDl = m.sLse2 + Cfg::TM;
+  return m;
+}
+
+// The prologue: the q and do tiles (the wgmma layout), the per-row tables, each row's lse2 and delta (padding rows:
+// lse2 = inf, so p = 0 exactly, and their p^T / dS^T columns are zero), the KV walk's state; ends with a CTA barrier.
+template <typename T, class Cfg, class QLayout, class Kv>
+__device__ __forceinline__ void sm90_dq_prologue(const Sm90DqParams& p, const FwdTileSetup& ts, const Sm90DqSmem& m,
+                                                 Kv& kv, int tid, int warp, int lane) {
+  constexpr int D = Cfg::D, TM = Cfg::TM;
+  {
+    const uint32_t dst[2] = {m.sQ, m.sDo};
+    const T* const src[2] = {static_cast<const T*>(p.q) + ts.qoff, static_cast<const T*>(p.dout) + ts.qoff};
+    load_packed_tile<D, TM, Cfg::NT, 2, QLayout>(dst, src, ts.row0, ts.rows_valid, p.g, ts.q_rstride, tid);
+  }
+  fill_row_tables<TM, Cfg::NT>(p, ts, m.sRow, m.sLim, tid);
+  {
+    const WorkTile& w = ts.w;
+    const int64_t soff = (static_cast<int64_t>(w.b) * p.M + static_cast<int64_t>(w.br) * p.R) * p.Hq +
+                         static_cast<int64_t>(w.hk) * p.g;  // lse / delta of (b, first row, first head of group)
+    for (int row = tid; row < TM; row += Cfg::NT) {
+      float l2 = INFINITY, dl = 0.f;
+      if (row < ts.rows_valid) {
+        const int P = ts.row0 + row, r = P / p.g;
+        const int64_t si = soff + static_cast<int64_t>(r) * p.Hq + (P - r * p.g);
+        row_stats(__ldg(p.lse_rows + si), __ldg(p.delta + si), l2, dl);
+      }
+      m.sLse2[row] = l2;
+      m.sDl[row] = dl;
+    }
+  }
+  kv.init(p, ts.idx, ts.len, m.sOwn, warp, lane);
+  if (tid == 0) fill_gather_shared<Cfg::BN>(p, ts, m.gs);
+  __syncthreads();
+}
+
+// This lane's two rows (warp * 16 + lane / 4, + 8): lse2, delta and the causal limit, from the prologue's tables.
+template <class Cfg>
+__device__ __forceinline__ void sm90_dq_lane_rows(const Sm90DqSmem& m, int warp, int lane, float (&lse2)[2],
+                                                  float (&dl)[2], int (&lim)[2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = warp * 16 + (lane >> 2) + 8 * h;
+    lse2[h] = m.sLse2[row];
+    dl[h] = m.sDl[row];
+    lim[h] = m.sLim[row];
+  }
+}
+
+// S = Q K^T and dP = dO V^T of the KV tile in `stage` (both operands from shared memory), issued as one group.
+template <typename T, class Cfg>
+__device__ __forceinline__ void sm90_issue_s_dp(float (&sf)[Cfg::BN / 2], float (&dpf)[Cfg::BN / 2], uint64_t q_desc,
+                                                uint64_t do_desc, uint64_t k_desc, uint64_t v_desc, int stage) {
+  constexpr int BN = Cfg::BN, D = Cfg::D, TM = Cfg::TM;
+  constexpr uint64_t kStageDesc = Cfg::KV_STAGE_BYTES >> 4;
+  wgmma_fence();
+  wgmma_ss_kmajor<T, BN, D, TM, BN>(sf, q_desc, k_desc + stage * kStageDesc);    // S = Q K^T
+  wgmma_ss_kmajor<T, BN, D, TM, BN>(dpf, do_desc, v_desc + stage * kStageDesc);  // dP = dO V^T
+  wgmma_commit();
+}
+
 template <typename T, class Cfg>
 __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_sm90_kernel(const __grid_constant__ Sm90DqParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -68,50 +155,14 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_sm90_kernel(
   FwdTileSetup ts;
   if (!fwd_tile_setup<D, TM, BN>(p, ts)) return;  // (uniform) a split past the last query row
 
-  // ---- shared memory (tiles 1024-byte aligned for the swizzle) -------------------------------------------
-  uint32_t sQ;
-  uint8_t* smem = align_smem_1024(smem_raw, sQ);
-  const uint32_t sDo = sQ + Cfg::Q_BYTES;
-  const uint32_t sK = sDo + Cfg::Q_BYTES;
-  const uint32_t sV = sK + ST * Cfg::KV_STAGE_BYTES;
-  int* sKidx = reinterpret_cast<int*>(smem + 2 * Cfg::Q_BYTES + Cfg::KV_BYTES);
-  int* sLim = sKidx + ST * BN;
-  GatherShared* gs = reinterpret_cast<GatherShared*>(sLim + TM);
-  int2* sOwn = reinterpret_cast<int2*>(gs + 1);
-  int2* sRow = sOwn + BN;
-  float* sLse2 = reinterpret_cast<float*>(sRow + TM);
-  float* sDl = sLse2 + TM;
-
-  // ---- prologue: q and do tiles, per-row tables and statistics, then the first PF KV tiles ---------------
-  {
-    const uint32_t dst[2] = {sQ, sDo};
-    const T* const src[2] = {static_cast<const T*>(p.q) + ts.qoff, static_cast<const T*>(p.dout) + ts.qoff};
-    load_packed_tile<D, TM, Cfg::NT, 2, QLayout>(dst, src, ts.row0, ts.rows_valid, p.g, ts.q_rstride, tid);
-  }
-  fill_row_tables<TM, Cfg::NT>(p, ts, sRow, sLim, tid);
-  {
-    const WorkTile& w = ts.w;
-    const int64_t soff = (static_cast<int64_t>(w.b) * p.M + static_cast<int64_t>(w.br) * p.R) * p.Hq +
-                         static_cast<int64_t>(w.hk) * p.g;  // lse / delta of (b, first row, first head of group)
-    for (int row = tid; row < TM; row += Cfg::NT) {
-      float l2 = INFINITY, dl = 0.f;  // padding rows: p = 0 exactly
-      if (row < ts.rows_valid) {
-        const int P = ts.row0 + row, r = P / p.g;
-        const int64_t si = soff + static_cast<int64_t>(r) * p.Hq + (P - r * p.g);
-        row_stats(__ldg(p.lse_rows + si), __ldg(p.delta + si), l2, dl);
-      }
-      sLse2[row] = l2;
-      sDl[row] = dl;
-    }
-  }
+  // ---- shared memory, then the prologue: q and do tiles, per-row tables and statistics, the KV walk ------------
+  const Sm90DqSmem m = sm90_dq_smem<Cfg>(smem_raw);
   KvGather<T, Cfg, KvLayout> kv;
-  kv.init(p, ts.idx, ts.len, sOwn, warp, lane);
-  if (tid == 0) fill_gather_shared<BN>(p, ts, gs);
-  __syncthreads();
+  sm90_dq_prologue<T, Cfg, QLayout>(p, ts, m, kv, tid, warp, lane);
 
   // tile i goes to stage i % ST; bit i of `pending`: this thread saw a key needing the mask in the i-th tile not yet
   // consumed (causal, or a padding key)
-  auto issue = [&](int i) { return kv.issue(p, *gs, sK, sV, sKidx, i % ST, warp, lane); };
+  auto issue = [&](int i) { return kv.issue(p, *m.gs, m.sK, m.sV, m.sKidx, i % ST, warp, lane); };
   uint32_t pending = issue_prologue<PF + 1>(issue, ts.ntiles);
 
   // ---- per-warpgroup state --------------------------------------------------------------------------------
@@ -129,23 +180,17 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_sm90_kernel(
 
   float lse2[2], dl[2];
   int lim[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int row = warp * 16 + (lane >> 2) + 8 * h;
-    lse2[h] = sLse2[row];
-    dl[h] = sDl[row];
-    lim[h] = sLim[row];
-  }
+  sm90_dq_lane_rows<Cfg>(m, warp, lane, lse2, dl, lim);
   const float s_mul = p.s_mul, cap_mul = p.cap_mul;
   const bool use_cap = p.use_cap != 0;
 
   // descriptors: q / do rows of this warpgroup (K-major A); K and V of stage 0 as the K-major B of S and dP; K of
   // stage 0 as the MN-major B of dQ (+ stage * KV_STAGE_BYTES / 16 for the others)
-  const uint64_t q_desc = sw128_desc(sQ + wg * 64 * 128, 16, 1024);
-  const uint64_t do_desc = sw128_desc(sDo + wg * 64 * 128, 16, 1024);
-  const uint64_t k_desc = sw128_desc(sK, 16, 1024);
-  const uint64_t v_desc = sw128_desc(sV, 16, 1024);
-  const uint64_t kt_desc = sw128_desc(sK, BN * 128, 1024);
+  const uint64_t q_desc = sw128_desc(m.sQ + wg * 64 * 128, 16, 1024);
+  const uint64_t do_desc = sw128_desc(m.sDo + wg * 64 * 128, 16, 1024);
+  const uint64_t k_desc = sw128_desc(m.sK, 16, 1024);
+  const uint64_t v_desc = sw128_desc(m.sV, 16, 1024);
+  const uint64_t kt_desc = sw128_desc(m.sK, BN * 128, 1024);
   constexpr uint64_t kStageDesc = Cfg::KV_STAGE_BYTES >> 4;
 
   // ---- main loop ------------------------------------------------------------------------------------------
@@ -158,14 +203,11 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_sm90_kernel(
     if (!wg_active) continue;
 
     const int stage = t % ST;
-    wgmma_fence();
-    wgmma_ss_kmajor<T, BN, D, TM, BN>(sf, q_desc, k_desc + stage * kStageDesc);    // S = Q K^T
-    wgmma_ss_kmajor<T, BN, D, TM, BN>(dpf, do_desc, v_desc + stage * kStageDesc);  // dP = dO V^T
-    wgmma_commit();
+    sm90_issue_s_dp<T, Cfg>(sf, dpf, q_desc, do_desc, k_desc, v_desc, stage);
     wgmma_wait<0>();
     fence_regs(sf);
     fence_regs(dpf);
-    dq_probs_ds<NT8>(s, dp, sKidx + stage * BN + (lane & 3) * 2, need_mask, lse2, dl, lim, s_mul, cap_mul, use_cap);
+    dq_probs_ds<NT8>(s, dp, m.sKidx + stage * BN + (lane & 3) * 2, need_mask, lse2, dl, lim, s_mul, cap_mul, use_cap);
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) acc_to_a<T>(dp, kk, da[kk]);
     // dQ += dS K (k16 steps along the keys)
@@ -181,7 +223,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_sm90_kernel(
   cp_async_wait<0>();
   __syncthreads();  // every warpgroup is done with q / do / K / V (and every copy into them has landed)
   if (wg_active)
-    store_dq_rows<T, D>(acc, p.scale, sQ, warp * 16, sRow, static_cast<T*>(p.dq) + ts.qoff, ts.q_rstride, lane);
+    store_dq_rows<T, D>(acc, p.scale, m.sQ, warp * 16, m.sRow, static_cast<T*>(p.dq) + ts.qoff, ts.q_rstride, lane);
 #endif
 }
 

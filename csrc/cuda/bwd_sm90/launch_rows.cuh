@@ -48,7 +48,7 @@ cudaError_t launch_bwd_rows_sm90(const Params& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((2 * nk / 8 + 255) / 256, 8 * sms));
   if (nk > 0)
-    bsattn_bwd_rows_finalize_kernel<T><<<blocks, 256, 0, stream>>>(acc, amax, bad_dk, bad_dv, static_cast<T*>(p.dk),
+    bsattn_bwd_rows_finalize_kernel<T><<<blocks, 256, 0, stream>>>(acc, amax, bad_dk, static_cast<T*>(p.dk),
                                                                    static_cast<T*>(p.dv), nk, p.M, p.g, p.scale);
   return cudaGetLastError();
 }

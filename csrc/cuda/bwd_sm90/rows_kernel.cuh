@@ -18,10 +18,9 @@
 //   warpgroup 0: dV_t = p^T dO, warpgroup 1: dK_t = dS^T Q   (M = the 64 keys, K = the 128 rows; A by ldmatrix)
 //   each warp stages its 16 keys' half rows (f32) and adds them, rounded, into the workspace (lane-consecutive
 //   64-bit reductions, 256 bytes an instruction); padding keys (index >= N) are skipped.
-// Its prologue and S / dP / dQ steps repeat dq_kernel.cuh's lines (NWG = 2). Shared helpers were tried (session 19's
-// review: the smem carve-up and prologue as one struct and function, or only the row-statistics loops): each changed
-// the measured dq kernel's SASS (registers swapped, 8 instructions fewer at D = 128), which no GPU run has checked, so
-// the lines stay written out twice until one can.
+// Its shared-memory carve-up, prologue, per-lane row state and S / dP issue are dq_kernel.cuh's (sm90_dq_smem,
+// sm90_dq_prologue, sm90_dq_lane_rows, sm90_issue_s_dp; session 22, timed against the written-out lines: the dq
+// kernel's SASS then differs in equivalent instruction forms and alignment only, this kernel's loop not at all).
 // Tried and dropped (session 19, branch wip/rows-bwd at ecbffe3): a block row's 128-row tiles as one cluster, each
 // key's parts summed across it through distributed shared memory before one workspace addition: 30-60 % slower.
 // Session 22 (branch wip/rows-red-ab): the additions cost about 15 % (none at all: 2.68 against 3.15 ms at 4:64:1),
@@ -158,51 +157,17 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_rows_sm90_kernel(const 
   FwdTileSetup ts;
   if (!fwd_tile_setup<D, TM, BN>(p, ts)) return;  // (uniform) a split past the last query row
 
-  // ---- shared memory: the dq kernel's carve-up, then p^T, dS^T and the staging areas ---------------------
-  uint32_t sQ;
-  uint8_t* smem = align_smem_1024(smem_raw, sQ);
-  const uint32_t sDo = sQ + Cfg::Q_BYTES;
-  const uint32_t sK = sDo + Cfg::Q_BYTES;
-  const uint32_t sV = sK + ST * Cfg::KV_STAGE_BYTES;
-  int* sKidx = reinterpret_cast<int*>(smem + 2 * Cfg::Q_BYTES + Cfg::KV_BYTES);
-  int* sLim = sKidx + ST * BN;
-  GatherShared* gs = reinterpret_cast<GatherShared*>(sLim + TM);
-  int2* sOwn = reinterpret_cast<int2*>(gs + 1);
-  int2* sRow = sOwn + BN;
-  float* sLse2 = reinterpret_cast<float*>(sRow + TM);
-  float* sDl = sLse2 + TM;
-  const uint32_t sPt = (smem_u32(sDl + TM) + 127u) & ~127u;  // p^T [BN][PT_PITCH]
-  const uint32_t sDst = sPt + Cfg::PT_BYTES;                  // dS^T
+  // ---- shared memory: the dq kernel's carve-up, then p^T, dS^T and the staging areas; the dq kernel's prologue -----
+  const Sm90DqSmem m = sm90_dq_smem<Cfg>(smem_raw);
+  const uint32_t sQ = m.sQ, sDo = m.sDo, sK = m.sK, sV = m.sV;
+  int* const sKidx = m.sKidx;
+  const uint32_t sPt = (smem_u32(m.sDl + TM) + 127u) & ~127u;  // p^T [BN][PT_PITCH]
+  const uint32_t sDst = sPt + Cfg::PT_BYTES;                    // dS^T
   const uint32_t sStg = sDst + Cfg::PT_BYTES + wg * Cfg::STG_BYTES;
-  const float* stg = reinterpret_cast<const float*>(smem + (sStg - sQ));
-
-  // ---- prologue (the dq kernel's) ---------------------------------------------------------------------------
-  {
-    const uint32_t dst[2] = {sQ, sDo};
-    const T* const src[2] = {static_cast<const T*>(p.q) + ts.qoff, static_cast<const T*>(p.dout) + ts.qoff};
-    load_packed_tile<D, TM, Cfg::NT, 2, QLayout>(dst, src, ts.row0, ts.rows_valid, p.g, ts.q_rstride, tid);
-  }
-  fill_row_tables<TM, Cfg::NT>(p, ts, sRow, sLim, tid);
-  {
-    const WorkTile& w = ts.w;
-    const int64_t soff = (static_cast<int64_t>(w.b) * p.M + static_cast<int64_t>(w.br) * p.R) * p.Hq +
-                         static_cast<int64_t>(w.hk) * p.g;
-    for (int row = tid; row < TM; row += Cfg::NT) {
-      float l2 = INFINITY, dl = 0.f;  // padding rows: p = 0 exactly, so their p^T / dS^T columns are zero
-      if (row < ts.rows_valid) {
-        const int P = ts.row0 + row, r = P / p.g;
-        const int64_t si = soff + static_cast<int64_t>(r) * p.Hq + (P - r * p.g);
-        row_stats(__ldg(p.lse_rows + si), __ldg(p.delta + si), l2, dl);
-      }
-      sLse2[row] = l2;
-      sDl[row] = dl;
-    }
-  }
+  const float* stg = reinterpret_cast<const float*>(m.base + (sStg - sQ));
   KvGather<T, Cfg, KvLayout> kv;
-  kv.init(p, ts.idx, ts.len, sOwn, warp, lane);
-  if (tid == 0) fill_gather_shared<BN>(p, ts, gs);
-  __syncthreads();
-  auto issue = [&](int i) { return kv.issue(p, *gs, sK, sV, sKidx, i % ST, warp, lane); };
+  sm90_dq_prologue<T, Cfg, QLayout>(p, ts, m, kv, tid, warp, lane);
+  auto issue = [&](int i) { return kv.issue(p, *m.gs, sK, sV, sKidx, i % ST, warp, lane); };
   uint32_t pending = issue_prologue<PF + 1>(issue, ts.ntiles);
 
   // ---- per-warpgroup state (no warpgroup skips a tile: both meet the CTA barrier of every tile) -------------
@@ -219,13 +184,7 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_rows_sm90_kernel(const 
 
   float lse2[2], dl[2];
   int lim[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int row = warp * 16 + (lane >> 2) + 8 * h;
-    lse2[h] = sLse2[row];
-    dl[h] = sDl[row];
-    lim[h] = sLim[row];
-  }
+  sm90_dq_lane_rows<Cfg>(m, warp, lane, lse2, dl, lim);
   const float s_mul = p.s_mul, cap_mul = p.cap_mul;
   const bool use_cap = p.use_cap != 0;
 
@@ -255,10 +214,7 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_rows_sm90_kernel(const 
     cp_async_commit();
 
     const int stage = t % ST;
-    wgmma_fence();
-    wgmma_ss_kmajor<T, BN, D, TM, BN>(sf, q_desc, k_desc + stage * kStageDesc);    // S = Q K^T
-    wgmma_ss_kmajor<T, BN, D, TM, BN>(dpf, do_desc, v_desc + stage * kStageDesc);  // dP = dO V^T
-    wgmma_commit();
+    sm90_issue_s_dp<T, Cfg>(sf, dpf, q_desc, do_desc, k_desc, v_desc, stage);
     wgmma_wait<0>();
     fence_regs(sf);
     fence_regs(dpf);
@@ -352,16 +308,16 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_rows_sm90_kernel(const 
   // ---- epilogue: dq * scale, each warp its 16 rows, staged in the q tile -----------------------------------
   cp_async_wait<0>();
   __syncthreads();
-  store_dq_rows<T, D>(acc, p.scale, sQ, warp * 16, sRow, static_cast<T*>(p.dq) + ts.qoff, ts.q_rstride, lane);
+  store_dq_rows<T, D>(acc, p.scale, sQ, warp * 16, m.sRow, static_cast<T*>(p.dq) + ts.qoff, ts.q_rstride, lane);
 #endif
 }
 
 // dk and dv = the fixed-point sums over their scales, in the inputs' dtype, NaN for a key flagged as having read a
-// non-finite value: acc holds dk's nk sums then dv's; 8 elements a thread (nk a multiple of 8, D = 128).
+// non-finite value: acc holds dk's nk sums then dv's, bad dk's nk / 128 flags then dv's (so element e's flag is bad[e /
+// 128] either way); 8 elements a thread (nk a multiple of 8, D = 128).
 template <typename T>
 __global__ void bsattn_bwd_rows_finalize_kernel(const long long* __restrict__ acc, const unsigned* amax,
-                                                const unsigned char* __restrict__ bad_dk,
-                                                const unsigned char* __restrict__ bad_dv, T* __restrict__ dk,
+                                                const unsigned char* __restrict__ bad, T* __restrict__ dk,
                                                 T* __restrict__ dv, int64_t nk, int M, int g, float scale) {
   const RowsScales fs = rows_scales(amax, M, g, 128, scale);
   const int64_t n8 = 2 * nk / 8, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -370,7 +326,7 @@ __global__ void bsattn_bwd_rows_finalize_kernel(const long long* __restrict__ ac
     const bool is_k = e < nk;
     const int64_t ek = is_k ? e : e - nk;
     const double inv = is_k ? fs.inv_k : fs.inv_v;
-    const bool nan = (is_k ? bad_dk : bad_dv)[ek / 128] != 0;
+    const bool nan = bad[e / 128] != 0;
     const longlong2* src = reinterpret_cast<const longlong2*>(acc) + 4 * i;
     alignas(16) T out[8];
 #pragma unroll
