@@ -103,15 +103,17 @@ def _sweep_words(q, k, indptr, indices, cfg: Config) -> int:
 
 def _rows_words(q, k, cfg: Config) -> int:
     """Floats of the row-oriented Hopper backward's workspace (csrc/cuda/bwd/params.h rows_sm90_rule and
-    rows_workspace_words: D = 128, C <= 16, R * g >= 128 or R * g >= 64 with C <= 8; 64-bit dk and dv sums, four
-    maxima and a flag byte per key row for each; at least the dq workspace's minimum, which the handler checks), else 0.
-    BSATTN_BWD_ROWS=0: never. Deterministic as it is, it runs under deterministic=True too."""
+    rows_workspace_words: D = 64 or 128, C <= 16, R * g >= 128 or R * g >= 64 with C <= 8 (D = 128) or 4 (D = 64);
+    64-bit dk and dv sums, four maxima and a flag byte per key row for each; at least the dq workspace's minimum, which
+    the handler checks), else 0. BSATTN_BWD_ROWS=0: never. Deterministic as it is, it runs under deterministic=True
+    too."""
     g = q.shape[-2] // max(k.shape[-2], 1)
     rg = cfg.block_r * g
-    if (q.shape[-1] != 128 or cfg.block_c > 16 or rg < 64 or (rg < 128 and cfg.block_c > 8) or q.size == 0
-            or os.environ.get("BSATTN_BWD_ROWS") == "0" or not _gpus_are_sm90()):
+    half_empty_c = 8 if q.shape[-1] == 128 else 4  # the largest C where half-empty tiles (R * g = 64) still run
+    if (q.shape[-1] not in (64, 128) or cfg.block_c > 16 or rg < 64 or (rg < 128 and cfg.block_c > half_empty_c)
+            or q.size == 0 or os.environ.get("BSATTN_BWD_ROWS") == "0" or not _gpus_are_sm90()):
         return 0
-    keys = k.size // 128
+    keys = k.size // q.shape[-1]
     return max(q.size + DQ_SCHED_WORDS, 4 * k.size + 8 + 4 * ((2 * keys + 15) // 16))
 
 

@@ -318,21 +318,24 @@ def test_backward_is_deterministic(deterministic, block):
             assert np.linalg.norm(a32 - b32) <= 1e-2 * np.linalg.norm(a32), name
 
 
-# The row-oriented Hopper backward (csrc/cuda/bwd_sm90/rows_kernel.cuh: D = 128, C <= 16, R * g >= 128, or R * g = 64
-# with C <= 8): one or several 128-row tiles a block row, half-empty ones, causal, soft cap, per-head layouts, M not a
-# multiple of R, f16; and a cotangent of 1e-9 (a mean over many elements): its fixed point takes its scale from the
-# call's maxima, so small gradients keep their precision.
-@pytest.mark.parametrize("R,C,g,M,N,causal,softcap,dtype,per_head,ct_scale", [
-    (64, 1, 4, 512, 700, False, None, jnp.bfloat16, False, 1.0),
-    (128, 1, 4, 512, 640, True, None, jnp.bfloat16, True, 1.0),
-    (128, 16, 8, 384, 512, False, 30.0, jnp.float16, False, 1.0),
-    (64, 16, 4, 448, 333, True, None, jnp.bfloat16, True, 1.0),
-    (128, 3, 2, 300, 301, False, None, jnp.bfloat16, False, 1.0),
-    (96, 16, 4, 300, 512, False, None, jnp.bfloat16, False, 1e-9),
-    (32, 1, 4, 256, 400, True, 30.0, jnp.float16, True, 1e-9),
-    (16, 4, 4, 320, 500, True, None, jnp.bfloat16, True, 1.0),
-    (32, 8, 2, 200, 300, False, 30.0, jnp.bfloat16, False, 1.0)])
-def test_backward_rows(R, C, g, M, N, causal, softcap, dtype, per_head, ct_scale):
+# The row-oriented Hopper backward (csrc/cuda/bwd_sm90/rows_kernel.cuh: D = 64 or 128, C <= 16, R * g >= 128, or R * g
+# = 64 with C <= 8 at D = 128, C <= 4 at D = 64): one or several 128-row tiles a block row, half-empty ones, causal,
+# soft cap, per-head layouts, M not a multiple of R, f16, both head dims; and a cotangent of 1e-9 (a mean over many
+# elements): its fixed point takes its scale from the call's maxima, so small gradients keep their precision.
+@pytest.mark.parametrize("R,C,g,M,N,causal,softcap,dtype,per_head,ct_scale,D", [
+    (64, 1, 4, 512, 700, False, None, jnp.bfloat16, False, 1.0, 128),
+    (128, 1, 4, 512, 640, True, None, jnp.bfloat16, True, 1.0, 128),
+    (128, 16, 8, 384, 512, False, 30.0, jnp.float16, False, 1.0, 128),
+    (64, 16, 4, 448, 333, True, None, jnp.bfloat16, True, 1.0, 128),
+    (128, 3, 2, 300, 301, False, None, jnp.bfloat16, False, 1.0, 128),
+    (96, 16, 4, 300, 512, False, None, jnp.bfloat16, False, 1e-9, 128),
+    (32, 1, 4, 256, 400, True, 30.0, jnp.float16, True, 1e-9, 128),
+    (16, 4, 4, 320, 500, True, None, jnp.bfloat16, True, 1.0, 128),
+    (32, 8, 2, 200, 300, False, 30.0, jnp.bfloat16, False, 1.0, 128),
+    (64, 1, 4, 512, 700, False, None, jnp.bfloat16, False, 1.0, 64),
+    (128, 16, 2, 384, 512, True, 30.0, jnp.float16, True, 1.0, 64),
+    (16, 4, 4, 320, 500, False, None, jnp.bfloat16, False, 1e-9, 64)])
+def test_backward_rows(R, C, g, M, N, causal, softcap, dtype, per_head, ct_scale, D):
     from conftest import assert_close, on_cpu
     from jax_bsattn.reference import reference_in_dtype
 
@@ -341,7 +344,7 @@ def test_backward_rows(R, C, g, M, N, causal, softcap, dtype, per_head, ct_scale
     MB, NB = -(-M // R), -(-N // C)
     layout = jb.BlockSparseLayout.from_block_mask(random_mask(rng, (Hk,) if per_head else (), MB, NB, 0.3), (R, C),
                                                   (M, N))
-    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=128, dtype=dtype)
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=D, dtype=dtype)
     ct = ct_scale * jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
 
     def loss(fn, **extra):

@@ -70,13 +70,14 @@ def test_sweep_backward_rule(R, C, g, D, density, swept, monkeypatch):
 
 
 # The row-oriented Hopper backward's workspace as lowering.py sizes it (csrc/cuda/bwd/params.h rows_sm90_rule and
-# rows_workspace_words: the same rule): D = 128, C <= 16, R * g >= 128 or R * g = 64 with C <= 8, deterministic or not;
-# 64-bit dk and dv sums, four maxima and a flag byte per key row for each, never under the dq workspace's minimum the
-# handler checks.
+# rows_workspace_words: the same rule): D = 64 or 128, C <= 16, R * g >= 128 or R * g = 64 with C <= 8 (D = 128) or 4
+# (D = 64), deterministic or not; 64-bit dk and dv sums, four maxima and a flag byte per key row for each, never under
+# the dq workspace's minimum the handler checks.
 @pytest.mark.parametrize("R,C,g,D,rows", [
     (64, 1, 4, 128, True), (128, 16, 1, 128, True), (16, 16, 8, 128, True), (32, 3, 4, 128, True),
     (16, 16, 4, 128, False), (16, 8, 4, 128, True), (64, 1, 1, 128, True), (16, 9, 4, 128, False),
-    (8, 1, 4, 128, False), (64, 17, 4, 128, False), (64, 1, 4, 64, False), (128, 1, 1, 256, False)])
+    (8, 1, 4, 128, False), (64, 17, 4, 128, False), (64, 1, 4, 64, True), (16, 16, 4, 64, False),
+    (128, 16, 2, 64, True), (16, 4, 4, 64, True), (16, 8, 4, 64, False), (128, 1, 1, 256, False)])
 def test_rows_backward_rule(R, C, g, D, rows, monkeypatch):
     from jax_bsattn import lowering
     from jax_bsattn.primitives import Config

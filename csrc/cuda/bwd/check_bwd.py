@@ -84,8 +84,9 @@ def bwd_ffi(q, k, v, do, lse, delta, ip, ix, cip, crw, R, C, scale, softcap, cau
     words = q.size + DQ_SCHED_WORDS + sweep_words(ip, k.shape[1], C) if ATOMIC else 0
     g = q.shape[-2] // k.shape[-2]
     # the row-oriented kernel's workspace where its rule holds (params.h rows_sm90_rule, lowering.py _rows_words)
-    if ATOMIC and q.shape[-1] == 128 and C <= 16 and (R * g >= 128 or (R * g >= 64 and C <= 8)):
-        words = max(words, 4 * k.size + 8 + 4 * ((2 * (k.size // 128) + 15) // 16))
+    if ATOMIC and q.shape[-1] in (64, 128) and C <= 16 and (
+            R * g >= 128 or (R * g >= 64 and C <= (8 if q.shape[-1] == 128 else 4))):
+        words = max(words, 4 * k.size + 8 + 4 * ((2 * (k.size // q.shape[-1]) + 15) // 16))
     out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
            jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((words,), jnp.float32))
     return jax.ffi.ffi_call("bsattn_bwd_cuda", out)(
@@ -307,6 +308,8 @@ def case_list(quick):
         dict(R=16, C=64, g=4, D=128, M=64, N=256, p_empty=0.0, scale=-0.2, name="negative scale"),
         dict(R=16, C=16, g=1, D=64, M=0, N=100, name="M=0 (dk, dv zero)"),
         dict(R=64, C=64, g=2, D=128, Hk=2, M=256, N=256, dlse=False, softcap=5.0, name="cap 5, dlse 0"),
+        dict(R=64, C=1, g=4, D=64, Hk=2, M=300, N=500, causal=True, per_head=True, garbage=True,
+             name="row-oriented D=64 causal, per-head garbage"),
         # packed small blocks (C <= 8): merged column lists, windows of 2048 block rows, multiplicities
         dict(R=1, C=1, g=1, D=64, M=4500, N=90, p_empty=0.5, maxk=20, name="pack: 3 windows"),
         dict(R=1, C=2, g=2, D=128, M=4200, N=4150, causal=True, p_empty=0.3, maxk=4, name="pack: 3 windows causal"),
@@ -402,9 +405,9 @@ def robustness(rng, impl):
 
 
 # ---- timing ----------------------------------------------------------------------------------------------
-def timing(impl, cells, reps=3, target_ms=40.0, seq=8192, density=0.25, parts_g=(), tune=None):
+def timing(impl, cells, reps=3, target_ms=40.0, seq=8192, density=0.25, parts_g=(), tune=None, D=128):
     tune = tune or {}
-    Hq, D = 32, 128
+    Hq = 32
     key = jax.random.PRNGKey(0)
     q, do = (jax.random.normal(jax.random.fold_in(key, i), (1, seq, Hq, D), jnp.bfloat16) for i in range(2))
     rows = []
@@ -489,6 +492,7 @@ def main():
     ap.add_argument("--sanitize", action="store_true", help="only the robustness cases and a few small checks")
     ap.add_argument("--cells", default="", help="timing cells g:R:C[:causal],... (default: the peers' grid)")
     ap.add_argument("--density", type=float, default=0.25, help="timing: the fraction of each block row listed")
+    ap.add_argument("--head-dim", type=int, default=128, help="timing: the head dim D")
     ap.add_argument("--parts-g", default="4", help="g values whose cells also time dq and dk/dv alone (dev lib)")
     ap.add_argument("--tune", default="", help="g:R:C:letters,... cells also timed with BSATTN_BWD_TUNE=letters")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
@@ -555,9 +559,9 @@ def main():
                 g_, R_, C_, v_ = c.split(":")
                 tune.setdefault((int(g_), int(R_), int(C_)), []).append(v_)
         rows = timing(impl, cells, density=a.density, parts_g=tuple(int(x) for x in a.parts_g.split(",") if x),
-                      tune=tune)
+                      tune=tune, D=a.head_dim)
         out["timing"] = rows
-        print(f"\nbwd timing: M = N = 8192, Hq = 32, D = 128, bf16, density {a.density:g}"
+        print(f"\nbwd timing: M = N = 8192, Hq = 32, D = {a.head_dim}, bf16, density {a.density:g}"
               " (useful TFLOP/s = 10 nnz R C D Hq / t)")
         print("  g    R    C  causal      ms   TFLOP/s   dq ms  dkdv ms")
         for r in rows:

@@ -1,5 +1,5 @@
-// Which backward runs: on an H100 / H200 the row-oriented kernel (bwd_sm90/rows_kernel.cuh: D = 128, C <= 16, R * g >=
-// 128 or R * g >= 64 with C <= 8, params.h rows_sm90_rule) where the caller gave its workspace; else the Hopper
+// Which backward runs: on an H100 / H200 the row-oriented kernel (bwd_sm90/rows_kernel.cuh: D = 64 or 128, C <= 16,
+// R * g >= 128 or R * g >= 64 with C <= 8, params.h rows_sm90_rule) where the caller gave its workspace; else the Hopper
 // one-pass kernel (bwd_sm90/: dq through atomic adds into a float32 workspace) when the caller gave that workspace, the
 // device is compute capability 9.0 with the sm_90a build, the head dim is 64 or 128 and C > 16, the packed small-block
 // rule or the sweep's holds (params.h bwd_sm90_applies); otherwise the deterministic pair, dk / dv then dq
@@ -17,12 +17,12 @@ namespace bwd {
 template <int kDType, int kD>
 cudaError_t launch_bwd(const Params& p, cudaStream_t stream, bool run_dq, bool run_dkdv) {
 #ifdef BSATTN_WITH_SM90
-  if constexpr (kD == 128) {
+  if constexpr (kD == 64 || kD == 128) {
     // the row-oriented backward where its rule holds and the caller gave its workspace; BSATTN_BWD_ROWS=0: never
     static const bool no_rows = env_equals("BSATTN_BWD_ROWS", "0");
     if (!no_rows && run_dq && run_dkdv && rows_sm90_rule(p, kD) && p.dq_accum != nullptr &&
         p.dq_accum_words >= rows_workspace_words(p, kD) && device_runs_sm90a())
-      return launch_bwd_rows_sm90<kDType>(p, stream);
+      return launch_bwd_rows_sm90<kDType, kD>(p, stream);
   }
   if constexpr (kD <= 128) {
     // elsewhere at C <= 16 the deterministic kernels' 16-key, packed and compact tiles measured faster

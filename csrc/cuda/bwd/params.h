@@ -146,10 +146,10 @@ cudaError_t launch_dkdv_sm90_ws(const Params& p, cudaStream_t stream);
 // Its rule beside the device (bwd/dispatch.cu): D = 128 and 8 < C <= 16, where launch_dkdv runs the mma.sync 16-key
 // column tile (C <= 8 has the packed and compact kernels); 2-4 % faster than that tile (H200, 2026-11-30).
 inline bool dkdv_sm90_applies(const Params& p, int D) { return D == 128 && p.C > 8 && p.C <= 16; }
-// Hopper (sm_90a, D = 128; with BSATTN_WITH_SM90): the row-oriented backward (bwd_sm90/rows_kernel.cuh): dq, dk and
-// dv in one pass over each block row's listed keys, dk / dv added as 64-bit fixed point into p.dq_accum (at least
+// Hopper (sm_90a, D = 64 or 128; with BSATTN_WITH_SM90): the row-oriented backward (bwd_sm90/rows_kernel.cuh): dq, dk
+// and dv in one pass over each block row's listed keys, dk / dv added as 64-bit fixed point into p.dq_accum (at least
 // rows_workspace_words(p) floats), so all three are bitwise repeatable.
-template <int kDType>
+template <int kDType, int kD>
 cudaError_t launch_bwd_rows_sm90(const Params& p, cudaStream_t stream);
 inline int64_t rows_workspace_words(const Params& p, int D) {
   const int64_t keys = static_cast<int64_t>(p.B) * p.N * p.Hk;
@@ -158,16 +158,19 @@ inline int64_t rows_workspace_words(const Params& p, int D) {
   return 4 * keys * D + 8 + 4 * ((2 * keys + 15) / 16);
 }
 // Its rule beside the device and the workspace (bwd/dispatch.cu; jax_bsattn/lowering.py sizes the workspace on the same
-// rule): D = 128, C <= 16 (where the column kernels re-gather rows for every 16 keys or sweep) and R * g >= 128 (its
-// 128-row tile full), or R * g >= 64 with C <= 8: half-empty tiles, still faster than the sweep or the pair there
-// (H200, session 20, backward alone with a form about 0.3 ms slower than this one: 6.9 against 7.8 ms at 4:16:1 ..
-// 4:16:4, 6.9 against 6.8 at 4:16:8, density 1/4; 3.6 against 7.7, 5.9, 3.7 at 1/8). BSATTN_BWD_ROWS=0: never (A / B;
-// read once by the caller). H200, 2026-11-30: backward alone 3.06-3.10 ms at 4:64:1 ... 8:128:16 against 4.02-7.74 (the
-// narrow pair, the sweep), 3.40 at 1:128:1 against 7.99; 6.39 at 4:16:1 (R g = 64, half-empty tiles) and slower than
-// the narrow pair at 4:16:16 (6.40 against 4.03).
+// rule): D = 64 or 128, C <= 16 (where the column kernels re-gather rows for every 16 keys or sweep) and R * g >= 128
+// (its 128-row tile full), or R * g >= 64 with C <= 8 at D = 128, C <= 4 at D = 64: half-empty tiles, still faster
+// than the sweep or the pair there (H200, session 20, backward alone with a form about 0.3 ms slower than this one: 6.9
+// against 7.8 ms at 4:16:1 .. 4:16:4, 6.9 against 6.8 at 4:16:8, density 1/4; 3.6 against 7.7, 5.9, 3.7 at 1/8).
+// BSATTN_BWD_ROWS=0: never (A / B; read once by the caller). H200, 2026-11-30: backward alone 3.06-3.10 ms at 4:64:1
+// ... 8:128:16 against 4.02-7.74 (the narrow pair, the sweep), 3.40 at 1:128:1 against 7.99; 6.39 at 4:16:1 (R g = 64,
+// half-empty tiles) and slower than the narrow pair at 4:16:16 (6.40 against 4.03). D = 64 (session 22, H200,
+// 2026-12-01, against BSATTN_BWD_ROWS=0): 2.40-2.41 ms against 2.74-8.55 at 4:64:1, 4:64:16, 4:128:4, 4:128:16, 2.58
+// against 6.31 at 1:128:1; at R g = 64 4.62-4.78 against 6.16-7.23 for C = 1, 2, 4, but 4.63-4.68 against 4.20-4.21
+// for C = 8 (the pair, no sweep at D = 64), hence C <= 4 there.
 inline bool rows_sm90_rule(const Params& p, int D) {
   const int64_t rg = static_cast<int64_t>(p.R) * p.g;
-  return D == 128 && p.C <= 16 && (rg >= 128 || (rg >= 64 && p.C <= 8));
+  return (D == 64 || D == 128) && p.C <= 16 && (rg >= 128 || (rg >= 64 && p.C <= (D == 128 ? 8 : 4)));
 }
 // The backward of one call (bwd/dispatch.cu): the Hopper kernel where it applies, else dk / dv (run_dkdv) and dq
 // (run_dq).

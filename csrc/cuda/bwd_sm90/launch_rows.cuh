@@ -17,10 +17,10 @@ namespace bsattn {
 namespace cuda {
 namespace bwd {
 
-template <int kDType>
+template <int kDType, int kD>
 cudaError_t launch_bwd_rows_sm90(const Params& p, cudaStream_t stream) {
   using T = typename DTypeOf<kDType>::type;
-  using Cfg = Sm90RowsTile;
+  using Cfg = Sm90RowsTile<kD>;
   const int64_t nk = static_cast<int64_t>(p.B) * p.N * p.Hk * Cfg::D;
   const int64_t nq = static_cast<int64_t>(p.B) * p.M * p.Hq * Cfg::D;
   if (p.dq_accum == nullptr || p.dq_accum_words < rows_workspace_words(p, Cfg::D)) return cudaErrorInvalidValue;
@@ -48,7 +48,7 @@ cudaError_t launch_bwd_rows_sm90(const Params& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((2 * nk / 8 + 255) / 256, 8 * sms));
   if (nk > 0)
-    bsattn_bwd_rows_finalize_kernel<T><<<blocks, 256, 0, stream>>>(acc, amax, bad_dk, static_cast<T*>(p.dk),
+    bsattn_bwd_rows_finalize_kernel<T, kD><<<blocks, 256, 0, stream>>>(acc, amax, bad_dk, static_cast<T*>(p.dk),
                                                                    static_cast<T*>(p.dv), nk, p.M, p.g, p.scale);
   return cudaGetLastError();
 }
@@ -57,6 +57,6 @@ cudaError_t launch_bwd_rows_sm90(const Params& p, cudaStream_t stream) {
 }  // namespace cuda
 }  // namespace bsattn
 
-#define BSATTN_INSTANTIATE_BWD_ROWS_SM90(DTYPE)                                                  \
-  template cudaError_t bsattn::cuda::bwd::launch_bwd_rows_sm90<bsattn::cuda::bwd::DTYPE>(        \
+#define BSATTN_INSTANTIATE_BWD_ROWS_SM90(DTYPE, D)                                               \
+  template cudaError_t bsattn::cuda::bwd::launch_bwd_rows_sm90<bsattn::cuda::bwd::DTYPE, D>(     \
       const bsattn::cuda::bwd::Params&, cudaStream_t);

@@ -1,6 +1,6 @@
-// The row-oriented Hopper backward (sm_90a, D = 128; bwd/params.h rows_sm90_rule: C <= 16 with R * g >= 128, or R * g
-// >= 64 with C <= 8, where a tile is half padding): dq, dk and dv from one pass over each block row's listed keys, as
-// the forward walks them. Why: at C <= 16 the column kernels re-gather a block column's query rows for every C keys
+// The row-oriented Hopper backward (sm_90a, D = 64 or 128; bwd/params.h rows_sm90_rule: C <= 16 with R * g >= 128, or
+// R * g >= 64 with C <= 8 at D = 128, C <= 4 at D = 64, where a tile is half padding): dq, dk and dv from one pass over
+// each block row's listed keys, as the forward walks them. Why: at C <= 16 the column kernels re-gather a block column's query rows for every C keys
 // (the narrow dk / dv kernel) or do a dense sweep's work (C <= 4), while a row tile gathers each listed key once and
 // every product it computes is useful. The price is dk / dv: each row tile adds its part into every key it lists. Float
 // atomics would make dk / dv depend on the order of arrival; integer adds do not, so the parts are added as 64-bit
@@ -96,7 +96,7 @@ __global__ void bsattn_bwd_rows_amax_kernel(const T* __restrict__ q, int64_t nq,
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   float m[4] = {0.f, 0.f, 0.f, 0.f};
   const T* src[3] = {q, v, dout};
-  const int64_t n8[3] = {nq / 8, nv / 8, nq / 8};  // (D = 128: whole 8-element vectors)
+  const int64_t n8[3] = {nq / 8, nv / 8, nq / 8};  // (D = 64, 128: whole 8-element vectors)
 #pragma unroll
   for (int a = 0; a < 3; ++a)
     for (int64_t i = i0; i < n8[a]; i += stride) {
@@ -132,10 +132,11 @@ struct Sm90RowsCfg : Sm90DqCfg<D_, 2, BN_, ST_, 1> {
   static constexpr int STG_PITCH = D_ / 2 * 4 + 16;
   static constexpr int STG_BYTES = BN_ * STG_PITCH;
   static constexpr int SMEM = Base::SMEM + 128 + 2 * PT_BYTES + 2 * STG_BYTES;
-  static_assert(D_ == 128 && BN_ == 64, "the prototype's shape: D = 128, 64-key tiles");
+  static_assert((D_ == 64 || D_ == 128) && BN_ == 64, "D = 64 or 128, 64-key tiles");
   static_assert(SMEM <= 227 * 1024, "shared memory per CTA");
 };
-struct Sm90RowsTile : Sm90RowsCfg<128, 64, 2> {};
+template <int D>
+struct Sm90RowsTile : Sm90RowsCfg<D, 64, 2> {};
 
 // Sets the byte at a to 1 where bad holds, as a predicated store: no branch, so the adding loop keeps its schedule.
 __device__ __forceinline__ void flag_if(bool bad, unsigned char* a) {
@@ -148,6 +149,7 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_rows_sm90_kernel(const 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = Cfg::D, BN = Cfg::BN, TM = Cfg::TM, ST = Cfg::ST, PF = Cfg::PF;
   constexpr int NT8 = BN / 8, DT = D / 8;
+  constexpr int HW = D / 64;  // values a lane adds per key and half row (a half row is D / 2 columns)
   using QLayout = AtomSwizzle<D, TM>;
   using KvLayout = AtomSwizzle<D, BN>;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -282,11 +284,11 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_rows_sm90_kernel(const 
                         tacc[half * DT / 2 + d][3]);
       }
       __syncwarp();
-      float v[16][2];
+      float v[16][HW];
 #pragma unroll
       for (int r = 0; r < 16; ++r)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) v[r][h] = stg[(16 * wq + r) * (Cfg::STG_PITCH / 4) + lane + 32 * h];
+        for (int h = 0; h < HW; ++h) v[r][h] = stg[(16 * wq + r) * (Cfg::STG_PITCH / 4) + lane + 32 * h];
 #pragma unroll
       for (int r = 0; r < 16; ++r) {
         const int j = kidx[r];
@@ -294,9 +296,9 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_rows_sm90_kernel(const 
         long long* dst = accg + j * key_stride + half * (D / 2) + lane;
         // a part that is not finite (inf / NaN read, or a float32 overflow) flags its key: each lane tests its own two
         // values (session 21: within 0.5 % of no test; a warp vote here cost 3 %, x * 0 sums over tacc 2 %)
-        flag_if(!finite_f32(v[r][0]) || !finite_f32(v[r][1]), bad + static_cast<int64_t>(j) * p.Hk);
+        flag_if(!finite_f32(v[r][0]) || (HW > 1 && !finite_f32(v[r][HW - 1])), bad + static_cast<int64_t>(j) * p.Hk);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
+        for (int h = 0; h < HW; ++h) {
           const long long iv = __float2ll_rn(v[r][h] * fx);
           asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;\n" ::"l"(dst + 32 * h), "l"(iv) : "memory");
         }
@@ -313,20 +315,20 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_rows_sm90_kernel(const 
 }
 
 // dk and dv = the fixed-point sums over their scales, in the inputs' dtype, NaN for a key flagged as having read a
-// non-finite value: acc holds dk's nk sums then dv's, bad dk's nk / 128 flags then dv's (so element e's flag is bad[e /
-// 128] either way); 8 elements a thread (nk a multiple of 8, D = 128).
-template <typename T>
+// non-finite value: acc holds dk's nk sums then dv's, bad dk's nk / D flags then dv's (so element e's flag is
+// bad[e / D] either way); 8 elements a thread (nk a multiple of 8).
+template <typename T, int D>
 __global__ void bsattn_bwd_rows_finalize_kernel(const long long* __restrict__ acc, const unsigned* amax,
                                                 const unsigned char* __restrict__ bad, T* __restrict__ dk,
                                                 T* __restrict__ dv, int64_t nk, int M, int g, float scale) {
-  const RowsScales fs = rows_scales(amax, M, g, 128, scale);
+  const RowsScales fs = rows_scales(amax, M, g, D, scale);
   const int64_t n8 = 2 * nk / 8, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n8; i += stride) {
     const int64_t e = 8 * i;
     const bool is_k = e < nk;
     const int64_t ek = is_k ? e : e - nk;
     const double inv = is_k ? fs.inv_k : fs.inv_v;
-    const bool nan = bad[e / 128] != 0;
+    const bool nan = bad[e / D] != 0;
     const longlong2* src = reinterpret_cast<const longlong2*>(acc) + 4 * i;
     alignas(16) T out[8];
 #pragma unroll

@@ -13,7 +13,7 @@
 // Hopper (benchmarks/gpu_check.sh KERNEL_SANITIZE=1 builds this): -gencode arch=compute_90a,code=sm_90a
 //   -DBSATTN_WITH_SM90, plus csrc/cuda/fwd_sm90/instantiations/{fwd_sm90,sweep}_bf16_d{64,128}.cu and
 //   fwd_ws_bf16_d128.cu, csrc/cuda/bwd_sm90/instantiations/{bwd,dq}_sm90_bf16_d{64,128}.cu, dkdv_sm90_bf16_d128.cu and
-//   dkdv_ws_sm90_bf16_d128.cu and rows_sm90_bf16_d128.cu (the harness calls launch_dq_sm90, launch_dkdv_sm90 and,
+//   dkdv_ws_sm90_bf16_d128.cu and rows_sm90_bf16_d{64,128}.cu (the harness calls launch_dq_sm90, launch_dkdv_sm90 and,
 //   where its rule holds, launch_bwd_rows_sm90; BSATTN_FWD_WS and BSATTN_BWD_DKDV pick the forms).
 #include <algorithm>
 #include <cmath>
@@ -183,7 +183,7 @@ void run_case(const Case& c, std::mt19937& rng) {
     bwd::Params rp = bp;
     rp.dq_accum = rows_ws;
     rp.dq_accum_words = rw;
-    e4 = bwd::launch_bwd_rows_sm90<kBF16>(rp, 0);
+    e4 = c.D == 64 ? bwd::launch_bwd_rows_sm90<kBF16, 64>(rp, 0) : bwd::launch_bwd_rows_sm90<kBF16, 128>(rp, 0);
     hopper = "Hopper dq, then the row-oriented backward";
   }
 #endif

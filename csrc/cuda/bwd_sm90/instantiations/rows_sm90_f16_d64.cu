@@ -1,0 +1,4 @@
+// The row-oriented Hopper backward: f16, head dim 64. Compiled for sm_90a only.
+#include "cuda/bwd_sm90/launch_rows.cuh"
+
+BSATTN_INSTANTIATE_BWD_ROWS_SM90(kF16, 64)
