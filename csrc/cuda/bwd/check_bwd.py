@@ -14,8 +14,9 @@ layout, exactly as csrc/README.md reads it), run on the CPU device, with loss su
 kernel gets the reference's lse and delta = rowsum(do * o) - dlse. Pass when, for each of dq, dk, dv,
 ||x - ref|| / ||ref|| <= 2 * (error of the same grads computed by the reference in the inputs' dtype) + 1e-4, no
 NaN / inf anywhere, dq exactly 0 on rows with lse = -inf. Then determinism (two runs bitwise equal), robustness
-(garbage column views: must finish without a fault) and the timing grid (M = N = 8192, Hq = 32, D = 128, bf16,
-density 0.25, every block row the same number of random block columns; R, C in {1, 16, 64, 128}, g in {1, 4, 8}):
+(garbage column views: must finish without a fault) and the timing grid (M = N = 8192, Hq = 32, D = --head-dim,
+128 by default, bf16, density 0.25, every block row the same number of random block columns; R, C in {1, 16, 64,
+128}, g in {1, 4, 8}):
 bwd ms and useful TFLOP/s = 2.5 * 4 * nnz * R * C * D * Hq / time.
 --mock replaces the kernel by a jnp implementation of the contract (dk / dv from the column view): a test of
 this harness on a machine without a GPU. With the development library (dev/build_dev.sh), --parts-g times dq and

@@ -1,9 +1,9 @@
 // Which backward runs: on an H100 / H200 the row-oriented kernel (bwd_sm90/rows_kernel.cuh: D = 64 or 128, C <= 16,
-// R * g >= 128 or R * g >= 64 with C <= 8, params.h rows_sm90_rule) where the caller gave its workspace; else the Hopper
-// one-pass kernel (bwd_sm90/: dq through atomic adds into a float32 workspace) when the caller gave that workspace, the
-// device is compute capability 9.0 with the sm_90a build, the head dim is 64 or 128 and C > 16, the packed small-block
-// rule or the sweep's holds (params.h bwd_sm90_applies); otherwise the deterministic pair, dk / dv then dq
-// (bwd/launch.cuh; dq on wgmma, bwd_sm90/dq_kernel.cuh, on such a device where R * g > 16).
+// R * g >= 128 or R * g >= 64 with C <= 8 at D = 128, C <= 4 at D = 64, params.h rows_sm90_rule) where the caller gave
+// its workspace; else the Hopper one-pass kernel (bwd_sm90/: dq through atomic adds into a float32 workspace) when the
+// caller gave that workspace, the device is compute capability 9.0 with the sm_90a build, the head dim is 64 or 128 and
+// C > 16, the packed small-block rule or the sweep's holds (params.h bwd_sm90_applies); otherwise the deterministic
+// pair, dk / dv then dq (bwd/launch.cuh; dq on wgmma, bwd_sm90/dq_kernel.cuh, on such a device where R * g > 16).
 // Host code only: it calls the launchers through their declarations (params.h), so no kernel is instantiated here.
 #include <cuda_runtime.h>
 

@@ -148,7 +148,7 @@ cudaError_t launch_dkdv_sm90_ws(const Params& p, cudaStream_t stream);
 inline bool dkdv_sm90_applies(const Params& p, int D) { return D == 128 && p.C > 8 && p.C <= 16; }
 // Hopper (sm_90a, D = 64 or 128; with BSATTN_WITH_SM90): the row-oriented backward (bwd_sm90/rows_kernel.cuh): dq, dk
 // and dv in one pass over each block row's listed keys, dk / dv added as 64-bit fixed point into p.dq_accum (at least
-// rows_workspace_words(p) floats), so all three are bitwise repeatable.
+// rows_workspace_words(p, D) floats), so all three are bitwise repeatable.
 template <int kDType, int kD>
 cudaError_t launch_bwd_rows_sm90(const Params& p, cudaStream_t stream);
 inline int64_t rows_workspace_words(const Params& p, int D) {

@@ -49,7 +49,7 @@ cudaError_t launch_bwd_rows_sm90(const Params& p, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((2 * nk / 8 + 255) / 256, 8 * sms));
   if (nk > 0)
     bsattn_bwd_rows_finalize_kernel<T, kD><<<blocks, 256, 0, stream>>>(acc, amax, bad_dk, static_cast<T*>(p.dk),
-                                                                   static_cast<T*>(p.dv), nk, p.M, p.g, p.scale);
+                                                                       static_cast<T*>(p.dv), nk, p.M, p.g, p.scale);
   return cudaGetLastError();
 }
 

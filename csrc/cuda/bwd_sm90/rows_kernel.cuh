@@ -1,7 +1,8 @@
 // The row-oriented Hopper backward (sm_90a, D = 64 or 128; bwd/params.h rows_sm90_rule: C <= 16 with R * g >= 128, or
 // R * g >= 64 with C <= 8 at D = 128, C <= 4 at D = 64, where a tile is half padding): dq, dk and dv from one pass over
-// each block row's listed keys, as the forward walks them. Why: at C <= 16 the column kernels re-gather a block column's query rows for every C keys
-// (the narrow dk / dv kernel) or do a dense sweep's work (C <= 4), while a row tile gathers each listed key once and
+// each block row's listed keys, as the forward walks them. Why: at C <= 16 the column kernels re-gather a block
+// column's query rows for every C keys (the narrow dk / dv kernel) or do a dense sweep's work (C <= 4), while a row
+// tile gathers each listed key once and
 // every product it computes is useful. The price is dk / dv: each row tile adds its part into every key it lists. Float
 // atomics would make dk / dv depend on the order of arrival; integer adds do not, so the parts are added as 64-bit
 // fixed point (x times a power of two from this call's bounds, rows_scales; rounded to nearest) into a workspace the
@@ -294,7 +295,7 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_rows_sm90_kernel(const 
         const int j = kidx[r];
         if (j < 0 || j >= p.N) continue;  // (uniform per warp) padding keys
         long long* dst = accg + j * key_stride + half * (D / 2) + lane;
-        // a part that is not finite (inf / NaN read, or a float32 overflow) flags its key: each lane tests its own two
+        // a part that is not finite (inf / NaN read, or a float32 overflow) flags its key: each lane tests its own HW
         // values (session 21: within 0.5 % of no test; a warp vote here cost 3 %, x * 0 sums over tacc 2 %)
         flag_if(!finite_f32(v[r][0]) || (HW > 1 && !finite_f32(v[r][HW - 1])), bad + static_cast<int64_t>(j) * p.Hk);
 #pragma unroll

@@ -224,6 +224,7 @@ int main() {
       {1, 70, 90, 2, 1, 128, 32, 24, true, 0.f, false, true},      // non-multiples, garbage
       {1, 130, 200, 8, 2, 64, 32, 16, true, 0.f, false, true},     // D = 64, 128-row tile, garbage
       {1, 90, 100, 4, 4, 64, 64, 8, false, 0.f, true, true},       // D = 64, 64-row tile, per-head garbage
+      {1, 90, 100, 8, 2, 64, 16, 4, true, 0.f, true, true},        // D = 64, R * g = 64, C = 4: half-empty row tiles
       {1, 150, 530, 8, 2, 128, 32, 200, true, 0.f, false, true},   // C = 200: the Hopper two-warpgroup tile, garbage
       {2, 100, 300, 8, 2, 128, 16, 128, false, 20.f, true, false}, // C = 128, per-head, soft cap: two warpgroups
       {1, 120, 300, 4, 1, 64, 64, 100, true, 0.f, false, false},   // D = 64, C = 100: one warpgroup, partial tile
