@@ -3,7 +3,7 @@
     python benchmarks/bench_grid.py --out results/ [--peers-jsonl anchors.jsonl] [--backend auto|api|ffi]
 
 Work (the same as /shared/peers/bench_peers.py, so the numbers compare cell by cell): one sequence,
-M = N = --seq (8192), Hq = 32, D = 128, bf16, g = Hq / Hk in {1, 4, 8}, a random BSR layout of R x C
+M = N = --seq (8192), Hq = 32, D = --head-dim (128), bf16, g = Hq / Hk in {1, 4, 8}, a random BSR layout of R x C
 blocks with the same number of blocks in every block row (density 0.25; bench_peers.random_bsr, seed 2),
 R, C in {1, 16, 64, 128}. Plus block-causal layouts (block row i lists blocks 0..i) next to a uniform
 random layout with the same number of blocks per layout: their ratio shows the work balance.
@@ -198,7 +198,10 @@ def main():
     ap.add_argument("--target-ms", type=float, default=60.0)
     ap.add_argument("--fwdbwd", action="store_true",
                     help="time forward + backward (jax.grad); useful FLOPs x 3.5 (api backend only)")
+    ap.add_argument("--head-dim", type=int, default=128, help="the head dim D (64, 128 or 256)")
     a = ap.parse_args()
+    global D
+    D = a.head_dim
     os.makedirs(a.out, exist_ok=True)
     backend, build = make_backend(a.backend, a.fwdbwd)
     flop_mult = 3.5 if a.fwdbwd else 1.0
@@ -225,7 +228,7 @@ def main():
         nnz = int(indptr[-1])
         ms, calls, spread = time_cell(build, R, C, M, N, indptr, indices, q, k, v, a.reps, a.target_ms)
         tf = flop_mult * 4.0 * nnz * R * C * D * HQ / ms / 1e9
-        r = dict(g=g, R=R, C=C, layout=layout, seq=M, density=a.density, nnz=nnz, ms=ms, tflops=tf, calls=calls,
+        r = dict(g=g, R=R, C=C, D=D, layout=layout, seq=M, density=a.density, nnz=nnz, ms=ms, tflops=tf, calls=calls,
                  spread_ms=spread, backend=backend, fwdbwd=a.fwdbwd)
         rows.append(r)
         print(json.dumps(r), flush=True)
