@@ -2,13 +2,13 @@
 // R * g >= 64 with C <= 8 at D = 128, C <= 4 at D = 64, where a tile is half padding): dq, dk and dv from one pass over
 // each block row's listed keys, as the forward walks them. Why: at C <= 16 the column kernels re-gather a block
 // column's query rows for every C keys (the narrow dk / dv kernel) or do a dense sweep's work (C <= 4), while a row
-// tile gathers each listed key once and
-// every product it computes is useful. The price is dk / dv: each row tile adds its part into every key it lists. Float
-// atomics would make dk / dv depend on the order of arrival; integer adds do not, so the parts are added as 64-bit
-// fixed point (x times a power of two from this call's bounds, rows_scales; rounded to nearest) into a workspace the
-// launcher zeroes and then converts: dk, dv stay bitwise repeatable. A key whose part is not finite is flagged and
-// comes out NaN. Measured cost of that scatter at the grid's C = 1 shapes: about 3.4 TB/s of reductions
-// (csrc/cuda/dev/scatter_bench.cu, staged rows 2.2x faster than the accumulator layout's scattered 64-byte pieces).
+// tile gathers each listed key once and every product it computes is useful. The price is dk / dv: each row tile adds
+// its part into every key it lists. Float atomics would make dk / dv depend on the order of arrival; integer adds do
+// not, so the parts are added as 64-bit fixed point (x times a power of two from this call's bounds, rows_scales;
+// rounded to nearest) into a workspace the launcher zeroes and then converts: dk, dv stay bitwise repeatable. A key
+// whose part is not finite is flagged and comes out NaN. Measured cost of that scatter at the grid's C = 1 shapes:
+// about 3.4 TB/s of reductions (csrc/cuda/dev/scatter_bench.cu, staged rows 2.2x faster than the accumulator layout's
+// scattered 64-byte pieces).
 //
 // One CTA = 128 packed rows of one block row (two warpgroups of 64, as the dq kernel with NWG = 2), the block row's
 // gathered keys in KV tiles of BN = 64. Per tile:
