@@ -187,6 +187,24 @@ def test_backward_packed_small_blocks(R, C, g, D, M, causal, softcap, dtype, den
     check_gradients(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
 
 
+@pytest.mark.parametrize("R,C,g,M,causal,softcap,dtype,deterministic", [
+    (16, 1, 4, 200, True, None, jnp.bfloat16, False), (3, 3, 2, 100, False, 20.0, jnp.float16, False),
+    (1, 2, 1, 2500, True, None, jnp.bfloat16, True), (64, 8, 1, 150, False, None, jnp.bfloat16, False)])
+def test_backward_small_blocks_head_dim_256(R, C, g, M, causal, softcap, dtype, deterministic):
+    """D = 256, C <= 8 (any GPU: no Hopper kernel has this head dim): dk / dv by the packed small-block kernel of
+    bwd/dkdv_kernel.cuh in two passes (dv, then dk), 16 / C block columns a CTA. Unvalidated layouts with a block
+    listed three times and out-of-range entries; M = 2500 at R = 1: three windows of 1024 block rows; C = 3: five
+    columns a tile."""
+    from conftest import check_gradients
+
+    rng = np.random.default_rng(M + 7 * C + g)
+    N, Hk = M + 61, 2
+    layout = _layout_with_duplicates(rng, R, C, M, N, 3)
+    q, k, v = random_problem(rng, batch=(1,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=256, dtype=dtype)
+    check_gradients(q, k, v, layout, op_kw=dict(deterministic=deterministic), causal=causal,
+                    logits_soft_cap=softcap)
+
+
 def _check_per_head_gradients(R, C, g, M, N, causal, softcap, dtype, *, seed, density, empty_row):
     """Gradients against the reference for a random per-head layout (2 KV heads, one block row of one head left
     empty: empty_row = (head, block row)), batch 2, D = 128."""

@@ -323,6 +323,12 @@ def case_list(quick):
         dict(R=16, C=1, g=1, D=64, M=0, N=40, name="pack: M=0"),
         dict(R=4, C=1, g=2, D=128, M=40, N=30, p_empty=0.0, dup=19, name="pack: a block listed 20 times (2 passes)"),
         dict(R=2, C=4, g=1, D=64, M=30, N=40, dup=40, garbage=True, name="pack: 41 copies + garbage (3 passes)"),
+        # head dim 256: the same kernel in two passes (dv, then dk), windows of 1024 block rows
+        dict(R=16, C=1, g=4, D=256, Hk=2, M=200, N=300, causal=True, garbage=True, name="pack D=256: C=1 causal garb"),
+        dict(R=3, C=3, g=2, D=256, B=2, Hk=2, dtype="f16", M=70, N=95, per_head=True, per_batch=True, softcap=20.0,
+             dup=2, name="pack D=256: C=3 f16 cap dup x3 per-batch"),
+        dict(R=1, C=2, g=1, D=256, M=2500, N=40, p_empty=0.3, maxk=5, name="pack D=256: 3 windows"),
+        dict(R=64, C=8, g=1, D=256, M=200, N=300, scale=10.0, name="pack D=256: C=8 scale 10"),
         # compact small blocks (C <= 2, R * g >= 256, D = 128): windows of 32 block rows, groups of 16 keys
         dict(R=64, C=1, g=4, D=128, Hk=2, M=4480, N=300, causal=True, per_head=True, garbage=True, dup=2,
              name="compact: C=1 3 windows causal dup x3 garbage"),
@@ -353,7 +359,8 @@ def determinism(rng, impl):
                                        (128, 128, 1, 256, 512, 512, False), (1, 5, 4, 128, 300, 400, False),
                                        (16, 128, 4, 128, 512, 1024, True),
                                        (64, 1, 4, 128, 512, 600, True), (16, 16, 4, 128, 512, 1000, True),
-                                       (1, 1, 4, 128, 512, 700, True)]:  # (the sweep where its rule holds)
+                                       (1, 1, 4, 128, 512, 700, True),  # (the sweep where its rule holds)
+                                       (16, 2, 4, 256, 300, 500, True)]:
         Hk = 2
         Hq = Hk * g
         MB, NB = -(-M // R), -(-N // C)

@@ -21,14 +21,14 @@
 // Padding key rows (past C or N) are zero and never written; padding query rows are zero with lse2 = +inf
 // (p = 0), as are rows with lse = -inf.
 //
-// Small blocks (C <= 8, head dim <= 128): bsattn_bwd_dkdv_pack_kernel packs P = 16 / C consecutive block columns
-// into one 16-key tile (their keys are contiguous) and walks the merge of their row lists: block row br is visited
-// once for all the columns that list it, with a per-(row, column) multiplicity (4-bit counters, so a block listed
-// up to 15 times in a row counts exactly; 0 masks the column). The merge is built in shared memory, window by
-// window of W block rows: the columns' entries of the window are counted with shared-memory atomics (integer adds:
-// the counts do not depend on their order), then compacted in block-row order. With one column per tile a key
-// tile of C < 16 keys would waste 16 / C of every mma; packed, only the rows that list none of the columns are
-// wasted work.
+// Small blocks (C <= 8; head dim 256 in the two passes above): bsattn_bwd_dkdv_pack_kernel packs P = 16 / C
+// consecutive block columns into one 16-key tile (their keys are contiguous) and walks the merge of their row
+// lists: block row br is visited once for all the columns that list it, with a per-(row, column) multiplicity
+// (4-bit counters, so a block listed up to 15 times in a row counts exactly; 0 masks the column). The merge is
+// built in shared memory, window by window of W block rows: the columns' entries of the window are counted with
+// shared-memory atomics (integer adds: the counts do not depend on their order), then compacted in block-row
+// order. With one column per tile a key tile of C < 16 keys would waste 16 / C of every mma; packed, only the
+// rows that list none of the columns are wasted work.
 #pragma once
 
 #include <climits>
@@ -67,15 +67,16 @@ struct DkvCfg {
   static constexpr int DKN = MODE != 1 ? D / 8 : 1, DVN = MODE != 2 ? D / 8 : 1;
   static constexpr int KFN = KREG ? D / 16 : 1, VFN = KREG && MODE != 1 ? D / 16 : 1;
   // packed small-block variant: window of block rows merged at a time; extra shared memory: count word per staged
-  // row, the window's count words (compacted in place into the merged list) and block rows, column cursors
-  static constexpr int PACK_W = 2048;
+  // row, the window's count words (compacted in place into the merged list) and block rows, column cursors. Head dim
+  // 256 takes half the window, so that its 146 KB of tiles and the lists stay within an A100's 163 KB.
+  static constexpr int PACK_W = D == 256 ? 1024 : 2048;
   static constexpr int PACK_SMEM = SMEM + STAGES * BQ * 8 + PACK_W * 8 + PACK_W * 2 + 512;
 
   static_assert(QC % 16 == 0 && BQW % QC == 0, "whole k16 steps of query rows per warp");
   static_assert(WQ == 1 || WQ * BK * OST * 4 <= 2 * K_BYTES + Q_BYTES, "merge buffer");
   static_assert(STAGES >= 2 && STAGES <= 8, "pipeline depth");
   static_assert(MODE >= 0 && MODE <= 2, "mode");
-  static_assert(SMEM <= 163 * 1024, "shared memory per CTA (A100 limit)");
+  static_assert(SMEM <= 163 * 1024 && PACK_SMEM <= 163 * 1024, "shared memory per CTA (A100 limit)");
 };
 
 // Per-lane parts of the ldmatrix addresses of a warp (fragment layouts in cuda/fwd/mma.cuh; all rows a lane

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include <cuda_runtime.h>
 
@@ -65,11 +66,26 @@ cudaError_t launch_dkdv_tile(const Params& p, cudaStream_t stream) {
   return launch_column_tiles<bsattn_bwd_dkdv_kernel<T, Cfg>, Cfg>(p, stream, Cfg::NT, Cfg::SMEM);
 }
 
-// Small blocks (C <= 8, D <= 128): P = 16 / C block columns per 16-key CTA (bsattn_bwd_dkdv_pack_kernel).
+// Head dim 256 runs dk / dv in two passes, dv (MODE 1) then dk (MODE 2): one warp cannot hold both 16 x 256
+// accumulators. launch(std::integral_constant<int, MODE>) launches one pass.
+template <int kD, class Launch>
+cudaError_t launch_dkdv_passes(Launch&& launch) {
+  if constexpr (kD == 256) {
+    const cudaError_t err = launch(std::integral_constant<int, 1>{});
+    return err != cudaSuccess ? err : launch(std::integral_constant<int, 2>{});
+  } else {
+    return launch(std::integral_constant<int, 0>{});
+  }
+}
+
+// Small blocks (C <= 8): P = 16 / C block columns per 16-key CTA (bsattn_bwd_dkdv_pack_kernel).
 template <typename T, int kD>
 cudaError_t launch_dkdv_pack(const Params& p, cudaStream_t stream) {
-  using Cfg = DkvTile<kD, 16, 0>;
-  return launch_column_groups<bsattn_bwd_dkdv_pack_kernel<T, Cfg>>(p, stream, 16, Cfg::NT, Cfg::PACK_SMEM, Cfg::MINB);
+  return launch_dkdv_passes<kD>([&](auto mode) {
+    using Cfg = DkvTile<kD, 16, decltype(mode)::value>;
+    return launch_column_groups<bsattn_bwd_dkdv_pack_kernel<T, Cfg>>(p, stream, 16, Cfg::NT, Cfg::PACK_SMEM,
+                                                                     Cfg::MINB);
+  });
 }
 
 // Small blocks under tall block rows (C <= 2, R * g >= 256, D = 128) where the device has the shared memory: the
@@ -100,15 +116,11 @@ inline bool bwd_tune(char) { return false; }
 
 template <typename T, int kD, int BK>
 cudaError_t launch_dkdv_keys(const Params& p, cudaStream_t stream) {
-  if constexpr (kD == 256) {
-    // two passes (dv, then dk): one warp cannot hold both 16 x 256 accumulators
-    cudaError_t err = launch_dkdv_tile<T, DkvTile<kD, BK, 1>>(p, stream);
-    if (err != cudaSuccess) return err;
-    return launch_dkdv_tile<T, DkvTile<kD, BK, 2>>(p, stream);
-  } else if constexpr (kD == 128 && BK == 16) {
+  if constexpr (kD == 128 && BK == 16) {
     return launch_dkdv_tile<T, DkvColumn16Tile>(p, stream);
   } else {
-    return launch_dkdv_tile<T, DkvTile<kD, BK, 0>>(p, stream);
+    return launch_dkdv_passes<kD>(
+        [&](auto mode) { return launch_dkdv_tile<T, DkvTile<kD, BK, decltype(mode)::value>>(p, stream); });
   }
 }
 
@@ -137,9 +149,7 @@ cudaError_t launch_dkdv(const Params& p, cudaStream_t stream) {
     const bool compact = (dkdv_compact_applies(p) && !bwd_tune('c')) || (bwd_tune('C') && p.C <= 8 && p.R * p.g >= 1);
     if (compact && device_smem_optin() >= DkvCompactCfg<kD>::SMEM) return launch_dkdv_compact<T, kD>(p, stream);
   }
-  if constexpr (kD <= 128) {
-    if (p.C <= 8 && !bwd_tune('n')) return launch_dkdv_pack<T, kD>(p, stream);
-  }
+  if (p.C <= 8 && !bwd_tune('n')) return launch_dkdv_pack<T, kD>(p, stream);
   switch (dkv_tile_keys(p.C)) {
     case 16:
       return launch_dkdv_keys<T, kD, 16>(p, stream);

@@ -1,13 +1,14 @@
 // Standalone compute-sanitizer harness for the CUDA kernels: the forward, dq and dk / dv launchers called
 // directly (no JAX, no XLA: compute-sanitizer crashes inside JAX processes after the first case), on small
 // problems with valid layouts and with garbage ones (random int32 in indptr, indices, col_indptr, col_rows),
-// bf16, head dims 64 and 128, every tile family (16 / 64 / 128 rows, packed small blocks, split rows). Built with
+// bf16, head dims 64, 128 and 256, every tile family (16 / 64 / 128 rows, packed small blocks, split rows). Built with
 // BSATTN_WITH_SM90 (and the sm_90a instantiations), it also runs the Hopper backward (one- and two-warpgroup tiles)
 // where C > 16 (its launcher called directly, under the conditions bwd/dispatch.cu checks: D <= 128, C > 16).
 // Only memory safety and races are checked here; correctness is check_fwd.py / check_bwd.py / tests.
 //
 //   nvcc -std=c++17 -O3 --expt-relaxed-constexpr -arch=sm_90 -Icsrc csrc/cuda/dev/sanitize_kernels.cu \
-//     csrc/cuda/fwd/instantiations/fwd_bf16_d{64,128}.cu csrc/cuda/bwd/instantiations/{dq,dkdv}_bf16_d{64,128}.cu \
+//     csrc/cuda/fwd/instantiations/fwd_bf16_d{64,128,256}.cu \
+//     csrc/cuda/bwd/instantiations/{dq,dkdv}_bf16_d{64,128,256}.cu \
 //     -o /tmp/sanitize_kernels
 //   compute-sanitizer --tool memcheck /tmp/sanitize_kernels      (then --tool racecheck)
 // Hopper (benchmarks/gpu_check.sh KERNEL_SANITIZE=1 builds this): -gencode arch=compute_90a,code=sm_90a
@@ -146,6 +147,10 @@ void run_case(const Case& c, std::mt19937& rng) {
     e1 = bsattn::cuda::launch_fwd<kBF16, 64>(fp, 0);
     e2 = bwd::launch_dq<kBF16, 64>(bp, 0);
     e3 = bwd::launch_dkdv<kBF16, 64>(bp, 0);
+  } else if (c.D == 256) {  // (the mma.sync kernels only: no Hopper kernel has this head dim)
+    e1 = bsattn::cuda::launch_fwd<kBF16, 256>(fp, 0);
+    e2 = bwd::launch_dq<kBF16, 256>(bp, 0);
+    e3 = bwd::launch_dkdv<kBF16, 256>(bp, 0);
   } else {
     e1 = bsattn::cuda::launch_fwd<kBF16, 128>(fp, 0);
     e2 = bwd::launch_dq<kBF16, 128>(bp, 0);
@@ -164,7 +169,8 @@ void run_case(const Case& c, std::mt19937& rng) {
   CK(cudaMalloc(&dq_accum, acc_words * 4));
   bp.dq_accum = dq_accum;
   bp.dq_accum_words = acc_words;
-  if (bwd::bwd_sm90_applies(bp, c.D)) {
+  const bool hopper_d = c.D <= 128;
+  if (hopper_d && bwd::bwd_sm90_applies(bp, c.D)) {
     e4 = c.D == 64 ? bwd::launch_bwd_sm90<kBF16, 64>(bp, 0) : bwd::launch_bwd_sm90<kBF16, 128>(bp, 0);
     const bool wide = c.D == 128 && c.C >= 128 && (c.C % 128 == 0 || c.C % 128 > 64);  // bwd_sm90/launch.cuh
     hopper = bwd::sm90_sweep_applies(bp, c.D) ? "Hopper, sweep (or packed columns after a duplicate)"
@@ -172,7 +178,7 @@ void run_case(const Case& c, std::mt19937& rng) {
              : wide                          ? "Hopper, two warpgroups"
                                              : "Hopper, one warpgroup";
   }
-  if (e4 == cudaSuccess && bwd::dq_sm90_applies(bp)) {  // the Hopper dq kernel
+  if (hopper_d && e4 == cudaSuccess && bwd::dq_sm90_applies(bp)) {  // the Hopper dq kernel
     e4 = c.D == 64 ? bwd::launch_dq_sm90<kBF16, 64>(bp, 0) : bwd::launch_dq_sm90<kBF16, 128>(bp, 0);
     hopper = bwd::bwd_sm90_applies(bp, c.D) ? "Hopper, then Hopper dq" : "Hopper dq";
   }
@@ -235,6 +241,8 @@ int main() {
       {1, 500, 520, 2, 1, 128, 1, 3, true, 0.f, false, false},    // C = 3: Hopper packed columns (21 a CTA), R = 1, 2 windows
       {2, 100, 150, 4, 1, 128, 2, 1, false, 15.f, true, true},    // C = 1, per-head garbage, soft cap: packed columns
       {2, 120, 200, 8, 2, 128, 16, 4, true, 0.f, true, true},    // R * g = 64, C = 4: row-oriented, half-empty tiles
+      {1, 100, 150, 8, 2, 256, 16, 1, true, 0.f, false, false},  // D = 256, C = 1: packed columns, two passes
+      {2, 70, 90, 4, 2, 256, 3, 3, false, 20.f, true, true},     // D = 256, C = 3: packed, per-head garbage, cap
   };
   for (const Case& c : cases) run_case(c, rng);
   std::printf("all cases ran\n");
