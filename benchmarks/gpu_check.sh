@@ -64,6 +64,7 @@ if [ -n "${KERNEL_SANITIZE:-}" ]; then
   I=csrc/cuda; nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode arch=compute_90a,code=sm_90a -DBSATTN_WITH_SM90 \
     -t 8 -Icsrc $I/dev/sanitize_kernels.cu $I/fwd/instantiations/fwd_bf16_d{64,128,256}.cu \
     $I/fwd_sm90/instantiations/{fwd_sm90,sweep}_bf16_d{64,128}.cu $I/fwd_sm90/instantiations/fwd_ws_bf16_d128.cu \
+    $I/fwd_sm90/instantiations/fwd_sm90_bf16_d256.cu \
     $I/bwd/instantiations/{dq,dkdv}_bf16_d{64,128,256}.cu \
     $I/bwd_sm90/instantiations/{bwd,dq}_sm90_bf16_d{64,128}.cu $I/bwd_sm90/instantiations/dkdv_sm90_bf16_d128.cu \
     $I/bwd_sm90/instantiations/dkdv_ws_sm90_bf16_d128.cu $I/bwd_sm90/instantiations/rows_sm90_bf16_d{64,128}.cu \

@@ -61,6 +61,25 @@ def test_forward_vmap_and_garbage_layouts():
     np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), np.isneginf(np.asarray(lse_ref)))
 
 
+# D = 256 with R * g > 16 on an H100 / H200: the wgmma forward's 64-row tile at 32-key tiles (fwd_sm90/config.cuh
+# Sm90FwdTile<256, 64>; 128-row groups as two tiles): part-filled last key tiles, causal with N > M and N < M, soft
+# cap, f16, an empty block row, 512 packed rows a block row.
+@pytest.mark.parametrize("R,C,g,M,N,causal,softcap,dtype", [
+    (16, 1, 4, 150, 333, True, None, jnp.bfloat16), (64, 64, 1, 200, 150, True, 30.0, jnp.float16),
+    (128, 5, 4, 260, 301, False, None, jnp.bfloat16), (32, 16, 2, 100, 470, False, 20.0, jnp.bfloat16),
+    (64, 3, 8, 130, 200, True, None, jnp.bfloat16)])
+def test_forward_head_dim_256_wgmma(R, C, g, M, N, causal, softcap, dtype):
+    rng = np.random.default_rng(R * 10 + C + g)
+    Hk = 2
+    MB, NB = -(-M // R), -(-N // C)
+    mask = random_mask(rng, (Hk,), MB, NB, 0.4)
+    mask[1, 0] = False   # an empty block row
+    layout = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=256, dtype=dtype)
+    with jax.default_device(jax.devices("cuda")[0]):
+        check_forward(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
+
+
 # Small R * g on an H100 / H200: the sweep forward (fwd_sm90/sweep_kernel.cuh) over several block rows per tile, masked
 # per key, where R * g <= 8 here (R * g = 12, 16 at this density stay on the gathers: fwd_sweep_block_rows): part-filled
 # last tiles of rows and keys, blocks straddling bit words, causal, soft cap, f16, a long N.

@@ -10,7 +10,7 @@ rather than written out. Run from this folder: python3 gen_wgmma_ops.py > wgmma_
 """
 
 TYPES = {"__nv_bfloat16": "bf16", "__half": "f16"}
-NS = (16, 32, 64, 128)
+NS = (16, 32, 64, 128, 256)
 
 
 def acc_list(n_regs):

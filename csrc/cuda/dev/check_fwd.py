@@ -147,6 +147,13 @@ def case_list(quick):
              per_head=False, per_batch=False, garbage=False, scale=3.0, name="R*g=80 big scale"),
         dict(R=64, C=16, g=5, D=64, B=1, Hk=1, dtype="f16", M=130, N=500, causal=True, softcap=0.0,
              per_head=False, per_batch=False, garbage=False, name="R*g=320 split"),
+        # D = 256 on Hopper: the wgmma 64-row tile (32-key tiles), R * g > 16
+        dict(R=64, C=3, g=8, D=256, B=2, Hk=2, dtype="bf16", M=150, N=301, causal=True, softcap=0.0,
+             per_head=True, per_batch=True, garbage=True, dup=True, name="D256 wgmma: R*g=512 garbage dup"),
+        dict(R=16, C=16, g=4, D=256, B=1, Hk=2, dtype="f16", M=90, N=333, causal=False, softcap=20.0,
+             per_head=False, per_batch=False, garbage=False, name="D256 wgmma: f16 cap"),
+        dict(R=128, C=1, g=1, D=256, B=1, Hk=1, dtype="bf16", M=300, N=100, causal=True, softcap=0.0,
+             per_head=False, per_batch=False, garbage=False, p_empty=0.0, name="D256 wgmma: causal N<M"),
     ]
     return cases
 

@@ -12,10 +12,11 @@
 //     -o /tmp/sanitize_kernels
 //   compute-sanitizer --tool memcheck /tmp/sanitize_kernels      (then --tool racecheck)
 // Hopper (benchmarks/gpu_check.sh KERNEL_SANITIZE=1 builds this): -gencode arch=compute_90a,code=sm_90a
-//   -DBSATTN_WITH_SM90, plus csrc/cuda/fwd_sm90/instantiations/{fwd_sm90,sweep}_bf16_d{64,128}.cu and
-//   fwd_ws_bf16_d128.cu, csrc/cuda/bwd_sm90/instantiations/{bwd,dq}_sm90_bf16_d{64,128}.cu, dkdv_sm90_bf16_d128.cu and
-//   dkdv_ws_sm90_bf16_d128.cu and rows_sm90_bf16_d{64,128}.cu (the harness calls launch_dq_sm90, launch_dkdv_sm90 and,
-//   where its rule holds, launch_bwd_rows_sm90; BSATTN_FWD_WS and BSATTN_BWD_DKDV pick the forms).
+//   -DBSATTN_WITH_SM90, plus csrc/cuda/fwd_sm90/instantiations/{fwd_sm90,sweep}_bf16_d{64,128}.cu,
+//   fwd_sm90_bf16_d256.cu and fwd_ws_bf16_d128.cu, csrc/cuda/bwd_sm90/instantiations/{bwd,dq}_sm90_bf16_d{64,128}.cu,
+//   dkdv_sm90_bf16_d128.cu and dkdv_ws_sm90_bf16_d128.cu and rows_sm90_bf16_d{64,128}.cu (the harness calls
+//   launch_dq_sm90, launch_dkdv_sm90 and, where its rule holds, launch_bwd_rows_sm90; BSATTN_FWD_WS and
+//   BSATTN_BWD_DKDV pick the forms).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -147,7 +148,7 @@ void run_case(const Case& c, std::mt19937& rng) {
     e1 = bsattn::cuda::launch_fwd<kBF16, 64>(fp, 0);
     e2 = bwd::launch_dq<kBF16, 64>(bp, 0);
     e3 = bwd::launch_dkdv<kBF16, 64>(bp, 0);
-  } else if (c.D == 256) {  // (the mma.sync kernels only: no Hopper kernel has this head dim)
+  } else if (c.D == 256) {  // (on Hopper the wgmma forward where R * g > 16; no Hopper backward has this head dim)
     e1 = bsattn::cuda::launch_fwd<kBF16, 256>(fp, 0);
     e2 = bwd::launch_dq<kBF16, 256>(bp, 0);
     e3 = bwd::launch_dkdv<kBF16, 256>(bp, 0);
@@ -243,6 +244,7 @@ int main() {
       {2, 120, 200, 8, 2, 128, 16, 4, true, 0.f, true, true},    // R * g = 64, C = 4: row-oriented, half-empty tiles
       {1, 100, 150, 8, 2, 256, 16, 1, true, 0.f, false, false},  // D = 256, C = 1: packed columns, two passes
       {2, 70, 90, 4, 2, 256, 3, 3, false, 20.f, true, true},     // D = 256, C = 3: packed, per-head garbage, cap
+      {1, 130, 200, 8, 2, 256, 64, 2, true, 10.f, true, true},   // D = 256, R * g = 256: wgmma forward, garbage, cap
   };
   for (const Case& c : cases) run_case(c, rng);
   std::printf("all cases ran\n");

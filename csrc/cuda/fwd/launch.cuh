@@ -73,17 +73,17 @@ cudaError_t launch_fwd_mma(const FwdParams& p, cudaStream_t stream) {
   }
 }
 
-// On a compute capability 9.0 device when the module has the sm_90a kernels (D = 64, 128): tiles of 64 and 128
-// packed rows run the wgmma gather kernel (fwd_sm90/kernel.cuh; kernel_ws.cuh for 128 rows at D = 128), R * g <= 16
-// the sweep kernel where it applies
-// (fwd_sm90/sweep_kernel.cuh); everything else, or BSATTN_FWD_KERNEL=mma in the environment, the mma.sync one.
+// On a compute capability 9.0 device when the module has the sm_90a kernels: tiles of 64 and 128 packed rows run the
+// wgmma gather kernel (fwd_sm90/kernel.cuh; kernel_ws.cuh for 128 rows at D = 128; 64-row tiles only at D = 256),
+// R * g <= 16 the sweep kernel where it applies (fwd_sm90/sweep_kernel.cuh, D = 64 and 128); everything else, or
+// BSATTN_FWD_KERNEL=mma in the environment, the mma.sync one.
 template <int kDType, int kD>
 cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
 #ifdef BSATTN_WITH_SM90
-  if constexpr (kD == 64 || kD == 128) {
-    const int tm = packed_tile_rows(static_cast<int64_t>(p.R) * p.g);
-    if (device_runs_sm90a() && !env_forces_mma_fwd()) {
-      if (tm >= 64) return launch_fwd_sm90<kDType, kD>(p, stream, tm);
+  const int tm = packed_tile_rows(static_cast<int64_t>(p.R) * p.g);
+  if (device_runs_sm90a() && !env_forces_mma_fwd()) {
+    if (tm >= 64) return launch_fwd_sm90<kDType, kD>(p, stream, tm);
+    if constexpr (kD == 64 || kD == 128) {
       const cudaError_t err = launch_fwd_sm90_sweep<kDType, kD>(p, stream);
       if (err != cudaErrorNotSupported) return err;
     }

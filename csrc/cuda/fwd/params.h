@@ -50,7 +50,8 @@ template <int kDType, int kD>
 cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream);
 
 // Built for sm_90a only (fwd_sm90/instantiations, when the build's archs include 90): the wgmma kernel for
-// tiles of `tile_rows` = 64 or 128 packed rows, D = 64 or 128. launch_fwd calls it on compute capability 9.0.
+// tiles of `tile_rows` = 64 or 128 packed rows, D = 64 or 128, and for D = 256 in 64-row tiles whatever
+// `tile_rows`. launch_fwd calls it on compute capability 9.0.
 template <int kDType, int kD>
 cudaError_t launch_fwd_sm90(const FwdParams& p, cudaStream_t stream, int tile_rows);
 

@@ -35,7 +35,7 @@ struct Sm90FwdCfg : FwdTileShape<D_, NWG_ * 128, NWG_ * 64, BN_> {
   static constexpr int SMEM = 1024 + Q_BYTES + KV_BYTES + KIDX_BYTES + LIM_BYTES + CTA_BYTES + OWN_BYTES + ROW_BYTES;
 
   static_assert(OVERLAP ? (KST >= 2 && VST >= 3) : KST == VST, "stage counts");
-  static_assert(D == 64 || D == 128, "wgmma N of O += P V is D: 64 or 128 (the generated ops)");
+  static_assert(D == 64 || D == 128 || D == 256, "wgmma N of O += P V is D: 64, 128 or 256 (the generated ops)");
   static_assert(BN == 32 || BN == 64 || BN == 128, "wgmma N of S = Q K^T is BN: 32, 64 or 128 (the generated ops)");
   static_assert(PF >= 1 && KST <= 8 && VST <= 8, "pipeline depth");
   static_assert(SMEM <= 227 * 1024, "shared memory per CTA");
@@ -54,6 +54,9 @@ template <> struct Sm90FwdTile<64, 128> : Sm90FwdCfg<64, 2, 128, 2, 2, 2, false>
 template <> struct Sm90FwdTile<64, 64> : Sm90FwdCfg<64, 1, 64, 2, 2, 4, false> {};
 template <> struct Sm90FwdTile<128, 128> : Sm90FwdCfg<128, 2, 64, 2, 2, 2, false> {};
 template <> struct Sm90FwdTile<128, 64> : Sm90FwdCfg<128, 1, 64, 2, 3, 2, true> {};
+// D = 256 (every tile of 64 rows or more: launch_fwd_sm90): 32-key tiles keep two CTAs per SM (96 KB each); 64-key
+// ones would leave one of four warps (160 KB), and the overlapped schedule's third V stage does not fit twice.
+template <> struct Sm90FwdTile<256, 64> : Sm90FwdCfg<256, 1, 32, 2, 2, 2, false> {};
 
 // Sm90FwdWsTile: the warp-specialised 128-row tile (fwd_sm90/kernel_ws.cuh, D = 128). Warps 0-7 are the two MMA
 // warpgroups of Sm90FwdTile<128, 128> (64 rows each, the overlapped schedule on 128-key tiles); warps 8-11 only gather

@@ -1,7 +1,7 @@
 // The block-sparse attention forward kernel for Hopper (sm_90a): warpgroup MMA (wgmma), same work split,
 // gather, softmax and epilogue as the mma.sync kernel (fwd/kernel.cuh), which it replaces on an H100 / H200 for
-// tiles of 64 and 128 packed rows. At D = 128 the 128-row tile runs kernel_ws.cuh instead (the same math with a
-// producer warpgroup doing the gather), unless BSATTN_FWD_WS=0.
+// tiles of 64 and 128 packed rows (D = 64, 128; 64 at D = 256). At D = 128 the 128-row tile runs kernel_ws.cuh
+// instead (the same math with a producer warpgroup doing the gather), unless BSATTN_FWD_WS=0.
 //
 // One CTA = one tile of TM = 64 NWG packed rows of one block row; warpgroup wg owns rows [64 wg, 64 wg + 64):
 //   1. load the packed Q tile; 2. walk the block row's gathered key sequence in KV tiles of BN rows, PF tiles
