@@ -54,8 +54,8 @@ template <> struct Sm90FwdTile<64, 128> : Sm90FwdCfg<64, 2, 128, 2, 2, 2, false>
 template <> struct Sm90FwdTile<64, 64> : Sm90FwdCfg<64, 1, 64, 2, 2, 4, false> {};
 template <> struct Sm90FwdTile<128, 128> : Sm90FwdCfg<128, 2, 64, 2, 2, 2, false> {};
 template <> struct Sm90FwdTile<128, 64> : Sm90FwdCfg<128, 1, 64, 2, 3, 2, true> {};
-// D = 256 (every tile of 64 rows or more: launch_fwd_sm90): 32-key tiles keep two CTAs per SM (96 KB each); 64-key
-// ones would leave one of four warps (160 KB), and the overlapped schedule's third V stage does not fit twice.
+// D = 256 (every tile of 64 rows or more: launch_fwd_sm90): 32-key tiles keep two CTAs per SM (98 KB each); 64-key
+// ones would leave one of four warps (163 KB), and the overlapped schedule's third V stage does not fit twice.
 template <> struct Sm90FwdTile<256, 64> : Sm90FwdCfg<256, 1, 32, 2, 2, 2, false> {};
 
 // Sm90FwdWsTile: the warp-specialised 128-row tile (fwd_sm90/kernel_ws.cuh, D = 128). Warps 0-7 are the two MMA
