@@ -58,16 +58,19 @@ cudaError_t launch_fwd_sm90(const FwdParams& p, cudaStream_t stream, int tile_ro
 #ifdef BSATTN_FWD_TUNING
   if constexpr (kDType == kBF16 && kD != 256) return launch_tuning_sm90<T, kD>(p, stream, tile_rows);
 #endif
-  if (tile_rows == 64 || kD == 256) return launch_tile_sm90<T, Sm90FwdTile<kD, 64>>(p, stream);
-  if constexpr (kD == 128) {
-    // the 128-row tile with a producer warpgroup (kernel_ws.cuh, its own instantiation files): 9.5-11.4 % faster at
-    // R * g >= 128 (H200, 2026-11-30, same-call pairs); BSATTN_FWD_WS=0: this file's two-warpgroup tile (A / B).
-    // Read once.
-    static const bool ws = !env_equals("BSATTN_FWD_WS", "0");
-    if (ws) return launch_fwd_sm90_ws<kDType>(p, stream);
+  if constexpr (kD == 256) {
+    return launch_tile_sm90<T, Sm90FwdTile<kD, 64>>(p, stream);  // 64-row tiles whatever tile_rows (config.cuh)
+  } else {
+    if (tile_rows == 64) return launch_tile_sm90<T, Sm90FwdTile<kD, 64>>(p, stream);
+    if constexpr (kD == 128) {
+      // the 128-row tile with a producer warpgroup (kernel_ws.cuh, its own instantiation files): 9.5-11.4 % faster at
+      // R * g >= 128 (H200, 2026-11-30, same-call pairs); BSATTN_FWD_WS=0: this file's two-warpgroup tile (A / B).
+      // Read once.
+      static const bool ws = !env_equals("BSATTN_FWD_WS", "0");
+      if (ws) return launch_fwd_sm90_ws<kDType>(p, stream);
+    }
+    return launch_tile_sm90<T, Sm90FwdTile<kD, 128>>(p, stream);
   }
-  if constexpr (kD != 256) return launch_tile_sm90<T, Sm90FwdTile<kD, 128>>(p, stream);
-  return cudaErrorNotSupported;  // (not reached: D = 256 takes the 64-row tile above)
 }
 
 // Block rows per CTA of the sweep kernel, or 0 where it does not apply: R * g <= 16 (four block rows or more per
