@@ -66,7 +66,8 @@ if [ -n "${KERNEL_SANITIZE:-}" ]; then
     $I/fwd_sm90/instantiations/{fwd_sm90,sweep}_bf16_d{64,128}.cu $I/fwd_sm90/instantiations/fwd_ws_bf16_d128.cu \
     $I/fwd_sm90/instantiations/fwd_sm90_bf16_d256.cu \
     $I/bwd/instantiations/{dq,dkdv}_bf16_d{64,128,256}.cu \
-    $I/bwd_sm90/instantiations/{bwd,dq}_sm90_bf16_d{64,128}.cu $I/bwd_sm90/instantiations/dkdv_sm90_bf16_d128.cu \
+    $I/bwd_sm90/instantiations/{bwd,dq}_sm90_bf16_d{64,128}.cu $I/bwd_sm90/instantiations/dkdv_sm90_bf16_d{128,256}.cu \
+    $I/bwd_sm90/instantiations/dq_sm90_bf16_d256.cu \
     $I/bwd_sm90/instantiations/dkdv_ws_sm90_bf16_d128.cu $I/bwd_sm90/instantiations/rows_sm90_bf16_d{64,128}.cu \
     -o /tmp/sanitize_kernels > "$OUT/sanitize_kernels_build.log" 2>&1 || tail -20 "$OUT/sanitize_kernels_build.log"
   for tool in memcheck racecheck; do

@@ -224,6 +224,25 @@ def test_backward_small_blocks_head_dim_256(R, C, g, M, causal, softcap, dtype, 
                     logits_soft_cap=softcap)
 
 
+@pytest.mark.parametrize("R,C,g,M,causal,softcap,dtype,deterministic", [
+    (16, 16, 4, 150, True, None, jnp.bfloat16, False), (32, 12, 2, 200, False, 20.0, jnp.float16, True),
+    (16, 40, 4, 130, True, None, jnp.bfloat16, True), (64, 64, 1, 170, False, 30.0, jnp.bfloat16, False),
+    (128, 130, 2, 300, True, None, jnp.float16, False), (4, 24, 4, 90, False, None, jnp.bfloat16, False)])
+def test_backward_head_dim_256_wgmma(R, C, g, M, causal, softcap, dtype, deterministic):
+    """D = 256, C > 8 on an H100 / H200: dk / dv by the narrow-column wgmma kernel in 16-key chunks of each block
+    column (C = 40, 64, 130: several chunks, a part-filled last one; C = 12: one part-filled chunk), dq by the wgmma
+    dq kernel where R * g > 16 (R * g = 16 at 4 x 24: the mma.sync dq). Unvalidated layouts with a block listed twice
+    and out-of-range entries; causal with N > M; soft cap; f16."""
+    from conftest import check_gradients
+
+    rng = np.random.default_rng(M + 5 * C + g)
+    N, Hk = M + 3 * C + 19, 2
+    layout = _layout_with_duplicates(rng, R, C, M, N, 2)
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=256, dtype=dtype)
+    check_gradients(q, k, v, layout, op_kw=dict(deterministic=deterministic), causal=causal,
+                    logits_soft_cap=softcap)
+
+
 def _check_per_head_gradients(R, C, g, M, N, causal, softcap, dtype, *, seed, density, empty_row):
     """Gradients against the reference for a random per-head layout (2 KV heads, one block row of one head left
     empty: empty_row = (head, block row)), batch 2, D = 128."""

@@ -329,6 +329,10 @@ def case_list(quick):
              dup=2, name="pack D=256: C=3 f16 cap dup x3 per-batch"),
         dict(R=1, C=2, g=1, D=256, M=2500, N=40, p_empty=0.3, maxk=5, name="pack D=256: 3 windows"),
         dict(R=64, C=8, g=1, D=256, M=200, N=300, scale=10.0, name="pack D=256: C=8 scale 10"),
+        # head dim 256, C > 8 on an H100 / H200: narrow-column wgmma dk / dv in 16-key chunks, wgmma dq (R * g > 16)
+        dict(R=16, C=40, g=4, D=256, Hk=2, M=200, N=330, causal=True, garbage=True, name="D=256 narrow: C=40 garb"),
+        dict(R=64, C=16, g=2, D=256, dtype="f16", M=230, N=250, softcap=20.0, dup=2, name="D=256 narrow: C=16 f16 dup"),
+        dict(R=128, C=128, g=1, D=256, B=2, M=300, N=400, per_head=True, scale=10.0, name="D=256 narrow: 128x128 s10"),
         # compact small blocks (C <= 2, R * g >= 256, D = 128): windows of 32 block rows, groups of 16 keys
         dict(R=64, C=1, g=4, D=128, Hk=2, M=4480, N=300, causal=True, per_head=True, garbage=True, dup=2,
              name="compact: C=1 3 windows causal dup x3 garbage"),

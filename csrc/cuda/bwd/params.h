@@ -128,24 +128,29 @@ inline int64_t sweep_workspace_words(const Params& p) {
   const int64_t nbw = (static_cast<int64_t>(p.NB) + 63) / 64;
   return 8 + 2 * static_cast<int64_t>(p.LB) * p.LH * p.MB * nbw + p.MB;
 }
-// Hopper (sm_90a, head dims 64 and 128; with BSATTN_WITH_SM90): dq alone (every element written), on wgmma, for
+// Hopper (sm_90a, head dims 64, 128 and 256; with BSATTN_WITH_SM90): dq alone (every element written), on wgmma, for
 // R * g > 16. Deterministic, like launch_dq.
 template <int kDType, int kD>
 cudaError_t launch_dq_sm90(const Params& p, cudaStream_t stream);
 // Its rule beside the device and head dim (bwd/dispatch.cu): tiles of 64 packed rows, where R * g > 16 (at most 16: the
 // mma.sync kernel's 16-row tile pads less).
 inline bool dq_sm90_applies(const Params& p) { return static_cast<int64_t>(p.R) * p.g > 16; }
-// Hopper (sm_90a, head dim 128; with BSATTN_WITH_SM90): dk, dv alone (every element written) on wgmma for narrow block
-// columns, bwd_sm90/dkdv_narrow_kernel.cuh. Deterministic, like launch_dkdv.
+// Hopper (sm_90a, head dims 128 and 256; with BSATTN_WITH_SM90): dk, dv alone (every element written) on wgmma for
+// narrow block columns (D = 256: 16-key chunks of any block column), bwd_sm90/dkdv_narrow_kernel.cuh. Deterministic,
+// like launch_dkdv.
 template <int kDType, int kD>
 cudaError_t launch_dkdv_sm90(const Params& p, cudaStream_t stream);
 // Its form with a producer warpgroup (Sm90DkdvNarrowWsTile; the default, BSATTN_BWD_DKDV=narrow runs the form without),
 // in translation units of its own.
-template <int kDType>
+template <int kDType, int kD>
 cudaError_t launch_dkdv_sm90_ws(const Params& p, cudaStream_t stream);
 // Its rule beside the device (bwd/dispatch.cu): D = 128 and 8 < C <= 16, where launch_dkdv runs the mma.sync 16-key
 // column tile (C <= 8 has the packed and compact kernels); 2-4 % faster than that tile (H200, 2026-11-30).
-inline bool dkdv_sm90_applies(const Params& p, int D) { return D == 128 && p.C > 8 && p.C <= 16; }
+// D = 256: every C > 8, in place of the mma.sync column kernel's two passes (forward + backward 2.0-2.1x with the wgmma dq
+// kernel, H200, 2026-12-01).
+inline bool dkdv_sm90_applies(const Params& p, int D) {
+  return (D == 128 && p.C > 8 && p.C <= 16) || (D == 256 && p.C > 8);
+}
 // Hopper (sm_90a, D = 64 or 128; with BSATTN_WITH_SM90): the row-oriented backward (bwd_sm90/rows_kernel.cuh): dq, dk
 // and dv in one pass over each block row's listed keys, dk / dv added as 64-bit fixed point into p.dq_accum (at least
 // rows_workspace_words(p, D) floats), so all three are bitwise repeatable.

@@ -59,11 +59,11 @@ struct Sm90BwdCfg {
 // over through an mbarrier (full: its copies landed and its row statistics and mask flags stored; empty: the
 // consumers' products and reads done), so the MMA warpgroup meets no CTA barrier. The default; BSATTN_BWD_DKDV=narrow
 // runs the form without (WS = false).
-template <int D_, int STAGES_, int MINB_, bool WS_ = false>
+template <int D_, int STAGES_, int MINB_, bool WS_ = false, int BK_ = 16>
 struct Sm90DkdvNarrowCfg {
   static constexpr int D = D_, STAGES = STAGES_, MINB = MINB_;
   static constexpr bool WS = WS_;
-  static constexpr int BK = 16;  // keys per CTA: wgmma N of every product
+  static constexpr int BK = BK_;  // keys per CTA (16-key chunks of a wider column): wgmma N of every product
   static constexpr int BQ = 64;  // packed query rows per tile: wgmma M of s, dp; K of dv^T, dk^T
   static constexpr int NT = 128, NWARPS = 4;  // the MMA warpgroup
   static constexpr int NT_ALL = NT + (WS ? 128 : 0);
@@ -83,9 +83,10 @@ struct Sm90DkdvNarrowCfg {
   static constexpr int WS_BYTES = WS ? 2 * STAGES * 8 + STAGES * 4 * 4 : 0;
   static constexpr int SMEM = 1024 + TILE_BYTES + ROW_BYTES + WS_BYTES;
 
-  static_assert(D == 64 || D == 128, "dv^T, dk^T in m64 halves of D");
+  static_assert(D == 64 || D == 128 || D == 256, "dv^T, dk^T in m64 blocks of D");
   static_assert(K_BYTES % 1024 == 0 && Q_STAGE % 1024 == 0 && P_BYTES % 1024 == 0, "1024-byte aligned tiles");
-  static_assert(2 * BK * OUT_PITCH <= Q_STAGE, "dk, dv staging inside stage 0 of q");
+  static_assert(BK == 16 || BK == 32, "16-key slices; N = 16 or 32 wgmmas");
+  static_assert(2 * BK * OUT_PITCH <= STAGES * Q_STAGE, "dk, dv staging inside the q stages");
   static_assert(STAGES >= 2 && STAGES <= 4, "pipeline depth");
   static_assert(SMEM <= 227 * 1024 && MINB * (SMEM + 1024) <= 228 * 1024, "shared memory per CTA");
   static_assert(BAR_OFF % 8 == 0, "mbarrier alignment");
@@ -93,6 +94,12 @@ struct Sm90DkdvNarrowCfg {
 // D = 128: three stages, 111 KB, two CTAs per SM.
 struct Sm90DkdvNarrowTile : Sm90DkdvNarrowCfg<128, 3, 2> {};
 struct Sm90DkdvNarrowWsTile : Sm90DkdvNarrowCfg<128, 3, 2, true> {};
+// D = 256 (every C > 8 of the pair): a q / do stage pair is 64 KB, so one CTA per SM. 8 < C <= 16: 16 keys (150 KB,
+// 119 registers); C > 16: 32-key chunks of the column (170 KB, 212 registers), each gathered tile serving twice the
+// keys: forward + backward 7.5-7.8 against 9.7-10.1 ms with 16-key chunks (H200, 2026-12-01, M = N = 8192, Hq = 32,
+// density 1/4). A third stage bought 0-1.5 %.
+struct Sm90DkdvNarrowWsTile256 : Sm90DkdvNarrowCfg<256, 2, 1, true> {};
+struct Sm90DkdvNarrowWsTile256Wide : Sm90DkdvNarrowCfg<256, 2, 1, true, 32> {};
 
 // Sm90BwdTile<D>: the configuration for head dim D; two CTAs per SM (each up to 255 registers a thread).
 template <int D>
@@ -144,10 +151,11 @@ struct Sm90DqCfg : FwdTileShape<D_, NWG_ * 128, NWG_ * 64, BN_> {
   static constexpr int SMEM =
       1024 + 2 * Q_BYTES + KV_BYTES + ST * BN * 4 + LIM_BYTES + CTA_BYTES + OWN_BYTES + ROW_BYTES + 2 * TM * 4;
 
-  static_assert(D == 64 || D == 128, "wgmma N of dq = dS K is D: 64 or 128 (the generated ops)");
+  static_assert(D == 64 || D == 128 || D == 256, "wgmma N of dq = dS K is D: 64, 128 or 256 (the generated ops)");
   static_assert(BN == 32 || BN == 64 || BN == 128, "wgmma N of S, dP is BN: 32, 64 or 128 (the generated ops)");
   static_assert(ST >= 2 && ST <= 8, "pipeline depth");
   static_assert(SMEM <= 227 * 1024, "shared memory per CTA");
+  static_assert(MINB * (SMEM + 1024) <= 228 * 1024, "MINB CTAs per SM");
 };
 
 // Sm90DqTile<D>: the configuration for head dim D. 64 packed rows per CTA everywhere: at D = 128, two CTAs of 64 rows
@@ -158,6 +166,10 @@ struct Sm90DqTile;
 //                                     D  NWG  BN  ST MINB
 template <> struct Sm90DqTile<64> : Sm90DqCfg<64, 1, 64, 2, 3> {};
 template <> struct Sm90DqTile<128> : Sm90DqCfg<128, 1, 64, 2, 2> {};
+// D = 256: q and do alone take 64 KB, so one CTA per SM whatever BN; 64-key tiles (194 KB, 255 registers, 8 bytes of
+// spill) measured 8 % faster forward + backward than 32-key ones (130 KB, 216 registers, none) or 32-key tiles three
+// deep (H200, 2026-12-01).
+template <> struct Sm90DqTile<256> : Sm90DqCfg<256, 1, 64, 2, 1> {};
 
 }  // namespace bwd
 }  // namespace cuda

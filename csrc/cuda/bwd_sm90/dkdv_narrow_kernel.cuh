@@ -1,14 +1,15 @@
-// dk and dv of the deterministic backward on Hopper (sm_90a) for narrow block columns (8 < C <= 16, D = 128; the
-// mma.sync 16-key column tile of bwd/dkdv_kernel.cuh elsewhere, and with BSATTN_BWD_DKDV=mma).
+// dk and dv of the deterministic backward on Hopper (sm_90a) for narrow block columns (8 < C <= 16 at D = 128; every
+// C > 8 at D = 256, in chunks of 16 or 32 keys; the mma.sync column tiles of bwd/dkdv_kernel.cuh elsewhere, and with
+// BSATTN_BWD_DKDV=mma).
 //
-// One CTA = one warpgroup = the BK = 16 keys of one block column c of one (batch, KV head), as the column kernels
+// One CTA = one warpgroup = the BK = 16 (or 32) keys of one block column c of one (batch, KV head), as the column kernels
 // (bwd/common.cuh column_work): K and V are loaded once, then the column's block rows are walked as a virtual sequence
 // of packed query rows (R * g per block row), gathered in tiles of BQ = 64 rows (q, do, lse, delta; bwd/common.cuh
 // ColumnQueryGather), STAGES deep. Per tile:
-//   s = q K^T, dp = do V^T          (wgmma ss m64n16: M = the tile's rows, N = the 16 keys; both operands K-major)
+//   s = q K^T, dp = do V^T          (wgmma ss m64nBK: M = the tile's rows, N = the keys; both operands K-major)
 //   p, ds                            (soft cap, causal mask, padding keys, dead rows; in registers)
-//   p^T, ds^T -> shared memory       (stmatrix .trans: 16 keys x 64 rows, the K-major B operand of the next two)
-//   dv^T += do^T p, dk^T += q^T ds   (wgmma ss_at m64n16: M = D in m64 halves, A = the do / q stage read MN-major)
+//   p^T, ds^T -> shared memory       (stmatrix .trans: BK keys x 64 rows, the K-major B operand of the next two)
+//   dv^T += do^T p, dk^T += q^T ds   (wgmma ss_at m64nBK: M = D in m64 blocks, A = the do / q stage read MN-major)
 // Four products per tile; dq is bwd_sm90/dq_kernel.cuh's. wgmma's M is at least 64 while a narrow column has 16 keys:
 // the keys are N here, and dv, dk are computed transposed, with D as M. The mma.sync kernel takes the keys as its
 // 16-row M instead, on instructions of a quarter of the rate.
@@ -20,7 +21,7 @@
 // 2-3 % faster than the form without (H200, 2026-11-30: the kernel 2.88 against 2.95 ms at 4:64:16).
 //
 // Deterministic: dv^T and dk^T are summed in registers in the column's row order and written once (staged through
-// stage 0 of q). Padding keys (past C or N) are zero in K and V, and their p is selected to 0 (exp(-lse) may
+// the q stages). Padding keys (past C or N) are zero in K and V, and their p is selected to 0 (exp(-lse) may
 // overflow); a missing query row has lse = -inf (p = 0) and delta = 0.
 #pragma once
 
@@ -53,13 +54,19 @@ __device__ __forceinline__ void store_slice_trans(const float (&acc)[8], float m
   stsm_x4_trans(row_addr(8 * (m >> 1) + i, m & 1), r);
 }
 
+// Keys 16 q .. 16 q + 15 of an m64nN accumulator (N / 2 floats a thread, 4 per 8-key block): its 8 floats.
+template <int N>
+__device__ __forceinline__ const float (&slice16(const float (&acc)[N], int q))[8] {
+  return *reinterpret_cast<const float(*)[8]>(acc + 8 * q);
+}
+
 template <typename T, class Cfg>
 __global__ void __launch_bounds__(Cfg::NT_ALL, Cfg::MINB)
     bsattn_bwd_sm90_dkdv_narrow_kernel(const __grid_constant__ Params p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = Cfg::D, BK = Cfg::BK, BQ = Cfg::BQ, S = Cfg::STAGES, H = Cfg::HALVES;
   constexpr int NJ = BK / 8;  // 8-key blocks of an accumulator row
-  static_assert(NJ == 2, "store_slice_trans: 16-key slices");
+  constexpr int NS = BK / 16;  // 16-key slices (store_slice_trans)
   using Map = typename Cfg::QMap;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -214,10 +221,13 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, Cfg::MINB)
 
     // p^T, ds^T -> shared memory (row = key, its 64 tile rows in one 128-byte column block: warp w's rows are
     // chunks 2 w, 2 w + 1)
-    auto p_row = [&](int key, int h) { return sPT + Cfg::PLayout::off(key, 2 * warp + h); };
-    auto ds_row = [&](int key, int h) { return sST + Cfg::PLayout::off(key, 2 * warp + h); };
-    store_slice_trans<T>(sf, 1.f, lane, p_row);
-    store_slice_trans<T>(dpf, 1.f, lane, ds_row);
+#pragma unroll
+    for (int q = 0; q < NS; ++q) {
+      auto p_row = [&](int key, int h) { return sPT + Cfg::PLayout::off(16 * q + key, 2 * warp + h); };
+      auto ds_row = [&](int key, int h) { return sST + Cfg::PLayout::off(16 * q + key, 2 * warp + h); };
+      store_slice_trans<T>(slice16(sf, q), 1.f, lane, p_row);
+      store_slice_trans<T>(slice16(dpf, q), 1.f, lane, ds_row);
+    }
     fence_async_shared();
     // every warp's rows of p^T, ds^T stored
     if constexpr (Cfg::WS)
@@ -254,13 +264,16 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, Cfg::MINB)
   }
   const uint32_t sOutV = sQ, sOutK = sQ + BK * Cfg::OUT_PITCH;
 #pragma unroll
-  for (int hh = 0; hh < H; ++hh) {
-    // slice row 8 h + lane / 4 of warp w = D index 64 hh + 16 w + ..; its column = key
-    auto v_row = [&](int key, int h) { return sOutV + key * Cfg::OUT_PITCH + (64 * hh + 16 * warp + 8 * h) * 2; };
-    auto k_row = [&](int key, int h) { return sOutK + key * Cfg::OUT_PITCH + (64 * hh + 16 * warp + 8 * h) * 2; };
-    store_slice_trans<T>(dvt[hh], 1.f, lane, v_row);
-    store_slice_trans<T>(dkt[hh], p.scale, lane, k_row);
-  }
+  for (int hh = 0; hh < H; ++hh)
+#pragma unroll
+    for (int q = 0; q < NS; ++q) {
+      // slice row 8 h + lane / 4 of warp w = D index 64 hh + 16 w + ..; its column = key 16 q + ..
+      const uint32_t sv = sOutV + 16 * q * Cfg::OUT_PITCH, sk = sOutK + 16 * q * Cfg::OUT_PITCH;
+      auto v_row = [&](int key, int h) { return sv + key * Cfg::OUT_PITCH + (64 * hh + 16 * warp + 8 * h) * 2; };
+      auto k_row = [&](int key, int h) { return sk + key * Cfg::OUT_PITCH + (64 * hh + 16 * warp + 8 * h) * 2; };
+      store_slice_trans<T>(slice16(dvt[hh], q), 1.f, lane, v_row);
+      store_slice_trans<T>(slice16(dkt[hh], q), p.scale, lane, k_row);
+    }
   if constexpr (Cfg::WS)
     named_bar_sync(1, Cfg::NT);
   else

@@ -1,5 +1,5 @@
 // The Hopper (sm_90a) dq kernel: the row-oriented dq of bwd/dq_kernel.cuh on warpgroup MMA. It runs wherever dq comes
-// from its own pass (the deterministic pair: C <= 16, or deterministic=True) on an H100 / H200 with R * g > 16
+// from its own pass (the deterministic pair: C <= 16, D = 256, or deterministic=True) on an H100 / H200 with R * g > 16
 // (bwd/dispatch.cu).
 //
 // One CTA = one tile of TM = 64 NWG packed rows (config.cuh Sm90DqTile: NWG = 1) of one block row (the forward's tile

@@ -253,7 +253,8 @@ cudaError_t launch_dq_sm90(const Params& p, cudaStream_t stream) {
   return launch_row_tiles<bsattn_bwd_dq_sm90_kernel<T, Cfg>, Cfg>(d, stream);
 }
 
-// dk, dv alone for narrow block columns (bwd_sm90/dkdv_narrow_kernel.cuh): one CTA per 16-key block column.
+// dk, dv alone for narrow block columns (bwd_sm90/dkdv_narrow_kernel.cuh): one CTA per 16-key block column (D = 256:
+// per 16- or 32-key chunk of any block column, launch_dkdv_ws.cuh).
 template <int kDType, int kD>
 cudaError_t launch_dkdv_sm90(const Params& p, cudaStream_t stream) {
   using T = typename DTypeOf<kDType>::type;
@@ -263,8 +264,10 @@ cudaError_t launch_dkdv_sm90(const Params& p, cudaStream_t stream) {
     // The form with a producer warpgroup, 2-3 % faster (H200, 2026-11-30); BSATTN_BWD_DKDV=narrow: the form without
     // (A / B). Read once.
     static const bool no_ws = env_equals("BSATTN_BWD_DKDV", "narrow");
-    if (!no_ws) return launch_dkdv_sm90_ws<kDType>(p, stream);
+    if (!no_ws) return launch_dkdv_sm90_ws<kDType, kD>(p, stream);
     return launch_column_tiles<bsattn_bwd_sm90_dkdv_narrow_kernel<T, Cfg>, Cfg>(p, stream, Cfg::NT, Cfg::SMEM);
+  } else if constexpr (kD == 256) {
+    return launch_dkdv_sm90_ws<kDType, kD>(p, stream);  // (the producer form only)
   } else {
     return cudaErrorNotSupported;
   }

@@ -14,18 +14,26 @@ namespace bsattn {
 namespace cuda {
 namespace bwd {
 
-template <int kDType>
+template <int kDType, int kD>
 cudaError_t launch_dkdv_sm90_ws(const Params& p, cudaStream_t stream) {
   using T = typename DTypeOf<kDType>::type;
-  using Cfg = Sm90DkdvNarrowWsTile;
-  if (p.C > Cfg::BK) return cudaErrorNotSupported;
-  return launch_column_tiles<bsattn_bwd_sm90_dkdv_narrow_kernel<T, Cfg>, Cfg>(p, stream, Cfg::NT_ALL, Cfg::SMEM);
+  if constexpr (kD == 256) {  // 16- or 32-key chunks of any block column (bwd/common.cuh column_work)
+    using Wide = Sm90DkdvNarrowWsTile256Wide;
+    if (p.C > 16)
+      return launch_column_tiles<bsattn_bwd_sm90_dkdv_narrow_kernel<T, Wide>, Wide>(p, stream, Wide::NT_ALL, Wide::SMEM);
+    using Cfg = Sm90DkdvNarrowWsTile256;
+    return launch_column_tiles<bsattn_bwd_sm90_dkdv_narrow_kernel<T, Cfg>, Cfg>(p, stream, Cfg::NT_ALL, Cfg::SMEM);
+  } else {
+    using Cfg = Sm90DkdvNarrowWsTile;
+    if (p.C > Cfg::BK) return cudaErrorNotSupported;
+    return launch_column_tiles<bsattn_bwd_sm90_dkdv_narrow_kernel<T, Cfg>, Cfg>(p, stream, Cfg::NT_ALL, Cfg::SMEM);
+  }
 }
 
 }  // namespace bwd
 }  // namespace cuda
 }  // namespace bsattn
 
-#define BSATTN_INSTANTIATE_DKDV_SM90_WS(DTYPE)                                                   \
-  template cudaError_t bsattn::cuda::bwd::launch_dkdv_sm90_ws<bsattn::cuda::bwd::DTYPE>(        \
+#define BSATTN_INSTANTIATE_DKDV_SM90_WS(DTYPE, D)                                                \
+  template cudaError_t bsattn::cuda::bwd::launch_dkdv_sm90_ws<bsattn::cuda::bwd::DTYPE, D>(     \
       const bsattn::cuda::bwd::Params&, cudaStream_t);

@@ -14,7 +14,8 @@
 // Hopper (benchmarks/gpu_check.sh KERNEL_SANITIZE=1 builds this): -gencode arch=compute_90a,code=sm_90a
 //   -DBSATTN_WITH_SM90, plus csrc/cuda/fwd_sm90/instantiations/{fwd_sm90,sweep}_bf16_d{64,128}.cu,
 //   fwd_sm90_bf16_d256.cu and fwd_ws_bf16_d128.cu, csrc/cuda/bwd_sm90/instantiations/{bwd,dq}_sm90_bf16_d{64,128}.cu,
-//   dkdv_sm90_bf16_d128.cu and dkdv_ws_sm90_bf16_d128.cu and rows_sm90_bf16_d{64,128}.cu (the harness calls
+//   dq_sm90_bf16_d256.cu, dkdv_sm90_bf16_d{128,256}.cu and dkdv_ws_sm90_bf16_d128.cu and rows_sm90_bf16_d{64,128}.cu
+//   (the harness calls
 //   launch_dq_sm90, launch_dkdv_sm90 and, where its rule holds, launch_bwd_rows_sm90; BSATTN_FWD_WS and
 //   BSATTN_BWD_DKDV pick the forms).
 #include <algorithm>
@@ -148,10 +149,14 @@ void run_case(const Case& c, std::mt19937& rng) {
     e1 = bsattn::cuda::launch_fwd<kBF16, 64>(fp, 0);
     e2 = bwd::launch_dq<kBF16, 64>(bp, 0);
     e3 = bwd::launch_dkdv<kBF16, 64>(bp, 0);
-  } else if (c.D == 256) {  // (on Hopper the wgmma forward where R * g > 16; no Hopper backward has this head dim)
+  } else if (c.D == 256) {  // (on Hopper the wgmma forward where R * g > 16)
     e1 = bsattn::cuda::launch_fwd<kBF16, 256>(fp, 0);
     e2 = bwd::launch_dq<kBF16, 256>(bp, 0);
     e3 = bwd::launch_dkdv<kBF16, 256>(bp, 0);
+#ifdef BSATTN_WITH_SM90
+    // the Hopper narrow-column dk / dv (16-key chunks) where it applies, over the same outputs
+    if (e3 == cudaSuccess && bwd::dkdv_sm90_applies(bp, c.D)) e3 = bwd::launch_dkdv_sm90<kBF16, 256>(bp, 0);
+#endif
   } else {
     e1 = bsattn::cuda::launch_fwd<kBF16, 128>(fp, 0);
     e2 = bwd::launch_dq<kBF16, 128>(bp, 0);
@@ -179,9 +184,11 @@ void run_case(const Case& c, std::mt19937& rng) {
              : wide                          ? "Hopper, two warpgroups"
                                              : "Hopper, one warpgroup";
   }
-  if (hopper_d && e4 == cudaSuccess && bwd::dq_sm90_applies(bp)) {  // the Hopper dq kernel
-    e4 = c.D == 64 ? bwd::launch_dq_sm90<kBF16, 64>(bp, 0) : bwd::launch_dq_sm90<kBF16, 128>(bp, 0);
-    hopper = bwd::bwd_sm90_applies(bp, c.D) ? "Hopper, then Hopper dq" : "Hopper dq";
+  if (e4 == cudaSuccess && bwd::dq_sm90_applies(bp)) {  // the Hopper dq kernel
+    e4 = c.D == 64    ? bwd::launch_dq_sm90<kBF16, 64>(bp, 0)
+         : c.D == 128 ? bwd::launch_dq_sm90<kBF16, 128>(bp, 0)
+                      : bwd::launch_dq_sm90<kBF16, 256>(bp, 0);
+    hopper = hopper_d && bwd::bwd_sm90_applies(bp, c.D) ? "Hopper, then Hopper dq" : "Hopper dq";
   }
   float* rows_ws = nullptr;  // the row-oriented backward where its rule holds (its own workspace, over the same outputs)
   if (e4 == cudaSuccess && bwd::rows_sm90_rule(bp, c.D)) {
@@ -245,6 +252,8 @@ int main() {
       {1, 100, 150, 8, 2, 256, 16, 1, true, 0.f, false, false},  // D = 256, C = 1: packed columns, two passes
       {2, 70, 90, 4, 2, 256, 3, 3, false, 20.f, true, true},     // D = 256, C = 3: packed, per-head garbage, cap
       {1, 130, 200, 8, 2, 256, 64, 2, true, 10.f, true, true},   // D = 256, R * g = 256: wgmma forward, garbage, cap
+      {1, 150, 170, 8, 2, 256, 16, 40, true, 0.f, false, true},  // D = 256, C = 40: Hopper dq, narrow 16-key chunks, garbage
+      {2, 100, 120, 4, 1, 256, 32, 12, false, 15.f, true, false}, // D = 256, C = 12: narrow dk / dv, per-head, cap
   };
   for (const Case& c : cases) run_case(c, rng);
   std::printf("all cases ran\n");

@@ -2,4 +2,4 @@
 // only.
 #include "cuda/bwd_sm90/launch_dkdv_ws.cuh"
 
-BSATTN_INSTANTIATE_DKDV_SM90_WS(kF16)
+BSATTN_INSTANTIATE_DKDV_SM90_WS(kF16, 128)
