@@ -14,19 +14,20 @@ namespace bsattn {
 namespace cuda {
 namespace bwd {
 
+template <typename T, class Cfg>
+cudaError_t launch_dkdv_narrow_ws_tile(const Params& p, cudaStream_t stream) {
+  return launch_column_tiles<bsattn_bwd_sm90_dkdv_narrow_kernel<T, Cfg>, Cfg>(p, stream, Cfg::NT_ALL, Cfg::SMEM);
+}
+
 template <int kDType, int kD>
 cudaError_t launch_dkdv_sm90_ws(const Params& p, cudaStream_t stream) {
   using T = typename DTypeOf<kDType>::type;
   if constexpr (kD == 256) {  // 16- or 32-key chunks of any block column (bwd/common.cuh column_work)
-    using Wide = Sm90DkdvNarrowWsTile256Wide;
-    if (p.C > 16)
-      return launch_column_tiles<bsattn_bwd_sm90_dkdv_narrow_kernel<T, Wide>, Wide>(p, stream, Wide::NT_ALL, Wide::SMEM);
-    using Cfg = Sm90DkdvNarrowWsTile256;
-    return launch_column_tiles<bsattn_bwd_sm90_dkdv_narrow_kernel<T, Cfg>, Cfg>(p, stream, Cfg::NT_ALL, Cfg::SMEM);
+    if (p.C > 16) return launch_dkdv_narrow_ws_tile<T, Sm90DkdvNarrowWsTile256Wide>(p, stream);
+    return launch_dkdv_narrow_ws_tile<T, Sm90DkdvNarrowWsTile256>(p, stream);
   } else {
-    using Cfg = Sm90DkdvNarrowWsTile;
-    if (p.C > Cfg::BK) return cudaErrorNotSupported;
-    return launch_column_tiles<bsattn_bwd_sm90_dkdv_narrow_kernel<T, Cfg>, Cfg>(p, stream, Cfg::NT_ALL, Cfg::SMEM);
+    if (p.C > Sm90DkdvNarrowWsTile::BK) return cudaErrorNotSupported;
+    return launch_dkdv_narrow_ws_tile<T, Sm90DkdvNarrowWsTile>(p, stream);
   }
 }
 

@@ -24,6 +24,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include <cuda_bf16.h>
@@ -52,6 +53,14 @@ std::vector<__nv_bfloat16> random_bf16(size_t n, std::mt19937& rng) {
   std::vector<__nv_bfloat16> h(n);
   for (auto& x : h) x = __float2bfloat16(nd(rng));
   return h;
+}
+
+// f(std::integral_constant<int, D>) for the case's head dim D (64, 128 or 256).
+template <class F>
+cudaError_t with_head_dim(int D, F&& f) {
+  if (D == 64) return f(std::integral_constant<int, 64>{});
+  if (D == 256) return f(std::integral_constant<int, 256>{});
+  return f(std::integral_constant<int, 128>{});
 }
 
 void run_case(const Case& c, std::mt19937& rng) {
@@ -145,27 +154,18 @@ void run_case(const Case& c, std::mt19937& rng) {
 
   using bsattn::cuda::kBF16;
   cudaError_t e1, e2, e3;
-  if (c.D == 64) {
-    e1 = bsattn::cuda::launch_fwd<kBF16, 64>(fp, 0);
-    e2 = bwd::launch_dq<kBF16, 64>(bp, 0);
-    e3 = bwd::launch_dkdv<kBF16, 64>(bp, 0);
-  } else if (c.D == 256) {  // (on Hopper the wgmma forward where R * g > 16)
-    e1 = bsattn::cuda::launch_fwd<kBF16, 256>(fp, 0);
-    e2 = bwd::launch_dq<kBF16, 256>(bp, 0);
-    e3 = bwd::launch_dkdv<kBF16, 256>(bp, 0);
-#ifdef BSATTN_WITH_SM90
-    // the Hopper narrow-column dk / dv (16-key chunks) where it applies, over the same outputs
-    if (e3 == cudaSuccess && bwd::dkdv_sm90_applies(bp, c.D)) e3 = bwd::launch_dkdv_sm90<kBF16, 256>(bp, 0);
-#endif
-  } else {
-    e1 = bsattn::cuda::launch_fwd<kBF16, 128>(fp, 0);
-    e2 = bwd::launch_dq<kBF16, 128>(bp, 0);
-    e3 = bwd::launch_dkdv<kBF16, 128>(bp, 0);
+  with_head_dim(c.D, [&](auto d) {
+    constexpr int D = decltype(d)::value;
+    e1 = bsattn::cuda::launch_fwd<kBF16, D>(fp, 0);  // (on Hopper the wgmma forward where R * g > 16)
+    e2 = bwd::launch_dq<kBF16, D>(bp, 0);
+    e3 = bwd::launch_dkdv<kBF16, D>(bp, 0);
 #ifdef BSATTN_WITH_SM90
     // the Hopper narrow-column dk / dv where it applies (after the mma.sync one, over the same outputs)
-    if (e3 == cudaSuccess && bwd::dkdv_sm90_applies(bp, c.D)) e3 = bwd::launch_dkdv_sm90<kBF16, 128>(bp, 0);
+    if constexpr (D != 64)
+      if (e3 == cudaSuccess && bwd::dkdv_sm90_applies(bp, D)) e3 = bwd::launch_dkdv_sm90<kBF16, D>(bp, 0);
 #endif
-  }
+    return cudaSuccess;
+  });
   cudaError_t e4 = cudaSuccess;  // the Hopper backward (dq through the f32 workspace)
   const char* hopper = "not run";
 #ifdef BSATTN_WITH_SM90
@@ -185,9 +185,7 @@ void run_case(const Case& c, std::mt19937& rng) {
                                              : "Hopper, one warpgroup";
   }
   if (e4 == cudaSuccess && bwd::dq_sm90_applies(bp)) {  // the Hopper dq kernel
-    e4 = c.D == 64    ? bwd::launch_dq_sm90<kBF16, 64>(bp, 0)
-         : c.D == 128 ? bwd::launch_dq_sm90<kBF16, 128>(bp, 0)
-                      : bwd::launch_dq_sm90<kBF16, 256>(bp, 0);
+    e4 = with_head_dim(c.D, [&](auto d) { return bwd::launch_dq_sm90<kBF16, decltype(d)::value>(bp, 0); });
     hopper = hopper_d && bwd::bwd_sm90_applies(bp, c.D) ? "Hopper, then Hopper dq" : "Hopper dq";
   }
   float* rows_ws = nullptr;  // the row-oriented backward where its rule holds (its own workspace, over the same outputs)
