@@ -22,8 +22,9 @@
 // warpgroups per SM, 64-key tiles, every thread gathering), whatever C (1, 16, 64, 128). Tried and dropped: the two
 // warpgroups taking turns at issuing their products (FlashAttention-3's pingpong, by named barriers): within 1 %.
 // Also dropped (session 25, branch wip/fwd-persistent): a persistent form, one CTA per SM taking items from a counter,
-// the producer loading each item's Q and gathering its first KV tile under the item before: correct and 7-9 % slower
-// (4:128:128 0.639 against 0.590 ms), also with one item per CTA; not explained (csrc/cuda/dev/NOTES.md, session 25).
+// the producer loading each item's Q and gathering its first KV tile under the item before: correct and 8-12 % slower
+// (4:128:128 0.639 against 0.590 ms in its final form), 7-10 % with one item per CTA; not explained
+// (csrc/cuda/dev/NOTES.md, session 25).
 #pragma once
 
 #include <cmath>
