@@ -3,8 +3,8 @@
 // its workspace; else the Hopper one-pass kernel (bwd_sm90/: dq through atomic adds into a float32 workspace) when the
 // caller gave that workspace, the device is compute capability 9.0 with the sm_90a build, the head dim is 64 or 128 and
 // C > 16, the packed small-block rule or the sweep's holds (params.h bwd_sm90_applies); otherwise the deterministic
-// pair, dk / dv then dq (bwd/launch.cuh; on such a device dq on wgmma where R * g > 16, bwd_sm90/dq_kernel.cuh, and dk / dv
-// on wgmma for 8 < C <= 16 at D = 128 and every C > 8 at D = 256, bwd_sm90/dkdv_narrow_kernel.cuh).
+// pair, dk / dv then dq (bwd/launch.cuh; on such a device dq on wgmma where R * g > 16, bwd_sm90/dq_kernel.cuh, and
+// dk / dv on wgmma for 8 < C <= 16 at D = 128 and every C > 8 at D = 256, bwd_sm90/dkdv_narrow_kernel.cuh).
 // Host code only: it calls the launchers through their declarations (params.h), so no kernel is instantiated here.
 #include <cuda_runtime.h>
 
@@ -36,7 +36,8 @@ cudaError_t launch_bwd(const Params& p, cudaStream_t stream, bool run_dq, bool r
     bool done = false;
 #ifdef BSATTN_WITH_SM90
     if constexpr (kD == 128 || kD == 256) {
-      // dk / dv on wgmma for narrow block columns (D = 256: every C > 8); BSATTN_BWD_DKDV=mma: the mma.sync column tile (A / B; read once)
+      // dk / dv on wgmma for narrow block columns (D = 256: every C > 8); BSATTN_BWD_DKDV=mma: the mma.sync column
+      // tile (A / B; read once)
       static const bool mma_dkdv = env_equals("BSATTN_BWD_DKDV", "mma");
       if (dkdv_sm90_applies(p, kD) && !mma_dkdv && device_runs_sm90a()) {
         err = launch_dkdv_sm90<kDType, kD>(p, stream);

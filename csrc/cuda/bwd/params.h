@@ -136,8 +136,8 @@ cudaError_t launch_dq_sm90(const Params& p, cudaStream_t stream);
 // mma.sync kernel's 16-row tile pads less).
 inline bool dq_sm90_applies(const Params& p) { return static_cast<int64_t>(p.R) * p.g > 16; }
 // Hopper (sm_90a, head dims 128 and 256; with BSATTN_WITH_SM90): dk, dv alone (every element written) on wgmma for
-// narrow block columns (D = 256: 16-key chunks of any block column), bwd_sm90/dkdv_narrow_kernel.cuh. Deterministic,
-// like launch_dkdv.
+// narrow block columns (D = 256: 16- or 32-key chunks of any block column), bwd_sm90/dkdv_narrow_kernel.cuh.
+// Deterministic, like launch_dkdv.
 template <int kDType, int kD>
 cudaError_t launch_dkdv_sm90(const Params& p, cudaStream_t stream);
 // Its form with a producer warpgroup (Sm90DkdvNarrowWsTile; the default, BSATTN_BWD_DKDV=narrow runs the form without),
@@ -146,8 +146,8 @@ template <int kDType, int kD>
 cudaError_t launch_dkdv_sm90_ws(const Params& p, cudaStream_t stream);
 // Its rule beside the device (bwd/dispatch.cu): D = 128 and 8 < C <= 16, where launch_dkdv runs the mma.sync 16-key
 // column tile (C <= 8 has the packed and compact kernels); 2-4 % faster than that tile (H200, 2026-11-30).
-// D = 256: every C > 8, in place of the mma.sync column kernel's two passes (forward + backward 2.0-2.1x with the wgmma dq
-// kernel, H200, 2026-12-01).
+// D = 256: every C > 8, in place of the mma.sync column kernel's two passes (forward + backward 2.0-2.1x with the
+// wgmma dq kernel, H200, 2026-12-01).
 inline bool dkdv_sm90_applies(const Params& p, int D) {
   return (D == 128 && p.C > 8 && p.C <= 16) || (D == 256 && p.C > 8);
 }

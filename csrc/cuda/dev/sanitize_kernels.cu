@@ -15,9 +15,8 @@
 //   -DBSATTN_WITH_SM90, plus csrc/cuda/fwd_sm90/instantiations/{fwd_sm90,sweep}_bf16_d{64,128}.cu,
 //   fwd_sm90_bf16_d256.cu and fwd_ws_bf16_d128.cu, csrc/cuda/bwd_sm90/instantiations/{bwd,dq}_sm90_bf16_d{64,128}.cu,
 //   dq_sm90_bf16_d256.cu, dkdv_sm90_bf16_d{128,256}.cu and dkdv_ws_sm90_bf16_d128.cu and rows_sm90_bf16_d{64,128}.cu
-//   (the harness calls
-//   launch_dq_sm90, launch_dkdv_sm90 and, where its rule holds, launch_bwd_rows_sm90; BSATTN_FWD_WS and
-//   BSATTN_BWD_DKDV pick the forms).
+//   (the harness calls launch_dq_sm90, launch_dkdv_sm90 and, where its rule holds, launch_bwd_rows_sm90; BSATTN_FWD_WS
+//   and BSATTN_BWD_DKDV pick the forms).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -175,8 +174,8 @@ void run_case(const Case& c, std::mt19937& rng) {
   CK(cudaMalloc(&dq_accum, acc_words * 4));
   bp.dq_accum = dq_accum;
   bp.dq_accum_words = acc_words;
-  const bool hopper_d = c.D <= 128;
-  if (hopper_d && bwd::bwd_sm90_applies(bp, c.D)) {
+  const bool one_pass = c.D <= 128 && bwd::bwd_sm90_applies(bp, c.D);  // (the one-pass kernels: D = 64, 128)
+  if (one_pass) {
     e4 = c.D == 64 ? bwd::launch_bwd_sm90<kBF16, 64>(bp, 0) : bwd::launch_bwd_sm90<kBF16, 128>(bp, 0);
     const bool wide = c.D == 128 && c.C >= 128 && (c.C % 128 == 0 || c.C % 128 > 64);  // bwd_sm90/launch.cuh
     hopper = bwd::sm90_sweep_applies(bp, c.D) ? "Hopper, sweep (or packed columns after a duplicate)"
@@ -186,7 +185,7 @@ void run_case(const Case& c, std::mt19937& rng) {
   }
   if (e4 == cudaSuccess && bwd::dq_sm90_applies(bp)) {  // the Hopper dq kernel
     e4 = with_head_dim(c.D, [&](auto d) { return bwd::launch_dq_sm90<kBF16, decltype(d)::value>(bp, 0); });
-    hopper = hopper_d && bwd::bwd_sm90_applies(bp, c.D) ? "Hopper, then Hopper dq" : "Hopper dq";
+    hopper = one_pass ? "Hopper, then Hopper dq" : "Hopper dq";
   }
   float* rows_ws = nullptr;  // the row-oriented backward where its rule holds (its own workspace, over the same outputs)
   if (e4 == cudaSuccess && bwd::rows_sm90_rule(bp, c.D)) {

@@ -1,4 +1,5 @@
-// Hopper narrow-column dk / dv (16-key chunks, a producer warpgroup): bf16, head dim 256. Compiled for sm_90a only.
+// Hopper narrow-column dk / dv (16- or 32-key chunks, a producer warpgroup): bf16, head dim 256. Compiled for sm_90a
+// only.
 #include "cuda/bwd_sm90/launch.cuh"
 #include "cuda/bwd_sm90/launch_dkdv_ws.cuh"
 
