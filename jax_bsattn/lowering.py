@@ -14,7 +14,7 @@ import os
 import jax
 from jax.interpreters import mlir
 
-from .column_view import column_order, column_view
+from .column_view import column_order, column_view, walk_order
 from .partitioning import bwd_partitioned, fwd_partitioned
 from .primitives import Config, bsattn_bwd_ffi_p, bsattn_bwd_p, bsattn_fwd_ffi_p, bsattn_fwd_p, ffi_attributes
 
@@ -134,6 +134,38 @@ def _dq_workspace_words(q, k, indptr, indices, cfg: Config) -> int:
     return q.size + DQ_SCHED_WORDS + sweep
 
 
+# The one-pass backward reorders its column walks (column_view.py walk_order) where the rows its CTAs stream at one
+# time (q, do and the float32 dq, 8 bytes a q element, of the heads running together) are at least this. Measured on
+# an H200 (L2 50 MB), M = 8192, forward + backward against the increasing walk:
+# - 128 MB and more (g = 4, 8): block-causal, band, band + global and MoBA-like layouts 1.06-1.32x at 64 x 64 and
+#   0.997-1.06x at 128 x 128; uniform random layouts 0.994-0.998x (the few XLA ops);
+# - about 26 MB (g = 1): 0.965-0.99x (the rows stay in L2 whatever the order, and CTAs at one block row add into the
+#   same dq rows at once).
+# Between the two it is not measured; this keeps the increasing order there. The deterministic pair's dk / dv kernels
+# (no dq workspace) walk columns in any order too, but gained nothing from it (0.98-1.00x, g = 4 and 8, D = 128 and
+# 256): they keep the increasing order.
+WALK_ORDER_MIN_BYTES = 64 << 20
+_CTA_SLOTS = 264  # about the one-pass kernel's CTAs in flight on an H100 / H200: 132 SMs x 2 of 64 keys (or 1 of 128)
+
+
+def _reorders_walks(q, k, cfg: Config, ws_words: int) -> bool:
+    """Whether the backward hands the Hopper one-pass kernel (C > 16 with a dq workspace: csrc/cuda/bwd_sm90/
+    launch.cuh) its columns in walk_order. The heads running together: those of one chunk of csrc/cuda/common/
+    launch.cuh column_head_chunks (at least a wave of CTAs). BSATTN_BWD_COL_WALK=0: never (A / B), =always: whatever
+    the size (tests)."""
+    mode = os.environ.get("BSATTN_BWD_COL_WALK", "")
+    if mode == "0" or cfg.block_c <= 16 or ws_words <= 0 or q.size == 0:
+        return False
+    if mode == "always":
+        return True
+    B, M, Hq, D = math.prod(q.shape[:-3]), q.shape[-3], q.shape[-2], q.shape[-1]
+    heads = B * k.shape[-2]
+    per_head = -(-k.shape[-3] // cfg.block_c) * -(-cfg.block_c // 64)  # CTAs of 64 keys per head
+    min_heads = -(-_CTA_SLOTS // max(per_head, 1))
+    chunk_heads = heads / max(heads // min_heads, 1)
+    return 8 * chunk_heads * M * (Hq // max(k.shape[-2], 1)) * D >= WALK_ORDER_MIN_BYTES
+
+
 def _fwd_sweep_table_words(q, k, indptr, indices, cfg: Config) -> int:
     """Words (u32) of the CUDA forward's workspace: the sweep kernel's bit maps, built once per call (csrc/cuda/fwd/
     params.h fwd_sweep_table_words and fwd_sm90/launch.cuh fwd_sweep_block_rows: the same rule, less the device's
@@ -180,13 +212,17 @@ def _cuda_call_rule(call):
 
 def _cuda_bwd_call(q, k, v, do, lse, delta, indptr, indices, *, cfg: Config):
     """The CUDA backward also takes the layout's column view (dk / dv walk block columns), built here in
-    XLA from the row view on the device: no host round trip, no dense mask. Its fourth result is the dq
-    workspace (empty: the deterministic backward), dropped here."""
+    XLA from the row view on the device: no host round trip, no dense mask; for the one-pass kernel each column's
+    rows in walk_order where that pays (_reorders_walks). Its fourth result is the dq workspace (empty: the
+    deterministic backward), dropped here."""
     num_block_cols = -(-k.shape[1] // cfg.block_c)
     col_indptr, col_rows = column_view(indptr, indices, num_block_cols)
     col_order = column_order(col_indptr)
+    ws_words = _dq_workspace_words(q, k, indptr, indices, cfg)
+    if _reorders_walks(q, k, cfg, ws_words):
+        col_rows = walk_order(col_indptr, col_rows, -(-q.shape[1] // cfg.block_r))
     out = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
-    out += (jax.ShapeDtypeStruct((_dq_workspace_words(q, k, indptr, indices, cfg),), jax.numpy.float32),)
+    out += (jax.ShapeDtypeStruct((ws_words,), jax.numpy.float32),)
     dq, dk, dv, _ = jax.ffi.ffi_call("bsattn_bwd_cuda", out)(q, k, v, do, lse, delta, indptr, indices, col_indptr,
                                                             col_rows, col_order, **ffi_attributes(cfg))
     return dq, dk, dv

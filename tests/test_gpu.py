@@ -80,6 +80,25 @@ def test_forward_head_dim_256_wgmma(R, C, g, M, N, causal, softcap, dtype):
         check_forward(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
 
 
+# The 128-row forward tile on an H100 / H200 (fwd_sm90/kernel_ws.cuh, D = 128, R * g > 64) over many more work items
+# than SMs, of different lengths (causal, empty block rows), with a warpgroup of pure padding (R * g = 192), items past
+# the last query row (M not a multiple of R), soft cap, f16.
+@pytest.mark.parametrize("R,C,g,M,N,B,causal,softcap,dtype", [
+    (32, 16, 4, 2100, 1000, 2, True, None, jnp.bfloat16), (48, 5, 4, 1601, 777, 2, False, None, jnp.bfloat16),
+    (128, 64, 2, 1500, 1500, 3, True, 30.0, jnp.float16), (64, 1, 8, 1111, 640, 2, False, None, jnp.bfloat16)])
+def test_forward_many_items(R, C, g, M, N, B, causal, softcap, dtype):
+    rng = np.random.default_rng(R * 10 + C + g)
+    Hk = 2
+    MB, NB = -(-M // R), -(-N // C)
+    mask = random_mask(rng, (Hk,), MB, NB, 0.3)
+    mask[0, 2] = False   # empty block rows
+    mask[1, -1] = False
+    layout = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
+    q, k, v = random_problem(rng, batch=(B,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=128, dtype=dtype)
+    with jax.default_device(jax.devices("cuda")[0]):
+        check_forward(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
+
+
 # Small R * g on an H100 / H200: the sweep forward (fwd_sm90/sweep_kernel.cuh) over several block rows per tile, masked
 # per key, where R * g <= 8 here (R * g = 12, 16 at this density stay on the gathers: fwd_sweep_block_rows): part-filled
 # last tiles of rows and keys, blocks straddling bit words, causal, soft cap, f16, a long N.
@@ -170,6 +189,27 @@ def test_backward_wide_key_tile(R, C, g, D, causal, softcap, dtype):
     from conftest import check_gradients
 
     q, k, v, layout = _backward_problem(R, C, g, D, dtype)
+    check_gradients(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
+
+
+# The Hopper one-pass backward (C > 16) with its columns in walk_order (column_view.py), forced on these small problems
+# (BSATTN_BWD_COL_WALK=always): per-head layouts whose columns walk in different orders (a block-causal one from the
+# bottom up, a band with a global column by block row modulo the band), the one- and two-warpgroup tiles, causal.
+@pytest.mark.parametrize("R,C,g,M,causal,softcap,dtype", [
+    (64, 64, 4, 1000, True, None, jnp.bfloat16), (32, 128, 2, 1500, False, 30.0, jnp.float16),
+    (16, 40, 8, 700, True, None, jnp.bfloat16)])
+def test_backward_walk_order(R, C, g, M, causal, softcap, dtype, monkeypatch):
+    from conftest import check_gradients
+
+    monkeypatch.setenv("BSATTN_BWD_COL_WALK", "always")
+    rng = np.random.default_rng(R + C + g)
+    N = M
+    MB, NB = -(-M // R), -(-N // C)
+    rows, cols = np.arange(MB)[:, None] * R, np.arange(NB)[None, :] * C
+    mask = np.stack([cols <= rows + R - 1,                                                  # block-causal
+                     ((rows - cols) < 4 * C) & (cols <= rows + R - 1) | (cols == 0)])       # band + a global column
+    layout = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=g * 2, Hk=2, D=128, dtype=dtype)
     check_gradients(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
 
 

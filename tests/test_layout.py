@@ -136,3 +136,58 @@ def test_column_view_and_order_match_numpy():
         for c in range(NB):
             np.testing.assert_array_equal(cr[l, ci[l, c]:ci[l, c + 1]], cols[c])
         np.testing.assert_array_equal(order[l], np.argsort(-counts, kind="stable"))
+
+
+def _walk_order_numpy(cols, MB):
+    """The one-pass backward's walk order (column_view.walk_order) in plain NumPy: candidate orders of each column's
+    sorted rows, scored by the mean absolute deviation of each block row's ranks."""
+    lens = np.array([len(c) for c in cols])
+    by_len = np.sort(lens)[::-1]
+    cum = np.cumsum(by_len)
+    periods = [max(by_len[0], 1), max(by_len[min(np.searchsorted(cum, (cum[-1] + 1) // 2), len(cols) - 1)], 1)]
+    cands = [[list(c) for c in cols], [c[::-1] for c in cols]]
+    cands += [[sorted(c, key=lambda r, P=P: ((MB - 1 - r) % P, MB - 1 - r)) for c in cols] for P in periods]
+
+    def score(order):
+        ranks = {}
+        for c in order:
+            for k, r in enumerate(c):
+                ranks.setdefault(r, []).append(k)
+        return sum(np.abs(np.array(v) - np.mean(v)).sum() for v in ranks.values())
+
+    scores = [score(o) for o in cands]
+    best = 1 + int(np.argmin(scores[1:]))
+    return cands[best] if scores[best] < 0.9 * scores[0] else cands[0]
+
+
+def test_walk_order_matches_numpy():
+    """The walk order of the Hopper one-pass backward's columns: block-causal layouts walk each column from its last
+    block row up, band layouts by block row modulo the band, a layout that no candidate improves by 10 % keeps the
+    increasing order (an upper triangle); stacked layouts (one choice each), with padding after the listed entries."""
+    from jax_bsattn.column_view import column_view, walk_order
+
+    MB = NB = 24
+    rng = np.random.default_rng(7)
+    masks = [np.tril(np.ones((MB, NB), bool)),                                      # block-causal
+             np.array([[0 <= r - c < 5 for c in range(NB)] for r in range(MB)]),     # a band of 5
+             rng.random((MB, NB)) < 0.5,                                             # uniform
+             np.triu(np.ones((MB, NB), bool))]                                       # upper: kept increasing
+    masks[1][:, 0] = True                                                           # + a global column
+    nnz = max(int(m.sum()) for m in masks) + 3
+    ip = np.zeros((4, MB + 1), np.int32)
+    ix = np.zeros((4, nnz), np.int32)
+    for l, m in enumerate(masks):
+        ip[l, 1:] = np.cumsum(m.sum(1))
+        ix[l, :ip[l, -1]] = np.nonzero(m)[1]
+    ci, cr = column_view(jnp.asarray(ip), jnp.asarray(ix), NB)
+    got = np.asarray(walk_order(ci, cr, MB))
+    ci, cr = np.asarray(ci), np.asarray(cr)
+    for l in range(4):
+        cols = [list(cr[l, ci[l, c]:ci[l, c + 1]]) for c in range(NB)]
+        want = _walk_order_numpy(cols, MB)
+        for c in range(NB):
+            np.testing.assert_array_equal(got[l, ci[l, c]:ci[l, c + 1]], want[c])
+        np.testing.assert_array_equal(got[l, ci[l, NB]:], cr[l, ci[l, NB]:])
+    assert list(got[0, ci[0, 0]:ci[0, 1]]) == list(range(MB - 1, -1, -1))            # block-causal: from the bottom up
+    assert np.array_equal(got[3], cr[3])                                              # upper triangle: as it was
+    assert not np.array_equal(got[1], cr[1])

@@ -124,3 +124,25 @@ def test_forward_sweep_table_rule(R, C, g, D, density, tabled, monkeypatch):
         monkeypatch.setenv(var, "0")
         assert lowering._fwd_sweep_table_words(q, k, indptr, indices, cfg) == 0
         monkeypatch.delenv(var)
+
+
+# Where the Hopper one-pass backward gets its columns in walk_order (column_view.py): C > 16 with a dq workspace (not
+# the deterministic pair), and the q, do and dq rows of the heads running together (a wave of CTAs: about 264 of 64
+# keys) at least 64 MiB.
+@pytest.mark.parametrize("g,R,C,M,B,ws,reorders", [
+    (4, 64, 64, 8192, 1, 1, True), (8, 128, 128, 8192, 1, 1, True), (1, 64, 64, 8192, 1, 1, False),
+    (2, 64, 64, 8192, 1, 1, False), (1, 64, 64, 32768, 2, 1, False), (4, 64, 64, 32768, 2, 1, True),
+    (4, 64, 16, 8192, 1, 1, False), (8, 64, 64, 8192, 1, 0, False), (8, 64, 64, 1024, 1, 1, False)])
+def test_walk_order_rule(g, R, C, M, B, ws, reorders, monkeypatch):
+    from jax_bsattn import lowering
+    from jax_bsattn.primitives import Config
+
+    monkeypatch.delenv("BSATTN_BWD_COL_WALK", raising=False)
+    q = jax.ShapeDtypeStruct((B, M, 32, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((B, M, 32 // g, 128), jnp.bfloat16)
+    cfg = Config(R, C, 1.0, 0.0, False)
+    assert lowering._reorders_walks(q, k, cfg, ws) == reorders
+    monkeypatch.setenv("BSATTN_BWD_COL_WALK", "0")
+    assert not lowering._reorders_walks(q, k, cfg, ws)
+    monkeypatch.setenv("BSATTN_BWD_COL_WALK", "always")
+    assert lowering._reorders_walks(q, k, cfg, ws) == (C > 16 and ws > 0)
