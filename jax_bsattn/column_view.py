@@ -12,6 +12,13 @@ import jax.numpy as jnp
 __all__ = ["column_view", "column_order", "walk_order"]
 
 
+def _segment_of(ptr, n: int):
+    """For each position 0 .. n - 1 of a CSR list, its segment: the last i with ``ptr[i] <= pos`` (-1 before
+    ``ptr[0]``), as a histogram of the starts + a prefix sum: no binary search, whose while loop costs XLA a kernel
+    launch or more per level."""
+    return jnp.cumsum(jnp.zeros(n + 1, jnp.int32).at[jnp.clip(ptr, 0, n)].add(1)[:n]) - 1
+
+
 def column_view(indptr, indices, num_block_cols: int):
     """``indptr [..., MB+1]`` (already monotone, see ``monotone_indptr``), ``indices [..., nnz]`` ->
     ``col_indptr [..., NB+1]``, ``col_rows [..., nnz]``: block column ``c`` is listed by the block rows
@@ -23,11 +30,9 @@ def column_view(indptr, indices, num_block_cols: int):
     pos = jnp.arange(nnz, dtype=jnp.int32)
 
     def one(ip, ix):
-        # The block row of each entry (the last i with ip[i] <= pos) and each column's first entry (the number of
-        # listed entries with a smaller column) as histograms + prefix sums: no binary search, whose while loop
-        # costs XLA a kernel launch or more per level.
-        starts = jnp.zeros(nnz + 1, jnp.int32).at[jnp.clip(ip, 0, nnz)].add(1)
-        row = jnp.cumsum(starts[:nnz]) - 1
+        # The block row of each entry and each column's first entry (the number of listed entries with a smaller
+        # column), as histograms + prefix sums.
+        row = _segment_of(ip, nnz)
         listed = (pos >= ip[0]) & (pos < ip[MB]) & (ix >= 0) & (ix < NB)
         key = jnp.where(listed, ix, NB)                 # unlisted entries sort last
         order = jnp.argsort(key, stable=True)           # stable: rows stay increasing within a column
@@ -58,53 +63,58 @@ def walk_order(col_indptr, col_rows, num_block_rows: int):
     that lists it. In increasing order (``column_view``'s) a block-causal layout gives block row r the rank r - c in
     column c (the CTAs walk a band of rows as wide as the wave), a band layout worse.
 
-    Candidates, per layout: increasing (kept unless another is 10 % better); decreasing (block-causal: rank MB - 1 -
-    r in every column); by the key ((MB - 1 - r) mod P, MB - 1 - r) with P the longest column's length (band layouts
-    of P block rows: rank (MB - 1 - r) mod P in every column) or the work-weighted median length (band layouts with a
-    few global columns). Score: the mean absolute deviation of each block row's ranks from their mean. Measured on
-    an H200 at g = 8, 64 x 64 blocks, M = 8192 (forward + backward): block-causal 1.24x, a band of 16 block rows 1.32x,
-    the band with two global columns 1.13x (lowering.py WALK_ORDER_MIN_BYTES: where it applies)."""
+    Candidates, per layout: increasing (kept unless another scores under ``_WALK_GAIN`` of it); decreasing
+    (block-causal: rank MB - 1 - r in every column); by the key ((MB - 1 - r) mod P, MB - 1 - r) with P the longest
+    column's length (band layouts of P block rows: rank (MB - 1 - r) mod P in every column) or the work-weighted median
+    length (bands with a few global columns). Candidates may coincide (a block-causal layout's longest column spans all
+    MB rows: the first key is then the decreasing order); ties go to the earlier one. Score: the sum over the entries
+    of the absolute deviation of their rank from their block row's mean rank. Integer sums, so the choice (and with it
+    the kernel's dk / dv summation order) is the same on every run. Measured: ``BENCHMARKS.md``, twenty-sixth session.
+
+    Takes ``column_view``'s output (``col_indptr`` non-decreasing from 0); on any other input the result is still a
+    permutation of ``col_rows``. Layouts of 2^31 blocks or more keep the increasing order (int32 rank sums)."""
     lead, nnz = col_rows.shape[:-1], col_rows.shape[-1]
     NB, MB = col_indptr.shape[-1] - 1, num_block_rows
-    if nnz == 0 or NB <= 0 or MB <= 0:
+    if nnz == 0 or NB <= 0 or MB <= 0 or MB * NB >= 2**31:
         return col_rows
     pos = jnp.arange(nnz, dtype=jnp.int32)
 
     def one(ci, cr):
-        ci = jnp.clip(ci, 0, nnz)
-        ci = jnp.maximum(ci, jax.lax.cummax(ci))  # (non-decreasing whatever a hand-made view holds)
-        col = jnp.cumsum(jnp.zeros(nnz + 1, jnp.int32).at[ci[:NB]].add(1)[:nnz]) - 1   # as column_view's row
-        valid = pos < ci[NB]
-        col = jnp.where(valid, jnp.clip(col, 0, NB - 1), NB)
-        start = jnp.where(valid, ci[jnp.minimum(col, NB - 1)], pos)
-        end = jnp.where(valid, ci[jnp.minimum(col, NB - 1) + 1], pos + 1)
+        ci = jax.lax.cummax(jnp.clip(ci, 0, nnz))        # (as it is for column_view's; any input: still ranges)
+        col = _segment_of(ci[:NB], nnz)
+        valid = (col >= 0) & (pos < ci[NB])             # the listed entries; the rest keep their place
+        col = jnp.where(valid, col, jnp.where(col < 0, -1, NB))
+        start = jnp.where(valid, ci[jnp.clip(col, 0, NB - 1)], pos)
+        end = jnp.where(valid, ci[jnp.clip(col, 0, NB - 1) + 1], pos + 1)
         row = jnp.clip(cr, 0, MB - 1)
-        up = MB - 1 - row
-        lens = ci[1:] - ci[:-1]
-        by_len = jnp.sort(lens)[::-1]
+        from_bottom = MB - 1 - row
+        by_len = jnp.sort(ci[1:] - ci[:-1])[::-1]
         cum = jnp.cumsum(by_len)
         periods = (jnp.maximum(by_len[0], 1),
                    jnp.maximum(by_len[jnp.clip(jnp.searchsorted(cum, (cum[-1] + 1) // 2), 0, NB - 1)], 1))
 
-        def by_period(P):  # the order's source positions and each entry's rank
-            key = jnp.where(valid, (up % P) * ((MB + P - 1) // P) + up // P, pos)
-            src = jax.lax.sort((col, key, pos), num_keys=2)[2]
+        def by_period(P):  # the order's source positions and each entry's rank in its column
+            key = jnp.where(valid, (from_bottom % P) * ((MB + P - 1) // P) + from_bottom // P, pos)
+            src = jax.lax.sort((col, key, pos), num_keys=2, is_stable=True)[2]
             return src, jnp.zeros(nnz, jnp.int32).at[src].set(pos - start[src])
 
-        n_row = jnp.zeros(MB, jnp.float32).at[row].add(valid.astype(jnp.float32))
+        n_row = jnp.zeros(MB, jnp.int32).at[row].add(valid.astype(jnp.int32))
 
-        def score(rank):
-            rank = rank.astype(jnp.float32)
-            mean = jnp.zeros(MB, jnp.float32).at[row].add(jnp.where(valid, rank, 0.0)) / jnp.maximum(n_row, 1.0)
-            return jnp.sum(jnp.where(valid, jnp.abs(rank - mean[row]), 0.0))
+        def score(rank):  # (exact int32 sums where no block is listed twice: ranks < MB, n_row <= NB)
+            total = jnp.zeros(MB, jnp.int32).at[row].add(jnp.where(valid, rank, 0))
+            mean = total.astype(jnp.float32) / jnp.maximum(n_row, 1).astype(jnp.float32)
+            return jnp.sum(jnp.where(valid, jnp.abs(rank.astype(jnp.float32) - mean[row]), 0.0))
 
-        reverse_src = jnp.where(valid, start + end - 1 - pos, pos)
-        cands = [(reverse_src, end - 1 - pos)] + [by_period(P) for P in periods]
-        scores = jnp.stack([score(r) for _, r in cands])
+        cands = [(jnp.where(valid, start + end - 1 - pos, pos), end - 1 - pos)] + [by_period(P) for P in periods]
+        scores = jnp.stack([score(rank) for _, rank in cands])
         best = jnp.argmin(scores)
-        src = jnp.select([best == i for i in range(len(cands))], [s_ for s_, _ in cands])
-        keep = ~(scores[best] < 0.9 * score(pos - start))
+        src = jnp.stack([s_ for s_, _ in cands])[best]
+        keep = scores[best] >= _WALK_GAIN * score(pos - start)
         return jnp.where(keep, cr, cr[src])
 
     out = jax.vmap(one)(col_indptr.reshape(-1, NB + 1), col_rows.reshape(-1, nnz))
     return out.reshape(lead + (nnz,))
+
+
+# walk_order keeps the increasing order unless a candidate's score is under this fraction of its score.
+_WALK_GAIN = 0.9

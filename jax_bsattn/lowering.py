@@ -137,9 +137,9 @@ def _dq_workspace_words(q, k, indptr, indices, cfg: Config) -> int:
 # The one-pass backward reorders its column walks (column_view.py walk_order) where the rows its CTAs stream at one
 # time (q, do and the float32 dq, 8 bytes a q element, of the heads running together) are at least this. Measured on
 # an H200 (L2 50 MB), M = 8192, forward + backward against the increasing walk:
-# - 128 MB and more (g = 4, 8): block-causal, band, band + global and MoBA-like layouts 1.06-1.32x at 64 x 64 and
+# - 128 MiB and more (g = 4, 8): block-causal, band, band + global and MoBA-like layouts 1.06-1.32x at 64 x 64 and
 #   0.997-1.06x at 128 x 128; uniform random layouts 0.994-0.998x (the few XLA ops);
-# - about 26 MB (g = 1): 0.965-0.99x (the rows stay in L2 whatever the order, and CTAs at one block row add into the
+# - 25.6 MiB (g = 1): 0.965-0.99x (the rows stay in L2 whatever the order, and CTAs at one block row add into the
 #   same dq rows at once).
 # Between the two it is not measured; this keeps the increasing order there. The deterministic pair's dk / dv kernels
 # (no dq workspace) walk columns in any order too, but gained nothing from it (0.98-1.00x, g = 4 and 8, D = 128 and
