@@ -6,12 +6,12 @@ process (each jitted function traced under its setting, the settings' timings in
 
 Work: one sequence, M = N = --seq (8192), Hq = 32, D = --head-dim (128), bf16, g = Hq / Hk; ``jax.grad`` of the sum of
 the output (dq, dk, dv), --calls steps per jitted call chained through q, median over --reps calls. Useful TFLOP/s =
-3.5 x 4 x nnz x R x C x D x Hq / time. Layouts, at block level (MB x NB blocks):
-- causal: block row i lists blocks 0..i;
-- band16: block row i lists i - 15..i;
-- longformer: band16 plus block columns 0 and 1;
-- moba: block row i lists i - 1, i and 14 random earlier blocks;
-- uniform: (MB + 1) // 2 random blocks in every block row (about the block-causal layout's nnz).
+3.5 x 4 x (listed blocks) x R x C x D x Hq / time. Layouts, from ``jax_bsattn.layouts`` (at R = C, in blocks):
+- causal: ``block_causal``, block row i lists blocks 0..i;
+- band16: ``sliding_window`` of 15 C + 1 tokens, block row i lists i - 15..i;
+- longformer: ``global_local``, that window plus the first 2 C tokens global (block columns 0 and 1);
+- moba: ``from_topk`` of random scores, 16 blocks a row, causal, the diagonal block and the one before forced;
+- uniform: ``random``, (MB + 1) // 2 blocks in every block row (about the block-causal layout's nnz).
 The value `auto` leaves the variable unset (the library's default).
 """
 import argparse, os, statistics, time
@@ -25,24 +25,26 @@ import jax.numpy as jnp
 HQ = 32
 
 
-def block_mask(kind, MB, NB, rng):
-    m = np.zeros((MB, NB), bool)
-    for r in range(MB):
-        if kind == "causal":
-            m[r, :r + 1] = True
-        elif kind in ("band16", "longformer"):
-            m[r, max(0, r - 15):r + 1] = True
-            if kind == "longformer":
-                m[r, :2] = True
-        elif kind == "moba":
-            m[r, max(0, r - 1):r + 1] = True
-            if r >= 2:
-                m[r, rng.choice(r - 1, min(14, r - 1), replace=False)] = True
-        elif kind == "uniform":
-            m[r, rng.choice(NB, (MB + 1) // 2, replace=False)] = True
-        else:
-            raise SystemExit(f"--layouts: unknown layout {kind!r}")
-    return m
+def build_layout(kind, M, R, C):
+    from jax_bsattn import layouts
+
+    lens, block = (M, M), (R, C)
+    if kind == "causal":
+        return layouts.block_causal(lens, block)
+    if kind == "band16":
+        return layouts.sliding_window(lens, block, 15 * C + 1)
+    if kind == "longformer":
+        return layouts.global_local(lens, block, 15 * C + 1, 2 * C, causal=True)
+    MB, NB = -(-M // R), -(-M // C)
+    if kind == "moba":
+        scores = np.random.default_rng(5).random((MB, NB))
+        rows = np.arange(MB)
+        scores[rows, np.minimum(rows, NB - 1)] = np.inf                  # the current block and the one before
+        scores[rows[1:], np.minimum(rows[1:] - 1, NB - 1)] = np.inf
+        return layouts.from_topk(scores, min(16, NB), seq_lens=lens, block_size=block, causal=True)
+    if kind == "uniform":
+        return layouts.random(lens, block, (MB + 1) // 2, seed=5)
+    raise SystemExit(f"--layouts: unknown layout {kind!r}")
 
 
 def main():
@@ -68,13 +70,12 @@ def main():
     for cell in a.cells.split(","):
         g, R, C = (int(x) for x in cell.split(":"))
         Hk = HQ // g
-        MB, NB = -(-M // R), -(-N // C)
         q = jax.random.normal(key, (1, M, HQ, D), jnp.bfloat16)
         k = jax.random.normal(jax.random.fold_in(key, 1), (1, N, Hk, D), jnp.bfloat16)
         v = jax.random.normal(jax.random.fold_in(key, 2), (1, N, Hk, D), jnp.bfloat16)
         for kind in a.layouts.split(","):
-            mask = block_mask(kind, MB, NB, np.random.default_rng(5))
-            layout = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
+            layout = build_layout(kind, M, R, C)
+            nnz = int(np.asarray(layout.indptr)[-1])
             steps = {}
             for value in a.values.split(","):
                 if value == "auto":
@@ -100,10 +101,10 @@ def main():
                     t0 = time.perf_counter()
                     jax.block_until_ready(step(q, k, v, layout))
                     times[value].append((time.perf_counter() - t0) * 1e3 / a.calls)
-            flops = 3.5 * 4 * int(mask.sum()) * R * C * D * HQ
+            flops = 3.5 * 4 * nnz * R * C * D * HQ
             cols = "  ".join(f"{value}: {statistics.median(t):.3f} ({flops / statistics.median(t) / 1e9:.1f})"
                              for value, t in times.items())
-            print(f"{g}:{R}:{C} {kind:10s} nnz={int(mask.sum()):6d}  {cols}", flush=True)
+            print(f"{g}:{R}:{C} {kind:10s} nnz={nnz:6d}  {cols}", flush=True)
 
 
 if __name__ == "__main__":

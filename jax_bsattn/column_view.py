@@ -105,12 +105,13 @@ def walk_order(col_indptr, col_rows, num_block_rows: int):
             mean = total.astype(jnp.float32) / jnp.maximum(n_row, 1).astype(jnp.float32)
             return jnp.sum(jnp.where(valid, jnp.abs(rank.astype(jnp.float32) - mean[row]), 0.0))
 
-        cands = [(jnp.where(valid, start + end - 1 - pos, pos), end - 1 - pos)] + [by_period(P) for P in periods]
+        # candidate 0: increasing (as given); 1: decreasing; then the two keyed orders
+        cands = [(pos, pos - start), (jnp.where(valid, start + end - 1 - pos, pos), end - 1 - pos)]
+        cands += [by_period(P) for P in periods]
         scores = jnp.stack([score(rank) for _, rank in cands])
-        best = jnp.argmin(scores)
+        best = 1 + jnp.argmin(scores[1:])
         src = jnp.stack([s_ for s_, _ in cands])[best]
-        keep = scores[best] >= _WALK_GAIN * score(pos - start)
-        return jnp.where(keep, cr, cr[src])
+        return jnp.where(scores[best] >= _WALK_GAIN * scores[0], cr, cr[src])
 
     out = jax.vmap(one)(col_indptr.reshape(-1, NB + 1), col_rows.reshape(-1, nnz))
     return out.reshape(lead + (nnz,))

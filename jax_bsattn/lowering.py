@@ -220,7 +220,7 @@ def _cuda_bwd_call(q, k, v, do, lse, delta, indptr, indices, *, cfg: Config):
     col_order = column_order(col_indptr)
     ws_words = _dq_workspace_words(q, k, indptr, indices, cfg)
     if _reorders_walks(q, k, cfg, ws_words):
-        col_rows = walk_order(col_indptr, col_rows, -(-q.shape[1] // cfg.block_r))
+        col_rows = walk_order(col_indptr, col_rows, indptr.shape[-1] - 1)
     out = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
     out += (jax.ShapeDtypeStruct((ws_words,), jax.numpy.float32),)
     dq, dk, dv, _ = jax.ffi.ffi_call("bsattn_bwd_cuda", out)(q, k, v, do, lse, delta, indptr, indices, col_indptr,
