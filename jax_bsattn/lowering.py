@@ -131,7 +131,23 @@ def _dq_workspace_words(q, k, indptr, indices, cfg: Config) -> int:
     sweep = _sweep_words(q, k, indptr, indices, cfg)
     if not (cfg.block_c > 16 or _packed_rule(cfg.block_r, cfg.block_c, g) or sweep):
         return 0
-    return q.size + DQ_SCHED_WORDS + sweep
+    return q.size + DQ_SCHED_WORDS + sweep + _split_words(q, k, indptr, cfg)
+
+
+def _split_words(q, k, indptr, cfg: Config) -> int:
+    """Floats the one-pass kernel's column split takes after the dq workspace (csrc/cuda/bwd/params.h
+    split_parts_per_layout and split_workspace_words: the same rule; csrc/cuda/bwd_sm90/column_split.cuh): C > 16, at
+    least 8 block columns; the item and partial-slot tables, the f32 partial sums (a quarter of the block columns per
+    (batch, KV head): at most k's size in bytes). BSATTN_BWD_SPLIT=0: none (the device then splits nothing)."""
+    if cfg.block_c <= 16 or os.environ.get("BSATTN_BWD_SPLIT") == "0":
+        return 0
+    NB = -(-k.shape[-3] // cfg.block_c)
+    parts = NB // 4
+    if parts < 2:
+        return 0
+    layouts = math.prod(indptr.shape[:-1]) or 1
+    heads = math.prod(k.shape[:-3]) * k.shape[-2]
+    return 4 * layouts * (NB + parts) + 4 * layouts * parts + heads * parts * 2 * cfg.block_c * q.shape[-1]
 
 
 # The one-pass backward reorders its column walks (column_view.py walk_order) where the rows its CTAs stream at one

@@ -146,3 +146,24 @@ def test_walk_order_rule(g, R, C, M, B, ws, reorders, monkeypatch):
     assert not lowering._reorders_walks(q, k, cfg, ws)
     monkeypatch.setenv("BSATTN_BWD_COL_WALK", "always")
     assert lowering._reorders_walks(q, k, cfg, ws) == (C > 16 and ws > 0)
+
+
+@pytest.mark.parametrize("R,C,N,B,Hk,LB,LH,words", [
+    # partial slots NB // 4: tables 4 L (NB + E) + 4 L E words, sums B Hk E 2 C D floats
+    (64, 64, 8192, 1, 4, 1, 1, 4 * (128 + 32) + 4 * 32 + 4 * 32 * 2 * 64 * 128),
+    (32, 128, 3000, 2, 2, 2, 2, 4 * 4 * (24 + 6) + 4 * 4 * 6 + 4 * 6 * 2 * 128 * 128),
+    (64, 512, 2048, 1, 1, 1, 1, 0),      # NB = 4: one partial slot, no split
+    (16, 16, 8192, 1, 4, 1, 1, 0)])      # C <= 16: not the one-pass column kernels
+def test_split_words_rule(R, C, N, B, Hk, LB, LH, words, monkeypatch):
+    """The column split's workspace (csrc/cuda/bwd/params.h split_workspace_words: the same formula)."""
+    from jax_bsattn import lowering
+    from jax_bsattn.primitives import Config
+
+    monkeypatch.delenv("BSATTN_BWD_SPLIT", raising=False)
+    q = jax.ShapeDtypeStruct((B, N, 4 * Hk, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((B, N, Hk, 128), jnp.bfloat16)
+    indptr = jax.ShapeDtypeStruct((LB, LH, -(-N // R) + 1), jnp.int32)
+    cfg = Config(R, C, 1.0, 0.0, False)
+    assert lowering._split_words(q, k, indptr, cfg) == words
+    monkeypatch.setenv("BSATTN_BWD_SPLIT", "0")
+    assert lowering._split_words(q, k, indptr, cfg) == 0

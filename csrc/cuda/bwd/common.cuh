@@ -146,7 +146,7 @@ struct ColumnTile {
 
 __device__ __forceinline__ ColumnTile column_tile(const Params& p, int bid) {
   const int H = p.B * p.Hk, n = p.head_chunks > 0 && p.head_chunks <= H ? p.head_chunks : 1;
-  const int w = p.NB * p.nkc;  // CTAs per head
+  const int w = (p.split_items != nullptr ? p.split_slots : p.NB) * p.nkc;  // CTAs per head
   const int q = H / n, r = H % n;  // the first r chunks hold q + 1 heads, the others q
   const int big = r * (q + 1) * w;  // CTAs of the first r chunks
   int chunk, h0, hh;
@@ -307,6 +307,7 @@ __device__ __forceinline__ void column_entries(const Params& p, int64_t lid, int
 // returns): a slot past the order's permutation or a key tile past the end of a short last column.
 struct ColumnWork {
   int kc, b, hk, c;
+  int part;  // the column split's partial slot of this piece (-1: the whole column; bwd_sm90/column_split.cuh)
   int64_t lid;
   int k0, nkeys;   // the tile's first key and its number of keys
   int64_t cs, ce;  // the column's entries of col_rows
@@ -324,7 +325,14 @@ __device__ __forceinline__ bool column_work(const Params& p, ColumnWork& w, int 
   w.b = ct.b;
   w.hk = ct.hk;
   w.lid = ct.lid;
-  w.c = SWEEP ? ct.slot : __ldg(p.col_order + w.lid * p.NB + ct.slot);
+  w.part = -1;
+  const int32_t* piece = nullptr;  // the column split's item (a piece of a block column's entries)
+  if (!SWEEP && p.split_items != nullptr) {
+    piece = p.split_items + (w.lid * p.split_slots + ct.slot) * 4;
+    w.c = __ldg(piece);
+  } else {
+    w.c = SWEEP ? ct.slot : __ldg(p.col_order + w.lid * p.NB + ct.slot);
+  }
   if (w.c < 0 || w.c >= p.NB) return false;  // (the order is a permutation of the block columns)
   w.k0 = w.c * p.C + w.kc * BK;
   w.nkeys = min(min(BK, p.C - w.kc * BK), p.N - w.k0);
@@ -336,6 +344,11 @@ __device__ __forceinline__ bool column_work(const Params& p, ColumnWork& w, int 
       w.cs = first <= 0 ? 0 : (first / p.R > p.MB ? p.MB : first / p.R);
     }
     w.ce = p.MB;
+  } else if (piece != nullptr) {
+    w.cs = min(max(static_cast<int64_t>(__ldg(piece + 1)), int64_t{0}), p.nnz);
+    w.ce = min(max(static_cast<int64_t>(__ldg(piece + 2)), w.cs), p.nnz);
+    const int part = __ldg(piece + 3);
+    w.part = part >= 0 && part < p.split_parts ? part : -1;
   } else {
     column_entries(p, w.lid, w.c, w.cs, w.ce);
   }

@@ -57,6 +57,15 @@ struct Params : ProblemParams {
   const int* sweep_dup;   // != 0: a block is listed twice in a row (the sweep defers to the packed kernel)
   // (every work item's row list, 0 .. MB - 1, is passed as col_rows with nnz = 0)
   int sweep_nbw, sweep_c;  // bit words per block row; the layout's C (p.C holds the sweep's 128-key columns)
+  // Long block columns split over several work items (bwd_sm90/column_split.cuh; the one-pass Hopper kernels, where
+  // the workspace holds split_workspace_words; else null / 0). split_items [LB * LH][split_slots][4]: per slot (in CTA
+  // order) the block column, its first and end entry of col_rows, and its partial slot (-1: the whole column, dk / dv
+  // written directly); split_heads [LB * LH][split_parts][4]: per partial slot its column, its column's first partial
+  // slot and their count; split_sums [B * Hk][split_parts][2][C][D] f32: the pieces' dk (unscaled), dv partial sums.
+  const int32_t* split_items;
+  const int32_t* split_heads;
+  float* split_sums;
+  int split_slots, split_parts;
 };
 
 // dq [B, M, Hq, D] (every element written). Returns cudaGetLastError() after the launch.
@@ -127,6 +136,16 @@ inline bool bwd_sm90_applies(const Params& p, int D) {
 inline int64_t sweep_workspace_words(const Params& p) {
   const int64_t nbw = (static_cast<int64_t>(p.NB) + 63) / 64;
   return 8 + 2 * static_cast<int64_t>(p.LB) * p.LH * p.MB * nbw + p.MB;
+}
+// The column split's partial slots per layout (bwd_sm90/column_split.cuh): a quarter of the block columns (so that the
+// partial sums take at most k's size in bytes), none below 2. jax_bsattn/lowering.py has the same rule.
+inline int split_parts_per_layout(const Params& p) { return p.NB / 4 >= 2 ? p.NB / 4 : 0; }
+// Floats of the dq workspace the column split takes after its dq part (nq + kDqSchedWords): the item and partial-slot
+// tables (int32), the partial sums. 0: no split.
+inline int64_t split_workspace_words(const Params& p, int D) {
+  const int64_t E = split_parts_per_layout(p), L = static_cast<int64_t>(p.LB) * p.LH;
+  if (E == 0) return 0;
+  return 4 * L * (p.NB + E) + 4 * L * E + static_cast<int64_t>(p.B) * p.Hk * E * 2 * p.C * D;
 }
 // Hopper (sm_90a, head dims 64, 128 and 256; with BSATTN_WITH_SM90): dq alone (every element written), on wgmma, for
 // R * g > 16. Deterministic, like launch_dq.

@@ -32,6 +32,7 @@
 #include "cuda/bwd/common.cuh"
 #include "cuda/bwd/dkdv_kernel.cuh"
 #include "cuda/bwd/params.h"
+#include "cuda/bwd_sm90/column_split.cuh"
 #include "cuda/bwd_sm90/config.cuh"
 #include "cuda/bwd_sm90/tile.cuh"
 #include "cuda/common/gather.cuh"
@@ -136,7 +137,16 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_kernel(con
     if (lane < 16) bulk_wait<0>();  // the staging rows stay valid until read (and the adds are done) before exit
   }
 
-  // ---- epilogue: dk * scale, dv (bwd/dkdv_kernel.cuh; K and V staged row-major per warp) ---------------
+  // ---- epilogue: dk * scale, dv (bwd/dkdv_kernel.cuh; K and V staged row-major per warp); a piece of a split
+  // column: its f32 partial sums (column_split.cuh) -----------------------------------------------------
+  if (p.split_items != nullptr) {
+    ColumnWork pw;  // (read again here rather than kept live through the loop: 255 registers)
+    (void)column_work<D, BK, BQ>(p, pw, blockIdx.x);
+    if (pw.part >= 0) {
+      store_split_partial<D>(p, pw, warp * 16, lane, adk, adv);
+      return;
+    }
+  }
   dkdv_store<T, Cfg>(smem, sm.sK, sm.sV, static_cast<T*>(p.dk) + kvoff + k0 * kv_rstride,
                      static_cast<T*>(p.dv) + kvoff + k0 * kv_rstride, kv_rstride, nkeys, warp * 16, 0,
                      warp * 16 < nkeys, p.scale, adk, adv);

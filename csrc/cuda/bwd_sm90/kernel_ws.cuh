@@ -42,6 +42,7 @@
 #include "cuda/bwd/common.cuh"
 #include "cuda/bwd/dkdv_kernel.cuh"
 #include "cuda/bwd/params.h"
+#include "cuda/bwd_sm90/column_split.cuh"
 #include "cuda/bwd_sm90/config.cuh"
 #include "cuda/bwd_sm90/tile.cuh"
 #include "cuda/common/gather.cuh"
@@ -258,7 +259,10 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
         for (int d = 0; d < D / 8; ++d)
 #pragma unroll
           for (int e = 0; e < 4; ++e) z[d][e] = 0.f;
-        ws_dkdv_store<T, Cfg, DQ_MAP>(sm.sDQ, static_cast<T*>(p.dk) + w.kvoff + w.k0 * w.kv_rstride,
+        if (w.part >= 0)
+          store_split_partial<D>(p, w, cw * 16, lane, z, z);
+        else
+          ws_dkdv_store<T, Cfg, DQ_MAP>(sm.sDQ, static_cast<T*>(p.dk) + w.kvoff + w.k0 * w.kv_rstride,
                                       static_cast<T*>(p.dv) + w.kvoff + w.k0 * w.kv_rstride, w.kv_rstride, w.nkeys,
                                       cw, lane, 1.f, z, z);
       }
@@ -352,7 +356,12 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
     }
     done += w.ntiles;
 
-    // ---- the item's dk * scale, dv (through the dq staging area: K, V are being reloaded) ----------------
+    // ---- the item's dk * scale, dv (through the dq staging area: K, V are being reloaded); a piece of a split
+    // column: its f32 partial sums (column_split.cuh) --------------------------------------------------------
+    if (w.part >= 0) {
+      store_split_partial<D>(p, w, cw * 16, lane, adk, adv);
+      continue;
+    }
     ws_dkdv_store<T, Cfg, DQ_MAP>(sm.sDQ, static_cast<T*>(p.dk) + w.kvoff + k0 * w.kv_rstride,
                                   static_cast<T*>(p.dv) + w.kvoff + k0 * w.kv_rstride, w.kv_rstride, nkeys, cw, lane,
                                   p.scale, adk, adv);

@@ -144,7 +144,8 @@ int64_t column_tiles_setup(P& p) {
   const int64_t heads = static_cast<int64_t>(p.B) * p.Hk;
   static const bool head_major = env_equals("BSATTN_BWD_ORDER", "head");
   p.head_chunks = head_major ? static_cast<int>(heads) : column_head_chunks(heads, per_head, Cfg::MINB);
-  return heads * per_head;
+  // (the backward's column split: split_slots work items per head, its pieces and empty slots, in place of NB)
+  return p.split_items != nullptr ? heads * p.split_slots * p.nkc : heads * per_head;
 }
 
 // One CTA per tile of such a grid: the column-oriented backward kernels (bwd/dkdv_kernel.cuh, bwd_sm90/). P: their

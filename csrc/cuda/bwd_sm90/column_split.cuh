@@ -1,0 +1,261 @@
+// The column split of the one-pass Hopper backward (kernel.cuh, kernel_ws.cuh): a block column listed by many more
+// block rows than the others (a global column of a Longformer / BigBird layout, an attention sink) is cut into pieces
+// of consecutive entries, each a work item of its own, so that no CTA walks much more than the average per CTA slot.
+// Without it such a column bounds the whole kernel: at 8:64:64 with two global columns (128 block rows against about
+// 16), one CTA walks 128 block rows while the others average 33.
+//
+// Three steps, in the order of the launch (bwd_sm90/launch.cuh):
+// 1. bsattn_bwd_split_plan_kernel, one CTA per layout: the cut (below), then the item table (p.split_items, the CTA
+//    order: col_order's, longest first, with each split column's pieces in its place) and the partial-slot table.
+// 2. The one-pass kernel: an item with a partial slot writes its dk (unscaled) and dv sums as f32 into p.split_sums
+//    (store_split_partial) instead of dk / dv; the other items are unchanged.
+// 3. bsattn_bwd_split_finish_kernel: per split column, the partial sums added in piece order, dk * scale and dv
+//    rounded once and written.
+// dk and dv stay deterministic: each piece sums its rows in a fixed order, the pieces are added in a fixed order, and
+// the cut depends on the layout and the launch shape only.
+//
+// The cut: the average work per CTA slot, u = ceil(entries x (heads in flight x key tiles per column) / CTA slots), at
+// least 8 tiles of rows; a column longer than the cut goes into ceil(len / cut) pieces of near-equal length. If that
+// needs more partial slots than the workspace holds (split_parts_per_layout, a quarter of the block columns), the cut
+// doubles (up to 2^7 u); past that nothing is split.
+#pragma once
+
+#include <climits>
+#include <cstdint>
+
+#include "cuda/bwd/common.cuh"
+#include "cuda/bwd/params.h"
+#include "cuda/common/launch.cuh"
+#include "cuda/fwd/mma.cuh"
+
+namespace bsattn {
+namespace cuda {
+namespace bwd {
+
+constexpr int kSplitPlanThreads = 256;
+constexpr int kSplitCuts = 8;  // cut candidates: u, 2 u, .., 2^7 u
+
+// Block-wide exclusive scan of 64-bit values (kSplitPlanThreads threads); *total: the sum. sScan: 8 words + 1.
+__device__ __forceinline__ unsigned long long split_block_scan(unsigned long long x, unsigned long long* sScan,
+                                                               unsigned long long* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  unsigned long long inc = x;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const unsigned long long y = __shfl_up_sync(0xffffffffu, inc, o);
+    if (lane >= o) inc += y;
+  }
+  if (lane == 31) sScan[warp] = inc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned long long run = 0;
+    for (int w = 0; w < kSplitPlanThreads / 32; ++w) {
+      const unsigned long long t = sScan[w];
+      sScan[w] = run;
+      run += t;
+    }
+    sScan[kSplitPlanThreads / 32] = run;
+  }
+  __syncthreads();
+  const unsigned long long ex = sScan[warp] + inc - x;
+  *total = sScan[kSplitPlanThreads / 32];
+  __syncthreads();  // (sScan reused by the next call)
+  return ex;
+}
+
+// The entries of block column c of layout lid (col_indptr, clamped as column_entries); 0 for a column out of range.
+__device__ __forceinline__ int split_column_len(const Params& p, int64_t lid, int c, int64_t& cs) {
+  cs = 0;
+  if (c < 0 || c >= p.NB) return 0;
+  int64_t ce;
+  column_entries(p, lid, c, cs, ce);
+  return static_cast<int>(ce - cs);
+}
+
+// One CTA per layout (D: one instance per instantiation file's head dim, no duplicate symbol). work_mul: heads in flight x key tiles per column; slots: CTAs in flight; min_len: entries of
+// at least 8 row tiles. Writes all p.split_slots items and p.split_parts partial slots of the layout.
+template <int D>
+__global__ void __launch_bounds__(kSplitPlanThreads) bsattn_bwd_split_plan_kernel(const __grid_constant__ Params p,
+                                                                                  int64_t work_mul, int64_t slots,
+                                                                                  int min_len) {
+  __shared__ unsigned long long sScan[kSplitPlanThreads / 32 + 1];
+  __shared__ unsigned long long sCount[kSplitCuts];
+  __shared__ int sCut;
+  const int64_t lid = blockIdx.x;
+  const int tid = threadIdx.x, E = p.split_parts, NS = p.split_slots;
+  const int32_t* order = p.col_order + lid * p.NB;
+  int32_t* items = const_cast<int32_t*>(p.split_items) + lid * NS * 4;
+  int32_t* heads = const_cast<int32_t*>(p.split_heads) + lid * E * 4;
+  if (tid < kSplitCuts) sCount[tid] = 0;
+  __syncthreads();
+
+  // the layout's entries (every column once: the order is a permutation; a garbage one only misjudges the cut)
+  unsigned long long mine = 0;
+  for (int i = tid; i < p.NB; i += kSplitPlanThreads) {
+    int64_t cs;
+    mine += static_cast<unsigned long long>(split_column_len(p, lid, __ldg(order + i), cs));
+  }
+  unsigned long long entries;
+  (void)split_block_scan(mine, sScan, &entries);
+  const int64_t avg = (static_cast<int64_t>(entries) * work_mul + slots - 1) / (slots > 0 ? slots : 1);
+  const int64_t base = avg > min_len ? avg : min_len;
+
+  // the partial slots each candidate cut needs
+  for (int i = tid; i < p.NB; i += kSplitPlanThreads) {
+    int64_t cs;
+    const int64_t len = split_column_len(p, lid, __ldg(order + i), cs);
+#pragma unroll
+    for (int k = 0; k < kSplitCuts; ++k) {
+      const int64_t cut = base << k;
+      if (len > cut) atomicAdd(&sCount[k], static_cast<unsigned long long>((len + cut - 1) / cut));
+    }
+  }
+  __syncthreads();
+  if (tid == 0) {
+    int cut = INT_MAX;
+    for (int k = kSplitCuts - 1; k >= 0; --k)
+      if (sCount[k] <= static_cast<unsigned long long>(E) && (base << k) < INT_MAX) cut = static_cast<int>(base << k);
+    sCut = cut;
+  }
+  __syncthreads();
+  const int cut = sCut;
+
+  // items in col_order's order, a split column's pieces in its place; partial slots in the same order
+  unsigned long long slot_base = 0;  // (pieces << 32) | partial slots, before this chunk
+  for (int i0 = 0; i0 < p.NB; i0 += kSplitPlanThreads) {
+    const int i = i0 + tid;
+    int c = -1, len = 0, n = 0;
+    int64_t cs = 0;
+    if (i < p.NB) {
+      c = __ldg(order + i);
+      len = split_column_len(p, lid, c, cs);
+      n = len > cut ? (len + cut - 1) / cut : 1;
+    }
+    const bool split = n > 1;
+    const unsigned long long x = (static_cast<unsigned long long>(i < p.NB ? n : 0) << 32) | (split ? n : 0);
+    unsigned long long chunk;
+    const unsigned long long ex = slot_base + split_block_scan(x, sScan, &chunk);
+    slot_base += chunk;
+    const int s0 = static_cast<int>(ex >> 32), q0 = static_cast<int>(ex & 0xffffffffu);
+    for (int j = 0; j < n; ++j) {
+      const int s = s0 + j;
+      if (s >= NS) break;  // (never: the pieces fit NB + E slots)
+      const int64_t a = cs + static_cast<int64_t>(j) * len / n, b = cs + static_cast<int64_t>(j + 1) * len / n;
+      int4 it = make_int4(c, static_cast<int>(a), static_cast<int>(b), split ? q0 + j : -1);
+      reinterpret_cast<int4*>(items)[s] = it;
+      if (split && q0 + j < E) reinterpret_cast<int4*>(heads)[q0 + j] = make_int4(c, q0, n, 0);
+    }
+  }
+  const int used = static_cast<int>(slot_base >> 32), parts = static_cast<int>(slot_base & 0xffffffffu);
+  for (int s = used + tid; s < NS; s += kSplitPlanThreads) reinterpret_cast<int4*>(items)[s] = make_int4(-1, 0, 0, -1);
+  for (int q = parts + tid; q < E; q += kSplitPlanThreads) reinterpret_cast<int4*>(heads)[q] = make_int4(-1, 0, 0, 0);
+}
+
+// The f32 partial sums of a piece (its partial slot `part`): the warp's 16 key rows krow0 .. of the item's key tile
+// (keys k0 - c C + krow0 .. of the column), rows < nkeys; accumulators as the kernels hold them (element 2 h + e of
+// acc[d]: key row lane / 4 + 8 h, column 8 d + 2 (lane % 4) + e). dk unscaled (the finish kernel scales the sum).
+template <int D>
+__device__ __forceinline__ void store_split_partial(const Params& p, const ColumnWork& w, int krow0, int lane,
+                                                    const float (&adk)[D / 8][4], const float (&adv)[D / 8][4]) {
+  const int64_t head = static_cast<int64_t>(w.b) * p.Hk + w.hk;
+  const int64_t plane = static_cast<int64_t>(p.C) * D;
+  float* const dk = p.split_sums + ((head * p.split_parts + w.part) * 2) * plane;
+  float* const dv = dk + plane;
+  const int col_key0 = w.k0 - w.c * p.C;  // the item's first key within its column
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = krow0 + (lane >> 2) + 8 * h;
+    if (r >= w.nkeys) continue;
+    const int64_t off = static_cast<int64_t>(col_key0 + r) * D + 2 * (lane & 3);
+#pragma unroll
+    for (int d = 0; d < D / 8; ++d) {
+      *reinterpret_cast<float2*>(dk + off + 8 * d) = make_float2(adk[d][2 * h], adk[d][2 * h + 1]);
+      *reinterpret_cast<float2*>(dv + off + 8 * d) = make_float2(adv[d][2 * h], adv[d][2 * h + 1]);
+    }
+  }
+}
+
+// One CTA per (batch, KV head, partial slot): where the slot is its column's first, the column's partial sums added
+// in piece order; dk * scale and dv rounded to T and written (keys of the column below N).
+template <typename T, int D>
+__global__ void __launch_bounds__(256) bsattn_bwd_split_finish_kernel(const __grid_constant__ Params p) {
+  const int E = p.split_parts;
+  const int64_t head = blockIdx.x / E;
+  const int q = static_cast<int>(blockIdx.x - head * E);
+  const int b = static_cast<int>(head / p.Hk), hk = static_cast<int>(head - static_cast<int64_t>(b) * p.Hk);
+  const int64_t lid = static_cast<int64_t>(p.LB > 1 ? b : 0) * p.LH + (p.LH > 1 ? hk : 0);
+  const int4 h = reinterpret_cast<const int4*>(p.split_heads)[lid * E + q];
+  const int c = h.x, first = h.y, count = h.z;
+  if (c < 0 || c >= p.NB || first != q || count < 1 || count > E - first) return;  // (uniform)
+  const int64_t k0 = static_cast<int64_t>(c) * p.C;
+  const int nk = static_cast<int>(p.N - k0 < p.C ? p.N - k0 : p.C);
+  const int64_t plane = static_cast<int64_t>(p.C) * D;
+  const float* const sums = p.split_sums + ((head * E + first) * 2) * plane;
+  const int64_t rstride = static_cast<int64_t>(p.Hk) * D;
+  const int64_t kvoff = (static_cast<int64_t>(b) * p.N * p.Hk + hk) * D + k0 * rstride;
+  for (int64_t i = threadIdx.x; i < 2 * static_cast<int64_t>(nk) * (D / 4); i += 256) {
+    const int t = static_cast<int>(i / (static_cast<int64_t>(nk) * (D / 4)));  // 0: dk, 1: dv
+    const int64_t e = (i - t * static_cast<int64_t>(nk) * (D / 4)) * 4;    // element within the plane
+    float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int j = 0; j < count; ++j) {  // piece order: fixed, so the sums repeat bitwise
+      const float4 x = *reinterpret_cast<const float4*>(sums + (2 * j + t) * plane + e);
+      s.x += x.x;
+      s.y += x.y;
+      s.z += x.z;
+      s.w += x.w;
+    }
+    const float mul = t == 0 ? p.scale : 1.f;
+    const int64_t key = e / D, d = e - key * D;
+    uint2 v;
+    v.x = Mma<T>::pack(s.x * mul, s.y * mul);
+    v.y = Mma<T>::pack(s.z * mul, s.w * mul);
+    T* const out = static_cast<T*>(t == 0 ? p.dk : p.dv) + kvoff + key * rstride + d;
+    *reinterpret_cast<uint2*>(out) = v;
+  }
+}
+
+// Sets up the split on p (the one-pass kernel's copy) where the dq workspace holds its tables after nq +
+// kDqSchedWords floats, and launches the plan. Cfg: the one-pass kernel's tile (BK keys, BQ rows, MINB CTAs per SM).
+// Returns false (p untouched) where no split runs.
+template <class Cfg>
+bool split_setup(Params& p, int64_t nq, cudaStream_t stream, cudaError_t& err) {
+  err = cudaSuccess;
+  const int64_t words = split_workspace_words(p, Cfg::D);
+  const int64_t L = static_cast<int64_t>(p.LB) * p.LH;
+  if (words == 0 || p.dq_accum_words < nq + kDqSchedWords + words || L <= 0 || L > INT_MAX || p.NB <= 0 ||
+      p.nnz > INT_MAX)  // (the item table holds entries as int32)
+    return false;
+  const int E = split_parts_per_layout(p);
+  int32_t* const tabs = reinterpret_cast<int32_t*>(p.dq_accum + nq + kDqSchedWords);
+  p.split_slots = p.NB + E;
+  p.split_parts = E;
+  p.split_items = tabs;
+  p.split_heads = tabs + 4 * L * p.split_slots;
+  p.split_sums = reinterpret_cast<float*>(tabs + 4 * L * p.split_slots + 4 * L * E);
+  // the average work per CTA slot: heads in flight (column_tiles_setup's chunks) x key tiles per column
+  Params t = p;
+  t.split_items = nullptr;
+  (void)column_tiles_setup<Cfg>(t);
+  const int64_t heads = static_cast<int64_t>(p.B) * p.Hk, chunks = t.head_chunks > 0 ? t.head_chunks : 1;
+  const int64_t work_mul = (heads + chunks - 1) / chunks * t.nkc;
+  const int sms = device_sm_count() > 0 ? device_sm_count() : 132;
+  const int64_t rg = static_cast<int64_t>(p.R) * p.g;
+  const int min_len = static_cast<int>(rg > 0 ? (8 * Cfg::BQ + rg - 1) / rg : 1);
+  bsattn_bwd_split_plan_kernel<Cfg::D><<<static_cast<unsigned>(L), kSplitPlanThreads, 0, stream>>>(
+      p, work_mul, static_cast<int64_t>(sms) * Cfg::MINB, min_len);
+  err = cudaGetLastError();
+  return true;
+}
+
+template <typename T, int D>
+cudaError_t split_finish(const Params& p, cudaStream_t stream) {
+  const int64_t blocks = static_cast<int64_t>(p.B) * p.Hk * p.split_parts;
+  if (blocks <= 0) return cudaSuccess;
+  if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+  bsattn_bwd_split_finish_kernel<T, D><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace bwd
+}  // namespace cuda
+}  // namespace bsattn
