@@ -72,9 +72,10 @@ __device__ __forceinline__ int split_column_len(const Params& p, int64_t lid, in
   return static_cast<int>(ce - cs);
 }
 
-// One CTA per layout (D: one instance per instantiation file's head dim, no duplicate symbol). work_mul: heads in flight x key tiles per column; slots: CTAs in flight; min_len: entries of
-// at least 8 row tiles. Writes all p.split_slots items and p.split_parts partial slots of the layout.
-template <int D>
+// One CTA per layout (a template like the kernels that use it: one weak symbol per instantiation). work_mul: heads in
+// flight x key tiles per column; slots: CTAs in flight; min_len: entries of at least 8 row tiles. Writes all
+// p.split_slots items and p.split_parts partial slots of the layout.
+template <typename T, int D>
 __global__ void __launch_bounds__(kSplitPlanThreads) bsattn_bwd_split_plan_kernel(const __grid_constant__ Params p,
                                                                                   int64_t work_mul, int64_t slots,
                                                                                   int min_len) {
@@ -97,8 +98,12 @@ __global__ void __launch_bounds__(kSplitPlanThreads) bsattn_bwd_split_plan_kerne
   }
   unsigned long long entries;
   (void)split_block_scan(mine, sScan, &entries);
-  const int64_t avg = (static_cast<int64_t>(entries) * work_mul + slots - 1) / (slots > 0 ? slots : 1);
-  const int64_t base = avg > min_len ? avg : min_len;
+  // (saturated: a garbage col_indptr may claim up to NB x nnz entries)
+  const int64_t lim = INT_MAX;
+  const int64_t ent = entries > static_cast<unsigned long long>(lim) ? lim : static_cast<int64_t>(entries);
+  const int64_t wm = work_mul < 1 ? 1 : (work_mul > lim ? lim : work_mul), sl = slots < 1 ? 1 : slots;
+  const int64_t avg = (ent * wm + sl - 1) / sl;  // < 2^62
+  const int64_t base = avg > min_len ? (avg < lim ? avg : lim) : (min_len > 1 ? min_len : 1);
 
   // the partial slots each candidate cut needs
   for (int i = tid; i < p.NB; i += kSplitPlanThreads) {
@@ -113,7 +118,7 @@ __global__ void __launch_bounds__(kSplitPlanThreads) bsattn_bwd_split_plan_kerne
   __syncthreads();
   if (tid == 0) {
     int cut = INT_MAX;
-    for (int k = kSplitCuts - 1; k >= 0; --k)
+    for (int k = kSplitCuts - 1; k >= 0; --k)  // (base < 2^31: base << k stays positive)
       if (sCount[k] <= static_cast<unsigned long long>(E) && (base << k) < INT_MAX) cut = static_cast<int>(base << k);
     sCut = cut;
   }
@@ -129,7 +134,7 @@ __global__ void __launch_bounds__(kSplitPlanThreads) bsattn_bwd_split_plan_kerne
     if (i < p.NB) {
       c = __ldg(order + i);
       len = split_column_len(p, lid, c, cs);
-      n = len > cut ? (len + cut - 1) / cut : 1;
+      n = len > cut ? static_cast<int>((static_cast<int64_t>(len) + cut - 1) / cut) : 1;
     }
     const bool split = n > 1;
     const unsigned long long x = (static_cast<unsigned long long>(i < p.NB ? n : 0) << 32) | (split ? n : 0);
@@ -217,7 +222,7 @@ __global__ void __launch_bounds__(256) bsattn_bwd_split_finish_kernel(const __gr
 // Sets up the split on p (the one-pass kernel's copy) where the dq workspace holds its tables after nq +
 // kDqSchedWords floats, and launches the plan. Cfg: the one-pass kernel's tile (BK keys, BQ rows, MINB CTAs per SM).
 // Returns false (p untouched) where no split runs.
-template <class Cfg>
+template <class Cfg, typename T>
 bool split_setup(Params& p, int64_t nq, cudaStream_t stream, cudaError_t& err) {
   err = cudaSuccess;
   const int64_t words = split_workspace_words(p, Cfg::D);
@@ -226,6 +231,8 @@ bool split_setup(Params& p, int64_t nq, cudaStream_t stream, cudaError_t& err) {
       p.nnz > INT_MAX)  // (the item table holds entries as int32)
     return false;
   const int E = split_parts_per_layout(p);
+  const int64_t nkc = (static_cast<int64_t>(p.C) + Cfg::BK - 1) / Cfg::BK;
+  if (static_cast<int64_t>(p.B) * p.Hk * (p.NB + E) * nkc > INT_MAX) return false;  // (the grid with the split's slots)
   int32_t* const tabs = reinterpret_cast<int32_t*>(p.dq_accum + nq + kDqSchedWords);
   p.split_slots = p.NB + E;
   p.split_parts = E;
@@ -241,7 +248,7 @@ bool split_setup(Params& p, int64_t nq, cudaStream_t stream, cudaError_t& err) {
   const int sms = device_sm_count() > 0 ? device_sm_count() : 132;
   const int64_t rg = static_cast<int64_t>(p.R) * p.g;
   const int min_len = static_cast<int>(rg > 0 ? (8 * Cfg::BQ + rg - 1) / rg : 1);
-  bsattn_bwd_split_plan_kernel<Cfg::D><<<static_cast<unsigned>(L), kSplitPlanThreads, 0, stream>>>(
+  bsattn_bwd_split_plan_kernel<T, Cfg::D><<<static_cast<unsigned>(L), kSplitPlanThreads, 0, stream>>>(
       p, work_mul, static_cast<int64_t>(sms) * Cfg::MINB, min_len);
   err = cudaGetLastError();
   return true;

@@ -107,7 +107,7 @@ template <class Cfg, typename T, class Launch>
 cudaError_t with_column_split(const Params& p0, int64_t nq, cudaStream_t stream, Launch&& launch) {
   Params p = p0;
   cudaError_t err = cudaSuccess;
-  const bool split = split_setup<Cfg>(p, nq, stream, err);
+  const bool split = split_setup<Cfg, T>(p, nq, stream, err);
   if (err != cudaSuccess) return err;
   err = launch(p);
   if (err != cudaSuccess || !split) return err;
