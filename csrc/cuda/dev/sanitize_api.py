@@ -4,7 +4,9 @@
         python3 csrc/cuda/dev/sanitize_api.py
 
 Valid layouts and garbage traced ones (indptr decreasing / past nnz / negative, indices out of range), with
-C <= 8 (the packed dk/dv path) and larger blocks, causal and soft cap; prints one line per case.
+C <= 8 (the packed dk/dv path) and larger blocks, causal and soft cap; layouts with global block columns ("global": a
+band plus column 0 in head 0, columns 0 and NB / 2 in head 1), long enough that the one-pass backward splits them
+(bwd_sm90/column_split.cuh); prints one line per case.
 """
 
 import jax
@@ -25,6 +27,11 @@ CASES = [  # (R, C, g, D, M, N, garbage, causal, softcap)
     # D = 128, C >= 128: its two-warpgroup tile (C = 200: the second tile holds 72 keys, the last column fewer)
     (32, 200, 2, 128, 100, 530, True, True, None),
     (16, 128, 4, 128, 70, 300, False, False, 10.0),
+    # C > 16 with at least 8 block columns: the column split (global columns cut into pieces; garbage: maybe)
+    (64, 64, 2, 128, 1024, 1024, "global", False, None),
+    (32, 128, 4, 128, 1500, 1500, "global", True, None),
+    (32, 192, 2, 64, 1100, 1700, "global", False, 10.0),
+    (64, 64, 4, 128, 600, 1100, True, True, None),
 ]
 
 
@@ -33,7 +40,13 @@ def main():
     for R, C, g, D, M, N, garbage, causal, softcap in CASES:
         MB, NB = -(-M // R), -(-N // C)
         nnz = MB * NB
-        if garbage:
+        if garbage == "global":
+            rows, cols = np.arange(MB)[:, None] * R, np.arange(NB)[None, :] * C
+            band = np.abs(rows - cols) < 2 * C
+            mask = np.stack([band | (cols == 0), band | (cols == 0) | (cols == (NB // 2) * C)])
+            lay = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
+            indptr, indices = np.asarray(lay.indptr), np.asarray(lay.indices)
+        elif garbage:
             indptr = rng.integers(-5, nnz + 5, size=(2, MB + 1)).astype(np.int32)
             indices = rng.integers(-3, NB + 3, size=(2, nnz)).astype(np.int32)
         else:
