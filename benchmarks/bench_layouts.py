@@ -10,6 +10,8 @@ the output (dq, dk, dv), --calls steps per jitted call chained through q, median
 - causal: ``block_causal``, block row i lists blocks 0..i;
 - band16: ``sliding_window`` of 15 C + 1 tokens, block row i lists i - 15..i;
 - longformer: ``global_local``, that window plus the first 2 C tokens global (block columns 0 and 1);
+- bigbird (not in the default list): ``union`` of ``global_local`` not causal (a window of 3 C + 1 tokens each way,
+  the first 2 C tokens global: block rows and columns 0 and 1) and ``random`` (3 blocks a row);
 - moba: ``from_topk`` of random scores, 16 blocks a row, causal, the diagonal block and the one before forced;
 - uniform: ``random``, (MB + 1) // 2 blocks in every block row (about the block-causal layout's nnz).
 The value `auto` leaves the variable unset (the library's default).
@@ -35,6 +37,9 @@ def build_layout(kind, M, R, C):
         return layouts.sliding_window(lens, block, 15 * C + 1)
     if kind == "longformer":
         return layouts.global_local(lens, block, 15 * C + 1, 2 * C, causal=True)
+    if kind == "bigbird":  # not causal: window of 3 blocks each way, 2 global blocks (rows and columns), 3 random
+        return layouts.union(layouts.global_local(lens, block, 3 * C + 1, 2 * C),
+                             layouts.random(lens, block, 3, seed=5))
     MB, NB = -(-M // R), -(-M // C)
     if kind == "moba":
         scores = np.random.default_rng(5).random((MB, NB))
