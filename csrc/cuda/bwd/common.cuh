@@ -133,6 +133,11 @@ struct SeqWalk {
   }
 };
 
+// The layout of (batch b, KV head hk): per-batch / per-head layouts, or the one shared along a broadcast dimension.
+__device__ __forceinline__ int64_t layout_index(const Params& p, int b, int hk) {
+  return static_cast<int64_t>(p.LB > 1 ? b : 0) * p.LH + (p.LH > 1 ? hk : 0);
+}
+
 // Which tile a CTA of the column-oriented kernels (dk / dv, the Hopper backward) holds: key tile kc of the slot-th
 // longest block column (col_order) of (batch b, KV head hk). The B * Hk heads are cut into p.head_chunks chunks of
 // balanced sizes, run one after the other (so that the CTAs running at one time share the q, do and dq rows of a few
@@ -167,7 +172,7 @@ __device__ __forceinline__ ColumnTile column_tile(const Params& p, int bid) {
   const int head = h0 + rest % hh;
   t.b = head / p.Hk;
   t.hk = head - t.b * p.Hk;
-  t.lid = static_cast<int64_t>(p.LB > 1 ? t.b : 0) * p.LH + (p.LH > 1 ? t.hk : 0);
+  t.lid = layout_index(p, t.b, t.hk);
   return t;
 }
 
@@ -285,7 +290,7 @@ __device__ __forceinline__ ColumnGroup column_group(const Params& p, int bid) {
   w.Pv = min(p.pack, p.NB - w.c0);
   w.k0 = w.c0 * p.C;
   w.nkeys = min(w.Pv * p.C, p.N - w.k0);
-  w.lid = static_cast<int64_t>(p.LB > 1 ? w.b : 0) * p.LH + (p.LH > 1 ? w.hk : 0);
+  w.lid = layout_index(p, w.b, w.hk);
   w.kvoff = (static_cast<int64_t>(w.b) * p.N * p.Hk + w.hk) * D;
   w.kv_rstride = static_cast<int64_t>(p.Hk) * D;
   w.qboff = static_cast<int64_t>(w.b) * p.M * p.Hq;

@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_kernel(const
   if (rows_valid <= 0) return;                            // (uniform)
   const int qmin = br * p.R + row0 / p.g;
 
-  const int64_t lid = static_cast<int64_t>(p.LB > 1 ? b : 0) * p.LH + (p.LH > 1 ? hk : 0);
+  const int64_t lid = layout_index(p, b, hk);
   const RowRange rr = row_range(p.indptr + lid * (p.MB + 1), br, p.nnz);
   const int len = static_cast<int>(rr.end - rr.start);
   const int64_t nt64 = (static_cast<int64_t>(len) * p.C + BN - 1) / BN;

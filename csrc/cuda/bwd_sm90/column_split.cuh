@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(256) bsattn_bwd_split_finish_kernel(const __gr
   const int64_t head = blockIdx.x / E;
   const int q = static_cast<int>(blockIdx.x - head * E);
   const int b = static_cast<int>(head / p.Hk), hk = static_cast<int>(head - static_cast<int64_t>(b) * p.Hk);
-  const int64_t lid = static_cast<int64_t>(p.LB > 1 ? b : 0) * p.LH + (p.LH > 1 ? hk : 0);
+  const int64_t lid = layout_index(p, b, hk);
   const int4 h = reinterpret_cast<const int4*>(p.split_heads)[lid * E + q];
   const int c = h.x, first = h.y, count = h.z;
   if (c < 0 || c >= p.NB || first != q || count < 1 || count > E - first) return;  // (uniform)
@@ -231,19 +231,19 @@ bool split_setup(Params& p, int64_t nq, cudaStream_t stream, cudaError_t& err) {
       p.nnz > INT_MAX)  // (the item table holds entries as int32)
     return false;
   const int E = split_parts_per_layout(p);
-  const int64_t nkc = (static_cast<int64_t>(p.C) + Cfg::BK - 1) / Cfg::BK;
-  if (static_cast<int64_t>(p.B) * p.Hk * (p.NB + E) * nkc > INT_MAX) return false;  // (the grid with the split's slots)
+  // the grid's chunks of heads and key tiles per column as the kernel's launch sets them (column_tiles_setup)
+  Params t = p;
+  (void)column_tiles_setup<Cfg>(t);
+  const int64_t heads = static_cast<int64_t>(p.B) * p.Hk;
+  if (heads * (p.NB + E) * t.nkc > INT_MAX) return false;  // (the grid with the split's slots)
   int32_t* const tabs = reinterpret_cast<int32_t*>(p.dq_accum + nq + kDqSchedWords);
   p.split_slots = p.NB + E;
   p.split_parts = E;
   p.split_items = tabs;
   p.split_heads = tabs + 4 * L * p.split_slots;
   p.split_sums = reinterpret_cast<float*>(tabs + 4 * L * p.split_slots + 4 * L * E);
-  // the average work per CTA slot: heads in flight (column_tiles_setup's chunks) x key tiles per column
-  Params t = p;
-  t.split_items = nullptr;
-  (void)column_tiles_setup<Cfg>(t);
-  const int64_t heads = static_cast<int64_t>(p.B) * p.Hk, chunks = t.head_chunks > 0 ? t.head_chunks : 1;
+  // the average work per CTA slot: heads in flight x key tiles per column
+  const int64_t chunks = t.head_chunks > 0 ? t.head_chunks : 1;
   const int64_t work_mul = (heads + chunks - 1) / chunks * t.nkc;
   const int sms = device_sm_count() > 0 ? device_sm_count() : 132;
   const int64_t rg = static_cast<int64_t>(p.R) * p.g;
