@@ -120,23 +120,27 @@ def _rows_words(q, k, cfg: Config) -> int:
 def _dq_workspace_words(q, k, indptr, indices, cfg: Config) -> int:
     """Floats of the float32 workspace of the CUDA backward: the row-oriented kernel's where it applies (_rows_words),
     else the dq workspace that lets it run the one-pass Hopper kernel (dq by atomic adds; csrc/cuda/bwd/dispatch.cu
-    has the same conditions: C > 16, the packed rule or the sweep's), with the sweep's tables after it; 0 (the
-    deterministic pair) otherwise."""
+    has the same conditions: C > 16, the packed rule or the sweep's), with the sweep's tables or the column split's
+    area after it; else (the deterministic pair) the column split's area alone where C > 16, or 0."""
     rows = _rows_words(q, k, cfg)
     if rows:
         return rows
-    if cfg.deterministic or q.shape[-1] > 128 or q.size == 0 or not _gpus_are_sm90():
+    if q.shape[-1] > 128 or q.size == 0:
         return 0
-    g = q.shape[-2] // max(k.shape[-2], 1)
-    sweep = _sweep_words(q, k, indptr, indices, cfg)
-    if not (cfg.block_c > 16 or _packed_rule(cfg.block_r, cfg.block_c, g) or sweep):
-        return 0
-    return q.size + DQ_SCHED_WORDS + sweep + _split_words(q, k, indptr, cfg)
+    if not cfg.deterministic and _gpus_are_sm90():
+        g = q.shape[-2] // max(k.shape[-2], 1)
+        sweep = _sweep_words(q, k, indptr, indices, cfg)
+        if cfg.block_c > 16 or _packed_rule(cfg.block_r, cfg.block_c, g) or sweep:
+            return q.size + DQ_SCHED_WORDS + sweep + _split_words(q, k, indptr, cfg)
+    # the deterministic pair: its dk / dv column kernel's split alone (C > 16), exactly that size and shorter than the
+    # one-pass kernels' workspace, which is how the handler tells the two apart (else no split)
+    split = _split_words(q, k, indptr, cfg)
+    return split if split < q.size + DQ_SCHED_WORDS else 0
 
 
 def _split_words(q, k, indptr, cfg: Config) -> int:
     """Floats the one-pass kernel's column split takes after the dq workspace (csrc/cuda/bwd/params.h
-    split_parts_per_layout and split_workspace_words: the same rule; csrc/cuda/bwd_sm90/column_split.cuh): C > 16, at
+    split_parts_per_layout and split_workspace_words: the same rule; csrc/cuda/bwd/column_split.cuh): C > 16, at
     least 8 block columns; the item and partial-slot tables, the f32 partial sums (a quarter of the block columns per
     (batch, KV head): at most k's size in bytes). BSATTN_BWD_SPLIT=0: none (the device then splits nothing)."""
     if cfg.block_c <= 16 or os.environ.get("BSATTN_BWD_SPLIT") == "0":

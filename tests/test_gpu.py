@@ -213,17 +213,21 @@ def test_backward_walk_order(R, C, g, M, causal, softcap, dtype, monkeypatch):
     check_gradients(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
 
 
-# The one-pass backward's column split (csrc/cuda/bwd_sm90/column_split.cuh): per-head layouts of a short band plus
+# The one-pass backward's column split (csrc/cuda/bwd/column_split.cuh): per-head layouts of a short band plus
 # global block columns (one in head 0; two, one of them in the middle, in head 1), so few CTAs against the GPU's slots
 # that each global column is cut into pieces (its partial sums added by the finish kernel). The one-warpgroup tile at
 # D = 128 and 64, with three 64-key tiles a column (C = 192: partial sums per key tile) and a part-filled one (C = 40);
 # the two-warpgroup producer tile (C = 128). Checked against the reference, bitwise repeatable (dk, dv), and equal to
-# the unsplit backward within the reference's tolerance.
-@pytest.mark.parametrize("R,C,g,D,M,causal,dtype", [
-    (64, 64, 2, 128, 2048, False, jnp.bfloat16), (32, 128, 4, 128, 3000, True, jnp.float16),
-    (64, 64, 2, 64, 2048, True, jnp.bfloat16), (16, 40, 8, 128, 1200, False, jnp.bfloat16),
-    (32, 192, 2, 128, 3100, False, jnp.bfloat16)])
-def test_backward_column_split(R, C, g, D, M, causal, dtype, monkeypatch):
+# the unsplit backward within the reference's tolerance; with deterministic=True also the pair's dk / dv kernel (and
+# dq bitwise repeatable too).
+@pytest.mark.parametrize("R,C,g,D,M,causal,dtype,det", [
+    (64, 64, 2, 128, 2048, False, jnp.bfloat16, False), (32, 128, 4, 128, 3000, True, jnp.float16, False),
+    (64, 64, 2, 64, 2048, True, jnp.bfloat16, False), (16, 40, 8, 128, 1200, False, jnp.bfloat16, False),
+    (32, 192, 2, 128, 3100, False, jnp.bfloat16, False),
+    # deterministic=True: the pair's mma.sync dk / dv column kernel (64-key tiles; 128 at D = 64, C = 128)
+    (64, 64, 2, 128, 2048, True, jnp.bfloat16, True), (32, 128, 2, 64, 3000, False, jnp.float16, True),
+    (32, 192, 4, 128, 3100, False, jnp.bfloat16, True)])
+def test_backward_column_split(R, C, g, D, M, causal, dtype, det, monkeypatch):
     from conftest import check_gradients
 
     rng = np.random.default_rng(R + C + D)
@@ -234,16 +238,17 @@ def test_backward_column_split(R, C, g, D, M, causal, dtype, monkeypatch):
     mask = np.stack([band | (cols == 0), band | (cols == 0) | (cols == (NB // 2) * C)])
     layout = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
     q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=g * 2, Hk=2, D=D, dtype=dtype)
-    check_gradients(q, k, v, layout, causal=causal)
+    check_gradients(q, k, v, layout, op_kw=dict(deterministic=det), causal=causal)
 
     ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
 
     def grads():
-        f = lambda q, k, v: jnp.sum(jb.block_sparse_attention(q, k, v, layout, causal=causal).astype(jnp.float32) * ct)
+        f = lambda q, k, v: jnp.sum(jb.block_sparse_attention(q, k, v, layout, causal=causal, deterministic=det)
+                                    .astype(jnp.float32) * ct)
         return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
 
     first, again = grads(), grads()
-    for name, a, b in zip(("dk", "dv"), first[1:], again[1:]):
+    for name, a, b in zip(("dq", "dk", "dv")[1 - det:], first[1 - det:], again[1 - det:]):
         assert np.array_equal(np.asarray(a), np.asarray(b)), f"{name} not bitwise repeatable"
     monkeypatch.setenv("BSATTN_BWD_SPLIT", "0")
     unsplit = grads()

@@ -167,3 +167,28 @@ def test_split_words_rule(R, C, N, B, Hk, LB, LH, words, monkeypatch):
     assert lowering._split_words(q, k, indptr, cfg) == words
     monkeypatch.setenv("BSATTN_BWD_SPLIT", "0")
     assert lowering._split_words(q, k, indptr, cfg) == 0
+
+
+@pytest.mark.parametrize("M,deterministic,split", [(8192, True, True), (8192, False, False), (16, True, False)])
+def test_pair_split_workspace(M, deterministic, split, monkeypatch):
+    """deterministic=True with C > 16 gives the pair's dk / dv kernel the column split's area alone, while it is shorter
+    than the one-pass kernels' workspace (the handler tells them apart by size; M = 16: no split); without it the
+    one-pass workspace (q's size + the counter) holds the split's area after its dq part."""
+    from jax_bsattn import lowering
+    from jax_bsattn.primitives import Config
+
+    monkeypatch.delenv("BSATTN_BWD_SPLIT", raising=False)
+    monkeypatch.delenv("BSATTN_BWD_ROWS", raising=False)
+    monkeypatch.setattr(lowering, "_gpus_are_sm90", lambda: True)
+    N = 8192
+    q = jax.ShapeDtypeStruct((1, M, 32, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, N, 4, 128), jnp.bfloat16)
+    indptr = jax.ShapeDtypeStruct((1, 1, -(-M // 64) + 1), jnp.int32)
+    indices = jax.ShapeDtypeStruct((1, 1, 64), jnp.int32)
+    cfg = Config(64, 64, 1.0, 0.0, False, deterministic)
+    words = lowering._dq_workspace_words(q, k, indptr, indices, cfg)
+    split_words = lowering._split_words(q, k, indptr, cfg)
+    if deterministic:
+        assert words == (split_words if split else 0)
+    else:
+        assert words == q.size + lowering.DQ_SCHED_WORDS + split_words

@@ -312,7 +312,7 @@ __device__ __forceinline__ void column_entries(const Params& p, int64_t lid, int
 // returns): a slot past the order's permutation or a key tile past the end of a short last column.
 struct ColumnWork {
   int kc, b, hk, c;
-  int part;  // the column split's partial slot of this piece (-1: the whole column; bwd_sm90/column_split.cuh)
+  int part;  // the column split's partial slot of this piece (-1: the whole column; bwd/column_split.cuh)
   int64_t lid;
   int k0, nkeys;   // the tile's first key and its number of keys
   int64_t cs, ce;  // the column's entries of col_rows

@@ -27,7 +27,7 @@ cudaError_t launch_bwd(const Params& p, cudaStream_t stream, bool run_dq, bool r
   }
   if constexpr (kD <= 128) {
     // elsewhere at C <= 16 the deterministic kernels' 16-key, packed and compact tiles measured faster
-    if (p.dq_accum != nullptr && run_dq && bwd_sm90_applies(p, kD) && device_runs_sm90a())
+    if (has_dq_workspace(p, kD) && run_dq && bwd_sm90_applies(p, kD) && device_runs_sm90a())
       return launch_bwd_sm90<kDType, kD>(p, stream);
   }
 #endif

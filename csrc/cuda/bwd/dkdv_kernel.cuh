@@ -35,6 +35,7 @@
 #include <cstdint>
 
 #include "common/bsattn_common.h"
+#include "cuda/bwd/column_split.cuh"
 #include "cuda/bwd/common.cuh"
 #include "cuda/bwd/params.h"
 #include "cuda/fwd/mma.cuh"
@@ -380,7 +381,17 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_kernel(con
                                cap_mul, use_cap, adk, adv, kf, vf);
   }
 
-  // ---- epilogue: dk * scale, dv --------------------------------------------------------------------------
+  // ---- epilogue: dk * scale, dv; a piece of a split column: its f32 partial sums (column_split.cuh) -------
+  if constexpr (WQ == 1 && Cfg::MODE == 0) {
+    if (p.split_items != nullptr) {
+      ColumnWork pw;  // (read again rather than kept live through the loop)
+      (void)column_work<D, BK, BQ>(p, pw, blockIdx.x);
+      if (pw.part >= 0) {
+        store_split_partial<D>(p, pw, krow0, lane, adk, adv);
+        return;
+      }
+    }
+  }
   dkdv_store<T, Cfg>(smem, sK, sV, static_cast<T*>(p.dk) + kvoff + k0 * kv_rstride,
                      static_cast<T*>(p.dv) + kvoff + k0 * kv_rstride, kv_rstride, nkeys, krow0, wq, warp_active,
                      p.scale, adk, adv);

@@ -77,9 +77,8 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   if (ld[0] != B || ld[1] != M || ld[2] != Hq) return bwd_bad("lse " + dims_str(ld) + " must be [B, M, Hq]");
   const int64_t nacc = static_cast<int64_t>(dq_accum->element_count());
   const int64_t nq = static_cast<int64_t>(q.element_count());
-  if (nacc != 0 && (dq_accum->dimensions().size() != 1 || nacc < nq + bwd::kDqSchedWords))
-    return bwd_bad("dq_accum " + dims_str(dq_accum->dimensions()) + " must be empty or flat with at least q's size + " +
-                   std::to_string(bwd::kDqSchedWords) + " elements");
+  if (nacc != 0 && dq_accum->dimensions().size() != 1)
+    return bwd_bad("dq_accum " + dims_str(dq_accum->dimensions()) + " must be empty or flat");
   if (!same_dims(dld, ld)) return bwd_bad("delta " + dims_str(dld) + " must be [B, M, Hq]");
   std::string msg = ffi_common::check_head_dim(D);
   if (!msg.empty()) return bwd_bad(msg);
@@ -134,6 +133,13 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   p.dq_accum_words = nacc;
   ffi_common::fill_problem(p, B, M, N, Hq, Hk, block_r, block_c, l, causal, scale, softcap);
   p.scale = scale;
+  // the workspace: none, the one-pass kernels' (q's size + the work counter, at least), or the deterministic pair's
+  // column split alone (exactly its size: bwd/column_split.cuh)
+  const int64_t split_words = bwd::split_workspace_words(p, static_cast<int>(D));
+  if (nacc != 0 && nacc < nq + bwd::kDqSchedWords && nacc != split_words)
+    return bwd_bad("dq_accum " + dims_str(dq_accum->dimensions()) + " must be empty, hold at least q's size + " +
+                   std::to_string(bwd::kDqSchedWords) + " elements, or exactly the column split's " +
+                   std::to_string(split_words));
 
   const cudaError_t err = dt == ffi::DataType::BF16 ? launch_all<bwd::kBF16>(p, D, run_dq, run_dkdv, stream)
                                                     : launch_all<bwd::kF16>(p, D, run_dq, run_dkdv, stream);

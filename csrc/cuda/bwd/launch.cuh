@@ -118,6 +118,11 @@ template <typename T, int kD, int BK>
 cudaError_t launch_dkdv_keys(const Params& p, cudaStream_t stream) {
   if constexpr (kD == 128 && BK == 16) {
     return launch_dkdv_tile<T, DkvColumn16Tile>(p, stream);
+  } else if constexpr (BK > 16 && kD <= 128) {
+    // C > 16: one pass (MODE 0, one warp a key row): long columns split where the workspace holds the split's area
+    using Cfg = DkvTile<kD, BK, 0>;
+    return with_column_split<Cfg, T>(p, pair_split_offset(p, kD), stream,
+                                     [&](const Params& ps) { return launch_dkdv_tile<T, Cfg>(ps, stream); });
   } else {
     return launch_dkdv_passes<kD>(
         [&](auto mode) { return launch_dkdv_tile<T, DkvTile<kD, BK, decltype(mode)::value>>(p, stream); });

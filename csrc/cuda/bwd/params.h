@@ -57,7 +57,7 @@ struct Params : ProblemParams {
   const int* sweep_dup;   // != 0: a block is listed twice in a row (the sweep defers to the packed kernel)
   // (every work item's row list, 0 .. MB - 1, is passed as col_rows with nnz = 0)
   int sweep_nbw, sweep_c;  // bit words per block row; the layout's C (p.C holds the sweep's 128-key columns)
-  // Long block columns split over several work items (bwd_sm90/column_split.cuh; the one-pass Hopper kernels, where
+  // Long block columns split over several work items (bwd/column_split.cuh; the one-pass Hopper kernels, where
   // the workspace holds split_workspace_words; else null / 0). split_items [LB * LH][split_slots][4]: per slot (in CTA
   // order) the block column, its first and end entry of col_rows, and its partial slot (-1: the whole column, dk / dv
   // written directly); split_heads [LB * LH][split_parts][4]: per partial slot its column, its column's first partial
@@ -137,7 +137,7 @@ inline int64_t sweep_workspace_words(const Params& p) {
   const int64_t nbw = (static_cast<int64_t>(p.NB) + 63) / 64;
   return 8 + 2 * static_cast<int64_t>(p.LB) * p.LH * p.MB * nbw + p.MB;
 }
-// The column split's partial slots per layout (bwd_sm90/column_split.cuh): a quarter of the block columns (so that the
+// The column split's partial slots per layout (bwd/column_split.cuh): a quarter of the block columns (so that the
 // partial sums take at most k's size in bytes), none below 2. jax_bsattn/lowering.py has the same rule.
 inline int split_parts_per_layout(const Params& p) { return p.NB / 4 >= 2 ? p.NB / 4 : 0; }
 // Floats of the dq workspace the column split takes after its dq part (nq + kDqSchedWords): the item and partial-slot
@@ -146,6 +146,18 @@ inline int64_t split_workspace_words(const Params& p, int D) {
   const int64_t E = split_parts_per_layout(p), L = static_cast<int64_t>(p.LB) * p.LH;
   if (E == 0) return 0;
   return 4 * L * (p.NB + E) + 4 * L * E + static_cast<int64_t>(p.B) * p.Hk * E * 2 * p.C * D;
+}
+// Whether the workspace is the one-pass kernels' (q's size + kDqSchedWords floats at least; the handler accepts
+// nothing in between but the split-only workspace below).
+inline bool has_dq_workspace(const Params& p, int D) {
+  return p.dq_accum != nullptr &&
+         p.dq_accum_words >= static_cast<int64_t>(p.B) * p.M * p.Hq * D + kDqSchedWords;
+}
+// The deterministic pair's column split (bwd/dkdv_kernel.cuh, C > 16, D <= 128): its area at the start of a workspace
+// that holds nothing else (exactly split_workspace_words floats, jax_bsattn/lowering.py); -1: none.
+inline int64_t pair_split_offset(const Params& p, int D) {
+  const int64_t words = split_workspace_words(p, D);
+  return words > 0 && p.dq_accum != nullptr && p.dq_accum_words == words && !has_dq_workspace(p, D) ? 0 : -1;
 }
 // Hopper (sm_90a, head dims 64, 128 and 256; with BSATTN_WITH_SM90): dq alone (every element written), on wgmma, for
 // R * g > 16. Deterministic, like launch_dq.

@@ -42,7 +42,7 @@
 #include "cuda/bwd/common.cuh"
 #include "cuda/bwd/dkdv_kernel.cuh"
 #include "cuda/bwd/params.h"
-#include "cuda/bwd_sm90/column_split.cuh"
+#include "cuda/bwd/column_split.cuh"
 #include "cuda/bwd_sm90/config.cuh"
 #include "cuda/bwd_sm90/tile.cuh"
 #include "cuda/common/gather.cuh"

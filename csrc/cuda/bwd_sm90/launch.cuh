@@ -101,19 +101,6 @@ cudaError_t launch_ws_persistent(const Params& p0, int smem, const CUtensorMap& 
   return launch_kernel(Kernel, grid, Cfg::NT_ALL, smem, 1, smem_done, p, stream, map, sched, static_cast<int>(items));
 }
 
-// A one-pass launch (launch(p) with p its parameter block) with the column split (column_split.cuh) where the dq
-// workspace holds it: the plan before, the split columns' dk / dv after. Cfg: the tile that runs.
-template <class Cfg, typename T, class Launch>
-cudaError_t with_column_split(const Params& p0, int64_t nq, cudaStream_t stream, Launch&& launch) {
-  Params p = p0;
-  cudaError_t err = cudaSuccess;
-  const bool split = split_setup<Cfg, T>(p, nq, stream, err);
-  if (err != cudaSuccess) return err;
-  err = launch(p);
-  if (err != cudaSuccess || !split) return err;
-  return split_finish<T, Cfg::D>(p, stream);
-}
-
 template <typename T, bool DQ_MAP>
 cudaError_t launch_bwd_sm90_ws(const Params& p, const CUtensorMap& map, cudaStream_t stream) {
   using Cfg = Sm90BwdWsTile;
@@ -220,6 +207,7 @@ cudaError_t launch_bwd_sm90(const Params& p, cudaStream_t stream) {
   const int64_t zero_words = nq + kDqSchedWords + (sweep ? sweep_words : 0);
   cudaError_t err = cudaMemsetAsync(p.dq_accum, 0, static_cast<size_t>(zero_words) * sizeof(float), stream);
   if (err != cudaSuccess) return err;
+  const int64_t area = nq + kDqSchedWords;  // where the column split's area starts (C > 16)
   if (sweep) {
     if constexpr (kD == 128) err = launch_bwd_sm90_sweep<T>(p, stream);  // (sweep is false otherwise)
   } else if (p.C <= 16) {
@@ -236,19 +224,19 @@ cudaError_t launch_bwd_sm90(const Params& p, cudaStream_t stream) {
     if (use_wide_bwd_tile(p.C) && !plain_wide && plan) {
       CUtensorMap map{};
       const bool use_map = !row_dq && dq_tensor_map<Ws>(p, &map);
-      err = with_column_split<Ws, T>(p, nq, stream, [&](const Params& ps) {
+      err = with_column_split<Ws, T>(p, area, stream, [&](const Params& ps) {
         return use_map ? launch_bwd_sm90_ws<T, true>(ps, map, stream) : launch_bwd_sm90_ws<T, false>(ps, map, stream);
       });
     } else if (use_wide_bwd_tile(p.C)) {
       err = with_column_split<Sm90BwdWideTile, T>(
-          p, nq, stream, [&](const Params& ps) { return launch_bwd_sm90_tile<T, Sm90BwdWideTile>(ps, stream); });
+          p, area, stream, [&](const Params& ps) { return launch_bwd_sm90_tile<T, Sm90BwdWideTile>(ps, stream); });
     } else {
       err = with_column_split<Sm90BwdTile<kD>, T>(
-          p, nq, stream, [&](const Params& ps) { return launch_bwd_sm90_tile<T, Sm90BwdTile<kD>>(ps, stream); });
+          p, area, stream, [&](const Params& ps) { return launch_bwd_sm90_tile<T, Sm90BwdTile<kD>>(ps, stream); });
     }
   } else {
     err = with_column_split<Sm90BwdTile<kD>, T>(
-        p, nq, stream, [&](const Params& ps) { return launch_bwd_sm90_tile<T, Sm90BwdTile<kD>>(ps, stream); });
+        p, area, stream, [&](const Params& ps) { return launch_bwd_sm90_tile<T, Sm90BwdTile<kD>>(ps, stream); });
   }
   if (err != cudaSuccess || nq == 0) return err;
   const int64_t n8 = nq / 8;

@@ -6,7 +6,7 @@
 Valid layouts and garbage traced ones (indptr decreasing / past nnz / negative, indices out of range), with
 C <= 8 (the packed dk/dv path) and larger blocks, causal and soft cap; layouts with global block columns ("global": a
 band plus column 0 in head 0, columns 0 and NB / 2 in head 1), long enough that the one-pass backward splits them
-(bwd_sm90/column_split.cuh); prints one line per case.
+(bwd/column_split.cuh); prints one line per case.
 """
 
 import jax

@@ -219,15 +219,16 @@ __global__ void __launch_bounds__(256) bsattn_bwd_split_finish_kernel(const __gr
   }
 }
 
-// Sets up the split on p (the one-pass kernel's copy) where the dq workspace holds its tables after nq +
-// kDqSchedWords floats, and launches the plan. Cfg: the one-pass kernel's tile (BK keys, BQ rows, MINB CTAs per SM).
-// Returns false (p untouched) where no split runs.
+// Sets up the split on p (the column kernel's copy) where the dq workspace holds its area from float `offset` on (the
+// one-pass kernels: after nq + kDqSchedWords; the deterministic pair: 0, pair_split_offset), and launches the plan.
+// Cfg: the column kernel's tile (BK keys, BQ rows, MINB CTAs per SM). Returns false (p untouched) where no split runs.
 template <class Cfg, typename T>
-bool split_setup(Params& p, int64_t nq, cudaStream_t stream, cudaError_t& err) {
+bool split_setup(Params& p, int64_t offset, cudaStream_t stream, cudaError_t& err) {
   err = cudaSuccess;
   const int64_t words = split_workspace_words(p, Cfg::D);
   const int64_t L = static_cast<int64_t>(p.LB) * p.LH;
-  if (words == 0 || p.dq_accum_words < nq + kDqSchedWords + words || L <= 0 || L > INT_MAX || p.NB <= 0 ||
+  if (words == 0 || offset < 0 || p.dq_accum == nullptr || p.dq_accum_words < offset + words || L <= 0 ||
+      L > INT_MAX || p.NB <= 0 ||
       p.nnz > INT_MAX)  // (the item table holds entries as int32)
     return false;
   const int E = split_parts_per_layout(p);
@@ -236,7 +237,7 @@ bool split_setup(Params& p, int64_t nq, cudaStream_t stream, cudaError_t& err) {
   (void)column_tiles_setup<Cfg>(t);
   const int64_t heads = static_cast<int64_t>(p.B) * p.Hk;
   if (heads * (p.NB + E) * t.nkc > INT_MAX) return false;  // (the grid with the split's slots)
-  int32_t* const tabs = reinterpret_cast<int32_t*>(p.dq_accum + nq + kDqSchedWords);
+  int32_t* const tabs = reinterpret_cast<int32_t*>(p.dq_accum + offset);
   p.split_slots = p.NB + E;
   p.split_parts = E;
   p.split_items = tabs;
@@ -261,6 +262,19 @@ cudaError_t split_finish(const Params& p, cudaStream_t stream) {
   if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
   bsattn_bwd_split_finish_kernel<T, D><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p);
   return cudaGetLastError();
+}
+
+// A column-kernel launch (launch(p) with p its parameter block) with the column split where the workspace holds its
+// area at `offset` (split_setup): the plan before, the split columns' dk / dv after. Cfg: the tile that runs.
+template <class Cfg, typename T, class Launch>
+cudaError_t with_column_split(const Params& p0, int64_t offset, cudaStream_t stream, Launch&& launch) {
+  Params p = p0;
+  cudaError_t err = cudaSuccess;
+  const bool split = split_setup<Cfg, T>(p, offset, stream, err);
+  if (err != cudaSuccess) return err;
+  err = launch(p);
+  if (err != cudaSuccess || !split) return err;
+  return split_finish<T, Cfg::D>(p, stream);
 }
 
 }  // namespace bwd
