@@ -211,10 +211,35 @@ def _fwd_sweep_table_words(q, k, indptr, indices, cfg: Config) -> int:
     return layouts * MB * (words + 1)
 
 
+def _fwd_split_words(q, k, indptr, cfg: Config) -> int:
+    """Words (u32) of the CUDA forward's row split (csrc/cuda/fwd/params.h fwd_split_parts_per_layout and
+    fwd_split_workspace_words: the same rule; csrc/cuda/fwd_sm90/row_split.cuh): R * g > 16, at least 16 block rows,
+    on H100 / H200; the item and partial-slot tables and the pieces' f32 o and lse (an eighth of the block rows per
+    (batch, KV head): about q's size / 8 in floats). BSATTN_FWD_SPLIT=0: none (the device then splits nothing)."""
+    if os.environ.get("BSATTN_FWD_SPLIT") == "0" or q.size == 0 or not _gpus_are_sm90():
+        return 0
+    R, D = cfg.block_r, q.shape[-1]
+    g = q.shape[-2] // max(k.shape[-2], 1)
+    MB = -(-q.shape[-3] // R)
+    parts = MB // 8
+    if R * g <= 16 or parts < 2:
+        return 0
+    layouts = math.prod(indptr.shape[:-1]) or 1
+    heads = math.prod(k.shape[:-3]) * k.shape[-2]
+    return 4 * layouts * (MB + parts) + 4 * layouts * parts + heads * parts * R * g * (D + 1)
+
+
+def _fwd_workspace_words(q, k, indptr, indices, cfg: Config) -> int:
+    """The CUDA forward's workspace (csrc/cuda/fwd/params.h fwd_workspace_words): the sweep's bit maps where R * g <=
+    16, else the row split's area."""
+    return _fwd_sweep_table_words(q, k, indptr, indices, cfg) or _fwd_split_words(q, k, indptr, cfg)
+
+
 def _cuda_fwd_call(q, k, v, indptr, indices, *, cfg: Config):
-    """The CUDA forward's third result is its workspace (the sweep's bit maps; empty where it runs none), dropped."""
+    """The CUDA forward's third result is its workspace (the sweep's bit maps or the row split's area; empty where it
+    runs neither), dropped."""
     out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:-1], jax.numpy.float32),
-           jax.ShapeDtypeStruct((_fwd_sweep_table_words(q, k, indptr, indices, cfg),), jax.numpy.uint32))
+           jax.ShapeDtypeStruct((_fwd_workspace_words(q, k, indptr, indices, cfg),), jax.numpy.uint32))
     o, lse, _ = jax.ffi.ffi_call("bsattn_fwd_cuda", out)(q, k, v, indptr, indices, **ffi_attributes(cfg))
     return o, lse
 

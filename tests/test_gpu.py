@@ -99,6 +99,49 @@ def test_forward_many_items(R, C, g, M, N, B, causal, softcap, dtype):
         check_forward(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
 
 
+# The forward's row split (csrc/cuda/fwd_sm90/row_split.cuh): per-head layouts of a short band plus global block rows
+# (row 0 in head 0; rows 0 and MB / 2 in head 1) over few heads, so that each global row is longer than the cut and
+# goes into pieces (f32 partials, combined after). The 64-row tile (R * g = 64; D = 256: two 64-row tiles a block row),
+# the producer tile (128 rows, D = 128; 512 rows: four tiles a block row), the two-warpgroup tile at D = 64; causal (a
+# piece can see no key of some rows), soft cap, f16, part-filled key tiles (C = 40) and last block rows. Checked against
+# the reference, and against the unsplit forward (no workspace: BSATTN_FWD_SPLIT=0) on the same layout and on one with
+# garbage entries (out of range, negative, duplicated), where the two must also agree.
+@pytest.mark.parametrize("R,C,g,D,M,causal,softcap,dtype", [
+    (16, 16, 4, 128, 2048, False, None, jnp.bfloat16), (64, 64, 2, 128, 2048, True, None, jnp.float16),
+    (32, 40, 4, 64, 1500, False, 30.0, jnp.bfloat16), (16, 32, 8, 256, 1000, True, None, jnp.bfloat16),
+    (64, 16, 8, 128, 2100, False, None, jnp.bfloat16)])
+def test_forward_row_split(R, C, g, D, M, causal, softcap, dtype, monkeypatch):
+    rng = np.random.default_rng(R + C + D)
+    N = M
+    MB, NB = -(-M // R), -(-N // C)
+    rows, cols = np.arange(MB)[:, None] * R, np.arange(NB)[None, :] * C
+    band = ((rows - cols) < 2 * C) & (cols <= rows + R - 1)
+    mask = np.stack([band | (np.arange(MB)[:, None] == 0), band | np.isin(np.arange(MB), [0, MB // 2])[:, None]])
+    layout = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=g * 2, Hk=2, D=D, dtype=dtype)
+    kw = dict(causal=causal, logits_soft_cap=softcap)
+    with jax.default_device(jax.devices("cuda")[0]):
+        check_forward(q, k, v, layout, **kw)
+        ind = np.array(layout.indices)
+        ind.flat[::7], ind.flat[3::11], ind.flat[5::13] = NB + 5, -3, 0
+        bad = jb.BlockSparseLayout(layout.indptr, jnp.asarray(ind), layout.block_size, layout.seq_lens, validate=False)
+
+        def run(lay):
+            f = jax.jit(lambda q, k, v, l: jb.block_sparse_attention(q, k, v, l, return_lse=True, **kw))
+            return [np.asarray(x, np.float32) for x in f(q, k, v, lay)]
+
+        split = run(layout), run(bad)
+        monkeypatch.setenv("BSATTN_FWD_SPLIT", "0")
+        unsplit = run(layout), run(bad)
+    for name, a, b in zip(("o", "lse", "o (garbage layout)", "lse (garbage layout)"), split[0] + split[1],
+                          unsplit[0] + unsplit[1]):
+        assert np.isfinite(a[np.isfinite(b)]).all(), f"{name}: not finite where the unsplit forward is"
+        fin = np.isfinite(b)
+        err = np.max(np.abs(a[fin] - b[fin])) if fin.any() else 0.0
+        assert np.array_equal(np.isfinite(a), fin) and err <= 2e-2 * max(np.max(np.abs(b[fin])), 1.0), \
+            f"{name}: split and unsplit differ by {err}"
+
+
 # Small R * g on an H100 / H200: the sweep forward (fwd_sm90/sweep_kernel.cuh) over several block rows per tile, masked
 # per key, where R * g <= 8 here (R * g = 12, 16 at this density stay on the gathers: fwd_sweep_block_rows): part-filled
 # last tiles of rows and keys, blocks straddling bit words, causal, soft cap, f16, a long N.

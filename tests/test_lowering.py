@@ -169,6 +169,35 @@ def test_split_words_rule(R, C, N, B, Hk, LB, LH, words, monkeypatch):
     assert lowering._split_words(q, k, indptr, cfg) == 0
 
 
+@pytest.mark.parametrize("R,M,g,D,B,Hk,LB,LH,words", [
+    # partial slots MB // 8: tables 4 L (MB + E) + 4 L E words, the pieces' o and lse B Hk E R g (D + 1) floats
+    (16, 8192, 4, 128, 1, 8, 1, 1, 4 * (512 + 64) + 4 * 64 + 8 * 64 * 16 * 4 * 129),
+    (64, 3000, 2, 64, 2, 2, 2, 2, 4 * 4 * (47 + 5) + 4 * 4 * 5 + 4 * 5 * 64 * 2 * 65),
+    (128, 1024, 4, 128, 1, 4, 1, 1, 0),     # MB = 8: one partial slot, no split
+    (4, 8192, 4, 128, 1, 8, 1, 1, 0)])      # R * g = 16: the sweep's workspace, not the split's
+def test_fwd_split_words_rule(R, M, g, D, B, Hk, LB, LH, words, monkeypatch):
+    """The forward's row split workspace (csrc/cuda/fwd/params.h fwd_split_workspace_words: the same formula); where
+    R * g > 16 it is the forward's whole workspace."""
+    from jax_bsattn import lowering
+    from jax_bsattn.primitives import Config
+
+    monkeypatch.delenv("BSATTN_FWD_SPLIT", raising=False)
+    monkeypatch.setattr(lowering, "_gpus_are_sm90", lambda: True)
+    q = jax.ShapeDtypeStruct((B, M, g * Hk, D), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((B, M, Hk, D), jnp.bfloat16)
+    indptr = jax.ShapeDtypeStruct((LB, LH, -(-M // R) + 1), jnp.int32)
+    indices = jax.ShapeDtypeStruct((LB, LH, 64), jnp.int32)
+    cfg = Config(R, 16, 1.0, 0.0, False)
+    assert lowering._fwd_split_words(q, k, indptr, cfg) == words
+    if R * g > 16:
+        assert lowering._fwd_workspace_words(q, k, indptr, indices, cfg) == words
+    monkeypatch.setenv("BSATTN_FWD_SPLIT", "0")
+    assert lowering._fwd_split_words(q, k, indptr, cfg) == 0
+    monkeypatch.setattr(lowering, "_gpus_are_sm90", lambda: False)
+    monkeypatch.delenv("BSATTN_FWD_SPLIT")
+    assert lowering._fwd_split_words(q, k, indptr, cfg) == 0
+
+
 @pytest.mark.parametrize("M,deterministic,split", [(8192, True, True), (8192, False, False), (16, True, False)])
 def test_pair_split_workspace(M, deterministic, split, monkeypatch):
     """deterministic=True with C > 16 gives the pair's dk / dv kernel the column split's area alone, while it is shorter

@@ -4,20 +4,19 @@
 // Without it such a column bounds the whole kernel: at 8:64:64 with two global columns (128 block rows against about
 // 16), one CTA walks 128 block rows while the others average 33.
 //
-// Three steps, in the order of the launch (bwd_sm90/launch.cuh):
-// 1. bsattn_bwd_split_plan_kernel, one CTA per layout: the cut (below), then the item table (p.split_items, the CTA
-//    order: col_order's, longest first, with each split column's pieces in its place) and the partial-slot table.
-// 2. The one-pass kernel: an item with a partial slot writes its dk (unscaled) and dv sums as f32 into p.split_sums
+// Three steps, in the order of the launch (bwd_sm90/launch.cuh, bwd/launch.cuh):
+// 1. bsattn_bwd_split_plan_kernel, one CTA per layout: the plan of common/list_split.cuh over the block columns in
+//    col_order's order (longest first): the cut, the item table (p.split_items, the CTA order: the split columns'
+//    pieces first, then the other columns) and the partial-slot table.
+// 2. The column kernel: an item with a partial slot writes its dk (unscaled) and dv sums as f32 into p.split_sums
 //    (store_split_partial) instead of dk / dv; the other items are unchanged.
 // 3. bsattn_bwd_split_finish_kernel: per split column, the partial sums added in piece order, dk * scale and dv
 //    rounded once and written.
 // dk and dv stay deterministic: each piece sums its rows in a fixed order, the pieces are added in a fixed order, and
 // the cut depends on the layout and the launch shape only.
 //
-// The cut: the average work per CTA slot, u = ceil(entries x (heads in flight x key tiles per column) / CTA slots), at
-// least 8 tiles of rows; a column longer than the cut goes into ceil(len / cut) pieces of near-equal length. If that
-// needs more partial slots than the workspace holds (split_parts_per_layout, a quarter of the block columns), the cut
-// doubles (up to 2^7 u); past that nothing is split.
+// The cut (list_split.cuh): the average work per CTA slot, with heads in flight x key tiles per column as an entry's
+// work, at least 8 tiles of rows; the partial slots: split_parts_per_layout, a quarter of the block columns.
 #pragma once
 
 #include <climits>
@@ -26,42 +25,12 @@
 #include "cuda/bwd/common.cuh"
 #include "cuda/bwd/params.h"
 #include "cuda/common/launch.cuh"
+#include "cuda/common/list_split.cuh"
 #include "cuda/fwd/mma.cuh"
 
 namespace bsattn {
 namespace cuda {
 namespace bwd {
-
-constexpr int kSplitPlanThreads = 256;
-constexpr int kSplitCuts = 8;  // cut candidates: u, 2 u, .., 2^7 u
-
-// Block-wide exclusive scan of 64-bit values (kSplitPlanThreads threads); *total: the sum. sScan: 8 words + 1.
-__device__ __forceinline__ unsigned long long split_block_scan(unsigned long long x, unsigned long long* sScan,
-                                                               unsigned long long* total) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  unsigned long long inc = x;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const unsigned long long y = __shfl_up_sync(0xffffffffu, inc, o);
-    if (lane >= o) inc += y;
-  }
-  if (lane == 31) sScan[warp] = inc;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    unsigned long long run = 0;
-    for (int w = 0; w < kSplitPlanThreads / 32; ++w) {
-      const unsigned long long t = sScan[w];
-      sScan[w] = run;
-      run += t;
-    }
-    sScan[kSplitPlanThreads / 32] = run;
-  }
-  __syncthreads();
-  const unsigned long long ex = sScan[warp] + inc - x;
-  *total = sScan[kSplitPlanThreads / 32];
-  __syncthreads();  // (sScan reused by the next call)
-  return ex;
-}
 
 // The entries of block column c of layout lid (col_indptr, clamped as column_entries); 0 for a column out of range.
 __device__ __forceinline__ int split_column_len(const Params& p, int64_t lid, int c, int64_t& cs) {
@@ -72,88 +41,24 @@ __device__ __forceinline__ int split_column_len(const Params& p, int64_t lid, in
   return static_cast<int>(ce - cs);
 }
 
-// One CTA per layout (a template like the kernels that use it: one weak symbol per instantiation). work_mul: heads in
-// flight x key tiles per column; slots: CTAs in flight; min_len: entries of at least 8 row tiles. Writes all
-// p.split_slots items and p.split_parts partial slots of the layout.
+// One CTA per layout (a template like the kernels that use it: one weak symbol per instantiation): the plan
+// (common/list_split.cuh) over the block columns in col_order's order. work_mul: heads in flight x key tiles per
+// column; slots: CTAs in flight; min_len: entries of at least 8 row tiles.
 template <typename T, int D>
 __global__ void __launch_bounds__(kSplitPlanThreads) bsattn_bwd_split_plan_kernel(const __grid_constant__ Params p,
                                                                                   int64_t work_mul, int64_t slots,
                                                                                   int min_len) {
-  __shared__ unsigned long long sScan[kSplitPlanThreads / 32 + 1];
-  __shared__ unsigned long long sCount[kSplitCuts];
-  __shared__ int sCut;
   const int64_t lid = blockIdx.x;
-  const int tid = threadIdx.x, E = p.split_parts, NS = p.split_slots;
   const int32_t* order = p.col_order + lid * p.NB;
-  int32_t* items = const_cast<int32_t*>(p.split_items) + lid * NS * 4;
-  int32_t* heads = const_cast<int32_t*>(p.split_heads) + lid * E * 4;
-  if (tid < kSplitCuts) sCount[tid] = 0;
-  __syncthreads();
-
-  // the layout's entries (every column once: the order is a permutation; a garbage one only misjudges the cut)
-  unsigned long long mine = 0;
-  for (int i = tid; i < p.NB; i += kSplitPlanThreads) {
-    int64_t cs;
-    mine += static_cast<unsigned long long>(split_column_len(p, lid, __ldg(order + i), cs));
-  }
-  unsigned long long entries;
-  (void)split_block_scan(mine, sScan, &entries);
-  // (saturated: a garbage col_indptr may claim up to NB x nnz entries)
-  const int64_t lim = INT_MAX;
-  const int64_t ent = entries > static_cast<unsigned long long>(lim) ? lim : static_cast<int64_t>(entries);
-  const int64_t wm = work_mul < 1 ? 1 : (work_mul > lim ? lim : work_mul), sl = slots < 1 ? 1 : slots;
-  const int64_t avg = (ent * wm + sl - 1) / sl;  // < 2^62
-  const int64_t base = avg > min_len ? (avg < lim ? avg : lim) : (min_len > 1 ? min_len : 1);
-
-  // the partial slots each candidate cut needs
-  for (int i = tid; i < p.NB; i += kSplitPlanThreads) {
-    int64_t cs;
-    const int64_t len = split_column_len(p, lid, __ldg(order + i), cs);
-#pragma unroll
-    for (int k = 0; k < kSplitCuts; ++k) {
-      const int64_t cut = base << k;
-      if (len > cut) atomicAdd(&sCount[k], static_cast<unsigned long long>((len + cut - 1) / cut));
-    }
-  }
-  __syncthreads();
-  if (tid == 0) {
-    int cut = INT_MAX;
-    for (int k = kSplitCuts - 1; k >= 0; --k)  // (base < 2^31: base << k stays positive)
-      if (sCount[k] <= static_cast<unsigned long long>(E) && (base << k) < INT_MAX) cut = static_cast<int>(base << k);
-    sCut = cut;
-  }
-  __syncthreads();
-  const int cut = sCut;
-
-  // items in col_order's order, a split column's pieces in its place; partial slots in the same order
-  unsigned long long slot_base = 0;  // (pieces << 32) | partial slots, before this chunk
-  for (int i0 = 0; i0 < p.NB; i0 += kSplitPlanThreads) {
-    const int i = i0 + tid;
-    int c = -1, len = 0, n = 0;
-    int64_t cs = 0;
-    if (i < p.NB) {
-      c = __ldg(order + i);
-      len = split_column_len(p, lid, c, cs);
-      n = len > cut ? static_cast<int>((static_cast<int64_t>(len) + cut - 1) / cut) : 1;
-    }
-    const bool split = n > 1;
-    const unsigned long long x = (static_cast<unsigned long long>(i < p.NB ? n : 0) << 32) | (split ? n : 0);
-    unsigned long long chunk;
-    const unsigned long long ex = slot_base + split_block_scan(x, sScan, &chunk);
-    slot_base += chunk;
-    const int s0 = static_cast<int>(ex >> 32), q0 = static_cast<int>(ex & 0xffffffffu);
-    for (int j = 0; j < n; ++j) {
-      const int s = s0 + j;
-      if (s >= NS) break;  // (never: the pieces fit NB + E slots)
-      const int64_t a = cs + static_cast<int64_t>(j) * len / n, b = cs + static_cast<int64_t>(j + 1) * len / n;
-      int4 it = make_int4(c, static_cast<int>(a), static_cast<int>(b), split ? q0 + j : -1);
-      reinterpret_cast<int4*>(items)[s] = it;
-      if (split && q0 + j < E) reinterpret_cast<int4*>(heads)[q0 + j] = make_int4(c, q0, n, 0);
-    }
-  }
-  const int used = static_cast<int>(slot_base >> 32), parts = static_cast<int>(slot_base & 0xffffffffu);
-  for (int s = used + tid; s < NS; s += kSplitPlanThreads) reinterpret_cast<int4*>(items)[s] = make_int4(-1, 0, 0, -1);
-  for (int q = parts + tid; q < E; q += kSplitPlanThreads) reinterpret_cast<int4*>(heads)[q] = make_int4(-1, 0, 0, 0);
+  auto column_at = [&](int i) {
+    SplitList l;
+    l.id = __ldg(order + i);
+    l.len = split_column_len(p, lid, l.id, l.start);
+    return l;
+  };
+  int4* items = reinterpret_cast<int4*>(const_cast<int32_t*>(p.split_items)) + lid * p.split_slots;
+  int4* heads = reinterpret_cast<int4*>(const_cast<int32_t*>(p.split_heads)) + lid * p.split_parts;
+  split_plan(p.NB, column_at, items, p.split_slots, heads, p.split_parts, work_mul, slots, min_len, 1);
 }
 
 // The f32 partial sums of a piece (its partial slot `part`): the warp's 16 key rows krow0 .. of the item's key tile

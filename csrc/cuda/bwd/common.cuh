@@ -134,9 +134,7 @@ struct SeqWalk {
 };
 
 // The layout of (batch b, KV head hk): per-batch / per-head layouts, or the one shared along a broadcast dimension.
-__device__ __forceinline__ int64_t layout_index(const Params& p, int b, int hk) {
-  return static_cast<int64_t>(p.LB > 1 ? b : 0) * p.LH + (p.LH > 1 ? hk : 0);
-}
+__device__ __forceinline__ int64_t layout_index(const Params& p, int b, int hk) { return p.layout_index(b, hk); }
 
 // Which tile a CTA of the column-oriented kernels (dk / dv, the Hopper backward) holds: key tile kc of the slot-th
 // longest block column (col_order) of (batch b, KV head hk). The B * Hk heads are cut into p.head_chunks chunks of

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "common/bsattn_common.h"
+
 namespace bsattn {
 namespace cuda {
 
@@ -23,6 +25,11 @@ struct ProblemParams {
   float s_mul;    // raw q.k -> exponent argument: scale * log2(e) (no cap), or scale / softcap * 2 log2(e) (cap:
                   // tanh is evaluated as 1 - 2 / (1 + 2^(2 log2(e) x)))
   float cap_mul;  // softcap * log2(e) (soft cap only)
+
+  // The layout of batch b, KV head hk, in layouts (common/bsattn_common.h Problem::layout_id).
+  BSATTN_HD int64_t layout_index(int b, int hk) const {
+    return static_cast<int64_t>(LB > 1 ? b : 0) * LH + (LH > 1 ? hk : 0);
+  }
 };
 
 // The block layout's sizes, from the shapes (ffi_common::check_layout).

@@ -138,12 +138,12 @@ void run_case(const Case& c, std::mt19937& rng) {
   FwdParams fp{};
   static_cast<ProblemParams&>(fp) = pp;
   fp.q = q, fp.k = k, fp.v = v, fp.indptr = d_indptr, fp.indices = d_indices, fp.o = o, fp.lse = lse;
-  // the forward sweep's workspace: its bit maps built by the table pass where the sweep runs and they fit
-  // (BSATTN_FWD_SWEEP_TABLE=0: each CTA builds its own, as with an empty workspace)
+  // the forward's workspace: the sweep's bit maps built by the table pass where the sweep runs and they fit
+  // (BSATTN_FWD_SWEEP_TABLE=0: each CTA builds its own, as with an empty workspace), else the row split's area
   uint32_t* fwd_ws = nullptr;
-  fp.sweep_ws_words = bsattn::cuda::fwd_sweep_table_words(pp);
-  if (fp.sweep_ws_words > 0) CK(cudaMalloc(&fwd_ws, fp.sweep_ws_words * 4));
-  fp.sweep_ws = fwd_ws;
+  fp.ws_words = bsattn::cuda::fwd_workspace_words(pp, c.D);
+  if (fp.ws_words > 0) CK(cudaMalloc(&fwd_ws, fp.ws_words * 4));
+  fp.ws = fwd_ws;
   bwd::Params bp{};
   static_cast<ProblemParams&>(bp) = pp;
   bp.q = q, bp.k = k, bp.v = v, bp.dout = dout, bp.lse = lse, bp.delta = delta;

@@ -1,8 +1,8 @@
 // XLA FFI handler `bsattn_fwd_cuda` (contract: csrc/README.md): checks shapes, fills FwdParams and
 // launches the forward kernel on XLA's stream. No host sync, no allocation, no device reads: the launch
 // depends on shapes and attributes only, so the handler is command-buffer (CUDA graph) compatible. Its third
-// result is a u32 workspace (the sweep kernel's bit maps, fwd/params.h fwd_sweep_table_words), empty or sized by
-// jax_bsattn/lowering.py.
+// result is a u32 workspace (the sweep kernel's bit maps or the row split's area, fwd/params.h fwd_workspace_words),
+// empty or sized by jax_bsattn/lowering.py.
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -76,13 +76,17 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   p.o = o->untyped_data();
   p.lse = lse->typed_data();
   ffi_common::fill_problem(p, B, M, N, Hq, Hk, block_r, block_c, l, causal, scale, softcap);
-  // the sweep's workspace: empty, or exactly fwd_sweep_table_words (the lowering's size; used where the sweep runs)
-  p.sweep_ws_words = static_cast<int64_t>(ws->element_count());
-  if (p.sweep_ws_words != 0 && p.sweep_ws_words != fwd_sweep_table_words(p))
-    return bad("workspace " + dims_str(ws->dimensions()) + " must be empty or hold " +
-               std::to_string(fwd_sweep_table_words(p)) + " words (jax_bsattn/lowering.py _fwd_sweep_table_words)");
-  p.sweep_ws = p.sweep_ws_words != 0 ? ws->typed_data() : nullptr;
+  // the workspace: empty, or exactly fwd_workspace_words (the lowering's size; used where the sweep or the split runs)
+  p.ws_words = static_cast<int64_t>(ws->element_count());
+  const int64_t ws_words = fwd_workspace_words(p, static_cast<int>(D));
+  if (p.ws_words != 0 && p.ws_words != ws_words)
+    return bad("workspace " + dims_str(ws->dimensions()) + " must be empty or hold " + std::to_string(ws_words) +
+               " words (jax_bsattn/lowering.py _fwd_workspace_words)");
+  p.ws = p.ws_words != 0 ? ws->typed_data() : nullptr;
   p.sweep_table = nullptr;
+  p.split_items = p.split_heads = nullptr;
+  p.split_sums = nullptr;
+  p.split_slots = p.split_parts = 0;
 
   cudaError_t err = cudaSuccess;
   const bool bf16 = dt == ffi::DataType::BF16;

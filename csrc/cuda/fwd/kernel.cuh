@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_kernel(const __
   if (rows_valid <= 0) return;                          // (uniform) a split past the last query row
   const int qmin = w.br * p.R + row0 / p.g;             // smallest query row of the tile
 
-  const int64_t lid = static_cast<int64_t>(p.LB > 1 ? w.b : 0) * p.LH + (p.LH > 1 ? w.hk : 0);
+  const int64_t lid = p.layout_index(w.b, w.hk);
   const RowRange rr = row_range(p.indptr + lid * (p.MB + 1), w.br, p.nnz);
   const int len = static_cast<int>(rr.end - rr.start);
   const int64_t ntiles64 = (static_cast<int64_t>(len) * p.C + BN - 1) / BN;

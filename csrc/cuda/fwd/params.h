@@ -24,9 +24,18 @@ struct FwdParams : ProblemParams {
   float* lse;              // [B, M, Hq]
   int nsplit;              // 128-row tiles per block row (set by the launcher)
   int sweep_brt;           // the sweep kernel (fwd_sm90/sweep_kernel.cuh): block rows per CTA (set by the launcher)
-  uint32_t* sweep_ws;      // the caller's workspace for the sweep's bit maps (empty: null)
-  int64_t sweep_ws_words;  // its size in 32-bit words
-  const uint32_t* sweep_table;  // the bit maps built there for this call, or null: each CTA builds its own (launcher)
+  uint32_t* ws;            // the caller's workspace (fwd_workspace_words; empty: null)
+  int64_t ws_words;        // its size in 32-bit words
+  const uint32_t* sweep_table;  // the sweep's bit maps built there for this call, or null: each CTA builds its own
+  // Long block rows split over several CTAs (fwd_sm90/row_split.cuh; the Hopper gather kernels, where the workspace
+  // holds fwd_split_workspace_words; else null / 0). split_items [LB * LH][split_slots][4]: per CTA slot (block row,
+  // first entry, end entry, partial slot or -1: o written directly); split_heads [LB * LH][split_parts][4]: per partial
+  // slot its block row, the row's first partial slot and their count; split_sums [B * Hk][split_parts][R * g][D + 1]
+  // f32: each piece's o (normalised over its keys) and then its lse.
+  const int32_t* split_items;
+  const int32_t* split_heads;
+  float* split_sums;
+  int split_slots, split_parts;
 };
 
 // The rows of the sweep's table (below): one per layout and block row; row r's bit map at r * words, its flag at
@@ -42,6 +51,24 @@ inline int64_t fwd_sweep_table_words(const ProblemParams& p) {
   const int64_t words = (static_cast<int64_t>(p.N) + 31) / 32;
   if (p.MB <= 0 || p.N <= 0 || int64_t{p.MB} * words > p.nnz) return 0;
   return fwd_sweep_rows(p) * (words + 1);
+}
+
+// The row split's partial slots per layout (fwd_sm90/row_split.cuh): an eighth of the block rows, at least 2, where
+// R * g > 16 (the gather kernels' tiles); else 0: no split.
+inline int fwd_split_parts_per_layout(const ProblemParams& p) {
+  return static_cast<int64_t>(p.R) * p.g > 16 && p.MB / 8 >= 2 ? p.MB / 8 : 0;
+}
+// 32-bit words of the row split's area: the item and partial-slot tables (int32), the pieces' o and lse (f32): an
+// eighth of the block rows' packed rows x (D + 1) per (batch, KV head), so about q's size / 8 in floats. 0: no split.
+inline int64_t fwd_split_workspace_words(const ProblemParams& p, int D) {
+  const int64_t E = fwd_split_parts_per_layout(p), L = static_cast<int64_t>(p.LB) * p.LH;
+  if (E == 0) return 0;
+  return 4 * L * (p.MB + E) + 4 * L * E + static_cast<int64_t>(p.B) * p.Hk * E * p.R * p.g * (D + 1);
+}
+// The forward's workspace (the FFI handler accepts it empty or of exactly this size; jax_bsattn/lowering.py
+// _fwd_workspace_words sizes it): the sweep's bit maps where R * g <= 16, else the row split's area.
+inline int64_t fwd_workspace_words(const ProblemParams& p, int D) {
+  return static_cast<int64_t>(p.R) * p.g <= 16 ? fwd_sweep_table_words(p) : fwd_split_workspace_words(p, D);
 }
 
 // Launches the forward kernel on `stream` (picking the kernel and tile for the device and R * g); returns

@@ -24,26 +24,55 @@ struct FwdTileSetup {
   int row0;        // packed index of the tile's first row
   int rows_valid;  // tile rows [0, rows_valid) are real (may exceed the tile: a split block row)
   int qmin;        // smallest query row of the tile
-  int len;         // blocks listed in the block row
+  int len;         // blocks the CTA walks: the block row's, or a piece of them (the row split)
   int ntiles;      // KV tiles of BN keys over them
+  int part;        // the row split's partial slot of this piece (-1: the whole block row; fwd_sm90/row_split.cuh)
   int64_t q_rstride, qoff, kvoff;  // Hq * D; q / o of the tile's first (row, head); k / v of (b, hk)
-  const int32_t* idx;              // the block row's list of block indices
+  const int32_t* idx;              // the list of blocks the CTA walks
 };
 
 // Fills `t` for CTA blockIdx.x with TM-row tiles and BN-key KV tiles; false when the tile is past the last
-// query row (uniform: the CTA returns).
+// query row or is an empty slot of the row split (uniform: the CTA returns). With the row split (p.split_items) the
+// CTA's block row and its entries come from its slot's item (fwd_sm90/row_split.cuh).
 template <int D, int TM, int BN>
 __device__ __forceinline__ bool fwd_tile_setup(const FwdParams& p, FwdTileSetup& t) {
-  t.w = decode_work(blockIdx.x, p);
-  const WorkTile& w = t.w;
+  WorkTile& w = t.w;
+  int slot = 0;
+  if (p.split_items != nullptr) {
+    // CTA = (head, slot, row tile): slots [0, MB) of every head first, then slots [MB, split_slots), so that the
+    // empty slots (at the end of each head's table) are the grid's last CTAs
+    const int first = p.B * p.Hk * p.MB * p.nsplit, x = blockIdx.x;  // (the launcher checked the grid fits int)
+    const bool front = x < first;
+    const int bid = front ? x : x - first, per_head = front ? p.MB : p.split_slots - p.MB;
+    w.split = bid % p.nsplit;
+    const int t = bid / p.nsplit;
+    const int head = t / per_head;
+    slot = t - head * per_head + (front ? 0 : p.MB);
+    w.b = head / p.Hk;
+    w.hk = head - w.b * p.Hk;
+  } else {
+    w = decode_work(blockIdx.x, p);
+  }
+  const int64_t lid = p.layout_index(w.b, w.hk);
+  int4 item = make_int4(0, 0, 0, -1);
+  if (p.split_items != nullptr) {
+    item = reinterpret_cast<const int4*>(p.split_items)[lid * p.split_slots + slot];
+    if (item.x < 0 || item.x >= p.MB) return false;  // an empty slot
+    w.br = item.x;
+  }
   t.row0 = w.split * TM;
   const int rows_in_block = min(p.R, p.M - w.br * p.R);
   t.rows_valid = rows_in_block * p.g - t.row0;
   if (t.rows_valid <= 0) return false;
   t.qmin = w.br * p.R + t.row0 / p.g;
 
-  const int64_t lid = static_cast<int64_t>(p.LB > 1 ? w.b : 0) * p.LH + (p.LH > 1 ? w.hk : 0);
-  const RowRange rr = row_range(p.indptr + lid * (p.MB + 1), w.br, p.nnz);
+  RowRange rr = row_range(p.indptr + lid * (p.MB + 1), w.br, p.nnz);
+  t.part = -1;
+  if (p.split_items != nullptr) {  // the item's entries (clamped: the plan wrote them from the same clamped range)
+    rr.start = min(max(static_cast<int64_t>(item.y), int64_t{0}), p.nnz);
+    rr.end = min(max(static_cast<int64_t>(item.z), rr.start), p.nnz);
+    t.part = item.w >= 0 && item.w < p.split_parts ? item.w : -1;
+  }
   t.len = static_cast<int>(rr.end - rr.start);
   const int64_t ntiles64 = (static_cast<int64_t>(t.len) * p.C + BN - 1) / BN;
   t.ntiles = ntiles64 > INT_MAX ? INT_MAX : static_cast<int>(ntiles64);

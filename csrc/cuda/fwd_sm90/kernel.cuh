@@ -9,7 +9,8 @@
 //      memory), masked only when the tile needs it, the online softmax (fwd/softmax.cuh: the m64nN accumulator
 //      of a warp is the m16n8 layout of its 16 rows), O += P V (wgmma, P from registers as the A operand);
 //      with OVERLAP, the P V of tile t - 1 runs on the tensor cores during the softmax of tile t (config.cuh);
-//   3. normalise and store o and lse (fwd/epilogue.cuh), each warp its 16 rows.
+//   3. normalise and store o and lse (fwd/epilogue.cuh), each warp its 16 rows; a piece of a block row cut by the
+//      row split (row_split.cuh: the CTA's item, its entries) stores them as f32 partials, combined after.
 #pragma once
 
 #include <cmath>
@@ -22,6 +23,7 @@
 #include "cuda/fwd/softmax.cuh"
 #include "cuda/fwd/tile_setup.cuh"
 #include "cuda/fwd_sm90/config.cuh"
+#include "cuda/fwd_sm90/row_split.cuh"
 #include "cuda/fwd_sm90/shared.cuh"
 #include "cuda/common/wgmma.cuh"
 
@@ -135,7 +137,12 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_sm90_kernel(con
   cp_async_wait<0>();
   __syncthreads();
   BSATTN_FWD_TIMELINE_MARK(6);
-  if (wg_active) store_rows_single<T, Cfg>(rows.o, rows.m, rows.l, sQ + warp * 16 * D * 2, out, warp * 16, lane);
+  if (wg_active) {
+    if (ts.part >= 0)  // (uniform) a piece of a split block row: f32 partials (row_split.cuh)
+      store_rows_partial<Cfg>(rows.o, rows.m, rows.l, p, ts, warp * 16, lane);
+    else
+      store_rows_single<T, Cfg>(rows.o, rows.m, rows.l, sQ + warp * 16 * D * 2, out, warp * 16, lane);
+  }
   BSATTN_FWD_TIMELINE_MARK(7);
 #endif
 }

@@ -38,6 +38,7 @@
 #include "cuda/fwd/softmax.cuh"
 #include "cuda/fwd/tile_setup.cuh"
 #include "cuda/fwd_sm90/config.cuh"
+#include "cuda/fwd_sm90/row_split.cuh"
 #include "cuda/fwd_sm90/shared.cuh"
 
 namespace bsattn {
@@ -170,7 +171,12 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_fwd_sm90_ws_kernel(const __
   // ---- epilogue -------------------------------------------------------------------------------
   const OutRows out = tile_out_rows<T>(p, ts, sRow);
   named_bar_sync(1, NTC);  // both warpgroups done reading Q: each warp stages its 16 rows there
-  if (wg_active) store_rows_single<T, Cfg>(rows.o, rows.m, rows.l, sQ + warp * 16 * D * 2, out, warp * 16, lane);
+  if (wg_active) {
+    if (ts.part >= 0)  // (uniform) a piece of a split block row: f32 partials (row_split.cuh)
+      store_rows_partial<Cfg>(rows.o, rows.m, rows.l, p, ts, warp * 16, lane);
+    else
+      store_rows_single<T, Cfg>(rows.o, rows.m, rows.l, sQ + warp * 16 * D * 2, out, warp * 16, lane);
+  }
 #endif
 }
 

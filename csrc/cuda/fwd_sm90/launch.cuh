@@ -19,7 +19,7 @@ namespace cuda {
 
 template <typename T, class Cfg>
 cudaError_t launch_tile_sm90(const FwdParams& p, cudaStream_t stream) {
-  return launch_row_tiles<bsattn_fwd_sm90_kernel<T, Cfg>, Cfg>(p, stream);
+  return launch_fwd_row_tiles<bsattn_fwd_sm90_kernel<T, Cfg>, Cfg, T>(p, stream);  // (with the row split)
 }
 
 #ifdef BSATTN_FWD_TUNING
@@ -121,15 +121,15 @@ cudaError_t launch_sweep_sm90(const FwdParams& p0, cudaStream_t stream) {
   static const bool own_maps = env_equals("BSATTN_FWD_SWEEP_TABLE", "0");
   const int64_t table_words = fwd_sweep_table_words(p);
   const int64_t rows = fwd_sweep_rows(p);  // a warp each in the table pass
-  if (!own_maps && grid > 0 && table_words > 0 && p.sweep_ws != nullptr && p.sweep_ws_words >= table_words &&
+  if (!own_maps && grid > 0 && table_words > 0 && p.ws != nullptr && p.ws_words >= table_words &&
       (rows + 7) / 8 <= INT_MAX) {
-    cudaError_t err = cudaMemsetAsync(p.sweep_ws, 0, static_cast<size_t>(rows * sh.words) * 4, stream);  // the maps
+    cudaError_t err = cudaMemsetAsync(p.ws, 0, static_cast<size_t>(rows * sh.words) * 4, stream);  // the maps
     if (err != cudaSuccess) return err;
     const unsigned blocks = static_cast<unsigned>((rows + 7) / 8);
-    bsattn_fwd_sweep_table_kernel<T><<<blocks, 256, 0, stream>>>(p, p.sweep_ws, sh.words);
+    bsattn_fwd_sweep_table_kernel<T><<<blocks, 256, 0, stream>>>(p, p.ws, sh.words);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    p.sweep_table = p.sweep_ws;
+    p.sweep_table = p.ws;
   }
   return launch_kernel(kernel, grid, Cfg::NT, Cfg::SMEM + sh.extra, 1, smem_done, p, stream, sh);
 }

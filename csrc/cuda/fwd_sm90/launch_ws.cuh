@@ -15,7 +15,7 @@ namespace cuda {
 template <int kDType>
 cudaError_t launch_fwd_sm90_ws(const FwdParams& p, cudaStream_t stream) {
   using T = typename DTypeOf<kDType>::type;
-  return launch_row_tiles<bsattn_fwd_sm90_ws_kernel<T, Sm90FwdWsTile>, Sm90FwdWsTile>(p, stream);
+  return launch_fwd_row_tiles<bsattn_fwd_sm90_ws_kernel<T, Sm90FwdWsTile>, Sm90FwdWsTile, T>(p, stream);
 }
 
 }  // namespace cuda

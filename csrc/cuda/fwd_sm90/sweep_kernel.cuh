@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_sm90_sweep_kern
   const int64_t q_rstride = static_cast<int64_t>(p.Hq) * D;
   const int64_t qoff = (static_cast<int64_t>(b) * p.M + m0) * q_rstride + static_cast<int64_t>(hk) * p.g * D;
   const int64_t kvoff = (static_cast<int64_t>(b) * p.N * p.Hk + hk) * D;
-  const int64_t lid = static_cast<int64_t>(p.LB > 1 ? b : 0) * p.LH + (p.LH > 1 ? hk : 0);
+  const int64_t lid = p.layout_index(b, hk);
   const int32_t* indptr = p.indptr + lid * (p.MB + 1);
   const int32_t* indices = p.indices + lid * p.nnz;
 

@@ -1,0 +1,195 @@
+// The row split of the Hopper forward's gather kernels (kernel.cuh, kernel_ws.cuh): a block row that lists many more
+// blocks than the others (a global row of a BigBird layout, a query that sees everything) is cut into pieces of
+// consecutive entries, each a work item of its own, so that no CTA walks much more than the average per CTA slot.
+// Without it such a row bounds the whole kernel: at 4:16:16 with two global rows (512 blocks against about 14), one CTA
+// walks 512 blocks while the others average 24 (H200: 82 useful TFLOP/s against 343 for a uniform layout).
+//
+// Three steps, in the order of the launch (launch_fwd_row_tiles below):
+// 1. bsattn_fwd_split_plan_kernel, one CTA per layout: the plan of common/list_split.cuh over the block rows in the
+//    kernels' order (last to first): the cut, the item table (CTA order: the split rows' pieces first) and the
+//    partial-slot table.
+// 2. The gather kernel: a CTA takes its slot's item (fwd/tile_setup.cuh); a piece stores its rows' o, normalised over
+//    its keys, and lse as f32 in p.split_sums (store_rows_partial) instead of o and lse.
+// 3. bsattn_fwd_split_combine_kernel: per split row, lse = log sum exp of the pieces' lse and o = sum of exp(lse_i -
+//    lse) o_i, in piece order, o rounded once.
+// The forward stays deterministic: the cut depends on the layout and the launch shape only, the pieces are combined in
+// a fixed order. The workspace (fwd/params.h fwd_split_workspace_words) comes from the lowering; without it (empty:
+// BSATTN_FWD_SPLIT=0, or not an H100 / H200) nothing is split.
+#pragma once
+
+#include <atomic>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "common/bsattn_common.h"
+#include "cuda/common/launch.cuh"
+#include "cuda/common/list_split.cuh"
+#include "cuda/common/row_tiles.cuh"
+#include "cuda/fwd/epilogue.cuh"
+#include "cuda/fwd/mma.cuh"
+#include "cuda/fwd/params.h"
+#include "cuda/fwd/tile_setup.cuh"
+
+namespace bsattn {
+namespace cuda {
+
+// One CTA per layout (a template like the kernels that use it: one weak symbol per instantiation). work_mul: heads in
+// flight x row tiles per block row; slots: CTAs in flight; min_len: entries of at least 8 KV tiles. Only rows longer
+// than two cuts are split: a row just above the cut gains nothing its place in the order (longest first for causal
+// layouts) does not already give, and costs the partial stores and the combine (4:64:64 block-causal, rows of 127-128
+// blocks against a cut of 125: 0.93x when cut in two).
+template <typename T, int D>
+__global__ void __launch_bounds__(kSplitPlanThreads) bsattn_fwd_split_plan_kernel(const __grid_constant__ FwdParams p,
+                                                                                  int64_t work_mul, int64_t slots,
+                                                                                  int min_len) {
+  const int64_t lid = blockIdx.x;
+  const int32_t* indptr = p.indptr + lid * (p.MB + 1);
+  auto row_at = [&](int i) {  // the kernels' order: block rows last to first (common/row_tiles.cuh)
+    const RowRange rr = row_range(indptr, p.MB - 1 - i, p.nnz);
+    return SplitList{p.MB - 1 - i, rr.start, static_cast<int>(rr.end - rr.start)};
+  };
+  int4* items = reinterpret_cast<int4*>(const_cast<int32_t*>(p.split_items)) + lid * p.split_slots;
+  int4* heads = reinterpret_cast<int4*>(const_cast<int32_t*>(p.split_heads)) + lid * p.split_parts;
+  split_plan(p.MB, row_at, items, p.split_slots, heads, p.split_parts, work_mul, slots, min_len, 2);
+}
+
+// A piece's rows (the warp's 16 MI rows wrow0 .. of the tile; accumulators as store_rows_single takes them): o
+// normalised by the piece's row sum and lse, as f32 in the piece's partial slot; rows past rows_valid are padding.
+template <class Cfg>
+__device__ __forceinline__ void store_rows_partial(const float (&o)[Cfg::MI][Cfg::D / 8][4],
+                                                   const float (&m)[Cfg::MI][2], const float (&l)[Cfg::MI][2],
+                                                   const FwdParams& p, const FwdTileSetup& ts, int wrow0, int lane) {
+  constexpr int D = Cfg::D;
+  const int64_t head = static_cast<int64_t>(ts.w.b) * p.Hk + ts.w.hk, rg = static_cast<int64_t>(p.R) * p.g;
+  float* const base = p.split_sums + (head * p.split_parts + ts.part) * rg * (D + 1);
+  float* const lse = base + rg * D;
+#pragma unroll
+  for (int mi = 0; mi < Cfg::MI; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float lv = quad_sum(l[mi][h]);  // (all lanes: shuffles)
+      const int row = wrow0 + mi * 16 + (lane >> 2) + 8 * h;
+      if (row >= ts.rows_valid) continue;
+      const int64_t P = ts.row0 + row;  // packed row within the block row
+      if ((lane & 3) == 0) lse[P] = finish_lse(m[mi][h], lv);
+      const float inv = lv > 0.f ? fast_rcp(lv) : 0.f;
+      float* const dst = base + P * D + 2 * (lane & 3);
+#pragma unroll
+      for (int d = 0; d < D / 8; ++d)
+        *reinterpret_cast<float2*>(dst + 8 * d) = make_float2(o[mi][d][2 * h] * inv, o[mi][d][2 * h + 1] * inv);
+    }
+}
+
+// Packed rows per combine CTA (a 2-D grid: the rows of one split block row over several CTAs; with one CTA per row
+// the combine was latency-bound, about 60 us at 8:64:64).
+constexpr int kCombineRows = 32;
+
+// One CTA per (batch, KV head, partial slot) and chunk of kCombineRows packed rows (blockIdx.y, strided by gridDim.y):
+// where the slot is its row's first, the row's pieces combined in piece order into o (rounded to T) and lse for the
+// chunk's packed rows below M.
+template <typename T, int D>
+__global__ void __launch_bounds__(256) bsattn_fwd_split_combine_kernel(const __grid_constant__ FwdParams p) {
+  const int E = p.split_parts;
+  const int64_t head = blockIdx.x / E;
+  const int q = static_cast<int>(blockIdx.x - head * E);
+  const int b = static_cast<int>(head / p.Hk), hk = static_cast<int>(head - static_cast<int64_t>(b) * p.Hk);
+  const int64_t lid = p.layout_index(b, hk);
+  const int4 h = reinterpret_cast<const int4*>(p.split_heads)[lid * E + q];
+  const int br = h.x, first = h.y, count = h.z;
+  if (br < 0 || br >= p.MB || first != q || count < 1 || count > E - first) return;  // (uniform)
+  const int64_t rg = static_cast<int64_t>(p.R) * p.g, plane = rg * (D + 1);
+  const int64_t rows = static_cast<int64_t>(min(p.R, p.M - br * p.R)) * p.g;
+  const float* const sums = p.split_sums + (head * E + first) * plane;
+  const int64_t row0 = static_cast<int64_t>(b) * p.M + static_cast<int64_t>(br) * p.R;  // (b, first query row)
+  for (int64_t c0 = static_cast<int64_t>(blockIdx.y) * kCombineRows; c0 < rows;
+       c0 += static_cast<int64_t>(gridDim.y) * kCombineRows) {
+    for (int i = threadIdx.x; i < kCombineRows * (D / 4); i += 256) {
+      const int64_t P = c0 + i / (D / 4), d = (i % (D / 4)) * 4;
+      if (P >= rows) break;  // (i increasing: every later i of this thread is past the rows too)
+      float mx = -INFINITY;
+      for (int j = 0; j < count; ++j) mx = fmaxf(mx, sums[j * plane + rg * D + P]);
+      float L = 0.f;
+      float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (mx != -INFINITY) {
+        for (int j = 0; j < count; ++j) {  // piece order: fixed
+          const float lj = sums[j * plane + rg * D + P];
+          const float wj = lj == -INFINITY ? 0.f : expf(lj - mx);
+          const float4 x = *reinterpret_cast<const float4*>(sums + j * plane + P * D + d);
+          L += wj;
+          acc.x += wj * x.x;
+          acc.y += wj * x.y;
+          acc.z += wj * x.z;
+          acc.w += wj * x.w;
+        }
+      }
+      const float inv = L > 0.f ? 1.f / L : 0.f;  // (L >= 1: the largest piece weighs 1)
+      const int64_t r = P / p.g, j = P - r * p.g;
+      const int64_t at = (row0 + r) * p.Hq + static_cast<int64_t>(hk) * p.g + j;  // (query row, head) of o and lse
+      uint2 v;
+      v.x = Mma<T>::pack(acc.x * inv, acc.y * inv);
+      v.y = Mma<T>::pack(acc.z * inv, acc.w * inv);
+      *reinterpret_cast<uint2*>(static_cast<T*>(p.o) + at * D + d) = v;
+      if (d == 0) p.lse[at] = L > 0.f ? mx + logf(L) : -INFINITY;
+    }
+  }
+}
+
+// The row split's set-up on p (the gather kernel's copy, p.nsplit set): where the workspace holds exactly
+// fwd_split_workspace_words for D and the grid with the split's slots fits, the tables' places and the plan's launch.
+// Returns false (p untouched) where nothing is split. (BSATTN_FWD_SPLIT=0 acts through the lowering alone, which then
+// gives no workspace: read at trace time, so one process can time both.)
+template <class Cfg, typename T>
+bool row_split_setup(FwdParams& p, cudaStream_t stream, cudaError_t& err) {
+  err = cudaSuccess;
+  const int64_t words = fwd_split_workspace_words(p, Cfg::D);
+  const int64_t L = static_cast<int64_t>(p.LB) * p.LH, heads = static_cast<int64_t>(p.B) * p.Hk;
+  if (words == 0 || p.ws == nullptr || p.ws_words != words || L <= 0 || L > INT_MAX || p.MB <= 0 ||
+      p.nnz > INT_MAX || p.nsplit <= 0)
+    return false;
+  const int E = fwd_split_parts_per_layout(p);
+  if (heads * (p.MB + E) * p.nsplit > INT_MAX) return false;  // (the grid with the split's slots)
+  int32_t* const tabs = reinterpret_cast<int32_t*>(p.ws);
+  p.split_slots = p.MB + E;
+  p.split_parts = E;
+  p.split_items = tabs;
+  p.split_heads = tabs + 4 * L * p.split_slots;
+  p.split_sums = reinterpret_cast<float*>(tabs + 4 * L * p.split_slots + 4 * L * E);
+  // an entry's work: the row tiles of its block row x the heads in flight (at least one wave of CTAs)
+  const int sms = device_sm_count() > 0 ? device_sm_count() : 132;
+  const int64_t slots = static_cast<int64_t>(sms) * Cfg::MINB, per_head = static_cast<int64_t>(p.MB) * p.nsplit;
+  int64_t in_flight = (slots + per_head - 1) / per_head;
+  in_flight = in_flight < 1 ? 1 : (in_flight > heads ? heads : in_flight);
+  const int min_len = static_cast<int>((8 * Cfg::BN + p.C - 1) / p.C);
+  bsattn_fwd_split_plan_kernel<T, Cfg::D><<<static_cast<unsigned>(L), kSplitPlanThreads, 0, stream>>>(
+      p, in_flight * p.nsplit, slots, min_len);
+  err = cudaGetLastError();
+  return true;
+}
+
+// One CTA per tile of Cfg::TM packed rows (launch_row_tiles' grid), or, with the row split, per (batch, KV head, item
+// slot, row tile): the plan before, the combine after.
+template <auto Kernel, class Cfg, typename T>
+cudaError_t launch_fwd_row_tiles(const FwdParams& p0, cudaStream_t stream) {
+  FwdParams p = p0;
+  int64_t grid = row_tile_grid<Cfg::TM>(p);
+  cudaError_t err = cudaSuccess;
+  const bool split = row_split_setup<Cfg, T>(p, stream, err);
+  if (err != cudaSuccess) return err;
+  if (split) grid = static_cast<int64_t>(p.B) * p.Hk * p.split_slots * p.nsplit;
+  static std::atomic<uint64_t> smem_done{0};  // one per kernel
+  err = launch_kernel(Kernel, grid, Cfg::NT, Cfg::SMEM, Cfg::MINB, smem_done, p, stream);
+  if (err != cudaSuccess || !split) return err;
+  const int64_t blocks = static_cast<int64_t>(p.B) * p.Hk * p.split_parts;
+  if (blocks <= 0) return cudaSuccess;
+  if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+  const int64_t chunks = (static_cast<int64_t>(p.R) * p.g + kCombineRows - 1) / kCombineRows;
+  const dim3 cgrid(static_cast<unsigned>(blocks), static_cast<unsigned>(chunks < 65535 ? chunks : 65535));
+  bsattn_fwd_split_combine_kernel<T, Cfg::D><<<cgrid, 256, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace bsattn
