@@ -215,8 +215,10 @@ def _fwd_split_words(q, k, indptr, cfg: Config) -> int:
     """Words (u32) of the CUDA forward's row split (csrc/cuda/fwd/params.h fwd_split_parts_per_layout and
     fwd_split_workspace_words: the same rule; csrc/cuda/fwd_sm90/row_split.cuh): R * g > 16, at least 16 block rows,
     on H100 / H200; the item and partial-slot tables and the pieces' f32 o and lse (an eighth of the block rows per
-    (batch, KV head): about q's size / 8 in floats). BSATTN_FWD_SPLIT=0: none (the device then splits nothing)."""
-    if os.environ.get("BSATTN_FWD_SPLIT") == "0" or q.size == 0 or not _gpus_are_sm90():
+    (batch, KV head): about q's size / 8 in floats). BSATTN_FWD_SPLIT=0: none (the device then splits nothing); nor
+    with BSATTN_FWD_KERNEL=mma (the mma.sync kernel, which does not split, runs everywhere)."""
+    if (os.environ.get("BSATTN_FWD_SPLIT") == "0" or os.environ.get("BSATTN_FWD_KERNEL") == "mma" or q.size == 0
+            or not _gpus_are_sm90()):
         return 0
     R, D = cfg.block_r, q.shape[-1]
     g = q.shape[-2] // max(k.shape[-2], 1)
@@ -226,7 +228,8 @@ def _fwd_split_words(q, k, indptr, cfg: Config) -> int:
         return 0
     layouts = math.prod(indptr.shape[:-1]) or 1
     heads = math.prod(k.shape[:-3]) * k.shape[-2]
-    return 4 * layouts * (MB + parts) + 4 * layouts * parts + heads * parts * R * g * (D + 1)
+    plane = R * g * D + -(-R * g // 4) * 4  # o, then lse padded to 16 bytes (fwd_split_plane_floats)
+    return 4 * layouts * (MB + parts) + 4 * layouts * parts + heads * parts * plane
 
 
 def _fwd_workspace_words(q, k, indptr, indices, cfg: Config) -> int:

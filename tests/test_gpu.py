@@ -103,13 +103,16 @@ def test_forward_many_items(R, C, g, M, N, B, causal, softcap, dtype):
 # (row 0 in head 0; rows 0 and MB / 2 in head 1) over few heads, so that each global row is longer than the cut and
 # goes into pieces (f32 partials, combined after). The 64-row tile (R * g = 64; D = 256: two 64-row tiles a block row),
 # the producer tile (128 rows, D = 128; 512 rows: four tiles a block row), the two-warpgroup tile at D = 64; causal (a
-# piece can see no key of some rows), soft cap, f16, part-filled key tiles (C = 40) and last block rows. Checked against
+# piece can see no key of some rows), soft cap, f16, part-filled key tiles (C = 40) and last block rows, R * g not a
+# multiple of 4 (the partials' planes padded to 16 bytes; misaligned before). Checked against
 # the reference, and against the unsplit forward (no workspace: BSATTN_FWD_SPLIT=0) on the same layout and on one with
 # garbage entries (out of range, negative, duplicated), where the two must also agree.
 @pytest.mark.parametrize("R,C,g,D,M,causal,softcap,dtype", [
     (16, 16, 4, 128, 2048, False, None, jnp.bfloat16), (64, 64, 2, 128, 2048, True, None, jnp.float16),
     (32, 40, 4, 64, 1500, False, 30.0, jnp.bfloat16), (16, 32, 8, 256, 1000, True, None, jnp.bfloat16),
-    (64, 16, 8, 128, 2100, False, None, jnp.bfloat16)])
+    (64, 16, 8, 128, 2100, False, None, jnp.bfloat16),
+    # R * g = 17 and 18 (not multiples of 4): the partial slots' planes padded so that each starts 16-byte aligned
+    (17, 16, 1, 128, 3000, False, None, jnp.bfloat16), (9, 24, 2, 64, 1500, True, 30.0, jnp.float16)])
 def test_forward_row_split(R, C, g, D, M, causal, softcap, dtype, monkeypatch):
     rng = np.random.default_rng(R + C + D)
     N = M

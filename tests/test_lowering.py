@@ -170,9 +170,11 @@ def test_split_words_rule(R, C, N, B, Hk, LB, LH, words, monkeypatch):
 
 
 @pytest.mark.parametrize("R,M,g,D,B,Hk,LB,LH,words", [
-    # partial slots MB // 8: tables 4 L (MB + E) + 4 L E words, the pieces' o and lse B Hk E R g (D + 1) floats
-    (16, 8192, 4, 128, 1, 8, 1, 1, 4 * (512 + 64) + 4 * 64 + 8 * 64 * 16 * 4 * 129),
-    (64, 3000, 2, 64, 2, 2, 2, 2, 4 * 4 * (47 + 5) + 4 * 4 * 5 + 4 * 5 * 64 * 2 * 65),
+    # partial slots MB // 8: tables 4 L (MB + E) + 4 L E words, the pieces' o and lse B Hk E (R g D + R g padded to 4)
+    (16, 8192, 4, 128, 1, 8, 1, 1, 4 * (512 + 64) + 4 * 64 + 8 * 64 * (64 * 128 + 64)),
+    (64, 3000, 2, 64, 2, 2, 2, 2, 4 * 4 * (47 + 5) + 4 * 4 * 5 + 4 * 5 * (128 * 64 + 128)),
+    (17, 4096, 1, 128, 1, 2, 1, 1, 4 * (241 + 30) + 4 * 30 + 2 * 30 * (17 * 128 + 20)),   # R g = 17: lse padded to 20
+    (9, 4096, 2, 64, 1, 2, 1, 1, 4 * (456 + 57) + 4 * 57 + 2 * 57 * (18 * 64 + 20)),      # R g = 18
     (128, 1024, 4, 128, 1, 4, 1, 1, 0),     # MB = 8: one partial slot, no split
     (4, 8192, 4, 128, 1, 8, 1, 1, 0)])      # R * g = 16: the sweep's workspace, not the split's
 def test_fwd_split_words_rule(R, M, g, D, B, Hk, LB, LH, words, monkeypatch):
@@ -193,8 +195,11 @@ def test_fwd_split_words_rule(R, M, g, D, B, Hk, LB, LH, words, monkeypatch):
         assert lowering._fwd_workspace_words(q, k, indptr, indices, cfg) == words
     monkeypatch.setenv("BSATTN_FWD_SPLIT", "0")
     assert lowering._fwd_split_words(q, k, indptr, cfg) == 0
-    monkeypatch.setattr(lowering, "_gpus_are_sm90", lambda: False)
     monkeypatch.delenv("BSATTN_FWD_SPLIT")
+    monkeypatch.setenv("BSATTN_FWD_KERNEL", "mma")  # the mma.sync kernel does not split
+    assert lowering._fwd_split_words(q, k, indptr, cfg) == 0
+    monkeypatch.delenv("BSATTN_FWD_KERNEL")
+    monkeypatch.setattr(lowering, "_gpus_are_sm90", lambda: False)
     assert lowering._fwd_split_words(q, k, indptr, cfg) == 0
 
 

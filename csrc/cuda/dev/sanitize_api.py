@@ -6,8 +6,12 @@
 Valid layouts and garbage traced ones (indptr decreasing / past nnz / negative, indices out of range), with
 C <= 8 (the packed dk/dv path) and larger blocks, causal and soft cap; layouts with global block columns ("global": a
 band plus column 0 in head 0, columns 0 and NB / 2 in head 1), long enough that the one-pass backward splits them
-(bwd/column_split.cuh); prints one line per case.
+(bwd/column_split.cuh); and with global block rows ("global-rows": a band plus row 0 in head 0, rows 0 and MB / 2 in
+head 1), R * g > 16, which the forward's row split cuts (fwd_sm90/row_split.cuh). Prints one line per case.
+Arguments (optional): run only the cases of these kinds (e.g. `global-rows`).
 """
+
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -32,15 +36,30 @@ CASES = [  # (R, C, g, D, M, N, garbage, causal, softcap)
     (32, 128, 4, 128, 1500, 1500, "global", True, None),
     (32, 192, 2, 64, 1100, 1700, "global", False, 10.0),
     (64, 64, 4, 128, 600, 1100, True, True, None),
+    # R * g > 16 with at least 16 block rows: the forward's row split (global rows cut into pieces, f32 partials);
+    # R * g = 17 and 18 put the partial planes off 16 bytes before they were padded
+    (17, 16, 1, 128, 3000, 3000, "global-rows", False, None),
+    (9, 24, 2, 64, 1500, 1500, "global-rows", True, 30.0),
+    (16, 16, 4, 128, 2048, 2048, "global-rows", False, None),
 ]
 
 
 def main():
     rng = np.random.default_rng(0)
+    kinds = sys.argv[1:]
     for R, C, g, D, M, N, garbage, causal, softcap in CASES:
+        if kinds and str(garbage) not in kinds:
+            continue
         MB, NB = -(-M // R), -(-N // C)
         nnz = MB * NB
-        if garbage == "global":
+        if garbage == "global-rows":
+            rows, cols = np.arange(MB)[:, None] * R, np.arange(NB)[None, :] * C
+            band = ((rows - cols) < 2 * C) & (cols <= rows + R - 1)
+            ids = np.arange(MB)[:, None]
+            mask = np.stack([band | (ids == 0), band | (ids == 0) | (ids == MB // 2)])
+            lay = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
+            indptr, indices = np.asarray(lay.indptr), np.asarray(lay.indices)
+        elif garbage == "global":
             rows, cols = np.arange(MB)[:, None] * R, np.arange(NB)[None, :] * C
             band = np.abs(rows - cols) < 2 * C
             mask = np.stack([band | (cols == 0), band | (cols == 0) | (cols == (NB // 2) * C)])

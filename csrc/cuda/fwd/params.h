@@ -30,8 +30,8 @@ struct FwdParams : ProblemParams {
   // Long block rows split over several CTAs (fwd_sm90/row_split.cuh; the Hopper gather kernels, where the workspace
   // holds fwd_split_workspace_words; else null / 0). split_items [LB * LH][split_slots][4]: per CTA slot (block row,
   // first entry, end entry, partial slot or -1: o written directly); split_heads [LB * LH][split_parts][4]: per partial
-  // slot its block row, the row's first partial slot and their count; split_sums [B * Hk][split_parts][R * g][D + 1]
-  // f32: each piece's o (normalised over its keys) and then its lse.
+  // slot its block row, the row's first partial slot and their count; split_sums [B * Hk][split_parts] planes of
+  // fwd_split_plane_floats f32: each piece's o [R * g][D] (normalised over its keys), then its lse [R * g].
   const int32_t* split_items;
   const int32_t* split_heads;
   float* split_sums;
@@ -58,12 +58,17 @@ inline int64_t fwd_sweep_table_words(const ProblemParams& p) {
 inline int fwd_split_parts_per_layout(const ProblemParams& p) {
   return static_cast<int64_t>(p.R) * p.g > 16 && p.MB / 8 >= 2 ? p.MB / 8 : 0;
 }
+// f32 of one partial slot: its o, R * g x D, then its lse, R * g padded to a multiple of 4, so that every slot starts
+// 16-byte aligned (the combine reads o as float4, the pieces store it as float2; with R * g x (D + 1), odd slots were
+// misaligned wherever R * g is not a multiple of 4).
+__host__ __device__ inline int64_t fwd_split_plane_floats(int64_t rg, int D) { return rg * D + (rg + 3) / 4 * 4; }
 // 32-bit words of the row split's area: the item and partial-slot tables (int32), the pieces' o and lse (f32): an
-// eighth of the block rows' packed rows x (D + 1) per (batch, KV head), so about q's size / 8 in floats. 0: no split.
+// eighth of the block rows' planes per (batch, KV head), so about q's size / 8 in floats. 0: no split.
 inline int64_t fwd_split_workspace_words(const ProblemParams& p, int D) {
   const int64_t E = fwd_split_parts_per_layout(p), L = static_cast<int64_t>(p.LB) * p.LH;
   if (E == 0) return 0;
-  return 4 * L * (p.MB + E) + 4 * L * E + static_cast<int64_t>(p.B) * p.Hk * E * p.R * p.g * (D + 1);
+  return 4 * L * (p.MB + E) + 4 * L * E +
+         static_cast<int64_t>(p.B) * p.Hk * E * fwd_split_plane_floats(static_cast<int64_t>(p.R) * p.g, D);
 }
 // The forward's workspace (the FFI handler accepts it empty or of exactly this size; jax_bsattn/lowering.py
 // _fwd_workspace_words sizes it): the sweep's bit maps where R * g <= 16, else the row split's area.

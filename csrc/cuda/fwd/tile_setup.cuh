@@ -45,9 +45,9 @@ __device__ __forceinline__ bool fwd_tile_setup(const FwdParams& p, FwdTileSetup&
     const bool front = x < first;
     const int bid = front ? x : x - first, per_head = front ? p.MB : p.split_slots - p.MB;
     w.split = bid % p.nsplit;
-    const int t = bid / p.nsplit;
-    const int head = t / per_head;
-    slot = t - head * per_head + (front ? 0 : p.MB);
+    const int hs = bid / p.nsplit;  // head x per_head + slot
+    const int head = hs / per_head;
+    slot = hs - head * per_head + (front ? 0 : p.MB);
     w.b = head / p.Hk;
     w.hk = head - w.b * p.Hk;
   } else {

@@ -64,7 +64,7 @@ __device__ __forceinline__ void store_rows_partial(const float (&o)[Cfg::MI][Cfg
                                                    const FwdParams& p, const FwdTileSetup& ts, int wrow0, int lane) {
   constexpr int D = Cfg::D;
   const int64_t head = static_cast<int64_t>(ts.w.b) * p.Hk + ts.w.hk, rg = static_cast<int64_t>(p.R) * p.g;
-  float* const base = p.split_sums + (head * p.split_parts + ts.part) * rg * (D + 1);
+  float* const base = p.split_sums + (head * p.split_parts + ts.part) * fwd_split_plane_floats(rg, D);
   float* const lse = base + rg * D;
 #pragma unroll
   for (int mi = 0; mi < Cfg::MI; ++mi)
@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(256) bsattn_fwd_split_combine_kernel(const __g
   const int4 h = reinterpret_cast<const int4*>(p.split_heads)[lid * E + q];
   const int br = h.x, first = h.y, count = h.z;
   if (br < 0 || br >= p.MB || first != q || count < 1 || count > E - first) return;  // (uniform)
-  const int64_t rg = static_cast<int64_t>(p.R) * p.g, plane = rg * (D + 1);
+  const int64_t rg = static_cast<int64_t>(p.R) * p.g, plane = fwd_split_plane_floats(rg, D);
   const int64_t rows = static_cast<int64_t>(min(p.R, p.M - br * p.R)) * p.g;
   const float* const sums = p.split_sums + (head * E + first) * plane;
   const int64_t row0 = static_cast<int64_t>(b) * p.M + static_cast<int64_t>(br) * p.R;  // (b, first query row)
