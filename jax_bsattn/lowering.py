@@ -125,25 +125,39 @@ def _dq_workspace_words(q, k, indptr, indices, cfg: Config) -> int:
     rows = _rows_words(q, k, cfg)
     if rows:
         return rows
-    if q.shape[-1] > 128 or q.size == 0:
+    if q.size == 0:
         return 0
-    if not cfg.deterministic and _gpus_are_sm90():
+    if not cfg.deterministic and q.shape[-1] <= 128 and _gpus_are_sm90():
         g = q.shape[-2] // max(k.shape[-2], 1)
         sweep = _sweep_words(q, k, indptr, indices, cfg)
         if cfg.block_c > 16 or _packed_rule(cfg.block_r, cfg.block_c, g) or sweep:
             return q.size + DQ_SCHED_WORDS + sweep + _split_words(q, k, indptr, cfg)
-    # the deterministic pair: its dk / dv column kernel's split alone (C > 16), exactly that size and shorter than the
-    # one-pass kernels' workspace, which is how the handler tells the two apart (else no split)
-    split = _split_words(q, k, indptr, cfg)
+    # the deterministic pair: its dk / dv column kernel's split alone (the mma.sync one where C > 16 and D <= 128, the
+    # narrow wgmma one), exactly that size and shorter than the one-pass kernels' workspace, which is how the handler
+    # tells the two apart (else no split)
+    if not _pair_splits(q, cfg):
+        return 0
+    split = _split_words(q, k, indptr, cfg, pair=True)
     return split if split < q.size + DQ_SCHED_WORDS else 0
 
 
-def _split_words(q, k, indptr, cfg: Config) -> int:
-    """Floats the one-pass kernel's column split takes after the dq workspace (csrc/cuda/bwd/params.h
-    split_parts_per_layout and split_workspace_words: the same rule; csrc/cuda/bwd/column_split.cuh): C > 16, at
-    least 8 block columns; the item and partial-slot tables, the f32 partial sums (a quarter of the block columns per
-    (batch, KV head): at most k's size in bytes). BSATTN_BWD_SPLIT=0: none (the device then splits nothing)."""
-    if cfg.block_c <= 16 or os.environ.get("BSATTN_BWD_SPLIT") == "0":
+def _pair_splits(q, cfg: Config) -> bool:
+    """Whether the deterministic pair's dk / dv kernel takes the column split: the mma.sync column kernel where C > 16
+    and D <= 128 (csrc/cuda/bwd/launch.cuh), the narrow wgmma kernel on H100 / H200 where D = 128 and 8 < C <= 16 or
+    D = 256 and C > 8 (params.h dkdv_sm90_applies; bwd_sm90/dkdv_narrow_kernel.cuh; not with BSATTN_BWD_DKDV=mma)."""
+    D, C = q.shape[-1], cfg.block_c
+    narrow = ((D == 128 and 8 < C <= 16) or (D == 256 and C > 8)) and os.environ.get("BSATTN_BWD_DKDV") != "mma" \
+        and _gpus_are_sm90()
+    return narrow or (C > 16 and D <= 128)
+
+
+def _split_words(q, k, indptr, cfg: Config, pair: bool = False) -> int:
+    """Floats the column split takes (csrc/cuda/bwd/params.h split_parts_per_layout and split_workspace_words: the same
+    rule; csrc/cuda/bwd/column_split.cuh): after the one-pass kernel's dq workspace where C > 16, or (pair: the
+    deterministic pair, _pair_splits) alone, at any C; at least 8 block columns; the item and partial-slot tables, the
+    f32 partial sums (a quarter of the block columns per (batch, KV head): at most k's size in bytes).
+    BSATTN_BWD_SPLIT=0: none (the device then splits nothing)."""
+    if (cfg.block_c <= 16 and not pair) or os.environ.get("BSATTN_BWD_SPLIT") == "0":
         return 0
     NB = -(-k.shape[-3] // cfg.block_c)
     parts = NB // 4

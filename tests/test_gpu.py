@@ -265,14 +265,20 @@ def test_backward_walk_order(R, C, g, M, causal, softcap, dtype, monkeypatch):
 # D = 128 and 64, with three 64-key tiles a column (C = 192: partial sums per key tile) and a part-filled one (C = 40);
 # the two-warpgroup producer tile (C = 128). Checked against the reference, bitwise repeatable (dk, dv), and equal to
 # the unsplit backward within the reference's tolerance; with deterministic=True also the pair's dk / dv kernel (and
-# dq bitwise repeatable too).
+# dq bitwise repeatable too). The pair's narrow wgmma dk / dv kernel (8 < C <= 16 at D = 128, with or without
+# deterministic=True; every C > 8 at D = 256, 16- or 32-key chunks of a column) stores its partial sums from transposed
+# accumulators.
 @pytest.mark.parametrize("R,C,g,D,M,causal,dtype,det", [
     (64, 64, 2, 128, 2048, False, jnp.bfloat16, False), (32, 128, 4, 128, 3000, True, jnp.float16, False),
     (64, 64, 2, 64, 2048, True, jnp.bfloat16, False), (16, 40, 8, 128, 1200, False, jnp.bfloat16, False),
     (32, 192, 2, 128, 3100, False, jnp.bfloat16, False),
     # deterministic=True: the pair's mma.sync dk / dv column kernel (64-key tiles; 128 at D = 64, C = 128)
     (64, 64, 2, 128, 2048, True, jnp.bfloat16, True), (32, 128, 2, 64, 3000, False, jnp.float16, True),
-    (32, 192, 4, 128, 3100, False, jnp.bfloat16, True)])
+    (32, 192, 4, 128, 3100, False, jnp.bfloat16, True),
+    # the narrow wgmma dk / dv kernel: C = 16 and a part-filled C = 12 at D = 128; D = 256 with C = 16 and C = 40 (a
+    # 32-key chunk and an 8-key one per column)
+    (16, 16, 4, 128, 2048, False, jnp.bfloat16, False), (16, 12, 2, 128, 1500, True, jnp.float16, True),
+    (16, 16, 4, 256, 1200, False, jnp.bfloat16, True), (32, 40, 2, 256, 1300, True, jnp.bfloat16, False)])
 def test_backward_column_split(R, C, g, D, M, causal, dtype, det, monkeypatch):
     from conftest import check_gradients
 

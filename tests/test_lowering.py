@@ -226,3 +226,36 @@ def test_pair_split_workspace(M, deterministic, split, monkeypatch):
         assert words == (split_words if split else 0)
     else:
         assert words == q.size + lowering.DQ_SCHED_WORDS + split_words
+
+
+@pytest.mark.parametrize("R,C,D,deterministic,sm90,env,words", [
+    # the narrow wgmma dk / dv kernel (8 < C <= 16 at D = 128, every C > 8 at D = 256) takes the column split's area
+    # alone, with or without deterministic=True: tables 4 L (NB + E) + 4 L E, partial sums B Hk E 2 C D (E = NB // 4)
+    (16, 16, 128, False, True, None, 4 * (512 + 128) + 4 * 128 + 8 * 128 * 2 * 16 * 128),
+    (16, 16, 128, True, True, None, 4 * (512 + 128) + 4 * 128 + 8 * 128 * 2 * 16 * 128),
+    (16, 12, 256, True, True, None, 4 * (683 + 170) + 4 * 170 + 8 * 170 * 2 * 12 * 256),
+    (16, 64, 256, False, True, None, 4 * (128 + 32) + 4 * 32 + 8 * 32 * 2 * 64 * 256),
+    (16, 16, 128, False, True, "mma", 0),       # BSATTN_BWD_DKDV=mma: the mma.sync 16-key tile, not split
+    (16, 16, 128, False, False, None, 0),       # not an H100 / H200: no narrow kernel
+    (16, 8, 256, True, True, None, 0),          # C <= 8: the packed mma.sync kernel
+    (8, 16, 128, True, True, None, 4 * (512 + 128) + 4 * 128 + 8 * 128 * 2 * 16 * 128)])  # R * g = 32: it too
+def test_pair_split_workspace_narrow(R, C, D, deterministic, sm90, env, words, monkeypatch):
+    """The deterministic pair's narrow wgmma dk / dv kernel (bwd_sm90/dkdv_narrow_kernel.cuh) gets the column split's
+    area (bwd/column_split.cuh) where it runs; the handler takes it by its exact size."""
+    from jax_bsattn import lowering
+    from jax_bsattn.primitives import Config
+
+    for name in ("BSATTN_BWD_SPLIT", "BSATTN_BWD_ROWS", "BSATTN_BWD_DKDV", "BSATTN_BWD_SWEEP"):
+        monkeypatch.delenv(name, raising=False)
+    if env:
+        monkeypatch.setenv("BSATTN_BWD_DKDV", env)
+    monkeypatch.setattr(lowering, "_gpus_are_sm90", lambda: sm90)
+    M = N = 8192
+    q = jax.ShapeDtypeStruct((1, M, 32, D), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, N, 8, D), jnp.bfloat16)
+    indptr = jax.ShapeDtypeStruct((1, 1, -(-M // R) + 1), jnp.int32)
+    indices = jax.ShapeDtypeStruct((1, 1, 4096), jnp.int32)
+    cfg = Config(R, C, 1.0, 0.0, False, deterministic)
+    assert lowering._dq_workspace_words(q, k, indptr, indices, cfg) == words
+    monkeypatch.setenv("BSATTN_BWD_SPLIT", "0")
+    assert lowering._dq_workspace_words(q, k, indptr, indices, cfg) == 0

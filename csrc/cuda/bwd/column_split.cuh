@@ -1,6 +1,8 @@
-// The column split of the one-pass Hopper backward (kernel.cuh, kernel_ws.cuh): a block column listed by many more
-// block rows than the others (a global column of a Longformer / BigBird layout, an attention sink) is cut into pieces
-// of consecutive entries, each a work item of its own, so that no CTA walks much more than the average per CTA slot.
+// The column split of the column kernels (the one-pass Hopper backward, kernel.cuh and kernel_ws.cuh; the deterministic
+// pair's dk / dv kernels: bwd/dkdv_kernel.cuh where C > 16, bwd_sm90/dkdv_narrow_kernel.cuh): a block column listed by
+// many more block rows than the others (a global column of a Longformer / BigBird layout, an attention sink) is cut
+// into pieces of consecutive entries, each a work item of its own, so that no CTA walks much more than the average per
+// CTA slot.
 // Without it such a column bounds the whole kernel: at 8:64:64 with two global columns (128 block rows against about
 // 16), one CTA walks 128 block rows while the others average 33.
 //
@@ -9,7 +11,8 @@
 //    col_order's order (longest first): the cut, the item table (p.split_items, the CTA order: the split columns'
 //    pieces first, then the other columns) and the partial-slot table.
 // 2. The column kernel: an item with a partial slot writes its dk (unscaled) and dv sums as f32 into p.split_sums
-//    (store_split_partial) instead of dk / dv; the other items are unchanged.
+//    (store_split_partial; store_split_partial_t from the narrow wgmma kernel's transposed accumulators) instead of
+//    dk / dv; the other items are unchanged.
 // 3. bsattn_bwd_split_finish_kernel: per split column, the partial sums added in piece order, dk * scale and dv
 //    rounded once and written.
 // dk and dv stay deterministic: each piece sums its rows in a fixed order, the pieces are added in a fixed order, and
@@ -61,28 +64,63 @@ __global__ void __launch_bounds__(kSplitPlanThreads) bsattn_bwd_split_plan_kerne
   split_plan(p.NB, column_at, items, p.split_slots, heads, p.split_parts, work_mul, slots, min_len, 1);
 }
 
+// Where a piece's partial sums go: its slot's dk plane, then its dv plane ([C][D] f32 each), from the item's first key
+// within its column on.
+struct SplitPartial {
+  float* dk;
+  float* dv;
+};
+__device__ __forceinline__ SplitPartial split_partial(const Params& p, const ColumnWork& w, int D) {
+  const int64_t head = static_cast<int64_t>(w.b) * p.Hk + w.hk;
+  const int64_t plane = static_cast<int64_t>(p.C) * D;
+  float* const dk = p.split_sums + ((head * p.split_parts + w.part) * 2) * plane +
+                    static_cast<int64_t>(w.k0 - w.c * p.C) * D;
+  return {dk, dk + plane};
+}
+
 // The f32 partial sums of a piece (its partial slot `part`): the warp's 16 key rows krow0 .. of the item's key tile
 // (keys k0 - c C + krow0 .. of the column), rows < nkeys; accumulators as the kernels hold them (element 2 h + e of
 // acc[d]: key row lane / 4 + 8 h, column 8 d + 2 (lane % 4) + e). dk unscaled (the finish kernel scales the sum).
 template <int D>
 __device__ __forceinline__ void store_split_partial(const Params& p, const ColumnWork& w, int krow0, int lane,
                                                     const float (&adk)[D / 8][4], const float (&adv)[D / 8][4]) {
-  const int64_t head = static_cast<int64_t>(w.b) * p.Hk + w.hk;
-  const int64_t plane = static_cast<int64_t>(p.C) * D;
-  float* const dk = p.split_sums + ((head * p.split_parts + w.part) * 2) * plane;
-  float* const dv = dk + plane;
-  const int col_key0 = w.k0 - w.c * p.C;  // the item's first key within its column
+  const SplitPartial sp = split_partial(p, w, D);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = krow0 + (lane >> 2) + 8 * h;
     if (r >= w.nkeys) continue;
-    const int64_t off = static_cast<int64_t>(col_key0 + r) * D + 2 * (lane & 3);
+    const int64_t off = static_cast<int64_t>(r) * D + 2 * (lane & 3);
 #pragma unroll
     for (int d = 0; d < D / 8; ++d) {
-      *reinterpret_cast<float2*>(dk + off + 8 * d) = make_float2(adk[d][2 * h], adk[d][2 * h + 1]);
-      *reinterpret_cast<float2*>(dv + off + 8 * d) = make_float2(adv[d][2 * h], adv[d][2 * h + 1]);
+      *reinterpret_cast<float2*>(sp.dk + off + 8 * d) = make_float2(adk[d][2 * h], adk[d][2 * h + 1]);
+      *reinterpret_cast<float2*>(sp.dv + off + 8 * d) = make_float2(adv[d][2 * h], adv[d][2 * h + 1]);
     }
   }
+}
+
+// The same from accumulators held transposed (bwd_sm90/dkdv_narrow_kernel.cuh: dk^T, dv^T with D as wgmma M in m64
+// blocks hh; element 4 j + 2 h + e of acc[hh]: D index 64 hh + 16 warp + lane / 4 + 8 h, key 8 j + 2 (lane % 4) + e of
+// the item's BK keys), keys < nkeys. A warp's store covers 8 consecutive D of 4 keys: four whole 32-byte sectors.
+template <int D, int BK>
+__device__ __forceinline__ void store_split_partial_t(const Params& p, const ColumnWork& w, int warp, int lane,
+                                                      const float (&adk)[D / 64][BK / 2],
+                                                      const float (&adv)[D / 64][BK / 2]) {
+  const SplitPartial sp = split_partial(p, w, D);
+#pragma unroll
+  for (int j = 0; j < BK / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int key = 8 * j + 2 * (lane & 3) + e;
+      if (key >= w.nkeys) continue;
+#pragma unroll
+      for (int hh = 0; hh < D / 64; ++hh)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int off = key * D + 64 * hh + 16 * warp + (lane >> 2) + 8 * h;
+          sp.dk[off] = adk[hh][4 * j + 2 * h + e];
+          sp.dv[off] = adv[hh][4 * j + 2 * h + e];
+        }
+    }
 }
 
 // One CTA per (batch, KV head, partial slot): where the slot is its column's first, the column's partial sums added

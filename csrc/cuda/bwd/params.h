@@ -153,8 +153,9 @@ inline bool has_dq_workspace(const Params& p, int D) {
   return p.dq_accum != nullptr &&
          p.dq_accum_words >= static_cast<int64_t>(p.B) * p.M * p.Hq * D + kDqSchedWords;
 }
-// The deterministic pair's column split (bwd/dkdv_kernel.cuh, C > 16, D <= 128): its area at the start of a workspace
-// that holds nothing else (exactly split_workspace_words floats, jax_bsattn/lowering.py); -1: none.
+// The deterministic pair's column split (bwd/dkdv_kernel.cuh where C > 16 and D <= 128; bwd_sm90/dkdv_narrow_kernel.cuh):
+// its area at the start of a workspace that holds nothing else (exactly split_workspace_words floats,
+// jax_bsattn/lowering.py _pair_splits); -1: none.
 inline int64_t pair_split_offset(const Params& p, int D) {
   const int64_t words = split_workspace_words(p, D);
   return words > 0 && p.dq_accum != nullptr && p.dq_accum_words == words && !has_dq_workspace(p, D) ? 0 : -1;

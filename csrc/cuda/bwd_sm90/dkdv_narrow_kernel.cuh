@@ -21,13 +21,15 @@
 // 2-3 % faster than the form without (H200, 2026-11-30: the kernel 2.88 against 2.95 ms at 4:64:16).
 //
 // Deterministic: dv^T and dk^T are summed in registers in the column's row order and written once (staged through
-// the q stages). Padding keys (past C or N) are zero in K and V, and their p is selected to 0 (exp(-lse) may
-// overflow); a missing query row has lse = -inf (p = 0) and delta = 0.
+// the q stages); a long column is cut into pieces over several CTAs where the launch gives the column split's area
+// (bwd/column_split.cuh: f32 partial sums added in piece order after). Padding keys (past C or N) are zero in K and
+// V, and their p is selected to 0 (exp(-lse) may overflow); a missing query row has lse = -inf (p = 0) and delta = 0.
 #pragma once
 
 #include <climits>
 #include <cstdint>
 
+#include "cuda/bwd/column_split.cuh"
 #include "cuda/bwd/common.cuh"
 #include "cuda/bwd/params.h"
 #include "cuda/bwd_sm90/config.cuh"
@@ -255,7 +257,17 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, Cfg::MINB)
     if constexpr (Cfg::WS) mbar_arrive(bar_empty + 8 * stage);  // every read of the stage done
   }
 
-  // ---- epilogue: dv, dk * scale, staged [key][D] in stage 0 of q (transposed back), 16 bytes a thread --------
+  // ---- epilogue: a piece of a split column (bwd/column_split.cuh): its f32 partial sums, straight from the
+  // accumulators (no shared memory, so no barrier); else dv, dk * scale, staged [key][D] in stage 0 of q (transposed
+  // back), 16 bytes a thread --------------------------------------------------------------------------------------
+  if (p.split_items != nullptr) {
+    ColumnWork pw;  // (read again rather than kept live through the loop)
+    (void)column_work<D, BK, BQ>(p, pw, blockIdx.x);
+    if (pw.part >= 0) {  // (uniform)
+      store_split_partial_t<D, BK>(p, pw, warp, lane, dkt, dvt);
+      return;
+    }
+  }
   if constexpr (Cfg::WS) {
     named_bar_sync(1, Cfg::NT);  // every product done; every copy landed (the waits on full): stage 0 is free
   } else {

@@ -258,7 +258,8 @@ cudaError_t launch_dq_sm90(const Params& p, cudaStream_t stream) {
 }
 
 // dk, dv alone for narrow block columns (bwd_sm90/dkdv_narrow_kernel.cuh): one CTA per 16-key block column (D = 256:
-// per 16- or 32-key chunk of any block column, launch_dkdv_ws.cuh).
+// per 16- or 32-key chunk of any block column, launch_dkdv_ws.cuh); long columns in pieces where the workspace is the
+// column split's (pair_split_offset).
 template <int kDType, int kD>
 cudaError_t launch_dkdv_sm90(const Params& p, cudaStream_t stream) {
   using T = typename DTypeOf<kDType>::type;
@@ -269,7 +270,10 @@ cudaError_t launch_dkdv_sm90(const Params& p, cudaStream_t stream) {
     // (A / B). Read once.
     static const bool no_ws = env_equals("BSATTN_BWD_DKDV", "narrow");
     if (!no_ws) return launch_dkdv_sm90_ws<kDType, kD>(p, stream);
-    return launch_column_tiles<bsattn_bwd_sm90_dkdv_narrow_kernel<T, Cfg>, Cfg>(p, stream, Cfg::NT, Cfg::SMEM);
+    // long columns split where the workspace holds the split's area (bwd/column_split.cuh)
+    return with_column_split<Cfg, T>(p, pair_split_offset(p, kD), stream, [&](const Params& ps) {
+      return launch_column_tiles<bsattn_bwd_sm90_dkdv_narrow_kernel<T, Cfg>, Cfg>(ps, stream, Cfg::NT, Cfg::SMEM);
+    });
   } else if constexpr (kD == 256) {
     return launch_dkdv_sm90_ws<kDType, kD>(p, stream);  // (the producer form only)
   } else {

@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include "cuda/bwd/column_split.cuh"
 #include "cuda/bwd/params.h"
 #include "cuda/bwd_sm90/config.cuh"
 #include "cuda/bwd_sm90/dkdv_narrow_kernel.cuh"
@@ -16,7 +17,10 @@ namespace bwd {
 
 template <typename T, class Cfg>
 cudaError_t launch_dkdv_narrow_ws_tile(const Params& p, cudaStream_t stream) {
-  return launch_column_tiles<bsattn_bwd_sm90_dkdv_narrow_kernel<T, Cfg>, Cfg>(p, stream, Cfg::NT_ALL, Cfg::SMEM);
+  // long columns split where the workspace holds the split's area (bwd/column_split.cuh)
+  return with_column_split<Cfg, T>(p, pair_split_offset(p, Cfg::D), stream, [&](const Params& ps) {
+    return launch_column_tiles<bsattn_bwd_sm90_dkdv_narrow_kernel<T, Cfg>, Cfg>(ps, stream, Cfg::NT_ALL, Cfg::SMEM);
+  });
 }
 
 template <int kDType, int kD>

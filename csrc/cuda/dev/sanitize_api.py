@@ -5,7 +5,7 @@
 
 Valid layouts and garbage traced ones (indptr decreasing / past nnz / negative, indices out of range), with
 C <= 8 (the packed dk/dv path) and larger blocks, causal and soft cap; layouts with global block columns ("global": a
-band plus column 0 in head 0, columns 0 and NB / 2 in head 1), long enough that the one-pass backward splits them
+band plus column 0 in head 0, columns 0 and NB / 2 in head 1), long enough that the column kernels split them
 (bwd/column_split.cuh); and with global block rows ("global-rows": a band plus row 0 in head 0, rows 0 and MB / 2 in
 head 1), R * g > 16, which the forward's row split cuts (fwd_sm90/row_split.cuh). Prints one line per case.
 Arguments (optional): run only the cases of these kinds (e.g. `global-rows`).
@@ -36,6 +36,9 @@ CASES = [  # (R, C, g, D, M, N, garbage, causal, softcap)
     (32, 128, 4, 128, 1500, 1500, "global", True, None),
     (32, 192, 2, 64, 1100, 1700, "global", False, 10.0),
     (64, 64, 4, 128, 600, 1100, True, True, None),
+    # 8 < C <= 16 at D = 128, C > 8 at D = 256: the pair's narrow wgmma dk / dv kernel, its long columns split too
+    (16, 16, 4, 128, 2048, 2048, "global", False, None),
+    (16, 40, 2, 256, 1100, 1300, "global", True, None),
     # R * g > 16 with at least 16 block rows: the forward's row split (global rows cut into pieces, f32 partials);
     # R * g = 17 and 18 put the partial planes off 16 bytes before they were padded
     (17, 16, 1, 128, 3000, 3000, "global-rows", False, None),
