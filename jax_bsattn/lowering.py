@@ -121,7 +121,8 @@ def _dq_workspace_words(q, k, indptr, indices, cfg: Config) -> int:
     """Floats of the float32 workspace of the CUDA backward: the row-oriented kernel's where it applies (_rows_words),
     else the dq workspace that lets it run the one-pass Hopper kernel (dq by atomic adds; csrc/cuda/bwd/dispatch.cu
     has the same conditions: C > 16, the packed rule or the sweep's), with the sweep's tables or the column split's
-    area after it; else (the deterministic pair) the column split's area alone where C > 16, or 0."""
+    area after it; else (the deterministic pair) its dk / dv kernel's column split (_pair_splits) and its dq kernel's
+    row split (_dq_split_words), either, both or none."""
     rows = _rows_words(q, k, cfg)
     if rows:
         return rows
@@ -132,13 +133,15 @@ def _dq_workspace_words(q, k, indptr, indices, cfg: Config) -> int:
         sweep = _sweep_words(q, k, indptr, indices, cfg)
         if cfg.block_c > 16 or _packed_rule(cfg.block_r, cfg.block_c, g) or sweep:
             return q.size + DQ_SCHED_WORDS + sweep + _split_words(q, k, indptr, cfg)
-    # the deterministic pair: its dk / dv column kernel's split alone (the mma.sync one where C > 16 and D <= 128, the
-    # narrow wgmma one), exactly that size and shorter than the one-pass kernels' workspace, which is how the handler
-    # tells the two apart (else no split)
-    if not _pair_splits(q, cfg):
-        return 0
-    split = _split_words(q, k, indptr, cfg, pair=True)
-    return split if split < q.size + DQ_SCHED_WORDS else 0
+    # the deterministic pair: its dk / dv column kernel's split (the mma.sync one where C > 16 and D <= 128, the narrow
+    # wgmma one), then its dq kernel's row split, exactly those sizes and shorter than the one-pass kernels'
+    # workspace, which is how the handler tells them apart (bwd/params.h is_pair_workspace; else no split)
+    cs = _split_words(q, k, indptr, cfg, pair=True) if _pair_splits(q, cfg) else 0
+    ds = _dq_split_words(q, k, indptr, cfg)
+    for words in (cs + ds, cs):
+        if words < q.size + DQ_SCHED_WORDS:
+            return words
+    return 0
 
 
 def _pair_splits(q, cfg: Config) -> bool:
@@ -226,13 +229,30 @@ def _fwd_sweep_table_words(q, k, indptr, indices, cfg: Config) -> int:
 
 
 def _fwd_split_words(q, k, indptr, cfg: Config) -> int:
-    """Words (u32) of the CUDA forward's row split (csrc/cuda/fwd/params.h fwd_split_parts_per_layout and
-    fwd_split_workspace_words: the same rule; csrc/cuda/fwd_sm90/row_split.cuh): R * g > 16, at least 16 block rows,
-    on H100 / H200; the item and partial-slot tables and the pieces' f32 o and lse (an eighth of the block rows per
-    (batch, KV head): about q's size / 8 in floats). BSATTN_FWD_SPLIT=0: none (the device then splits nothing); nor
-    with BSATTN_FWD_KERNEL=mma (the mma.sync kernel, which does not split, runs everywhere)."""
-    if (os.environ.get("BSATTN_FWD_SPLIT") == "0" or os.environ.get("BSATTN_FWD_KERNEL") == "mma" or q.size == 0
-            or not _gpus_are_sm90()):
+    """Words (u32) of the CUDA forward's row split (csrc/cuda/fwd_sm90/row_split.cuh; _row_split_words), on H100 /
+    H200. BSATTN_FWD_SPLIT=0: none (the device then splits nothing); nor with BSATTN_FWD_KERNEL=mma (the mma.sync
+    kernel, which does not split, runs everywhere)."""
+    if os.environ.get("BSATTN_FWD_SPLIT") == "0" or os.environ.get("BSATTN_FWD_KERNEL") == "mma":
+        return 0
+    return _row_split_words(q, k, indptr, cfg)
+
+
+def _dq_split_words(q, k, indptr, cfg: Config) -> int:
+    """Floats of the pair's dq row split (csrc/cuda/bwd_sm90/dq_split.cuh: the Hopper dq kernel, which runs where
+    R * g > 16; the forward's area, _row_split_words). BSATTN_BWD_SPLIT=0 or BSATTN_BWD_DQ_SPLIT=0: none; nor with
+    BSATTN_BWD_DQ=mma (the mma.sync dq kernel, which does not split)."""
+    if (os.environ.get("BSATTN_BWD_SPLIT") == "0" or os.environ.get("BSATTN_BWD_DQ_SPLIT") == "0"
+            or os.environ.get("BSATTN_BWD_DQ") == "mma"):
+        return 0
+    return _row_split_words(q, k, indptr, cfg)
+
+
+def _row_split_words(q, k, indptr, cfg: Config) -> int:
+    """32-bit words of a row split's area (csrc/cuda/fwd/params.h fwd_split_parts_per_layout and
+    fwd_split_workspace_words: the same rule): R * g > 16, at least 16 block rows, on H100 / H200; the item and
+    partial-slot tables and the pieces' f32 planes (an eighth of the block rows per (batch, KV head): about q's size / 8
+    in floats)."""
+    if q.size == 0 or not _gpus_are_sm90():
         return 0
     R, D = cfg.block_r, q.shape[-1]
     g = q.shape[-2] // max(k.shape[-2], 1)

@@ -203,16 +203,25 @@ def test_fwd_split_words_rule(R, M, g, D, B, Hk, LB, LH, words, monkeypatch):
     assert lowering._fwd_split_words(q, k, indptr, cfg) == 0
 
 
+def _row_split_words(R, g, D, M, heads):
+    """The row split's area (fwd/params.h fwd_split_workspace_words), one layout: tables 4 (MB + E) + 4 E, the planes
+    heads E (R g D + R g padded to 4), E = MB // 8 partial slots; none where R g <= 16 or E < 2."""
+    MB = -(-M // R)
+    E = MB // 8
+    return 0 if R * g <= 16 or E < 2 else 4 * (MB + E) + 4 * E + heads * E * (R * g * D + -(-R * g // 4) * 4)
+
+
 @pytest.mark.parametrize("M,deterministic,split", [(8192, True, True), (8192, False, False), (16, True, False)])
 def test_pair_split_workspace(M, deterministic, split, monkeypatch):
-    """deterministic=True with C > 16 gives the pair's dk / dv kernel the column split's area alone, while it is shorter
-    than the one-pass kernels' workspace (the handler tells them apart by size; M = 16: no split); without it the
-    one-pass workspace (q's size + the counter) holds the split's area after its dq part."""
+    """deterministic=True with C > 16 gives the pair's dk / dv kernel the column split's area, and its dq kernel the row
+    split's after it, while they are shorter than the one-pass kernels' workspace (the handler tells them apart by
+    size; M = 16: no split); without it the one-pass workspace (q's size + the counter) holds the column split's area
+    after its dq part."""
     from jax_bsattn import lowering
     from jax_bsattn.primitives import Config
 
-    monkeypatch.delenv("BSATTN_BWD_SPLIT", raising=False)
-    monkeypatch.delenv("BSATTN_BWD_ROWS", raising=False)
+    for name in ("BSATTN_BWD_SPLIT", "BSATTN_BWD_ROWS", "BSATTN_BWD_DQ_SPLIT", "BSATTN_BWD_DQ"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(lowering, "_gpus_are_sm90", lambda: True)
     N = 8192
     q = jax.ShapeDtypeStruct((1, M, 32, 128), jnp.bfloat16)
@@ -223,29 +232,35 @@ def test_pair_split_workspace(M, deterministic, split, monkeypatch):
     words = lowering._dq_workspace_words(q, k, indptr, indices, cfg)
     split_words = lowering._split_words(q, k, indptr, cfg)
     if deterministic:
-        assert words == (split_words if split else 0)
+        assert words == ((split_words + _row_split_words(64, 8, 128, M, 4)) if split else 0)
+        monkeypatch.setenv("BSATTN_BWD_DQ_SPLIT", "0")
+        assert lowering._dq_workspace_words(q, k, indptr, indices, cfg) == (split_words if split else 0)
     else:
         assert words == q.size + lowering.DQ_SCHED_WORDS + split_words
 
 
-@pytest.mark.parametrize("R,C,D,deterministic,sm90,env,words", [
-    # the narrow wgmma dk / dv kernel (8 < C <= 16 at D = 128, every C > 8 at D = 256) takes the column split's area
-    # alone, with or without deterministic=True: tables 4 L (NB + E) + 4 L E, partial sums B Hk E 2 C D (E = NB // 4)
+@pytest.mark.parametrize("R,C,D,deterministic,sm90,env,cs", [
+    # the narrow wgmma dk / dv kernel (8 < C <= 16 at D = 128, every C > 8 at D = 256) takes the column split's area,
+    # with or without deterministic=True: tables 4 L (NB + E) + 4 L E, partial sums B Hk E 2 C D (E = NB // 4); the dq
+    # kernel the row split's after it (R * g > 16)
     (16, 16, 128, False, True, None, 4 * (512 + 128) + 4 * 128 + 8 * 128 * 2 * 16 * 128),
     (16, 16, 128, True, True, None, 4 * (512 + 128) + 4 * 128 + 8 * 128 * 2 * 16 * 128),
     (16, 12, 256, True, True, None, 4 * (683 + 170) + 4 * 170 + 8 * 170 * 2 * 12 * 256),
     (16, 64, 256, False, True, None, 4 * (128 + 32) + 4 * 32 + 8 * 32 * 2 * 64 * 256),
     (16, 16, 128, False, True, "mma", 0),       # BSATTN_BWD_DKDV=mma: the mma.sync 16-key tile, not split
-    (16, 16, 128, False, False, None, 0),       # not an H100 / H200: no narrow kernel
+    (16, 16, 128, False, False, None, 0),       # not an H100 / H200: no narrow kernel, no Hopper dq kernel
     (16, 8, 256, True, True, None, 0),          # C <= 8: the packed mma.sync kernel
-    (8, 16, 128, True, True, None, 4 * (512 + 128) + 4 * 128 + 8 * 128 * 2 * 16 * 128)])  # R * g = 32: it too
-def test_pair_split_workspace_narrow(R, C, D, deterministic, sm90, env, words, monkeypatch):
-    """The deterministic pair's narrow wgmma dk / dv kernel (bwd_sm90/dkdv_narrow_kernel.cuh) gets the column split's
-    area (bwd/column_split.cuh) where it runs; the handler takes it by its exact size."""
+    (8, 16, 128, True, True, None, 4 * (512 + 128) + 4 * 128 + 8 * 128 * 2 * 16 * 128),  # R * g = 32: it too
+    (4, 16, 128, True, True, None, 4 * (512 + 128) + 4 * 128 + 8 * 128 * 2 * 16 * 128)])  # R g = 16: no dq split
+def test_pair_split_workspace_narrow(R, C, D, deterministic, sm90, env, cs, monkeypatch):
+    """The deterministic pair's areas: the narrow wgmma dk / dv kernel's column split (bwd_sm90/dkdv_narrow_kernel.cuh,
+    bwd/column_split.cuh) where it runs, then the Hopper dq kernel's row split (bwd_sm90/dq_split.cuh); the handler
+    takes them by their exact sizes. BSATTN_BWD_DQ_SPLIT=0: the first alone; BSATTN_BWD_SPLIT=0: neither."""
     from jax_bsattn import lowering
     from jax_bsattn.primitives import Config
 
-    for name in ("BSATTN_BWD_SPLIT", "BSATTN_BWD_ROWS", "BSATTN_BWD_DKDV", "BSATTN_BWD_SWEEP"):
+    for name in ("BSATTN_BWD_SPLIT", "BSATTN_BWD_ROWS", "BSATTN_BWD_DKDV", "BSATTN_BWD_SWEEP", "BSATTN_BWD_DQ_SPLIT",
+                 "BSATTN_BWD_DQ"):
         monkeypatch.delenv(name, raising=False)
     if env:
         monkeypatch.setenv("BSATTN_BWD_DKDV", env)
@@ -256,6 +271,9 @@ def test_pair_split_workspace_narrow(R, C, D, deterministic, sm90, env, words, m
     indptr = jax.ShapeDtypeStruct((1, 1, -(-M // R) + 1), jnp.int32)
     indices = jax.ShapeDtypeStruct((1, 1, 4096), jnp.int32)
     cfg = Config(R, C, 1.0, 0.0, False, deterministic)
-    assert lowering._dq_workspace_words(q, k, indptr, indices, cfg) == words
+    ds = _row_split_words(R, 4, D, M, 8) if sm90 else 0
+    assert lowering._dq_workspace_words(q, k, indptr, indices, cfg) == cs + ds
+    monkeypatch.setenv("BSATTN_BWD_DQ_SPLIT", "0")
+    assert lowering._dq_workspace_words(q, k, indptr, indices, cfg) == cs
     monkeypatch.setenv("BSATTN_BWD_SPLIT", "0")
     assert lowering._dq_workspace_words(q, k, indptr, indices, cfg) == 0

@@ -134,12 +134,12 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   ffi_common::fill_problem(p, B, M, N, Hq, Hk, block_r, block_c, l, causal, scale, softcap);
   p.scale = scale;
   // the workspace: none, the one-pass kernels' (q's size + the work counter, at least), or the deterministic pair's
-  // column split alone (exactly its size: bwd/column_split.cuh)
-  const int64_t split_words = bwd::split_workspace_words(p, static_cast<int>(D));
-  if (nacc != 0 && nacc < nq + bwd::kDqSchedWords && nacc != split_words)
+  // split areas (exactly the column split's, bwd/column_split.cuh, the dq split's, bwd_sm90/dq_split.cuh, or both)
+  if (nacc != 0 && nacc < nq + bwd::kDqSchedWords && !bwd::is_pair_workspace(p, static_cast<int>(D)))
     return bwd_bad("dq_accum " + dims_str(dq_accum->dimensions()) + " must be empty, hold at least q's size + " +
                    std::to_string(bwd::kDqSchedWords) + " elements, or exactly the column split's " +
-                   std::to_string(split_words));
+                   std::to_string(bwd::split_workspace_words(p, static_cast<int>(D))) + ", the dq split's " +
+                   std::to_string(bwd::dq_split_words(p, static_cast<int>(D))) + " or their sum");
 
   const cudaError_t err = dt == ffi::DataType::BF16 ? launch_all<bwd::kBF16>(p, D, run_dq, run_dkdv, stream)
                                                     : launch_all<bwd::kF16>(p, D, run_dq, run_dkdv, stream);

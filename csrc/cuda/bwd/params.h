@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/common/problem.h"
+#include "cuda/fwd/params.h"
 
 namespace bsattn {
 namespace cuda {
@@ -156,9 +157,28 @@ inline bool has_dq_workspace(const Params& p, int D) {
 // The deterministic pair's column split (bwd/dkdv_kernel.cuh where C > 16 and D <= 128; bwd_sm90/dkdv_narrow_kernel.cuh):
 // its area at the start of a workspace that holds nothing else (exactly split_workspace_words floats,
 // jax_bsattn/lowering.py _pair_splits); -1: none.
+// The pair's dq row split (bwd_sm90/dq_split.cuh: the Hopper dq kernel, R * g > 16): the forward's row-split area
+// (fwd/params.h fwd_split_workspace_words), 0 where it would not split.
+inline int64_t dq_split_words(const Params& p, int D) {
+  return static_cast<int64_t>(p.R) * p.g > 16 ? fwd_split_workspace_words(p, D) : 0;
+}
+// The pair's workspace holds nothing but these areas, each given or not (jax_bsattn/lowering.py _dq_workspace_words):
+// the column split's (cs floats, first) and the dq split's (ds), so exactly cs, ds or cs + ds floats, all shorter than
+// the one-pass kernels' workspace. Where cs = ds a workspace of that size goes to the column split.
+inline bool is_pair_workspace(const Params& p, int D) {
+  const int64_t cs = split_workspace_words(p, D), ds = dq_split_words(p, D), n = p.dq_accum_words;
+  return p.dq_accum != nullptr && n > 0 && !has_dq_workspace(p, D) && (n == cs || n == ds || n == cs + ds);
+}
 inline int64_t pair_split_offset(const Params& p, int D) {
-  const int64_t words = split_workspace_words(p, D);
-  return words > 0 && p.dq_accum != nullptr && p.dq_accum_words == words && !has_dq_workspace(p, D) ? 0 : -1;
+  const int64_t cs = split_workspace_words(p, D), ds = dq_split_words(p, D), n = p.dq_accum_words;
+  return is_pair_workspace(p, D) && cs > 0 && (n == cs || n == cs + ds) ? 0 : -1;
+}
+// Where the dq split's area starts in the pair's workspace; -1: none.
+inline int64_t dq_split_offset(const Params& p, int D) {
+  const int64_t cs = split_workspace_words(p, D), ds = dq_split_words(p, D), n = p.dq_accum_words;
+  if (!is_pair_workspace(p, D) || ds == 0) return -1;
+  if (cs > 0 && n == cs + ds) return cs;
+  return n == ds && n != cs ? 0 : -1;
 }
 // Hopper (sm_90a, head dims 64, 128 and 256; with BSATTN_WITH_SM90): dq alone (every element written), on wgmma, for
 // R * g > 16. Deterministic, like launch_dq.

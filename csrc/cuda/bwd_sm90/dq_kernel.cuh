@@ -10,7 +10,8 @@
 //   p, dS = p (dP - delta)     (bwd/common.cuh dq_probs_ds, masked only in tiles that need it)
 //   dQ += dS K                 (wgmma, dS from registers as the A operand, K read MN-major)
 // and finally writes dq = scale * dQ, every element once after a fixed order of additions: bitwise repeatable, like
-// the mma.sync kernel. Padding key rows (index INT_MAX) are zero and flag their tile for the mask, as there.
+// the mma.sync kernel. Long block rows may come in pieces (the forward's row split, dq_split.cuh): a piece writes its
+// dQ as f32 partial sums instead, added in piece order after. Padding key rows (index INT_MAX) are zero and flag their tile for the mask, as there.
 #pragma once
 
 #include <cstdint>
@@ -128,6 +129,25 @@ __device__ __forceinline__ void sm90_dq_lane_rows(const Sm90DqSmem& m, int warp,
   }
 }
 
+// A piece of a split block row (bwd_sm90/dq_split.cuh): the warp's 16 rows wrow0 .. of its dQ, unscaled (acc as
+// store_dq_rows takes it), as f32 in the piece's partial plane ([R g][D], fwd/params.h fwd_split_plane_floats); rows
+// past rows_valid are padding.
+template <int D>
+__device__ __forceinline__ void store_dq_partial(const float (&acc)[D / 8][4], const FwdParams& p,
+                                                 const FwdTileSetup& ts, int wrow0, int lane) {
+  const int64_t head = static_cast<int64_t>(ts.w.b) * p.Hk + ts.w.hk, rg = static_cast<int64_t>(p.R) * p.g;
+  float* const plane = p.split_sums + (head * p.split_parts + ts.part) * fwd_split_plane_floats(rg, D);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = wrow0 + (lane >> 2) + 8 * h;
+    if (row >= ts.rows_valid) continue;
+    float* const dst = plane + static_cast<int64_t>(ts.row0 + row) * D + 2 * (lane & 3);
+#pragma unroll
+    for (int d = 0; d < D / 8; ++d)
+      *reinterpret_cast<float2*>(dst + 8 * d) = make_float2(acc[d][2 * h], acc[d][2 * h + 1]);
+  }
+}
+
 // S = Q K^T and dP = dO V^T of the KV tile in `stage` (both operands from shared memory), issued as one group.
 template <typename T, class Cfg>
 __device__ __forceinline__ void sm90_issue_s_dp(float (&sf)[Cfg::BN / 2], float (&dpf)[Cfg::BN / 2], uint64_t q_desc,
@@ -222,8 +242,12 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_sm90_kernel(
   // ---- epilogue: dq * scale, each warp its 16 rows, staged in the q tile -----------------------------------
   cp_async_wait<0>();
   __syncthreads();  // every warpgroup is done with q / do / K / V (and every copy into them has landed)
-  if (wg_active)
-    store_dq_rows<T, D>(acc, p.scale, m.sQ, warp * 16, m.sRow, static_cast<T*>(p.dq) + ts.qoff, ts.q_rstride, lane);
+  if (wg_active) {
+    if (ts.part >= 0)  // (uniform) a piece of a split block row: its partial sums, added after (dq_split.cuh)
+      store_dq_partial<D>(acc, p, ts, warp * 16, lane);
+    else
+      store_dq_rows<T, D>(acc, p.scale, m.sQ, warp * 16, m.sRow, static_cast<T*>(p.dq) + ts.qoff, ts.q_rstride, lane);
+  }
 #endif
 }
 

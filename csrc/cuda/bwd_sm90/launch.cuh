@@ -14,6 +14,7 @@
 #include "cuda/bwd_sm90/config.cuh"
 #include "cuda/bwd_sm90/dkdv_narrow_kernel.cuh"
 #include "cuda/bwd_sm90/dq_kernel.cuh"
+#include "cuda/bwd_sm90/dq_split.cuh"
 #include "cuda/bwd_sm90/kernel.cuh"
 #include "cuda/bwd_sm90/kernel_ws.cuh"
 #include "cuda/bwd_sm90/pack_kernel.cuh"
@@ -252,9 +253,8 @@ cudaError_t launch_bwd_sm90(const Params& p, cudaStream_t stream) {
 template <int kDType, int kD>
 cudaError_t launch_dq_sm90(const Params& p, cudaStream_t stream) {
   using T = typename DTypeOf<kDType>::type;
-  const Sm90DqParams d = dq_sm90_params(p);
   using Cfg = Sm90DqTile<kD>;
-  return launch_row_tiles<bsattn_bwd_dq_sm90_kernel<T, Cfg>, Cfg>(d, stream);
+  return launch_dq_split_tiles<T, Cfg>(p, dq_sm90_params(p), stream);  // (long block rows split: dq_split.cuh)
 }
 
 // dk, dv alone for narrow block columns (bwd_sm90/dkdv_narrow_kernel.cuh): one CTA per 16-key block column (D = 256:

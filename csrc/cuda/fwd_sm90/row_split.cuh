@@ -87,23 +87,41 @@ __device__ __forceinline__ void store_rows_partial(const float (&o)[Cfg::MI][Cfg
 // the combine was latency-bound, about 60 us at 8:64:64).
 constexpr int kCombineRows = 32;
 
+// The split block row of a finishing CTA (one per (batch, KV head, partial slot)): false unless the slot is its row's
+// first (uniform: the CTA returns). Its pieces' planes from `sums` on, `plane` floats apart, in piece order.
+struct SplitRowPieces {
+  int hk, count;
+  int64_t rg, plane, rows, row0;  // packed rows per block row; floats a plane; the row's packed rows below M; (b, row)
+  const float* sums;
+};
+__device__ __forceinline__ bool split_row_pieces(const FwdParams& p, int D, SplitRowPieces& r) {
+  const int E = p.split_parts;
+  const int64_t head = blockIdx.x / E;
+  const int q = static_cast<int>(blockIdx.x - head * E);
+  const int b = static_cast<int>(head / p.Hk);
+  r.hk = static_cast<int>(head - static_cast<int64_t>(b) * p.Hk);
+  const int4 h = reinterpret_cast<const int4*>(p.split_heads)[p.layout_index(b, r.hk) * E + q];
+  const int br = h.x, first = h.y;
+  r.count = h.z;
+  if (br < 0 || br >= p.MB || first != q || r.count < 1 || r.count > E - first) return false;
+  r.rg = static_cast<int64_t>(p.R) * p.g;
+  r.plane = fwd_split_plane_floats(r.rg, D);
+  r.rows = static_cast<int64_t>(min(p.R, p.M - br * p.R)) * p.g;
+  r.sums = p.split_sums + (head * E + first) * r.plane;
+  r.row0 = static_cast<int64_t>(b) * p.M + static_cast<int64_t>(br) * p.R;
+  return true;
+}
+
 // One CTA per (batch, KV head, partial slot) and chunk of kCombineRows packed rows (blockIdx.y, strided by gridDim.y):
 // where the slot is its row's first, the row's pieces combined in piece order into o (rounded to T) and lse for the
 // chunk's packed rows below M.
 template <typename T, int D>
 __global__ void __launch_bounds__(256) bsattn_fwd_split_combine_kernel(const __grid_constant__ FwdParams p) {
-  const int E = p.split_parts;
-  const int64_t head = blockIdx.x / E;
-  const int q = static_cast<int>(blockIdx.x - head * E);
-  const int b = static_cast<int>(head / p.Hk), hk = static_cast<int>(head - static_cast<int64_t>(b) * p.Hk);
-  const int64_t lid = p.layout_index(b, hk);
-  const int4 h = reinterpret_cast<const int4*>(p.split_heads)[lid * E + q];
-  const int br = h.x, first = h.y, count = h.z;
-  if (br < 0 || br >= p.MB || first != q || count < 1 || count > E - first) return;  // (uniform)
-  const int64_t rg = static_cast<int64_t>(p.R) * p.g, plane = fwd_split_plane_floats(rg, D);
-  const int64_t rows = static_cast<int64_t>(min(p.R, p.M - br * p.R)) * p.g;
-  const float* const sums = p.split_sums + (head * E + first) * plane;
-  const int64_t row0 = static_cast<int64_t>(b) * p.M + static_cast<int64_t>(br) * p.R;  // (b, first query row)
+  SplitRowPieces sr;
+  if (!split_row_pieces(p, D, sr)) return;  // (uniform)
+  const int hk = sr.hk, count = sr.count;
+  const int64_t rg = sr.rg, plane = sr.plane, rows = sr.rows, row0 = sr.row0;
+  const float* const sums = sr.sums;
   for (int64_t c0 = static_cast<int64_t>(blockIdx.y) * kCombineRows; c0 < rows;
        c0 += static_cast<int64_t>(gridDim.y) * kCombineRows) {
     for (int i = threadIdx.x; i < kCombineRows * (D / 4); i += 256) {
@@ -170,10 +188,12 @@ bool row_split_setup(FwdParams& p, cudaStream_t stream, cudaError_t& err) {
 }
 
 // One CTA per tile of Cfg::TM packed rows (launch_row_tiles' grid), or, with the row split, per (batch, KV head, item
-// slot, row tile): the plan before, the combine after.
-template <auto Kernel, class Cfg, typename T>
-cudaError_t launch_fwd_row_tiles(const FwdParams& p0, cudaStream_t stream) {
-  FwdParams p = p0;
+// slot, row tile): the plan before, Finish (one CTA per (batch, KV head, partial slot) and chunk of kCombineRows rows:
+// the pieces' partials summed into the output) after. P: the kernel's parameter block, a FwdParams (the forward's, or
+// the Hopper dq kernel's, bwd_sm90/dq_split.cuh).
+template <auto Kernel, auto Finish, class Cfg, typename T, class P>
+cudaError_t launch_split_row_tiles(const P& p0, cudaStream_t stream) {
+  P p = p0;
   int64_t grid = row_tile_grid<Cfg::TM>(p);
   cudaError_t err = cudaSuccess;
   const bool split = row_split_setup<Cfg, T>(p, stream, err);
@@ -187,8 +207,14 @@ cudaError_t launch_fwd_row_tiles(const FwdParams& p0, cudaStream_t stream) {
   if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
   const int64_t chunks = (static_cast<int64_t>(p.R) * p.g + kCombineRows - 1) / kCombineRows;
   const dim3 cgrid(static_cast<unsigned>(blocks), static_cast<unsigned>(chunks < 65535 ? chunks : 65535));
-  bsattn_fwd_split_combine_kernel<T, Cfg::D><<<cgrid, 256, 0, stream>>>(p);
+  Finish<<<cgrid, 256, 0, stream>>>(p);
   return cudaGetLastError();
+}
+
+// The forward's: the pieces' o and lse combined (bsattn_fwd_split_combine_kernel).
+template <auto Kernel, class Cfg, typename T>
+cudaError_t launch_fwd_row_tiles(const FwdParams& p, cudaStream_t stream) {
+  return launch_split_row_tiles<Kernel, bsattn_fwd_split_combine_kernel<T, Cfg::D>, Cfg, T>(p, stream);
 }
 
 }  // namespace cuda
