@@ -154,9 +154,6 @@ inline bool has_dq_workspace(const Params& p, int D) {
   return p.dq_accum != nullptr &&
          p.dq_accum_words >= static_cast<int64_t>(p.B) * p.M * p.Hq * D + kDqSchedWords;
 }
-// The deterministic pair's column split (bwd/dkdv_kernel.cuh where C > 16 and D <= 128; bwd_sm90/dkdv_narrow_kernel.cuh):
-// its area at the start of a workspace that holds nothing else (exactly split_workspace_words floats,
-// jax_bsattn/lowering.py _pair_splits); -1: none.
 // The pair's dq row split (bwd_sm90/dq_split.cuh: the Hopper dq kernel, R * g > 16): the forward's row-split area
 // (fwd/params.h fwd_split_workspace_words), 0 where it would not split.
 inline int64_t dq_split_words(const Params& p, int D) {
@@ -164,22 +161,29 @@ inline int64_t dq_split_words(const Params& p, int D) {
 }
 // The pair's workspace holds nothing but these areas, each given or not (jax_bsattn/lowering.py _dq_workspace_words):
 // the column split's (cs floats, first) and the dq split's (ds), so exactly cs, ds or cs + ds floats, all shorter than
-// the one-pass kernels' workspace. Where cs = ds a workspace of that size goes to the column split.
+// the one-pass kernels' workspace. Where each starts (-1: absent); where cs = ds a workspace of that size goes to the
+// column split.
+struct PairAreas {
+  int64_t col = -1, dq = -1;
+};
+inline PairAreas pair_areas(const Params& p, int D) {
+  const int64_t cs = split_workspace_words(p, D), ds = dq_split_words(p, D), n = p.dq_accum_words;
+  PairAreas a;
+  if (p.dq_accum == nullptr || n <= 0 || has_dq_workspace(p, D)) return a;
+  if (cs > 0 && (n == cs || n == cs + ds)) a.col = 0;
+  if (ds > 0 && n == cs + ds) a.dq = cs;
+  else if (ds > 0 && n == ds && n != cs) a.dq = 0;
+  return a;
+}
 inline bool is_pair_workspace(const Params& p, int D) {
-  const int64_t cs = split_workspace_words(p, D), ds = dq_split_words(p, D), n = p.dq_accum_words;
-  return p.dq_accum != nullptr && n > 0 && !has_dq_workspace(p, D) && (n == cs || n == ds || n == cs + ds);
+  const PairAreas a = pair_areas(p, D);
+  return a.col >= 0 || a.dq >= 0;
 }
-inline int64_t pair_split_offset(const Params& p, int D) {
-  const int64_t cs = split_workspace_words(p, D), ds = dq_split_words(p, D), n = p.dq_accum_words;
-  return is_pair_workspace(p, D) && cs > 0 && (n == cs || n == cs + ds) ? 0 : -1;
-}
+// Where the deterministic pair's column split (bwd/dkdv_kernel.cuh where C > 16 and D <= 128;
+// bwd_sm90/dkdv_narrow_kernel.cuh; jax_bsattn/lowering.py _pair_splits) has its area; -1: none.
+inline int64_t pair_split_offset(const Params& p, int D) { return pair_areas(p, D).col; }
 // Where the dq split's area starts in the pair's workspace; -1: none.
-inline int64_t dq_split_offset(const Params& p, int D) {
-  const int64_t cs = split_workspace_words(p, D), ds = dq_split_words(p, D), n = p.dq_accum_words;
-  if (!is_pair_workspace(p, D) || ds == 0) return -1;
-  if (cs > 0 && n == cs + ds) return cs;
-  return n == ds && n != cs ? 0 : -1;
-}
+inline int64_t dq_split_offset(const Params& p, int D) { return pair_areas(p, D).dq; }
 // Hopper (sm_90a, head dims 64, 128 and 256; with BSATTN_WITH_SM90): dq alone (every element written), on wgmma, for
 // R * g > 16. Deterministic, like launch_dq.
 template <int kDType, int kD>

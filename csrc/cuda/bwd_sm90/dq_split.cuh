@@ -56,7 +56,8 @@ __global__ void __launch_bounds__(256) bsattn_dq_split_finish_kernel(const __gri
 // The dq kernel over 64-row tiles, its long block rows split where the pair's workspace holds the area
 // (dq_split_offset); else exactly launch_row_tiles.
 template <typename T, class Cfg>
-cudaError_t launch_dq_split_tiles(const Params& p, Sm90DqParams d, cudaStream_t stream) {
+cudaError_t launch_dq_split_tiles(const Params& p, cudaStream_t stream) {
+  Sm90DqParams d = dq_sm90_params(p);
   const int64_t off = dq_split_offset(p, Cfg::D);
   if (off >= 0) {
     d.ws = reinterpret_cast<uint32_t*>(p.dq_accum + off);

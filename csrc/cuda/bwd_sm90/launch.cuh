@@ -254,7 +254,7 @@ template <int kDType, int kD>
 cudaError_t launch_dq_sm90(const Params& p, cudaStream_t stream) {
   using T = typename DTypeOf<kDType>::type;
   using Cfg = Sm90DqTile<kD>;
-  return launch_dq_split_tiles<T, Cfg>(p, dq_sm90_params(p), stream);  // (long block rows split: dq_split.cuh)
+  return launch_dq_split_tiles<T, Cfg>(p, stream);  // (long block rows split: dq_split.cuh)
 }
 
 // dk, dv alone for narrow block columns (bwd_sm90/dkdv_narrow_kernel.cuh): one CTA per 16-key block column (D = 256:
