@@ -30,3 +30,9 @@ if _bsattn_cuda is not None:
 def cuda_available() -> bool:
     """True when the CUDA module was built (it runs only where jax sees a CUDA GPU)."""
     return _bsattn_cuda is not None
+
+
+def sm90_kernels() -> bool:
+    """True when the CUDA module holds the Hopper (sm_90a) kernels: built with compute capability 90 among
+    BSATTN_CUDA_ARCHS. Without them an H100 / H200 runs the portable kernels, which take no Hopper workspace."""
+    return _bsattn_cuda is not None and bool(_bsattn_cuda.sm90_kernels())

@@ -14,6 +14,7 @@ import os
 import jax
 from jax.interpreters import mlir
 
+from ._extension import sm90_kernels
 from .column_view import column_order, column_view, walk_order
 from .partitioning import bwd_partitioned, fwd_partitioned
 from .primitives import Config, bsattn_bwd_ffi_p, bsattn_bwd_p, bsattn_fwd_ffi_p, bsattn_fwd_p, ffi_attributes
@@ -62,7 +63,10 @@ def _partitioned_rule(partitioned, platform: str):
 
 @functools.lru_cache(maxsize=None)
 def _gpus_are_sm90() -> bool:
-    """Whether the local CUDA devices are compute capability 9.0 (H100 / H200): the Hopper backward's."""
+    """Whether the local CUDA devices are compute capability 9.0 (H100 / H200) and the module holds the Hopper
+    kernels that run there."""
+    if not sm90_kernels():
+        return False
     try:
         devs = jax.devices("cuda")
     except RuntimeError:
@@ -179,19 +183,20 @@ def _split_words(q, k, indptr, cfg: Config, pair: bool = False) -> int:
 # - 25.6 MiB (g = 1): 0.965-0.99x (the rows stay in L2 whatever the order, and CTAs at one block row add into the
 #   same dq rows at once).
 # Between the two it is not measured; this keeps the increasing order there. The deterministic pair's dk / dv kernels
-# (no dq workspace) walk columns in any order too, but gained nothing from it (0.98-1.00x, g = 4 and 8, D = 128 and
-# 256): they keep the increasing order.
+# (their workspace, if any, the splits' areas: shorter than the one-pass kernels') walk columns in any order too, but
+# lost 0.3-1.4 % to it (session 31: g = 8 and 4, D = 128 deterministic, bigbird, longformer, block-causal, uniform; D =
+# 256 g = 4): they keep the increasing order.
 WALK_ORDER_MIN_BYTES = 64 << 20
 _CTA_SLOTS = 264  # about the one-pass kernel's CTAs in flight on an H100 / H200: 132 SMs x 2 of 64 keys (or 1 of 128)
 
 
 def _reorders_walks(q, k, cfg: Config, ws_words: int) -> bool:
-    """Whether the backward hands the Hopper one-pass kernel (C > 16 with a dq workspace: csrc/cuda/bwd_sm90/
-    launch.cuh) its columns in walk_order. The heads running together: those of one chunk of csrc/cuda/common/
-    launch.cuh column_head_chunks (at least a wave of CTAs). BSATTN_BWD_COL_WALK=0: never (A / B), =always: whatever
-    the size (tests)."""
+    """Whether the backward hands the Hopper one-pass kernel (C > 16 with a dq workspace of at least q's size + the
+    counter: csrc/cuda/bwd_sm90/launch.cuh) its columns in walk_order. The heads running together: those of one chunk
+    of csrc/cuda/common/launch.cuh column_head_chunks (at least a wave of CTAs). BSATTN_BWD_COL_WALK=0: never (A / B),
+    =always: whatever the size (tests)."""
     mode = os.environ.get("BSATTN_BWD_COL_WALK", "")
-    if mode == "0" or cfg.block_c <= 16 or ws_words <= 0 or q.size == 0:
+    if mode == "0" or cfg.block_c <= 16 or ws_words < q.size + DQ_SCHED_WORDS or q.size == 0:
         return False
     if mode == "always":
         return True
@@ -295,14 +300,18 @@ def _cuda_call_rule(call):
 def _cuda_bwd_call(q, k, v, do, lse, delta, indptr, indices, *, cfg: Config):
     """The CUDA backward also takes the layout's column view (dk / dv walk block columns), built here in
     XLA from the row view on the device: no host round trip, no dense mask; for the one-pass kernel each column's
-    rows in walk_order where that pays (_reorders_walks). Its fourth result is the dq workspace (empty: the
-    deterministic backward), dropped here."""
-    num_block_cols = -(-k.shape[1] // cfg.block_c)
-    col_indptr, col_rows = column_view(indptr, indices, num_block_cols)
-    col_order = column_order(col_indptr)
+    rows in walk_order where that pays (_reorders_walks); none where the row-oriented backward runs. Its fourth
+    result is the dq workspace (empty: the deterministic backward), dropped here."""
     ws_words = _dq_workspace_words(q, k, indptr, indices, cfg)
-    if _reorders_walks(q, k, cfg, ws_words):
-        col_rows = walk_order(col_indptr, col_rows, indptr.shape[-1] - 1)
+    if _rows_words(q, k, cfg) and os.environ.get("BSATTN_BWD_COL_VIEW") != "always":
+        # the row-oriented backward runs (its workspace is given) and never reads the column view: none is built (the
+        # handler checks that it runs). BSATTN_BWD_COL_VIEW=always builds it anyway (A / B).
+        col_indptr = col_rows = col_order = jax.numpy.zeros(indptr.shape[:-1] + (0,), jax.numpy.int32)
+    else:
+        col_indptr, col_rows = column_view(indptr, indices, -(-k.shape[1] // cfg.block_c))
+        col_order = column_order(col_indptr)
+        if _reorders_walks(q, k, cfg, ws_words):
+            col_rows = walk_order(col_indptr, col_rows, indptr.shape[-1] - 1)
     out = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
     out += (jax.ShapeDtypeStruct((ws_words,), jax.numpy.float32),)
     dq, dk, dv, _ = jax.ffi.ffi_call("bsattn_bwd_cuda", out)(q, k, v, do, lse, delta, indptr, indices, col_indptr,

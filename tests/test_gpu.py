@@ -596,6 +596,46 @@ def test_backward_rows(R, C, g, M, N, causal, softcap, dtype, per_head, ct_scale
         assert np.array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16)), name  # repeatable
 
 
+def test_backward_rows_without_column_view(monkeypatch):
+    """Where the row-oriented backward runs the lowering builds no column view (lowering.py _cuda_bwd_call): the
+    gradients are bitwise those with the view built (BSATTN_BWD_COL_VIEW=always); a backward that needs the view and
+    gets none is a clear error, not a wrong result."""
+    from jax_bsattn import lowering
+    from jax_bsattn.primitives import Config, ffi_attributes
+
+    if not lowering._gpus_are_sm90():
+        pytest.skip("the row-oriented backward runs on an H100 / H200 with the Hopper kernels")
+    rng = np.random.default_rng(3)
+    R, C, g, M, N, Hk = 64, 1, 4, 256, 300, 2
+    layout = jb.BlockSparseLayout.from_block_mask(random_mask(rng, (), M // R, N, 0.3), (R, C), (M, N))
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=128, dtype=jnp.bfloat16)
+    assert lowering._rows_words(q, k, Config(R, C, 1.0, 0.0, False)) > 0
+
+    def grads():  # traced anew under the environment as it is now
+        loss = lambda q, k, v: jnp.sum(jb.block_sparse_attention(q, k, v, layout).astype(jnp.float32) ** 2)
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    without = grads()
+    monkeypatch.setenv("BSATTN_BWD_COL_VIEW", "always")
+    with_view = grads()
+    for name, a, b in zip(("dq", "dk", "dv"), without, with_view):
+        assert np.isfinite(np.asarray(a, np.float32)).all() and float(jnp.abs(a.astype(jnp.float32)).max()) > 0
+        assert np.array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16)), name
+
+    # the one-pass kernel (C = 32, a dq workspace) reads the column view: an empty one is refused, naming it
+    R, C = 16, 32
+    layout = jb.BlockSparseLayout.from_block_mask(random_mask(rng, (), M // R, -(-N // C), 0.5), (R, C), (M, N))
+    cfg = Config(R, C, 0.1, 0.0, False)
+    ip, ix = layout.indptr.reshape(1, 1, -1), layout.indices.reshape(1, 1, -1)
+    lse = jnp.zeros(q.shape[:-1], jnp.float32)
+    empty = jnp.zeros((1, 1, 0), jnp.int32)
+    out = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
+    out += (jax.ShapeDtypeStruct((q.size + lowering.DQ_SCHED_WORDS,), jnp.float32),)
+    call = jax.ffi.ffi_call("bsattn_bwd_cuda", out)
+    with pytest.raises(Exception, match="col_indptr, col_rows and col_order are empty"):
+        jax.block_until_ready(call(q, k, v, q, lse, lse, ip, ix, empty, empty, empty, **ffi_attributes(cfg)))
+
+
 @pytest.mark.parametrize("R,C,g,causal,D", [(64, 1, 4, False, 128), (128, 16, 2, True, 128), (64, 1, 4, False, 64),
                                            (16, 4, 4, True, 64)])
 def test_backward_rows_nonfinite_outside_layout(R, C, g, causal, D):

@@ -96,6 +96,34 @@ def test_rows_backward_rule(R, C, g, D, rows, monkeypatch):
     assert lowering._rows_words(q, k, Config(R, C, 1.0, 0.0, False)) == 0
 
 
+# Where the row-oriented backward runs (its workspace given) the lowering builds no column view: the custom call gets
+# three [LB, LH, 0] operands and the module no sort; elsewhere, or with BSATTN_BWD_COL_VIEW=always, the view.
+@pytest.mark.parametrize("R,C,g,rows", [(64, 1, 4, True), (16, 16, 4, False)])
+def test_row_backward_builds_no_column_view(R, C, g, rows, monkeypatch):
+    from jax_bsattn import lowering
+
+    monkeypatch.setattr(lowering, "_gpus_are_sm90", lambda: True)
+    monkeypatch.delenv("BSATTN_BWD_ROWS", raising=False)
+    M = N = 256
+    layout = jb.BlockSparseLayout.from_block_mask(np.random.default_rng(0).random((M // R, N // C)) < 0.5, (R, C),
+                                                  (M, N))
+    q = jnp.ones((1, M, 2 * g, 128), jnp.bfloat16)
+    k = jnp.ones((1, N, 2, 128), jnp.bfloat16)
+
+    def bwd_text():
+        loss = lambda q, k, v: jnp.sum(jb.block_sparse_attention(q, k, v, layout).astype(jnp.float32))
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
+        bwd = [l for l in text.splitlines() if "custom_call @bsattn_bwd_cuda" in l]
+        assert len(bwd) == 1, text
+        return bwd[0], "stablehlo.sort" in text
+
+    line, sorts = bwd_text()
+    assert (line.count("tensor<1x1x0xi32>") == 3) == rows and sorts != rows, line
+    monkeypatch.setenv("BSATTN_BWD_COL_VIEW", "always")
+    line, sorts = bwd_text()
+    assert "tensor<1x1x0xi32>" not in line and sorts, line
+
+
 # The forward sweep's workspace as lowering.py sizes it (csrc/cuda/fwd/params.h fwd_sweep_table_words and
 # fwd_sm90/launch.cuh fwd_sweep_block_rows: the same rule, less the device's shared memory): R * g <= 16, the layout's
 # capacity at least R * g / 32 and 1 / 16 of the block grid, D = 64 or 128, and the bit maps (a bit per key and block
@@ -126,13 +154,15 @@ def test_forward_sweep_table_rule(R, C, g, D, density, tabled, monkeypatch):
         monkeypatch.delenv(var)
 
 
-# Where the Hopper one-pass backward gets its columns in walk_order (column_view.py): C > 16 with a dq workspace (not
-# the deterministic pair), and the q, do and dq rows of the heads running together (a wave of CTAs: about 264 of 64
-# keys) at least 64 MiB.
+# Where the Hopper one-pass backward gets its columns in walk_order (column_view.py): C > 16 with its dq workspace (at
+# least q's size + the counter; not the deterministic pair, whose workspace is at most its splits' areas), and the q, do
+# and dq rows of the heads running together (a wave of CTAs: about 264 of 64 keys) at least 64 MiB.
 @pytest.mark.parametrize("g,R,C,M,B,ws,reorders", [
-    (4, 64, 64, 8192, 1, 1, True), (8, 128, 128, 8192, 1, 1, True), (1, 64, 64, 8192, 1, 1, False),
-    (2, 64, 64, 8192, 1, 1, False), (1, 64, 64, 32768, 2, 1, False), (4, 64, 64, 32768, 2, 1, True),
-    (4, 64, 16, 8192, 1, 1, False), (8, 64, 64, 8192, 1, 0, False), (8, 64, 64, 1024, 1, 1, False)])
+    (4, 64, 64, 8192, 1, "one-pass", True), (8, 128, 128, 8192, 1, "one-pass", True),
+    (1, 64, 64, 8192, 1, "one-pass", False), (2, 64, 64, 8192, 1, "one-pass", False),
+    (1, 64, 64, 32768, 2, "one-pass", False), (4, 64, 64, 32768, 2, "one-pass", True),
+    (4, 64, 16, 8192, 1, "one-pass", False), (8, 64, 64, 8192, 1, "none", False), (8, 64, 64, 8192, 1, "pair", False),
+    (8, 64, 64, 1024, 1, "one-pass", False)])
 def test_walk_order_rule(g, R, C, M, B, ws, reorders, monkeypatch):
     from jax_bsattn import lowering
     from jax_bsattn.primitives import Config
@@ -141,11 +171,12 @@ def test_walk_order_rule(g, R, C, M, B, ws, reorders, monkeypatch):
     q = jax.ShapeDtypeStruct((B, M, 32, 128), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((B, M, 32 // g, 128), jnp.bfloat16)
     cfg = Config(R, C, 1.0, 0.0, False)
-    assert lowering._reorders_walks(q, k, cfg, ws) == reorders
+    words = {"none": 0, "pair": q.size // 8, "one-pass": q.size + lowering.DQ_SCHED_WORDS}[ws]
+    assert lowering._reorders_walks(q, k, cfg, words) == reorders
     monkeypatch.setenv("BSATTN_BWD_COL_WALK", "0")
-    assert not lowering._reorders_walks(q, k, cfg, ws)
+    assert not lowering._reorders_walks(q, k, cfg, words)
     monkeypatch.setenv("BSATTN_BWD_COL_WALK", "always")
-    assert lowering._reorders_walks(q, k, cfg, ws) == (C > 16 and ws > 0)
+    assert lowering._reorders_walks(q, k, cfg, words) == (C > 16 and ws == "one-pass")
 
 
 @pytest.mark.parametrize("R,C,N,B,Hk,LB,LH,words", [

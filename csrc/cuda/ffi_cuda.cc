@@ -21,4 +21,6 @@ NB_MODULE(_bsattn_cuda, m) {
     d["bsattn_bwd_cuda"] = encapsulate(bsattn::cuda::bwd_handler());
     return d;
   });
+  m.def("sm90_kernels", &bsattn::cuda::sm90_kernels_built,
+        "Whether the module was built with the Hopper (sm_90a) kernels, which run on H100 / H200 only");
 }

@@ -8,6 +8,7 @@ namespace cuda {
 
 XLA_FFI_Handler* fwd_handler();  // "bsattn_fwd_cuda"
 XLA_FFI_Handler* bwd_handler();  // "bsattn_bwd_cuda"
+bool sm90_kernels_built();       // whether the module holds the Hopper (sm_90a) kernels (bwd/dispatch.cu)
 
 }  // namespace cuda
 }  // namespace bsattn

@@ -13,17 +13,34 @@
 
 namespace bsattn {
 namespace cuda {
+
+// (declared in cuda/handlers.h: the module's query, _bsattn_cuda.sm90_kernels)
+bool sm90_kernels_built() {
+#ifdef BSATTN_WITH_SM90
+  return true;
+#else
+  return false;
+#endif
+}
+
 namespace bwd {
+
+bool runs_rows_sm90(const Params& p, int D, bool run_dq, bool run_dkdv) {
+#ifdef BSATTN_WITH_SM90
+  // the row-oriented backward where its rule holds and the caller gave its workspace; BSATTN_BWD_ROWS=0: never
+  static const bool no_rows = env_equals("BSATTN_BWD_ROWS", "0");
+  return !no_rows && run_dq && run_dkdv && rows_sm90_rule(p, D) && p.dq_accum != nullptr &&
+         p.dq_accum_words >= rows_workspace_words(p, D) && device_runs_sm90a();
+#else
+  return false;
+#endif
+}
 
 template <int kDType, int kD>
 cudaError_t launch_bwd(const Params& p, cudaStream_t stream, bool run_dq, bool run_dkdv) {
 #ifdef BSATTN_WITH_SM90
   if constexpr (kD == 64 || kD == 128) {
-    // the row-oriented backward where its rule holds and the caller gave its workspace; BSATTN_BWD_ROWS=0: never
-    static const bool no_rows = env_equals("BSATTN_BWD_ROWS", "0");
-    if (!no_rows && run_dq && run_dkdv && rows_sm90_rule(p, kD) && p.dq_accum != nullptr &&
-        p.dq_accum_words >= rows_workspace_words(p, kD) && device_runs_sm90a())
-      return launch_bwd_rows_sm90<kDType, kD>(p, stream);
+    if (runs_rows_sm90(p, kD, run_dq, run_dkdv)) return launch_bwd_rows_sm90<kDType, kD>(p, stream);
   }
   if constexpr (kD <= 128) {
     // elsewhere at C <= 16 the deterministic kernels' 16-key, packed and compact tiles measured faster

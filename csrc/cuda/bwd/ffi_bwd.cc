@@ -6,7 +6,8 @@
 // buffer (CUDA graph) compatible.
 //
 // Operands: q, k, v, do, lse, delta, indptr, indices, col_indptr, col_rows, col_order (the column view of the
-// layout and its columns by decreasing length, jax_bsattn/column_view.py); results dq, dk, dv, dq_accum (flat float32 workspace of q's size + kDqSchedWords, or empty: the caller
+// layout and its columns by decreasing length, jax_bsattn/column_view.py; all three [LB, LH, 0] where the row-oriented
+// backward runs, which never reads them); results dq, dk, dv, dq_accum (flat float32 workspace of q's size + kDqSchedWords, or empty: the caller
 // asks for the deterministic backward by giving none).
 #include <cstdint>
 #include <cstdlib>
@@ -87,13 +88,18 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   msg = ffi_common::check_layout(pd, id, B, M, N, Hk, block_r, block_c, l);
   if (!msg.empty()) return bwd_bad(msg);
   const int64_t MB = l.MB, NB = l.NB, LB = l.LB, LH = l.LH, nnz = l.nnz;
-  if (cpd[0] != LB || cpd[1] != LH || cpd[2] != NB + 1)
-    return bwd_bad("col_indptr " + dims_str(cpd) + " must be [LB, LH, ceil(N / C) + 1]");
-  if (crd[0] != LB || crd[1] != LH || crd[2] != nnz)
-    return bwd_bad("col_rows " + dims_str(crd) + " must be [LB, LH, nnz] like indices");
+  // the column view, or none (all three [LB, LH, 0]) where the row-oriented backward runs: checked below
   const auto cod = col_order.dimensions();
-  if (cod.size() != 3 || cod[0] != LB || cod[1] != LH || cod[2] != NB)
-    return bwd_bad("col_order " + dims_str(cod) + " must be [LB, LH, ceil(N / C)]");
+  const bool no_col_view = cod.size() == 3 && cpd[2] == 0 && crd[2] == 0 && cod[2] == 0 && cpd[0] == LB &&
+                           crd[0] == LB && cod[0] == LB && cpd[1] == LH && crd[1] == LH && cod[1] == LH;
+  if (!no_col_view) {
+    if (cpd[0] != LB || cpd[1] != LH || cpd[2] != NB + 1)
+      return bwd_bad("col_indptr " + dims_str(cpd) + " must be [LB, LH, ceil(N / C) + 1]");
+    if (crd[0] != LB || crd[1] != LH || crd[2] != nnz)
+      return bwd_bad("col_rows " + dims_str(crd) + " must be [LB, LH, nnz] like indices");
+    if (cod.size() != 3 || cod[0] != LB || cod[1] != LH || cod[2] != NB)
+      return bwd_bad("col_order " + dims_str(cod) + " must be [LB, LH, ceil(N / C)]");
+  }
 
   bool run_dq = B > 0 && M > 0 && Hq > 0;  // dq has elements
   bool run_dkdv = B > 0 && N > 0;          // dk / dv have elements (zeros when no query sees them)
@@ -140,6 +146,10 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
                    std::to_string(bwd::kDqSchedWords) + " elements, or exactly the column split's " +
                    std::to_string(bwd::split_workspace_words(p, static_cast<int>(D))) + ", the dq split's " +
                    std::to_string(bwd::dq_split_words(p, static_cast<int>(D))) + " or their sum");
+
+  if (no_col_view && run_dkdv && !bwd::runs_rows_sm90(p, static_cast<int>(D), run_dq, run_dkdv))
+    return bwd_bad("col_indptr, col_rows and col_order are empty, but the backward that runs here is not the "
+                   "row-oriented one and needs the layout's column view");
 
   const cudaError_t err = dt == ffi::DataType::BF16 ? launch_all<bwd::kBF16>(p, D, run_dq, run_dkdv, stream)
                                                     : launch_all<bwd::kF16>(p, D, run_dq, run_dkdv, stream);

@@ -233,6 +233,9 @@ inline bool rows_sm90_rule(const Params& p, int D) {
   const int64_t rg = static_cast<int64_t>(p.R) * p.g;
   return (D == 64 || D == 128) && p.C <= 16 && (rg >= 128 || (rg >= 64 && p.C <= (D == 128 ? 8 : 4)));
 }
+// Whether launch_bwd runs the row-oriented backward for this call (bwd/dispatch.cu): the only backward that does not
+// read the column view, which the caller may then leave empty.
+bool runs_rows_sm90(const Params& p, int D, bool run_dq, bool run_dkdv);
 // The backward of one call (bwd/dispatch.cu): the Hopper kernel where it applies, else dk / dv (run_dkdv) and dq
 // (run_dq).
 template <int kDType, int kD>
