@@ -43,8 +43,7 @@ __global__ void __launch_bounds__(256) bsattn_dq_split_finish_kernel(const __gri
         s.z += x.z;
         s.w += x.w;
       }
-      const int64_t r = P / p.g, hj = P - r * p.g;
-      const int64_t at = (sr.row0 + r) * p.Hq + static_cast<int64_t>(sr.hk) * p.g + hj;  // (query row, head)
+      const int64_t at = sr.at(p, P);
       uint2 v;
       v.x = Mma<T>::pack(s.x * p.scale, s.y * p.scale);
       v.y = Mma<T>::pack(s.z * p.scale, s.w * p.scale);

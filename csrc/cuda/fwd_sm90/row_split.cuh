@@ -93,6 +93,11 @@ struct SplitRowPieces {
   int hk, count;
   int64_t rg, plane, rows, row0;  // packed rows per block row; floats a plane; the row's packed rows below M; (b, row)
   const float* sums;
+  // (query row, head) of packed row P: its index in o, lse or dq rows
+  __device__ __forceinline__ int64_t at(const FwdParams& p, int64_t P) const {
+    const int64_t r = P / p.g, j = P - r * p.g;
+    return (row0 + r) * p.Hq + static_cast<int64_t>(hk) * p.g + j;
+  }
 };
 __device__ __forceinline__ bool split_row_pieces(const FwdParams& p, int D, SplitRowPieces& r) {
   const int E = p.split_parts;
@@ -119,8 +124,8 @@ template <typename T, int D>
 __global__ void __launch_bounds__(256) bsattn_fwd_split_combine_kernel(const __grid_constant__ FwdParams p) {
   SplitRowPieces sr;
   if (!split_row_pieces(p, D, sr)) return;  // (uniform)
-  const int hk = sr.hk, count = sr.count;
-  const int64_t rg = sr.rg, plane = sr.plane, rows = sr.rows, row0 = sr.row0;
+  const int count = sr.count;
+  const int64_t rg = sr.rg, plane = sr.plane, rows = sr.rows;
   const float* const sums = sr.sums;
   for (int64_t c0 = static_cast<int64_t>(blockIdx.y) * kCombineRows; c0 < rows;
        c0 += static_cast<int64_t>(gridDim.y) * kCombineRows) {
@@ -144,8 +149,7 @@ __global__ void __launch_bounds__(256) bsattn_fwd_split_combine_kernel(const __g
         }
       }
       const float inv = L > 0.f ? 1.f / L : 0.f;  // (L >= 1: the largest piece weighs 1)
-      const int64_t r = P / p.g, j = P - r * p.g;
-      const int64_t at = (row0 + r) * p.Hq + static_cast<int64_t>(hk) * p.g + j;  // (query row, head) of o and lse
+      const int64_t at = sr.at(p, P);
       uint2 v;
       v.x = Mma<T>::pack(acc.x * inv, acc.y * inv);
       v.y = Mma<T>::pack(acc.z * inv, acc.w * inv);
