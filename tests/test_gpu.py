@@ -99,16 +99,18 @@ def test_forward_many_items(R, C, g, M, N, B, causal, softcap, dtype):
         check_forward(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
 
 
-def _band_plus_globals(R, C, M, global_rows):
-    """Per-head layouts (two KV heads, M = N) of a short band plus global block rows (row 0 in head 0, rows 0 and
-    MB // 2 in head 1) or, global_rows=False, global block columns (0; 0 and NB // 2): long lists the splits cut."""
-    MB, NB = -(-M // R), -(-M // C)
+def _band_plus_globals(R, C, M, global_rows, N=None):
+    """Per-head layouts (two KV heads, N = M unless given) of a short band plus global block rows (row 0 in head 0, rows
+    0 and MB // 2 in head 1) or, global_rows=False, global block columns (0; 0 and NB // 2): long lists the splits
+    cut."""
+    N = M if N is None else N
+    MB, NB = -(-M // R), -(-N // C)
     rows, cols = np.arange(MB)[:, None] * R, np.arange(NB)[None, :] * C
     band = ((rows - cols) < 2 * C) & (cols <= rows + R - 1)
     at = np.arange(MB)[:, None] if global_rows else np.arange(NB)[None, :]
     wide = MB if global_rows else NB
     mask = np.stack([band | (at == 0), band | (at == 0) | (at == wide // 2)])
-    return jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, M))
+    return jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
 
 
 def _jit_grad(layout, causal, det, ct, argnums):
@@ -319,18 +321,19 @@ def test_backward_column_split(R, C, g, D, M, causal, dtype, det, monkeypatch):
 # short band plus global block rows (row 0 in head 0; rows 0 and MB / 2 in head 1), so that each global row is cut
 # into pieces (f32 partial dQ, added after). The pair with the narrow dk / dv kernel (C = 16, with or without
 # deterministic=True), with the mma.sync column kernel (C > 16, deterministic=True), D = 64 and 256, causal, f16, and
-# R * g = 17 (the planes' 16-byte padding). Checked against the reference, dq bitwise repeatable, and equal to the
-# unsplit dq (BSATTN_BWD_DQ_SPLIT=0) within the reference's tolerance.
-@pytest.mark.parametrize("R,C,g,D,M,causal,dtype,det", [
-    (16, 16, 4, 128, 2048, False, jnp.bfloat16, False), (64, 64, 2, 128, 2048, True, jnp.float16, True),
-    (32, 40, 4, 64, 1500, False, jnp.bfloat16, True), (16, 32, 2, 256, 1500, True, jnp.bfloat16, False),
-    (17, 16, 1, 128, 3000, False, jnp.bfloat16, True)])
-def test_backward_dq_split(R, C, g, D, M, causal, dtype, det, monkeypatch):
+# R * g = 17 (the planes' 16-byte padding); N = 4 M at g = 1, where the column split's area would exceed q's size and
+# the dq split's comes alone (M = 2048: 4 partial slots, so head 0's global row of 128 blocks goes into 4 pieces). Checked against the reference, dq bitwise repeatable, and equal to the unsplit dq
+# (BSATTN_BWD_DQ_SPLIT=0) within the reference's tolerance.
+@pytest.mark.parametrize("R,C,g,D,M,N,causal,dtype,det", [
+    (16, 16, 4, 128, 2048, 2048, False, jnp.bfloat16, False), (64, 64, 2, 128, 2048, 2048, True, jnp.float16, True),
+    (32, 40, 4, 64, 1500, 1500, False, jnp.bfloat16, True), (16, 32, 2, 256, 1500, 1500, True, jnp.bfloat16, False),
+    (17, 16, 1, 128, 3000, 3000, False, jnp.bfloat16, True), (64, 64, 1, 128, 2048, 8192, False, jnp.bfloat16, True)])
+def test_backward_dq_split(R, C, g, D, M, N, causal, dtype, det, monkeypatch):
     from conftest import check_gradients
 
     rng = np.random.default_rng(R * 7 + C + D)
-    layout = _band_plus_globals(R, C, M, global_rows=True)
-    q, k, v = random_problem(rng, batch=(2,), M=M, N=M, Hq=g * 2, Hk=2, D=D, dtype=dtype)
+    layout = _band_plus_globals(R, C, M, global_rows=True, N=N)
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=g * 2, Hk=2, D=D, dtype=dtype)
     check_gradients(q, k, v, layout, op_kw=dict(deterministic=det), causal=causal)
     ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
     dq = lambda: np.asarray(_jit_grad(layout, causal, det, ct, 0)(q, k, v), np.float32)

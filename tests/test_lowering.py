@@ -270,6 +270,29 @@ def test_pair_split_workspace(M, deterministic, split, monkeypatch):
         assert words == q.size + lowering.DQ_SCHED_WORDS + split_words
 
 
+def test_pair_dq_split_alone_where_keys_outnumber_queries(monkeypatch):
+    """Where the column split's area alone is q's size or more (N > 2 g M), the pair still gets the dq split's area by
+    itself (the handler takes exactly that size, bwd/params.h pair_areas)."""
+    from jax_bsattn import lowering
+    from jax_bsattn.primitives import Config
+
+    for name in ("BSATTN_BWD_SPLIT", "BSATTN_BWD_ROWS", "BSATTN_BWD_DQ_SPLIT", "BSATTN_BWD_DQ"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(lowering, "_gpus_are_sm90", lambda: True)
+    M, N = 2048, 65536
+    q = jax.ShapeDtypeStruct((1, M, 8, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, N, 8, 128), jnp.bfloat16)
+    indptr = jax.ShapeDtypeStruct((1, 1, M // 64 + 1), jnp.int32)
+    indices = jax.ShapeDtypeStruct((1, 1, 4096), jnp.int32)
+    cfg = Config(64, 64, 1.0, 0.0, False, True)
+    cs = lowering._split_words(q, k, indptr, cfg, pair=True)
+    ds = _row_split_words(64, 1, 128, M, 8)
+    assert cs >= q.size + lowering.DQ_SCHED_WORDS > ds > 0
+    assert lowering._dq_workspace_words(q, k, indptr, indices, cfg) == ds
+    monkeypatch.setenv("BSATTN_BWD_DQ_SPLIT", "0")
+    assert lowering._dq_workspace_words(q, k, indptr, indices, cfg) == 0
+
+
 @pytest.mark.parametrize("R,C,D,deterministic,sm90,env,cs", [
     # the narrow wgmma dk / dv kernel (8 < C <= 16 at D = 128, every C > 8 at D = 256) takes the column split's area,
     # with or without deterministic=True: tables 4 L (NB + E) + 4 L E, partial sums B Hk E 2 C D (E = NB // 4); the dq
