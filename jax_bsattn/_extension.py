@@ -35,4 +35,5 @@ def cuda_available() -> bool:
 def sm90_kernels() -> bool:
     """True when the CUDA module holds the Hopper (sm_90a) kernels: built with compute capability 90 among
     BSATTN_CUDA_ARCHS. Without them an H100 / H200 runs the portable kernels, which take no Hopper workspace."""
-    return _bsattn_cuda is not None and bool(_bsattn_cuda.sm90_kernels())
+    # (a module built before the query existed: treat as without them)
+    return _bsattn_cuda is not None and bool(getattr(_bsattn_cuda, "sm90_kernels", lambda: False)())

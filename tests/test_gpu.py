@@ -331,9 +331,16 @@ def test_backward_column_split(R, C, g, D, M, causal, dtype, det, monkeypatch):
 def test_backward_dq_split(R, C, g, D, M, N, causal, dtype, det, monkeypatch):
     from conftest import check_gradients
 
+    from jax_bsattn import lowering
+    from jax_bsattn.primitives import Config
+
     rng = np.random.default_rng(R * 7 + C + D)
     layout = _band_plus_globals(R, C, M, global_rows=True, N=N)
     q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=g * 2, Hk=2, D=D, dtype=dtype)
+    if N > 2 * g * M:  # the pair's workspace: the dq split's area alone
+        ip, ix = (jax.ShapeDtypeStruct((1,) + x.shape, x.dtype) for x in (layout.indptr, layout.indices))
+        cfg = Config(R, C, 1.0, 0.0, causal, det)
+        assert lowering._dq_workspace_words(q, k, ip, ix, cfg) == lowering._dq_split_words(q, k, ip, cfg) > 0
     check_gradients(q, k, v, layout, op_kw=dict(deterministic=det), causal=causal)
     ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
     dq = lambda: np.asarray(_jit_grad(layout, causal, det, ct, 0)(q, k, v), np.float32)
@@ -608,19 +615,24 @@ def test_backward_rows_without_column_view(monkeypatch):
 
     if not lowering._gpus_are_sm90():
         pytest.skip("the row-oriented backward runs on an H100 / H200 with the Hopper kernels")
+    monkeypatch.delenv("BSATTN_BWD_COL_VIEW", raising=False)
+    monkeypatch.delenv("BSATTN_BWD_ROWS", raising=False)
     rng = np.random.default_rng(3)
     R, C, g, M, N, Hk = 64, 1, 4, 256, 300, 2
     layout = jb.BlockSparseLayout.from_block_mask(random_mask(rng, (), M // R, N, 0.3), (R, C), (M, N))
     q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=128, dtype=jnp.bfloat16)
     assert lowering._rows_words(q, k, Config(R, C, 1.0, 0.0, False)) > 0
 
-    def grads():  # traced anew under the environment as it is now
+    def grads(empty_view):  # traced anew under the environment as it is now
         loss = lambda q, k, v: jnp.sum(jb.block_sparse_attention(q, k, v, layout).astype(jnp.float32) ** 2)
-        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+        fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        bwd = [l for l in fn.lower(q, k, v).as_text().splitlines() if "custom_call @bsattn_bwd_cuda" in l]
+        assert len(bwd) == 1 and (bwd[0].count("tensor<1x1x0xi32>") == 3) == empty_view, bwd
+        return fn(q, k, v)
 
-    without = grads()
+    without = grads(True)
     monkeypatch.setenv("BSATTN_BWD_COL_VIEW", "always")
-    with_view = grads()
+    with_view = grads(False)
     for name, a, b in zip(("dq", "dk", "dv"), without, with_view):
         assert np.isfinite(np.asarray(a, np.float32)).all() and float(jnp.abs(a.astype(jnp.float32)).max()) > 0
         assert np.array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16)), name

@@ -27,10 +27,12 @@ namespace bwd {
 
 bool runs_rows_sm90(const Params& p, int D, bool run_dq, bool run_dkdv) {
 #ifdef BSATTN_WITH_SM90
-  // the row-oriented backward where its rule holds and the caller gave its workspace; BSATTN_BWD_ROWS=0: never
+  // the row-oriented backward where its rule holds and the caller gave its workspace; BSATTN_BWD_ROWS=0: never, unless
+  // the caller gave no column view (col_indptr null): the lowering chose this kernel then (its environment read at
+  // trace time wins over this one, read once)
   static const bool no_rows = env_equals("BSATTN_BWD_ROWS", "0");
-  return !no_rows && run_dq && run_dkdv && rows_sm90_rule(p, D) && p.dq_accum != nullptr &&
-         p.dq_accum_words >= rows_workspace_words(p, D) && device_runs_sm90a();
+  return (!no_rows || p.col_indptr == nullptr) && run_dq && run_dkdv && rows_sm90_rule(p, D) &&
+         p.dq_accum != nullptr && p.dq_accum_words >= rows_workspace_words(p, D) && device_runs_sm90a();
 #else
   return false;
 #endif

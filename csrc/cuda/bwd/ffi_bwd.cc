@@ -7,8 +7,9 @@
 //
 // Operands: q, k, v, do, lse, delta, indptr, indices, col_indptr, col_rows, col_order (the column view of the
 // layout and its columns by decreasing length, jax_bsattn/column_view.py; all three [LB, LH, 0] where the row-oriented
-// backward runs, which never reads them); results dq, dk, dv, dq_accum (flat float32 workspace of q's size + kDqSchedWords, or empty: the caller
-// asks for the deterministic backward by giving none).
+// backward runs, which never reads them); results dq, dk, dv, dq_accum (a flat float32 workspace: empty, the
+// deterministic pair with no split; q's size + kDqSchedWords or more, the one-pass kernels' or the row-oriented one's;
+// or exactly the pair's split areas, bwd/params.h pair_areas).
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -129,9 +130,10 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   p.delta = delta.typed_data();
   p.indptr = indptr.typed_data();
   p.indices = indices.typed_data();
-  p.col_indptr = col_indptr.typed_data();
-  p.col_rows = col_rows.typed_data();
-  p.col_order = col_order.typed_data();
+  // (null: no column view, which only the row-oriented backward may run without; checked below)
+  p.col_indptr = no_col_view ? nullptr : col_indptr.typed_data();
+  p.col_rows = no_col_view ? nullptr : col_rows.typed_data();
+  p.col_order = no_col_view ? nullptr : col_order.typed_data();
   p.dq = dq->untyped_data();
   p.dk = dk->untyped_data();
   p.dv = dv->untyped_data();
@@ -147,9 +149,11 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
                    std::to_string(bwd::split_workspace_words(p, static_cast<int>(D))) + ", the dq split's " +
                    std::to_string(bwd::dq_split_words(p, static_cast<int>(D))) + " or their sum");
 
-  if (no_col_view && run_dkdv && !bwd::runs_rows_sm90(p, static_cast<int>(D), run_dq, run_dkdv))
+  // (N > 0: some dk / dv kernel may read the view; run_dkdv is not enough: the development switch above may clear it)
+  if (no_col_view && N > 0 && !bwd::runs_rows_sm90(p, static_cast<int>(D), run_dq, run_dkdv))
     return bwd_bad("col_indptr, col_rows and col_order are empty, but the backward that runs here is not the "
-                   "row-oriented one and needs the layout's column view");
+                   "row-oriented one and needs the layout's column view (a module lowered for an H100 / H200 run "
+                   "on another GPU?)");
 
   const cudaError_t err = dt == ffi::DataType::BF16 ? launch_all<bwd::kBF16>(p, D, run_dq, run_dkdv, stream)
                                                     : launch_all<bwd::kF16>(p, D, run_dq, run_dkdv, stream);

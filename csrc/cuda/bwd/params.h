@@ -163,11 +163,15 @@ inline int64_t dq_split_words(const Params& p, int D) {
 // the column split's (cs floats, first) and the dq split's (ds), so exactly cs, ds or cs + ds floats, all shorter than
 // the one-pass kernels' workspace. Where each starts (-1: absent); where cs = ds a workspace of that size goes to the
 // column split.
+inline bool dkdv_sm90_applies(const Params& p, int D);  // (below)
 struct PairAreas {
   int64_t col = -1, dq = -1;
 };
 inline PairAreas pair_areas(const Params& p, int D) {
-  const int64_t cs = split_workspace_words(p, D), ds = dq_split_words(p, D), n = p.dq_accum_words;
+  // (cs only where the pair's dk / dv kernel may split: the mma.sync column kernel at C > 16, D <= 128, or the narrow
+  // wgmma one, as lowering.py _pair_splits; elsewhere an area of ds floats must not read as a column split's)
+  const bool col = (p.C > 16 && D <= 128) || dkdv_sm90_applies(p, D);
+  const int64_t cs = col ? split_workspace_words(p, D) : 0, ds = dq_split_words(p, D), n = p.dq_accum_words;
   PairAreas a;
   if (p.dq_accum == nullptr || n <= 0 || has_dq_workspace(p, D)) return a;
   if (cs > 0 && (n == cs || n == cs + ds)) a.col = 0;
