@@ -142,8 +142,9 @@ def _dq_workspace_words(q, k, indptr, indices, cfg: Config) -> int:
     # workspace, which is how the handler tells them apart (bwd/params.h is_pair_workspace; else no split)
     cs = _split_words(q, k, indptr, cfg, pair=True) if _pair_splits(q, cfg) else 0
     ds = _dq_split_words(q, k, indptr, cfg)
-    # both; else the column split's; else (keys far more than queries) the dq split's, where its size tells it apart
-    for words in (cs + ds, cs) + ((ds,) if ds != cs else ()):
+    # both; else the column split's; else (keys far more than queries) the dq split's (reached only when cs is too
+    # large, so never equal to it: the handler tells it by size)
+    for words in (cs + ds, cs, ds):
         if words < q.size + DQ_SCHED_WORDS:
             return words
     return 0

@@ -28,6 +28,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def custom_call_lines(text, target):
+    """The lines of a lowered module's text that call the FFI target `target` (e.g. "bsattn_bwd_cuda")."""
+    return [l for l in text.splitlines() if f"custom_call @{target}" in l]
+
+
 def random_mask(rng, lead, MB, NB, density):
     """A random block mask; density 0 and 1 rows appear too when density is extreme."""
     return rng.random(tuple(lead) + (MB, NB)) < density

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jax_bsattn as jb
-from conftest import check_forward, random_mask, random_problem
+from conftest import check_forward, custom_call_lines, random_mask, random_problem
 
 pytestmark = pytest.mark.gpu
 
@@ -626,7 +626,7 @@ def test_backward_rows_without_column_view(monkeypatch):
     def grads(empty_view):  # traced anew under the environment as it is now
         loss = lambda q, k, v: jnp.sum(jb.block_sparse_attention(q, k, v, layout).astype(jnp.float32) ** 2)
         fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-        bwd = [l for l in fn.lower(q, k, v).as_text().splitlines() if "custom_call @bsattn_bwd_cuda" in l]
+        bwd = custom_call_lines(fn.lower(q, k, v).as_text(), "bsattn_bwd_cuda")
         assert len(bwd) == 1 and (bwd[0].count("tensor<1x1x0xi32>") == 3) == empty_view, bwd
         return fn(q, k, v)
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import jax_bsattn as jb
+from conftest import custom_call_lines
 
 
 def test_cuda_lowering_holds_custom_calls_with_attributes():
@@ -21,8 +22,7 @@ def test_cuda_lowering_holds_custom_calls_with_attributes():
 
     text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).trace(q, k, k).lower(
         lowering_platforms=("cuda",)).as_text()
-    fwd = [l for l in text.splitlines() if "custom_call @bsattn_fwd_cuda" in l]
-    bwd = [l for l in text.splitlines() if "custom_call @bsattn_bwd_cuda" in l]
+    fwd, bwd = custom_call_lines(text, "bsattn_fwd_cuda"), custom_call_lines(text, "bsattn_bwd_cuda")
     assert len(fwd) == 1 and len(bwd) == 1, text
     for line in fwd + bwd:
         for attr in ("block_r = 16 : i64", "block_c = 16 : i64", "causal = true", "scale = 5.000000e-01 : f32",
@@ -114,7 +114,7 @@ def test_row_backward_builds_no_column_view(R, C, g, rows, LH, monkeypatch):
     def bwd_text():
         loss = lambda q, k, v: jnp.sum(jb.block_sparse_attention(q, k, v, layout).astype(jnp.float32))
         text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
-        bwd = [l for l in text.splitlines() if "custom_call @bsattn_bwd_cuda" in l]
+        bwd = custom_call_lines(text, "bsattn_bwd_cuda")
         assert len(bwd) == 1, text
         return bwd[0], "stablehlo.sort" in text
 
