@@ -45,8 +45,17 @@ GPU_DEFAULTS = dict(seq_len=2048, block=64, window=512, layers=6, dim=512, heads
                     steps=1000, lr=1e-3, dtype="bf16")
 
 
+def backend():
+    """The platform the steps run on: jax's default device where one is set (jax.default_device), else its backend."""
+    dev = jax.config.jax_default_device
+    if dev is None:
+        return jax.default_backend()
+    platform = dev if isinstance(dev, str) else dev.platform
+    return "gpu" if platform in ("cuda", "rocm") else platform
+
+
 def parse_args(argv=None):
-    on_gpu = jax.default_backend() == "gpu"
+    on_gpu = backend() == "gpu"
     d = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -174,7 +183,7 @@ def main(argv=None):
     T, R = args.seq_len, args.block
     layout = layouts.union(layouts.sliding_window(T, R, args.window),
                            layouts.global_local(T, R, 0, global_tokens=R, causal=True))
-    print(f"backend {jax.default_backend()}  corpus {len(data) / 2 ** 20:.1f} MB of stdlib source  "
+    print(f"backend {backend()}  corpus {len(data) / 2 ** 20:.1f} MB of stdlib source  "
           f"attention {'dense (jax.nn.dot_product_attention)' if args.dense else 'block-sparse'}  "
           f"layout {R}x{R} blocks, density {layout.density:.3f}")
 
@@ -193,10 +202,10 @@ def main(argv=None):
     if args.devices > 1:
         from jax.sharding import AxisType, NamedSharding
         from jax.sharding import PartitionSpec as P
-        if len(jax.devices()) < args.devices:
-            raise SystemExit(f"--devices {args.devices}: only {len(jax.devices())} devices ({jax.devices()})")
-        mesh = jax.make_mesh((args.devices,), ("data",), axis_types=(AxisType.Auto,),
-                             devices=jax.devices()[:args.devices])
+        devices = jax.devices(backend())
+        if len(devices) < args.devices:
+            raise SystemExit(f"--devices {args.devices}: only {len(devices)} devices ({devices})")
+        mesh = jax.make_mesh((args.devices,), ("data",), axis_types=(AxisType.Auto,), devices=devices[:args.devices])
         state = nnx.state((model, optimizer))
         nnx.update((model, optimizer), jax.device_put(state, NamedSharding(mesh, P())))
         batch_sharding = NamedSharding(mesh, P("data"))
@@ -232,7 +241,7 @@ def main(argv=None):
 
     metrics = dict(args=vars(args), params=int(n_params), losses=losses, final_train_loss=tail,
                    held_out_loss=eval_loss, tokens_per_s=tokens_per_s, layout_density=layout.density,
-                   backend=jax.default_backend(), devices=args.devices)
+                   backend=backend(), devices=args.devices)
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
     save_plots(args, losses, layout)

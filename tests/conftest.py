@@ -28,6 +28,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _cpu_path_unless_marked_gpu(request):
+    """Tests without the gpu marker check the CPU path (float32, any head dim: the CUDA kernels refuse both), so on a
+    machine with a GPU they still run on the CPU device; the gpu-marked ones choose their devices themselves."""
+    if not HAS_CUDA or "gpu" in request.keywords:
+        yield
+        return
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
 def custom_call_lines(text, target):
     """The lines of a lowered module's text that call the FFI target `target` (e.g. "bsattn_bwd_cuda")."""
     return [l for l in text.splitlines() if f"custom_call @{target}" in l]
