@@ -8,7 +8,8 @@ C <= 8 (the packed dk/dv path) and larger blocks, causal and soft cap; layouts w
 band plus column 0 in head 0, columns 0 and NB / 2 in head 1), long enough that the column kernels split them
 (bwd/column_split.cuh); and with global block rows ("global-rows": a band plus row 0 in head 0, rows 0 and MB / 2 in
 head 1), R * g > 16, which the forward's row split cuts (fwd_sm90/row_split.cuh). Prints one line per case.
-Arguments (optional): run only the cases of these kinds (e.g. `global-rows`).
+Arguments (optional): run only the cases of these kinds (e.g. `global-rows`) or at these indices into CASES (e.g. `3
+7`): under JAX the sanitizer's own process sometimes dies (segfault) partway, so one process per case loses least.
 """
 
 import sys
@@ -52,8 +53,8 @@ CASES = [  # (R, C, g, D, M, N, garbage, causal, softcap)
 def main():
     rng = np.random.default_rng(0)
     kinds = sys.argv[1:]
-    for R, C, g, D, M, N, garbage, causal, softcap in CASES:
-        if kinds and str(garbage) not in kinds:
+    for i, (R, C, g, D, M, N, garbage, causal, softcap) in enumerate(CASES):
+        if kinds and str(garbage) not in kinds and str(i) not in kinds:
             continue
         MB, NB = -(-M // R), -(-N // C)
         nnz = MB * NB
