@@ -649,6 +649,10 @@ def test_backward_rows_without_column_view(monkeypatch):
     call = jax.ffi.ffi_call("bsattn_bwd_cuda", out)
     with pytest.raises(Exception, match="col_indptr, col_rows and col_order are empty"):
         jax.block_until_ready(call(q, k, v, q, lse, lse, ip, ix, empty, empty, empty, **ffi_attributes(cfg)))
+    # a view whose leading dims are not the layout's [LB, LH], empty or not, is refused naming it
+    wrong = jnp.zeros((1, 2, 0), jnp.int32)
+    with pytest.raises(Exception, match=r"col_order \[1, 2, 0\] must be \[LB, LH, \.\.\.\] like indptr"):
+        jax.block_until_ready(call(q, k, v, q, lse, lse, ip, ix, empty, empty, wrong, **ffi_attributes(cfg)))
 
 
 @pytest.mark.parametrize("R,C,g,causal,D", [(64, 1, 4, False, 128), (128, 16, 2, True, 128), (64, 1, 4, False, 64),

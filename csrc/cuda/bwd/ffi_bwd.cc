@@ -62,11 +62,11 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   const auto dqd = dq->dimensions(), dkd = dk->dimensions(), dvd = dv->dimensions();
   const auto ld = lse.dimensions(), dld = delta.dimensions();
   const auto pd = indptr.dimensions(), id = indices.dimensions(), cpd = col_indptr.dimensions(),
-             crd = col_rows.dimensions();
+             crd = col_rows.dimensions(), cod = col_order.dimensions();
   if (qd.size() != 4 || kd.size() != 4) return bwd_bad("q and k must be rank 4 ([B, M, H, D])");
   if (ld.size() != 3 || dld.size() != 3) return bwd_bad("lse and delta must be rank 3 ([B, M, Hq])");
-  if (pd.size() != 3 || id.size() != 3 || cpd.size() != 3 || crd.size() != 3)
-    return bwd_bad("indptr, indices, col_indptr and col_rows must be rank 3");
+  if (pd.size() != 3 || id.size() != 3 || cpd.size() != 3 || crd.size() != 3 || cod.size() != 3)
+    return bwd_bad("indptr, indices, col_indptr, col_rows and col_order must be rank 3");
   const int64_t B = qd[0], M = qd[1], Hq = qd[2], D = qd[3];
   const int64_t N = kd[1], Hk = kd[2];
   if (kd[0] != B || kd[3] != D) return bwd_bad("k " + dims_str(kd) + " does not match q " + dims_str(qd));
@@ -89,17 +89,16 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   msg = ffi_common::check_layout(pd, id, B, M, N, Hk, block_r, block_c, l);
   if (!msg.empty()) return bwd_bad(msg);
   const int64_t MB = l.MB, NB = l.NB, LB = l.LB, LH = l.LH, nnz = l.nnz;
-  // the column view, or none (all three [LB, LH, 0]) where the row-oriented backward runs: checked below
-  const auto cod = col_order.dimensions();
-  const bool no_col_view = cod.size() == 3 && cpd[2] == 0 && crd[2] == 0 && cod[2] == 0 && cpd[0] == LB &&
-                           crd[0] == LB && cod[0] == LB && cpd[1] == LH && crd[1] == LH && cod[1] == LH;
+  // the column view [LB, LH, ...], or none (all three last dims 0) where the row-oriented backward runs (checked
+  // below)
+  for (const auto& [name, d] : {std::pair{"col_indptr", cpd}, {"col_rows", crd}, {"col_order", cod}})
+    if (d[0] != LB || d[1] != LH)
+      return bwd_bad(std::string(name) + " " + dims_str(d) + " must be [LB, LH, ...] like indptr");
+  const bool no_col_view = cpd[2] == 0 && crd[2] == 0 && cod[2] == 0;
   if (!no_col_view) {
-    if (cpd[0] != LB || cpd[1] != LH || cpd[2] != NB + 1)
-      return bwd_bad("col_indptr " + dims_str(cpd) + " must be [LB, LH, ceil(N / C) + 1]");
-    if (crd[0] != LB || crd[1] != LH || crd[2] != nnz)
-      return bwd_bad("col_rows " + dims_str(crd) + " must be [LB, LH, nnz] like indices");
-    if (cod.size() != 3 || cod[0] != LB || cod[1] != LH || cod[2] != NB)
-      return bwd_bad("col_order " + dims_str(cod) + " must be [LB, LH, ceil(N / C)]");
+    if (cpd[2] != NB + 1) return bwd_bad("col_indptr " + dims_str(cpd) + " must be [LB, LH, ceil(N / C) + 1]");
+    if (crd[2] != nnz) return bwd_bad("col_rows " + dims_str(crd) + " must be [LB, LH, nnz] like indices");
+    if (cod[2] != NB) return bwd_bad("col_order " + dims_str(cod) + " must be [LB, LH, ceil(N / C)]");
   }
 
   bool run_dq = B > 0 && M > 0 && Hq > 0;  // dq has elements
