@@ -1,6 +1,7 @@
 """Peak device memory of one training step (forward + backward) of block-sparse attention at a long sequence.
 
     python benchmarks/peak_memory.py [--seq 32768] [--blocks 64x64,16x16] [--hq 32] [--hk 8] [--dim 128]
+                                     [--deterministic]
 
 One jitted step: o = block_sparse_attention(q, k, v, layout), then dq, dk, dv = vjp(do). Inputs are bf16
 [1, M, H, D]; the layout is random with the same number of blocks in every block row (density --density).
@@ -25,6 +26,7 @@ def main():
     ap.add_argument("--hk", type=int, default=8)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--density", type=float, default=0.25)
+    ap.add_argument("--deterministic", action="store_true", help="the op's deterministic=True (its own workspaces)")
     a = ap.parse_args()
     dev = jax.devices()[0]
     M = N = a.seq
@@ -42,7 +44,8 @@ def main():
 
         @jax.jit
         def step(q, k, v, do, layout):
-            o, pull = jax.vjp(lambda q, k, v: block_sparse_attention(q, k, v, layout), q, k, v)
+            attend = lambda q, k, v: block_sparse_attention(q, k, v, layout, deterministic=a.deterministic)
+            o, pull = jax.vjp(attend, q, k, v)
             return o, pull(do)
 
         compiled = step.lower(q, k, v, do, layout).compile()
@@ -58,14 +61,16 @@ def main():
         analysis = compiled.memory_analysis()
         xla_temp = analysis.temp_size_in_bytes if analysis else None
         row = {"device": str(dev.device_kind), "seq": M, "R": R, "C": C, "hq": a.hq, "hk": a.hk, "dim": a.dim,
-               "density": a.density, "peak_step_bytes": step_bytes, "outputs_bytes": io_bytes + 2 * q.size,  # o, dq, dk, dv
+               "density": a.density, "deterministic": a.deterministic, "peak_step_bytes": step_bytes,
+               "outputs_bytes": io_bytes + 2 * q.size,  # o, dq, dk, dv
                "xla_temp_bytes": xla_temp, "dense_mask_bytes": M * N, "dense_scores_bytes": 2 * a.hq * M * N,
                "lse_delta_bytes": 2 * 4 * M * a.hq}
         print(json.dumps(row))
         gib = 2.0 ** 30
         peak_txt = (f"peaks at {step_bytes / gib:.2f} GiB" if step_bytes is not None else
                     "stays under an earlier case's peak (not measurable here: run it alone)")
-        print(f"M = N = {M}, {R}x{C}, Hq={a.hq} Hk={a.hk} D={a.dim}: one step {peak_txt} "
+        print(f"{'deterministic: ' if a.deterministic else ''}M = N = {M}, {R}x{C}, Hq={a.hq} Hk={a.hk} D={a.dim}: "
+              f"one step {peak_txt} "
               f"beyond its inputs (outputs o, dq, dk, dv: {row['outputs_bytes'] / gib:.2f} GiB; XLA temporaries "
               f"{(xla_temp or 0) / gib:.3f} GiB); dense: M x N mask {M * N / gib:.2f} GiB, Hq x M x N bf16 scores "
               f"{row['dense_scores_bytes'] / gib:.1f} GiB", flush=True)
