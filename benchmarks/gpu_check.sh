@@ -9,6 +9,7 @@
 # BWD_CHECK="--atomic --quick ..." (csrc/cuda/bwd/check_bwd.py on the installed module: float32-reference checks,
 # determinism, garbage layouts, the backward timing grid; BWD_CHECK2 a second such run), PYTEST_ARGS (e.g. -k backward),
 # FWD_MMA=0 / CMDBUF=0 (skip the mma.sync forward re-run / the command-buffer tests), TESTS=0 (no GPU tests),
+# SHARDS=5 (the GPU tests in five concurrent processes, each cut at SHARD_S seconds; ALL=1 adds the unmarked tests),
 # PEERS="flex" (the peers' phases run first in the same call, from .peers: see shared/peers/README.md; PEER_CELLS).
 set -o pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -23,7 +24,35 @@ stamp build
 BSATTN_CUDA=FORCE BSATTN_CUDA_ARCHS=${ARCHS:-90} python3 -m pip install --no-build-isolation --no-deps --no-index \
   --target /tmp/site . > "$OUT/pip.log" 2>&1 || { tail -40 "$OUT/pip.log"; exit 1; }
 export PYTHONPATH=/tmp/site
-[ "${TESTS:-1}" = 1 ] && stamp "gpu tests" && (cd tests && python3 -m pytest -q -m gpu ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15)
+run_ids() {  # log name, file of test ids (one per line, relative to tests/): one pytest process, cut at SHARD_S
+  # (never with no ids: pytest would then run the whole suite)
+  [ -s "$2" ] || { echo "$1: no test ids" > "$OUT/$1.log"; return; }
+  (cd tests && timeout ${SHARD_S:-450} python3 -c "import sys, pytest; sys.exit(pytest.main(['-v', '--tb=short', \
+    '-p', 'no:cacheprovider'] + open('$2').read().splitlines()))" > "$OUT/$1.log" 2>&1; echo "$1 rc=$?" >> "$OUT/$1.log")
+}
+if [ "${TESTS:-1}" = 1 ] && [ "${SHARDS:-1}" -gt 1 ]; then
+  # the suite in SHARDS concurrent processes on the one GPU (the whole gpu-marked suite takes over ten minutes in one);
+  # ALL=1: the unmarked tests too (the CPU path, on the CPU device: tests/conftest.py), in two more processes
+  stamp "gpu tests in $SHARDS processes${ALL:+, the others in 2}"
+  (cd tests && python3 -m pytest -q -m gpu ${PYTEST_ARGS:-} --collect-only 2>/dev/null | grep "::" | sed 's#^tests/##') \
+    > "$OUT/ids_gpu.txt"
+  echo "$(wc -l < "$OUT/ids_gpu.txt") gpu test ids"
+  for s in $(seq 0 $((SHARDS - 1))); do
+    awk -v s=$s -v n=$SHARDS 'NR % n == s' "$OUT/ids_gpu.txt" > "$OUT/ids_gpu$s.txt"; run_ids pytest_gpu$s "$OUT/ids_gpu$s.txt" &
+  done
+  if [ -n "${ALL:-}" ]; then
+    (cd tests && python3 -m pytest -q -m "not gpu" --collect-only 2>/dev/null | grep "::" | sed 's#^tests/##') > "$OUT/ids_cpu.txt"
+    for s in 0 1; do awk -v s=$s 'NR % 2 == s' "$OUT/ids_cpu.txt" > "$OUT/ids_cpu$s.txt"; run_ids pytest_cpu$s "$OUT/ids_cpu$s.txt" & done
+  fi
+  wait
+  for f in "$OUT"/pytest_{gpu,cpu}[0-9]*.log; do
+    [ -f "$f" ] || continue
+    echo "$(basename "$f" .log): $(grep -c ' PASSED' "$f") passed, $(grep -c ' FAILED' "$f") failed, $(grep -c ' SKIPPED' \
+      "$f") skipped; $(tail -1 "$f")"; grep -E "^FAILED|^ERROR" "$f" | head -5
+  done
+elif [ "${TESTS:-1}" = 1 ]; then
+  stamp "gpu tests" && (cd tests && python3 -m pytest -q -m gpu ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15)
+fi
 if [ "${FWD_MMA:-1}" = 1 ] && [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1)" = "9.0" ]; then
   # on Hopper the forward's 64- and 128-row tiles run the wgmma kernel: test the mma.sync kernel (what other GPUs
   # run) on them too
@@ -48,11 +77,15 @@ for args in "${BWD_CHECK:-}" "${BWD_CHECK2:-}"; do
 done
 if [ -n "${SANITIZE:-}" ]; then
   SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  # one process per case: under JAX the sanitizer's own process sometimes dies (segfault) partway through several
+  NCASES=$(cd csrc/cuda/dev && python3 -c "import sanitize_api; print(len(sanitize_api.CASES))")
   for tool in memcheck racecheck; do
-    stamp "compute-sanitizer $tool"
-    (cd /tmp && XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout ${SAN_S:-200} $SAN --tool $tool --kernel-name kns=bsattn \
-      --print-limit 20 python3 "$OLDPWD/csrc/cuda/dev/sanitize_api.py" > "$OUT/sanitize_$tool.log" 2>&1; \
-      echo "$tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|hazard|^case" "$OUT/sanitize_$tool.log" | head -12)
+    stamp "compute-sanitizer $tool, $NCASES cases"
+    for i in $(seq 0 $((NCASES - 1))); do
+      (cd /tmp && XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout ${SAN_S:-60} $SAN --tool $tool --kernel-name kns=bsattn \
+        --print-limit 20 python3 "$OLDPWD/csrc/cuda/dev/sanitize_api.py" $i > "$OUT/sanitize_${tool}_$i.log" 2>&1; \
+        echo "$tool case $i rc=$?"; grep -E "^case|SUMMARY|Invalid|hazard" "$OUT/sanitize_${tool}_$i.log" | head -4)
+    done
   done
 fi
 if [ -n "${KERNEL_SANITIZE:-}" ]; then
