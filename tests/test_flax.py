@@ -194,3 +194,44 @@ print("LOSSES " + json.dumps([two["losses"], one["losses"], two["held_out_loss"]
     two, one, held_two, held_one = json.loads(lines[-1][len("LOSSES "):])
     np.testing.assert_allclose(two, one, rtol=1e-4)
     np.testing.assert_allclose(held_two, held_one, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_module_on_the_gpu_in_bf16(monkeypatch):
+    """The module in bf16 on the CUDA kernels (head dim 64, GQA, rotary, causal): output and parameter gradients
+    against the same module on the CPU with the float32 reference, within twice the error of the reference in bf16
+    (+ 1e-4), the project's criterion."""
+
+    from conftest import assert_close
+    from jax_bsattn.reference import reference_in_dtype
+
+    cuda, cpu = jax.devices("cuda")[0], jax.devices("cpu")[0]
+    layout = lambda n: L.sliding_window(n, 16, 48)
+
+    def make(dtype):  # on the CPU: the same parameters for every dtype
+        with jax.default_device(cpu):
+            return jbf.BlockSparseMultiHeadAttention(4, 256, num_kv_heads=2, head_dim=64, rotary=True, causal=True,
+                                                      layout=layout, dtype=dtype, rngs=nnx.Rngs(3))
+
+    x = jax.device_put(inputs((2, 96, 256), 4), cpu)
+    loss = lambda m, x: jnp.sum(jnp.sin(m(x).astype(jnp.float32)))
+    step = lambda m, x: (m(x), nnx.grad(loss)(m, x))
+
+    graphdef, state = nnx.split(make(jnp.bfloat16))
+    on_gpu = nnx.merge(graphdef, jax.device_put(state, cuda))
+    out, grads = nnx.jit(step)(on_gpu, jax.device_put(x, cuda))
+    assert next(iter(out.devices())).platform == "gpu" and out.dtype == jnp.bfloat16
+
+    with jax.default_device(cpu):
+        monkeypatch.setattr(jbf, "block_sparse_attention", ref)
+        out32, grads32 = step(make(jnp.float32), x)
+        monkeypatch.setattr(jbf, "block_sparse_attention",
+                            lambda *a, deterministic=False, **kw: reference_in_dtype(*a, compute_dtype=jnp.bfloat16,
+                                                                                     **kw))
+        out_lowp, grads_lowp = step(make(jnp.bfloat16), x)
+    assert_close("out", out, out32, out_lowp)
+    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(nnx.state(grads32))]
+    leaves = [jax.tree.leaves(nnx.state(g)) for g in (grads, grads32, grads_lowp)]
+    assert len(names) == len(leaves[0]) >= 4
+    for name, g, g32, glp in zip(names, *leaves):
+        assert_close(name, jax.device_put(g, cpu), g32, glp)
