@@ -30,20 +30,20 @@ run_ids() {  # log name, file of test ids (one per line, relative to tests/): on
   (cd tests && timeout ${SHARD_S:-450} python3 -c "import sys, pytest; sys.exit(pytest.main(['-v', '--tb=short', \
     '-p', 'no:cacheprovider'] + open('$2').read().splitlines()))" > "$OUT/$1.log" 2>&1; echo "$1 rc=$?" >> "$OUT/$1.log")
 }
+shard() {  # name, pytest -m expression, processes, extra pytest args: the matching ids round-robin, concurrently
+  (cd tests && python3 -m pytest -q -m "$2" $4 --collect-only 2>/dev/null | grep "::" | sed 's#^tests/##') \
+    > "$OUT/ids_$1.txt"
+  echo "$(wc -l < "$OUT/ids_$1.txt") $1 test ids"
+  for s in $(seq 0 $(($3 - 1))); do
+    awk -v s=$s -v n=$3 'NR % n == s' "$OUT/ids_$1.txt" > "$OUT/ids_$1$s.txt"; run_ids pytest_$1$s "$OUT/ids_$1$s.txt" &
+  done
+}
 if [ "${TESTS:-1}" = 1 ] && [ "${SHARDS:-1}" -gt 1 ]; then
   # the suite in SHARDS concurrent processes on the one GPU (the whole gpu-marked suite takes over ten minutes in one);
   # ALL=1: the unmarked tests too (the CPU path, on the CPU device: tests/conftest.py), in two more processes
   stamp "gpu tests in $SHARDS processes${ALL:+, the others in 2}"
-  (cd tests && python3 -m pytest -q -m gpu ${PYTEST_ARGS:-} --collect-only 2>/dev/null | grep "::" | sed 's#^tests/##') \
-    > "$OUT/ids_gpu.txt"
-  echo "$(wc -l < "$OUT/ids_gpu.txt") gpu test ids"
-  for s in $(seq 0 $((SHARDS - 1))); do
-    awk -v s=$s -v n=$SHARDS 'NR % n == s' "$OUT/ids_gpu.txt" > "$OUT/ids_gpu$s.txt"; run_ids pytest_gpu$s "$OUT/ids_gpu$s.txt" &
-  done
-  if [ -n "${ALL:-}" ]; then
-    (cd tests && python3 -m pytest -q -m "not gpu" --collect-only 2>/dev/null | grep "::" | sed 's#^tests/##') > "$OUT/ids_cpu.txt"
-    for s in 0 1; do awk -v s=$s 'NR % 2 == s' "$OUT/ids_cpu.txt" > "$OUT/ids_cpu$s.txt"; run_ids pytest_cpu$s "$OUT/ids_cpu$s.txt" & done
-  fi
+  shard gpu gpu "$SHARDS" "${PYTEST_ARGS:-}"
+  [ -n "${ALL:-}" ] && shard cpu "not gpu" 2 ""
   wait
   for f in "$OUT"/pytest_{gpu,cpu}[0-9]*.log; do
     [ -f "$f" ] || continue

@@ -30,8 +30,9 @@ for _ in range(5):
 
 # The float32 reference on the CPU (a GPU's float32 matmuls may use TF32). The kernel's error may be up to twice
 # the reference's own error when it computes in the inputs' dtype (none in float32), plus 1e-4.
-with jax.default_device(jax.devices("cpu")[0]):
-    args = [jax.device_put(x, jax.devices("cpu")[0]) for x in (q, k, v)]
+cpu = jax.devices("cpu")[0]
+with jax.default_device(cpu):
+    args = [jax.device_put(x, cpu) for x in (q, k, v)]
     ref = jb.reference.reference_in_dtype(*args, layout, causal=True)
     ref_lowp = jb.reference.reference_in_dtype(*args, layout, causal=True, compute_dtype=dtype)
 rel = lambda x: float(jnp.linalg.norm(jnp.asarray(x, jnp.float32) - ref) / jnp.linalg.norm(ref))

@@ -201,7 +201,6 @@ def test_module_on_the_gpu_in_bf16(monkeypatch):
     """The module in bf16 on the CUDA kernels (head dim 64, GQA, rotary, causal): output and parameter gradients
     against the same module on the CPU with the float32 reference, within twice the error of the reference in bf16
     (+ 1e-4), the project's criterion."""
-
     from conftest import assert_close
     from jax_bsattn.reference import reference_in_dtype
 
