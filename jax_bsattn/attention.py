@@ -8,13 +8,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import _extension  # noqa: F401  (registers the FFI targets)
 from . import lowering  # noqa: F401  (registers the lowerings)
 from .layout import BlockSparseLayout, monotone_indptr
 from .primitives import SUPPORTED_DTYPES, Config, bsattn_bwd_p, bsattn_fwd_p
 
-__all__ = ["block_sparse_attention", "check_inputs"]
+__all__ = ["block_sparse_attention", "check_inputs", "static_flag", "static_float"]
 
 
 class Shapes(NamedTuple):
@@ -58,9 +59,32 @@ def check_inputs(q, k, v, layout, logits_soft_cap=None) -> Shapes:
     if not ok:
         raise ValueError(f"layout batch shape {L} does not broadcast against (*B, Hk) = {target} "
                          f"(q {q.shape}, k {k.shape}); use (), (Hk,), (B, 1) or (B, Hk)")
-    if logits_soft_cap is not None and not float(logits_soft_cap) > 0:
+    if logits_soft_cap is not None and not static_float("logits_soft_cap", logits_soft_cap) > 0:
         raise ValueError(f"logits_soft_cap must be positive or None, got {logits_soft_cap}")
     return Shapes(tuple(batch), M, N, Hq, Hk, D)
+
+
+def static_float(name: str, x) -> float:
+    """A float attribute of the op (scale, logits_soft_cap): compiled into the kernels, so concrete and finite."""
+    if isinstance(x, (str, bytes, bool, np.bool_)):
+        raise TypeError(f"{name} must be a real number, got {x!r}")
+    try:
+        f = float(x)
+    except jax.errors.ConcretizationTypeError:
+        raise TypeError(f"{name} must be a concrete number: it is compiled into the kernels, and got a traced value "
+                        f"(pass a Python float, or scale q by a traced factor instead)") from None
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {x!r}") from None
+    if not math.isfinite(f):
+        raise ValueError(f"{name} must be finite, got {f}")
+    return f
+
+
+def static_flag(name: str, x) -> bool:
+    """A switch of the op (causal, return_lse, deterministic): True or False, nothing merely truthy."""
+    if not isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {x!r}")
+    return bool(x)
 
 
 def _canonical_layout(x, batch: tuple[int, ...], Hk: int):
@@ -135,9 +159,10 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
     batch, M, N, Hq, Hk, D = shapes
     B = math.prod(batch)
     cfg = Config(block_r=int(layout.block_size[0]), block_c=int(layout.block_size[1]),
-                 scale=float(D ** -0.5 if scale is None else scale),
-                 softcap=float(0.0 if logits_soft_cap is None else logits_soft_cap), causal=bool(causal),
-                 deterministic=bool(deterministic))
+                 scale=D ** -0.5 if scale is None else static_float("scale", scale),
+                 softcap=float(0.0 if logits_soft_cap is None else logits_soft_cap),
+                 causal=static_flag("causal", causal), deterministic=static_flag("deterministic", deterministic))
+    return_lse = static_flag("return_lse", return_lse)
     q3 = jnp.reshape(q, (B, M, Hq, D))
     k3 = jnp.reshape(k, (B, N, Hk, D))
     v3 = jnp.reshape(v, (B, N, Hk, D))

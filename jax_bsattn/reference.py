@@ -18,6 +18,9 @@ def block_sparse_attention_reference(q, k, v, layout: BlockSparseLayout, *, scal
                                      logits_soft_cap=None, return_lse=False, deterministic=False):
     """Same signature and semantics as :func:`jax_bsattn.block_sparse_attention`, in float32 on a dense mask
     (``deterministic`` is accepted and has nothing to do: this is plain jax.numpy)."""
+    from .attention import static_flag
+
+    static_flag("deterministic", deterministic)
     return reference_in_dtype(q, k, v, layout, scale=scale, causal=causal, logits_soft_cap=logits_soft_cap,
                               return_lse=return_lse, compute_dtype=jnp.float32)
 
@@ -29,12 +32,13 @@ def reference_in_dtype(q, k, v, layout, *, scale=None, causal=False, logits_soft
     In float32 it is the oracle; in the inputs' own dtype (bf16, f16) its distance to the oracle is the error
     budget the tests give a kernel.
     """
-    from .attention import check_inputs  # the public API's argument checks, shared
+    from .attention import check_inputs, static_flag, static_float  # the public API's argument checks, shared
 
     shapes = check_inputs(q, k, v, layout, logits_soft_cap)
     batch, M, N, Hq, Hk, D = shapes.batch, shapes.M, shapes.N, shapes.Hq, shapes.Hk, shapes.D
     g = Hq // Hk
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = D ** -0.5 if scale is None else static_float("scale", scale)
+    causal, return_lse = static_flag("causal", causal), static_flag("return_lse", return_lse)
     cd = jnp.dtype(compute_dtype)
 
     # Element weights [*L, M, N]: how many times each element's block is listed (0 = masked out).

@@ -50,6 +50,46 @@ def test_soft_cap_must_be_positive():
         jb.block_sparse_attention(q, k, v, LAYOUT, logits_soft_cap=0.0)
 
 
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(scale="0.5"), TypeError, "scale must be a real number"),
+    (dict(scale=np.ones(2)), TypeError, "scale must be a real number"),
+    (dict(scale=float("nan")), ValueError, "scale must be finite"),
+    (dict(scale=float("inf")), ValueError, "scale must be finite"),
+    (dict(logits_soft_cap=float("inf")), ValueError, "logits_soft_cap must be finite"),
+    (dict(logits_soft_cap="30"), TypeError, "logits_soft_cap must be a real number"),
+    (dict(causal="yes"), TypeError, "causal must be True or False"),
+    (dict(causal=None), TypeError, "causal must be True or False"),
+    (dict(deterministic=1), TypeError, "deterministic must be True or False"),
+    (dict(return_lse="no"), TypeError, "return_lse must be True or False"),
+])
+def test_attribute_errors(kw, exc, match):
+    """The op's attributes are compiled into the kernels: each error names its argument."""
+    q, k, v = _qkv()
+    for op in (jb.block_sparse_attention, jb.reference.block_sparse_attention_reference):
+        with pytest.raises(exc, match=match):
+            op(q, k, v, LAYOUT, **kw)
+
+
+def test_traced_scale_is_a_clear_error():
+    q, k, v = _qkv()
+    f = jax.jit(lambda q, k, v, s: jb.block_sparse_attention(q, k, v, LAYOUT, scale=s))
+    with pytest.raises(TypeError, match="scale must be a concrete number"):
+        f(q, k, v, 0.5)
+    g = jax.jit(lambda q, k, v, c: jb.block_sparse_attention(q, k, v, LAYOUT, logits_soft_cap=c))
+    with pytest.raises(TypeError, match="logits_soft_cap must be a concrete number"):
+        g(q, k, v, 30.0)
+
+
+def test_numpy_scalars_are_accepted():
+    """NumPy scalars and concrete 0-d arrays are numbers (and NumPy bools switches) like their Python forms."""
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), x.shape) for i, x in enumerate(_qkv()))
+    want = jb.block_sparse_attention(q, k, v, LAYOUT, scale=0.25, causal=True)
+    assert not np.allclose(np.asarray(want), np.asarray(jb.block_sparse_attention(q, k, v, LAYOUT)))
+    for scale, causal in ((np.float32(0.25), np.bool_(True)), (jnp.asarray(0.25), True)):
+        got = jb.block_sparse_attention(q, k, v, LAYOUT, scale=scale, causal=causal)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_cuda_lowering_rejects_unsupported_head_dim_and_dtype():
     q, k, v = _qkv(D=48, dtype=jnp.bfloat16)
     f = jax.jit(lambda q, k, v: jb.block_sparse_attention(q, k, v, LAYOUT))
