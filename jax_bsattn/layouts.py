@@ -159,7 +159,7 @@ def random(seq_lens, block_size, blocks_per_row: int, *, seed: int = 0, causal: 
     """``blocks_per_row`` distinct key blocks per block row, drawn uniformly (BigBird's random attention).
 
     With ``causal=True`` only blocks holding an element with ``d >= 0`` are drawn (rows with fewer such
-    blocks list them all). ``batch_shape`` draws independent layouts, e.g. ``(Hk,)`` for one per KV head.
+    blocks list them all; so does every row where ``blocks_per_row`` is at least the number of block columns). ``batch_shape`` draws independent layouts, e.g. ``(Hk,)`` for one per KV head.
     Deterministic in ``seed``.
     """
     grid = _Grid(seq_lens, block_size)
