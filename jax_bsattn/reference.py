@@ -66,7 +66,9 @@ def reference_in_dtype(q, k, v, layout, *, scale=None, causal=False, logits_soft
     nonempty = denom > 0
     o = jnp.einsum("...mn,...nd->...md", p, vh, preferred_element_type=cd)
     o = o / jnp.where(nonempty, denom, jnp.ones_like(denom))
-    lse = jnp.where(nonempty, m + jnp.log(jnp.where(nonempty, denom, jnp.ones_like(denom))), -jnp.inf)
+    # an empty row: -inf; a NaN denominator (a NaN score the row takes part in): NaN, as its o
+    lse = jnp.where(nonempty, m + jnp.log(jnp.where(nonempty, denom, jnp.ones_like(denom))),
+                    jnp.where(denom == 0, -jnp.inf, jnp.nan).astype(denom.dtype))
 
     o = jnp.moveaxis(o.reshape(batch + (Hq, M, D)), -3, -2).astype(q.dtype)    # [*B, M, Hq, D]
     if not return_lse:

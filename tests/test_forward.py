@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jax_bsattn as jb
-from conftest import check_forward, low_lse_problem, random_mask, random_problem
+from conftest import check_forward, check_gradients, low_lse_problem, random_mask, random_problem
 
 RS = (1, 2, 3, 16, 64)
 CS = (1, 5, 16, 64)
@@ -114,3 +114,35 @@ def test_garbage_traced_layout_follows_the_clamp_rules():
         (o, lse), (o_ref, lse_ref) = jax.jit(run)(indptr, indices, q, k, v)
         np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_ref), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["q", "k"])
+def test_nan_input_reaches_the_rows_that_use_it(where):
+    """A NaN query row, or a NaN key in a listed block, makes the rows whose softmax takes it NaN (o and lse), as
+    the reference does; other rows keep their values. (The forward once took such a row for an empty one: 0, -inf.)"""
+    r = np.random.default_rng(3)
+    M = N = 48
+    q, k, v = (jnp.asarray(r.standard_normal((1, n, 2, 16)), jnp.float32) for n in (M, N, N))
+    mask = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 1]], bool)
+    layout = jb.BlockSparseLayout.from_block_mask(mask, (16, 16), (M, N))
+    if where == "q":
+        q = q.at[0, 5, 1].set(jnp.nan)
+    else:
+        k = k.at[0, 20, 0].set(jnp.nan)  # block column 1: block rows 1 and 2 list it, causally from row 20 on
+    for causal in (False, True):
+        o, lse = jb.block_sparse_attention(q, k, v, layout, causal=causal, return_lse=True)
+        ro, rlse = jb.reference.block_sparse_attention_reference(q, k, v, layout, causal=causal, return_lse=True)
+        nan_rows = np.isnan(np.asarray(rlse))
+        assert nan_rows.any() and not nan_rows.all()
+        np.testing.assert_array_equal(np.isnan(np.asarray(lse)), nan_rows)
+        np.testing.assert_array_equal(np.isnan(np.asarray(o)), np.isnan(np.asarray(ro)))
+        np.testing.assert_allclose(np.asarray(o)[~np.isnan(np.asarray(ro))], np.asarray(ro)[~np.isnan(np.asarray(ro))],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_far_wider_than_the_sequence():
+    """C = 2^22 over N = 32 keys: the CPU kernels size their scratch by min(C, N) (by C it took gigabytes)."""
+    q, k, v = random_problem(np.random.default_rng(6), M=32, N=32, Hq=2, Hk=1, D=16)
+    layout = jb.BlockSparseLayout.from_block_mask(np.ones((4, 1), bool), (8, 1 << 22), (32, 32))
+    check_forward(q, k, v, layout, causal=True)
+    check_gradients(q, k, v, layout, causal=True)

@@ -38,16 +38,16 @@ struct BwdScratch {
 
   explicit BwdScratch(const Problem& p)
       : chunking(row_chunking(p)), Dp(pad16(p.D)), Pp(pad16(chunking.rows * p.group())) {
-    const int64_t rows = Pp > p.C ? Pp : p.C;
+    const int64_t rows = Pp > block_keys(p) ? Pp : block_keys(p);
     q = AlignedFloats(Pp * Dp);
     qt = AlignedFloats(p.D * Pp);
     d_o = AlignedFloats(Pp * Dp);
     dot = AlignedFloats(p.D * Pp);
-    k = AlignedFloats(p.C * Dp);
-    v = AlignedFloats(p.C * Dp);
-    st = AlignedFloats(p.C * Pp);
-    dpt = AlignedFloats(p.C * Pp);
-    probt = AlignedFloats(p.C * Pp);
+    k = AlignedFloats(block_keys(p) * Dp);
+    v = AlignedFloats(block_keys(p) * Dp);
+    st = AlignedFloats(block_keys(p) * Pp);
+    dpt = AlignedFloats(block_keys(p) * Pp);
+    probt = AlignedFloats(block_keys(p) * Pp);
     acc0 = AlignedFloats(rows * Dp);
     acc1 = AlignedFloats(rows * Dp);
     lse = AlignedFloats(Pp);

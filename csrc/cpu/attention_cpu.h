@@ -58,6 +58,10 @@ struct RowChunking {
   int64_t rows;       // query rows per chunk
   int64_t per_block;  // chunks per block row
 };
+// The most keys one block column holds: C, or N where a block is wider than the sequence (scratch sized by C
+// alone would grow with any block size).
+inline int64_t block_keys(const Problem& p) { return p.C < p.N ? p.C : p.N; }
+
 inline RowChunking row_chunking(const Problem& p) {
   int64_t rows = kMaxPacked / (p.group() > 0 ? p.group() : 1);
   rows = rows < 1 ? 1 : (rows > p.R ? p.R : rows);

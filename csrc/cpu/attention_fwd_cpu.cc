@@ -30,9 +30,9 @@ struct FwdScratch {
   explicit FwdScratch(const Problem& p)
       : chunking(row_chunking(p)), Dp(pad16(p.D)), Pp(pad16(chunking.rows * p.group())) {
     qt = AlignedFloats(p.D * Pp);
-    k = AlignedFloats(p.C * Dp);
-    v = AlignedFloats(p.C * Dp);
-    st = AlignedFloats(p.C * Pp);
+    k = AlignedFloats(block_keys(p) * Dp);
+    v = AlignedFloats(block_keys(p) * Dp);
+    st = AlignedFloats(block_keys(p) * Pp);
     o = AlignedFloats(Pp * Dp);
     m = AlignedFloats(Pp);
     l = AlignedFloats(Pp);
@@ -124,8 +124,10 @@ BSATTN_AI void fwd_item(const FwdArgs& a, FwdScratch& sc, int64_t item) {
     if (l[pr] > 0.f) {
       inv = 1.f / l[pr];
       lse = m[pr] + std::log(l[pr]);
-    } else {
+    } else if (l[pr] == 0.f) {
       std::memset(orow, 0, Dp * sizeof(float));  // empty row: 0, whatever V held
+    } else {
+      inv = lse = l[pr];  // NaN: a NaN (or inf - inf) score the row takes part in; NaN out, as the reference
     }
     store_f32(a.dtype, orow, D, inv, a.o, row_offset(it.b, i, h, p.M, p.Hq, D));
     a.lse[(it.b * p.M + i) * p.Hq + h] = lse;
