@@ -24,11 +24,17 @@ def _is_traced(x: Any) -> bool:
 
 def _check_pair(name: str, value: Any) -> tuple[int, int]:
     try:
-        a, b = (int(v) for v in value)
+        a, b = value
+        # integers only (Python / NumPy ints): 8.9, "32" or True are mistakes, not sizes to truncate
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in (a, b)):
+            raise TypeError
+        a, b = int(a), int(b)
     except Exception:  # noqa: BLE001 - any malformed value gets the same message
         raise TypeError(f"{name} must be a pair of integers, got {value!r}") from None
     if a < 1 or b < 1:
         raise ValueError(f"{name} must be positive, got {(a, b)}")
+    if max(a, b) > 1 << 30:  # (the kernels' int32 arithmetic; the handlers refuse more at run time)
+        raise ValueError(f"{name} must be at most 2^30, got {(a, b)}")
     return a, b
 
 
@@ -146,9 +152,10 @@ class BlockSparseLayout:
             counts = mask.sum(-1)
             indptr = np.concatenate([np.zeros(shape[:-2] + (1,), np.int64), np.cumsum(counts, -1)], -1)
             total = indptr[..., -1]
-            width = int(total.max()) if nnz is None else int(nnz)
-            if width < int(total.max(initial=0)):
-                raise ValueError(f"nnz={width} is smaller than the {int(total.max())} blocks block_mask holds")
+            most = int(total.max(initial=0))  # (initial: a zero-size *L holds no layout)
+            width = most if nnz is None else int(nnz)
+            if width < most:
+                raise ValueError(f"nnz={width} is smaller than the {most} blocks block_mask holds")
             flat_mask = mask.reshape(-1, MB * NB)
             indices = np.zeros((flat_mask.shape[0], width), np.int32)
             for i, row in enumerate(flat_mask):
@@ -262,7 +269,7 @@ def _validate_concrete(indptr: np.ndarray, indices: np.ndarray, NB: int) -> None
 def _block_counts_numpy(indptr: np.ndarray, indices: np.ndarray, MB: int, NB: int) -> np.ndarray:
     lead = indptr.shape[:-1]
     ip = indptr.reshape(-1, MB + 1).astype(np.int64)
-    ix = indices.reshape(ip.shape[0], -1)
+    ix = indices.reshape(ip.shape[0], indices.shape[-1])  # (not -1: a zero-size *L holds no layout)
     nnz = ix.shape[-1]
     out = np.zeros((ip.shape[0], MB, NB), np.int32)
     ip = np.maximum.accumulate(np.clip(ip, 0, nnz), axis=-1)        # as monotone_indptr

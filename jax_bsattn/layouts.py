@@ -143,11 +143,19 @@ def global_local(seq_lens, block_size, window: int, global_tokens: int | Iterabl
         if positions.size and positions.min() < 0:
             raise ValueError(f"global token positions must be >= 0, got {positions.min()}")
     R, C = grid.block_size
-    rows = np.zeros(grid.MB, bool)
-    rows[positions[positions < M] // R] = True
-    cols = np.zeros(grid.NB, bool)
-    cols[positions[positions < N] // C] = True
-    mask = (rows[:, None] | cols[None, :]) & grid.band_mask(0 if causal else None, None)
+    q_pos, k_pos = positions[positions < M], positions[positions < N]
+    # the blocks holding an element of a global query row t (i = t) or key column t (j = t); with causal=True
+    # one with d = i + (N - M) - j >= 0 on that row or column itself (not merely somewhere in the block)
+    q_sees = np.ones((q_pos.size, grid.NB), bool)      # global query t sees block column c
+    k_seen = np.ones((grid.MB, k_pos.size), bool)      # block row r sees global key t
+    if causal:
+        q_sees = grid.j0[None, :] <= q_pos[:, None] + grid.offset
+        k_seen = grid.i1[:, None] + grid.offset >= k_pos[None, :]
+    mask = np.zeros((grid.MB, grid.NB), bool)
+    np.logical_or.at(mask, (np.repeat(q_pos // R, grid.NB), np.tile(np.arange(grid.NB), q_pos.size)),
+                     q_sees.reshape(-1))
+    np.logical_or.at(mask, (np.repeat(np.arange(grid.MB), k_pos.size), np.tile(k_pos // C, grid.MB)),
+                     k_seen.reshape(-1))
     window = int(window)
     if window >= 1:
         mask |= grid.band_mask(0 if causal else -(window - 1), window - 1)
@@ -192,6 +200,14 @@ def _same_geometry(layouts: Sequence[BlockSparseLayout], what: str):
     return first.block_size, first.seq_lens
 
 
+def _common_batch_shape(layouts: Sequence[BlockSparseLayout], who: str) -> tuple[int, ...]:
+    shapes = [l.batch_shape for l in layouts]
+    try:
+        return tuple(np.broadcast_shapes(*shapes))
+    except ValueError:
+        raise ValueError(f"{who}: the layouts' batch shapes {shapes} do not broadcast together") from None
+
+
 def _block_masks(layouts):
     """Block masks of the layouts: NumPy when every layout is concrete, jnp otherwise."""
     if any(_is_traced(l.indptr) or _is_traced(l.indices) for l in layouts):
@@ -202,6 +218,7 @@ def _block_masks(layouts):
 
 def _combine(layouts, op: str, nnz):
     block_size, seq_lens = _same_geometry(layouts, op)
+    _common_batch_shape(layouts, op)  # (a clear error before the masks meet)
     xp, masks = _block_masks(layouts)
     combined = masks[0]
     for m in masks[1:]:
@@ -236,7 +253,7 @@ def per_head(layouts: Sequence[BlockSparseLayout]) -> BlockSparseLayout:
     padded with entries past ``indptr[-1]``."""
     layouts = list(layouts)
     block_size, seq_lens = _same_geometry(layouts, "per_head")
-    lead = np.broadcast_shapes(*(l.batch_shape for l in layouts))
+    lead = _common_batch_shape(layouts, "per_head")
     width = max(l.nnz for l in layouts)
     traced = any(_is_traced(l.indptr) or _is_traced(l.indices) for l in layouts)
     xp = jnp if traced else np

@@ -60,17 +60,20 @@ def test_strided(seq_lens, block_size):
 
 @pytest.mark.parametrize("seq_lens,block_size", GEOMETRIES)
 def test_global_local(seq_lens, block_size):
-    for glob, causal in [(1, False), (3, True), ([0, 17, 30], False), ([5, 33], True), (0, False)]:
-        positions = np.arange(glob) if isinstance(glob, int) else np.asarray(glob)
+    # (window 0: the global tokens alone, where a causal global token's blocks once took d >= 0 anywhere in the
+    # block for d >= 0 on the token's own row or column, listing blocks no element of the pattern is in)
+    for w in (6, 0):
+        for glob, causal in [(1, False), (3, True), ([0, 17, 30], False), ([5, 33], True), (0, False), ([0, 9], True)]:
+            positions = np.arange(glob) if isinstance(glob, int) else np.asarray(glob)
 
-        def wanted(i, j, d):
-            is_global = np.isin(i, positions) | np.isin(j, positions)
-            if causal:
-                return ((d >= 0) & (d < 6)) | (is_global & (d >= 0))
-            return (np.abs(d) < 6) | is_global
+            def wanted(i, j, d):
+                is_global = np.isin(i, positions) | np.isin(j, positions)
+                if causal:
+                    return ((d >= 0) & (d < w)) | (is_global & (d >= 0))
+                return (np.abs(d) < w) | is_global
 
-        got = mask_of(L.global_local(seq_lens, block_size, 6, glob, causal=causal))
-        np.testing.assert_array_equal(got, expected_blocks(seq_lens, block_size, wanted), (glob, causal))
+            got = mask_of(L.global_local(seq_lens, block_size, w, glob, causal=causal))
+            np.testing.assert_array_equal(got, expected_blocks(seq_lens, block_size, wanted), (w, glob, causal))
 
 
 def test_random_layouts():
@@ -177,6 +180,28 @@ def test_argument_errors():
         L.block_causal(64, 0)
     with pytest.raises(ValueError, match="k must be"):
         L.from_topk(jnp.zeros((8, 8)), 9, seq_lens=64, block_size=8)
+    for bad in ((8.9, 8), ("8", 8), (True, 8)):  # sizes are integers, never truncated
+        with pytest.raises(TypeError, match="block_size must be a pair of integers"):
+            L.block_causal(64, bad)
+    with pytest.raises(TypeError, match="seq_lens must be a pair of integers"):
+        L.block_causal((64.5, 64), 8)
+    with pytest.raises(ValueError, match="at most 2"):
+        L.block_causal(64, (8, 1 << 31))
+    two, three = L.random(64, 8, 2, batch_shape=(2,)), L.random(64, 8, 2, batch_shape=(3,))
+    for combine in (L.per_head, lambda ls: L.union(*ls)):
+        with pytest.raises(ValueError, match=r"batch shapes \[\(2,\), \(3,\)\] do not broadcast"):
+            combine([two, three])
+
+
+def test_zero_size_batch_of_layouts():
+    """A per-batch layout for an empty batch: built, viewed and used like any other."""
+    for kw in ({}, dict(nnz=3)):
+        lay = jb.BlockSparseLayout.from_block_mask(np.zeros((0, 1, 4, 4), bool), (8, 8), (32, 32), **kw)
+        assert lay.batch_shape == (0, 1) and lay.block_counts().shape == (0, 1, 4, 4)
+    q = jnp.ones((0, 32, 2, 16))
+    assert jb.block_sparse_attention(q, q, q, lay).shape == (0, 32, 2, 16)
+    csr = jb.BlockSparseLayout.from_csr(np.zeros((0, 5), np.int32), np.zeros((0, 2), np.int32), (8, 8), (32, 32))
+    assert csr.batch_shape == (0,)
 
 
 def test_plot_returns_a_figure(monkeypatch):
