@@ -44,6 +44,8 @@ def check_inputs(q, k, v, layout, logits_soft_cap=None) -> Shapes:
         raise ValueError(f"q and k must share the batch dims *B; got q {q.shape}, k {k.shape}")
     *batch, M, Hq, D = q.shape
     N, Hk, Dk = k.shape[-3:]
+    if D < 1:
+        raise ValueError(f"the head dim must be at least 1; got q {q.shape}")
     if Dk != D:
         raise ValueError(f"q and k must share the head dim; got q {q.shape}, k {k.shape}")
     if Hk == 0 or Hq % Hk:
@@ -59,8 +61,9 @@ def check_inputs(q, k, v, layout, logits_soft_cap=None) -> Shapes:
     if not ok:
         raise ValueError(f"layout batch shape {L} does not broadcast against (*B, Hk) = {target} "
                          f"(q {q.shape}, k {k.shape}); use (), (Hk,), (B, 1) or (B, Hk)")
-    if logits_soft_cap is not None and not static_float("logits_soft_cap", logits_soft_cap) > 0:
-        raise ValueError(f"logits_soft_cap must be positive or None, got {logits_soft_cap}")
+    # (positive in float32: the kernels take 0 for "no cap")
+    if logits_soft_cap is not None and not np.float32(static_float("logits_soft_cap", logits_soft_cap)) > 0:
+        raise ValueError(f"logits_soft_cap must be positive (in float32) or None, got {logits_soft_cap}")
     return Shapes(tuple(batch), M, N, Hq, Hk, D)
 
 
@@ -75,8 +78,10 @@ def static_float(name: str, x) -> float:
                         f"(pass a Python float, or scale q by a traced factor instead)") from None
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a real number, got {x!r}") from None
-    if not math.isfinite(f):
-        raise ValueError(f"{name} must be finite, got {f}")
+    with np.errstate(over="ignore"):  # (1e39 -> inf in float32 is the point of the test)
+        finite32 = bool(np.isfinite(np.float32(f)))
+    if not (math.isfinite(f) and finite32):
+        raise ValueError(f"{name} must be finite (the kernels take it as float32), got {f}")
     return f
 
 

@@ -21,6 +21,7 @@ def _qkv(batch=(2,), M=M, N=N, Hq=4, Hk=2, D=16, dtype=jnp.float32):
     (lambda q, k, v: (q.astype(jnp.int32), k, v), TypeError, "q has dtype int32"),
     (lambda q, k, v: (q, k, v[..., :8]), ValueError, "k and v must have the same shape"),
     (lambda q, k, v: (q[..., :8], k, v), ValueError, "head dim"),
+    (lambda q, k, v: (q[..., :0], k[..., :0], v[..., :0]), ValueError, "head dim must be at least 1"),
     (lambda q, k, v: (q[..., :3, :], k, v), ValueError, "multiple of KV heads"),
     (lambda q, k, v: (q[0], k, v), ValueError, "batch dims"),
     (lambda q, k, v: (q[:, :, 0], k, v), ValueError, r"\[\*B, seq, heads, head_dim\]|batch dims"),
@@ -57,6 +58,8 @@ def test_soft_cap_must_be_positive():
     (dict(scale=float("inf")), ValueError, "scale must be finite"),
     (dict(logits_soft_cap=float("inf")), ValueError, "logits_soft_cap must be finite"),
     (dict(logits_soft_cap="30"), TypeError, "logits_soft_cap must be a real number"),
+    (dict(scale=1e39), ValueError, "scale must be finite"),  # (inf in float32)
+    (dict(logits_soft_cap=1e-46), ValueError, "logits_soft_cap must be positive"),  # (0 in float32: no cap)
     (dict(causal="yes"), TypeError, "causal must be True or False"),
     (dict(causal=None), TypeError, "causal must be True or False"),
     (dict(deterministic=1), TypeError, "deterministic must be True or False"),
