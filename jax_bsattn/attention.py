@@ -140,9 +140,10 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
         uses KV head ``h // (Hq // Hk)``).
       layout: a :class:`BlockSparseLayout` with ``seq_lens == (M, N)``; its leading dims broadcast against
         ``(*B, Hk)``: ``()`` one layout for all, ``(Hk,)`` per KV head, ``(B, 1)`` per batch element, ``(B, Hk)``.
-      scale: logits scale, default ``1 / sqrt(D)``.
+      scale: logits scale, default ``1 / sqrt(D)``; a concrete number (compiled into the kernels, as float32), so a
+        traced value is an error: scale q instead.
       causal: also mask ``j > i + (N - M)`` (bottom-right aligned, as FlashAttention and FlashInfer).
-      logits_soft_cap: ``c``: logits become ``c * tanh(s / c)``.
+      logits_soft_cap: ``c``: logits become ``c * tanh(s / c)``; concrete and positive in float32, like ``scale``.
       return_lse: also return the natural-log log-sum-exp, float32 ``[*B, M, Hq]``.
       deterministic: make the gradients bitwise repeatable. dk and dv always are; on an H100 / H200 with head dim 64 or
         128, C <= 16 and R * g >= 128 (or R * g = 64 with C <= 8 at head dim 128, C <= 4 at 64) dq is too (one
