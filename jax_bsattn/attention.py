@@ -76,6 +76,8 @@ def static_float(name: str, x) -> float:
     except jax.errors.ConcretizationTypeError:
         raise TypeError(f"{name} must be a concrete number: it is compiled into the kernels, and got a traced value "
                         f"(pass a Python float, or scale q by a traced factor instead)") from None
+    except OverflowError:
+        raise ValueError(f"{name} must be finite (the kernels take it as float32), got {x!r}") from None
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a real number, got {x!r}") from None
     with np.errstate(over="ignore"):  # (1e39 -> inf in float32 is the point of the test)

@@ -9,6 +9,7 @@ against ``(*B, Hk)`` the NumPy way.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import jax
@@ -22,13 +23,20 @@ def _is_traced(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+def _integer(name: str, value: Any) -> int:
+    """An integer argument (Python, NumPy or concrete JAX ints): 8.9, "8" or True are mistakes, not sizes to truncate."""
+    if not isinstance(value, (bool, np.bool_)):
+        try:
+            return operator.index(value)
+        except Exception:  # noqa: BLE001 - any malformed value gets the same message
+            pass
+    raise TypeError(f"{name} must be an integer, got {value!r}")
+
+
 def _check_pair(name: str, value: Any) -> tuple[int, int]:
     try:
         a, b = value
-        # integers only (Python / NumPy ints): 8.9, "32" or True are mistakes, not sizes to truncate
-        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in (a, b)):
-            raise TypeError
-        a, b = int(a), int(b)
+        a, b = _integer(name, a), _integer(name, b)
     except Exception:  # noqa: BLE001 - any malformed value gets the same message
         raise TypeError(f"{name} must be a pair of integers, got {value!r}") from None
     if a < 1 or b < 1:
@@ -36,6 +44,14 @@ def _check_pair(name: str, value: Any) -> tuple[int, int]:
     if max(a, b) > 1 << 30:  # (the kernels' int32 arithmetic; the handlers refuse more at run time)
         raise ValueError(f"{name} must be at most 2^30, got {(a, b)}")
     return a, b
+
+
+def _nnz(value: Any) -> int:
+    """The static entry count: a non-negative integer."""
+    n = _integer("nnz", value)
+    if n < 0:
+        raise ValueError(f"nnz must be >= 0, got {n}")
+    return n
 
 
 def _as_int32(name: str, x: Any) -> jax.Array | np.ndarray:
@@ -153,7 +169,7 @@ class BlockSparseLayout:
             indptr = np.concatenate([np.zeros(shape[:-2] + (1,), np.int64), np.cumsum(counts, -1)], -1)
             total = indptr[..., -1]
             most = int(total.max(initial=0))  # (initial: a zero-size *L holds no layout)
-            width = most if nnz is None else int(nnz)
+            width = most if nnz is None else _nnz(nnz)
             if width < most:
                 raise ValueError(f"nnz={width} is smaller than the {most} blocks block_mask holds")
             flat_mask = mask.reshape(-1, MB * NB)
@@ -162,7 +178,7 @@ class BlockSparseLayout:
                 cols = np.nonzero(row)[0] % NB          # row-major: block rows in order, columns ascending
                 indices[i, : cols.size] = cols
             return cls(indptr.astype(np.int32), indices.reshape(shape[:-2] + (width,)), (R, C), (M, N))
-        width = MB * NB if nnz is None else int(nnz)
+        width = MB * NB if nnz is None else _nnz(nnz)
         indptr, indices = _csr_from_mask_traced(jnp.asarray(block_mask, bool), width)
         return cls(indptr, indices, (R, C), (M, N))
 
@@ -229,7 +245,8 @@ class BlockSparseLayout:
 def expand_blocks(block_values: jax.Array, block_size, seq_lens) -> jax.Array:
     """``[*L, MB, NB]`` block values repeated to ``[*L, M, N]`` elements (last row/column cut to M, N)."""
     (R, C), (M, N) = block_size, seq_lens
-    out = jnp.repeat(jnp.repeat(block_values, R, axis=-2), C, axis=-1)
+    # (a block longer than its sequence is its only one: repeat it min(R, M) / min(C, N) times, not R / C)
+    out = jnp.repeat(jnp.repeat(block_values, min(R, M), axis=-2), min(C, N), axis=-1)
     return out[..., :M, :N]
 
 

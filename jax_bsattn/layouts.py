@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .layout import BlockSparseLayout, _block_counts_numpy, _check_pair, _is_traced
+from .layout import BlockSparseLayout, _block_counts_numpy, _check_pair, _integer, _is_traced
 
 __all__ = ["block_causal", "sliding_window", "strided", "global_local", "random", "per_head", "union",
            "intersection", "from_topk"]
@@ -31,7 +31,7 @@ __all__ = ["block_causal", "sliding_window", "strided", "global_local", "random"
 # ---- geometry -------------------------------------------------------------------------------------
 
 def _pair(name: str, value) -> tuple[int, int]:
-    if isinstance(value, (int, np.integer)):
+    if np.ndim(value) == 0 and not isinstance(value, (bool, np.bool_, str, bytes)):  # one size for both
         value = (value, value)
     return _check_pair(name, value)
 
@@ -100,9 +100,9 @@ def sliding_window(seq_lens, block_size, window: int, *, causal: bool = True) ->
 
     With ``causal=True`` this is block-causal + local window (Mistral / Longformer local attention).
     """
-    if int(window) < 1:
+    window = _integer("window", window)
+    if window < 1:
         raise ValueError(f"window must be a positive number of tokens, got {window}")
-    window = int(window)
     return _band_layout(_Grid(seq_lens, block_size), 0 if causal else -(window - 1), window - 1)
 
 
@@ -110,7 +110,7 @@ def strided(seq_lens, block_size, stride: int, *, causal: bool = True, local: bo
     """Sparse Transformer "strided" attention (Child et al., 2019): query ``i`` sees the keys with
     ``d % stride == 0`` (every ``stride``-th token back from its diagonal) and, with ``local=True``, the
     ``stride`` keys ending at its diagonal. ``causal=True`` keeps ``d >= 0``; otherwise both directions."""
-    stride = int(stride)
+    stride = _integer("stride", stride)
     if stride < 1:
         raise ValueError(f"stride must be a positive number of tokens, got {stride}")
     grid = _Grid(seq_lens, block_size)
@@ -134,12 +134,14 @@ def global_local(seq_lens, block_size, window: int, global_tokens: int | Iterabl
     """
     grid = _Grid(seq_lens, block_size)
     M, N = grid.seq_lens
-    if isinstance(global_tokens, (int, np.integer)):
-        if global_tokens < 0:
-            raise ValueError(f"global_tokens must be >= 0, got {global_tokens}")
-        positions = np.arange(int(global_tokens))
+    if np.ndim(global_tokens) == 0:
+        count = _integer("global_tokens", global_tokens)
+        if count < 0:
+            raise ValueError(f"global_tokens must be >= 0, got {count}")
+        positions = np.arange(count)
     else:
-        positions = np.asarray(list(global_tokens), np.int64).reshape(-1)
+        positions = np.asarray([_integer("global token position", t) for t in np.ravel(np.asarray(global_tokens))],
+                               np.int64)
         if positions.size and positions.min() < 0:
             raise ValueError(f"global token positions must be >= 0, got {positions.min()}")
     R, C = grid.block_size
@@ -156,7 +158,7 @@ def global_local(seq_lens, block_size, window: int, global_tokens: int | Iterabl
                      q_sees.reshape(-1))
     np.logical_or.at(mask, (np.repeat(np.arange(grid.MB), k_pos.size), np.tile(k_pos // C, grid.MB)),
                      k_seen.reshape(-1))
-    window = int(window)
+    window = _integer("window", window)
     if window >= 1:
         mask |= grid.band_mask(0 if causal else -(window - 1), window - 1)
     return grid.layout_from_mask(mask)
@@ -171,7 +173,7 @@ def random(seq_lens, block_size, blocks_per_row: int, *, seed: int = 0, causal: 
     Deterministic in ``seed``.
     """
     grid = _Grid(seq_lens, block_size)
-    k = int(blocks_per_row)
+    k = _integer("blocks_per_row", blocks_per_row)
     if k < 0:
         raise ValueError(f"blocks_per_row must be >= 0, got {blocks_per_row}")
     allowed = grid.band_mask(0, None) if causal else np.ones((grid.MB, grid.NB), bool)
@@ -290,7 +292,7 @@ def from_topk(scores, k: int, *, seq_lens, block_size, causal: bool = False) -> 
     if len(shape) < 2 or shape[-2:] != (MB, NB):
         raise ValueError(f"scores has shape {shape}: expected [*L, MB, NB] with (MB, NB) = {(MB, NB)} for "
                          f"seq_lens={grid.seq_lens} and block_size={grid.block_size}")
-    k = int(k)
+    k = _integer("k", k)
     if not 1 <= k <= NB:
         raise ValueError(f"k must be in [1, NB] = [1, {NB}], got {k}")
     scores = jnp.asarray(scores)

@@ -65,7 +65,8 @@ def reference_in_dtype(q, k, v, layout, *, scale=None, causal=False, logits_soft
     denom = jnp.sum(p, axis=-1, keepdims=True)
     nonempty = denom > 0
     o = jnp.einsum("...mn,...nd->...md", p, vh, preferred_element_type=cd)
-    o = o / jnp.where(nonempty, denom, jnp.ones_like(denom))
+    # an empty row is 0 exactly, even where v holds inf / NaN at keys it lists but cannot see (0 x inf)
+    o = jnp.where(denom == 0, jnp.zeros_like(o), o / jnp.where(nonempty, denom, jnp.ones_like(denom)))
     # an empty row: -inf; a NaN denominator (a NaN score the row takes part in): NaN, as its o
     lse = jnp.where(nonempty, m + jnp.log(jnp.where(nonempty, denom, jnp.ones_like(denom))),
                     jnp.where(denom == 0, -jnp.inf, jnp.nan).astype(denom.dtype))

@@ -59,6 +59,7 @@ def test_soft_cap_must_be_positive():
     (dict(logits_soft_cap=float("inf")), ValueError, "logits_soft_cap must be finite"),
     (dict(logits_soft_cap="30"), TypeError, "logits_soft_cap must be a real number"),
     (dict(scale=1e39), ValueError, "scale must be finite"),  # (inf in float32)
+    (dict(scale=10 ** 400), ValueError, "scale must be finite"),  # (no float at all)
     (dict(logits_soft_cap=1e-46), ValueError, "logits_soft_cap must be positive"),  # (0 in float32: no cap)
     (dict(causal="yes"), TypeError, "causal must be True or False"),
     (dict(causal=None), TypeError, "causal must be True or False"),

@@ -141,8 +141,22 @@ def test_nan_input_reaches_the_rows_that_use_it(where):
 
 
 def test_blocks_far_wider_than_the_sequence():
-    """C = 2^22 over N = 32 keys: the CPU kernels size their scratch by min(C, N) (by C it took gigabytes)."""
+    """C = 2^30 over N = 32 keys: the CPU kernels size their scratch by min(C, N) (by C: gigabytes a thread at 2^22,
+    terabytes here) and the reference repeats a block min(C, N) times."""
     q, k, v = random_problem(np.random.default_rng(6), M=32, N=32, Hq=2, Hk=1, D=16)
-    layout = jb.BlockSparseLayout.from_block_mask(np.ones((4, 1), bool), (8, 1 << 22), (32, 32))
+    layout = jb.BlockSparseLayout.from_block_mask(np.ones((4, 1), bool), (8, 1 << 30), (32, 32))
     check_forward(q, k, v, layout, causal=True)
     check_gradients(q, k, v, layout, causal=True)
+
+
+def test_rows_that_see_nothing_stay_zero_beside_inf_values():
+    """Causal, M > N: the first rows list a block but see none of its keys; inf in v there leaves them 0 (no 0 x inf),
+    while a row that sees other keys as well takes the inf (as the reference and jax.nn.dot_product_attention)."""
+    M, N = 48, 16
+    layout = jb.BlockSparseLayout.from_block_mask(np.ones((3, 1), bool), (16, 16), (M, N))
+    q, k, v = random_problem(np.random.default_rng(7), M=M, N=N, Hq=2, Hk=2, D=16)
+    v = v.at[5].set(jnp.inf)  # key 5, every head: seen from row M - N + 5 on
+    for op in (jb.block_sparse_attention, jb.reference.block_sparse_attention_reference):
+        o = np.asarray(op(q, k, v, layout, causal=True))
+        assert (o[: M - N] == 0).all(), op.__name__
+        assert not np.isfinite(o[M - N + 5:]).all(), op.__name__

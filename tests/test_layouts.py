@@ -180,9 +180,19 @@ def test_argument_errors():
         L.block_causal(64, 0)
     with pytest.raises(ValueError, match="k must be"):
         L.from_topk(jnp.zeros((8, 8)), 9, seq_lens=64, block_size=8)
-    for bad in ((8.9, 8), ("8", 8), (True, 8)):  # sizes are integers, never truncated
-        with pytest.raises(TypeError, match="block_size must be a pair of integers"):
+    for bad in ((8.9, 8), ("8", 8), (True, 8), True):  # sizes are integers, never truncated
+        with pytest.raises(TypeError, match=r"block_size must be a pair of integers, got \(?True|8\.9|'8'"):
             L.block_causal(64, bad)
+    for call, name in ((lambda: L.sliding_window(64, 8, 1.9), "window"), (lambda: L.strided(64, 8, "4"), "stride"),
+                       (lambda: L.random(64, 8, 2.5), "blocks_per_row"), (lambda: L.global_local(64, 8, 0, [3.7]),
+                                                                          "global token position"),
+                       (lambda: L.from_topk(jnp.zeros((8, 8)), 2.0, seq_lens=64, block_size=8), "k"),
+                       (lambda: jb.BlockSparseLayout.from_block_mask(np.ones((8, 8), bool), (8, 8), (64, 64), nnz=70.5), "nnz")):
+        with pytest.raises(TypeError, match=f"{name} must be an integer"):
+            call()
+    # concrete NumPy / JAX integers are integers
+    assert L.block_causal(jnp.int32(64), jnp.asarray([8, 8])).block_size == (8, 8)
+    assert L.block_causal(np.int64(64), (np.int32(8), 8)).seq_lens == (64, 64)
     with pytest.raises(TypeError, match="seq_lens must be a pair of integers"):
         L.block_causal((64.5, 64), 8)
     with pytest.raises(ValueError, match="at most 2"):
