@@ -148,16 +148,13 @@ def global_local(seq_lens, block_size, window: int, global_tokens: int | Iterabl
     q_pos, k_pos = positions[positions < M], positions[positions < N]
     # the blocks holding an element of a global query row t (i = t) or key column t (j = t); with causal=True
     # one with d = i + (N - M) - j >= 0 on that row or column itself (not merely somewhere in the block)
-    q_sees = np.ones((q_pos.size, grid.NB), bool)      # global query t sees block column c
-    k_seen = np.ones((grid.MB, k_pos.size), bool)      # block row r sees global key t
-    if causal:
-        q_sees = grid.j0[None, :] <= q_pos[:, None] + grid.offset
-        k_seen = grid.i1[:, None] + grid.offset >= k_pos[None, :]
+    q_sees = grid.j0[None, :] <= q_pos[:, None] + grid.offset  # [global query t, block column c]
+    k_seen = grid.i1[:, None] + grid.offset >= k_pos[None, :]  # [block row r, global key t]
+    if not causal:
+        q_sees, k_seen = np.ones_like(q_sees), np.ones_like(k_seen)
     mask = np.zeros((grid.MB, grid.NB), bool)
-    np.logical_or.at(mask, (np.repeat(q_pos // R, grid.NB), np.tile(np.arange(grid.NB), q_pos.size)),
-                     q_sees.reshape(-1))
-    np.logical_or.at(mask, (np.repeat(np.arange(grid.MB), k_pos.size), np.tile(k_pos // C, grid.MB)),
-                     k_seen.reshape(-1))
+    np.logical_or.at(mask, q_pos // R, q_sees)
+    np.logical_or.at(mask, (slice(None), k_pos // C), k_seen)
     window = _integer("window", window)
     if window >= 1:
         mask |= grid.band_mask(0 if causal else -(window - 1), window - 1)

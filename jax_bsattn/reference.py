@@ -63,13 +63,13 @@ def reference_in_dtype(q, k, v, layout, *, scale=None, causal=False, logits_soft
     m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
     p = w * jnp.exp(s_live - m)
     denom = jnp.sum(p, axis=-1, keepdims=True)
-    nonempty = denom > 0
+    # denom > 0; 0 for an empty row; NaN where a NaN score took part (o and lse NaN then)
+    nonempty, empty = denom > 0, denom == 0
+    safe = jnp.where(nonempty, denom, jnp.ones_like(denom))
     o = jnp.einsum("...mn,...nd->...md", p, vh, preferred_element_type=cd)
     # an empty row is 0 exactly, even where v holds inf / NaN at keys it lists but cannot see (0 x inf)
-    o = jnp.where(denom == 0, jnp.zeros_like(o), o / jnp.where(nonempty, denom, jnp.ones_like(denom)))
-    # an empty row: -inf; a NaN denominator (a NaN score the row takes part in): NaN, as its o
-    lse = jnp.where(nonempty, m + jnp.log(jnp.where(nonempty, denom, jnp.ones_like(denom))),
-                    jnp.where(denom == 0, -jnp.inf, jnp.nan).astype(denom.dtype))
+    o = jnp.where(empty, jnp.zeros_like(o), o / safe)
+    lse = jnp.where(nonempty, m + jnp.log(safe), jnp.where(empty, -jnp.inf, jnp.nan).astype(denom.dtype))
 
     o = jnp.moveaxis(o.reshape(batch + (Hq, M, D)), -3, -2).astype(q.dtype)    # [*B, M, Hq, D]
     if not return_lse:

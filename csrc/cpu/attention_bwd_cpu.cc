@@ -38,16 +38,17 @@ struct BwdScratch {
 
   explicit BwdScratch(const Problem& p)
       : chunking(row_chunking(p)), Dp(pad16(p.D)), Pp(pad16(chunking.rows * p.group())) {
-    const int64_t rows = Pp > block_keys(p) ? Pp : block_keys(p);
+    const int64_t kc = block_keys(p);
+    const int64_t rows = Pp > kc ? Pp : kc;
     q = AlignedFloats(Pp * Dp);
     qt = AlignedFloats(p.D * Pp);
     d_o = AlignedFloats(Pp * Dp);
     dot = AlignedFloats(p.D * Pp);
-    k = AlignedFloats(block_keys(p) * Dp);
-    v = AlignedFloats(block_keys(p) * Dp);
-    st = AlignedFloats(block_keys(p) * Pp);
-    dpt = AlignedFloats(block_keys(p) * Pp);
-    probt = AlignedFloats(block_keys(p) * Pp);
+    k = AlignedFloats(kc * Dp);
+    v = AlignedFloats(kc * Dp);
+    st = AlignedFloats(kc * Pp);
+    dpt = AlignedFloats(kc * Pp);
+    probt = AlignedFloats(kc * Pp);
     acc0 = AlignedFloats(rows * Dp);
     acc1 = AlignedFloats(rows * Dp);
     lse = AlignedFloats(Pp);

@@ -29,10 +29,11 @@ struct FwdScratch {
 
   explicit FwdScratch(const Problem& p)
       : chunking(row_chunking(p)), Dp(pad16(p.D)), Pp(pad16(chunking.rows * p.group())) {
+    const int64_t kc = block_keys(p);
     qt = AlignedFloats(p.D * Pp);
-    k = AlignedFloats(block_keys(p) * Dp);
-    v = AlignedFloats(block_keys(p) * Dp);
-    st = AlignedFloats(block_keys(p) * Pp);
+    k = AlignedFloats(kc * Dp);
+    v = AlignedFloats(kc * Dp);
+    st = AlignedFloats(kc * Pp);
     o = AlignedFloats(Pp * Dp);
     m = AlignedFloats(Pp);
     l = AlignedFloats(Pp);
