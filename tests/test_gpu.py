@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import jax_bsattn as jb
-from conftest import check_forward, custom_call_lines, random_mask, random_problem
+from jax_bsattn.reference import reference_in_dtype
+from conftest import assert_close, check_forward, custom_call_lines, on_cpu, random_mask, random_problem
 
 pytestmark = pytest.mark.gpu
 
@@ -160,6 +161,38 @@ def test_forward_row_split(R, C, g, D, M, causal, softcap, dtype, monkeypatch):
         err = np.max(np.abs(a[fin] - b[fin])) if fin.any() else 0.0
         assert np.array_equal(np.isfinite(a), fin) and err <= 2e-2 * max(np.max(np.abs(b[fin])), 1.0), \
             f"{name}: split and unsplit differ by {err}"
+
+
+# A NaN in q (one row of one head) and in k (one key of one KV head): the rows whose softmax takes it come out NaN in o
+# and lse, as in the reference; the others keep their values (the epilogues once read a NaN row sum as an empty row:
+# lse -inf). One case per forward epilogue on an H100 / H200: the sweep (R * g = 8, dense enough), the mma.sync tile
+# (R * g = 16 below the sweep's density), the 64-row and producer 128-row gather tiles, D = 256's, and the row split's
+# pieces and combine (band + global rows, M = 2048).
+@pytest.mark.parametrize("R,C,g,D,kind", [(2, 4, 4, 128, 0.5), (4, 64, 4, 64, 0.3), (16, 16, 4, 128, 0.3),
+                                          (64, 64, 4, 128, 0.3), (32, 32, 2, 256, 0.3), (16, 16, 4, 128, "split")])
+def test_forward_nan_rows(R, C, g, D, kind):
+    rng = np.random.default_rng(R * C + D)
+    M = N = 2048 if kind == "split" else 512
+    if kind == "split":
+        layout = _band_plus_globals(R, C, M, global_rows=True)
+    else:
+        layout = jb.BlockSparseLayout.from_block_mask(random_mask(rng, (), -(-M // R), -(-N // C), kind), (R, C), (M, N))
+    q, k, v = random_problem(rng, batch=(1,), M=M, N=N, Hq=2 * g, Hk=2, D=D, dtype=jnp.bfloat16)
+    q, k = q.at[0, 37, 1].set(jnp.nan), k.at[0, 100, 0].set(jnp.nan)
+    with jax.default_device(jax.devices("cuda")[0]):
+        o, lse = jax.jit(lambda q, k, v: jb.block_sparse_attention(q, k, v, layout, return_lse=True))(q, k, v)
+    o, lse = np.asarray(o, np.float32), np.asarray(lse)
+    args = on_cpu(q, k, v, layout)
+    o32, lse32 = (np.asarray(x, np.float32) for x in reference_in_dtype(*args, return_lse=True))
+    olp, lselp = (np.asarray(x, np.float32) for x in reference_in_dtype(*args, return_lse=True,
+                                                                         compute_dtype=jnp.bfloat16))
+    nan_rows = np.isnan(lse32)
+    assert nan_rows.any() and not nan_rows.all()
+    np.testing.assert_array_equal(np.isnan(lse), nan_rows)
+    np.testing.assert_array_equal(np.isnan(o), np.isnan(o32))
+    keep = ~nan_rows
+    assert_close("o", o[keep], o32[keep], olp[keep])
+    assert_close("lse", lse[keep], lse32[keep], lselp[keep])
 
 
 # Small R * g on an H100 / H200: the sweep forward (fwd_sm90/sweep_kernel.cuh) over several block rows per tile, masked

@@ -28,9 +28,14 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
+// A row's softmax sum l is > 0, 0 for a row that saw nothing (o = 0, lse = -inf), or NaN where a NaN score took
+// part (a NaN in q or a listed key; the max skips it, the sum does not): NaN then, o and lse, as the reference.
 __device__ __forceinline__ float finish_lse(float m, float l) {
-  return l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
+  return l > 0.f ? (m + log2f(l)) * kLn2 : (l == 0.f ? -INFINITY : l);
 }
+
+// 1 / l to normalise a row's o (see finish_lse): 0 for an empty row, NaN for a NaN sum.
+__device__ __forceinline__ float row_inv(float l) { return l > 0.f ? fast_rcp(l) : (l == 0.f ? 0.f : l); }
 
 // WN == 1: each warp owns whole rows [wrow0, wrow0 + 16 MI) of the tile. It writes them normalised into its
 // own staging rows (sOw: 16 MI swizzled rows of free shared memory; rows = wrow0 mod 8) and copies them out;
@@ -48,7 +53,7 @@ __device__ __forceinline__ void store_rows_single(float (&o)[Cfg::MI][Cfg::D / 8
       const int wrow = mi * 16 + (lane >> 2) + 8 * h;  // row within the warp's strip
       const int2 rj = out.sRow[wrow0 + wrow];
       if ((lane & 3) == 0 && rj.x >= 0) out.lseg[static_cast<int64_t>(rj.x) * out.Hq + rj.y] = finish_lse(m[mi][h], lv);
-      const float inv = lv > 0.f ? fast_rcp(lv) : 0.f;  // l >= 1 when > 0 (the max term is 1)
+      const float inv = row_inv(lv);  // l >= 1 when > 0 (the max term is 1)
 #pragma unroll
       for (int d = 0; d < D / 8; ++d)
         st_shared32(sOw + swz_off<D>(wrow, d) + (lane & 3) * 4,
@@ -127,7 +132,7 @@ __device__ __forceinline__ void merge_and_store(float (&o)[Cfg::MI][Cfg::D / 8][
         acc[0] += a.x, acc[1] += a.y, acc[2] += a.z, acc[3] += a.w;
         acc[4] += b.x, acc[5] += b.y, acc[6] += b.z, acc[7] += b.w;
       }
-      const float inv = L > 0.f ? fast_rcp(L) : 0.f;
+      const float inv = row_inv(L);
       uint4 val;
       val.x = Mma<T>::pack(acc[0] * inv, acc[1] * inv);
       val.y = Mma<T>::pack(acc[2] * inv, acc[3] * inv);

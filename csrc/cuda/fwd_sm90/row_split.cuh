@@ -75,7 +75,7 @@ __device__ __forceinline__ void store_rows_partial(const float (&o)[Cfg::MI][Cfg
       if (row >= ts.rows_valid) continue;
       const int64_t P = ts.row0 + row;  // packed row within the block row
       if ((lane & 3) == 0) lse[P] = finish_lse(m[mi][h], lv);
-      const float inv = lv > 0.f ? fast_rcp(lv) : 0.f;
+      const float inv = row_inv(lv);
       float* const dst = base + P * D + 2 * (lane & 3);
 #pragma unroll
       for (int d = 0; d < D / 8; ++d)
@@ -133,7 +133,12 @@ __global__ void __launch_bounds__(256) bsattn_fwd_split_combine_kernel(const __g
       const int64_t P = c0 + i / (D / 4), d = (i % (D / 4)) * 4;
       if (P >= rows) break;  // (i increasing: every later i of this thread is past the rows too)
       float mx = -INFINITY;
-      for (int j = 0; j < count; ++j) mx = fmaxf(mx, sums[j * plane + rg * D + P]);
+      bool nan = false;  // a piece's lse is NaN (a NaN score took part there): the row is NaN (fmaxf skips it)
+      for (int j = 0; j < count; ++j) {
+        const float lj = sums[j * plane + rg * D + P];
+        mx = fmaxf(mx, lj);
+        nan |= lj != lj;
+      }
       float L = 0.f;
       float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
       if (mx != -INFINITY) {
@@ -148,13 +153,14 @@ __global__ void __launch_bounds__(256) bsattn_fwd_split_combine_kernel(const __g
           acc.w += wj * x.w;
         }
       }
-      const float inv = L > 0.f ? 1.f / L : 0.f;  // (L >= 1: the largest piece weighs 1)
+      if (nan) L = NAN;
+      const float inv = L > 0.f ? 1.f / L : (L == 0.f ? 0.f : L);  // (L >= 1: the largest piece weighs 1)
       const int64_t at = sr.at(p, P);
       uint2 v;
       v.x = Mma<T>::pack(acc.x * inv, acc.y * inv);
       v.y = Mma<T>::pack(acc.z * inv, acc.w * inv);
       *reinterpret_cast<uint2*>(static_cast<T*>(p.o) + at * D + d) = v;
-      if (d == 0) p.lse[at] = L > 0.f ? mx + logf(L) : -INFINITY;
+      if (d == 0) p.lse[at] = L > 0.f ? mx + logf(L) : (L == 0.f ? -INFINITY : L);
     }
   }
 }
