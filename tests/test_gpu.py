@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import jax_bsattn as jb
+from jax_bsattn.layout import expand_blocks
 from jax_bsattn.reference import reference_in_dtype
 from conftest import assert_close, check_forward, custom_call_lines, on_cpu, random_mask, random_problem
 
@@ -165,12 +166,19 @@ def test_forward_row_split(R, C, g, D, M, causal, softcap, dtype, monkeypatch):
 
 # A NaN in q (one row of one head) and in k (one key of one KV head): the rows whose softmax takes it come out NaN in o
 # and lse, as in the reference; the others keep their values (the epilogues once read a NaN row sum as an empty row:
-# lse -inf). One case per forward epilogue on an H100 / H200: the sweep (R * g = 8, dense enough), the mma.sync tile
-# (R * g = 16 below the sweep's density), the 64-row and producer 128-row gather tiles, D = 256's, and the row split's
-# pieces and combine (band + global rows, M = 2048).
+# lse -inf). Then the gradients: NaN where the reference's are (the backward once took a NaN lse for a dead row: dq 0,
+# dk / dv without that row's part), the rest within the usual budget. One case per forward epilogue on an H100 / H200:
+# the sweep (R * g = 8, dense enough), the mma.sync tile (R * g = 16 below the sweep's density), the 64-row and producer
+# 128-row gather tiles, D = 256's, and the row split's pieces and combine (band + global rows, M = 2048; the NaN query
+# in global block row 0, which is cut into pieces); backward: the sweep / packed, mma.sync, the pair (narrow dk / dv and
+# wgmma dq), the one-pass kernel, D = 256's pair, the row-oriented kernel (R * g = 128, C = 16).
 @pytest.mark.parametrize("R,C,g,D,kind", [(2, 4, 4, 128, 0.5), (4, 64, 4, 64, 0.3), (16, 16, 4, 128, 0.3),
-                                          (64, 64, 4, 128, 0.3), (32, 32, 2, 256, 0.3), (16, 16, 4, 128, "split")])
-def test_forward_nan_rows(R, C, g, D, kind):
+                                          (64, 64, 4, 128, 0.3), (32, 32, 2, 256, 0.3), (32, 16, 4, 128, 0.3),
+                                          (16, 16, 4, 128, "split")])
+def test_nan_rows_forward_and_backward(R, C, g, D, kind):
+    from jax_bsattn import lowering
+    from jax_bsattn.primitives import Config
+
     rng = np.random.default_rng(R * C + D)
     M = N = 2048 if kind == "split" else 512
     if kind == "split":
@@ -178,21 +186,49 @@ def test_forward_nan_rows(R, C, g, D, kind):
     else:
         layout = jb.BlockSparseLayout.from_block_mask(random_mask(rng, (), -(-M // R), -(-N // C), kind), (R, C), (M, N))
     q, k, v = random_problem(rng, batch=(1,), M=M, N=N, Hq=2 * g, Hk=2, D=D, dtype=jnp.bfloat16)
-    q, k = q.at[0, 37, 1].set(jnp.nan), k.at[0, 100, 0].set(jnp.nan)
+    q, k = q.at[0, 3 if kind == "split" else 37, 1].set(jnp.nan), k.at[0, 100, 0].set(jnp.nan)
+    if kind == "split":
+        ip = jax.ShapeDtypeStruct((1,) + layout.indptr.shape, layout.indptr.dtype)
+        assert lowering._fwd_split_words(q, k, ip, Config(R, C, 1.0, 0.0, False, False)) > 0
+    ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+    def loss(op, q, k, v, **kw):
+        o, lse = op(q, k, v, layout, return_lse=True, **kw)
+        return jnp.sum(jnp.where(jnp.isnan(o), 0, o).astype(jnp.float32) * ct), (o, lse)
+
+    def grads(op, args, **kw):  # (o, lse), (dq, dk, dv) of the loss above
+        g_, out = jax.grad(lambda *a: loss(op, *a, **kw), argnums=(0, 1, 2), has_aux=True)(*args)
+        return [np.asarray(x, np.float32) for x in out], [np.asarray(x, np.float32) for x in g_]
+
     with jax.default_device(jax.devices("cuda")[0]):
-        o, lse = jax.jit(lambda q, k, v: jb.block_sparse_attention(q, k, v, layout, return_lse=True))(q, k, v)
-    o, lse = np.asarray(o, np.float32), np.asarray(lse)
-    args = on_cpu(q, k, v, layout)
-    o32, lse32 = (np.asarray(x, np.float32) for x in reference_in_dtype(*args, return_lse=True))
-    olp, lselp = (np.asarray(x, np.float32) for x in reference_in_dtype(*args, return_lse=True,
-                                                                         compute_dtype=jnp.bfloat16))
-    nan_rows = np.isnan(lse32)
+        (o, lse), dg = grads(jb.block_sparse_attention, (q, k, v))
+    ref32 = lambda *a, **kw: reference_in_dtype(*a, **kw)
+    reflp = lambda *a, **kw: reference_in_dtype(*a, compute_dtype=jnp.bfloat16, **kw)
+    (o32, lse32), _ = grads(ref32, on_cpu(q, k, v))
+    (olp, lselp), _ = grads(reflp, on_cpu(q, k, v))
+    nan_rows = np.isnan(lse32)  # [1, M, Hq]
     assert nan_rows.any() and not nan_rows.all()
     np.testing.assert_array_equal(np.isnan(lse), nan_rows)
     np.testing.assert_array_equal(np.isnan(o), np.isnan(o32))
     keep = ~nan_rows
     assert_close("o", o[keep], o32[keep], olp[keep])
     assert_close("lse", lse[keep], lse32[keep], lselp[keep])
+    # Gradients: NaN for the NaN rows' dq and for the keys those rows list (dk, dv); the dense reference spreads NaN
+    # further (0 x NaN at unlisted elements), so the rest is compared with the reference on q, k with the NaNs at 0,
+    # which those entries do not depend on.
+    listed = np.broadcast_to(np.asarray(expand_blocks(layout.block_counts(), (R, C), (M, N))) > 0, (2, M, N))
+    want = [np.broadcast_to(nan_rows[..., None], q.shape), np.zeros(k.shape, bool), None]
+    for hk in range(2):
+        keys = listed[hk][nan_rows[0, :, hk * g:(hk + 1) * g].any(-1)].any(0)  # [N]
+        want[1][0, keys, hk] = True
+    want[2] = want[1]
+    clean = on_cpu(jnp.nan_to_num(q), jnp.nan_to_num(k), v)
+    _, dg32 = grads(ref32, clean)
+    _, dglp = grads(reflp, clean)
+    for name, a, b, c, nan in zip(("dq", "dk", "dv"), dg, dg32, dglp, want):
+        assert nan.any() and not nan.all(), name
+        np.testing.assert_array_equal(np.isnan(a), nan, err_msg=name)
+        assert_close(name, np.where(nan, 0, a), np.where(nan, 0, b), np.where(nan, 0, c))
 
 
 # Small R * g on an H100 / H200: the sweep forward (fwd_sm90/sweep_kernel.cuh) over several block rows per tile, masked

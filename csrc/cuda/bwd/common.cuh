@@ -442,9 +442,10 @@ struct ColumnQueryGather {
 
 // Per-row statistics as the kernels use them: lse2 = log2(e) * lse, +inf for a row that must contribute
 // nothing (lse = -inf, or padding): then p = exp2(s2 - lse2) = 0 exactly, and delta is forced to 0 so that
-// ds = p * (dp - delta) stays 0 whatever delta holds.
+// ds = p * (dp - delta) stays 0 whatever delta holds. A NaN lse (a NaN score took part in the forward) is not
+// dead: its p, hence its gradients, are NaN, as the reference's.
 __device__ __forceinline__ void row_stats(float lse, float delta, float& lse2, float& dl) {
-  const bool dead = !(lse > -INFINITY);
+  const bool dead = lse == -INFINITY;
   lse2 = dead ? INFINITY : lse * kLog2e;
   dl = dead ? 0.f : delta;
 }

@@ -37,6 +37,10 @@ __device__ __forceinline__ float finish_lse(float m, float l) {
 // 1 / l to normalise a row's o (see finish_lse): 0 for an empty row, NaN for a NaN sum.
 __device__ __forceinline__ float row_inv(float l) { return l > 0.f ? fast_rcp(l) : (l == 0.f ? 0.f : l); }
 
+// One output value o x inv of a row: an empty row (l = 0) is 0 by a select, not 0 x inv, which is NaN where its
+// accumulator took 0 x inf (v holding inf at a key the row lists but cannot see).
+__device__ __forceinline__ float row_out(float o, float inv, bool empty) { return empty ? 0.f : o * inv; }
+
 // WN == 1: each warp owns whole rows [wrow0, wrow0 + 16 MI) of the tile. It writes them normalised into its
 // own staging rows (sOw: 16 MI swizzled rows of free shared memory; rows = wrow0 mod 8) and copies them out;
 // no CTA barrier needed.
@@ -54,10 +58,11 @@ __device__ __forceinline__ void store_rows_single(float (&o)[Cfg::MI][Cfg::D / 8
       const int2 rj = out.sRow[wrow0 + wrow];
       if ((lane & 3) == 0 && rj.x >= 0) out.lseg[static_cast<int64_t>(rj.x) * out.Hq + rj.y] = finish_lse(m[mi][h], lv);
       const float inv = row_inv(lv);  // l >= 1 when > 0 (the max term is 1)
+      const bool empty = lv == 0.f;
 #pragma unroll
       for (int d = 0; d < D / 8; ++d)
         st_shared32(sOw + swz_off<D>(wrow, d) + (lane & 3) * 4,
-                    Mma<T>::pack(o[mi][d][2 * h] * inv, o[mi][d][2 * h + 1] * inv));
+                    Mma<T>::pack(row_out(o[mi][d][2 * h], inv, empty), row_out(o[mi][d][2 * h + 1], inv, empty)));
     }
   __syncwarp();
   // all shared-memory reads first, then the (predicated) global stores: one latency, not one per row
@@ -133,11 +138,12 @@ __device__ __forceinline__ void merge_and_store(float (&o)[Cfg::MI][Cfg::D / 8][
         acc[4] += b.x, acc[5] += b.y, acc[6] += b.z, acc[7] += b.w;
       }
       const float inv = row_inv(L);
+      const bool empty = L == 0.f;
       uint4 val;
-      val.x = Mma<T>::pack(acc[0] * inv, acc[1] * inv);
-      val.y = Mma<T>::pack(acc[2] * inv, acc[3] * inv);
-      val.z = Mma<T>::pack(acc[4] * inv, acc[5] * inv);
-      val.w = Mma<T>::pack(acc[6] * inv, acc[7] * inv);
+      val.x = Mma<T>::pack(row_out(acc[0], inv, empty), row_out(acc[1], inv, empty));
+      val.y = Mma<T>::pack(row_out(acc[2], inv, empty), row_out(acc[3], inv, empty));
+      val.z = Mma<T>::pack(row_out(acc[4], inv, empty), row_out(acc[5], inv, empty));
+      val.w = Mma<T>::pack(row_out(acc[6], inv, empty), row_out(acc[7], inv, empty));
       st_global16(og + rj.x * out.o_rstride + rj.y * D + c * 8, val);
       if (c == 0) {
         float mx = sM[row];

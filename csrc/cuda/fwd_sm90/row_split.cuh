@@ -76,10 +76,12 @@ __device__ __forceinline__ void store_rows_partial(const float (&o)[Cfg::MI][Cfg
       const int64_t P = ts.row0 + row;  // packed row within the block row
       if ((lane & 3) == 0) lse[P] = finish_lse(m[mi][h], lv);
       const float inv = row_inv(lv);
+      const bool empty = lv == 0.f;
       float* const dst = base + P * D + 2 * (lane & 3);
 #pragma unroll
       for (int d = 0; d < D / 8; ++d)
-        *reinterpret_cast<float2*>(dst + 8 * d) = make_float2(o[mi][d][2 * h] * inv, o[mi][d][2 * h + 1] * inv);
+        *reinterpret_cast<float2*>(dst + 8 * d) = make_float2(row_out(o[mi][d][2 * h], inv, empty),
+                                                                   row_out(o[mi][d][2 * h + 1], inv, empty));
     }
 }
 
@@ -144,7 +146,8 @@ __global__ void __launch_bounds__(256) bsattn_fwd_split_combine_kernel(const __g
       if (mx != -INFINITY) {
         for (int j = 0; j < count; ++j) {  // piece order: fixed
           const float lj = sums[j * plane + rg * D + P];
-          const float wj = lj == -INFINITY ? 0.f : expf(lj - mx);
+          if (lj == -INFINITY) continue;  // a piece that saw nothing: its partial may hold 0 x inf, so skipped
+          const float wj = expf(lj - mx);
           const float4 x = *reinterpret_cast<const float4*>(sums + j * plane + P * D + d);
           L += wj;
           acc.x += wj * x.x;
