@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _extension  # noqa: F401  (registers the FFI targets)
 from . import lowering  # noqa: F401  (registers the lowerings)
-from .layout import BlockSparseLayout, monotone_indptr
+from .layout import BlockSparseLayout, monotone_indptr, static_flag
 from .primitives import SUPPORTED_DTYPES, Config, bsattn_bwd_p, bsattn_fwd_p
 
 __all__ = ["block_sparse_attention", "check_inputs", "static_flag", "static_float"]
@@ -61,15 +61,18 @@ def check_inputs(q, k, v, layout, logits_soft_cap=None) -> Shapes:
     if not ok:
         raise ValueError(f"layout batch shape {L} does not broadcast against (*B, Hk) = {target} "
                          f"(q {q.shape}, k {k.shape}); use (), (Hk,), (B, 1) or (B, Hk)")
-    # (positive in float32: the kernels take 0 for "no cap")
-    if logits_soft_cap is not None and not np.float32(static_float("logits_soft_cap", logits_soft_cap)) > 0:
-        raise ValueError(f"logits_soft_cap must be positive (in float32) or None, got {logits_soft_cap}")
+    # (a normal float32: the kernels take 0 for "no cap", and a subnormal one flushed to 0 would read as that)
+    if (logits_soft_cap is not None
+            and not np.float32(static_float("logits_soft_cap", logits_soft_cap)) >= np.finfo(np.float32).tiny):
+        raise ValueError(f"logits_soft_cap must be a positive normal float32 (at least {np.finfo(np.float32).tiny:.4g})"
+                         f" or None, got {logits_soft_cap}")
     return Shapes(tuple(batch), M, N, Hq, Hk, D)
 
 
 def static_float(name: str, x) -> float:
     """A float attribute of the op (scale, logits_soft_cap): compiled into the kernels, so concrete and finite."""
-    if isinstance(x, (str, bytes, bool, np.bool_)):
+    # (bool and complex arrays too: float() would take True as 1 and drop an imaginary part with only a warning)
+    if isinstance(x, (str, bytes, bool, np.bool_)) or getattr(getattr(x, "dtype", None), "kind", "") in ("b", "c"):
         raise TypeError(f"{name} must be a real number, got {x!r}")
     try:
         f = float(x)
@@ -85,13 +88,6 @@ def static_float(name: str, x) -> float:
     if not finite32:
         raise ValueError(f"{name} must be finite (the kernels take it as float32), got {f}")
     return f
-
-
-def static_flag(name: str, x) -> bool:
-    """A switch of the op (causal, return_lse, deterministic): True or False, nothing merely truthy."""
-    if not isinstance(x, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {x!r}")
-    return bool(x)
 
 
 def _canonical_layout(x, batch: tuple[int, ...], Hk: int):

@@ -25,12 +25,24 @@ def _is_traced(x: Any) -> bool:
 
 def _integer(name: str, value: Any) -> int:
     """An integer argument (Python, NumPy or concrete JAX ints): 8.9, "8" or True are mistakes, not sizes to truncate."""
+    if _is_traced(value):
+        raise TypeError(f"{name} must be a concrete (static) integer: it sets array shapes, and got a traced value")
     if not isinstance(value, (bool, np.bool_)):
         try:
             return operator.index(value)
         except Exception:  # noqa: BLE001 - any malformed value gets the same message
             pass
     raise TypeError(f"{name} must be an integer, got {value!r}")
+
+
+def static_flag(name: str, x: Any) -> bool:
+    """A switch (the op's causal, return_lse, deterministic; the builders' causal, local): True or False, a NumPy
+    bool or a concrete 0-d bool array; nothing merely truthy."""
+    if _is_traced(x):
+        raise TypeError(f"{name} must be a concrete True or False (it picks the compiled code), got a traced value")
+    if isinstance(x, (bool, np.bool_)) or (getattr(x, "dtype", None) == np.bool_ and np.shape(x) == ()):
+        return bool(x)
+    raise TypeError(f"{name} must be True or False, got {x!r}")
 
 
 def _check_pair(name: str, value: Any) -> tuple[int, int]:
@@ -75,7 +87,7 @@ class BlockSparseLayout:
       indptr: int32 ``[*L, MB + 1]``; block row ``r`` lists ``indices[..., indptr[r]:indptr[r + 1]]``.
       indices: int32 ``[*L, nnz]``; block column of each listed block. Entries past ``indptr[..., -1]``
         are padding, so layouts stacked in ``*L`` may list different numbers of blocks.
-      block_size: static ``(R, C)``; any positive integers.
+      block_size: static ``(R, C)``; any integers in [1, 2^30] (as ``seq_lens``).
       seq_lens: static ``(M, N)``; ``MB = ceil(M / R)``, ``NB = ceil(N / C)``.
 
     Build with :meth:`from_block_mask` or :meth:`from_csr`. Concrete layouts are validated when built;

@@ -16,13 +16,14 @@ traced scores (MoBA / NSA-style routing); :func:`union` and :func:`intersection`
 from __future__ import annotations
 
 import math
+import operator
 from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .layout import BlockSparseLayout, _block_counts_numpy, _check_pair, _integer, _is_traced
+from .layout import BlockSparseLayout, _block_counts_numpy, _check_pair, _integer, _is_traced, _nnz, static_flag
 
 __all__ = ["block_causal", "sliding_window", "strided", "global_local", "random", "per_head", "union",
            "intersection", "from_topk"]
@@ -103,6 +104,7 @@ def sliding_window(seq_lens, block_size, window: int, *, causal: bool = True) ->
     window = _integer("window", window)
     if window < 1:
         raise ValueError(f"window must be a positive number of tokens, got {window}")
+    causal = static_flag("causal", causal)
     return _band_layout(_Grid(seq_lens, block_size), 0 if causal else -(window - 1), window - 1)
 
 
@@ -113,6 +115,7 @@ def strided(seq_lens, block_size, stride: int, *, causal: bool = True, local: bo
     stride = _integer("stride", stride)
     if stride < 1:
         raise ValueError(f"stride must be a positive number of tokens, got {stride}")
+    causal, local = static_flag("causal", causal), static_flag("local", local)
     grid = _Grid(seq_lens, block_size)
     dmin, dmax = grid.d_range()
     if causal:
@@ -125,40 +128,64 @@ def strided(seq_lens, block_size, stride: int, *, causal: bool = True, local: bo
 
 def global_local(seq_lens, block_size, window: int, global_tokens: int | Iterable[int] = 1, *,
                  causal: bool = False) -> BlockSparseLayout:
-    """Longformer / BigBird (ITC) attention: a local window (as :func:`sliding_window`) plus global tokens
-    that see every key and are seen by every query.
+    """Longformer / BigBird (ITC) attention: a local window (as :func:`sliding_window`; 0 for none) plus global
+    tokens that see every key and are seen by every query.
 
-    ``global_tokens`` is a count (the first tokens, e.g. a CLS token) or the token positions, used for both
-    queries (in ``[0, M)``) and keys (in ``[0, N)``). With ``causal=True`` global tokens too respect
+    ``global_tokens`` is a count (the first tokens, e.g. a CLS token) or the token positions, in ``[0, N)``:
+    token ``t`` is key ``t`` and, queries being the last ``M`` tokens (the bottom-right alignment above), query
+    row ``t - (N - M)`` where that is in ``[0, M)`` (so with ``M < N``, e.g. decoding, an early global token is
+    seen by every query without making a query row global). With ``causal=True`` global tokens too respect
     ``d >= 0``. Add BigBird's random blocks with ``union(global_local(...), random(...))``.
     """
     grid = _Grid(seq_lens, block_size)
     M, N = grid.seq_lens
-    if np.ndim(global_tokens) == 0:
-        count = _integer("global_tokens", global_tokens)
-        if count < 0:
-            raise ValueError(f"global_tokens must be >= 0, got {count}")
-        positions = np.arange(count)
-    else:
-        positions = np.asarray([_integer("global token position", t) for t in np.ravel(np.asarray(global_tokens))],
-                               np.int64)
-        if positions.size and positions.min() < 0:
-            raise ValueError(f"global token positions must be >= 0, got {positions.min()}")
+    positions = _token_positions(global_tokens, N)
+    window = _integer("window", window)
+    if window < 0:
+        raise ValueError(f"window must be >= 0 tokens (0: no local window), got {window}")
+    causal = static_flag("causal", causal)
     R, C = grid.block_size
-    q_pos, k_pos = positions[positions < M], positions[positions < N]
-    # the blocks holding an element of a global query row t (i = t) or key column t (j = t); with causal=True
-    # one with d = i + (N - M) - j >= 0 on that row or column itself (not merely somewhere in the block)
-    q_sees = grid.j0[None, :] <= q_pos[:, None] + grid.offset  # [global query t, block column c]
-    k_seen = grid.i1[:, None] + grid.offset >= k_pos[None, :]  # [block row r, global key t]
+    q_pos = positions - grid.offset  # query rows of the global tokens
+    q_pos, k_pos = q_pos[(q_pos >= 0) & (q_pos < M)], positions
+    # the blocks holding an element of a global query row i or key column j; with causal=True one with
+    # d = i + (N - M) - j >= 0 on that row or column itself (not merely somewhere in the block)
+    q_sees = grid.j0[None, :] <= q_pos[:, None] + grid.offset  # [global query row, block column c]
+    k_seen = grid.i1[:, None] + grid.offset >= k_pos[None, :]  # [block row r, global key]
     if not causal:
         q_sees, k_seen = np.ones_like(q_sees), np.ones_like(k_seen)
     mask = np.zeros((grid.MB, grid.NB), bool)
     np.logical_or.at(mask, q_pos // R, q_sees)
     np.logical_or.at(mask, (slice(None), k_pos // C), k_seen)
-    window = _integer("window", window)
     if window >= 1:
         mask |= grid.band_mask(0 if causal else -(window - 1), window - 1)
     return grid.layout_from_mask(mask)
+
+
+def _token_positions(global_tokens, N: int) -> np.ndarray:
+    """global_local's ``global_tokens``: a count (the first tokens) or any iterable of positions, each in [0, N)."""
+    if not isinstance(global_tokens, (bool, np.bool_)):
+        try:
+            count = operator.index(global_tokens)
+        except TypeError:
+            count = None
+        if count is not None:
+            if not 0 <= count <= N:
+                raise ValueError(f"global_tokens (a count) must be in [0, N] = [0, {N}], got {count}")
+            return np.arange(count, dtype=np.int64)
+    if isinstance(global_tokens, (str, bytes, bool, np.bool_)) or _is_traced(global_tokens):
+        items = None
+    else:
+        try:  # (arrays of any rank, sets, generators)
+            items = list(np.ravel(global_tokens)) if hasattr(global_tokens, "__array__") else list(global_tokens)
+        except TypeError:
+            items = None
+    if items is None:
+        raise TypeError(f"global_tokens must be a count or token positions (integers), got {global_tokens!r}")
+    positions = np.asarray([_integer("global token position", t) for t in items], np.int64)
+    bad = positions[(positions < 0) | (positions >= N)]
+    if bad.size:
+        raise ValueError(f"global token positions must be in [0, N) = [0, {N}), got {bad[0]}")
+    return positions
 
 
 def random(seq_lens, block_size, blocks_per_row: int, *, seed: int = 0, causal: bool = False,
@@ -173,6 +200,15 @@ def random(seq_lens, block_size, blocks_per_row: int, *, seed: int = 0, causal: 
     k = _integer("blocks_per_row", blocks_per_row)
     if k < 0:
         raise ValueError(f"blocks_per_row must be >= 0, got {blocks_per_row}")
+    seed, causal = _integer("seed", seed), static_flag("causal", causal)
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    try:
+        batch_shape = tuple(_integer("batch_shape", d) for d in batch_shape)
+    except TypeError:
+        raise TypeError(f"batch_shape must be a sequence of integers, got {batch_shape!r}") from None
+    if any(d < 0 for d in batch_shape):
+        raise ValueError(f"batch_shape must hold sizes >= 0, got {batch_shape}")
     allowed = grid.band_mask(0, None) if causal else np.ones((grid.MB, grid.NB), bool)
     keys = np.random.default_rng(seed).random(tuple(batch_shape) + (grid.MB, grid.NB))
     keys = np.where(allowed, keys, np.inf)
@@ -222,6 +258,10 @@ def _combine(layouts, op: str, nnz):
     combined = masks[0]
     for m in masks[1:]:
         combined = (combined | m) if op == "union" else (combined & m)
+    if xp is np and nnz is not None:  # (the error names this call, not from_block_mask's argument)
+        most = int(combined.sum(-1).sum(-1).max(initial=0))
+        if _nnz(nnz) < most:
+            raise ValueError(f"{op}: nnz={nnz} is smaller than the {most} blocks the {op} lists")
     if xp is jnp:
         if nnz is None:   # static: enough for the combination of the given layouts
             mb, nb = combined.shape[-2:]
@@ -289,7 +329,7 @@ def from_topk(scores, k: int, *, seq_lens, block_size, causal: bool = False) -> 
     if len(shape) < 2 or shape[-2:] != (MB, NB):
         raise ValueError(f"scores has shape {shape}: expected [*L, MB, NB] with (MB, NB) = {(MB, NB)} for "
                          f"seq_lens={grid.seq_lens} and block_size={grid.block_size}")
-    k = _integer("k", k)
+    k, causal = _integer("k", k), static_flag("causal", causal)
     if not 1 <= k <= NB:
         raise ValueError(f"k must be in [1, NB] = [1, {NB}], got {k}")
     scores = jnp.asarray(scores)

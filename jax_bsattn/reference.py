@@ -60,7 +60,8 @@ def reference_in_dtype(q, k, v, layout, *, scale=None, causal=False, logits_soft
     live = weights > 0
     s_live = jnp.where(live, s, -jnp.inf)
     m = jax.lax.stop_gradient(jnp.max(s_live, axis=-1, keepdims=True))
-    m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
+    # (an empty row's -inf max -> 0; a +inf max stays, so inf - inf makes the row NaN, as the kernels do)
+    m = jnp.where(m > -jnp.inf, m, jnp.zeros_like(m))
     p = w * jnp.exp(s_live - m)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     # denom > 0; 0 for an empty row; NaN where a NaN score took part (o and lse NaN then)

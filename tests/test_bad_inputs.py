@@ -60,7 +60,11 @@ def test_soft_cap_must_be_positive():
     (dict(logits_soft_cap="30"), TypeError, "logits_soft_cap must be a real number"),
     (dict(scale=1e39), ValueError, "scale must be finite"),  # (inf in float32)
     (dict(scale=10 ** 400), ValueError, "scale must be finite"),  # (no float at all)
-    (dict(logits_soft_cap=1e-46), ValueError, "logits_soft_cap must be positive"),  # (0 in float32: no cap)
+    (dict(logits_soft_cap=1e-46), ValueError, "logits_soft_cap must be a positive normal"),  # (0 in float32: no cap)
+    (dict(logits_soft_cap=1e-39), ValueError, "logits_soft_cap must be a positive normal"),  # (subnormal: flushed to 0)
+    (dict(scale=np.array(True)), TypeError, "scale must be a real number"),  # (not 1.0)
+    (dict(scale=jnp.asarray(True)), TypeError, "scale must be a real number"),
+    (dict(scale=np.complex64(0.5 + 3j)), TypeError, "scale must be a real number"),  # (not 0.5 and a warning)
     (dict(causal="yes"), TypeError, "causal must be True or False"),
     (dict(causal=None), TypeError, "causal must be True or False"),
     (dict(deterministic=1), TypeError, "deterministic must be True or False"),
@@ -72,6 +76,13 @@ def test_attribute_errors(kw, exc, match):
     for op in (jb.block_sparse_attention, jb.reference.block_sparse_attention_reference):
         with pytest.raises(exc, match=match):
             op(q, k, v, LAYOUT, **kw)
+
+
+def test_traced_flag_is_a_clear_error():
+    q, k, v = _qkv()
+    f = jax.jit(lambda q, k, v, c: jb.block_sparse_attention(q, k, v, LAYOUT, causal=c))
+    with pytest.raises(TypeError, match="causal must be a concrete True or False"):
+        f(q, k, v, True)
 
 
 def test_traced_scale_is_a_clear_error():
@@ -89,7 +100,8 @@ def test_numpy_scalars_are_accepted():
     q, k, v = (jax.random.normal(jax.random.PRNGKey(i), x.shape) for i, x in enumerate(_qkv()))
     want = jb.block_sparse_attention(q, k, v, LAYOUT, scale=0.25, causal=True)
     assert not np.allclose(np.asarray(want), np.asarray(jb.block_sparse_attention(q, k, v, LAYOUT)))
-    for scale, causal in ((np.float32(0.25), np.bool_(True)), (jnp.asarray(0.25), True)):
+    for scale, causal in ((np.float32(0.25), np.bool_(True)), (jnp.asarray(0.25), True), (0.25, np.array(True)),
+                          (0.25, jnp.asarray(True))):
         got = jb.block_sparse_attention(q, k, v, LAYOUT, scale=scale, causal=causal)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 

@@ -116,10 +116,12 @@ def test_garbage_traced_layout_follows_the_clamp_rules():
         np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_ref), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("where", ["q", "k"])
+@pytest.mark.parametrize("where", ["q", "k", "q_inf"])
 def test_nan_input_reaches_the_rows_that_use_it(where):
     """A NaN query row, or a NaN key in a listed block, makes the rows whose softmax takes it NaN (o and lse), as
-    the reference does; other rows keep their values. (The forward once took such a row for an empty one: 0, -inf.)"""
+    the reference does; other rows keep their values. (The forward once took such a row for an empty one: 0, -inf.)
+    So does an inf in q, whose row then holds +inf scores (the reference once read a +inf row maximum as an empty
+    row's and gave lse +inf)."""
     r = np.random.default_rng(3)
     M = N = 48
     q, k, v = (jnp.asarray(r.standard_normal((1, n, 2, 16)), jnp.float32) for n in (M, N, N))
@@ -127,6 +129,8 @@ def test_nan_input_reaches_the_rows_that_use_it(where):
     layout = jb.BlockSparseLayout.from_block_mask(mask, (16, 16), (M, N))
     if where == "q":
         q = q.at[0, 5, 1].set(jnp.nan)
+    elif where == "q_inf":
+        q = q.at[0, 5, 1, 3].set(jnp.inf)
     else:
         k = k.at[0, 20, 0].set(jnp.nan)  # block column 1: block rows 1 and 2 list it, causally from row 20 on
     for causal in (False, True):

@@ -66,8 +66,8 @@ def test_global_local(seq_lens, block_size):
         for glob, causal in [(1, False), (3, True), ([0, 17, 30], False), ([5, 33], True), (0, False), ([0, 9], True)]:
             positions = np.arange(glob) if isinstance(glob, int) else np.asarray(glob)
 
-            def wanted(i, j, d):
-                is_global = np.isin(i, positions) | np.isin(j, positions)
+            def wanted(i, j, d):  # (token t: key t, query row t - (N - M); i's token is d + j)
+                is_global = np.isin(d + j, positions) | np.isin(j, positions)
                 if causal:
                     return ((d >= 0) & (d < w)) | (is_global & (d >= 0))
                 return (np.abs(d) < w) | is_global
@@ -181,7 +181,7 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="k must be"):
         L.from_topk(jnp.zeros((8, 8)), 9, seq_lens=64, block_size=8)
     for bad in ((8.9, 8), ("8", 8), (True, 8), True):  # sizes are integers, never truncated
-        with pytest.raises(TypeError, match=r"block_size must be a pair of integers, got \(?True|8\.9|'8'"):
+        with pytest.raises(TypeError, match=r"block_size must be a pair of integers, got \(?(True|8\.9|'8')"):
             L.block_causal(64, bad)
     for call, name in ((lambda: L.sliding_window(64, 8, 1.9), "window"), (lambda: L.strided(64, 8, "4"), "stride"),
                        (lambda: L.random(64, 8, 2.5), "blocks_per_row"), (lambda: L.global_local(64, 8, 0, [3.7]),
@@ -201,6 +201,49 @@ def test_argument_errors():
     for combine in (L.per_head, lambda ls: L.union(*ls)):
         with pytest.raises(ValueError, match=r"batch shapes \[\(2,\), \(3,\)\] do not broadcast"):
             combine([two, three])
+
+
+def test_global_local_token_positions():
+    """Positions are tokens: key t and query row t - (N - M), so a decoding step (M = 1) with a CLS token sees the CLS
+    key without becoming a global row; any iterable of positions; each in [0, N)."""
+    decode = mask_of(L.global_local((1, 64), (1, 8), 8, 1, causal=True))
+    np.testing.assert_array_equal(decode, [[1, 0, 0, 0, 0, 0, 0, 1]])
+    want = mask_of(L.global_local(64, 8, 0, [0, 17]))
+    for positions in ({0, 17}, (t for t in (0, 17)), np.array([[0], [17]]), range(0, 18, 17)):
+        np.testing.assert_array_equal(mask_of(L.global_local(64, 8, 0, positions)), want)
+    for bad, exc, match in ((64, ValueError, r"global_tokens \(a count\) must be in \[0, N\] = \[0, 50\]"),
+                            ([3, 50], ValueError, r"positions must be in \[0, N\) = \[0, 50\), got 50"),
+                            ("0", TypeError, "global_tokens must be a count or token positions"),
+                            (2.5, TypeError, "global_tokens must be a count or token positions")):
+        with pytest.raises(exc, match=match):
+            L.global_local((64, 50), 8, 0, bad)
+    with pytest.raises(ValueError, match="window must be >= 0"):
+        L.global_local(64, 8, -5)
+
+
+def test_builder_switches_and_seeds_are_checked():
+    for call, name in ((lambda: L.sliding_window(64, 8, 4, causal="no"), "causal"),
+                       (lambda: L.strided(64, 8, 4, local=1), "local"),
+                       (lambda: L.global_local(64, 8, 4, causal=None), "causal"),
+                       (lambda: L.random(64, 8, 2, causal="no"), "causal"),
+                       (lambda: L.from_topk(jnp.zeros((8, 8)), 2, seq_lens=64, block_size=8, causal=0), "causal")):
+        with pytest.raises(TypeError, match=f"{name} must be True or False"):
+            call()
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        L.random(64, 8, 2, seed=1.5)
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        L.random(64, 8, 2, seed=-1)
+    with pytest.raises(TypeError, match="batch_shape must be a sequence of integers"):
+        L.random(64, 8, 2, batch_shape=3)
+    np.testing.assert_array_equal(mask_of(L.sliding_window(64, 8, 4, causal=np.bool_(False))),
+                                  mask_of(L.sliding_window(64, 8, 4, causal=False)))
+
+
+def test_size_errors_name_the_call():
+    with pytest.raises(ValueError, match="union: nnz=3 is smaller than the 36 blocks the union lists"):
+        L.union(L.block_causal(64, 8), nnz=3)
+    with pytest.raises(TypeError, match="k must be a concrete"):
+        jax.jit(lambda k: L.from_topk(jnp.zeros((8, 8)), k, seq_lens=64, block_size=8))(2)
 
 
 def test_zero_size_batch_of_layouts():
