@@ -242,6 +242,32 @@ def test_nan_rows_forward_and_backward(R, C, g, D, kind):
         assert_close(name, np.where(got, 0, a), np.where(got, 0, b), np.where(got, 0, c))
 
 
+# An inf in q: that row's scores are +-inf, and a +inf one makes the row NaN (inf - inf in its exponent), as in the
+# reference (README: Semantics), on the sweep, the mma.sync tile, the 64- / 128-row gathers and D = 256's.
+@pytest.mark.parametrize("R,C,g,D,density", [(2, 4, 4, 128, 0.5), (4, 64, 4, 64, 0.3), (16, 16, 4, 128, 0.3),
+                                             (64, 64, 4, 128, 0.3), (32, 32, 2, 256, 0.3)])
+def test_inf_query_makes_its_rows_nan(R, C, g, D, density):
+    rng = np.random.default_rng(R + C + D)
+    M = N = 512
+    mask = random_mask(rng, (), M // R, N // C, density)
+    mask[37 // R, :2] = True  # (the row lists keys of both signs in dim 3)
+    layout = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
+    q, k, v = random_problem(rng, batch=(1,), M=M, N=N, Hq=2 * g, Hk=2, D=D, dtype=jnp.bfloat16)
+    q = q.at[0, 37, 1, 3].set(jnp.inf)
+    with jax.default_device(jax.devices("cuda")[0]):
+        o, lse = (np.asarray(x, np.float32) for x in jb.block_sparse_attention(q, k, v, layout, return_lse=True))
+    o32, lse32 = (np.asarray(x, np.float32) for x in reference_in_dtype(*on_cpu(q, k, v), layout, return_lse=True))
+    olp, lselp = (np.asarray(x, np.float32) for x in reference_in_dtype(*on_cpu(q, k, v), layout, return_lse=True,
+                                                                         compute_dtype=jnp.bfloat16))
+    nan_rows = np.isnan(lse32)
+    assert nan_rows[0, 37, 1] and nan_rows.sum() == 1
+    np.testing.assert_array_equal(np.isnan(lse), nan_rows)
+    np.testing.assert_array_equal(np.isnan(o), np.isnan(o32))
+    keep = ~nan_rows
+    assert_close("o", o[keep], o32[keep], olp[keep])
+    assert_close("lse", lse[keep], lse32[keep], lselp[keep])
+
+
 # Small R * g on an H100 / H200: the sweep forward (fwd_sm90/sweep_kernel.cuh) over several block rows per tile, masked
 # per key, where R * g <= 8 here (R * g = 12, 16 at this density stay on the gathers: fwd_sweep_block_rows): part-filled
 # last tiles of rows and keys, blocks straddling bit words, causal, soft cap, f16, a long N.
