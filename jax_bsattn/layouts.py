@@ -16,7 +16,6 @@ traced scores (MoBA / NSA-style routing); :func:`union` and :func:`intersection`
 from __future__ import annotations
 
 import math
-import operator
 from typing import Iterable, Sequence
 
 import jax
@@ -163,24 +162,20 @@ def global_local(seq_lens, block_size, window: int, global_tokens: int | Iterabl
 
 def _token_positions(global_tokens, N: int) -> np.ndarray:
     """global_local's ``global_tokens``: a count (the first tokens) or any iterable of positions, each in [0, N)."""
-    if not isinstance(global_tokens, (bool, np.bool_)):
-        try:
-            count = operator.index(global_tokens)
-        except TypeError:
-            count = None
-        if count is not None:
-            if not 0 <= count <= N:
-                raise ValueError(f"global_tokens (a count) must be in [0, N] = [0, {N}], got {count}")
-            return np.arange(count, dtype=np.int64)
-    if isinstance(global_tokens, (str, bytes, bool, np.bool_)) or _is_traced(global_tokens):
-        items = None
-    else:
-        try:  # (arrays of any rank, sets, generators)
-            items = list(np.ravel(global_tokens)) if hasattr(global_tokens, "__array__") else list(global_tokens)
-        except TypeError:
-            items = None
-    if items is None:
-        raise TypeError(f"global_tokens must be a count or token positions (integers), got {global_tokens!r}")
+    try:
+        count = _integer("global_tokens", global_tokens)
+    except TypeError:  # not a count: positions
+        count = None
+    if count is not None:
+        if not 0 <= count <= N:
+            raise ValueError(f"global_tokens (a count) must be in [0, N] = [0, {N}], got {count}")
+        return np.arange(count, dtype=np.int64)
+    try:  # (arrays of any rank, sets, generators; not a string, a bool or a traced value)
+        if isinstance(global_tokens, (str, bytes)) or _is_traced(global_tokens):
+            raise TypeError
+        items = list(np.ravel(global_tokens)) if hasattr(global_tokens, "__array__") else list(global_tokens)
+    except TypeError:
+        raise TypeError(f"global_tokens must be a count or token positions (integers), got {global_tokens!r}") from None
     positions = np.asarray([_integer("global token position", t) for t in items], np.int64)
     bad = positions[(positions < 0) | (positions >= N)]
     if bad.size:

@@ -165,6 +165,19 @@ def test_forward_row_split(R, C, g, D, M, causal, softcap, dtype, monkeypatch):
             f"{name}: split and unsplit differ by {err}"
 
 
+def _assert_nan_rows_as_reference(got, ref32, ref_lp):
+    """(o, lse) of a kernel against the float32 reference's and the input dtype's: NaN in the same rows (o and lse),
+    the other rows within the usual budget. Returns the NaN rows ([*B, M, Hq])."""
+    (o, lse), (o32, lse32), (olp, lselp) = got, ref32, ref_lp
+    nan_rows = np.isnan(lse32)
+    np.testing.assert_array_equal(np.isnan(lse), nan_rows)
+    np.testing.assert_array_equal(np.isnan(o), np.isnan(o32))
+    keep = ~nan_rows
+    assert_close("o", o[keep], o32[keep], olp[keep])
+    assert_close("lse", lse[keep], lse32[keep], lselp[keep])
+    return nan_rows
+
+
 # A NaN in q (one row of one head) and in k (one key of one KV head): the rows whose softmax takes it come out NaN in o
 # and lse, as in the reference; the others keep their values (the epilogues once read a NaN row sum as an empty row:
 # lse -inf). Then the gradients: NaN where the reference's are (the backward once took a NaN lse for a dead row: dq 0,
@@ -208,13 +221,8 @@ def test_nan_rows_forward_and_backward(R, C, g, D, kind):
     reflp = lambda *a, **kw: reference_in_dtype(*a, compute_dtype=jnp.bfloat16, **kw)
     (o32, lse32), _ = grads(ref32, on_cpu(q, k, v))
     (olp, lselp), _ = grads(reflp, on_cpu(q, k, v))
-    nan_rows = np.isnan(lse32)  # [1, M, Hq]
+    nan_rows = _assert_nan_rows_as_reference((o, lse), (o32, lse32), (olp, lselp))  # [1, M, Hq]
     assert nan_rows.any() and not nan_rows.all()
-    np.testing.assert_array_equal(np.isnan(lse), nan_rows)
-    np.testing.assert_array_equal(np.isnan(o), np.isnan(o32))
-    keep = ~nan_rows
-    assert_close("o", o[keep], o32[keep], olp[keep])
-    assert_close("lse", lse[keep], lse32[keep], lselp[keep])
     # Gradients: NaN for the NaN rows' dq and for the keys those rows list (dk, dv); the dense reference spreads NaN
     # further (0 x NaN at unlisted elements), so the rest is compared with the reference on q, k with the NaNs at 0,
     # which those entries do not depend on.
@@ -259,13 +267,8 @@ def test_inf_query_makes_its_rows_nan(R, C, g, D, density):
     o32, lse32 = (np.asarray(x, np.float32) for x in reference_in_dtype(*on_cpu(q, k, v), layout, return_lse=True))
     olp, lselp = (np.asarray(x, np.float32) for x in reference_in_dtype(*on_cpu(q, k, v), layout, return_lse=True,
                                                                          compute_dtype=jnp.bfloat16))
-    nan_rows = np.isnan(lse32)
+    nan_rows = _assert_nan_rows_as_reference((o, lse), (o32, lse32), (olp, lselp))
     assert nan_rows[0, 37, 1] and nan_rows.sum() == 1
-    np.testing.assert_array_equal(np.isnan(lse), nan_rows)
-    np.testing.assert_array_equal(np.isnan(o), np.isnan(o32))
-    keep = ~nan_rows
-    assert_close("o", o[keep], o32[keep], olp[keep])
-    assert_close("lse", lse[keep], lse32[keep], lselp[keep])
 
 
 # Small R * g on an H100 / H200: the sweep forward (fwd_sm90/sweep_kernel.cuh) over several block rows per tile, masked
