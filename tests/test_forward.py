@@ -2,6 +2,7 @@
 
 import itertools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -116,12 +117,16 @@ def test_garbage_traced_layout_follows_the_clamp_rules():
         np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_ref), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("softcap", [None, 5.0])
 @pytest.mark.parametrize("where", ["q", "k", "q_inf"])
-def test_nan_input_reaches_the_rows_that_use_it(where):
+def test_nan_input_reaches_the_rows_that_use_it(where, softcap):
     """A NaN query row, or a NaN key in a listed block, makes the rows whose softmax takes it NaN (o and lse), as
     the reference does; other rows keep their values. (The forward once took such a row for an empty one: 0, -inf.)
     So does an inf in q, whose row then holds +inf scores (the reference once read a +inf row maximum as an empty
-    row's and gave lse +inf)."""
+    row's and gave lse +inf); under a soft cap those are finite (+-cap) and a NaN stays NaN (the CPU tanh once made it
+    1). The gradients are NaN exactly where the reference's are (for NaN inputs; an inf in q also meets the zeros of
+    the row's saturated or -inf scores, 0 x inf, which the kernels' p (dp - delta) and the reference's autodiff place
+    differently: there the values are compared where both are not NaN)."""
     r = np.random.default_rng(3)
     M = N = 48
     q, k, v = (jnp.asarray(r.standard_normal((1, n, 2, 16)), jnp.float32) for n in (M, N, N))
@@ -133,15 +138,60 @@ def test_nan_input_reaches_the_rows_that_use_it(where):
         q = q.at[0, 5, 1, 3].set(jnp.inf)
     else:
         k = k.at[0, 20, 0].set(jnp.nan)  # block column 1: block rows 1 and 2 list it, causally from row 20 on
+    ct = jnp.asarray(r.standard_normal(q.shape), jnp.float32)
     for causal in (False, True):
-        o, lse = jb.block_sparse_attention(q, k, v, layout, causal=causal, return_lse=True)
-        ro, rlse = jb.reference.block_sparse_attention_reference(q, k, v, layout, causal=causal, return_lse=True)
+        def loss(op, q, k, v):
+            o, lse = op(q, k, v, layout, causal=causal, logits_soft_cap=softcap, return_lse=True)
+            return jnp.sum(jnp.where(jnp.isnan(o), 0, o) * ct), (o, lse)
+
+        (dq, dk, dv), (o, lse) = jax.grad(lambda *a: loss(jb.block_sparse_attention, *a), (0, 1, 2), has_aux=True)(q, k, v)
+        grads_ref, (ro, rlse) = jax.grad(lambda *a: loss(jb.reference.block_sparse_attention_reference, *a), (0, 1, 2),
+                                         has_aux=True)(q, k, v)
         nan_rows = np.isnan(np.asarray(rlse))
-        assert nan_rows.any() and not nan_rows.all()
+        if where == "q_inf" and softcap:
+            assert not nan_rows.any()
+        else:
+            assert nan_rows.any() and not nan_rows.all()
         np.testing.assert_array_equal(np.isnan(np.asarray(lse)), nan_rows)
         np.testing.assert_array_equal(np.isnan(np.asarray(o)), np.isnan(np.asarray(ro)))
         np.testing.assert_allclose(np.asarray(o)[~np.isnan(np.asarray(ro))], np.asarray(ro)[~np.isnan(np.asarray(ro))],
                                    rtol=1e-5, atol=1e-5)
+        for name, a, b in zip(("dq", "dk", "dv"), (dq, dk, dv), grads_ref):
+            a, b = np.asarray(a), np.asarray(b)
+            if where != "q_inf":
+                np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=name)
+            both = ~np.isnan(a) & ~np.isnan(b)
+            assert both.mean() >= 0.5, name
+            np.testing.assert_allclose(a[both], b[both], rtol=2e-4, atol=2e-5, err_msg=name)
+
+
+def test_inf_in_v_reaches_only_the_rows_that_list_it():
+    """An inf in v reaches the output rows whose blocks list its key (+-inf, or NaN where signs meet), in the kernel
+    and in the reference; rows that do not list it keep finite values (the reference's dense p @ v once made them
+    NaN: 0 x inf). Gradients: NaN / finite where the reference's are."""
+    r = np.random.default_rng(4)
+    M = N = 48
+    q, k, v = (jnp.asarray(r.standard_normal((1, n, 2, 16)), jnp.float32) for n in (M, N, N))
+    mask = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 1]], bool)
+    layout = jb.BlockSparseLayout.from_block_mask(mask, (16, 16), (M, N))
+    v = v.at[0, 20, 0, 3].set(jnp.inf).at[0, 21, 0, 3].set(-jnp.inf).at[0, 22, 1, 5].set(jnp.inf)
+    ct = jnp.asarray(r.standard_normal(q.shape), jnp.float32)
+    for causal in (False, True):
+        def loss(op, q, k, v):
+            o = op(q, k, v, layout, causal=causal)
+            return jnp.sum(jnp.where(jnp.isfinite(o), o, 0) * ct), o
+
+        got = jax.grad(lambda *a: loss(jb.block_sparse_attention, *a), (0, 1, 2), has_aux=True)(q, k, v)
+        ref = jax.grad(lambda *a: loss(jb.reference.block_sparse_attention_reference, *a), (0, 1, 2),
+                       has_aux=True)(q, k, v)
+        o, ro = np.asarray(got[1]), np.asarray(ref[1])
+        assert np.isfinite(ro[0, :16]).all() and not np.isfinite(ro[0, 16:]).all()   # block row 0 skips column 1
+        np.testing.assert_array_equal(o[~np.isfinite(ro)], ro[~np.isfinite(ro)])
+        np.testing.assert_allclose(o[np.isfinite(ro)], ro[np.isfinite(ro)], rtol=1e-5, atol=1e-5)
+        for name, a, b in zip(("dq", "dk", "dv"), got[0], ref[0]):
+            a, b = np.asarray(a), np.asarray(b)
+            np.testing.assert_array_equal(np.isfinite(a), np.isfinite(b), err_msg=name)
+            np.testing.assert_allclose(a[np.isfinite(b)], b[np.isfinite(b)], rtol=2e-4, atol=2e-5, err_msg=name)
 
 
 def test_blocks_far_wider_than_the_sequence():

@@ -185,11 +185,13 @@ def _assert_nan_rows_as_reference(got, ref32, ref_lp):
 # the sweep (R * g = 8, dense enough), the mma.sync tile (R * g = 16 below the sweep's density), the 64-row and producer
 # 128-row gather tiles, D = 256's, and the row split's pieces and combine (band + global rows, M = 2048; the NaN query
 # in global block row 0, which is cut into pieces); backward: the sweep / packed, mma.sync, the pair (narrow dk / dv and
-# wgmma dq), the one-pass kernel, D = 256's pair, the row-oriented kernel (R * g = 128, C = 16).
-@pytest.mark.parametrize("R,C,g,D,kind", [(2, 4, 4, 128, 0.5), (4, 64, 4, 64, 0.3), (16, 16, 4, 128, 0.3),
-                                          (64, 64, 4, 128, 0.3), (32, 32, 2, 256, 0.3), (32, 16, 4, 128, 0.3),
-                                          (16, 16, 4, 128, "split")])
-def test_nan_rows_forward_and_backward(R, C, g, D, kind):
+# wgmma dq), the one-pass kernel, D = 256's pair, the row-oriented kernel (R * g = 128, C = 16). With a soft cap on three
+# of them: tanh keeps a NaN NaN (the CPU path's once made it 1).
+@pytest.mark.parametrize("R,C,g,D,kind,softcap", [
+    (2, 4, 4, 128, 0.5, None), (4, 64, 4, 64, 0.3, None), (16, 16, 4, 128, 0.3, None), (64, 64, 4, 128, 0.3, None),
+    (32, 32, 2, 256, 0.3, None), (32, 16, 4, 128, 0.3, None), (16, 16, 4, 128, "split", None),
+    (2, 4, 4, 128, 0.5, 20.0), (16, 16, 4, 128, 0.3, 20.0), (64, 64, 4, 128, 0.3, 20.0)])
+def test_nan_rows_forward_and_backward(R, C, g, D, kind, softcap):
     from jax_bsattn import lowering
     from jax_bsattn.primitives import Config
 
@@ -208,7 +210,7 @@ def test_nan_rows_forward_and_backward(R, C, g, D, kind):
     ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
 
     def loss(op, q, k, v, **kw):
-        o, lse = op(q, k, v, layout, return_lse=True, **kw)
+        o, lse = op(q, k, v, layout, return_lse=True, logits_soft_cap=softcap, **kw)
         return jnp.sum(jnp.where(jnp.isnan(o), 0, o).astype(jnp.float32) * ct), (o, lse)
 
     def grads(op, args, **kw):  # (o, lse), (dq, dk, dv) of the loss above
@@ -219,13 +221,13 @@ def test_nan_rows_forward_and_backward(R, C, g, D, kind):
         (o, lse), dg = grads(jb.block_sparse_attention, (q, k, v))
     ref32 = lambda *a, **kw: reference_in_dtype(*a, **kw)
     reflp = lambda *a, **kw: reference_in_dtype(*a, compute_dtype=jnp.bfloat16, **kw)
-    (o32, lse32), _ = grads(ref32, on_cpu(q, k, v))
+    (o32, lse32), dg32_nan = grads(ref32, on_cpu(q, k, v))
     (olp, lselp), _ = grads(reflp, on_cpu(q, k, v))
     nan_rows = _assert_nan_rows_as_reference((o, lse), (o32, lse32), (olp, lselp))  # [1, M, Hq]
     assert nan_rows.any() and not nan_rows.all()
-    # Gradients: NaN for the NaN rows' dq and for the keys those rows list (dk, dv); the dense reference spreads NaN
-    # further (0 x NaN at unlisted elements), so the rest is compared with the reference on q, k with the NaNs at 0,
-    # which those entries do not depend on.
+    # Gradients: NaN for the NaN rows' dq and for the keys those rows list (dk, dv), in the reference too (its products
+    # skip unlisted elements); the rest is compared with the reference on q, k with the NaNs at 0, which those entries
+    # do not depend on.
     listed = np.broadcast_to(np.asarray(expand_blocks(layout.block_counts(), (R, C), (M, N))) > 0, (2, M, N))
     want = [np.broadcast_to(nan_rows[..., None], q.shape), np.zeros(k.shape, bool), None]
     for hk in range(2):
@@ -240,8 +242,9 @@ def test_nan_rows_forward_and_backward(R, C, g, D, kind):
     # there NaN may reach more gradient rows (README: Semantics), never fewer; the gathers' tiles hold only the listed
     # keys of one block row: exactly the listed ones.
     spans_block_rows = R * g <= 8
-    for name, a, b, c, nan in zip(("dq", "dk", "dv"), dg, dg32, dglp, want):
+    for name, a, b, c, nan, ref_nan in zip(("dq", "dk", "dv"), dg, dg32, dglp, want, dg32_nan):
         assert nan.any() and not nan.all(), name
+        np.testing.assert_array_equal(np.isnan(ref_nan), nan, err_msg=f"{name} (the reference)")
         got = np.isnan(a)
         assert not (nan & ~got).any(), f"{name}: {(nan & ~got).sum()} elements not NaN that the reference makes NaN"
         if not spans_block_rows:

@@ -113,7 +113,8 @@ struct Simd {
     return v;
   }
   static BSATTN_AI F max(F a, F b) { return a > b ? a : b; }
-  static BSATTN_AI F min(F a, F b) { return a < b ? a : b; }
+  // NaN in a comes back as NaN (tanh's clamp relies on it)
+  static BSATTN_AI F min(F a, F b) { return b < a ? b : a; }
   // Horizontal max / sum by halving (the halves are extracted with memcpy, which compiles to
   // register extracts), down to 4 lanes.
   static BSATTN_AI float hmax(F v) { return reduce<W, true>(v); }
@@ -160,7 +161,7 @@ struct Simd {
   }
 
   // tanh(x): odd polynomial below |x| = 0.625, 1 - 2 / (exp(2|x|) + 1) above (|x| clamped to 9,
-  // where tanh is 1 in f32). Absolute error ~1e-7.
+  // where tanh is 1 in f32). Absolute error ~1e-7. NaN stays NaN (a clamp to 9 once made it 1).
   static BSATTN_AI F tanh(F x) {
     const F ax = x < 0.f ? -x : x;
     const F z = x * x;
