@@ -48,7 +48,7 @@ def reference_in_dtype(q, k, v, layout, *, scale=None, causal=False, logits_soft
     weights = jnp.broadcast_to(weights, batch + (Hk, M, N))[..., None, :, :]   # [*B, Hk, 1, M, N]
     # The elements the kernels multiply: those of listed blocks, at p = 0 where the causal mask hides them, but not
     # of a block that no row of its block row sees (the kernels skip it).
-    listed = weights > 0
+    listed = weights > 0   # [*B, Hk, 1, M, N]
     if causal:
         R, C = layout.block_size
         i = jnp.arange(M)[:, None]
@@ -56,13 +56,11 @@ def reference_in_dtype(q, k, v, layout, *, scale=None, causal=False, logits_soft
         last_row_of_block_row = jnp.minimum(i // R * R + R, M) - 1
         listed = listed & (j // C * C <= last_row_of_block_row + (N - M))
         weights = jnp.where(j <= i + (N - M), weights, 0)
-    listed = jnp.broadcast_to(listed, batch + (Hk, g, M, N))
     w = weights.astype(cd)
 
     qh = jnp.moveaxis(q.reshape(batch + (M, Hk, g, D)), -4, -2).astype(cd)   # [*B, Hk, g, M, D]
-    kv_shape = batch + (Hk, g, N, D)
-    kh = jnp.broadcast_to(jnp.swapaxes(k, -3, -2).astype(cd)[..., None, :, :], kv_shape)
-    vh = jnp.broadcast_to(jnp.swapaxes(v, -3, -2).astype(cd)[..., None, :, :], kv_shape)
+    kh = jnp.swapaxes(k, -3, -2).astype(cd)[..., None, :, :]               # [*B, Hk, 1, N, D]
+    vh = jnp.swapaxes(v, -3, -2).astype(cd)[..., None, :, :]
     s = _listed_scores(qh, kh, listed) * jnp.asarray(scale, cd)
     if logits_soft_cap is not None:
         c = jnp.asarray(logits_soft_cap, cd)
@@ -94,10 +92,16 @@ def reference_in_dtype(q, k, v, layout, *, scale=None, causal=False, logits_soft
 # The two products, each the other's transpose, over the listed elements only ([..., M, N] bool `listed`):
 #   _listed_scores(a, b)[m, n] = a[m] . b[n] where listed, else 0          (a [..., M, D], b [..., N, D])
 #   _listed_product(p, b)[m, d] = sum over listed n of p[m, n] b[n, d]     (p [..., M, N], b [..., N, D])
-# Each one's VJP is written with the pair, so gradients skip unlisted elements as well.
+# with the leading dimensions broadcast (`listed` and b take the g query heads' dimension as 1). Each one's VJP is
+# written with the pair, so gradients skip unlisted elements as well.
 
 def _inputs_as_residuals(f):
     return lambda *args: (f(*args), args)
+
+
+def _summed_to(x, shape):  # a cotangent of a broadcast operand: summed over the broadcast dimensions
+    axes = tuple(i for i, (n, want) in enumerate(zip(x.shape, shape)) if n != want)
+    return jnp.sum(x, axis=axes, keepdims=True) if axes else x
 
 
 @jax.custom_vjp
@@ -108,8 +112,8 @@ def _listed_scores(a, b, listed):
 
 def _listed_scores_bwd(res, ds):
     a, b, listed = res
-    return (_listed_product(ds, b, listed), _listed_product(jnp.swapaxes(ds, -1, -2), a, jnp.swapaxes(listed, -1, -2)),
-            None)
+    db = _listed_product(jnp.swapaxes(ds, -1, -2), a, jnp.swapaxes(listed, -1, -2))
+    return _listed_product(ds, b, listed), _summed_to(db, b.shape), None
 
 
 _listed_scores.defvjp(_inputs_as_residuals(_listed_scores), _listed_scores_bwd)
@@ -137,8 +141,8 @@ def _listed_product(p, b, listed):
 
 def _listed_product_bwd(res, do):
     p, b, listed = res
-    return (_listed_scores(do, b, listed), _listed_product(jnp.swapaxes(p, -1, -2), do, jnp.swapaxes(listed, -1, -2)),
-            None)
+    db = _listed_product(jnp.swapaxes(p, -1, -2), do, jnp.swapaxes(listed, -1, -2))
+    return _listed_scores(do, b, listed), _summed_to(db, b.shape), None
 
 
 _listed_product.defvjp(_inputs_as_residuals(_listed_product), _listed_product_bwd)
