@@ -15,7 +15,7 @@ from . import lowering  # noqa: F401  (registers the lowerings)
 from .layout import BlockSparseLayout, monotone_indptr, static_flag
 from .primitives import SUPPORTED_DTYPES, Config, bsattn_bwd_p, bsattn_fwd_p
 
-__all__ = ["block_sparse_attention", "check_inputs", "static_flag", "static_float"]
+__all__ = ["as_jax_arrays", "block_sparse_attention", "check_inputs", "static_flag", "static_float"]
 
 
 class Shapes(NamedTuple):
@@ -25,6 +25,12 @@ class Shapes(NamedTuple):
     Hq: int
     Hk: int
     D: int
+
+
+def as_jax_arrays(*xs):
+    """NumPy arrays -> jax arrays of jax's canonical dtype (float64 -> float32 without x64), as jit reads them: an
+    eager call then takes what a jitted one takes."""
+    return tuple(jnp.asarray(x) if isinstance(x, np.ndarray) else x for x in xs)
 
 
 def check_inputs(q, k, v, layout, logits_soft_cap=None) -> Shapes:
@@ -159,6 +165,7 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
       and ``lse = -inf``. Differentiable in q, k, v; works under jit, vmap (layout arrays included), grad and
       checkpoint; the layout arrays may be traced.
     """
+    q, k, v = as_jax_arrays(q, k, v)
     shapes = check_inputs(q, k, v, layout, logits_soft_cap)
     batch, M, N, Hq, Hk, D = shapes
     B = math.prod(batch)

@@ -34,8 +34,9 @@ def reference_in_dtype(q, k, v, layout, *, scale=None, causal=False, logits_soft
     In float32 it is the oracle; in the inputs' own dtype (bf16, f16) its distance to the oracle is the error
     budget the tests give a kernel.
     """
-    from .attention import check_inputs, static_flag, static_float  # the public API's argument checks, shared
+    from .attention import as_jax_arrays, check_inputs, static_flag, static_float  # the public API's checks, shared
 
+    q, k, v = as_jax_arrays(q, k, v)
     shapes = check_inputs(q, k, v, layout, logits_soft_cap)
     batch, M, N, Hq, Hk, D = shapes.batch, shapes.M, shapes.N, shapes.Hq, shapes.Hk, shapes.D
     g = Hq // Hk

@@ -106,6 +106,18 @@ def test_numpy_scalars_are_accepted():
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+def test_numpy_float64_arrays_are_taken_as_jit_takes_them():
+    """float64 NumPy q, k, v: jax's canonical dtype (float32 without x64) eagerly as under jit (eager calls once
+    refused them), in the op and in the reference."""
+    q, k, v = (np.asarray(jax.random.normal(jax.random.PRNGKey(i), x.shape), np.float64) for i, x in enumerate(_qkv()))
+    for op in (jb.block_sparse_attention, jb.reference.block_sparse_attention_reference):
+        want = op(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), LAYOUT)
+        for f in (op, jax.jit(op)):
+            got = f(q, k, v, LAYOUT)
+            assert got.dtype == jnp.float32
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_cuda_lowering_rejects_unsupported_head_dim_and_dtype():
     q, k, v = _qkv(D=48, dtype=jnp.bfloat16)
     f = jax.jit(lambda q, k, v: jb.block_sparse_attention(q, k, v, LAYOUT))
