@@ -147,7 +147,8 @@ class BlockSparseLayout:
 
     @property
     def batch_shape(self) -> tuple[int, ...]:
-        """The leading layout dimensions ``*L``."""
+        """The leading layout dimensions ``*L``; they broadcast against ``(*B, Hk)`` from the right, so a
+        per-batch layout is ``(B, 1)`` (``(B,)`` would be per KV head)."""
         return tuple(self.indptr.shape[:-1])
 
     def __repr__(self) -> str:
@@ -278,19 +279,19 @@ def _validate_concrete(indptr: np.ndarray, indices: np.ndarray, NB: int) -> None
         raise ValueError(f"indptr must start at 0; got indptr[..., 0] = {np.unique(indptr[..., 0])[:8]}")
     steps = np.diff(indptr, axis=-1)
     if (steps < 0).any():
-        where = np.argwhere(steps < 0)[0]
-        raise ValueError(f"indptr must never decrease; it does at position {tuple(where)}")
+        where = tuple(int(i) for i in np.argwhere(steps < 0)[0])
+        raise ValueError(f"indptr must never decrease; it does at position {where}")
     if (indptr[..., -1] > nnz).any():
         raise ValueError(f"indptr[..., -1] = {int(indptr[..., -1].max())} exceeds nnz = {nnz} "
                          f"(the length of indices' last dimension)")
     used = np.arange(nnz) < indptr[..., -1:]
     bad = used & ((indices < 0) | (indices >= NB))
     if bad.any():
-        pos = tuple(np.argwhere(bad)[0])
-        raise ValueError(f"indices must lie in [0, NB) = [0, {NB}); indices{list(pos)} = {indices[pos]}")
+        pos = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"indices must lie in [0, NB) = [0, {NB}); indices{list(pos)} = {int(indices[pos])}")
     counts = _block_counts_numpy(indptr, indices, indptr.shape[-1] - 1, NB)
     if (counts > 1).any():
-        pos = tuple(np.argwhere(counts > 1)[0])
+        pos = tuple(int(i) for i in np.argwhere(counts > 1)[0])
         raise ValueError(f"block (row {pos[-2]}, column {pos[-1]}) is listed more than once"
                          f"{' in layout ' + str(pos[:-2]) if len(pos) > 2 else ''}")
 

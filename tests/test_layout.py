@@ -56,16 +56,20 @@ def test_pytree_leaves_and_static_part():
 
 @pytest.mark.parametrize("indptr,indices,match", [
     ([1, 2, 2, 3, 3, 3, 3, 3, 3], [0, 1, 2], "start at 0"),
-    ([0, 2, 1, 3, 3, 3, 3, 3, 3], [0, 1, 2], "never decrease"),
+    ([0, 2, 1, 3, 3, 3, 3, 3, 3], [0, 1, 2], r"never decrease; it does at position \(1,\)$"),
     ([0, 2, 2, 3, 3, 3, 3, 3, 4], [0, 1, 2], "exceeds nnz"),
-    ([0, 2, 2, 3, 3, 3, 3, 3, 3], [0, 8, 2], r"\[0, NB\)"),
+    ([0, 2, 2, 3, 3, 3, 3, 3, 3], [0, 8, 2], r"\[0, NB\) = \[0, 8\); indices\[1\] = 8$"),
     ([0, 2, 2, 3, 3, 3, 3, 3, 3], [0, -1, 2], r"\[0, NB\)"),
     ([0, 2, 2, 3, 3, 3, 3, 3, 3], [4, 4, 2], "more than once"),
     ([0, 2, 2, 3, 3, 3, 3], [0, 1, 2], "MB \\+ 1"),
 ])
 def test_concrete_validation(indptr, indices, match):
+    """(The positions print as plain ints: NumPy 2's repr once made them np.int64(1).)"""
     with pytest.raises(ValueError, match=match):
         jb.BlockSparseLayout.from_csr(np.array(indptr), np.array(indices), (R, C), (M, N))
+    with pytest.raises(ValueError, match=r"in layout \(1,\)$"):   # batched: which layout, plainly
+        jb.BlockSparseLayout.from_csr(np.array([[0, 0, 0, 0, 0, 0, 0, 0, 0], [0, 2, 2, 3, 3, 3, 3, 3, 3]]),
+                                      np.array([[0, 0, 0], [4, 4, 2]]), (R, C), (M, N))
 
 
 def test_constructor_argument_errors():

@@ -137,6 +137,14 @@ def test_from_topk_concrete():
     assert not (causal & ~expected_blocks(seq_lens, bs, lambda i, j, d: d >= 0)).any()
     with pytest.raises(ValueError, match="expected"):
         L.from_topk(scores, 4, seq_lens=(64, 64), block_size=bs)
+    # under checkify's index checks (the compaction once scattered the unused entries out of bounds: an error there)
+    from jax.experimental import checkify
+    err, (ip, ix) = checkify.checkify(
+        lambda s: (lambda l: (l.indptr, l.indices))(L.from_topk(s, 4, seq_lens=seq_lens, block_size=bs)),
+        errors=checkify.index_checks)(jnp.asarray(scores))
+    err.throw()
+    np.testing.assert_array_equal(np.asarray(ip), np.asarray(lay.indptr))
+    np.testing.assert_array_equal(np.asarray(ix), np.asarray(lay.indices))
 
 
 def test_from_topk_routing_under_jit_with_grad():
