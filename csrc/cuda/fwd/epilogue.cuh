@@ -30,12 +30,20 @@ __device__ __forceinline__ float quad_sum(float v) {
 
 // A row's softmax sum l is > 0, 0 for a row that saw nothing (o = 0, lse = -inf), or NaN where a NaN score took
 // part (a NaN in q or a listed key; the max skips it, the sum does not): NaN then, o and lse, as the reference.
-__device__ __forceinline__ float finish_lse(float m, float l) {
-  return l > 0.f ? (m + log2f(l)) * kLn2 : (l == 0.f ? -INFINITY : l);
+// by_row_sum gives live() (evaluated only then), empty, or the NaN.
+template <class Live>
+__device__ __forceinline__ float by_row_sum(float l, Live live, float empty) {
+  return l > 0.f ? live() : (l == 0.f ? empty : l);
 }
 
-// 1 / l to normalise a row's o (see finish_lse): 0 for an empty row, NaN for a NaN sum.
-__device__ __forceinline__ float row_inv(float l) { return l > 0.f ? fast_rcp(l) : (l == 0.f ? 0.f : l); }
+__device__ __forceinline__ float finish_lse(float m, float l) {
+  return by_row_sum(l, [&] { return (m + log2f(l)) * kLn2; }, -INFINITY);
+}
+
+// 1 / l to normalise a row's o: 0 for an empty row, NaN for a NaN sum.
+__device__ __forceinline__ float row_inv(float l) {
+  return by_row_sum(l, [&] { return fast_rcp(l); }, 0.f);
+}
 
 // One output value o x inv of a row: an empty row (l = 0) is 0 by a select, not 0 x inv, which is NaN where its
 // accumulator took 0 x inf (v holding inf at a key the row lists but cannot see).

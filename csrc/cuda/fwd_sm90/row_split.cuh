@@ -157,13 +157,13 @@ __global__ void __launch_bounds__(256) bsattn_fwd_split_combine_kernel(const __g
         }
       }
       if (nan) L = NAN;
-      const float inv = L > 0.f ? 1.f / L : (L == 0.f ? 0.f : L);  // (L >= 1: the largest piece weighs 1)
+      const float inv = by_row_sum(L, [&] { return 1.f / L; }, 0.f);  // (L >= 1: the largest piece weighs 1)
       const int64_t at = sr.at(p, P);
       uint2 v;
       v.x = Mma<T>::pack(acc.x * inv, acc.y * inv);
       v.y = Mma<T>::pack(acc.z * inv, acc.w * inv);
       *reinterpret_cast<uint2*>(static_cast<T*>(p.o) + at * D + d) = v;
-      if (d == 0) p.lse[at] = L > 0.f ? mx + logf(L) : (L == 0.f ? -INFINITY : L);
+      if (d == 0) p.lse[at] = by_row_sum(L, [&] { return mx + logf(L); }, -INFINITY);
     }
   }
 }
