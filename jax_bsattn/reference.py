@@ -71,8 +71,8 @@ def reference_in_dtype(q, k, v, layout, *, scale=None, causal=False, logits_soft
     m = jax.lax.stop_gradient(jnp.max(s_live, axis=-1, keepdims=True))
     # (an empty row's -inf max -> 0; a +inf max stays and a NaN score makes it NaN (a reduction's max need not), so
     # the row's p is NaN at every element, as the kernels')
-    m = jnp.where(m == -jnp.inf, jnp.zeros_like(m), m)
-    m = jnp.where(jnp.isnan(s_live).any(axis=-1, keepdims=True), jnp.full_like(m, jnp.nan), m)
+    m = jnp.where(jnp.isnan(s_live).any(axis=-1, keepdims=True), jnp.full_like(m, jnp.nan),
+                  jnp.where(m == -jnp.inf, jnp.zeros_like(m), m))
     p = w * jnp.exp(s_live - m)   # (a NaN m makes the row's p NaN at every element it multiplies, as the kernels)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     # denom > 0; 0 for an empty row; NaN where a NaN score took part (o and lse NaN then)

@@ -117,6 +117,19 @@ def test_garbage_traced_layout_follows_the_clamp_rules():
         np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_ref), rtol=1e-5, atol=1e-5)
 
 
+def _grads_with_reference(q, k, v, layout, ct, **kw):
+    """((dq, dk, dv), outputs) of sum(ct * o) over o's finite entries, for the op and for the reference."""
+    def run(op):
+        def loss(q, k, v):
+            out = op(q, k, v, layout, **kw)
+            o = out[0] if isinstance(out, tuple) else out
+            return jnp.sum(jnp.where(jnp.isfinite(o), o, 0) * ct), out
+
+        return jax.grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+
+    return run(jb.block_sparse_attention), run(jb.reference.block_sparse_attention_reference)
+
+
 @pytest.mark.parametrize("softcap", [None, 5.0])
 @pytest.mark.parametrize("where", ["q", "k", "q_inf"])
 def test_nan_input_reaches_the_rows_that_use_it(where, softcap):
@@ -140,13 +153,8 @@ def test_nan_input_reaches_the_rows_that_use_it(where, softcap):
         k = k.at[0, 20, 0].set(jnp.nan)  # block column 1: block rows 1 and 2 list it, causally from row 20 on
     ct = jnp.asarray(r.standard_normal(q.shape), jnp.float32)
     for causal in (False, True):
-        def loss(op, q, k, v):
-            o, lse = op(q, k, v, layout, causal=causal, logits_soft_cap=softcap, return_lse=True)
-            return jnp.sum(jnp.where(jnp.isnan(o), 0, o) * ct), (o, lse)
-
-        (dq, dk, dv), (o, lse) = jax.grad(lambda *a: loss(jb.block_sparse_attention, *a), (0, 1, 2), has_aux=True)(q, k, v)
-        grads_ref, (ro, rlse) = jax.grad(lambda *a: loss(jb.reference.block_sparse_attention_reference, *a), (0, 1, 2),
-                                         has_aux=True)(q, k, v)
+        ((dq, dk, dv), (o, lse)), (grads_ref, (ro, rlse)) = _grads_with_reference(
+            q, k, v, layout, ct, causal=causal, logits_soft_cap=softcap, return_lse=True)
         nan_rows = np.isnan(np.asarray(rlse))
         if where == "q_inf" and softcap:
             assert not nan_rows.any()
@@ -177,13 +185,7 @@ def test_inf_in_v_reaches_only_the_rows_that_list_it():
     v = v.at[0, 20, 0, 3].set(jnp.inf).at[0, 21, 0, 3].set(-jnp.inf).at[0, 22, 1, 5].set(jnp.inf)
     ct = jnp.asarray(r.standard_normal(q.shape), jnp.float32)
     for causal in (False, True):
-        def loss(op, q, k, v):
-            o = op(q, k, v, layout, causal=causal)
-            return jnp.sum(jnp.where(jnp.isfinite(o), o, 0) * ct), o
-
-        got = jax.grad(lambda *a: loss(jb.block_sparse_attention, *a), (0, 1, 2), has_aux=True)(q, k, v)
-        ref = jax.grad(lambda *a: loss(jb.reference.block_sparse_attention_reference, *a), (0, 1, 2),
-                       has_aux=True)(q, k, v)
+        got, ref = _grads_with_reference(q, k, v, layout, ct, causal=causal)
         o, ro = np.asarray(got[1]), np.asarray(ref[1])
         assert np.isfinite(ro[0, :16]).all() and not np.isfinite(ro[0, 16:]).all()   # block row 0 skips column 1
         np.testing.assert_array_equal(o[~np.isfinite(ro)], ro[~np.isfinite(ro)])

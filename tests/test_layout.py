@@ -67,7 +67,10 @@ def test_concrete_validation(indptr, indices, match):
     """(The positions print as plain ints: NumPy 2's repr once made them np.int64(1).)"""
     with pytest.raises(ValueError, match=match):
         jb.BlockSparseLayout.from_csr(np.array(indptr), np.array(indices), (R, C), (M, N))
-    with pytest.raises(ValueError, match=r"in layout \(1,\)$"):   # batched: which layout, plainly
+
+
+def test_concrete_validation_names_the_layout_plainly():
+    with pytest.raises(ValueError, match=r"in layout \(1,\)$"):
         jb.BlockSparseLayout.from_csr(np.array([[0, 0, 0, 0, 0, 0, 0, 0, 0], [0, 2, 2, 3, 3, 3, 3, 3, 3]]),
                                       np.array([[0, 0, 0], [4, 4, 2]]), (R, C), (M, N))
 
