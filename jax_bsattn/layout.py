@@ -115,6 +115,9 @@ class BlockSparseLayout:
         if indptr.shape[:-1] != indices.shape[:-1]:
             raise ValueError(
                 f"indptr {indptr.shape} and indices {indices.shape} must have the same leading (layout) dimensions")
+        if indices.shape[-1] > 2**31 - 1:  # the int32 indptr cannot address more entries
+            raise ValueError(f"indices has {indices.shape[-1]} entries in its last dimension: at most 2^31 - 1 "
+                             "(indptr is int32)")
         if validate and not (_is_traced(indptr) or _is_traced(indices)):
             _validate_concrete(np.asarray(indptr), np.asarray(indices), self.num_block_cols)
         self.indptr = jnp.asarray(indptr)

@@ -36,6 +36,27 @@ def _check_cuda(q) -> None:
                         "(cast q, k, v explicitly: no silent precision change is made)")
 
 
+def _check_cuda_sizes(avals, cfg: Config, backward: bool) -> None:
+    """The sizes the CUDA kernels' 32-bit index arithmetic holds (csrc/cuda/ffi_common.h check_int32_limits, which
+    the handlers apply too): refused at trace time, naming the size. Checked on the FFI operands (one shard's)."""
+    q, k, indices = avals[0], avals[1], avals[7 if backward else 4]
+    B, M, Hq, D = (int(d) for d in q.shape)
+    N, Hk = int(k.shape[1]), int(k.shape[2])
+    R, C, nnz = cfg.block_r, cfg.block_c, int(indices.shape[-1])
+    limits = [("M (q's sequence length)", M, 2**30), ("N (k's sequence length)", N, 2**30),
+              ("block_r (R)", R, 2**30), ("block_c (C)", C, 2**30),
+              ("Hq * D (q's heads x head dim)", Hq * D, 2**30),
+              ("R * g (block_r x query heads per KV head)", R * (Hq // max(Hk, 1)), 2**31),
+              ("B * Hk (batch x KV heads)", B * Hk, 2**31), ("nnz (indices' last dim)", nnz, 2**31),
+              ("ceil(N / C) * C (k's padded sequence length)", -(-N // C) * C, 2**30)]
+    if backward:
+        limits += [("M * Hq (q's rows x heads)", M * Hq, 2**31),
+                   ("ceil(M / R) * R (q's padded sequence length)", -(-M // R) * R, 2**30)]
+    for what, value, bound in limits:
+        if value >= bound:
+            raise ValueError(f"jax_bsattn: {what} = {value} is too large for the CUDA kernels (must be < {bound})")
+
+
 def _ffi_rule(target: str, platform: str):
     rule = jax.ffi.ffi_lowering(target)
 
@@ -294,6 +315,7 @@ def _cuda_call_rule(call):
 
     def lower(ctx, *args, cfg: Config):
         _check_cuda(ctx.avals_in[0])
+        _check_cuda_sizes(ctx.avals_in, cfg, backward=call is _cuda_bwd_call)
         return lower_call(ctx, *args, cfg=cfg)
 
     return lower

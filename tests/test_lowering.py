@@ -32,6 +32,35 @@ def test_cuda_lowering_holds_custom_calls_with_attributes():
     assert "cpu" not in " ".join(fwd + bwd)
 
 
+# Sizes past the CUDA kernels' 32-bit index arithmetic are refused when the CUDA lowering is made (abstract shapes:
+# nothing is allocated), naming the size ("... is too large for the CUDA kernels"); the forward takes what only the
+# backward refuses (M * Hq); more entries than int32 indptr can address, already by the layout.
+_TOO_LARGE = " is too large for the CUDA kernels"
+
+
+@pytest.mark.parametrize("M,N,R,C,Hq,Hk,nnz,grad,named", [
+    (2**26, 1024, 2**20, 2**20, 32, 8, 64, True, "M * Hq (q's rows x heads) = 2147483648" + _TOO_LARGE),
+    (2**26, 1024, 2**20, 2**20, 32, 8, 64, False, None),
+    (1024, 1024, 16, 16, 8, 2, 2**31, False, "indices has 2147483648 entries in its last dimension"),
+    (1024, 2**29 + 1, 16, 2**29, 8, 2, 64, False,
+     "ceil(N / C) * C (k's padded sequence length) = 1073741824" + _TOO_LARGE),
+    (64, 64, 2**28, 16, 64, 8, 4, False, "R * g (block_r x query heads per KV head) = 2147483648" + _TOO_LARGE)])
+def test_cuda_lowering_refuses_sizes_past_int32(M, N, R, C, Hq, Hk, nnz, grad, named):
+    def f(q, k, indptr, indices):
+        layout = jb.BlockSparseLayout(indptr, indices, (R, C), (M, N))
+        out = lambda q, k: jnp.sum(jb.block_sparse_attention(q, k, k, layout).astype(jnp.float32))
+        return jax.grad(out, argnums=(0, 1))(q, k) if grad else out(q, k)
+
+    args = (jax.ShapeDtypeStruct((1, M, Hq, 64), jnp.bfloat16), jax.ShapeDtypeStruct((1, N, Hk, 64), jnp.bfloat16),
+            jax.ShapeDtypeStruct((-(-M // R) + 1,), jnp.int32), jax.ShapeDtypeStruct((nnz,), jnp.int32))
+    lower = lambda: jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
+    if named is None:
+        assert custom_call_lines(lower().as_text(), "bsattn_fwd_cuda")
+    else:
+        with pytest.raises(ValueError, match=re.escape(named)):
+            lower()
+
+
 def test_cpu_lowering_uses_cpu_targets():
     layout = jb.BlockSparseLayout.from_block_mask(np.ones((2, 2), bool), (8, 8), (16, 16))
     q = jnp.ones((16, 2, 16), jnp.float32)

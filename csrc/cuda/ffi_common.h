@@ -69,6 +69,36 @@ inline std::string check_layout(xla::ffi::Span<const int64_t> pd, xla::ffi::Span
   return std::string();
 }
 
+// The sizes the kernels' 32-bit index arithmetic inside one sequence / head group can hold (tensor offsets are
+// 64-bit). Empty when all hold, else a message naming the first that does not; `backward` adds the backward's own
+// limits (its column gathers index rows of M * Hq, its column view block rows of MB * R).
+inline std::string check_int32_limits(int64_t B, int64_t M, int64_t N, int64_t Hq, int64_t Hk, int64_t D,
+                                      int64_t block_r, int64_t block_c, const Layout& l, bool backward) {
+  const int64_t lim30 = int64_t{1} << 30, lim31 = (int64_t{1} << 31) - 1;
+  struct Limit {
+    const char* what;
+    int64_t value, bound;  // value must be < bound
+  };
+  const Limit limits[] = {
+      {"M (q's sequence length)", M, lim30},
+      {"N (k's sequence length)", N, lim30},
+      {"block_r (R)", block_r, lim30},
+      {"block_c (C)", block_c, lim30},
+      {"Hq * D (q's heads x head dim)", Hq * D, lim30},
+      {"R * g (block_r x query heads per KV head)", block_r * (Hq / Hk), lim31 + 1},
+      {"B * Hk (batch x KV heads)", B * Hk, lim31 + 1},
+      {"nnz (indices' last dim)", l.nnz, lim31 + 1},
+      {"ceil(N / C) * C (k's padded sequence length)", l.NB * block_c, lim30},
+      {"M * Hq (q's rows x heads)", backward ? M * Hq : 0, lim31 + 1},
+      {"ceil(M / R) * R (q's padded sequence length)", backward ? l.MB * block_r : 0, lim30},
+  };
+  for (const Limit& x : limits)
+    if (x.value >= x.bound)
+      return std::string(x.what) + " = " + std::to_string(x.value) + " is too large for the CUDA kernels (must be < " +
+             std::to_string(x.bound) + ")";
+  return std::string();
+}
+
 }  // namespace ffi_common
 }  // namespace cuda
 }  // namespace bsattn

@@ -88,7 +88,7 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   ffi_common::Layout l;
   msg = ffi_common::check_layout(pd, id, B, M, N, Hk, block_r, block_c, l);
   if (!msg.empty()) return bwd_bad(msg);
-  const int64_t MB = l.MB, NB = l.NB, LB = l.LB, LH = l.LH, nnz = l.nnz;
+  const int64_t NB = l.NB, LB = l.LB, LH = l.LH, nnz = l.nnz;
   // the column view [LB, LH, ...], or none (all three last dims 0) where the row-oriented backward runs (checked
   // below)
   for (const auto& [name, d] : {std::pair{"col_indptr", cpd}, {"col_rows", crd}, {"col_order", cod}})
@@ -113,12 +113,8 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
 #endif
   if (!run_dq && !run_dkdv) return ffi::Error::Success();
 
-  const int64_t g = Hq / Hk;
-  // 32-bit index arithmetic inside one sequence / head group (tensor offsets are 64-bit)
-  const int64_t lim30 = int64_t{1} << 30, lim31 = (int64_t{1} << 31) - 1;
-  if (M >= lim30 || N >= lim30 || block_r >= lim30 || block_c >= lim30 || Hq * D >= lim30 || M * Hq > lim31 ||
-      block_r * g > lim31 || B * Hk > lim31 || nnz > lim31 || NB * block_c >= lim30 || MB * block_r >= lim30)
-    return bwd_bad("a dimension is too large for this kernel");
+  msg = ffi_common::check_int32_limits(B, M, N, Hq, Hk, D, block_r, block_c, l, /*backward=*/true);
+  if (!msg.empty()) return bwd_bad(msg);
 
   bwd::Params p{};
   p.q = q.untyped_data();

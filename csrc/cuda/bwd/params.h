@@ -27,7 +27,8 @@ using cuda::kF16;
 constexpr int kDqSchedWords = 16;
 
 // Everything both kernels need: the shared problem description (common/problem.h: shapes, layout, mask,
-// scaling; the handler also checks that M * Hq and N * Hk fit in int) and the backward's tensors.
+// scaling; the handler checks the sizes its int arithmetic holds: ffi_common.h check_int32_limits) and the
+// backward's tensors.
 struct Params : ProblemParams {
   const void* q;       // [B, M, Hq, D]
   const void* k;       // [B, N, Hk, D]

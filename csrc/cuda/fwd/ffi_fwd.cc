@@ -29,8 +29,6 @@ constexpr char kName[] = "bsattn_fwd_cuda";
 
 ffi::Error bad(const std::string& msg) { return ffi_common::invalid(kName, msg); }
 
-constexpr int64_t kMaxInt = (int64_t{1} << 31) - 1;
-
 ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices, ffi::Result<ffi::AnyBuffer> o,
                    ffi::Result<ffi::Buffer<ffi::F32>> lse, ffi::Result<ffi::Buffer<ffi::U32>> ws, int64_t block_r,
@@ -57,15 +55,10 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   ffi_common::Layout l;
   msg = ffi_common::check_layout(pd, id, B, M, N, Hk, block_r, block_c, l);
   if (!msg.empty()) return bad(msg);
-  const int64_t nnz = l.nnz, NB = l.NB;
   if (B == 0 || M == 0 || Hq == 0) return ffi::Error::Success();
 
-  const int64_t g = Hq / Hk;
-  // 32-bit index arithmetic inside one sequence / head group (tensor offsets are 64-bit)
-  const int64_t lim30 = int64_t{1} << 30;
-  if (M >= lim30 || N >= lim30 || block_r >= lim30 || block_c >= lim30 || Hq * D >= lim30 ||
-      block_r * g > kMaxInt || B * Hk > kMaxInt || nnz > kMaxInt || NB * block_c >= lim30)
-    return bad("a dimension is too large for this kernel");
+  msg = ffi_common::check_int32_limits(B, M, N, Hq, Hk, D, block_r, block_c, l, /*backward=*/false);
+  if (!msg.empty()) return bad(msg);
 
   FwdParams p{};
   p.q = q.untyped_data();
