@@ -13,7 +13,7 @@ import numpy as np
 from . import _extension  # noqa: F401  (registers the FFI targets)
 from . import lowering  # noqa: F401  (registers the lowerings)
 from .layout import BlockSparseLayout, monotone_indptr, static_flag
-from .primitives import SUPPORTED_DTYPES, Config, bsattn_bwd_p, bsattn_fwd_p
+from .primitives import SUPPORTED_DTYPES, Config, bsattn_bwd_p, bsattn_fwd_p, to_common_variance
 
 __all__ = ["as_jax_arrays", "block_sparse_attention", "check_inputs", "static_flag", "static_float"]
 
@@ -179,6 +179,7 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
     v3 = jnp.reshape(v, (B, N, Hk, D))
     indptr = monotone_indptr(_canonical_layout(layout.indptr, batch, Hk), layout.nnz)
     indices = _canonical_layout(layout.indices, batch, Hk)
+    q3, k3, v3, indptr, indices = to_common_variance(q3, k3, v3, indptr, indices)
     o, lse = _attention(q3, k3, v3, indptr, indices, cfg)
     o = o.reshape(q.shape)
     if return_lse:

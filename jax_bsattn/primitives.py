@@ -93,15 +93,28 @@ def _varying(aval) -> frozenset:
     return frozenset(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
 
 
+def to_common_variance(*xs):
+    """``xs`` cast (``jax.lax.pcast(..., to="varying")``) to vary over the union of the manual mesh axes (inside
+    shard_map) that any of them varies over, as jax's own binary ops do implicitly: e.g. a replicated k beside a q
+    split over an axis, or a layout that differs per device beside replicated q, k, v. The cast's transpose sums the
+    cotangents back to each operand's own type. Outside shard_map: ``xs`` unchanged."""
+    own = [_varying(jax.typeof(x)) for x in xs]
+    union = frozenset().union(*own)
+    return tuple(x if a == union else jax.lax.pcast(x, tuple(sorted(union - a)), to="varying")
+                 for x, a in zip(xs, own))
+
+
 def _results(data, specs):
     """Result avals ``(like, shape, dtype)``: each sharded like ``like`` (explicit sharding mode: o, dq as q,
     dk, dv as k, v, lse as q's first three dims; custom_vjp wants cotangent types equal to the primals', and
     the partitioner reshards when the kernel's own choice differs, see partitioning.py), and varying (inside
-    shard_map) over the manual axes of the data operands ``data``, as jax's own primitives."""
+    shard_map) over the manual axes of the operands ``data`` (the layout's included: a layout that differs per
+    device makes the results differ too), as jax's own primitives."""
     src = max(data, key=lambda a: len(_varying(a)))
     _expect(all(_varying(a) <= _varying(src) for a in data),
-            f"inside shard_map q, k, v (and do, lse, delta) vary over different mesh axes "
-            f"{sorted({tuple(sorted(_varying(a))) for a in data})}: jax.lax.pvary them to a common set first")
+            f"inside shard_map q, k, v, the layout (and do, lse, delta) vary over different mesh axes "
+            f"{sorted({tuple(sorted(_varying(a))) for a in data})}: jax.lax.pcast(..., to='varying') them to a "
+            f"common set first (block_sparse_attention does: primitives.to_common_variance)")
     out = []
     for like, shape, dtype in specs:
         spec = getattr(getattr(like, "sharding", None), "spec", None)
@@ -116,7 +129,7 @@ def _results(data, specs):
 
 def _fwd_abstract_eval(q, k, v, indptr, indices, *, cfg: Config):
     B, M, Hq, D = _check_canonical(q, k, v, indptr, indices, cfg)
-    return _results((q, k, v), [(q, q.shape, q.dtype), (q, (B, M, Hq), jnp.float32)])
+    return _results((q, k, v, indptr, indices), [(q, q.shape, q.dtype), (q, (B, M, Hq), jnp.float32)])
 
 
 def _bwd_abstract_eval(q, k, v, do, lse, delta, indptr, indices, *, cfg: Config):
@@ -125,7 +138,8 @@ def _bwd_abstract_eval(q, k, v, do, lse, delta, indptr, indices, *, cfg: Config)
     for name, x in (("lse", lse), ("delta", delta)):
         _expect(x.shape == (B, M, Hq) and x.dtype == jnp.float32, f"{name} must be float32 {(B, M, Hq)}; got "
                 f"{x.shape} {x.dtype}")
-    return _results((q, k, v, do, lse, delta), [(q, q.shape, q.dtype), (k, k.shape, k.dtype), (v, v.shape, v.dtype)])
+    return _results((q, k, v, do, lse, delta, indptr, indices),
+                    [(q, q.shape, q.dtype), (k, k.shape, k.dtype), (v, v.shape, v.dtype)])
 
 
 for _p in (bsattn_fwd_p, bsattn_fwd_ffi_p):
@@ -147,16 +161,18 @@ def _fold_data(x, dim, n):
     return x.reshape((n * x.shape[1],) + x.shape[2:])
 
 
-def _fold_layout(x, dim, n, B):
-    """[LB, LH, ...] layout array -> [LB', LH, ...] valid for batch n * B (LB' in {1, n * B})."""
+def _fold_layout(x, dim, n, B, shared: bool):
+    """[LB, LH, ...] layout array -> [LB', LH, ...] valid for batch n * B: LB' = 1 where ``shared`` (no layout array
+    is mapped and this one has LB = 1), else n * B (indptr and indices must keep equal leading dims, so an unmapped
+    one beside a mapped one is broadcast)."""
     if dim is _NOT_MAPPED:
-        if x.shape[0] == 1:
+        if shared:
             return x                                       # one layout for every batch element: stays shared
         x = jnp.broadcast_to(x, (n,) + x.shape)
     else:
         x = jnp.moveaxis(x, dim, 0)
-        if x.shape[1] != B:
-            x = jnp.broadcast_to(x, (n, B) + x.shape[2:])
+    if x.shape[1] != B:
+        x = jnp.broadcast_to(x, (n, B) + x.shape[2:])
     return x.reshape((n * B,) + x.shape[2:])
 
 
@@ -177,7 +193,8 @@ def _make_batcher(prim, num_data: int):
         n = _batch_size(args, dims)
         B = _unbatched_B(args[0], dims[0])
         data = [_fold_data(x, d, n) for x, d in zip(args[:num_data], dims[:num_data])]
-        layout = [_fold_layout(x, d, n, B) for x, d in zip(args[num_data:], dims[num_data:])]
+        shared = all(d is _NOT_MAPPED and x.shape[0] == 1 for x, d in zip(args[num_data:], dims[num_data:]))
+        layout = [_fold_layout(x, d, n, B, shared) for x, d in zip(args[num_data:], dims[num_data:])]
         outs = prim.bind(*data, *layout, cfg=cfg)
         return [o.reshape((n, B) + o.shape[1:]) for o in outs], [0] * len(outs)
     return batcher

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from .layout import BlockSparseLayout, expand_blocks
+from .primitives import to_common_variance
 
 __all__ = ["block_sparse_attention_reference"]
 
@@ -38,6 +39,9 @@ def reference_in_dtype(q, k, v, layout, *, scale=None, causal=False, logits_soft
 
     q, k, v = as_jax_arrays(q, k, v)
     shapes = check_inputs(q, k, v, layout, logits_soft_cap)
+    # inside shard_map: q, k, v and the layout's arrays made to vary alike (the custom VJPs below need it)
+    q, k, v, *arrays = to_common_variance(q, k, v, *jax.tree_util.tree_leaves(layout))
+    layout = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(layout), arrays)
     batch, M, N, Hq, Hk, D = shapes.batch, shapes.M, shapes.N, shapes.Hq, shapes.Hk, shapes.D
     g = Hq // Hk
     scale = D ** -0.5 if scale is None else static_float("scale", scale)

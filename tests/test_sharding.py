@@ -4,7 +4,8 @@ sharded sequence or head-dim axis is all-gathered (the documented behaviour) and
 
 jax fixes its device count at first import, so the checks run in one subprocess started with
 ``--xla_force_host_platform_device_count=8`` (this file is also that subprocess's script); each test reads
-its case from the subprocess's report. Also: the op inside ``jax.shard_map`` (the manual alternative).
+its case from the subprocess's report. Also: the op inside ``jax.shard_map`` (the manual alternative), with q, k, v
+split alike, with k, v replicated beside a split q, and with a layout that differs per device.
 """
 
 import contextlib
@@ -78,7 +79,29 @@ def worker():
     loss = lambda f: (lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v))))
     got = (jax.jit(sm)(q, k, v),) + jax.jit(jax.grad(loss(sm), argnums=(0, 1, 2)))(q, k, v)
     want = (jax.jit(fwd)(q, k, v),) + jax.jit(jax.grad(loss(fwd), argnums=(0, 1, 2)))(q, k, v)
-    report["shard_map"] = dict(errs=[float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(got, want)])
+    rel = lambda got, want: [float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(got, want)]
+    report["shard_map"] = dict(errs=rel(got, want))
+    # Operands that vary over different axes inside shard_map. q split, k / v replicated: their cotangents are summed
+    # over the devices (as jax.nn.dot_product_attention's would be).
+    k1, v1 = k[:1], v[:1]
+    sm = jax.shard_map(fwd, mesh=mesh, in_specs=(P("x"), P(), P()), out_specs=P("x"))
+    bcast = lambda q, k, v: fwd(q, *(jnp.broadcast_to(x, (B,) + x.shape[1:]) for x in (k, v)))
+    got = (jax.jit(sm)(q, k1, v1),) + jax.jit(jax.grad(loss(sm), argnums=(0, 1, 2)))(q, k1, v1)
+    want = (jax.jit(bcast)(q, k1, v1),) + jax.jit(jax.grad(loss(bcast), argnums=(0, 1, 2)))(q, k1, v1)
+    report["shard_map_replicated_kv"] = dict(errs=rel(got, want))
+    # A layout that differs per device beside replicated q, k, v: each device's output is its own, and dq sums them.
+    lays = layouts.random((M, N), 8, 2, batch_shape=(8,))
+    def per_device(q, k, v, ip, ix):
+        lay = jb.BlockSparseLayout(ip[0], ix[0], (8, 8), (M, N))
+        return jb.block_sparse_attention(q, k, v, lay, causal=True)[None]
+
+    sm = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P("x"), P("x")), out_specs=P("x"))
+    stacked = lambda q, k, v, ip, ix: jnp.stack([per_device(q, k, v, ip[i:i + 1], ix[i:i + 1])[0] for i in range(8)])
+    loss5 = lambda f: (lambda q, k, v, ip, ix: jnp.sum(jnp.sin(f(q, k, v, ip, ix))))
+    args = (q[0], k[0], v[0], lays.indptr, lays.indices)
+    got = (jax.jit(sm)(*args),) + jax.jit(jax.grad(loss5(sm), argnums=(0, 1, 2)))(*args)
+    want = (jax.jit(stacked)(*args),) + jax.jit(jax.grad(loss5(stacked), argnums=(0, 1, 2)))(*args)
+    report["shard_map_layout_per_device"] = dict(errs=rel(got, want))
     print("REPORT " + json.dumps(report))
 
 
@@ -111,8 +134,9 @@ def test_batch_and_head_sharding_runs_on_local_shards(report, name):
     assert (o_spec[0], o_spec[2]) == (qspec[0], qspec[2]), r        # o stays sharded as q (batch, heads)
 
 
-def test_inside_shard_map(report):
-    assert max(report["shard_map"]["errs"]) < 1e-5, report["shard_map"]
+@pytest.mark.parametrize("name", ["shard_map", "shard_map_replicated_kv", "shard_map_layout_per_device"])
+def test_inside_shard_map(report, name):
+    assert max(report[name]["errs"]) < 1e-5, report[name]
 
 
 @pytest.mark.parametrize("name", GATHERED)

@@ -46,8 +46,10 @@ def test_vmap_over_everything_is_one_kernel_call(problem):
     def g(q, k, v, indptr, indices):
         return ref(q, k, v, jb.BlockSparseLayout.from_csr(indptr, indices, (R, C), (M, N)), causal=True)
 
+    # (one layout array mapped and not the other: e.g. a per-example row cutoff in indptr over shared indices)
     for in_axes in [(0, 0, 0, 0, 0), (0, None, None, None, None), (None, 0, 0, None, None),
-                    (None, None, None, 0, 0), (0, 0, 0, None, None), (1, 1, 1, 0, 0)]:
+                    (None, None, None, 0, 0), (0, 0, 0, None, None), (1, 1, 1, 0, 0), (None, None, None, 0, None),
+                    (None, None, None, None, 0), (0, None, None, None, 0)]:
         args = [q, k, v, lay.indptr, lay.indices]
         args = [a if ax != 1 else jnp.moveaxis(a, 0, 1) for a, ax in zip(args, in_axes)]
         args = [a if ax is not None else a[0] for a, ax in zip(args, in_axes)]
@@ -75,6 +77,25 @@ def test_nested_vmap_and_grad(problem):
         want = wrap(loss(ref))(qq, k, v, lay.indptr, lay.indices)
         for a, b in zip(got, want):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_grad_under_vmap_over_one_layout_array(problem):
+    """A per-example row cutoff: indptr mapped, indices shared (the two fold to the same layout batch)."""
+    q, k, v, masks = problem
+    lay = _layouts(masks)
+
+    def loss(fn):
+        def f(q, k, v, cut):
+            ip = jnp.where(jnp.arange(MB + 1) <= cut, lay.indptr[0], lay.indptr[0][cut])
+            layout = jb.BlockSparseLayout.from_csr(ip, lay.indices[0], (R, C), (M, N))
+            return jnp.sum(jnp.sin(fn(q, k, v, layout, causal=True)))
+        return f
+
+    cuts = jnp.array([1, 2, 4])
+    got = jax.jit(jax.vmap(jax.grad(loss(jb.block_sparse_attention), argnums=(0, 1, 2))))(q, k, v, cuts)
+    want = jax.vmap(jax.grad(loss(ref), argnums=(0, 1, 2)))(q, k, v, cuts)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
 def test_grad_wrt_unbatched_args_under_vmap(problem):
