@@ -69,9 +69,16 @@ def _nnz(value: Any) -> int:
 def _as_int32(name: str, x: Any) -> jax.Array | np.ndarray:
     """int32 view of an index array, with a clear error for non-integer input."""
     dtype = np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
+    if not hasattr(x, "dtype") and np.size(x) == 0:
+        return np.zeros(np.shape(x), np.int32)              # an empty list: NumPy reads it as float64
     if not np.issubdtype(dtype, np.integer):
         raise TypeError(f"{name} must hold integers, got dtype {dtype}")
     if _is_traced(x):
+        # (int64 under jax_enable_x64, uint32: values past int32 saturate, so they stay out of range (skipped, or
+        # clamped with indptr) instead of wrapping onto a valid block column)
+        if dtype.itemsize > 4 or (dtype.itemsize == 4 and dtype.kind == "u"):
+            i32 = np.iinfo(np.int32)
+            x = jnp.minimum(x, i32.max) if dtype.kind == "u" else jnp.clip(x, i32.min, i32.max)
         return x.astype(jnp.int32)
     arr = np.asarray(x)
     if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):

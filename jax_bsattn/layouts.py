@@ -311,7 +311,7 @@ def from_topk(scores, k: int, *, seq_lens, block_size, causal: bool = False) -> 
 
     Args:
       scores: float ``[*L, MB, NB]``, concrete or traced (the layout may be chosen inside ``jit``; no
-        gradient flows through the choice). Blocks scored ``-inf`` are never chosen, so a row may list fewer
+        gradient flows through the choice). Blocks scored ``-inf`` or NaN are never chosen, so a row may list fewer
         than ``k`` blocks; score a block ``+inf`` to force it (e.g. MoBA's current block).
       k: blocks per row (static); ``nnz = MB * k`` (static).
       causal: also never choose a block that holds no element with ``d >= 0``.
@@ -320,7 +320,7 @@ def from_topk(scores, k: int, *, seq_lens, block_size, causal: bool = False) -> 
     """
     grid = _Grid(seq_lens, block_size)
     MB, NB = grid.MB, grid.NB
-    shape = tuple(scores.shape)
+    shape = tuple(np.shape(scores))
     if len(shape) < 2 or shape[-2:] != (MB, NB):
         raise ValueError(f"scores has shape {shape}: expected [*L, MB, NB] with (MB, NB) = {(MB, NB)} for "
                          f"seq_lens={grid.seq_lens} and block_size={grid.block_size}")
@@ -331,6 +331,7 @@ def from_topk(scores, k: int, *, seq_lens, block_size, causal: bool = False) -> 
     if not jnp.issubdtype(scores.dtype, jnp.floating):
         scores = scores.astype(jnp.float32)
     scores = jax.lax.stop_gradient(scores)
+    scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores)   # (top_k ranks NaN first: never chosen, as -inf)
     if causal:
         scores = jnp.where(grid.band_mask(0, None), scores, -jnp.inf)
     top_vals, top_cols = jax.lax.top_k(scores, k)                         # [*L, MB, k]

@@ -88,6 +88,23 @@ def test_constructor_argument_errors():
         jb.BlockSparseLayout.from_block_mask(np.ones((MB, NB), bool), (R, C), (M, N), nnz=2)
 
 
+def test_empty_list_of_indices():
+    lay = jb.BlockSparseLayout.from_csr([0, 0, 0], [], (4, 4), (8, 8))   # (NumPy reads [] as float64)
+    assert lay.nnz == 0 and lay.indices.dtype == jnp.int32 and not np.asarray(lay.block_counts()).any()
+
+
+def test_traced_int64_indices_past_int32_are_out_of_range_not_wrapped():
+    """Under jax_enable_x64 a traced int64 index 2^32 is out of range (skipped), not block column 0."""
+    rng = np.random.default_rng(0)
+    q, k = (jnp.asarray(rng.standard_normal((8, 1, 4)), jnp.float32) for _ in range(2))
+    with jax.enable_x64(True):
+        def lse(ip, ix):
+            return jb.block_sparse_attention(q, k, k, jb.BlockSparseLayout(ip, ix, (4, 4), (8, 8)), return_lse=True)[1]
+
+        got = np.asarray(jax.jit(lse)(jnp.array([0, 1, 2]), jnp.array([2**32, 1])))
+    assert np.isneginf(got[:4]).all() and np.isfinite(got[4:]).all(), got
+
+
 def test_padding_entries_past_indptr_end_are_not_validated():
     lay = jb.BlockSparseLayout.from_csr(np.array([0, 1, 1, 1, 1, 1, 1, 1, 1]), np.array([3, -5, 999]),
                                         (R, C), (M, N))

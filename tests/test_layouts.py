@@ -137,6 +137,15 @@ def test_from_topk_concrete():
     assert not (causal & ~expected_blocks(seq_lens, bs, lambda i, j, d: d >= 0)).any()
     with pytest.raises(ValueError, match="expected"):
         L.from_topk(scores, 4, seq_lens=(64, 64), block_size=bs)
+    # a NaN score is never chosen (top_k ranks NaN first), as -inf; nested lists are taken as arrays
+    nan = scores.copy()
+    nan[2, 0, np.argmax(scores[2, 0])] = np.nan
+    got = mask_of(L.from_topk(nan.tolist(), 4, seq_lens=seq_lens, block_size=bs))
+    as_inf = np.where(np.isnan(nan), -np.inf, nan)
+    want = np.zeros(scores.shape, bool)
+    np.put_along_axis(want, np.argsort(-as_inf, axis=-1, kind="stable")[..., :4], True, axis=-1)
+    np.testing.assert_array_equal(got, want & np.isfinite(as_inf))
+    assert got[2, 0].sum() == 4
     # under checkify's index checks (the compaction once scattered the unused entries out of bounds: an error there)
     from jax.experimental import checkify
     err, (ip, ix) = checkify.checkify(

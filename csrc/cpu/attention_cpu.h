@@ -63,9 +63,11 @@ struct RowChunking {
 inline int64_t block_keys(const Problem& p) { return p.C < p.N ? p.C : p.N; }
 
 inline RowChunking row_chunking(const Problem& p) {
+  // a block row holds at most M rows: chunks counted from R alone would be mostly empty work items where R > M
+  const int64_t height = p.R < p.M ? p.R : (p.M > 0 ? p.M : 1);
   int64_t rows = kMaxPacked / (p.group() > 0 ? p.group() : 1);
-  rows = rows < 1 ? 1 : (rows > p.R ? p.R : rows);
-  return {rows, (p.R + rows - 1) / rows};
+  rows = rows < 1 ? 1 : (rows > height ? height : rows);
+  return {rows, (height + rows - 1) / rows};
 }
 
 // One chunk of query rows [i0, i1) of block row r of (b, hk), from a flat item index.
