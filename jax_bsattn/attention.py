@@ -125,8 +125,13 @@ def _attention_bwd(cfg: Config, res, cts):
     q, k, v, o, lse, indptr, indices = res
     do, dlse = cts
     do = jnp.asarray(do, q.dtype)
+    # A row that sees no key (lse -inf) has o = 0 whatever its cotangent: a NaN there (e.g. from a log of o behind a
+    # where) must not reach dk, dv through the kernels' p = 0 (0 x NaN), so its do and delta are 0.
+    dead = lse == -jnp.inf
+    do = jnp.where(dead[..., None], jnp.zeros_like(do), do)
     # delta = rowsum(dO * O) - dlse: a cheap XLA fusion; the kernels then need neither o nor dlse.
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1) - jnp.asarray(dlse, jnp.float32)
+    delta = jnp.where(dead, jnp.zeros_like(delta), delta)
     dq, dk, dv = bsattn_bwd_p.bind(q, k, v, do, lse, delta, indptr, indices, cfg=cfg)
     return dq, dk, dv, None, None
 

@@ -205,6 +205,27 @@ def test_blocks_far_wider_than_the_sequence():
     check_gradients(q, k, v, layout, causal=True)
 
 
+def test_nan_cotangent_at_rows_that_see_nothing_stays_out_of_the_gradients():
+    """Causal, M > N: rows 0-23 see no key (o = 0, lse -inf), rows 16-23 in the block row of live rows 24-31. A NaN
+    cotangent there (e.g. the gradient of a log of o behind a where) changes nothing: o does not depend on q, k, v
+    there, so the gradients are the reference's and those of a zero cotangent (the kernels' p = 0 once met it: 0 x
+    NaN in dv, and through delta in dk)."""
+    M, N = 40, 16
+    layout = jb.BlockSparseLayout.from_block_mask(np.ones((3, 1), bool), (16, 16), (M, N))
+    q, k, v = random_problem(np.random.default_rng(8), M=M, N=N, Hq=4, Hk=2, D=16)
+    ct = jnp.asarray(np.random.default_rng(9).standard_normal(q.shape), jnp.float32)
+    nan_ct = ct.at[:M - N].set(jnp.nan)
+    lse_ct = jnp.zeros(q.shape[:-1], jnp.float32).at[:M - N].set(jnp.nan)
+    for op in (jb.block_sparse_attention, jb.reference.block_sparse_attention_reference):
+        (o, lse), vjp = jax.vjp(lambda q, k, v: op(q, k, v, layout, causal=True, return_lse=True), q, k, v)
+        assert (np.asarray(o)[:M - N] == 0).all() and np.isneginf(np.asarray(lse)[:M - N]).all()
+        want = vjp((ct.at[:M - N].set(0), jnp.zeros_like(lse_ct)))
+        for got in (vjp((nan_ct, jnp.zeros_like(lse_ct))), vjp((ct, lse_ct))):
+            for name, a, b in zip(("dq", "dk", "dv"), got, want):
+                assert np.isfinite(np.asarray(a)).all(), (op.__name__, name)
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6, err_msg=name)
+
+
 def test_rows_that_see_nothing_stay_zero_beside_inf_values():
     """Causal, M > N: the first rows list a block but see none of its keys; inf in v there leaves them 0 (no 0 x inf),
     while a row that sees other keys as well takes the inf (as the reference and jax.nn.dot_product_attention)."""
