@@ -253,22 +253,27 @@ def test_nan_rows_forward_and_backward(R, C, g, D, kind, softcap):
         assert_close(name, np.where(got, 0, a), np.where(got, 0, b), np.where(got, 0, c))
 
 
-# Causal, M > N: rows 0-39 (and any whose listed keys are all hidden) see no key (o = 0, lse -inf); at R = 16 and
-# 64 some share a block row (and a tile) with live rows. A NaN cotangent there changes no gradient (attention.py zeroes those rows' do and delta: the kernels'
+# Causal, M > N: rows 0-39 (and any whose listed keys are all hidden, or whose block row is empty) see no key (o = 0,
+# lse -inf); at R = 16 and 64 some share a block row (and a tile) with live rows. A NaN cotangent there changes no gradient (attention.py zeroes those rows' do and delta: the kernels'
 # p = 0 once met it, 0 x NaN in dv and through delta in dk), on the sweep / packed, the pair, the one-pass and the
 # row-oriented kernels.
-@pytest.mark.parametrize("R,C,g,D", [(2, 4, 4, 128), (16, 16, 4, 128), (64, 64, 4, 128), (32, 16, 4, 128)])
-def test_nan_cotangent_at_rows_that_see_nothing(R, C, g, D):
+# Without the causal mask such rows are those of empty block rows, which share tiles with live rows only where the
+# tiles span block rows (R x g < 64: the sweep at R x g = 8, the packed / sweep forms at C = 2).
+@pytest.mark.parametrize("R,C,g,D,causal", [(2, 4, 4, 128, True), (16, 16, 4, 128, True), (64, 64, 4, 128, True),
+                                            (32, 16, 4, 128, True), (2, 4, 4, 128, False), (4, 2, 4, 128, False)])
+def test_nan_cotangent_at_rows_that_see_nothing(R, C, g, D, causal):
     rng = np.random.default_rng(R + C)
-    M, N = 552, 512
-    layout = jb.BlockSparseLayout.from_block_mask(random_mask(rng, (), -(-M // R), -(-N // C), 0.4), (R, C), (M, N))
+    M, N = (552, 512) if causal else (512, 512)
+    mask = random_mask(rng, (), -(-M // R), -(-N // C), 0.4)
+    mask[1::3] = False                          # empty block rows
+    layout = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
     q, k, v = random_problem(rng, batch=(1,), M=M, N=N, Hq=2 * g, Hk=2, D=D, dtype=jnp.bfloat16)
     ct = jnp.asarray(rng.standard_normal(q.shape), jnp.bfloat16)
     with jax.default_device(jax.devices("cuda")[0]):
-        (o, lse), vjp = jax.vjp(lambda q, k, v: jb.block_sparse_attention(q, k, v, layout, causal=True,
+        (o, lse), vjp = jax.vjp(lambda q, k, v: jb.block_sparse_attention(q, k, v, layout, causal=causal,
                                                                           return_lse=True), q, k, v)
-        dead = np.isneginf(np.asarray(lse))     # [1, M, Hq]: rows 0-39, and rows whose listed keys are all hidden
-        assert dead[0, :M - N].all() and not dead.all()
+        dead = np.isneginf(np.asarray(lse))     # [1, M, Hq]: causal, rows 0-39 and those whose keys are all hidden
+        assert dead[0, :M - N].all() and dead.any() and not dead.all()
         want = [np.asarray(x, np.float32) for x in vjp((jnp.where(dead[..., None], 0, ct), jnp.zeros_like(lse)))]
         lse_ct = jnp.where(dead, jnp.nan, 0).astype(jnp.float32)
         for cts in ((jnp.where(dead[..., None], jnp.nan, ct), jnp.zeros_like(lse)), (ct, lse_ct)):
