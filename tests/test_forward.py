@@ -226,6 +226,20 @@ def test_nan_cotangent_at_rows_that_see_nothing_stays_out_of_the_gradients():
                 np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6, err_msg=name)
 
 
+def test_saturated_soft_cap_passes_no_gradient_to_the_scores():
+    """Every score is at least 100 caps from 0: tanh is 1 in float32 and the cap's factor 1 - t^2 exactly 0, so dq and
+    dk are 0, as the reference's (the CPU tanh once stopped at 9, where it gave 0.99999994: a factor of 1.2e-7)."""
+    M = N = 4
+    layout = jb.BlockSparseLayout.from_block_mask(np.ones((1, 1), bool), (4, 4), (M, N))
+    q = jnp.zeros((1, M, 1, 4), jnp.float32).at[..., 0].set(1.0)
+    k = jnp.zeros((1, N, 1, 4), jnp.float32).at[0, :, 0, 0].set(jnp.array([100.0, -100.0, 200.0, -300.0]))
+    v = jnp.asarray(np.random.default_rng(10).standard_normal((1, N, 1, 4)), jnp.float32)
+    for op in (jb.block_sparse_attention, jb.reference.block_sparse_attention_reference):
+        dq, dk = jax.grad(lambda q, k: jnp.sum(op(q, k, v, layout, scale=1.0, logits_soft_cap=1.0) * v),
+                          argnums=(0, 1))(q, k)
+        assert not np.asarray(dq).any() and not np.asarray(dk).any(), (op.__name__, dq, dk)
+
+
 def test_rows_that_see_nothing_stay_zero_beside_inf_values():
     """Causal, M > N: the first rows list a block but see none of its keys; inf in v there leaves them 0 (no 0 x inf),
     while a row that sees other keys as well takes the inf (as the reference and jax.nn.dot_product_attention)."""

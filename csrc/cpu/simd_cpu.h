@@ -160,8 +160,9 @@ struct Simd {
     return x < lo ? F{} : res;
   }
 
-  // tanh(x): odd polynomial below |x| = 0.625, 1 - 2 / (exp(2|x|) + 1) above (|x| clamped to 9,
-  // where tanh is 1 in f32). Absolute error ~1e-7. NaN stays NaN (a clamp to 9 once made it 1).
+  // tanh(x): odd polynomial below |x| = 0.625, 1 - 2 / (exp(2|x|) + 1) above (|x| clamped to 9.1,
+  // where tanh rounds to 1 in f32: at 9 it was 0.99999994, so a saturated soft cap's factor 1 - t^2
+  // was 1.2e-7, not 0). Absolute error ~1e-7. NaN stays NaN (a clamp once made it 1).
   static BSATTN_AI F tanh(F x) {
     const F ax = x < 0.f ? -x : x;
     const F z = x * x;
@@ -171,7 +172,7 @@ struct Simd {
     p = p * z + 1.33314422036e-1f;
     p = p * z - 3.33332819422e-1f;
     const F small = p * z * x + x;
-    const F e = exp(2.f * min(ax, splat(9.f)));
+    const F e = exp(2.f * min(ax, splat(9.1f)));
     F big = 1.f - 2.f / (e + 1.f);
     big = x < 0.f ? -big : big;
     return ax < 0.625f ? small : big;
