@@ -245,6 +245,8 @@ class BlockSparseLayout:
         if _is_traced(self.indptr) or _is_traced(self.indices):
             raise TypeError("cannot plot a traced layout: return it from the jitted function first")
         index = (index,) if isinstance(index, int) else tuple(index)
+        if len(index) > len(self.batch_shape):
+            raise ValueError(f"index {index} has more entries than the layout's batch shape {self.batch_shape}")
         index = index + (0,) * (len(self.batch_shape) - len(index))
         mask = np.asarray(_block_counts_numpy(np.asarray(self.indptr), np.asarray(self.indices),
                                               self.num_block_rows, self.num_block_cols)[index] > 0)

@@ -287,6 +287,8 @@ def test_plot_returns_a_figure(monkeypatch):
     fig, ax = plt.subplots()
     assert lay.plot(ax=ax, title="x") is fig and ax.get_title() == "x"
     plt.close(fig)
+    with pytest.raises(ValueError, match="more entries than the layout's batch shape"):
+        L.block_causal((37, 50), (5, 7)).plot(0)     # (one layout: it once drew a row of the mask)
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     with pytest.raises(ImportError, match="needs matplotlib"):
         lay.plot()
