@@ -9,7 +9,8 @@
 # BWD_CHECK="--atomic --quick ..." (csrc/cuda/bwd/check_bwd.py on the installed module: float32-reference checks,
 # determinism, garbage layouts, the backward timing grid; BWD_CHECK2 a second such run), PYTEST_ARGS (e.g. -k backward),
 # FWD_MMA=0 / CMDBUF=0 (skip the mma.sync forward re-run / the command-buffer tests), TESTS=0 (no GPU tests),
-# SHARDS=5 (the GPU tests in five concurrent processes, each cut at SHARD_S seconds; ALL=1 adds the unmarked tests),
+# SHARDS=5 (the GPU tests in five concurrent processes, each cut at SHARD_S seconds, default 530: with the build,
+# under a 600 s call; ALL=1 adds the unmarked tests),
 # PEERS="flex" (the peers' phases run first in the same call, from .peers: see shared/peers/README.md; PEER_CELLS).
 set -o pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -27,7 +28,7 @@ export PYTHONPATH=/tmp/site
 run_ids() {  # log name, file of test ids (one per line, relative to tests/): one pytest process, cut at SHARD_S
   # (never with no ids: pytest would then run the whole suite)
   [ -s "$2" ] || { echo "$1: no test ids" > "$OUT/$1.log"; return; }
-  (cd tests && timeout ${SHARD_S:-450} python3 -c "import sys, pytest; sys.exit(pytest.main(['-v', '--tb=short', \
+  (cd tests && timeout ${SHARD_S:-530} python3 -c "import sys, pytest; sys.exit(pytest.main(['-v', '--tb=short', \
     '-p', 'no:cacheprovider'] + open('$2').read().splitlines()))" > "$OUT/$1.log" 2>&1; echo "$1 rc=$?" >> "$OUT/$1.log")
 }
 shard() {  # name, pytest -m expression, processes, extra pytest args: the matching ids round-robin, concurrently
