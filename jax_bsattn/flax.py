@@ -157,7 +157,8 @@ def make_attention_fn(layout: LayoutSpec, *, causal: bool = False, scale: float 
     ``flax.nnx.dot_product_attention``) computing block-sparse attention with ``layout``.
 
     q, k, v come as ``[*B, len, heads, head_dim]`` (GQA when ``num_kv_heads < num_heads``). Honoured:
-    ``is_causal`` (or'ed with ``causal``), ``dtype`` (q, k, v cast to it; default: their common dtype),
+    ``is_causal`` (or'ed with ``causal``; flax aligns it top-left, so with q and kv lengths that differ it is an
+    error, where ``causal`` means the op's bottom-right mask), ``dtype`` (q, k, v cast to it; default: their common dtype),
     ``dropout_rate`` when ``deterministic`` (no dropout happens then). Ignored: ``precision``,
     ``broadcast_dropout`` (the kernels always accumulate in float32). Errors (``ValueError``): a dense
     ``mask`` or ``bias`` -- express the pattern as a layout (``BlockSparseLayout.from_block_mask``); this
@@ -191,6 +192,11 @@ def make_attention_fn(layout: LayoutSpec, *, causal: bool = False, scale: float 
         else:
             dtype = jnp.result_type(query, key, value) if dtype is None else dtype
             query, key, value = (jnp.asarray(x, dtype) for x in (query, key, value))
+        if is_causal and query.shape[-3] != key.shape[-3]:
+            raise ValueError(
+                f"jax_bsattn attention_fn: is_causal with q length {query.shape[-3]} != kv length {key.shape[-3]}: "
+                "flax's causal mask is top-left aligned (j <= i), jax_bsattn's bottom-right (j <= i + N - M), so the "
+                "two differ; for the bottom-right mask pass causal=True to make_attention_fn instead")
         lay = resolve_layout(layout, query.shape[-3], key.shape[-3])
         return block_sparse_attention(query, key, value, lay, scale=scale, causal=bool(causal or is_causal),
                                       logits_soft_cap=logits_soft_cap, deterministic=deterministic_backward)

@@ -10,6 +10,7 @@ import pytest
 
 nnx = pytest.importorskip("flax.nnx")
 
+import jax_bsattn as jb
 import jax_bsattn.flax as jbf
 from jax_bsattn import layouts as L
 from jax_bsattn.reference import block_sparse_attention_reference as ref
@@ -130,6 +131,13 @@ def test_attention_fn_refuses_what_it_cannot_honour():
     q = inputs((1, 16, 2, 8))
     with pytest.raises(ValueError, match="bias"):
         fn(q, q, q, bias=jnp.zeros((1, 2, 16, 16)))
+    # flax's is_causal is top-left aligned, the op's causal bottom-right: they differ when the lengths do (it once
+    # ran with the bottom-right mask)
+    kv = inputs((1, 24, 2, 8))
+    cross = jbf.make_attention_fn(jb.BlockSparseLayout.from_block_mask(np.ones((2, 3), bool), (8, 8), (16, 24)))
+    with pytest.raises(ValueError, match="top-left aligned"):
+        cross(q, kv, kv, is_causal=True)
+    assert cross(q, kv, kv).shape == q.shape
 
 
 def test_attention_fn_in_linen():
