@@ -26,7 +26,10 @@ sharding of a block-sparse layout would need row/column re-basing per shard (con
 this op does not do. The partition callback derives every operand's sharding from one choice of batch axes
 (q's, else k's) and KV-head axes (k's, else q's) and drops axes that do not divide B or Hk, so a surprising
 propagation can cost communication but never give a wrong answer. Query heads within a GQA group are never
-split: with MQA (Hk = 1) a head-sharded q is all-gathered along its heads.
+split: with MQA (Hk = 1) a head-sharded q is all-gathered along its heads. Where a mesh axis does not divide
+Hk, the heads are need-replication too (Shardy would otherwise give them a sub-axis, which custom_partitioning
+cannot express); an operand that already arrives with such a sub-axis (k reshaped from a feature axis sharded
+wider than Hk) still fails inside jax's custom_partitioning before the callback runs (README).
 """
 
 from __future__ import annotations
@@ -53,20 +56,26 @@ def _shape(t) -> tuple[int, ...]:
 class _Factors:
     """The factor of each dimension, from the canonical shapes of q, k and the layout arrays."""
 
-    def __init__(self, q_shape, k_shape, layout_shape):
+    def __init__(self, q_shape, k_shape, layout_shape, mesh):
         B, _, Hq, _ = q_shape
         Hk = k_shape[2]
         g = Hq // Hk
         replicated = ["m", "n", "d", "p", "z"]
         self.sizes = {}
-        if g == 1:
+        if not all(Hk % n == 0 for n in getattr(mesh, "shape", {}).values()):
+            # A mesh axis that does not divide Hk: Shardy would hand the heads a sub-axis (q's heads over 4 devices
+            # with Hk = 2 split it between h and g; so does k reshaped from a feature axis sharded 4 ways), which
+            # custom_partitioning cannot express. The heads are then replicated (all-gathered), the batch still not.
+            self.qh = "qh"
+            replicated += ["qh", "h"]
+        elif g == 1:
             self.qh = "h"
         elif Hk == 1:
             self.qh = "g"
         else:
             self.qh = CompoundFactor("h", "g")          # Hk-major: sharding Hq like Hk keeps groups whole
             self.sizes["g"] = g
-        if g > 1:
+        if g > 1 and self.qh != "qh":
             replicated.append("g")
         self.lb = "b" if layout_shape[0] == B else "lb"
         self.lh = "h" if layout_shape[1] == Hk else "lh"
@@ -97,13 +106,13 @@ class _Factors:
 
 def _fwd_rule(cfg, mesh, operand_types, result_types):
     q, k, _, ip, _ = (_shape(t) for t in operand_types)
-    f = _Factors(q, k, ip)
+    f = _Factors(q, k, ip, mesh)
     return f.rule([f.q(), f.kv(), f.kv(), *f.layout()], [f.q(), f.rows()])
 
 
 def _bwd_rule(cfg, mesh, operand_types, result_types):
     q, k, _, _, _, _, ip, _ = (_shape(t) for t in operand_types)
-    f = _Factors(q, k, ip)
+    f = _Factors(q, k, ip, mesh)
     return f.rule([f.q(), f.kv(), f.kv(), f.q(), f.rows(), f.rows(), *f.layout()], [f.q(), f.kv(), f.kv()])
 
 

@@ -29,10 +29,13 @@ CASES = {
     "seq_kv": ((2, 4), ("x",), ("x", "y"), 4, (4,), False),
     "head_dim": ((2, 4), (None, None, None, "y"), (None, None, None, "y"), 4, (), False),
     "mqa_heads": ((2, 4), ("x", None, "y"), ("x",), 1, (), False),
+    # q's heads over an axis that does not divide Hk = 2 (GQA tensor parallel): compiling the gradient crashed
+    # (Shardy split the axis between the KV heads and the groups; custom_partitioning cannot take a sub-axis)
+    "gqa_heads_past_hk": ((2, 4), (None, None, "y"), (None,), 2, (), False),
 }
 NO_GATHER = ["batch", "heads", "batch_and_heads_per_head_layout", "batch_and_heads_per_batch_layout",
              "batch_and_heads_full_layout", "explicit_axes", "q_heads_only"]
-GATHERED = ["seq_q", "seq_kv", "head_dim", "mqa_heads"]   # documented: that axis is all-gathered first
+GATHERED = ["seq_q", "seq_kv", "head_dim", "mqa_heads", "gqa_heads_past_hk"]   # documented: all-gathered first
 
 
 def worker():
