@@ -126,17 +126,18 @@ def _attention_bwd(cfg: Config, res, cts):
     do, dlse = cts
     do = jnp.asarray(do, q.dtype)
     # A row that sees no key (lse -inf) has o = 0 whatever its cotangent: a NaN there (e.g. from a log of o behind a
-    # where) must not reach dq, dk, dv through the kernels' p = 0 (0 x NaN), so its do and delta are made 0. Such a
+    # where) must not reach dq, dk, dv through the kernels' p = 0 (0 x NaN), so its do and dlse are made 0. Such a
     # row meets the kernels' products only beside live rows of its tile: under the causal mask, or where R * g < 64
     # (tiles that span block rows: the sweeps, the 16-row mma.sync tiles). Elsewhere the row's block row lists nothing
     # and no kernel reads it, so the copy of do (0.4-0.9 % of a step) is skipped.
-    dead = (lse == -jnp.inf) if cfg.causal or cfg.block_r * (q.shape[2] // k.shape[2]) < 64 else None
-    if dead is not None:
+    # (With do and dlse 0 there, delta = rowsum(0 * o) - 0 is 0 too: o is 0 on such a row.)
+    dlse = jnp.asarray(dlse, jnp.float32)
+    if cfg.causal or cfg.block_r * (q.shape[2] // k.shape[2]) < 64:
+        dead = lse == -jnp.inf
         do = jnp.where(dead[..., None], jnp.zeros_like(do), do)
+        dlse = jnp.where(dead, jnp.zeros_like(dlse), dlse)
     # delta = rowsum(dO * O) - dlse: a cheap XLA fusion; the kernels then need neither o nor dlse.
-    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1) - jnp.asarray(dlse, jnp.float32)
-    if dead is not None:
-        delta = jnp.where(dead, jnp.zeros_like(delta), delta)
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1) - dlse
     dq, dk, dv = bsattn_bwd_p.bind(q, k, v, do, lse, delta, indptr, indices, cfg=cfg)
     return dq, dk, dv, None, None
 

@@ -158,8 +158,8 @@ def make_attention_fn(layout: LayoutSpec, *, causal: bool = False, scale: float 
 
     q, k, v come as ``[*B, len, heads, head_dim]`` (GQA when ``num_kv_heads < num_heads``). Honoured:
     ``is_causal`` (or'ed with ``causal``; flax aligns it top-left, so with q and kv lengths that differ it is an
-    error, where ``causal`` means the op's bottom-right mask), ``dtype`` (q, k, v cast to it; default: their common dtype),
-    ``dropout_rate`` when ``deterministic`` (no dropout happens then). Ignored: ``precision``,
+    error, where ``causal`` means the op's bottom-right mask), ``dtype`` (q, k, v cast to it; default: their
+    common dtype), ``dropout_rate`` when ``deterministic`` (no dropout happens then). Ignored: ``precision``,
     ``broadcast_dropout`` (the kernels always accumulate in float32). Errors (``ValueError``): a dense
     ``mask`` or ``bias`` -- express the pattern as a layout (``BlockSparseLayout.from_block_mask``); this
     includes ``decode=True``, which masks its KV cache with a dense mask -- attention dropout in training

@@ -72,10 +72,10 @@ class _Factors:
             self.qh = "h"
         elif Hk == 1:
             self.qh = "g"
+            replicated.append("g")
         else:
             self.qh = CompoundFactor("h", "g")          # Hk-major: sharding Hq like Hk keeps groups whole
             self.sizes["g"] = g
-        if g > 1 and self.qh != "qh":
             replicated.append("g")
         self.lb = "b" if layout_shape[0] == B else "lb"
         self.lh = "h" if layout_shape[1] == Hk else "lh"

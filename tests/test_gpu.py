@@ -254,9 +254,9 @@ def test_nan_rows_forward_and_backward(R, C, g, D, kind, softcap):
 
 
 # Causal, M > N: rows 0-39 (and any whose listed keys are all hidden, or whose block row is empty) see no key (o = 0,
-# lse -inf); at R = 16 and 64 some share a block row (and a tile) with live rows. A NaN cotangent there changes no gradient (attention.py zeroes those rows' do and delta: the kernels'
-# p = 0 once met it, 0 x NaN in dv and through delta in dk), on the sweep / packed, the pair, the one-pass and the
-# row-oriented kernels.
+# lse -inf); at R = 16 and 64 some share a block row (and a tile) with live rows. A NaN cotangent there changes no
+# gradient (attention.py zeroes those rows' do and dlse: the kernels' p = 0 once met it, 0 x NaN in dv and through
+# delta in dk), on the sweep / packed, the pair, the one-pass and the row-oriented kernels.
 # Without the causal mask such rows are those of empty block rows, which share tiles with live rows only where the
 # tiles span block rows (R x g < 64: the sweep at R x g = 8, the packed / sweep forms at C = 2).
 @pytest.mark.parametrize("R,C,g,D,causal", [(2, 4, 4, 128, True), (16, 16, 4, 128, True), (64, 64, 4, 128, True),
