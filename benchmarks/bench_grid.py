@@ -103,10 +103,12 @@ def make_backend(name, fwdbwd=False):
         def f(q, k, v, indptr, indices):
             ip = indptr.reshape(1, 1, -1)
             ix = indices.reshape(1, 1, -1)
-            # the workspace: the sweep's bit maps as csrc/cuda/fwd/params.h fwd_sweep_table_words sizes them (used only
-            # where the sweep runs)
+            # the workspace: the sweep's bit maps as csrc/cuda/fwd/params.h fwd_sweep_table_words sizes them where
+            # R * g <= 16 with at least 16 block rows (used only where the sweep runs); else none (the handler takes an
+            # empty one: no row split here, which only the lowering sizes)
             MB, words = -(-M // R), -(-N // 32)
-            tw = MB * (words + 1) if MB * words <= ix.shape[-1] else 0
+            g = q.shape[2] // k.shape[2]
+            tw = MB * (words + 1) if R * g <= 16 and MB >= 16 and MB * words <= ix.shape[-1] else 0
             out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:3], jnp.float32),
                    jax.ShapeDtypeStruct((tw,), jnp.uint32))
             call = jax.ffi.ffi_call("bsattn_fwd_cuda", out, has_side_effect=True)

@@ -161,15 +161,15 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
       logits_soft_cap: ``c``: logits become ``c * tanh(s / c)``; concrete and positive in float32, like ``scale``.
       return_lse: also return the natural-log log-sum-exp, float32 ``[*B, M, Hq]``.
       deterministic: make the gradients bitwise repeatable. dk and dv always are; on an H100 / H200 with head dim 64 or
-        128, C <= 16 and R * g >= 128 (or R * g = 64 with C <= 8 at head dim 128, C <= 4 at 64) dq is too (one
+        128, C <= 16 and R * g >= 128 (or 64 <= R * g < 128 with C <= 8 at head dim 128, C <= 4 at 64) dq is too (one
         row-oriented pass; dk and dv added as 64-bit fixed point in a workspace of 16 bytes per element of k, with or
         without this flag). Elsewhere on an H100 / H200 (head dim 64 or 128, and C > 16, or C <= 16 with R * g <= 4,
         C <= 2 with R * g < 256, or C <= 4 with R * g <= 8) dq is by default accumulated with float32 atomic adds in a
         workspace of q's shape (4 bytes an element; where the sweep form runs, D = 128 and C a power of two <= 16 with a
         dense enough layout, plus its bit tables, no larger than the layout's indices), whose order varies from run to
         run (differences of the order of float32 rounding).
-        ``True`` uses the deterministic backward there as well: no workspace, slower (BENCHMARKS.md has the
-        figures). No effect on the forward or on the CPU path (deterministic already).
+        ``True`` uses the deterministic backward there as well: no dq workspace (only the long-row / long-column
+        splits' areas), slower (BENCHMARKS.md has the figures). No effect on the forward or on the CPU path (deterministic already).
 
     Returns:
       ``o`` in q's dtype, ``[*B, M, Hq, D]`` (and ``lse``). A row with no element taking part gives ``o = 0``
