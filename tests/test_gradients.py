@@ -83,3 +83,79 @@ def test_lse_cotangent():
     want = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
     for g, w in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_garbage_traced_layout_gradients(causal):
+    """The backward on layouts made inside jit that break the rules (indptr out of order and out of range,
+    out-of-range and negative indices, a block listed twice): the gradients follow the reference's reading of them
+    (the clamps, skips, and a duplicate counted twice) as the forward does (test_forward.py)."""
+    import jax
+
+    rng = np.random.default_rng(16 + causal)
+    M, N, R, C = 50, 45, 10, 9
+    MB, NB = 5, 5
+    q, k, v = random_problem(rng, M=M, N=N, Hq=4, Hk=2, D=16)
+    ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    for trial in range(3):
+        indptr = rng.integers(-4, 16, size=MB + 1).astype(np.int32)
+        indices = rng.integers(-3, NB + 3, size=14).astype(np.int32)
+        if trial == 0:  # rows in order: block 1 twice and an out-of-range block in row 0, a negative index in row 1
+            indptr = np.array([0, 3, 5, 8, 10, 14], np.int32)
+            indices[:5] = [1, 1, NB + 2, -1, 0]
+
+        def grads(fn, ip, ix, q, k, v):
+            lay = jb.BlockSparseLayout.from_csr(ip, ix, (R, C), (M, N))
+            loss = lambda q, k, v: jnp.sum(jnp.where(ct != 0, fn(q, k, v, lay, causal=causal) * ct, 0.0))
+            return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+        got = jax.jit(lambda *a: grads(jb.block_sparse_attention, *a))(indptr, indices, q, k, v)
+        ref = jax.jit(lambda *a: grads(jb.reference.block_sparse_attention_reference, *a))(indptr, indices, q, k, v)
+        for name, a, b in zip(("dq", "dk", "dv"), got, ref):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_cpu_gradients_repeatable():
+    """The CPU backward (multi-threaded) gives bitwise equal gradients run after run, with and without
+    deterministic=True (the flag changes nothing on the CPU)."""
+    import jax
+
+    rng = np.random.default_rng(17)
+    M, N = 96, 80
+    layout = jb.BlockSparseLayout.from_block_mask(random_mask(rng, (2,), 6, 10, 0.5), (16, 8), (M, N))
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=8, Hk=2, D=32)
+
+    def grads(det):
+        f = lambda q, k, v: jnp.sum(jb.block_sparse_attention(q, k, v, layout, deterministic=det) ** 2)
+        return [np.asarray(x) for x in jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)]
+
+    first = grads(False)
+    for other in (grads(False), grads(True)):
+        for name, a, b in zip(("dq", "dk", "dv"), first, other):
+            assert np.array_equal(a, b), f"{name} differs between runs"
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_cpu_instruction_set_paths(isa):
+    """The CPU kernels' other vector paths (BSATTN_CPU_ISA lowers the one the CPU would take; read once per process,
+    so in a subprocess): forward and gradients against the reference in float32 and bfloat16."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import numpy as np, jax, jax.numpy as jnp, jax_bsattn as jb
+from conftest import check_forward, check_gradients, random_mask, random_problem
+rng = np.random.default_rng(18)
+M, N = 70, 90
+layout = jb.BlockSparseLayout.from_block_mask(random_mask(rng, (2,), 5, 6, 0.5), (16, 16), (M, N))
+for dtype in (jnp.float32, jnp.bfloat16):
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=4, Hk=2, D=40, dtype=dtype)
+    check_forward(q, k, v, layout, causal=True, logits_soft_cap=20.0)
+    check_gradients(q, k, v, layout, causal=True, logits_soft_cap=20.0)
+print("ok")
+"""
+    env = dict(os.environ, BSATTN_CPU_ISA=isa, JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(os.path.abspath(__file__)), env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
