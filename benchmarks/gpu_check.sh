@@ -8,7 +8,8 @@
 # MULTI=1 (several GPUs: tests/test_multi_gpu.py and train_lm data parallel vs one GPU; MULTI_ARGS),
 # BWD_CHECK="--atomic --quick ..." (csrc/cuda/bwd/check_bwd.py on the installed module: float32-reference checks,
 # determinism, garbage layouts, the backward timing grid; BWD_CHECK2 a second such run), PYTEST_ARGS (e.g. -k backward),
-# FWD_MMA=0 / CMDBUF=0 (skip the mma.sync forward re-run / the command-buffer tests), TESTS=0 (no GPU tests),
+# FWD_MMA=0 / OLD_BWD=0 / CMDBUF=0 (skip the mma.sync forward re-run / the small-block backward tests re-run with
+# the row-oriented pass off / the command-buffer tests), TESTS=0 (no GPU tests),
 # SHARDS=5 (the GPU tests in five concurrent processes, each cut at SHARD_S seconds, default 530: with the build,
 # under a 600 s call; ALL=1 adds the unmarked tests),
 # PEERS="flex" (the peers' phases run first in the same call, from .peers: see shared/peers/README.md; PEER_CELLS).
@@ -59,6 +60,13 @@ if [ "${FWD_MMA:-1}" = 1 ] && [ "$(nvidia-smi --query-gpu=compute_cap --format=c
   # run) on them too
   stamp "gpu forward tests, mma.sync kernel (BSATTN_FWD_KERNEL=mma)"
   (cd tests && BSATTN_FWD_KERNEL=mma python3 -m pytest -q -m gpu -k forward 2>&1 | tee "$OUT/pytest_gpu_mma.log" | tail -3)
+fi
+if [ "${OLD_BWD:-1}" = 1 ] && [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1)" = "9.0" ]; then
+  # on Hopper the row-oriented backward takes C <= 16 with R * g >= 64 before the kernels these tests are named for
+  # (compact, sweep, packed): run them again where it does not (read once per process: a process of their own)
+  stamp "gpu backward tests, the row-oriented pass off (BSATTN_BWD_ROWS=0)"
+  (cd tests && BSATTN_BWD_ROWS=0 python3 -m pytest -q -m gpu -k "compact_small_blocks or sweep_tall_row_groups or \
+    sweep_duplicate_blocks or unlisted_keys_overflow or packed_small_blocks" 2>&1 | tee "$OUT/pytest_gpu_rows0.log" | tail -3)
 fi
 if [ "${CMDBUF:-1}" = 1 ]; then
   stamp "gpu tests, command buffers"

@@ -257,36 +257,66 @@ def _fwd_sweep_table_words(q, k, indptr, indices, cfg: Config) -> int:
 
 
 def _fwd_split_words(q, k, indptr, cfg: Config) -> int:
-    """Words (u32) of the CUDA forward's row split (csrc/cuda/fwd_sm90/row_split.cuh; _row_split_words), on H100 /
-    H200. BSATTN_FWD_SPLIT=0: none (the device then splits nothing); nor with BSATTN_FWD_KERNEL=mma (the mma.sync
-    kernel, which does not split, runs everywhere)."""
+    """Words (u32) of the CUDA forward's row split (csrc/cuda/fwd_sm90/row_split.cuh; _row_split_words, few block rows
+    included), on H100 / H200. BSATTN_FWD_SPLIT=0: none (the device then splits nothing); nor with
+    BSATTN_FWD_KERNEL=mma (the mma.sync kernel, which does not split, runs everywhere)."""
     if os.environ.get("BSATTN_FWD_SPLIT") == "0" or os.environ.get("BSATTN_FWD_KERNEL") == "mma":
         return 0
-    return _row_split_words(q, k, indptr, cfg)
+    return _row_split_words(q, k, indptr, cfg, few_rows=True)
 
 
 def _dq_split_words(q, k, indptr, cfg: Config) -> int:
     """Floats of the pair's dq row split (csrc/cuda/bwd_sm90/dq_split.cuh: the Hopper dq kernel, which runs where
-    R * g > 16; the forward's area, _row_split_words). BSATTN_BWD_SPLIT=0 or BSATTN_BWD_DQ_SPLIT=0: none; nor with
-    BSATTN_BWD_DQ=mma (the mma.sync dq kernel, which does not split)."""
+    R * g > 16; the forward's area for many block rows, _row_split_words). BSATTN_BWD_SPLIT=0 or
+    BSATTN_BWD_DQ_SPLIT=0: none; nor with BSATTN_BWD_DQ=mma (the mma.sync dq kernel, which does not split)."""
     if (os.environ.get("BSATTN_BWD_SPLIT") == "0" or os.environ.get("BSATTN_BWD_DQ_SPLIT") == "0"
             or os.environ.get("BSATTN_BWD_DQ") == "mma"):
         return 0
-    return _row_split_words(q, k, indptr, cfg)
+    return _row_split_words(q, k, indptr, cfg, few_rows=False)
 
 
-def _row_split_words(q, k, indptr, cfg: Config) -> int:
-    """32-bit words of a row split's area (csrc/cuda/fwd/params.h fwd_split_parts_per_layout and
-    fwd_split_workspace_words: the same rule): R * g > 16, at least 16 block rows, on H100 / H200; the item and
-    partial-slot tables and the pieces' f32 planes (an eighth of the block rows per (batch, KV head): about q's size / 8
-    in floats)."""
+# csrc/cuda/fwd/params.h: fewer block rows than this take the few-row rule; partial slots over all (batch, KV head);
+# at most these per layout
+_SPLIT_FEW_ROWS_MB, _SPLIT_FEW_PLANES, _SPLIT_FEW_MAX_PER_LAYOUT = 16, 512, 128
+
+
+def _split_parts(q, k, cfg: Config, few_rows: bool) -> int:
+    """The row split's partial slots per layout (csrc/cuda/fwd/params.h fwd_split_parts_per_layout: the same rule):
+    an eighth of the block rows where R * g > 16 and there are at least 16; with few_rows (the forward's), where there
+    are fewer than 16 block rows (a decode step), up to 512 slots over the B x Hk heads (2 to 128 each), their planes
+    no larger than twice q in f32 or 2^24 floats; else 0."""
+    R, D = cfg.block_r, q.shape[-1]
+    g = q.shape[-2] // max(k.shape[-2], 1)
+    MB = -(-q.shape[-3] // R)
+    if R * g > 16 and MB // 8 >= 2:
+        return MB // 8
+    heads = math.prod(k.shape[:-3]) * k.shape[-2]
+    if not few_rows or MB <= 0 or MB >= _SPLIT_FEW_ROWS_MB or heads <= 0 or g <= 0:
+        return 0
+    plane = R * g * D + -(-R * g // 4) * 4
+    cap = max(2 * q.size, 1 << 24)
+    E = min(_SPLIT_FEW_PLANES // heads, _SPLIT_FEW_MAX_PER_LAYOUT, cap // plane // heads)
+    return E if E >= 2 else 0
+
+
+def _few_rows_split(q, k, cfg: Config) -> bool:
+    """Whether the forward's few-row rule applies (csrc/cuda/fwd/params.h fwd_split_parts_few_rows > 0: fewer than
+    16 block rows, whatever R * g), on H100 / H200."""
+    MB = -(-q.shape[-3] // cfg.block_r)
+    return q.size > 0 and MB < _SPLIT_FEW_ROWS_MB and _split_parts(q, k, cfg, True) > 0 and _gpus_are_sm90()
+
+
+def _row_split_words(q, k, indptr, cfg: Config, few_rows: bool) -> int:
+    """32-bit words of a row split's area (csrc/cuda/fwd/params.h fwd_split_workspace_words: the same rule), on
+    H100 / H200: the item and partial-slot tables and the pieces' f32 planes (_split_parts of them per (batch, KV
+    head): with many block rows about q's size / 8 in floats)."""
     if q.size == 0 or not _gpus_are_sm90():
         return 0
     R, D = cfg.block_r, q.shape[-1]
     g = q.shape[-2] // max(k.shape[-2], 1)
     MB = -(-q.shape[-3] // R)
-    parts = MB // 8
-    if R * g <= 16 or parts < 2:
+    parts = _split_parts(q, k, cfg, few_rows)
+    if parts == 0:
         return 0
     layouts = math.prod(indptr.shape[:-1]) or 1
     heads = math.prod(k.shape[:-3]) * k.shape[-2]
@@ -295,8 +325,10 @@ def _row_split_words(q, k, indptr, cfg: Config) -> int:
 
 
 def _fwd_workspace_words(q, k, indptr, indices, cfg: Config) -> int:
-    """The CUDA forward's workspace (csrc/cuda/fwd/params.h fwd_workspace_words): the sweep's bit maps where R * g <=
-    16, else the row split's area."""
+    """The CUDA forward's workspace (csrc/cuda/fwd/params.h fwd_workspace_words): with few block rows the row split's
+    area (or none: BSATTN_FWD_SPLIT=0), else the sweep's bit maps where R * g <= 16, else the row split's area."""
+    if _few_rows_split(q, k, cfg):
+        return _fwd_split_words(q, k, indptr, cfg)
     return _fwd_sweep_table_words(q, k, indptr, indices, cfg) or _fwd_split_words(q, k, indptr, cfg)
 
 

@@ -50,18 +50,18 @@ def test_forward_vmap_and_garbage_layouts():
     ip = rng.integers(-5, 60, size=(3, MB + 1)).astype(np.int32)
     ix = rng.integers(-4, NB + 4, size=(3, 50)).astype(np.int32)
 
-    def run(fn):
+    def run(fn, *args, **kw):
         def one(q, k, v, ip, ix):
-            return fn(q, k, v, jb.BlockSparseLayout.from_csr(ip, ix, (R, C), (M, N)), return_lse=True)
-        return jax.jit(jax.vmap(one))(q, k, v, ip, ix)
+            return fn(q, k, v, jb.BlockSparseLayout.from_csr(ip, ix, (R, C), (M, N)), return_lse=True, **kw)
+        return jax.jit(jax.vmap(one))(*args)
 
     with jax.default_device(jax.devices("cuda")[0]):
-        o, lse = run(jb.block_sparse_attention)
-    o_ref, lse_ref = run(jb.reference.block_sparse_attention_reference)
-    err = np.linalg.norm(np.asarray(o, np.float32) - np.asarray(o_ref, np.float32)) / np.linalg.norm(
-        np.asarray(o_ref, np.float32))
-    assert err < 2e-2
-    np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), np.isneginf(np.asarray(lse_ref)))
+        o, lse = run(jb.block_sparse_attention, q, k, v, ip, ix)
+    args = on_cpu(q, k, v, ip, ix)
+    ref32 = run(reference_in_dtype, *args)
+    ref_lp = run(reference_in_dtype, *args, compute_dtype=q.dtype)
+    assert_close("o", o, ref32[0], ref_lp[0])
+    assert_close("lse", lse, ref32[1], ref_lp[1])  # (rel_err: the -inf of empty rows where the reference's are)
 
 
 # D = 256 with R * g > 16 on an H100 / H200: the wgmma forward's 64-row tile at 32-key tiles (fwd_sm90/config.cuh
@@ -123,14 +123,41 @@ def _jit_grad(layout, causal, det, ct, argnums):
     return jax.jit(jax.grad(f, argnums=argnums))
 
 
+def _check_split_forward(q, k, v, layout, kw, monkeypatch):
+    """The forward against the reference on `layout` and on a copy with garbage entries (out of range, negative,
+    duplicated: skipped or counted twice, as there), repeatable, and against the unsplit forward (no workspace:
+    BSATTN_FWD_SPLIT=0) on both within 2e-2 of the largest value."""
+    NB = -(-layout.seq_lens[1] // layout.block_size[1])
+    with jax.default_device(jax.devices("cuda")[0]):
+        check_forward(q, k, v, layout, **kw)
+        ind = np.array(layout.indices)
+        ind.flat[::7], ind.flat[3::11], ind.flat[5::13] = NB + 5, -3, 0
+        bad = jb.BlockSparseLayout(layout.indptr, jnp.asarray(ind), layout.block_size, layout.seq_lens, validate=False)
+        check_forward(q, k, v, bad, **kw)
+
+        def run(lay):
+            f = jax.jit(lambda q, k, v, l: jb.block_sparse_attention(q, k, v, l, return_lse=True, **kw))
+            return [np.asarray(x, np.float32) for x in f(q, k, v, lay)]
+
+        split = run(layout) + run(bad)
+        assert all(np.array_equal(a, b) for a, b in zip(split, run(layout) + run(bad))), "not repeatable"
+        monkeypatch.setenv("BSATTN_FWD_SPLIT", "0")
+        unsplit = run(layout) + run(bad)
+    for name, a, b in zip(("o", "lse", "o (garbage layout)", "lse (garbage layout)"), split, unsplit):
+        fin = np.isfinite(b)
+        err = np.max(np.abs(a[fin] - b[fin])) if fin.any() else 0.0
+        assert np.array_equal(np.isfinite(a), fin) and err <= 2e-2 * max(np.max(np.abs(b[fin])), 1.0), \
+            f"{name}: split and unsplit differ by {err}"
+
+
 # The forward's row split (csrc/cuda/fwd_sm90/row_split.cuh): per-head layouts of a short band plus global block rows
 # (row 0 in head 0; rows 0 and MB / 2 in head 1) over few heads, so that each global row is longer than the cut and
 # goes into pieces (f32 partials, combined after). The 64-row tile (R * g = 64; D = 256: two 64-row tiles a block row),
 # the producer tile (128 rows, D = 128; 512 rows: four tiles a block row), the two-warpgroup tile at D = 64; causal (a
 # piece can see no key of some rows), soft cap, f16, part-filled key tiles (C = 40) and last block rows, R * g not a
 # multiple of 4 (the partials' planes padded to 16 bytes; misaligned before). Checked against
-# the reference, and against the unsplit forward (no workspace: BSATTN_FWD_SPLIT=0) on the same layout and on one with
-# garbage entries (out of range, negative, duplicated), where the two must also agree.
+# the reference, and against the unsplit forward (no workspace: BSATTN_FWD_SPLIT=0), on the same layout and on one with
+# garbage entries (out of range, negative, duplicated): _check_split_forward.
 @pytest.mark.parametrize("R,C,g,D,M,causal,softcap,dtype", [
     (16, 16, 4, 128, 2048, False, None, jnp.bfloat16), (64, 64, 2, 128, 2048, True, None, jnp.float16),
     (32, 40, 4, 64, 1500, False, 30.0, jnp.bfloat16), (16, 32, 8, 256, 1000, True, None, jnp.bfloat16),
@@ -139,30 +166,38 @@ def _jit_grad(layout, causal, det, ct, argnums):
     (17, 16, 1, 128, 3000, False, None, jnp.bfloat16), (9, 24, 2, 64, 1500, True, 30.0, jnp.float16)])
 def test_forward_row_split(R, C, g, D, M, causal, softcap, dtype, monkeypatch):
     rng = np.random.default_rng(R + C + D)
-    N, NB = M, -(-M // C)
     layout = _band_plus_globals(R, C, M, global_rows=True)
-    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=g * 2, Hk=2, D=D, dtype=dtype)
-    kw = dict(causal=causal, logits_soft_cap=softcap)
-    with jax.default_device(jax.devices("cuda")[0]):
-        check_forward(q, k, v, layout, **kw)
-        ind = np.array(layout.indices)
-        ind.flat[::7], ind.flat[3::11], ind.flat[5::13] = NB + 5, -3, 0
-        bad = jb.BlockSparseLayout(layout.indptr, jnp.asarray(ind), layout.block_size, layout.seq_lens, validate=False)
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=M, Hq=g * 2, Hk=2, D=D, dtype=dtype)
+    _check_split_forward(q, k, v, layout, dict(causal=causal, logits_soft_cap=softcap), monkeypatch)
 
-        def run(lay):
-            f = jax.jit(lambda q, k, v, l: jb.block_sparse_attention(q, k, v, l, return_lse=True, **kw))
-            return [np.asarray(x, np.float32) for x in f(q, k, v, lay)]
 
-        split = run(layout), run(bad)
-        monkeypatch.setenv("BSATTN_FWD_SPLIT", "0")
-        unsplit = run(layout), run(bad)
-    for name, a, b in zip(("o", "lse", "o (garbage layout)", "lse (garbage layout)"), split[0] + split[1],
-                          unsplit[0] + unsplit[1]):
-        assert np.isfinite(a[np.isfinite(b)]).all(), f"{name}: not finite where the unsplit forward is"
-        fin = np.isfinite(b)
-        err = np.max(np.abs(a[fin] - b[fin])) if fin.any() else 0.0
-        assert np.array_equal(np.isfinite(a), fin) and err <= 2e-2 * max(np.max(np.abs(b[fin])), 1.0), \
-            f"{name}: split and unsplit differ by {err}"
+# Few block rows (a decode step: M = 1 to 100 query rows against a few thousand listed keys) are split over CTAs too
+# (csrc/cuda/fwd/params.h fwd_split_parts_few_rows), whatever R * g: R * g <= 16 then runs the 64-row gather tile
+# instead of the sweep or the 16-row mma.sync tile. One block row (R = M) or a few (R = 1: each query row its own
+# selection; MB = 7 with a short last block row), g = 1 to 32 (MQA), D = 64 / 128 / 256, causal (bottom-right: the last
+# rows see everything), soft cap, f16, a block row with no block, per-head layouts at B = 2. _check_split_forward: against
+# the reference, and against the unsplit forward, on the layout and on one with garbage entries.
+@pytest.mark.parametrize("M,R,C,g,D,N,B,causal,softcap,dtype", [
+    (1, 1, 16, 4, 128, 8192, 1, False, None, jnp.bfloat16), (1, 1, 64, 8, 64, 8192, 2, True, 30.0, jnp.float16),
+    (4, 4, 16, 4, 256, 4096, 1, False, None, jnp.bfloat16), (16, 16, 64, 4, 128, 8192, 1, True, None, jnp.bfloat16),
+    (64, 64, 32, 2, 128, 4096, 1, False, None, jnp.bfloat16), (3, 1, 5, 1, 128, 5000, 2, True, None, jnp.bfloat16),
+    (100, 16, 16, 8, 128, 4096, 1, True, 30.0, jnp.bfloat16), (1, 1, 16, 32, 128, 8192, 1, False, None, jnp.bfloat16)])
+def test_forward_few_rows_split(M, R, C, g, D, N, B, causal, softcap, dtype, monkeypatch):
+    from jax_bsattn import lowering
+    from jax_bsattn.primitives import Config
+
+    rng = np.random.default_rng(M + C + g + D)
+    Hk = 2 if g < 32 else 1
+    MB, NB = -(-M // R), -(-N // C)
+    mask = random_mask(rng, (Hk,), MB, NB, 0.3)  # per-head layouts
+    if MB > 1:
+        mask[0, 1] = False  # a block row with no block
+    layout = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
+    q, k, v = random_problem(rng, batch=(B,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=D, dtype=dtype)
+    cfg = Config(R, C, 1.0, 0.0, causal, False)
+    ip, ix = layout.indptr, layout.indices
+    assert lowering._fwd_workspace_words(q, k, ip, ix, cfg) == lowering._fwd_split_words(q, k, ip, cfg) > 0
+    _check_split_forward(q, k, v, layout, dict(causal=causal, logits_soft_cap=softcap), monkeypatch)
 
 
 def _assert_nan_rows_as_reference(got, ref32, ref_lp):
@@ -507,7 +542,8 @@ def test_backward_dq_split(R, C, g, D, M, N, causal, dtype, det, monkeypatch):
 def test_backward_compact_small_blocks(R, C, g, D, causal, softcap, dtype):
     """C <= 2, R * g >= 256, D = 128 on an H100 / H200 with deterministic=True (without it the sweep takes these
     layouts, at least 1/4 full): dk / dv by the compact kernel (the listed keys of each block row compacted into
-    groups of 16, dk / dv summed in shared memory)."""
+    groups of 16, dk / dv summed in shared memory). On an H100 / H200 the row-oriented pass runs these shapes first:
+    the compact kernel only under BSATTN_BWD_ROWS=0 in a process of its own (benchmarks/gpu_check.sh OLD_BWD)."""
     from conftest import check_gradients
 
     q, k, v, layout = _backward_problem(R, C, g, D, dtype)
@@ -607,7 +643,8 @@ def test_backward_sweep_tall_row_groups(R, C, g, M, N, causal, softcap, dtype):
     """C <= 4 outside the packed form's rule (R * g = 16 .. 256), D = 128, the layout at least 1/4 full, on an H100 /
     H200: the sweep backward where the deterministic pair ran before. A block row spans up to four 64-row tiles
     (R * g = 256); causal with N > M and N < M (12 x 4), soft cap, f16; dq by tensor map (R * g a multiple of 64 or
-    dividing it) and row by row (R * g = 48)."""
+    dividing it) and row by row (R * g = 48). The 64 x 1, 32 x 2, 16 x 4 and 128 x 1 cases (R * g >= 64) take the
+    row-oriented pass first: the sweep there only under BSATTN_BWD_ROWS=0 (benchmarks/gpu_check.sh OLD_BWD)."""
     _check_per_head_gradients(R, C, g, M, N, causal, softcap, dtype, seed=M + 17 * C + R, density=0.4, empty_row=(0, 1))
 
 

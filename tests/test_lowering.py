@@ -237,11 +237,18 @@ def test_split_words_rule(R, C, N, B, Hk, LB, LH, words, monkeypatch):
     (64, 3000, 2, 64, 2, 2, 2, 2, 4 * 4 * (47 + 5) + 4 * 4 * 5 + 4 * 5 * (128 * 64 + 128)),
     (17, 4096, 1, 128, 1, 2, 1, 1, 4 * (241 + 30) + 4 * 30 + 2 * 30 * (17 * 128 + 20)),   # R g = 17: lse padded to 20
     (9, 4096, 2, 64, 1, 2, 1, 1, 4 * (456 + 57) + 4 * 57 + 2 * 57 * (18 * 64 + 20)),      # R g = 18
-    (128, 1024, 4, 128, 1, 4, 1, 1, 0),     # MB = 8: one partial slot, no split
-    (4, 8192, 4, 128, 1, 8, 1, 1, 0)])      # R * g = 16: the sweep's workspace, not the split's
+    (4, 8192, 4, 128, 1, 8, 1, 1, 0),       # R * g = 16: the sweep's workspace, not the split's
+    # few block rows (MB < 16), any R * g: E = min(512 // (B Hk), 128, max(2 q.size, 2^24) // plane // (B Hk)), >= 2
+    (128, 1024, 4, 128, 1, 4, 1, 1, 4 * (8 + 63) + 4 * 63 + 4 * 63 * (512 * 128 + 512)),  # the 2^24 floats bind
+    (1, 1, 4, 128, 1, 8, 1, 1, 4 * (1 + 64) + 4 * 64 + 8 * 64 * (4 * 128 + 4)),          # decode: 512 // 8 slots
+    (1, 1, 32, 64, 1, 1, 1, 1, 4 * (1 + 128) + 4 * 128 + 128 * (32 * 64 + 32)),         # MQA: at most 128
+    (1024, 8192, 4, 128, 1, 8, 1, 1, 4 * (8 + 15) + 4 * 15 + 8 * 15 * (4096 * 128 + 4096)),  # twice q's f32 binds
+    (4, 16, 1, 128, 2, 4, 2, 4, 4 * 8 * (4 + 64) + 4 * 8 * 64 + 8 * 64 * (4 * 128 + 4)),  # per-(batch, head) layouts
+    (1, 1, 4, 128, 64, 8, 1, 1, 0),         # 512 heads: one slot each, no split
+    (1, 1, 4, 128, 1, 300, 1, 1, 0)])       # 300 heads: one slot each
 def test_fwd_split_words_rule(R, M, g, D, B, Hk, LB, LH, words, monkeypatch):
     """The forward's row split workspace (csrc/cuda/fwd/params.h fwd_split_workspace_words: the same formula); where
-    R * g > 16 it is the forward's whole workspace."""
+    R * g > 16, or where there are fewer than 16 block rows, it is the forward's whole workspace."""
     from jax_bsattn import lowering
     from jax_bsattn.primitives import Config
 
@@ -253,10 +260,15 @@ def test_fwd_split_words_rule(R, M, g, D, B, Hk, LB, LH, words, monkeypatch):
     indices = jax.ShapeDtypeStruct((LB, LH, 64), jnp.int32)
     cfg = Config(R, 16, 1.0, 0.0, False)
     assert lowering._fwd_split_words(q, k, indptr, cfg) == words
-    if R * g > 16:
+    few_rows = -(-M // R) < 16 and words > 0
+    if R * g > 16 or few_rows:
         assert lowering._fwd_workspace_words(q, k, indptr, indices, cfg) == words
+    if few_rows:  # the pair's dq split keeps the many-row rule
+        assert lowering._dq_split_words(q, k, indptr, cfg) == 0
     monkeypatch.setenv("BSATTN_FWD_SPLIT", "0")
     assert lowering._fwd_split_words(q, k, indptr, cfg) == 0
+    if few_rows:  # no workspace at all then (the handler takes it empty): not the sweep's maps in its place
+        assert lowering._fwd_workspace_words(q, k, indptr, indices, cfg) == 0
     monkeypatch.delenv("BSATTN_FWD_SPLIT")
     monkeypatch.setenv("BSATTN_FWD_KERNEL", "mma")  # the mma.sync kernel does not split
     assert lowering._fwd_split_words(q, k, indptr, cfg) == 0

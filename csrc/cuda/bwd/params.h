@@ -156,9 +156,9 @@ inline bool has_dq_workspace(const Params& p, int D) {
          p.dq_accum_words >= static_cast<int64_t>(p.B) * p.M * p.Hq * D + kDqSchedWords;
 }
 // The pair's dq row split (bwd_sm90/dq_split.cuh: the Hopper dq kernel, R * g > 16): the forward's row-split area
-// (fwd/params.h fwd_split_workspace_words), 0 where it would not split.
+// (fwd/params.h fwd_split_workspace_words, many block rows only), 0 where it would not split.
 inline int64_t dq_split_words(const Params& p, int D) {
-  return static_cast<int64_t>(p.R) * p.g > 16 ? fwd_split_workspace_words(p, D) : 0;
+  return static_cast<int64_t>(p.R) * p.g > 16 ? fwd_split_workspace_words(p, D, false) : 0;
 }
 // The pair's workspace holds nothing but these areas, each given or not (jax_bsattn/lowering.py _dq_workspace_words):
 // the column split's (cs floats, first) and the dq split's (ds), so exactly cs, ds or cs + ds floats, all shorter than

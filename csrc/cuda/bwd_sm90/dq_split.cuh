@@ -60,10 +60,10 @@ cudaError_t launch_dq_split_tiles(const Params& p, cudaStream_t stream) {
   const int64_t off = dq_split_offset(p, Cfg::D);
   if (off >= 0) {
     d.ws = reinterpret_cast<uint32_t*>(p.dq_accum + off);
-    d.ws_words = fwd_split_workspace_words(d, Cfg::D);
+    d.ws_words = fwd_split_workspace_words(d, Cfg::D, false);
   }
-  return launch_split_row_tiles<bsattn_bwd_dq_sm90_kernel<T, Cfg>, bsattn_dq_split_finish_kernel<T, Cfg::D>, Cfg, T>(
-      d, stream);
+  return launch_split_row_tiles<bsattn_bwd_dq_sm90_kernel<T, Cfg>, bsattn_dq_split_finish_kernel<T, Cfg::D>, Cfg, T,
+                                /*FewRows=*/false>(d, stream);
 }
 
 }  // namespace bwd

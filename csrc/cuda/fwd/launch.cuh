@@ -73,16 +73,26 @@ cudaError_t launch_fwd_mma(const FwdParams& p, cudaStream_t stream) {
   }
 }
 
+// Few block rows split over CTAs (a decode step: fwd/params.h fwd_split_parts_few_rows), where the lowering gave the
+// row split's area for them: the wgmma gather kernel then runs whatever R * g (a 64-row tile of R * g <= 16 real rows:
+// a decode step is bound by reading K / V, and the 16-row mma.sync tile cannot split), so a sequence's few rows spread
+// over the GPU instead of one CTA per (batch, KV head).
+inline bool fwd_splits_few_rows(const FwdParams& p, int D) {
+  return p.ws != nullptr && fwd_split_parts_few_rows(p, D) > 0 && p.ws_words == fwd_split_workspace_words(p, D, true);
+}
+
 // On a compute capability 9.0 device when the module has the sm_90a kernels: tiles of 64 and 128 packed rows run the
-// wgmma gather kernel (fwd_sm90/kernel.cuh; kernel_ws.cuh for 128 rows at D = 128; 64-row tiles only at D = 256),
-// R * g <= 16 the sweep kernel where it applies (fwd_sm90/sweep_kernel.cuh, D = 64 and 128); everything else, or
-// BSATTN_FWD_KERNEL=mma in the environment, the mma.sync one.
+// wgmma gather kernel (fwd_sm90/kernel.cuh; kernel_ws.cuh for 128 rows at D = 128; 64-row tiles only at D = 256), and
+// so do few block rows split over CTAs (fwd_splits_few_rows); R * g <= 16 the sweep kernel where it applies
+// (fwd_sm90/sweep_kernel.cuh, D = 64 and 128); everything else, or BSATTN_FWD_KERNEL=mma in the environment, the
+// mma.sync one.
 template <int kDType, int kD>
 cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
 #ifdef BSATTN_WITH_SM90
   const int tm = packed_tile_rows(static_cast<int64_t>(p.R) * p.g);
   if (device_runs_sm90a() && !env_forces_mma_fwd()) {
     if (tm >= 64) return launch_fwd_sm90<kDType, kD>(p, stream, tm);
+    if (fwd_splits_few_rows(p, kD)) return launch_fwd_sm90<kDType, kD>(p, stream, 64);
     if constexpr (kD == 64 || kD == 128) {
       const cudaError_t err = launch_fwd_sm90_sweep<kDType, kD>(p, stream);
       if (err != cudaErrorNotSupported) return err;

@@ -53,27 +53,49 @@ inline int64_t fwd_sweep_table_words(const ProblemParams& p) {
   return fwd_sweep_rows(p) * (words + 1);
 }
 
-// The row split's partial slots per layout (fwd_sm90/row_split.cuh): an eighth of the block rows, at least 2, where
-// R * g > 16 (the gather kernels' tiles); else 0: no split.
-inline int fwd_split_parts_per_layout(const ProblemParams& p) {
-  return static_cast<int64_t>(p.R) * p.g > 16 && p.MB / 8 >= 2 ? p.MB / 8 : 0;
-}
+// The row split's partial slots per layout (fwd_sm90/row_split.cuh). Many block rows (R * g > 16, at least 16 block
+// rows: the gather kernels' tiles): an eighth of them. Few block rows (MB < 16: decode, a short prompt; any R * g),
+// where the grid alone may not fill the GPU: fwd_split_parts_few_rows, and only where the caller asks for it (the
+// forward; the Hopper dq kernel's split, bwd_sm90/dq_split.cuh, keeps the many-row rule). 0: no split.
+constexpr int kSplitFewRowsMB = 16;         // fewer block rows than this take the few-row rule
+constexpr int64_t kSplitFewPlanes = 512;    // partial slots over all (batch, KV head): two waves of 2 CTAs / SM
+constexpr int kSplitFewMaxPerLayout = 128;  // and at most these per layout
 // f32 of one partial slot: its o, R * g x D, then its lse, R * g padded to a multiple of 4, so that every slot starts
 // 16-byte aligned (the combine reads o as float4, the pieces store it as float2; with R * g x (D + 1), odd slots were
 // misaligned wherever R * g is not a multiple of 4).
 __host__ __device__ inline int64_t fwd_split_plane_floats(int64_t rg, int D) { return rg * D + (rg + 3) / 4 * 4; }
-// 32-bit words of the row split's area: the item and partial-slot tables (int32), the pieces' o and lse (f32): an
-// eighth of the block rows' planes per (batch, KV head), so about q's size / 8 in floats. 0: no split.
-inline int64_t fwd_split_workspace_words(const ProblemParams& p, int D) {
-  const int64_t E = fwd_split_parts_per_layout(p), L = static_cast<int64_t>(p.LB) * p.LH;
+// Few block rows: up to kSplitFewPlanes partial slots over the B x Hk heads (at least 2 each, at most
+// kSplitFewMaxPerLayout), their planes together no larger than twice q in f32 or 2^24 floats (64 MiB), whichever is
+// more: a decode step's q is tiny, a short prompt's with R in the thousands is not.
+inline int fwd_split_parts_few_rows(const ProblemParams& p, int D) {
+  const int64_t heads = static_cast<int64_t>(p.B) * p.Hk;
+  if (p.MB <= 0 || p.MB >= kSplitFewRowsMB || heads <= 0 || p.R <= 0 || p.g <= 0) return 0;
+  int64_t E = kSplitFewPlanes / heads;
+  if (E > kSplitFewMaxPerLayout) E = kSplitFewMaxPerLayout;
+  const int64_t plane = fwd_split_plane_floats(static_cast<int64_t>(p.R) * p.g, D);
+  const int64_t q_floats = static_cast<int64_t>(p.B) * p.M * p.Hq * D;
+  const int64_t cap = 2 * q_floats > (int64_t{1} << 24) ? 2 * q_floats : (int64_t{1} << 24);
+  if (E > cap / plane / heads) E = cap / plane / heads;  // (divided in turn: no overflow whatever R * g)
+  return E >= 2 ? static_cast<int>(E) : 0;
+}
+inline int fwd_split_parts_per_layout(const ProblemParams& p, int D, bool few_rows) {
+  if (static_cast<int64_t>(p.R) * p.g > 16 && p.MB / 8 >= 2) return p.MB / 8;
+  return few_rows ? fwd_split_parts_few_rows(p, D) : 0;
+}
+// 32-bit words of the row split's area: the item and partial-slot tables (int32), the pieces' o and lse (f32): with
+// many block rows an eighth of their planes per (batch, KV head), so about q's size / 8 in floats. 0: no split.
+inline int64_t fwd_split_workspace_words(const ProblemParams& p, int D, bool few_rows) {
+  const int64_t E = fwd_split_parts_per_layout(p, D, few_rows), L = static_cast<int64_t>(p.LB) * p.LH;
   if (E == 0) return 0;
   return 4 * L * (p.MB + E) + 4 * L * E +
          static_cast<int64_t>(p.B) * p.Hk * E * fwd_split_plane_floats(static_cast<int64_t>(p.R) * p.g, D);
 }
 // The forward's workspace (the FFI handler accepts it empty or of exactly this size; jax_bsattn/lowering.py
-// _fwd_workspace_words sizes it): the sweep's bit maps where R * g <= 16, else the row split's area.
+// _fwd_workspace_words sizes it): the row split's area where there are few block rows (then the gather kernels run
+// whatever R * g: fwd/launch.cuh), else the sweep's bit maps where R * g <= 16, else the row split's area.
 inline int64_t fwd_workspace_words(const ProblemParams& p, int D) {
-  return static_cast<int64_t>(p.R) * p.g <= 16 ? fwd_sweep_table_words(p) : fwd_split_workspace_words(p, D);
+  if (fwd_split_parts_few_rows(p, D) > 0) return fwd_split_workspace_words(p, D, true);
+  return static_cast<int64_t>(p.R) * p.g <= 16 ? fwd_sweep_table_words(p) : fwd_split_workspace_words(p, D, true);
 }
 
 // Launches the forward kernel on `stream` (picking the kernel and tile for the device and R * g); returns

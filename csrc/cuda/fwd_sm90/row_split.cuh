@@ -170,17 +170,18 @@ __global__ void __launch_bounds__(256) bsattn_fwd_split_combine_kernel(const __g
 
 // The row split's set-up on p (the gather kernel's copy, p.nsplit set): where the workspace holds exactly
 // fwd_split_workspace_words for D and the grid with the split's slots fits, the tables' places and the plan's launch.
+// few_rows: the forward's, which also splits where there are few block rows (fwd/params.h fwd_split_parts_few_rows).
 // Returns false (p untouched) where nothing is split. (BSATTN_FWD_SPLIT=0 acts through the lowering alone, which then
 // gives no workspace: read at trace time, so one process can time both.)
 template <class Cfg, typename T>
-bool row_split_setup(FwdParams& p, cudaStream_t stream, cudaError_t& err) {
+bool row_split_setup(FwdParams& p, bool few_rows, cudaStream_t stream, cudaError_t& err) {
   err = cudaSuccess;
-  const int64_t words = fwd_split_workspace_words(p, Cfg::D);
+  const int64_t words = fwd_split_workspace_words(p, Cfg::D, few_rows);
   const int64_t L = static_cast<int64_t>(p.LB) * p.LH, heads = static_cast<int64_t>(p.B) * p.Hk;
   if (words == 0 || p.ws == nullptr || p.ws_words != words || L <= 0 || L > INT_MAX || p.MB <= 0 ||
       p.nnz > INT_MAX || p.nsplit <= 0)
     return false;
-  const int E = fwd_split_parts_per_layout(p);
+  const int E = fwd_split_parts_per_layout(p, Cfg::D, few_rows);
   if (heads * (p.MB + E) * p.nsplit > INT_MAX) return false;  // (the grid with the split's slots)
   int32_t* const tabs = reinterpret_cast<int32_t*>(p.ws);
   p.split_slots = p.MB + E;
@@ -193,7 +194,10 @@ bool row_split_setup(FwdParams& p, cudaStream_t stream, cudaError_t& err) {
   const int64_t slots = static_cast<int64_t>(sms) * Cfg::MINB, per_head = static_cast<int64_t>(p.MB) * p.nsplit;
   int64_t in_flight = (slots + per_head - 1) / per_head;
   in_flight = in_flight < 1 ? 1 : (in_flight > heads ? heads : in_flight);
-  const int min_len = static_cast<int>((8 * Cfg::BN + p.C - 1) / p.C);
+  // the shortest piece: 8 KV tiles; 2 where the block rows are few (a decode step's, 1-64 rows against 2K-8K keys: what
+  // a piece costs beyond its keys, its partial store and a share of the combine, is small against leaving SMs idle)
+  const int tiles = p.MB < kSplitFewRowsMB ? 2 : 8;
+  const int min_len = static_cast<int>((tiles * Cfg::BN + p.C - 1) / p.C);
   bsattn_fwd_split_plan_kernel<T, Cfg::D><<<static_cast<unsigned>(L), kSplitPlanThreads, 0, stream>>>(
       p, in_flight * p.nsplit, slots, min_len);
   err = cudaGetLastError();
@@ -203,13 +207,13 @@ bool row_split_setup(FwdParams& p, cudaStream_t stream, cudaError_t& err) {
 // One CTA per tile of Cfg::TM packed rows (launch_row_tiles' grid), or, with the row split, per (batch, KV head, item
 // slot, row tile): the plan before, Finish (one CTA per (batch, KV head, partial slot) and chunk of kCombineRows rows:
 // the pieces' partials summed into the output) after. P: the kernel's parameter block, a FwdParams (the forward's, or
-// the Hopper dq kernel's, bwd_sm90/dq_split.cuh).
-template <auto Kernel, auto Finish, class Cfg, typename T, class P>
+// the Hopper dq kernel's, bwd_sm90/dq_split.cuh); FewRows: split where there are few block rows too (the forward's).
+template <auto Kernel, auto Finish, class Cfg, typename T, bool FewRows, class P>
 cudaError_t launch_split_row_tiles(const P& p0, cudaStream_t stream) {
   P p = p0;
   int64_t grid = row_tile_grid<Cfg::TM>(p);
   cudaError_t err = cudaSuccess;
-  const bool split = row_split_setup<Cfg, T>(p, stream, err);
+  const bool split = row_split_setup<Cfg, T>(p, FewRows, stream, err);
   if (err != cudaSuccess) return err;
   if (split) grid = static_cast<int64_t>(p.B) * p.Hk * p.split_slots * p.nsplit;
   static std::atomic<uint64_t> smem_done{0};  // one per kernel
@@ -227,7 +231,8 @@ cudaError_t launch_split_row_tiles(const P& p0, cudaStream_t stream) {
 // The forward's: the pieces' o and lse combined (bsattn_fwd_split_combine_kernel).
 template <auto Kernel, class Cfg, typename T>
 cudaError_t launch_fwd_row_tiles(const FwdParams& p, cudaStream_t stream) {
-  return launch_split_row_tiles<Kernel, bsattn_fwd_split_combine_kernel<T, Cfg::D>, Cfg, T>(p, stream);
+  return launch_split_row_tiles<Kernel, bsattn_fwd_split_combine_kernel<T, Cfg::D>, Cfg, T, /*FewRows=*/true>(p,
+                                                                                                             stream);
 }
 
 }  // namespace cuda
