@@ -12,11 +12,16 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _readme_quickstart():
+def _readme_block(section):
+    """The first python block of the README's section (its heading)."""
     text = open(os.path.join(ROOT, "README.md")).read()
-    block = text[text.index("## Quickstart"):]
+    block = text[text.index(section):]
     block = block[block.index("```python") + len("```python"):]
     return block[:block.index("```")]
+
+
+def _readme_quickstart():
+    return _readme_block("## Quickstart")
 
 
 def _run_readme_quickstart():
@@ -31,6 +36,28 @@ def _run_readme_quickstart():
 def test_readme_quickstart_block():
     o = _run_readme_quickstart()
     assert o.devices() == {jax.devices("cpu")[0]}
+
+
+def test_readme_decode_block():
+    """The README's decode step runs and, with its block_sparse_attention swapped for the reference (float32 and bf16
+    arithmetic), meets the project's criterion: the routing, per-(batch, KV head) layouts and all."""
+    import functools
+
+    import jax_bsattn as jb
+    from conftest import assert_close
+    from jax_bsattn.reference import reference_in_dtype
+
+    code = _readme_block("## Decode steps")
+    assert code.count("jb.block_sparse_attention(") == 1
+    code = code.replace("jb.block_sparse_attention(", "_attention(")
+    outs = {}
+    for name, fn in (("op", jb.block_sparse_attention), ("ref32", reference_in_dtype),
+                     ("ref_lp", functools.partial(reference_in_dtype, compute_dtype=jnp.bfloat16))):
+        ns = {"_attention": fn}
+        exec(compile(code, "README.md decode step", "exec"), ns)
+        outs[name] = ns["decode_step"](ns["q"], ns["k_cache"], ns["v_cache"], jnp.int32(40))
+    assert outs["op"].shape == ns["q"].shape
+    assert_close("o", outs["op"], outs["ref32"], outs["ref_lp"])
 
 
 @pytest.mark.gpu
