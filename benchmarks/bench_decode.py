@@ -17,7 +17,7 @@ more of it); the peer, CUDA events around a CUDA graph of 50 runs where it captu
 Each jax_bsattn output is checked against a float32 NumPy reference (rel_err). `--ab-split` times the forward's row
 split on and off in one process. Rows go to decode_<label>.jsonl (decode_split_ab.jsonl) or decode_fi.jsonl in --out.
 """
-import argparse, json, math, os, statistics, time
+import argparse, json, os, statistics, time
 
 import numpy as np
 

@@ -280,30 +280,39 @@ def _dq_split_words(q, k, indptr, cfg: Config) -> int:
 _SPLIT_FEW_ROWS_MB, _SPLIT_FEW_PLANES, _SPLIT_FEW_MAX_PER_LAYOUT = 16, 512, 128
 
 
-def _split_parts(q, k, cfg: Config, few_rows: bool) -> int:
-    """The row split's partial slots per layout (csrc/cuda/fwd/params.h fwd_split_parts_per_layout: the same rule):
-    an eighth of the block rows where R * g > 16 and there are at least 16; with few_rows (the forward's), where there
-    are fewer than 16 block rows (a decode step), up to 512 slots over the B x Hk heads (2 to 128 each), their planes
-    no larger than twice q in f32 or 2^24 floats; else 0."""
+def _plane_floats(rg: int, D: int) -> int:
+    """f32 of one partial slot: o, then lse padded to 16 bytes (csrc/cuda/fwd/params.h fwd_split_plane_floats)."""
+    return rg * D + -(-rg // 4) * 4
+
+
+def _few_row_parts(q, k, cfg: Config) -> int:
+    """The forward's partial slots per layout where there are fewer than 16 block rows, any R * g (a decode step;
+    csrc/cuda/fwd/params.h fwd_split_parts_few_rows: the same rule): up to 512 over the B x Hk heads, 2 to 128 each,
+    their planes no larger than twice q in f32 or 2^24 floats; else 0."""
     R, D = cfg.block_r, q.shape[-1]
     g = q.shape[-2] // max(k.shape[-2], 1)
     MB = -(-q.shape[-3] // R)
-    if R * g > 16 and MB // 8 >= 2:
-        return MB // 8
     heads = math.prod(k.shape[:-3]) * k.shape[-2]
-    if not few_rows or MB <= 0 or MB >= _SPLIT_FEW_ROWS_MB or heads <= 0 or g <= 0:
+    if MB <= 0 or MB >= _SPLIT_FEW_ROWS_MB or heads <= 0 or g <= 0:
         return 0
-    plane = R * g * D + -(-R * g // 4) * 4
     cap = max(2 * q.size, 1 << 24)
-    E = min(_SPLIT_FEW_PLANES // heads, _SPLIT_FEW_MAX_PER_LAYOUT, cap // plane // heads)
+    E = min(_SPLIT_FEW_PLANES // heads, _SPLIT_FEW_MAX_PER_LAYOUT, cap // _plane_floats(R * g, D) // heads)
     return E if E >= 2 else 0
 
 
-def _few_rows_split(q, k, cfg: Config) -> bool:
-    """Whether the forward's few-row rule applies (csrc/cuda/fwd/params.h fwd_split_parts_few_rows > 0: fewer than
-    16 block rows, whatever R * g), on H100 / H200."""
+def _split_parts(q, k, cfg: Config, few_rows: bool) -> int:
+    """The row split's partial slots per layout (csrc/cuda/fwd/params.h fwd_split_parts_per_layout): an eighth of the
+    block rows where R * g > 16 and there are at least 16; else, with few_rows (the forward's), _few_row_parts."""
+    g = q.shape[-2] // max(k.shape[-2], 1)
     MB = -(-q.shape[-3] // cfg.block_r)
-    return q.size > 0 and MB < _SPLIT_FEW_ROWS_MB and _split_parts(q, k, cfg, True) > 0 and _gpus_are_sm90()
+    if cfg.block_r * g > 16 and MB // 8 >= 2:
+        return MB // 8
+    return _few_row_parts(q, k, cfg) if few_rows else 0
+
+
+def _few_rows_split(q, k, cfg: Config) -> bool:
+    """Whether the forward's few-row rule applies (fwd_split_parts_few_rows > 0), on H100 / H200."""
+    return q.size > 0 and _few_row_parts(q, k, cfg) > 0 and _gpus_are_sm90()
 
 
 def _row_split_words(q, k, indptr, cfg: Config, few_rows: bool) -> int:
@@ -312,15 +321,14 @@ def _row_split_words(q, k, indptr, cfg: Config, few_rows: bool) -> int:
     head): with many block rows about q's size / 8 in floats)."""
     if q.size == 0 or not _gpus_are_sm90():
         return 0
-    R, D = cfg.block_r, q.shape[-1]
-    g = q.shape[-2] // max(k.shape[-2], 1)
-    MB = -(-q.shape[-3] // R)
     parts = _split_parts(q, k, cfg, few_rows)
     if parts == 0:
         return 0
+    g = q.shape[-2] // max(k.shape[-2], 1)
+    MB = -(-q.shape[-3] // cfg.block_r)
     layouts = math.prod(indptr.shape[:-1]) or 1
     heads = math.prod(k.shape[:-3]) * k.shape[-2]
-    plane = R * g * D + -(-R * g // 4) * 4  # o, then lse padded to 16 bytes (fwd_split_plane_floats)
+    plane = _plane_floats(cfg.block_r * g, q.shape[-1])
     return 4 * layouts * (MB + parts) + 4 * layouts * parts + heads * parts * plane
 
 
