@@ -63,7 +63,7 @@ cudaError_t launch_dq_split_tiles(const Params& p, cudaStream_t stream) {
     d.ws_words = fwd_split_workspace_words(d, Cfg::D, false);
   }
   return launch_split_row_tiles<bsattn_bwd_dq_sm90_kernel<T, Cfg>, bsattn_dq_split_finish_kernel<T, Cfg::D>, Cfg, T,
-                                /*FewRows=*/false>(d, stream);
+                                /*FewRows=*/false, kCombineRows>(d, stream);
 }
 
 }  // namespace bwd

@@ -86,8 +86,10 @@ __device__ __forceinline__ void store_rows_partial(const float (&o)[Cfg::MI][Cfg
 }
 
 // Packed rows per combine CTA (a 2-D grid: the rows of one split block row over several CTAs; with one CTA per row
-// the combine was latency-bound, about 60 us at 8:64:64).
+// the combine was latency-bound, about 60 us at 8:64:64): the dq split's. The forward's takes one float4 of a row per
+// thread (fwd_combine_rows): a decode step's 4-64 rows then spread over 1-8 CTAs per KV head, each thread one walk.
 constexpr int kCombineRows = 32;
+constexpr int fwd_combine_rows(int D) { return 256 / (D / 4); }
 
 // The split block row of a finishing CTA (one per (batch, KV head, partial slot)): false unless the slot is its row's
 // first (uniform: the CTA returns). Its pieces' planes from `sums` on, `plane` floats apart, in piece order.
@@ -119,8 +121,8 @@ __device__ __forceinline__ bool split_row_pieces(const FwdParams& p, int D, Spli
   return true;
 }
 
-// One CTA per (batch, KV head, partial slot) and chunk of kCombineRows packed rows (blockIdx.y, strided by gridDim.y):
-// where the slot is its row's first, the row's pieces combined in piece order into o (rounded to T) and lse for the
+// One CTA per (batch, KV head, partial slot) and chunk of fwd_combine_rows(D) packed rows (blockIdx.y, strided by
+// gridDim.y): where the slot is its row's first, the row's pieces combined in piece order into o (rounded to T) and lse for the
 // chunk's packed rows below M.
 template <typename T, int D>
 __global__ void __launch_bounds__(256) bsattn_fwd_split_combine_kernel(const __grid_constant__ FwdParams p) {
@@ -129,13 +131,17 @@ __global__ void __launch_bounds__(256) bsattn_fwd_split_combine_kernel(const __g
   const int count = sr.count;
   const int64_t rg = sr.rg, plane = sr.plane, rows = sr.rows;
   const float* const sums = sr.sums;
-  for (int64_t c0 = static_cast<int64_t>(blockIdx.y) * kCombineRows; c0 < rows;
-       c0 += static_cast<int64_t>(gridDim.y) * kCombineRows) {
-    for (int i = threadIdx.x; i < kCombineRows * (D / 4); i += 256) {
+  constexpr int kRows = fwd_combine_rows(D);
+  for (int64_t c0 = static_cast<int64_t>(blockIdx.y) * kRows; c0 < rows; c0 += static_cast<int64_t>(gridDim.y) * kRows) {
+    for (int i = threadIdx.x; i < kRows * (D / 4); i += 256) {
       const int64_t P = c0 + i / (D / 4), d = (i % (D / 4)) * 4;
       if (P >= rows) break;  // (i increasing: every later i of this thread is past the rows too)
+      // Both walks over the pieces are branch-free and unrolled, so that their loads (L2 round trips) are in flight
+      // together: a decode step's row has 16-32 pieces, and a load behind a branch on the previous one made the walk
+      // one round trip after another (about 60 us of M = 16's 82, H200, session 37: an estimate, not measured).
       float mx = -INFINITY;
       bool nan = false;  // a piece's lse is NaN (a NaN score took part there): the row is NaN (fmaxf skips it)
+#pragma unroll 8
       for (int j = 0; j < count; ++j) {
         const float lj = sums[j * plane + rg * D + P];
         mx = fmaxf(mx, lj);
@@ -144,16 +150,19 @@ __global__ void __launch_bounds__(256) bsattn_fwd_split_combine_kernel(const __g
       float L = 0.f;
       float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
       if (mx != -INFINITY) {
+#pragma unroll 8
         for (int j = 0; j < count; ++j) {  // piece order: fixed
           const float lj = sums[j * plane + rg * D + P];
-          if (lj == -INFINITY) continue;  // a piece that saw nothing: its partial may hold 0 x inf, so skipped
-          const float wj = expf(lj - mx);
           const float4 x = *reinterpret_cast<const float4*>(sums + j * plane + P * D + d);
+          // a piece that saw nothing (lse -inf): its partial may hold 0 x inf, so it adds nothing (selected, not
+          // multiplied)
+          const bool live = lj != -INFINITY;
+          const float wj = expf(lj - mx);  // (0 where lj = -inf: mx is finite here)
           L += wj;
-          acc.x += wj * x.x;
-          acc.y += wj * x.y;
-          acc.z += wj * x.z;
-          acc.w += wj * x.w;
+          acc.x += live ? wj * x.x : 0.f;
+          acc.y += live ? wj * x.y : 0.f;
+          acc.z += live ? wj * x.z : 0.f;
+          acc.w += live ? wj * x.w : 0.f;
         }
       }
       if (nan) L = NAN;
@@ -205,10 +214,10 @@ bool row_split_setup(FwdParams& p, bool few_rows, cudaStream_t stream, cudaError
 }
 
 // One CTA per tile of Cfg::TM packed rows (launch_row_tiles' grid), or, with the row split, per (batch, KV head, item
-// slot, row tile): the plan before, Finish (one CTA per (batch, KV head, partial slot) and chunk of kCombineRows rows:
+// slot, row tile): the plan before, Finish (one CTA per (batch, KV head, partial slot) and chunk of CombineRows rows:
 // the pieces' partials summed into the output) after. P: the kernel's parameter block, a FwdParams (the forward's, or
 // the Hopper dq kernel's, bwd_sm90/dq_split.cuh); FewRows: split where there are few block rows too (the forward's).
-template <auto Kernel, auto Finish, class Cfg, typename T, bool FewRows, class P>
+template <auto Kernel, auto Finish, class Cfg, typename T, bool FewRows, int CombineRows, class P>
 cudaError_t launch_split_row_tiles(const P& p0, cudaStream_t stream) {
   P p = p0;
   int64_t grid = row_tile_grid<Cfg::TM>(p);
@@ -222,7 +231,7 @@ cudaError_t launch_split_row_tiles(const P& p0, cudaStream_t stream) {
   const int64_t blocks = static_cast<int64_t>(p.B) * p.Hk * p.split_parts;
   if (blocks <= 0) return cudaSuccess;
   if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
-  const int64_t chunks = (static_cast<int64_t>(p.R) * p.g + kCombineRows - 1) / kCombineRows;
+  const int64_t chunks = (static_cast<int64_t>(p.R) * p.g + CombineRows - 1) / CombineRows;
   const dim3 cgrid(static_cast<unsigned>(blocks), static_cast<unsigned>(chunks < 65535 ? chunks : 65535));
   Finish<<<cgrid, 256, 0, stream>>>(p);
   return cudaGetLastError();
@@ -231,8 +240,8 @@ cudaError_t launch_split_row_tiles(const P& p0, cudaStream_t stream) {
 // The forward's: the pieces' o and lse combined (bsattn_fwd_split_combine_kernel).
 template <auto Kernel, class Cfg, typename T>
 cudaError_t launch_fwd_row_tiles(const FwdParams& p, cudaStream_t stream) {
-  return launch_split_row_tiles<Kernel, bsattn_fwd_split_combine_kernel<T, Cfg::D>, Cfg, T, /*FewRows=*/true>(p,
-                                                                                                             stream);
+  return launch_split_row_tiles<Kernel, bsattn_fwd_split_combine_kernel<T, Cfg::D>, Cfg, T, /*FewRows=*/true,
+                                fwd_combine_rows(Cfg::D)>(p, stream);
 }
 
 }  // namespace cuda
