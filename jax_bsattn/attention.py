@@ -12,10 +12,11 @@ import numpy as np
 
 from . import _extension  # noqa: F401  (registers the FFI targets)
 from . import lowering  # noqa: F401  (registers the lowerings)
+from .key_lengths import canonical_kv_lens, cut_column_attention, cut_layout, merge_by_lse
 from .layout import BlockSparseLayout, monotone_indptr, static_flag
 from .primitives import SUPPORTED_DTYPES, Config, bsattn_bwd_p, bsattn_fwd_p, to_common_variance
 
-__all__ = ["as_jax_arrays", "block_sparse_attention", "check_inputs", "static_flag", "static_float"]
+__all__ = ["as_jax_arrays", "block_sparse_attention", "check_inputs", "check_kv_lens", "static_flag", "static_float"]
 
 
 class Shapes(NamedTuple):
@@ -31,6 +32,24 @@ def as_jax_arrays(*xs):
     """NumPy arrays -> jax arrays of jax's canonical dtype (float64 -> float32 without x64), as jit reads them: an
     eager call then takes what a jitted one takes."""
     return tuple(jnp.asarray(x) if isinstance(x, np.ndarray) else x for x in xs)
+
+
+def check_kv_lens(kv_lens, batch: tuple[int, ...]) -> None:
+    """``kv_lens``: None, or integers broadcasting against the batch dims ``*B``."""
+    if kv_lens is None:
+        return
+    shape, dtype = getattr(kv_lens, "shape", None), getattr(kv_lens, "dtype", None)
+    if shape is None:  # a Python int or a list
+        try:
+            arr = np.asarray(kv_lens)
+        except (TypeError, ValueError):
+            raise TypeError(f"kv_lens must be an integer array, got {type(kv_lens).__name__}") from None
+        shape, dtype = arr.shape, arr.dtype
+    if jnp.dtype(dtype).kind not in "iu":
+        raise TypeError(f"kv_lens must hold integers (key counts per batch element), got dtype {dtype}")
+    if len(shape) > len(batch) or any(a not in (1, b) for a, b in zip(tuple(shape)[::-1], batch[::-1])):
+        raise ValueError(f"kv_lens of shape {tuple(shape)} does not broadcast against the batch dims *B = {batch} "
+                         f"(one key count per batch element: q is [*B, M, Hq, D])")
 
 
 def check_inputs(q, k, v, layout, logits_soft_cap=None) -> Shapes:
@@ -146,7 +165,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, causal=False, logits_soft_cap=None,
-                           return_lse=False, deterministic=False):
+                           return_lse=False, deterministic=False, kv_lens=None):
     """Block-sparse attention: only the blocks that ``layout`` lists are computed.
 
     Args:
@@ -170,6 +189,12 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
         run (differences of the order of float32 rounding).
         ``True`` uses the deterministic backward there as well: no dq workspace (only the long-row / long-column
         splits' areas), slower (BENCHMARKS.md has the figures). No effect on the forward or on the CPU path (deterministic already).
+      kv_lens: per-sequence key lengths, integers broadcasting against ``*B`` (may be traced; clipped to
+        ``[0, N]``): key ``j`` of batch element ``b`` takes part only where ``j < kv_lens[b]``, whatever the layout
+        lists (a serving cache's unwritten tail, a padded batch). The blocks past a length are never read; the
+        block a length cuts through is attended to densely in XLA (O(M Hq C D) more work, and its rows' o rounded
+        once more). ``causal`` stays anchored at N: with M = N (padded prefill) or M = 1 (decode) that is the usual
+        mask; a chunk of M < N new rows per sequence would need it anchored at each length, which this does not do.
 
     Returns:
       ``o`` in q's dtype, ``[*B, M, Hq, D]`` (and ``lse``). A row with no element taking part gives ``o = 0``
@@ -179,6 +204,7 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
     q, k, v = as_jax_arrays(q, k, v)
     shapes = check_inputs(q, k, v, layout, logits_soft_cap)
     batch, M, N, Hq, Hk, D = shapes
+    check_kv_lens(kv_lens, batch)
     B = math.prod(batch)
     cfg = Config(block_r=int(layout.block_size[0]), block_c=int(layout.block_size[1]),
                  scale=D ** -0.5 if scale is None else static_float("scale", scale),
@@ -190,8 +216,17 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
     v3 = jnp.reshape(v, (B, N, Hk, D))
     indptr = monotone_indptr(_canonical_layout(layout.indptr, batch, Hk), layout.nnz)
     indices = _canonical_layout(layout.indices, batch, Hk)
-    q3, k3, v3, indptr, indices = to_common_variance(q3, k3, v3, indptr, indices)
-    o, lse = _attention(q3, k3, v3, indptr, indices, cfg)
+    if kv_lens is None:
+        q3, k3, v3, indptr, indices = to_common_variance(q3, k3, v3, indptr, indices)
+        o, lse = _attention(q3, k3, v3, indptr, indices, cfg)
+    else:
+        lens = canonical_kv_lens(kv_lens, tuple(batch), N)
+        q3, k3, v3, indptr, indices, lens = to_common_variance(q3, k3, v3, indptr, indices, lens)
+        indptr, indices, cut, counts = cut_layout(indptr, indices, lens, cfg.block_c)
+        o, lse = _attention(q3, k3, v3, indptr, indices, cfg)
+        o_cut, lse_cut = cut_column_attention(q3, k3, v3, lens, cut, counts, R=cfg.block_r, C=cfg.block_c,
+                                              scale=cfg.scale, softcap=cfg.softcap, causal=cfg.causal)
+        o, lse = merge_by_lse(o, lse, o_cut, lse_cut)
     o = o.reshape(q.shape)
     if return_lse:
         return o, lse.reshape(tuple(batch) + (M, Hq))

@@ -892,3 +892,29 @@ def test_backward_rows_nonfinite_outside_layout(R, C, g, causal, D):
         a, b = np.asarray(jnp.asarray(a, jnp.float32)), np.asarray(jnp.asarray(b, jnp.float32))
         assert np.array_equal(np.isnan(a), np.isnan(b)), name
     assert np.isnan(np.asarray(got[2], np.float32)).any()
+
+
+# Per-sequence key lengths (kv_lens) through the CUDA kernels: a decode step against a long cache whose last blocks are
+# partly written (M = 1 and 16: the few-row split, g = 4 and 8), and a padded causal prefill (M = N, R * g = 64 and
+# 128: the backward's row-oriented pass and the compact form); garbage (NaN / inf) past every length.
+@pytest.mark.parametrize("M,N,R,C,g,D,causal,lens", [
+    (1, 8192, 1, 16, 4, 128, False, (8192, 3001, 77)), (16, 4096, 16, 64, 8, 128, False, (4000, 1, 2111)),
+    (512, 512, 16, 16, 4, 128, True, (512, 300, 17)), (384, 384, 64, 32, 2, 64, True, (200, 384, 129))])
+def test_kv_lens(M, N, R, C, g, D, causal, lens):
+    from conftest import check_gradients
+
+    rng = np.random.default_rng(M + C)
+    Hk, B = 2, len(lens)
+    mask = random_mask(rng, (B, Hk), -(-M // R), -(-N // C), 0.5)
+    layout = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
+    q, k, v = random_problem(rng, batch=(B,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=D, dtype=jnp.bfloat16)
+    lens = jnp.asarray(lens)
+    past = (jnp.arange(N)[None, :] >= lens[:, None])[..., None, None]
+    kw = dict(causal=causal, kv_lens=lens)
+    with jax.default_device(jax.devices("cuda")[0]):
+        check_forward(q, k, v, layout, **kw)
+        if M > 1:
+            check_gradients(q, k, v, layout, **kw)
+        kg, vg = jnp.where(past, jnp.nan, k), jnp.where(past, jnp.inf, v)
+        run = jax.jit(lambda k, v: jb.block_sparse_attention(q, k, v, layout, **kw))
+        np.testing.assert_array_equal(run(kg, vg), run(k, v))

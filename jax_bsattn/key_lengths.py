@@ -1,0 +1,109 @@
+"""Per-sequence key lengths (``kv_lens``): keys at or past a batch element's length take no part.
+
+The kernels know one key length, N, for the whole batch. A serving cache is longer than most of its sequences, and its
+last block is often partly written, so ``kv_lens`` is served around the kernels:
+
+- the blocks wholly at or past a sequence's length leave its layout (their entries become -1: out of range, skipped
+  by every kernel, so the cache past the length is never read, whatever it holds);
+- the one block column the length cuts through (the cut column, where ``kv_len % C != 0``) leaves it too, and its
+  keys below the length are attended to here, in XLA, by the query rows whose block row lists it;
+- the two parts merge by their log-sum-exps (o rounded once more to q's dtype: the cut rows' o are at most half an
+  ulp further from the float32 result than the kernels' alone).
+
+The extra work is one block column per sequence, O(M Hq C D), and the layout becomes per batch element ([B, LH, nnz]
+int32). Gradients flow through both parts (the kernels' backward takes the merge's lse cotangent).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .listed import attention_over_listed
+
+__all__ = ["canonical_kv_lens", "cut_layout", "cut_column_attention", "merge_by_lse"]
+
+
+def canonical_kv_lens(kv_lens, batch: tuple[int, ...], N: int):
+    """``kv_lens`` broadcast to ``batch`` -> int32 ``[B]`` clipped to ``[0, N]``."""
+    if not isinstance(kv_lens, jax.Array):  # concrete: clipped before jax makes it int32 (2^40 must not wrap to 0)
+        kv_lens = np.clip(np.asarray(kv_lens), 0, N)
+    lens = jnp.broadcast_to(jnp.asarray(kv_lens), batch).reshape(-1)
+    return jnp.clip(lens, 0, N).astype(jnp.int32)
+
+
+def cut_layout(indptr, indices, lens, C: int):
+    """The canonical layout ``indptr [LB, LH, MB + 1]`` (monotone), ``indices [LB, LH, nnz]`` cut at ``lens [B]``.
+
+    Returns ``indptr, indices`` per batch element (``[B, LH, ...]``) without the blocks at or past each length, the
+    cut column per element (``[B]``, -1 where the length is a multiple of C) and, per block row, how many times the
+    layout lists it (``[B, LH, MB]``: a block listed twice counts twice, as in the kernels).
+    """
+    B = lens.shape[0]
+    indptr = jnp.broadcast_to(indptr, (B,) + indptr.shape[1:])
+    indices = jnp.broadcast_to(indices, (B,) + indices.shape[1:])
+    whole = (lens // C)[:, None, None]  # block columns wholly below the length
+    cut = jnp.where(lens % C != 0, lens // C, -1)
+    kept = jnp.where(indices < whole, indices, -1)  # (a negative column stays out of range)
+    # times each block row lists the cut column: a running count over the entries, read at the rows' bounds
+    hits = (indices == cut[:, None, None]) & (cut >= 0)[:, None, None]
+    running = jnp.concatenate([jnp.zeros(hits.shape[:-1] + (1,), jnp.int32),
+                               jnp.cumsum(hits.astype(jnp.int32), axis=-1)], axis=-1)
+    counts = (jnp.take_along_axis(running, indptr[..., 1:], axis=-1)
+              - jnp.take_along_axis(running, indptr[..., :-1], axis=-1))
+    return indptr, kept, cut, counts
+
+
+def cut_column_attention(q, k, v, lens, cut, counts, *, R: int, C: int, scale: float,
+                         softcap: float, causal: bool):
+    """Attention of ``q [B, M, Hq, D]`` over the cut column's keys below ``lens``, for the rows whose block row lists
+    it (``counts [B, LH, MB]`` times), in float32 with the kernels' masking: ``o [B, M, Hq, D]`` (normalised over
+    these keys) and ``lse [B, M, Hq]`` (-inf where a row sees none of them)."""
+    B, M, Hq, D = q.shape
+    N, Hk = k.shape[1], k.shape[2]
+    g = Hq // Hk
+    j = cut[:, None] * C + jnp.arange(C)[None, :]  # [B, C] key positions
+    key_ok = (cut[:, None] >= 0) & (j < lens[:, None])
+    at = jnp.clip(j, 0, N - 1)[:, :, None, None]
+
+    def column(x):  # [B, Hk, 1, C, D] float32; 0 past the length (the cache there may hold anything)
+        x = jnp.take_along_axis(x, at, axis=1).astype(jnp.float32)
+        x = jnp.where(key_ok[:, :, None, None], x, jnp.zeros_like(x))
+        return jnp.swapaxes(x, 1, 2)[:, :, None]
+
+    kc, vc = column(k), column(v)
+    qh = jnp.moveaxis(q.reshape(B, M, Hk, g, D), 1, 3).astype(jnp.float32)  # [B, Hk, g, M, D]
+    row_block = jnp.arange(M) // R
+    listed_times = jnp.broadcast_to(counts[:, :, row_block], (B, Hk, M))  # (a layout shared by the KV heads: LH = 1)
+    listed = (listed_times[..., None] > 0) & key_ok[:, None, None, :]  # [B, Hk, M, C]
+    weights = listed_times[..., None].astype(jnp.float32) * key_ok[:, None, None, :]
+    if causal:
+        i = jnp.arange(M)[:, None]
+        last_row_of_block_row = jnp.minimum(row_block * R + R, M)[:, None] - 1
+        # (the kernels skip a block that no row of its block row sees, and multiply at p = 0 where the mask hides
+        # an element of a block they take)
+        listed = listed & (cut[:, None, None, None] * C <= last_row_of_block_row + (N - M))
+        weights = jnp.where(j[:, None, None, :] <= i + (N - M), weights, 0.0)
+    listed, weights = listed[:, :, None], weights[:, :, None]  # [B, Hk, 1, M, C]
+    o, lse = attention_over_listed(qh, kc, vc, listed, weights, scale, softcap)
+    o = jnp.moveaxis(o.reshape(B, Hq, M, D), 1, 2)  # [B, M, Hq, D]
+    lse = jnp.swapaxes(lse.reshape(B, Hq, M), 1, 2)
+    return o, lse
+
+
+def merge_by_lse(o1, lse1, o2, lse2):
+    """Two attentions over disjoint key sets -> the attention over their union: ``o`` in o1's dtype, float32 lse.
+    A row empty in one part takes the other's (exactly: its weight is 1); empty in both, o = 0 and lse = -inf; a NaN
+    lse makes the row NaN. Written so that no gradient meets exp(-inf - -inf)."""
+    top = jax.lax.stop_gradient(jnp.maximum(lse1, lse2))  # (its gradient cancels exactly)
+    base = jnp.where(top == -jnp.inf, jnp.zeros_like(top), top)
+    e1, e2 = jnp.exp(lse1 - base), jnp.exp(lse2 - base)
+    total = e1 + e2
+    ok, empty = total > 0, total == 0
+    safe = jnp.where(ok, total, jnp.ones_like(total))
+    lse = jnp.where(ok, base + jnp.log(safe), jnp.where(empty, -jnp.inf, jnp.nan))
+    part2 = (e2 / safe)[..., None] * o2
+    o = (e1 / safe)[..., None] * o1.astype(jnp.float32) + jnp.where((e2 > 0)[..., None], part2, jnp.zeros_like(part2))
+    o = jnp.where(ok[..., None], o, jnp.where(empty[..., None], jnp.zeros_like(o), jnp.full_like(o, jnp.nan)))
+    return o.astype(o1.dtype), lse

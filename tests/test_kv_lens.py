@@ -1,0 +1,149 @@
+"""Per-sequence key lengths (kv_lens) on the CPU path: forward and gradients against the float32 reference (which
+masks the keys past each length on its dense mask), garbage past the lengths, traced lengths, bad arguments."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_bsattn as jb
+from conftest import check_forward, check_gradients, random_mask, random_problem
+from jax_bsattn.reference import block_sparse_attention_reference as reference
+
+
+# R, C, g, D, causal, softcap, per-head layout, lengths (B = 3; some cut a block, some do not)
+CASES = [
+    (8, 12, 2, 16, False, None, True, (100, 37, 60)),
+    (8, 12, 2, 16, True, None, False, (100, 37, 61)),
+    (16, 16, 4, 32, False, 20.0, True, (96, 0, 17)),
+    (1, 5, 1, 8, True, None, True, (3, 99, 1)),
+    (5, 1, 3, 16, False, None, False, (50, 7, 100)),
+    (64, 64, 1, 16, False, None, True, (100, 64, 65)),
+]
+
+
+@pytest.mark.parametrize("R,C,g,D,causal,softcap,per_head,lens", CASES)
+def test_forward_and_gradients(R, C, g, D, causal, softcap, per_head, lens):
+    rng = np.random.default_rng(R * 100 + C)
+    M, N, Hk = 40, 100, 2
+    q, k, v = random_problem(rng, batch=(3,), M=M, N=N, Hq=Hk * g, Hk=Hk, D=D)
+    mask = random_mask(rng, (Hk,) if per_head else (), -(-M // R), -(-N // C), 0.5)
+    layout = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
+    _check(q, k, v, layout, causal=causal, logits_soft_cap=softcap, kv_lens=jnp.asarray(lens))
+
+
+def _check(q, k, v, layout, **kw):
+    check_forward(q, k, v, layout, **kw)
+    check_gradients(q, k, v, layout, **kw)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision(dtype):
+    rng = np.random.default_rng(3)
+    M, N = 1, 300  # a decode step: one query row, the last block of two sequences partly written
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=8, Hk=2, D=32, dtype=dtype)
+    layout = jb.BlockSparseLayout.from_block_mask(random_mask(rng, (2, 2), 1, 19, 0.6), (1, 16), (M, N))
+    _check(q, k, v, layout, kv_lens=jnp.asarray([131, 300]))
+
+
+def test_batch_dims_and_broadcast():
+    rng = np.random.default_rng(4)
+    M, N = 24, 50
+    q, k, v = random_problem(rng, batch=(2, 3), M=M, N=N, Hq=4, Hk=2, D=16)
+    layout = jb.BlockSparseLayout.from_block_mask(random_mask(rng, (), 3, 7, 0.6), (8, 8), (M, N))
+    check_forward(q, k, v, layout, kv_lens=jnp.asarray([[50, 13, 1], [29, 0, 44]]))
+    check_forward(q, k, v, layout, kv_lens=jnp.asarray([[21], [37]]))  # (2, 1): per outer batch element
+    check_forward(q, k, v, layout, kv_lens=19)  # one length for all
+
+
+def test_cache_past_the_lengths_never_read():
+    """Keys and values past each length may hold anything (an unwritten cache): inf and NaN there change nothing,
+    in the output or the gradients (whose entries there are 0)."""
+    rng = np.random.default_rng(5)
+    M, N, lens = 16, 80, jnp.asarray([33, 64])
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=4, Hk=1, D=16)
+    layout = jb.BlockSparseLayout.from_block_mask(np.ones((2, 5), bool), (8, 16), (M, N))
+    past = (jnp.arange(N)[None, :] >= lens[:, None])[..., None, None]
+    kg, vg = jnp.where(past, jnp.nan, k), jnp.where(past, jnp.inf, v)
+
+    def loss(k, v):
+        return jnp.sum(jb.block_sparse_attention(q, k, v, layout, kv_lens=lens) ** 2)
+
+    np.testing.assert_array_equal(jb.block_sparse_attention(q, kg, vg, layout, kv_lens=lens),
+                                  jb.block_sparse_attention(q, k, v, layout, kv_lens=lens))
+    dk, dv = jax.grad(loss, argnums=(0, 1))(kg, vg)
+    dk0, dv0 = jax.grad(loss, argnums=(0, 1))(k, v)
+    np.testing.assert_array_equal(dk, dk0)
+    np.testing.assert_array_equal(dv, dv0)
+    assert not np.asarray(jnp.where(past, dk, 0) != 0).any() and not np.asarray(jnp.where(past, dv, 0) != 0).any()
+
+
+def test_whole_blocks_same_as_the_layout_without_them():
+    """Lengths on block boundaries: exactly the op on the layout without the blocks past them (no dense part
+    contributes, and the merge with an empty part is exact)."""
+    rng = np.random.default_rng(6)
+    M, N, C = 32, 96, 16
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=4, Hk=2, D=16)
+    mask = random_mask(rng, (2, 2), 4, 6, 0.7)
+    layout = jb.BlockSparseLayout.from_block_mask(mask, (8, C), (M, N))
+    lens = np.array([48, 96])
+    cut = jb.BlockSparseLayout.from_block_mask(mask & (np.arange(6) < lens[:, None, None, None] // C), (8, C), (M, N))
+    o, lse = jb.block_sparse_attention(q, k, v, layout, kv_lens=jnp.asarray(lens), return_lse=True)
+    o2, lse2 = jb.block_sparse_attention(q, k, v, cut, return_lse=True)
+    np.testing.assert_array_equal(o, o2)
+    np.testing.assert_array_equal(lse, lse2)
+
+
+def test_edges():
+    """Length 0: every row empty (o = 0, lse = -inf). Lengths past N or negative are clipped to [0, N]."""
+    rng = np.random.default_rng(7)
+    M, N = 8, 30
+    q, k, v = random_problem(rng, batch=(3,), M=M, N=N, Hq=2, Hk=1, D=8)
+    layout = jb.BlockSparseLayout.from_block_mask(np.ones((2, 4), bool), (4, 8), (M, N))
+    o, lse = jb.block_sparse_attention(q, k, v, layout, kv_lens=jnp.asarray([0, 1000, -5]), return_lse=True)
+    assert (np.asarray(o[0]) == 0).all() and (np.asarray(lse[0]) == -np.inf).all()
+    assert (np.asarray(o[2]) == 0).all() and (np.asarray(lse[2]) == -np.inf).all()
+    full = jb.block_sparse_attention(q, k, v, layout, return_lse=True)
+    np.testing.assert_allclose(o[1], full[0][1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(lse[1], full[1][1], rtol=1e-6, atol=1e-6)
+    o64 = jb.block_sparse_attention(q, k, v, layout, kv_lens=np.array([0, 2**40, -2**40], np.int64))
+    np.testing.assert_array_equal(o64, o)
+
+
+def test_cut_block_listed_twice():
+    """A traced layout that lists the cut block twice in a block row counts it twice there, as the kernels count
+    any block listed twice (the reference's semantics)."""
+    rng = np.random.default_rng(8)
+    M, N = 16, 64
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=2, Hk=1, D=16)
+    indptr = jnp.asarray([0, 4, 6], jnp.int32)
+    indices = jnp.asarray([0, 2, 2, 1, 3, 2], jnp.int32)  # block row 0 lists column 2 twice
+    layout = jb.BlockSparseLayout(indptr, indices, (8, 16), (M, N), validate=False)
+    _check(q, k, v, layout, kv_lens=jnp.asarray([40, 64]))
+
+
+def test_traced_under_jit_and_vmap():
+    rng = np.random.default_rng(9)
+    M, N = 16, 48
+    q, k, v = random_problem(rng, batch=(4,), M=M, N=N, Hq=4, Hk=2, D=16)
+    layout = jb.BlockSparseLayout.from_block_mask(random_mask(rng, (), 2, 6, 0.7), (8, 8), (M, N))
+    lens = jnp.asarray([48, 5, 30, 17])
+    want = reference(q, k, v, layout, kv_lens=lens)
+    got = jax.jit(lambda q, k, v, n: jb.block_sparse_attention(q, k, v, layout, kv_lens=n))(q, k, v, lens)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    one = jax.vmap(lambda q, k, v, n: jb.block_sparse_attention(q, k, v, layout, kv_lens=n))(q, k, v, lens)
+    np.testing.assert_allclose(one, want, rtol=2e-5, atol=2e-5)
+
+
+def test_bad_kv_lens():
+    rng = np.random.default_rng(10)
+    q, k, v = random_problem(rng, batch=(2,), M=8, N=16, Hq=2, Hk=1, D=8)
+    layout = jb.BlockSparseLayout.from_block_mask(np.ones((1, 2), bool), (8, 8), (8, 16))
+    with pytest.raises(TypeError, match="kv_lens"):
+        jb.block_sparse_attention(q, k, v, layout, kv_lens=jnp.asarray([3.0, 4.0]))
+    with pytest.raises(ValueError, match="kv_lens"):
+        jb.block_sparse_attention(q, k, v, layout, kv_lens=jnp.asarray([3, 4, 5]))
+    with pytest.raises(ValueError, match="kv_lens"):
+        jb.block_sparse_attention(q[0], k[0], v[0], layout, kv_lens=jnp.asarray([3]))
+    with pytest.raises(TypeError, match="kv_lens"):
+        jb.block_sparse_attention(q, k, v, layout, kv_lens="long")
