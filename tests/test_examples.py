@@ -55,7 +55,8 @@ def test_readme_decode_block():
                      ("ref_lp", functools.partial(reference_in_dtype, compute_dtype=jnp.bfloat16))):
         ns = {"_attention": fn}
         exec(compile(code, "README.md decode step", "exec"), ns)
-        outs[name] = ns["decode_step"](ns["q"], ns["k_cache"], ns["v_cache"], jnp.int32(40))
+        # (lengths that cut a block: 2600 = 40 x 64 + 40, 1000 = 15 x 64 + 40)
+        outs[name] = ns["decode_step"](ns["q"], ns["k_cache"], ns["v_cache"], jnp.asarray([2600, 1000], jnp.int32))
     assert outs["op"].shape == ns["q"].shape
     assert_close("o", outs["op"], outs["ref32"], outs["ref_lp"])
 
