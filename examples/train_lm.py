@@ -118,10 +118,11 @@ def batches(data: np.ndarray, batch: int, seq_len: int, rng: np.random.Generator
 class DenseAttention(BlockSparseMultiHeadAttention):
     """The same module with ``jax.nn.dot_product_attention`` on the layout's dense mask (and causality)."""
 
-    def attend(self, q, k, v, layout):
+    def attend(self, q, k, v, layout, kv_lens=None):
         M, N = layout.seq_lens
         mask = layout.to_dense_mask() & (jnp.arange(N)[None, :] <= jnp.arange(M)[:, None] + (N - M))
-        return jax.nn.dot_product_attention(q, k, v, mask=mask[None, None], scale=self.scale)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[None, None], scale=self.scale,
+                                            key_value_seq_lengths=kv_lens)
 
 
 class Block(nnx.Module):

@@ -128,9 +128,10 @@ class BlockSparseMultiHeadAttention(nnx.Module):
         self.value = linear(kv_features, self.num_kv_heads * self.head_dim)
         self.out = linear(self.num_heads * self.head_dim, out_features)
 
-    def __call__(self, inputs_q, inputs_kv=None, *, layout: LayoutSpec | None = None):
+    def __call__(self, inputs_q, inputs_kv=None, *, layout: LayoutSpec | None = None, kv_lens=None):
         """``inputs_q [*B, M, in_features]`` (and ``inputs_kv [*B, N, kv_features]`` for cross-attention;
-        default: self-attention) -> ``[*B, M, out_features]``. ``layout`` overrides the module's."""
+        default: self-attention) -> ``[*B, M, out_features]``. ``layout`` overrides the module's; ``kv_lens``
+        (integers over ``*B``): each sequence's key length, the op's (a right-padded batch)."""
         inputs_kv = inputs_q if inputs_kv is None else inputs_kv
         M, N = inputs_q.shape[-2], inputs_kv.shape[-2]
         lay = resolve_layout(layout if layout is not None else self.layout, M, N)
@@ -140,15 +141,15 @@ class BlockSparseMultiHeadAttention(nnx.Module):
         if self.rotary:
             q = apply_rotary(q, jnp.arange(M) + (N - M), self.rope_theta)
             k = apply_rotary(k, jnp.arange(N), self.rope_theta)
-        o = self.attend(q, k, v, lay)
+        o = self.attend(q, k, v, lay, kv_lens=kv_lens)
         return self.out(o.reshape(o.shape[:-2] + (self.num_heads * self.head_dim,)))
 
-    def attend(self, q, k, v, layout: BlockSparseLayout):
+    def attend(self, q, k, v, layout: BlockSparseLayout, kv_lens=None):
         """The attention proper, ``[*B, M, Hq, D]`` from q and ``[*B, N, Hk, D]`` k, v (after rotary): the
         hook a subclass overrides to compare with another implementation on the same model."""
         return block_sparse_attention(q, k, v, layout, scale=self.scale, causal=self.causal,
                                       logits_soft_cap=self.logits_soft_cap,
-                                      deterministic=self.deterministic_backward)
+                                      deterministic=self.deterministic_backward, kv_lens=kv_lens)
 
 
 def make_attention_fn(layout: LayoutSpec, *, causal: bool = False, scale: float | None = None,

@@ -44,6 +44,20 @@ def test_module_equals_reference_composed_with_its_projections():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL)
 
 
+def test_module_kv_lens():
+    """A right-padded batch: the module's kv_lens is the op's (the reference's on the same projections), and the
+    padding's content does not matter."""
+    m = jbf.BlockSparseMultiHeadAttention(4, 32, num_kv_heads=2, head_dim=16, layout=L.random(40, 8, 3),
+                                          rngs=nnx.Rngs(3))  # (not causal: rows before the length list keys past it)
+    x, lens = inputs((2, 40, 32), 3), jnp.asarray([40, 23])
+    got = nnx.jit(lambda m, x, n: m(x, kv_lens=n))(m, x, lens)
+    q, k, v = (jnp.reshape(x @ lin.kernel[...], (2, 40, h, 16)) for lin, h in ((m.query, 4), (m.key, 2), (m.value, 2)))
+    want = ref(q, k, v, L.random(40, 8, 3), kv_lens=lens).reshape(2, 40, 64) @ m.out.kernel[...]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL)
+    noisy = x.at[1, 23:].set(1e3)  # (rows past the length: their own outputs change, not the others')
+    np.testing.assert_allclose(np.asarray(m(noisy, kv_lens=lens)[1, :23]), np.asarray(got[1, :23]), **TOL)
+
+
 def _with_reference(monkeypatch):
     monkeypatch.setattr(jbf, "block_sparse_attention", ref)
 
