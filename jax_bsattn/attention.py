@@ -45,6 +45,8 @@ def check_kv_lens(kv_lens, batch: tuple[int, ...]) -> None:
         except (TypeError, ValueError):
             raise TypeError(f"kv_lens must be an integer array, got {type(kv_lens).__name__}") from None
         shape, dtype = arr.shape, arr.dtype
+        if dtype == object and all(type(x) is int for x in arr.reshape(-1)):  # (Python ints past int64: clipped)
+            dtype = np.dtype(np.int64)
     if jnp.dtype(dtype).kind not in "iu":
         raise TypeError(f"kv_lens must hold integers (key counts per batch element), got dtype {dtype}")
     if len(shape) > len(batch) or any(a not in (1, b) for a, b in zip(tuple(shape)[::-1], batch[::-1])):

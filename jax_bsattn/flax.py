@@ -141,7 +141,8 @@ class BlockSparseMultiHeadAttention(nnx.Module):
         if self.rotary:
             q = apply_rotary(q, jnp.arange(M) + (N - M), self.rope_theta)
             k = apply_rotary(k, jnp.arange(N), self.rope_theta)
-        o = self.attend(q, k, v, lay, kv_lens=kv_lens)
+        # (kv_lens passed only when given: a subclass's attend(q, k, v, layout) from before kv_lens still works)
+        o = self.attend(q, k, v, lay) if kv_lens is None else self.attend(q, k, v, lay, kv_lens=kv_lens)
         return self.out(o.reshape(o.shape[:-2] + (self.num_heads * self.head_dim,)))
 
     def attend(self, q, k, v, layout: BlockSparseLayout, kv_lens=None):

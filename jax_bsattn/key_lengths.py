@@ -28,7 +28,8 @@ __all__ = ["canonical_kv_lens", "cut_layout", "cut_column_attention", "merge_by_
 def canonical_kv_lens(kv_lens, batch: tuple[int, ...], N: int):
     """``kv_lens`` broadcast to ``batch`` -> int32 ``[B]`` clipped to ``[0, N]``."""
     if not isinstance(kv_lens, jax.Array):  # concrete: clipped before jax makes it int32 (2^40 must not wrap to 0)
-        kv_lens = np.clip(np.asarray(kv_lens), 0, N)
+        arr = np.asarray(kv_lens)  # (Python ints past int64: an object array, clipped all the same)
+        kv_lens = np.clip(arr, 0, N).astype(np.int64 if arr.dtype == object else arr.dtype)
     lens = jnp.broadcast_to(jnp.asarray(kv_lens), batch).reshape(-1)
     return jnp.clip(lens, 0, N).astype(jnp.int32)
 
@@ -76,17 +77,21 @@ def cut_column_attention(q, k, v, lens, cut, counts, *, R: int, C: int, scale: f
     qh = jnp.moveaxis(q.reshape(B, M, Hk, g, D), 1, 3).astype(jnp.float32)  # [B, Hk, g, M, D]
     row_block = jnp.arange(M) // R
     listed_times = jnp.broadcast_to(counts[:, :, row_block], (B, Hk, M))  # (a layout shared by the KV heads: LH = 1)
-    listed = (listed_times[..., None] > 0) & key_ok[:, None, None, :]  # [B, Hk, M, C]
-    weights = listed_times[..., None].astype(jnp.float32) * key_ok[:, None, None, :]
+    row_lists = listed_times > 0  # [B, Hk, M]
+    weights = listed_times[..., None].astype(jnp.float32) * key_ok[:, None, None, :]  # [B, Hk, M, C]
     if causal:
         i = jnp.arange(M)[:, None]
-        last_row_of_block_row = jnp.minimum(row_block * R + R, M)[:, None] - 1
-        # (the kernels skip a block that no row of its block row sees, and multiply at p = 0 where the mask hides
-        # an element of a block they take)
-        listed = listed & (cut[:, None, None, None] * C <= last_row_of_block_row + (N - M))
         weights = jnp.where(j[:, None, None, :] <= i + (N - M), weights, 0.0)
-    listed, weights = listed[:, :, None], weights[:, :, None]  # [B, Hk, 1, M, C]
-    o, lse = attention_over_listed(qh, kc, vc, listed, weights, scale, softcap)
+        # (the kernels skip a block that no row of its block row sees)
+        last_row_of_block_row = jnp.minimum(row_block * R + R, M) - 1
+        row_lists = row_lists & (cut[:, None, None] * C <= last_row_of_block_row + (N - M))
+    # Plain products (no custom VJP, no lax.cond): a row that lists the column takes all of its C keys (those past the
+    # length are zeros), as the kernels take a listed block, 0 x inf included; a row that does not has q = 0 here
+    # and weight 0 throughout, so it comes out empty (o = 0) and its gradients (and the keys' from it) are 0 even
+    # where k or q holds an inf. (Left: a row that lists the column but whose causal mask hides all its keys is empty
+    # here, so an inf in v there does not reach its o as the reference's 0 x inf does when the row sees other keys.)
+    qh = jnp.where(row_lists[:, :, None, :, None], qh, jnp.zeros_like(qh))
+    o, lse = attention_over_listed(qh, kc, vc, weights[:, :, None], scale, softcap)
     o = jnp.moveaxis(o.reshape(B, Hq, M, D), 1, 2)  # [B, M, Hq, D]
     lse = jnp.swapaxes(lse.reshape(B, Hq, M), 1, 2)
     return o, lse

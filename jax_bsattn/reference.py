@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from .key_lengths import canonical_kv_lens
 from .layout import BlockSparseLayout, expand_blocks
 from .listed import attention_over_listed
 from .primitives import to_common_variance
@@ -55,9 +55,7 @@ def reference_in_dtype(q, k, v, layout, *, scale=None, causal=False, logits_soft
     weights = expand_blocks(layout.block_counts(), layout.block_size, layout.seq_lens)
     weights = jnp.broadcast_to(weights, batch + (Hk, M, N))[..., None, :, :]   # [*B, Hk, 1, M, N]
     if kv_lens is not None:  # keys at or past a sequence's length: as if no block listed them
-        if not isinstance(kv_lens, jax.Array):  # (a concrete length past 2^31 stays past N in int32)
-            kv_lens = np.minimum(np.asarray(kv_lens), N)
-        lens = jnp.broadcast_to(jnp.asarray(kv_lens), batch).reshape(batch + (1, 1, 1, 1))
+        lens = canonical_kv_lens(kv_lens, batch, N).reshape(batch + (1, 1, 1, 1))  # (clipped: no int32 wrap)
         weights = jnp.where(jnp.arange(N) < lens, weights, 0)
     # The elements the kernels multiply: those of listed blocks, at p = 0 where the causal mask hides them, but not
     # of a block that no row of its block row sees (the kernels skip it).
@@ -74,7 +72,7 @@ def reference_in_dtype(q, k, v, layout, *, scale=None, causal=False, logits_soft
     qh = jnp.moveaxis(q.reshape(batch + (M, Hk, g, D)), -4, -2).astype(cd)   # [*B, Hk, g, M, D]
     kh = jnp.swapaxes(k, -3, -2).astype(cd)[..., None, :, :]               # [*B, Hk, 1, N, D]
     vh = jnp.swapaxes(v, -3, -2).astype(cd)[..., None, :, :]
-    o, lse = attention_over_listed(qh, kh, vh, listed, w, scale, logits_soft_cap)
+    o, lse = attention_over_listed(qh, kh, vh, w, scale, logits_soft_cap, listed)
 
     o = jnp.moveaxis(o.reshape(batch + (Hq, M, D)), -3, -2).astype(q.dtype)    # [*B, M, Hq, D]
     if not return_lse:

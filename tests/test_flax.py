@@ -58,6 +58,16 @@ def test_module_kv_lens():
     np.testing.assert_allclose(np.asarray(m(noisy, kv_lens=lens)[1, :23]), np.asarray(got[1, :23]), **TOL)
 
 
+def test_attend_override_without_kv_lens():
+    """A subclass's attend(q, k, v, layout) written before kv_lens existed still runs when kv_lens is not given."""
+    class Old(jbf.BlockSparseMultiHeadAttention):
+        def attend(self, q, k, v, layout):
+            return super().attend(q, k, v, layout)
+
+    m = Old(4, 32, num_kv_heads=2, head_dim=16, layout=window_layout, rngs=nnx.Rngs(4))
+    assert m(inputs((2, 40, 32), 4)).shape == (2, 40, 32)
+
+
 def _with_reference(monkeypatch):
     monkeypatch.setattr(jbf, "block_sparse_attention", ref)
 

@@ -147,3 +147,51 @@ def test_bad_kv_lens():
         jb.block_sparse_attention(q[0], k[0], v[0], layout, kv_lens=jnp.asarray([3]))
     with pytest.raises(TypeError, match="kv_lens"):
         jb.block_sparse_attention(q, k, v, layout, kv_lens="long")
+
+
+def test_no_host_round_trip():
+    """The cut column's part has no lax.cond (on a GPU a conditional waits for the device: a host round trip in every
+    decode step), forward or backward."""
+    q, k, v = random_problem(np.random.default_rng(11), batch=(2,), M=1, N=64, Hq=4, Hk=2, D=16)
+    layout = jb.BlockSparseLayout.from_block_mask(np.ones((1, 4), bool), (1, 16), (1, 64))
+    lens = jnp.asarray([40, 64])
+    fwd = lambda q, k, v, n: jb.block_sparse_attention(q, k, v, layout, kv_lens=n)
+    grad = jax.grad(lambda *a: jnp.sum(fwd(*a)), argnums=(0, 1, 2))
+    for f in (fwd, grad):
+        text = jax.jit(f).lower(q, k, v, lens).as_text()
+        assert "stablehlo.case" not in text and "stablehlo.while" not in text
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_non_finite_below_the_length(causal):
+    """An inf in k or q inside the cut block below the length: NaN in the same gradient entries as the reference
+    (the rows that list the block, not the others), finite values alike elsewhere."""
+    rng = np.random.default_rng(12)
+    M, N, R, C = 32, 32, 8, 16
+    q, k, v = random_problem(rng, batch=(1,), M=M, N=N, Hq=2, Hk=1, D=8)
+    mask = np.ones((4, 2), bool)
+    mask[0, 1] = mask[2, 1] = False  # block rows 0 and 2 do not list the cut column
+    layout = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
+    lens = jnp.asarray([20])  # cuts column 1 at key 20
+    ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    for kk, qq in ((k.at[0, 18].set(jnp.inf), q), (k, q.at[0, 3].set(jnp.inf))):
+        def grads(fn):
+            loss = lambda q, k, v: jnp.sum(fn(q, k, v, layout, kv_lens=lens, causal=causal) * ct)
+            return jax.grad(loss, argnums=(0, 1, 2))(qq, kk, v)
+        for got, want in zip(grads(jb.block_sparse_attention), grads(reference)):
+            np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+            fine = np.isfinite(want)
+            np.testing.assert_allclose(np.asarray(got)[fine], np.asarray(want)[fine], rtol=2e-4, atol=2e-5)
+
+
+def test_lengths_of_any_integer_type():
+    """uint32 past 2^31, int64 far below 0, Python ints past int64: clipped to [0, N], in the op and the reference."""
+    rng = np.random.default_rng(13)
+    M, N = 8, 30
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=2, Hk=1, D=8)
+    layout = jb.BlockSparseLayout.from_block_mask(np.ones((1, 4), bool), (8, 8), (M, N))
+    want = reference(q, k, v, layout, kv_lens=jnp.asarray([30, 0]))
+    for lens in (jnp.asarray([2**31 + 5, 0], jnp.uint32), np.array([2**40, -2**40], np.int64), [2**70, -2**70]):
+        np.testing.assert_allclose(jb.block_sparse_attention(q, k, v, layout, kv_lens=lens), want, rtol=1e-5,
+                                   atol=1e-6)
+        np.testing.assert_allclose(reference(q, k, v, layout, kv_lens=lens), want, rtol=1e-6, atol=1e-7)
