@@ -12,7 +12,8 @@
 # the row-oriented pass off / the command-buffer tests), TESTS=0 (no GPU tests),
 # SHARDS=5 (the GPU tests in five concurrent processes, each cut at SHARD_S seconds, default 530: with the build,
 # under a 600 s call; ALL=1 adds the unmarked tests),
-# PEERS="flex" (the peers' phases run first in the same call, from .peers: see shared/peers/README.md; PEER_CELLS).
+# PEERS="flex" (the peers' phases run first in the same call, from .peers: see shared/peers/README.md; PEER_CELLS),
+# DECODE=1 (benchmarks/bench_decode.py without and with kv_lens, and FlashInfer where .peers is carried; DECODE_ARGS).
 set -o pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 # NVLink multicast stays off on the lent multi-GPU hosts (device KINDS.md): keep these set for every program
@@ -121,6 +122,24 @@ if [ -n "${MEMORY:-}" ]; then
   stamp "peak memory of one training step"
   (cd /tmp && python3 "$OLDPWD/benchmarks/peak_memory.py" $MEMORY > "$OUT/peak_memory.log" 2>&1; echo "memory rc=$?"; \
     grep -v '^{' "$OUT/peak_memory.log" | tail -6)
+fi
+if [ -n "${DECODE:-}" ]; then
+  # the decode benchmark (benchmarks/bench_decode.py): jax_bsattn without and with kv_lens, then FlashInfer's fa2 from
+  # .peers' wheels where carried, in the same call; DECODE_ARGS: bench_decode's (default "--batch 1 --calls 50")
+  stamp "decode benchmark"
+  for label in plain kvlens; do
+    (cd /tmp && timeout ${DECODE_S:-150} python3 "$OLDPWD/benchmarks/bench_decode.py" --out "$OUT/decode" --label $label \
+      ${DECODE_ARGS:---batch 1 --calls 50} $([ $label = kvlens ] && echo --kv-lens) > "$OUT/decode_$label.log" 2>&1; \
+      echo "decode $label rc=$?")
+  done
+  if [ -d .peers/wheels ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/peers-site \
+      .peers/wheels/*.whl > "$OUT/fi_install.log" 2>&1
+    (PYTHONPATH=/tmp/peers-site FLASHINFER_CUDA_ARCH_LIST="9.0a" MAX_JOBS=16 FLASHINFER_WORKSPACE_BASE=/tmp/fiws \
+      timeout ${DECODE_S:-150} python3 benchmarks/bench_decode.py --out "$OUT/decode" --peer fi > "$OUT/decode_fi.log" 2>&1; \
+      echo "decode fi rc=$?")
+  fi
+  grep -h '^{' "$OUT"/decode_*.log > "$RESULTS/decode.jsonl"; cut -c1-170 "$RESULTS/decode.jsonl"
 fi
 PEERS_ARG=""
 if [ -n "${PEERS:-}" ]; then
