@@ -285,26 +285,28 @@ def _plane_floats(rg: int, D: int) -> int:
     return rg * D + -(-rg // 4) * 4
 
 
+def _split_shape(q, k, cfg: Config) -> tuple[int, int, int]:
+    """(g, MB, heads): query heads per KV head, block rows, (batch, KV head) pairs, as the row split counts them."""
+    return q.shape[-2] // max(k.shape[-2], 1), -(-q.shape[-3] // cfg.block_r), math.prod(k.shape[:-3]) * k.shape[-2]
+
+
 def _few_row_parts(q, k, cfg: Config) -> int:
     """The forward's partial slots per layout where there are fewer than 16 block rows, any R * g (a decode step;
     csrc/cuda/fwd/params.h fwd_split_parts_few_rows: the same rule): up to 512 over the B x Hk heads, 2 to 128 each,
     their planes no larger than twice q in f32 or 2^24 floats; else 0."""
-    R, D = cfg.block_r, q.shape[-1]
-    g = q.shape[-2] // max(k.shape[-2], 1)
-    MB = -(-q.shape[-3] // R)
-    heads = math.prod(k.shape[:-3]) * k.shape[-2]
+    g, MB, heads = _split_shape(q, k, cfg)
     if MB <= 0 or MB >= _SPLIT_FEW_ROWS_MB or heads <= 0 or g <= 0:
         return 0
     cap = max(2 * q.size, 1 << 24)
-    E = min(_SPLIT_FEW_PLANES // heads, _SPLIT_FEW_MAX_PER_LAYOUT, cap // _plane_floats(R * g, D) // heads)
+    plane = _plane_floats(cfg.block_r * g, q.shape[-1])
+    E = min(_SPLIT_FEW_PLANES // heads, _SPLIT_FEW_MAX_PER_LAYOUT, cap // plane // heads)
     return E if E >= 2 else 0
 
 
 def _split_parts(q, k, cfg: Config, few_rows: bool) -> int:
     """The row split's partial slots per layout (csrc/cuda/fwd/params.h fwd_split_parts_per_layout): an eighth of the
     block rows where R * g > 16 and there are at least 16; else, with few_rows (the forward's), _few_row_parts."""
-    g = q.shape[-2] // max(k.shape[-2], 1)
-    MB = -(-q.shape[-3] // cfg.block_r)
+    g, MB, _ = _split_shape(q, k, cfg)
     if cfg.block_r * g > 16 and MB // 8 >= 2:
         return MB // 8
     return _few_row_parts(q, k, cfg) if few_rows else 0
@@ -324,10 +326,8 @@ def _row_split_words(q, k, indptr, cfg: Config, few_rows: bool) -> int:
     parts = _split_parts(q, k, cfg, few_rows)
     if parts == 0:
         return 0
-    g = q.shape[-2] // max(k.shape[-2], 1)
-    MB = -(-q.shape[-3] // cfg.block_r)
+    g, MB, heads = _split_shape(q, k, cfg)
     layouts = math.prod(indptr.shape[:-1]) or 1
-    heads = math.prod(k.shape[:-3]) * k.shape[-2]
     plane = _plane_floats(cfg.block_r * g, q.shape[-1])
     return 4 * layouts * (MB + parts) + 4 * layouts * parts + heads * parts * plane
 

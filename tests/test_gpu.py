@@ -14,7 +14,8 @@ import pytest
 import jax_bsattn as jb
 from jax_bsattn.layout import expand_blocks
 from jax_bsattn.reference import reference_in_dtype
-from conftest import assert_close, check_forward, custom_call_lines, on_cpu, random_mask, random_problem
+from conftest import (assert_close, check_forward, check_gradients, custom_call_lines, on_cpu, random_mask,
+                      random_problem)
 
 pytestmark = pytest.mark.gpu
 
@@ -412,8 +413,6 @@ def test_backward_grid(R, C, g, D, causal, softcap, dtype):
     R * g < 256, or C <= 4 with R * g <= 8, in its sweep form where D = 128, C is a power of two and the layout
     holds at least C / 64 of the block grid, and also as the sweep where D = 128, C <= 4 and the layout is at least
     1/4 full: csrc/cuda/bwd/params.h)."""
-    from conftest import check_gradients
-
     q, k, v, layout = _backward_problem(R, C, g, D, dtype)
     check_gradients(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
 
@@ -427,8 +426,6 @@ def test_backward_wide_key_tile(R, C, g, D, causal, softcap, dtype):
     part-filled tile); C = 192 ends in a half tile and takes the one-warpgroup tile. dq goes through the tensor-map
     reduction where R * g is a multiple of 64 and g divides 64 (16 x 4, 64 x 2, 128 x 8), else row by row (32 x 1,
     64 x 3); the batch of 2 and M = 2 R + 45 put the last block row past the end of each sequence."""
-    from conftest import check_gradients
-
     q, k, v, layout = _backward_problem(R, C, g, D, dtype)
     check_gradients(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
 
@@ -440,8 +437,6 @@ def test_backward_wide_key_tile(R, C, g, D, causal, softcap, dtype):
     (64, 64, 4, 1000, True, None, jnp.bfloat16), (32, 128, 2, 1500, False, 30.0, jnp.float16),
     (16, 40, 8, 700, True, None, jnp.bfloat16)])
 def test_backward_walk_order(R, C, g, M, causal, softcap, dtype, monkeypatch):
-    from conftest import check_gradients
-
     monkeypatch.setenv("BSATTN_BWD_COL_WALK", "always")
     rng = np.random.default_rng(R + C + g)
     N = M
@@ -475,8 +470,6 @@ def test_backward_walk_order(R, C, g, M, causal, softcap, dtype, monkeypatch):
     (16, 16, 4, 128, 2048, False, jnp.bfloat16, False), (16, 12, 2, 128, 1500, True, jnp.float16, True),
     (16, 16, 4, 256, 1200, False, jnp.bfloat16, True), (32, 40, 2, 256, 1300, True, jnp.bfloat16, False)])
 def test_backward_column_split(R, C, g, D, M, causal, dtype, det, monkeypatch):
-    from conftest import check_gradients
-
     rng = np.random.default_rng(R + C + D)
     layout = _band_plus_globals(R, C, M, global_rows=False)
     q, k, v = random_problem(rng, batch=(2,), M=M, N=M, Hq=g * 2, Hk=2, D=D, dtype=dtype)
@@ -507,8 +500,6 @@ def test_backward_column_split(R, C, g, D, M, causal, dtype, det, monkeypatch):
     (32, 40, 4, 64, 1500, 1500, False, jnp.bfloat16, True), (16, 32, 2, 256, 1500, 1500, True, jnp.bfloat16, False),
     (17, 16, 1, 128, 3000, 3000, False, jnp.bfloat16, True), (64, 64, 1, 128, 2048, 8192, False, jnp.bfloat16, True)])
 def test_backward_dq_split(R, C, g, D, M, N, causal, dtype, det, monkeypatch):
-    from conftest import check_gradients
-
     from jax_bsattn import lowering
     from jax_bsattn.primitives import Config
 
@@ -544,8 +535,6 @@ def test_backward_compact_small_blocks(R, C, g, D, causal, softcap, dtype):
     layouts, at least 1/4 full): dk / dv by the compact kernel (the listed keys of each block row compacted into
     groups of 16, dk / dv summed in shared memory). On an H100 / H200 the row-oriented pass runs these shapes first:
     the compact kernel only under BSATTN_BWD_ROWS=0 in a process of its own (benchmarks/gpu_check.sh OLD_BWD)."""
-    from conftest import check_gradients
-
     q, k, v, layout = _backward_problem(R, C, g, D, dtype)
     check_gradients(q, k, v, layout, op_kw=dict(deterministic=True), causal=causal, logits_soft_cap=softcap)
 
@@ -560,8 +549,6 @@ def test_backward_packed_small_blocks(R, C, g, D, M, causal, softcap, dtype, den
     at densities below the sweep's (C / 64, and 1 / 32 for its bit map) where D = 128 and C is a power of two. M = 900
     at R = 1: three windows of 384 block rows; C = 3: 21 columns a tile, some straddling two warps' keys; R * g = 64:
     one block row a tile."""
-    from conftest import check_gradients
-
     rng = np.random.default_rng(M + 31 * C)
     N, Hk = M + 77, 2
     mask = random_mask(rng, (Hk,), -(-M // R), -(-N // C), density)
@@ -578,8 +565,6 @@ def test_backward_small_blocks_head_dim_256(R, C, g, M, causal, softcap, dtype, 
     bwd/dkdv_kernel.cuh in two passes (dv, then dk), 16 / C block columns a CTA. Unvalidated layouts with a block
     listed three times and out-of-range entries; M = 2500 at R = 1: three windows of 1024 block rows; C = 3: five
     columns a tile."""
-    from conftest import check_gradients
-
     rng = np.random.default_rng(M + 7 * C + g)
     N, Hk = M + 61, 2
     layout = _layout_with_duplicates(rng, R, C, M, N, 3)
@@ -597,8 +582,6 @@ def test_backward_head_dim_256_wgmma(R, C, g, M, causal, softcap, dtype, determi
     column (C = 40, 64, 130: several chunks, a part-filled last one; C = 12: one part-filled chunk), dq by the wgmma
     dq kernel where R * g > 16 (R * g = 16 at 4 x 24: the mma.sync dq). Unvalidated layouts with a block listed twice
     and out-of-range entries; causal with N > M; soft cap; f16."""
-    from conftest import check_gradients
-
     rng = np.random.default_rng(M + 5 * C + g)
     N, Hk = M + 3 * C + 19, 2
     layout = _layout_with_duplicates(rng, R, C, M, N, 2)
@@ -610,8 +593,6 @@ def test_backward_head_dim_256_wgmma(R, C, g, M, causal, softcap, dtype, determi
 def _check_per_head_gradients(R, C, g, M, N, causal, softcap, dtype, *, seed, density, empty_row):
     """Gradients against the reference for a random per-head layout (2 KV heads, one block row of one head left
     empty: empty_row = (head, block row)), batch 2, D = 128."""
-    from conftest import check_gradients
-
     rng = np.random.default_rng(seed)
     Hk = 2
     mask = random_mask(rng, (Hk,), -(-M // R), -(-N // C), density)
@@ -653,8 +634,6 @@ def test_backward_sweep_duplicate_blocks(R, C, g):
     """A block listed twice counts twice: where the sweep backward's rule holds, a layout with a duplicate (found by
     its table pass) runs the packed kernel instead (also outside the packed rule: 32 x 1, g = 8); out-of-range
     entries are skipped by both."""
-    from conftest import check_gradients
-
     rng = np.random.default_rng(11 + C)
     M, N, Hk = 90, 300, 2
     layout = _layout_with_duplicates(rng, R, C, M, N, 3)
@@ -671,8 +650,6 @@ def test_backward_narrow_columns(R, C, g, causal, softcap, dtype):
     (bwd_sm90/dkdv_narrow_kernel.cuh: 16 keys as wgmma N, dv^T and dk^T with D as M; its form with a producer
     warpgroup, unless BSATTN_BWD_DKDV=narrow is set for the process). C = 12 and 9: padding keys in
     every tile; N = 3 C + 61 ends in a part-filled column; M = 2 R + 45 a part-filled last block row."""
-    from conftest import check_gradients
-
     q, k, v, layout = _backward_problem(R, C, g, 128, dtype)
     check_gradients(q, k, v, layout, op_kw=dict(deterministic=True), causal=causal, logits_soft_cap=softcap)
 
@@ -698,8 +675,6 @@ def test_backward_unlisted_keys_overflow(R, C, g, D, det):
     one (64 x 1, g = 4, deterministic); on an H100 / H200 the packed one-pass Hopper kernel (1 x 3, g = 4: C not a
     power of two; 2 x 2, g = 2: D = 64) and the sweep (16 x 2, 1 x 4, 64 x 1: every key of a 128-key item scored,
     the unlisted ones masked by the layout's bits)."""
-    from conftest import check_gradients
-
     q, k, v, layout = _backward_problem(R, C, g, D, jnp.bfloat16)
     check_gradients(q, k, v, layout, op_kw=dict(deterministic=det), scale=10.0)
 
@@ -710,8 +685,6 @@ def test_backward_unlisted_keys_overflow(R, C, g, D, det):
 def test_backward_deterministic_flag(R, C, g, D, causal, softcap, dtype):
     """deterministic=True: the two-kernel backward (what every GPU but an H100 / H200 runs by default), or on an H100
     / H200 the row-oriented kernel where it applies (128:5 with g = 1: deterministic as it is)."""
-    from conftest import check_gradients
-
     q, k, v, layout = _backward_problem(R, C, g, D, dtype)
     check_gradients(q, k, v, layout, op_kw=dict(deterministic=True), causal=causal, logits_soft_cap=softcap)
 
@@ -901,8 +874,6 @@ def test_backward_rows_nonfinite_outside_layout(R, C, g, causal, D):
     (1, 8192, 1, 16, 4, 128, False, (8192, 3001, 77)), (16, 4096, 16, 64, 8, 128, False, (4000, 1, 2111)),
     (512, 512, 16, 16, 4, 128, True, (512, 300, 17)), (384, 384, 64, 32, 2, 64, True, (200, 384, 129))])
 def test_kv_lens(M, N, R, C, g, D, causal, lens):
-    from conftest import check_gradients
-
     rng = np.random.default_rng(M + C)
     Hk, B = 2, len(lens)
     mask = random_mask(rng, (B, Hk), -(-M // R), -(-N // C), 0.5)
