@@ -13,6 +13,7 @@
 #include "common/bsattn_common.h"
 #include "cuda/common/row_tiles.cuh"
 #include "cuda/fwd/epilogue.cuh"
+#include "cuda/fwd/few_rows_plan.cuh"
 #include "cuda/fwd/gather_kv.cuh"
 #include "cuda/fwd/params.h"
 
@@ -56,7 +57,9 @@ __device__ __forceinline__ bool fwd_tile_setup(const FwdParams& p, FwdTileSetup&
   const int64_t lid = p.layout_index(w.b, w.hk);
   int4 item = make_int4(0, 0, 0, -1);
   if (p.split_items != nullptr) {
-    item = reinterpret_cast<const int4*>(p.split_items)[lid * p.split_slots + slot];
+    // (few block rows: the plan computed here, fwd/few_rows_plan.cuh; else the plan kernel's table)
+    item = p.split_few ? few_rows_item(few_rows_split(p, lid), slot)
+                       : reinterpret_cast<const int4*>(p.split_items)[lid * p.split_slots + slot];
     if (item.x < 0 || item.x >= p.MB) return false;  // an empty slot
     w.br = item.x;
   }

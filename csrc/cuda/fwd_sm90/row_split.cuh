@@ -29,6 +29,7 @@
 #include "cuda/common/list_split.cuh"
 #include "cuda/common/row_tiles.cuh"
 #include "cuda/fwd/epilogue.cuh"
+#include "cuda/fwd/few_rows_plan.cuh"
 #include "cuda/fwd/mma.cuh"
 #include "cuda/fwd/params.h"
 #include "cuda/fwd/tile_setup.cuh"
@@ -90,6 +91,7 @@ __device__ __forceinline__ void store_rows_partial(const float (&o)[Cfg::MI][Cfg
 // thread (fwd_combine_rows): a decode step's 4-64 rows then spread over 1-8 CTAs per KV head, each thread one walk.
 constexpr int kCombineRows = 32;
 constexpr int fwd_combine_rows(int D) { return 256 / (D / 4); }
+constexpr int kCombineBatch = 16;  // pieces whose loads the forward's combine issues together
 
 // The split block row of a finishing CTA (one per (batch, KV head, partial slot)): false unless the slot is its row's
 // first (uniform: the CTA returns). Its pieces' planes from `sums` on, `plane` floats apart, in piece order.
@@ -121,13 +123,32 @@ __device__ __forceinline__ bool split_row_pieces(const FwdParams& p, int D, Spli
   return true;
 }
 
-// One CTA per (batch, KV head, partial slot) and chunk of fwd_combine_rows(D) packed rows (blockIdx.y, strided by
-// gridDim.y): where the slot is its row's first, the row's pieces combined in piece order into o (rounded to T) and lse for the
-// chunk's packed rows below M.
+// The few-row plan's counterpart of split_row_pieces (fwd/few_rows_plan.cuh): CTA blockIdx.x = (batch, KV head, lane
+// i of the plan, block row MB - 1 - i); false unless that row was cut (uniform: the CTA returns). All threads.
+__device__ __forceinline__ bool few_rows_pieces(const FwdParams& p, int D, SplitRowPieces& r) {
+  const int64_t head = blockIdx.x / p.MB;
+  const int i = static_cast<int>(blockIdx.x - head * p.MB);
+  const int b = static_cast<int>(head / p.Hk);
+  r.hk = static_cast<int>(head - static_cast<int64_t>(b) * p.Hk);
+  const FewRowsSplit s = few_rows_split(p, p.layout_index(b, r.hk));
+  const int br = p.MB - 1 - i, first = __shfl_sync(0xffffffffu, s.first, i);
+  r.count = __shfl_sync(0xffffffffu, s.pieces, i);
+  if (r.count < 2 || r.count > p.split_parts - first) return false;  // (never past E: the plan's bound)
+  r.rg = static_cast<int64_t>(p.R) * p.g;
+  r.plane = fwd_split_plane_floats(r.rg, D);
+  r.rows = static_cast<int64_t>(min(p.R, p.M - br * p.R)) * p.g;
+  r.sums = p.split_sums + (head * p.split_parts + first) * r.plane;
+  r.row0 = static_cast<int64_t>(b) * p.M + static_cast<int64_t>(br) * p.R;
+  return true;
+}
+
+// One CTA per (batch, KV head, partial slot), or with few block rows per (batch, KV head, block row), and chunk of
+// fwd_combine_rows(D) packed rows (blockIdx.y, strided by gridDim.y): where the slot is its row's first (the row was
+// cut), the row's pieces combined in piece order into o (rounded to T) and lse for the chunk's packed rows below M.
 template <typename T, int D>
 __global__ void __launch_bounds__(256) bsattn_fwd_split_combine_kernel(const __grid_constant__ FwdParams p) {
   SplitRowPieces sr;
-  if (!split_row_pieces(p, D, sr)) return;  // (uniform)
+  if (!(p.split_few ? few_rows_pieces(p, D, sr) : split_row_pieces(p, D, sr))) return;  // (uniform)
   const int count = sr.count;
   const int64_t rg = sr.rg, plane = sr.plane, rows = sr.rows;
   const float* const sums = sr.sums;
@@ -136,33 +157,38 @@ __global__ void __launch_bounds__(256) bsattn_fwd_split_combine_kernel(const __g
     for (int i = threadIdx.x; i < kRows * (D / 4); i += 256) {
       const int64_t P = c0 + i / (D / 4), d = (i % (D / 4)) * 4;
       if (P >= rows) break;  // (i increasing: every later i of this thread is past the rows too)
-      // Both walks over the pieces are branch-free and unrolled, so that their loads (L2 round trips) are in flight
-      // together: a decode step's row has 16-32 pieces, and a load behind a branch on the previous one made the walk
-      // one round trip after another (about 60 us of M = 16's 82, H200, session 37: an estimate, not measured).
-      float mx = -INFINITY;
-      bool nan = false;  // a piece's lse is NaN (a NaN score took part there): the row is NaN (fmaxf skips it)
-#pragma unroll 8
-      for (int j = 0; j < count; ++j) {
-        const float lj = sums[j * plane + rg * D + P];
-        mx = fmaxf(mx, lj);
-        nan |= lj != lj;
-      }
-      float L = 0.f;
+      // One walk over the pieces with a running maximum, in batches of kCombineBatch whose loads are all issued before
+      // any of them is used (an index clamped into the row's pieces, no branch between them): a decode step's row has
+      // 16-32 pieces, and loads behind the previous piece's arithmetic went one L2 round trip after another (the
+      // combine took 11.5 us of an M = 1 step under ncu, H200, with 8 CTAs reading 0.3 MB).
+      float mx = -INFINITY, L = 0.f;
       float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (mx != -INFINITY) {
-#pragma unroll 8
-        for (int j = 0; j < count; ++j) {  // piece order: fixed
-          const float lj = sums[j * plane + rg * D + P];
-          const float4 x = *reinterpret_cast<const float4*>(sums + j * plane + P * D + d);
-          // a piece that saw nothing (lse -inf): its partial may hold 0 x inf, so it adds nothing (selected, not
-          // multiplied)
-          const bool live = lj != -INFINITY;
-          const float wj = expf(lj - mx);  // (0 where lj = -inf: mx is finite here)
-          L += wj;
-          acc.x += live ? wj * x.x : 0.f;
-          acc.y += live ? wj * x.y : 0.f;
-          acc.z += live ? wj * x.z : 0.f;
-          acc.w += live ? wj * x.w : 0.f;
+      bool nan = false;  // a piece's lse is NaN (a NaN score took part there): the row is NaN (fmaxf skips it)
+      for (int j0 = 0; j0 < count; j0 += kCombineBatch) {
+        float lb[kCombineBatch];
+        float4 xb[kCombineBatch];
+#pragma unroll
+        for (int u = 0; u < kCombineBatch; ++u) {
+          const int64_t j = min(j0 + u, count - 1);
+          lb[u] = sums[j * plane + rg * D + P];
+          xb[u] = *reinterpret_cast<const float4*>(sums + j * plane + P * D + d);
+        }
+#pragma unroll
+        for (int u = 0; u < kCombineBatch; ++u) {  // piece order: fixed
+          const bool in = j0 + u < count;
+          const float lj = lb[u];
+          nan |= in && lj != lj;
+          const float m = in ? fmaxf(mx, lj) : mx;
+          // a piece that saw nothing (lse -inf) or past the row's pieces adds nothing (selected, not multiplied: its
+          // partial may hold 0 x inf); the sums so far rescale to the new maximum (1 while nothing was seen)
+          const bool live = in && lj != -INFINITY;
+          const float wj = expf(live ? lj - m : -INFINITY), sc = expf(m == -INFINITY ? 0.f : mx - m);
+          L = L * sc + wj;
+          acc.x = acc.x * sc + (live ? wj * xb[u].x : 0.f);
+          acc.y = acc.y * sc + (live ? wj * xb[u].y : 0.f);
+          acc.z = acc.z * sc + (live ? wj * xb[u].z : 0.f);
+          acc.w = acc.w * sc + (live ? wj * xb[u].w : 0.f);
+          mx = m;
         }
       }
       if (nan) L = NAN;
@@ -207,6 +233,15 @@ bool row_split_setup(FwdParams& p, bool few_rows, cudaStream_t stream, cudaError
   // a piece costs beyond its keys, its partial store and a share of the combine, is small against leaving SMs idle)
   const int tiles = p.MB < kSplitFewRowsMB ? 2 : 8;
   const int min_len = static_cast<int>((tiles * Cfg::BN + p.C - 1) / p.C);
+  if (few_rows && p.MB < kSplitFewRowsMB) {
+    // few block rows: every CTA plans for itself (fwd/few_rows_plan.cuh), a layout's pieces as many as fill the CTA
+    // slots once with the heads in flight (the plan kernel's average work per slot), at most E
+    const int64_t div = slots / (in_flight * p.nsplit);
+    p.split_few = 1;
+    p.split_min_len = min_len;
+    p.split_cut_div = static_cast<int>(div < 1 ? 1 : (div > E ? E : div));
+    return true;
+  }
   bsattn_fwd_split_plan_kernel<T, Cfg::D><<<static_cast<unsigned>(L), kSplitPlanThreads, 0, stream>>>(
       p, in_flight * p.nsplit, slots, min_len);
   err = cudaGetLastError();
@@ -228,7 +263,8 @@ cudaError_t launch_split_row_tiles(const P& p0, cudaStream_t stream) {
   static std::atomic<uint64_t> smem_done{0};  // one per kernel
   err = launch_kernel(Kernel, grid, Cfg::NT, Cfg::SMEM, Cfg::MINB, smem_done, p, stream);
   if (err != cudaSuccess || !split) return err;
-  const int64_t blocks = static_cast<int64_t>(p.B) * p.Hk * p.split_parts;
+  // (few block rows: one CTA per (batch, KV head, block row); else per partial slot)
+  const int64_t blocks = static_cast<int64_t>(p.B) * p.Hk * (p.split_few ? p.MB : p.split_parts);
   if (blocks <= 0) return cudaSuccess;
   if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
   const int64_t chunks = (static_cast<int64_t>(p.R) * p.g + CombineRows - 1) / CombineRows;
