@@ -70,18 +70,40 @@ inline bool device_runs_sm90a() {
   return major == 9 && minor == 0;
 }
 
+// kernel<<<grid, block, smem, stream>>>(args...) as a programmatic dependent launch (common/pdl.cuh): its CTAs may
+// start before the previous kernel in the stream has finished. Returns the launch's error.
+template <typename... KArgs, typename... Args>
+cudaError_t launch_dependent(void (*kernel)(KArgs...), dim3 grid, dim3 block, int smem, cudaStream_t stream,
+                             const Args&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
 // Launches `kernel(p, extra...)` on `grid` CTAs of `threads` threads with `smem` bytes of dynamic shared memory, after
 // the opt-in above (`ctas` CTAs per SM, `done` owned by the caller, one per kernel). An empty grid launches
 // nothing; a grid beyond INT_MAX CTAs is cudaErrorInvalidConfiguration. Returns cudaGetLastError().
-template <typename Kernel, typename P, typename... Extra>
+// Dependent: a programmatic dependent launch (common/pdl.cuh: the kernel must call pdl_wait first).
+template <bool Dependent = false, typename Kernel, typename P, typename... Extra>
 cudaError_t launch_kernel(Kernel kernel, int64_t grid, int threads, int smem, int ctas,
                           std::atomic<uint64_t>& done, const P& p, cudaStream_t stream, const Extra&... extra) {
   if (grid == 0) return cudaSuccess;
   if (grid > INT_MAX) return cudaErrorInvalidConfiguration;
   cudaError_t err = opt_in_smem(kernel, smem, ctas, done);
   if (err != cudaSuccess) return err;
-  kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(p, extra...);
-  return cudaGetLastError();
+  if (!Dependent) {
+    kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(p, extra...);
+    return cudaGetLastError();
+  }
+  return launch_dependent(kernel, dim3(static_cast<unsigned>(grid)), dim3(threads), smem, stream, p, extra...);
 }
 
 // One CTA per tile of Cfg::TM packed query rows (common/row_tiles.cuh: the forward kernels and dq). P: the

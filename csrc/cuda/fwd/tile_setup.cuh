@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "common/bsattn_common.h"
+#include "cuda/common/pdl.cuh"
 #include "cuda/common/row_tiles.cuh"
 #include "cuda/fwd/epilogue.cuh"
 #include "cuda/fwd/few_rows_plan.cuh"
@@ -39,6 +40,7 @@ template <int D, int TM, int BN>
 __device__ __forceinline__ bool fwd_tile_setup(const FwdParams& p, FwdTileSetup& t) {
   WorkTile& w = t.w;
   int slot = 0;
+  pdl_wait();  // (launched as a dependent, the row split's: nothing read or written before the previous kernel is done)
   if (p.split_items != nullptr) {
     // CTA = (head, slot, row tile): slots [0, MB) of every head first, then slots [MB, split_slots), so that the
     // empty slots (at the end of each head's table) are the grid's last CTAs
@@ -85,6 +87,7 @@ __device__ __forceinline__ bool fwd_tile_setup(const FwdParams& p, FwdTileSetup&
   t.qoff = (static_cast<int64_t>(w.b) * p.M + static_cast<int64_t>(w.br) * p.R) * t.q_rstride +
            static_cast<int64_t>(w.hk) * p.g * D;
   t.kvoff = (static_cast<int64_t>(w.b) * p.N * p.Hk + w.hk) * D;
+  pdl_launch_dependents();  // the row split's combine may take its place now (it waits for this grid's end)
   return true;
 }
 

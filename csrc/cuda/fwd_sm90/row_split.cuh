@@ -147,8 +147,13 @@ __device__ __forceinline__ bool few_rows_pieces(const FwdParams& p, int D, Split
 // cut), the row's pieces combined in piece order into o (rounded to T) and lse for the chunk's packed rows below M.
 template <typename T, int D>
 __global__ void __launch_bounds__(256) bsattn_fwd_split_combine_kernel(const __grid_constant__ FwdParams p) {
+  // launched as a dependent of the forward (common/pdl.cuh): the few-row plan reads indptr alone (an input, which the
+  // forward's CTAs waited for before they let this grid start), the table of many rows is the plan kernel's output
   SplitRowPieces sr;
+  if (!p.split_few) pdl_wait();
   if (!(p.split_few ? few_rows_pieces(p, D, sr) : split_row_pieces(p, D, sr))) return;  // (uniform)
+  if (p.split_few) pdl_wait();  // the pieces' partials: the forward's
+  pdl_launch_dependents();
   const int count = sr.count;
   const int64_t rg = sr.rg, plane = sr.plane, rows = sr.rows;
   const float* const sums = sr.sums;
@@ -240,6 +245,9 @@ bool row_split_setup(FwdParams& p, bool few_rows, cudaStream_t stream, cudaError
     p.split_few = 1;
     p.split_min_len = min_len;
     p.split_cut_div = static_cast<int>(div < 1 ? 1 : (div > E ? E : div));
+    // the grid's slots: a layout's pieces are at most split_cut_div (few_rows_plan.cuh), its whole rows MB; the
+    // E - split_cut_div more were empty CTAs (392 of 520 at M = 1, Hk = 8), scheduled before the last heads' pieces
+    p.split_slots = p.MB + p.split_cut_div;
     return true;
   }
   bsattn_fwd_split_plan_kernel<T, Cfg::D><<<static_cast<unsigned>(L), kSplitPlanThreads, 0, stream>>>(
@@ -261,7 +269,9 @@ cudaError_t launch_split_row_tiles(const P& p0, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   if (split) grid = static_cast<int64_t>(p.B) * p.Hk * p.split_slots * p.nsplit;
   static std::atomic<uint64_t> smem_done{0};  // one per kernel
-  err = launch_kernel(Kernel, grid, Cfg::NT, Cfg::SMEM, Cfg::MINB, smem_done, p, stream);
+  // the forward's (FewRows) kernel and combine are dependent launches (common/pdl.cuh): the combine's launch and plan
+  // overlap the forward's tail, the forward's set-up the previous kernel's
+  err = launch_kernel<FewRows>(Kernel, grid, Cfg::NT, Cfg::SMEM, Cfg::MINB, smem_done, p, stream);
   if (err != cudaSuccess || !split) return err;
   // (few block rows: one CTA per (batch, KV head, block row); else per partial slot)
   const int64_t blocks = static_cast<int64_t>(p.B) * p.Hk * (p.split_few ? p.MB : p.split_parts);
@@ -269,6 +279,7 @@ cudaError_t launch_split_row_tiles(const P& p0, cudaStream_t stream) {
   if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
   const int64_t chunks = (static_cast<int64_t>(p.R) * p.g + CombineRows - 1) / CombineRows;
   const dim3 cgrid(static_cast<unsigned>(blocks), static_cast<unsigned>(chunks < 65535 ? chunks : 65535));
+  if (FewRows) return launch_dependent(Finish, cgrid, dim3(256), 0, stream, p);
   Finish<<<cgrid, 256, 0, stream>>>(p);
   return cudaGetLastError();
 }
