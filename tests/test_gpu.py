@@ -182,7 +182,9 @@ def test_forward_row_split(R, C, g, D, M, causal, softcap, dtype, monkeypatch):
     (1, 1, 16, 4, 128, 8192, 1, False, None, jnp.bfloat16), (1, 1, 64, 8, 64, 8192, 2, True, 30.0, jnp.float16),
     (4, 4, 16, 4, 256, 4096, 1, False, None, jnp.bfloat16), (16, 16, 64, 4, 128, 8192, 1, True, None, jnp.bfloat16),
     (64, 64, 32, 2, 128, 4096, 1, False, None, jnp.bfloat16), (3, 1, 5, 1, 128, 5000, 2, True, None, jnp.bfloat16),
-    (100, 16, 16, 8, 128, 4096, 1, True, 30.0, jnp.bfloat16), (1, 1, 16, 32, 128, 8192, 1, False, None, jnp.bfloat16)])
+    (100, 16, 16, 8, 128, 4096, 1, True, 30.0, jnp.bfloat16), (1, 1, 16, 32, 128, 8192, 1, False, None, jnp.bfloat16),
+    # C = 8 against 16K keys: rows of about 38 pieces, more than the combine stages at once (kCombineStageMax = 36)
+    (1, 1, 8, 4, 128, 16384, 1, False, None, jnp.bfloat16)])
 def test_forward_few_rows_split(M, R, C, g, D, N, B, causal, softcap, dtype, monkeypatch):
     from jax_bsattn import lowering
     from jax_bsattn.primitives import Config

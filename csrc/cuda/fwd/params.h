@@ -39,6 +39,8 @@ struct FwdParams : ProblemParams {
   // Few block rows (MB < kSplitFewRowsMB, the forward's): no plan kernel and no tables; every CTA computes the cut
   // from indptr itself (fwd_sm90/row_split.cuh few_rows_split): cut = max(split_min_len, ceil(entries / split_cut_div)).
   int split_few, split_min_len, split_cut_div;
+  // The forward's combine: pieces of a row whose partials it stages in shared memory at once (set by the launcher).
+  int split_stage;
 };
 
 // The rows of the sweep's table (below): one per layout and block row; row r's bit map at r * words, its flag at

@@ -88,10 +88,14 @@ __device__ __forceinline__ void store_rows_partial(const float (&o)[Cfg::MI][Cfg
 
 // Packed rows per combine CTA (a 2-D grid: the rows of one split block row over several CTAs; with one CTA per row
 // the combine was latency-bound, about 60 us at 8:64:64): the dq split's. The forward's takes one float4 of a row per
-// thread (fwd_combine_rows): a decode step's 4-64 rows then spread over 1-8 CTAs per KV head, each thread one walk.
+// thread (fwd_combine_rows): a decode step's 4-64 rows then spread over 1-8 CTAs per KV head.
 constexpr int kCombineRows = 32;
 constexpr int fwd_combine_rows(int D) { return 256 / (D / 4); }
-constexpr int kCombineBatch = 16;  // pieces whose loads the forward's combine issues together
+// The forward's combine stages the pieces of a row in shared memory, up to this many at once: every piece the few-row
+// plan gives a row (at most split_cut_div, 33 on 132 SMs with 8 heads), so a decode step's combine waits for one round
+// trip to L2. Bytes per piece: the chunk's float4 (one per thread) and its lse.
+constexpr int kCombineStageMax = 36;
+constexpr int fwd_combine_stage_bytes(int D) { return 256 * 16 + fwd_combine_rows(D) * 4; }
 
 // The split block row of a finishing CTA (one per (batch, KV head, partial slot)): false unless the slot is its row's
 // first (uniform: the CTA returns). Its pieces' planes from `sums` on, `plane` floats apart, in piece order.
@@ -145,8 +149,11 @@ __device__ __forceinline__ bool few_rows_pieces(const FwdParams& p, int D, Split
 // One CTA per (batch, KV head, partial slot), or with few block rows per (batch, KV head, block row), and chunk of
 // fwd_combine_rows(D) packed rows (blockIdx.y, strided by gridDim.y): where the slot is its row's first (the row was
 // cut), the row's pieces combined in piece order into o (rounded to T) and lse for the chunk's packed rows below M.
+// Dynamic shared memory: p.split_stage x fwd_combine_stage_bytes(D).
 template <typename T, int D>
 __global__ void __launch_bounds__(256) bsattn_fwd_split_combine_kernel(const __grid_constant__ FwdParams p) {
+  constexpr int Q4 = D / 4, kRows = fwd_combine_rows(D);  // float4 of a row; packed rows of a chunk
+  static_assert(kRows * Q4 == 256 && kRows % 4 == 0, "a chunk: one float4 per thread, its lse whole float4");
   // launched as a dependent of the forward (common/pdl.cuh): the few-row plan reads indptr alone (an input, which the
   // forward's CTAs waited for before they let this grid start), the table of many rows is the plan kernel's output
   SplitRowPieces sr;
@@ -154,57 +161,62 @@ __global__ void __launch_bounds__(256) bsattn_fwd_split_combine_kernel(const __g
   if (!(p.split_few ? few_rows_pieces(p, D, sr) : split_row_pieces(p, D, sr))) return;  // (uniform)
   if (p.split_few) pdl_wait();  // the pieces' partials: the forward's
   pdl_launch_dependents();
+  extern __shared__ float4 staged[];  // [stage][256]: the pieces' float4 of the chunk; then [stage][kRows] their lse
+  const int stage = p.split_stage, t = threadIdx.x;
+  float* const staged_lse = reinterpret_cast<float*>(staged + stage * 256);
   const int count = sr.count;
   const int64_t rg = sr.rg, plane = sr.plane, rows = sr.rows;
   const float* const sums = sr.sums;
-  constexpr int kRows = fwd_combine_rows(D);
   for (int64_t c0 = static_cast<int64_t>(blockIdx.y) * kRows; c0 < rows; c0 += static_cast<int64_t>(gridDim.y) * kRows) {
-    for (int i = threadIdx.x; i < kRows * (D / 4); i += 256) {
-      const int64_t P = c0 + i / (D / 4), d = (i % (D / 4)) * 4;
-      if (P >= rows) break;  // (i increasing: every later i of this thread is past the rows too)
-      // One walk over the pieces with a running maximum, in batches of kCombineBatch whose loads are all issued before
-      // any of them is used (an index clamped into the row's pieces, no branch between them): a decode step's row has
-      // 16-32 pieces, and loads behind the previous piece's arithmetic went one L2 round trip after another (the
-      // combine took 11.5 us of an M = 1 step under ncu, H200, with 8 CTAs reading 0.3 MB).
-      float mx = -INFINITY, L = 0.f;
-      float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-      bool nan = false;  // a piece's lse is NaN (a NaN score took part there): the row is NaN (fmaxf skips it)
-      for (int j0 = 0; j0 < count; j0 += kCombineBatch) {
-        float lb[kCombineBatch];
-        float4 xb[kCombineBatch];
-#pragma unroll
-        for (int u = 0; u < kCombineBatch; ++u) {
-          const int64_t j = min(j0 + u, count - 1);
-          lb[u] = sums[j * plane + rg * D + P];
-          xb[u] = *reinterpret_cast<const float4*>(sums + j * plane + P * D + d);
-        }
-#pragma unroll
-        for (int u = 0; u < kCombineBatch; ++u) {  // piece order: fixed
-          const bool in = j0 + u < count;
-          const float lj = lb[u];
-          nan |= in && lj != lj;
-          const float m = in ? fmaxf(mx, lj) : mx;
-          // a piece that saw nothing (lse -inf) or past the row's pieces adds nothing (selected, not multiplied: its
-          // partial may hold 0 x inf); the sums so far rescale to the new maximum (1 while nothing was seen)
-          const bool live = in && lj != -INFINITY;
+    const int64_t P = c0 + t / Q4, d = (t % Q4) * 4;
+    const bool mine = P < rows;
+    // One walk over the pieces with a running maximum, in piece order (fixed), over batches of `stage` pieces whose
+    // copies are all in flight at once: cp.async into shared memory, as loads into registers were serialised by the
+    // compiler behind the previous piece's arithmetic (16 L2 round trips one after another: 7 us of an M = 1 step)
+    float mx = -INFINITY, L = 0.f;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    bool nan = false;  // a piece's lse is NaN (a NaN score took part there): the row is NaN (fmaxf skips it)
+    for (int j0 = 0; j0 < count; j0 += stage) {
+      const int n = min(stage, count - j0);
+      if (mine)
+        for (int u = 0; u < n; ++u) cp_async16(smem_u32(staged + u * 256 + t), sums + (j0 + u) * plane + P * D + d);
+      for (int e = t; e < n * (kRows / 4); e += 256) {  // lse: a chunk's kRows as float4 (in the plane's padding to 4)
+        const int u = e / (kRows / 4);
+        const int64_t r = c0 + 4 * (e % (kRows / 4));
+        cp_async16_zfill<false>(smem_u32(staged_lse + u * kRows + (r - c0)), sums + (j0 + u) * plane + rg * D + (r < rows ? r : 0),
+                                r < rows ? 16 : 0);
+      }
+      cp_async_commit();
+      cp_async_wait<0>();
+      __syncthreads();
+      if (mine)
+        for (int u = 0; u < n; ++u) {
+          const float lj = staged_lse[u * kRows + t / Q4];
+          const float4 x = staged[u * 256 + t];
+          nan |= lj != lj;
+          const float m = fmaxf(mx, lj);
+          // a piece that saw nothing (lse -inf) adds nothing (selected, not multiplied: its partial may hold 0 x inf);
+          // the sums so far rescale to the new maximum (1 while nothing was seen)
+          const bool live = lj != -INFINITY;
           const float wj = expf(live ? lj - m : -INFINITY), sc = expf(m == -INFINITY ? 0.f : mx - m);
           L = L * sc + wj;
-          acc.x = acc.x * sc + (live ? wj * xb[u].x : 0.f);
-          acc.y = acc.y * sc + (live ? wj * xb[u].y : 0.f);
-          acc.z = acc.z * sc + (live ? wj * xb[u].z : 0.f);
-          acc.w = acc.w * sc + (live ? wj * xb[u].w : 0.f);
+          acc.x = acc.x * sc + (live ? wj * x.x : 0.f);
+          acc.y = acc.y * sc + (live ? wj * x.y : 0.f);
+          acc.z = acc.z * sc + (live ? wj * x.z : 0.f);
+          acc.w = acc.w * sc + (live ? wj * x.w : 0.f);
           mx = m;
         }
-      }
-      if (nan) L = NAN;
-      const float inv = by_row_sum(L, [&] { return 1.f / L; }, 0.f);  // (L >= 1: the largest piece weighs 1)
-      const int64_t at = sr.at(p, P);
-      uint2 v;
-      v.x = Mma<T>::pack(acc.x * inv, acc.y * inv);
-      v.y = Mma<T>::pack(acc.z * inv, acc.w * inv);
-      *reinterpret_cast<uint2*>(static_cast<T*>(p.o) + at * D + d) = v;
-      if (d == 0) p.lse[at] = by_row_sum(L, [&] { return mx + logf(L); }, -INFINITY);
+      __syncthreads();  // (the next batch's copies overwrite the stage)
     }
+    if (!mine) continue;
+    if (nan) L = NAN;
+    const float inv = by_row_sum(L, [&] { return 1.f / L; }, 0.f);  // (L >= 1: the largest piece weighs 1)
+    const int64_t at = sr.at(p, P);
+    uint2 v;
+    v.x = Mma<T>::pack(acc.x * inv, acc.y * inv);
+    v.y = Mma<T>::pack(acc.z * inv, acc.w * inv);
+    *reinterpret_cast<uint2*>(static_cast<T*>(p.o) + at * D + d) = v;
+    if (d == 0) p.lse[at] = by_row_sum(L, [&] { return mx + logf(L); }, -INFINITY);
   }
 }
 
@@ -248,8 +260,10 @@ bool row_split_setup(FwdParams& p, bool few_rows, cudaStream_t stream, cudaError
     // the grid's slots: a layout's pieces are at most split_cut_div (few_rows_plan.cuh), its whole rows MB; the
     // E - split_cut_div more were empty CTAs (392 of 520 at M = 1, Hk = 8), scheduled before the last heads' pieces
     p.split_slots = p.MB + p.split_cut_div;
+    p.split_stage = p.split_cut_div < kCombineStageMax ? p.split_cut_div : kCombineStageMax;  // (a row's pieces: <= div)
     return true;
   }
+  p.split_stage = E < 16 ? E : 16;  // (a row's pieces: <= E, most rows' a few; the combine's CTAs a few per SM)
   bsattn_fwd_split_plan_kernel<T, Cfg::D><<<static_cast<unsigned>(L), kSplitPlanThreads, 0, stream>>>(
       p, in_flight * p.nsplit, slots, min_len);
   err = cudaGetLastError();
@@ -279,7 +293,12 @@ cudaError_t launch_split_row_tiles(const P& p0, cudaStream_t stream) {
   if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
   const int64_t chunks = (static_cast<int64_t>(p.R) * p.g + CombineRows - 1) / CombineRows;
   const dim3 cgrid(static_cast<unsigned>(blocks), static_cast<unsigned>(chunks < 65535 ? chunks : 65535));
-  if (FewRows) return launch_dependent(Finish, cgrid, dim3(256), 0, stream, p);
+  if (FewRows) {  // the forward's combine: its pieces staged in shared memory (p.split_stage of them)
+    static std::atomic<uint64_t> combine_smem_done{0};
+    err = opt_in_smem(Finish, kCombineStageMax * fwd_combine_stage_bytes(Cfg::D), 1, combine_smem_done);
+    if (err != cudaSuccess) return err;
+    return launch_dependent(Finish, cgrid, dim3(256), p.split_stage * fwd_combine_stage_bytes(Cfg::D), stream, p);
+  }
   Finish<<<cgrid, 256, 0, stream>>>(p);
   return cudaGetLastError();
 }
