@@ -13,7 +13,8 @@ Such a call reads little and computes less: the roof is memory, Hk x keys x D x 
 figure is GB/s of K / V read (and the time). Time: jax_bsattn, the median over --reps repetitions of one jitted
 function running the forward `calls` times back to back (o feeds the next call's q), host clock around
 block_until_ready (so a share of the host's time per repetition stays in each call's figure: fewer chained calls,
-more of it); the peer, CUDA events around a CUDA graph of 50 runs where it captures, else triton's do_bench median.
+more of it), and `gpu_us`, the chain's device time per call (the span of its kernels in a jax.profiler trace); the
+peer, CUDA events around a CUDA graph of 50 runs where it captures, else triton's do_bench median.
 Each jax_bsattn output is checked against a float32 NumPy reference (rel_err). `--kv-lens` passes per-sequence key
 lengths (N - 7: the last block cut, attended in XLA). `--ab-split` times the forward's row
 split on and off in one process. Rows go to decode_<label>.jsonl (decode_split_ab.jsonl) or decode_fi.jsonl in --out.
@@ -53,6 +54,28 @@ def reference_rel_err(q, k, v, cols, C, o, kv_len):
     p = np.exp(s - s.max(-1, keepdims=True))
     ref = np.einsum("hmn,nhd->mhd", p / p.sum(-1, keepdims=True), vf)
     return float(np.linalg.norm(np.asarray(o[0], np.float32) - ref) / np.linalg.norm(ref))
+
+
+def device_us_per_call(f, args, calls):
+    """The chain's device time per call: the span of its jax_bsattn kernels in a jax.profiler trace of one run, / calls
+    (the host clock also holds the executable's start and end, about 0.4 ms a run on the H200: 7-9 us a call at 50
+    calls, which the peer's CUDA events do not see). None where the trace has no such kernel."""
+    import glob, gzip, tempfile
+    import jax
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            jax.block_until_ready(f(*args))
+        files = glob.glob(f"{d}/**/perfetto_trace.json.gz", recursive=True)
+        if not files:
+            return None
+        ev = json.load(gzip.open(files[0]))
+    ev = ev["traceEvents"] if isinstance(ev, dict) else ev
+    gpu_pids = {e["pid"] for e in ev
+                if e.get("ph") == "M" and e.get("name") == "process_name" and "GPU" in str(e["args"].get("name"))}
+    ks = [e for e in ev if e.get("ph") == "X" and e.get("pid") in gpu_pids and "bsattn" in e.get("name", "")]
+    if not ks:
+        return None
+    return (max(float(e["ts"]) + float(e["dur"]) for e in ks) - min(float(e["ts"]) for e in ks)) / calls
 
 
 def run_jax(cases, batch_sizes, reps, target_ms, fixed_calls, out, label, ab_split, kv_lens):
@@ -101,7 +124,11 @@ def run_jax(cases, batch_sizes, reps, target_ms, fixed_calls, out, label, ab_spl
                 for _ in range(reps):
                     t = time.perf_counter(); jax.block_until_ready(f(*args)); ts.append((time.perf_counter() - t) / calls)
                 us = 1e6 * statistics.median(ts)
-                row = {"mode": name, "B": B, "M": M, "N": N, "C": C, "keys": int(ix.size * C), "us": us,
+                try:
+                    gpu_us = device_us_per_call(f, args, calls)
+                except Exception:  # noqa: BLE001  (no profiler here: the host clock alone)
+                    gpu_us = None
+                row = {"mode": name, "B": B, "M": M, "N": N, "C": C, "keys": int(ix.size * C), "us": us, "gpu_us": gpu_us,
                        "kv_gbs": kv_bytes(ix.size, C, B) / us / 1e3, "calls": calls,
                        "spread_us": 1e6 * (max(ts) - min(ts)), "rel_err": err}
                 rows.append(row)

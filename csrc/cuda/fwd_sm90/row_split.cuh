@@ -21,6 +21,8 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <algorithm>
 
 #include <cuda_runtime.h>
 
@@ -220,6 +222,9 @@ __global__ void __launch_bounds__(256) bsattn_fwd_split_combine_kernel(const __g
   }
 }
 
+// The few-row split's shortest piece in keys per packed row of the tile (row_split_setup).
+constexpr int64_t kFewKeysPerRow = 4;
+
 // The row split's set-up on p (the gather kernel's copy, p.nsplit set): where the workspace holds exactly
 // fwd_split_workspace_words for D and the grid with the split's slots fits, the tables' places and the plan's launch.
 // few_rows: the forward's, which also splits where there are few block rows (fwd/params.h fwd_split_parts_few_rows).
@@ -246,10 +251,20 @@ bool row_split_setup(FwdParams& p, bool few_rows, cudaStream_t stream, cudaError
   const int64_t slots = static_cast<int64_t>(sms) * Cfg::MINB, per_head = static_cast<int64_t>(p.MB) * p.nsplit;
   int64_t in_flight = (slots + per_head - 1) / per_head;
   in_flight = in_flight < 1 ? 1 : (in_flight > heads ? heads : in_flight);
-  // the shortest piece: 8 KV tiles; 2 where the block rows are few (a decode step's, 1-64 rows against 2K-8K keys: what
-  // a piece costs beyond its keys, its partial store and a share of the combine, is small against leaving SMs idle)
-  const int tiles = p.MB < kSplitFewRowsMB ? 2 : 8;
-  const int min_len = static_cast<int>((tiles * Cfg::BN + p.C - 1) / p.C);
+  // the shortest piece: 8 KV tiles; where the block rows are few (a decode step's, 1-64 rows against 2K-8K keys) 2, and
+  // at least kFewKeysPerRow keys per packed row of the CTA's tile, so that a piece's partial (those rows x D in f32,
+  // stored, then read by the combine) moves at most half the bytes of its keys' K and V (bf16). H200, M = 16 (64 rows)
+  // against 4096 keys, device time a call: 20.3 us with 2 tiles a piece (32 pieces), 18.8 with 4, 21.4 with 8.
+  static const int64_t keys_per_row = [] {  // (BSATTN_FWD_SPLIT_KEYS_PER_ROW: an A / B switch, read once)
+    const char* e = std::getenv("BSATTN_FWD_SPLIT_KEYS_PER_ROW");
+    return e != nullptr ? std::atoll(e) : kFewKeysPerRow;
+  }();
+  int64_t min_keys = static_cast<int64_t>(p.MB < kSplitFewRowsMB ? 2 : 8) * Cfg::BN;
+  if (p.MB < kSplitFewRowsMB) {
+    const int64_t rg = static_cast<int64_t>(p.R) * p.g, tile_rows = rg < Cfg::TM ? rg : Cfg::TM;
+    if (keys_per_row * tile_rows > min_keys) min_keys = keys_per_row * tile_rows;
+  }
+  const int min_len = static_cast<int>(std::min<int64_t>((min_keys + p.C - 1) / p.C, INT_MAX));
   if (few_rows && p.MB < kSplitFewRowsMB) {
     // few block rows: every CTA plans for itself (fwd/few_rows_plan.cuh), a layout's pieces as many as fill the CTA
     // slots once with the heads in flight (the plan kernel's average work per slot), at most E
