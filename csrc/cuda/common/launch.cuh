@@ -122,6 +122,12 @@ inline bool env_equals(const char* name, const char* value) {
   return e != nullptr && std::strcmp(e, value) == 0;
 }
 
+// The environment variable `name` as an integer (std::atoll), or `fallback` where it is unset (callers read it once).
+inline int64_t env_int(const char* name, int64_t fallback) {
+  const char* e = std::getenv(name);
+  return e != nullptr ? static_cast<int64_t>(std::atoll(e)) : fallback;
+}
+
 // An attribute of the current device, queried once per device (0 if unknown); `cache` is the caller's, one per
 // attribute.
 inline int cached_device_attribute(cudaDeviceAttr attr, std::atomic<int> (&cache)[64]) {

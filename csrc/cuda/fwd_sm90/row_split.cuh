@@ -20,9 +20,8 @@
 #include <atomic>
 #include <climits>
 #include <cmath>
-#include <cstdint>
-#include <cstdlib>
 #include <algorithm>
+#include <cstdint>
 
 #include <cuda_runtime.h>
 
@@ -185,8 +184,9 @@ __global__ void __launch_bounds__(256) bsattn_fwd_split_combine_kernel(const __g
       for (int e = t; e < n * (kRows / 4); e += 256) {  // lse: a chunk's kRows as float4 (in the plane's padding to 4)
         const int u = e / (kRows / 4);
         const int64_t r = c0 + 4 * (e % (kRows / 4));
-        cp_async16_zfill<false>(smem_u32(staged_lse + u * kRows + (r - c0)), sums + (j0 + u) * plane + rg * D + (r < rows ? r : 0),
-                                r < rows ? 16 : 0);
+        const bool ok = r < rows;
+        const float* const src = sums + (j0 + u) * plane + rg * D + (ok ? r : 0);
+        cp_async16_zfill<false>(smem_u32(staged_lse + u * kRows + (r - c0)), src, ok ? 16 : 0);
       }
       cp_async_commit();
       cp_async_wait<0>();
@@ -251,36 +251,33 @@ bool row_split_setup(FwdParams& p, bool few_rows, cudaStream_t stream, cudaError
   const int64_t slots = static_cast<int64_t>(sms) * Cfg::MINB, per_head = static_cast<int64_t>(p.MB) * p.nsplit;
   int64_t in_flight = (slots + per_head - 1) / per_head;
   in_flight = in_flight < 1 ? 1 : (in_flight > heads ? heads : in_flight);
-  // the shortest piece: 8 KV tiles; where the block rows are few (a decode step's, 1-64 rows against 2K-8K keys) 2, and
-  // at least kFewKeysPerRow keys per packed row of the CTA's tile, so that a piece's partial (those rows x D in f32,
-  // stored, then read by the combine) moves at most half the bytes of its keys' K and V (bf16). H200, M = 16 (64 rows)
-  // against 4096 keys, device time a call: 20.3 us with 2 tiles a piece (32 pieces), 18.8 with 4, 21.4 with 8.
-  static const int64_t keys_per_row = [] {  // (BSATTN_FWD_SPLIT_KEYS_PER_ROW: an A / B switch, read once)
-    const char* e = std::getenv("BSATTN_FWD_SPLIT_KEYS_PER_ROW");
-    return e != nullptr ? std::atoll(e) : kFewKeysPerRow;
-  }();
-  int64_t min_keys = static_cast<int64_t>(p.MB < kSplitFewRowsMB ? 2 : 8) * Cfg::BN;
-  if (p.MB < kSplitFewRowsMB) {
-    const int64_t rg = static_cast<int64_t>(p.R) * p.g, tile_rows = rg < Cfg::TM ? rg : Cfg::TM;
-    if (keys_per_row * tile_rows > min_keys) min_keys = keys_per_row * tile_rows;
-  }
-  const int min_len = static_cast<int>(std::min<int64_t>((min_keys + p.C - 1) / p.C, INT_MAX));
+  // the shortest piece, in entries
+  const auto entries_of = [&](int64_t keys) {
+    return static_cast<int>(std::min<int64_t>((keys + p.C - 1) / p.C, INT_MAX));
+  };
   if (few_rows && p.MB < kSplitFewRowsMB) {
     // few block rows: every CTA plans for itself (fwd/few_rows_plan.cuh), a layout's pieces as many as fill the CTA
     // slots once with the heads in flight (the plan kernel's average work per slot), at most E
     const int64_t div = slots / (in_flight * p.nsplit);
     p.split_few = 1;
-    p.split_min_len = min_len;
     p.split_cut_div = static_cast<int>(div < 1 ? 1 : (div > E ? E : div));
+    // a piece: 2 KV tiles (a decode step's 1-64 rows against 2K-8K keys: leaving SMs idle costs more than a piece's
+    // partial store), and at least kFewKeysPerRow keys per packed row of the CTA's tile, so that its partial (those
+    // rows x D in f32, stored, then read by the combine) moves at most half the bytes of its keys' K and V (bf16).
+    // H200, M = 16 (64 rows) against 4096 keys, device time a call: 20.3 us with 2 tiles a piece (32 pieces), 18.8
+    // with 4, 21.4 with 8.
+    static const int64_t keys_per_row = env_int("BSATTN_FWD_SPLIT_KEYS_PER_ROW", kFewKeysPerRow);  // (A / B switch)
+    const int64_t rg = static_cast<int64_t>(p.R) * p.g, tile_rows = rg < Cfg::TM ? rg : Cfg::TM;
+    p.split_min_len = entries_of(std::max<int64_t>(2 * Cfg::BN, keys_per_row * tile_rows));
     // the grid's slots: a layout's pieces are at most split_cut_div (few_rows_plan.cuh), its whole rows MB; the
     // E - split_cut_div more were empty CTAs (392 of 520 at M = 1, Hk = 8), scheduled before the last heads' pieces
     p.split_slots = p.MB + p.split_cut_div;
-    p.split_stage = p.split_cut_div < kCombineStageMax ? p.split_cut_div : kCombineStageMax;  // (a row's pieces: <= div)
+    p.split_stage = std::min(p.split_cut_div, kCombineStageMax);  // (a row's pieces: at most split_cut_div)
     return true;
   }
-  p.split_stage = E < 16 ? E : 16;  // (a row's pieces: <= E, most rows' a few; the combine's CTAs a few per SM)
+  p.split_stage = std::min(E, 16);  // (a row's pieces: at most E, most rows' a few; the combine's CTAs a few per SM)
   bsattn_fwd_split_plan_kernel<T, Cfg::D><<<static_cast<unsigned>(L), kSplitPlanThreads, 0, stream>>>(
-      p, in_flight * p.nsplit, slots, min_len);
+      p, in_flight * p.nsplit, slots, entries_of(8 * Cfg::BN));  // (many block rows: pieces of at least 8 KV tiles)
   err = cudaGetLastError();
   return true;
 }
