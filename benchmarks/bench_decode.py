@@ -16,7 +16,7 @@ block_until_ready (so a share of the host's time per repetition stays in each ca
 more of it), and `gpu_us`, the chain's device time per call (the span of its kernels in a jax.profiler trace); the
 peer, CUDA events around a CUDA graph of 50 runs where it captures, else triton's do_bench median.
 Each jax_bsattn output is checked against a float32 NumPy reference (rel_err). `--kv-lens` passes per-sequence key
-lengths (N - 7: the last block cut, attended in XLA). `--ab-split` times the forward's row
+lengths (N - 7: the last block cut; the forward's kernels take the lengths). `--ab-split` times the forward's row
 split on and off in one process. Rows go to decode_<label>.jsonl (decode_split_ab.jsonl) or decode_fi.jsonl in --out.
 """
 import argparse, json, os, statistics, time
@@ -196,7 +196,7 @@ def main():
                    help="time the forward's row split on and off (BSATTN_FWD_SPLIT=0) in one process")
     p.add_argument("--calls", type=int, default=0, help="chained calls per repetition (default: about --target-ms)")
     p.add_argument("--kv-lens", action="store_true",
-                   help="pass kv_lens = N - 7 (the cache's last block partly written: its keys attended in XLA)")
+                   help="pass kv_lens = N - 7 (the cache's last block partly written; the kernels take the lengths)")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--target-ms", type=float, default=30.0)
     a = p.parse_args()

@@ -132,13 +132,17 @@ def _canonical_layout(x, batch: tuple[int, ...], Hk: int):
     return x.reshape(LB, LH, x.shape[-1])
 
 
+def _no_lens():
+    return jnp.zeros((0,), jnp.int32)  # (the forward's kv_lens operand: none)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _attention(q, k, v, indptr, indices, cfg: Config):
-    return tuple(bsattn_fwd_p.bind(q, k, v, indptr, indices, cfg=cfg))
+    return tuple(bsattn_fwd_p.bind(q, k, v, indptr, indices, _no_lens(), cfg=cfg))
 
 
 def _attention_fwd(q, k, v, indptr, indices, cfg: Config):
-    o, lse = bsattn_fwd_p.bind(q, k, v, indptr, indices, cfg=cfg)
+    o, lse = bsattn_fwd_p.bind(q, k, v, indptr, indices, _no_lens(), cfg=cfg)
     return (o, lse), (q, k, v, o, lse, indptr, indices)
 
 
@@ -164,6 +168,36 @@ def _attention_bwd(cfg: Config, res, cts):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _attention_cut(q, k, v, indptr, indices, lens, cfg: Config):
+    """kv_lens around the kernels (key_lengths.py): the layout cut at each length, the cut block column in XLA, the
+    two merged by lse. What the gradients go through."""
+    indptr, indices, cut, counts = cut_layout(indptr, indices, lens, cfg.block_c)
+    o, lse = _attention(q, k, v, indptr, indices, cfg)
+    o_cut, lse_cut = cut_column_attention(q, k, v, lens, cut, counts, R=cfg.block_r, C=cfg.block_c,
+                                          scale=cfg.scale, softcap=cfg.softcap, causal=cfg.causal)
+    return merge_by_lse(o, lse, o_cut, lse_cut)
+
+
+# kv_lens: the forward's kernels take the lengths themselves (keys past a length are never read, the cut block masked
+# per key: one kernel call, o rounded once); the backward's do not, so under differentiation the forward and its
+# gradients go through _attention_cut (the same attention, o within a rounding of q's dtype of this one's).
+@partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _attention_kv_lens(q, k, v, indptr, indices, lens, cfg: Config):
+    return tuple(bsattn_fwd_p.bind(q, k, v, indptr, indices, lens, cfg=cfg))
+
+
+def _attention_kv_lens_fwd(q, k, v, indptr, indices, lens, cfg: Config):
+    out, pullback = jax.vjp(lambda q, k, v: _attention_cut(q, k, v, indptr, indices, lens, cfg), q, k, v)
+    return out, pullback
+
+
+def _attention_kv_lens_bwd(cfg: Config, pullback, cts):
+    return (*pullback(cts), None, None, None)
+
+
+_attention_kv_lens.defvjp(_attention_kv_lens_fwd, _attention_kv_lens_bwd)
 
 
 def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, causal=False, logits_soft_cap=None,
@@ -193,9 +227,10 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
         splits' areas), slower (BENCHMARKS.md has the figures). No effect on the forward or on the CPU path (deterministic already).
       kv_lens: per-sequence key lengths, integers broadcasting against ``*B`` (may be traced; clipped to
         ``[0, N]``): key ``j`` of batch element ``b`` takes part only where ``j < kv_lens[b]``, whatever the layout
-        lists (a serving cache's unwritten tail, a padded batch). The blocks past a length are never read; the
-        block a length cuts through is attended to densely in XLA (O(M Hq C D) more work, and its rows' o rounded
-        once more). ``causal`` stays anchored at N: with M = N (padded prefill) or M = 1 (decode) that is the usual
+        lists (a serving cache's unwritten tail, a padded batch). The keys past a length are never read. The
+        forward kernels take the lengths themselves; under differentiation the forward and its gradients go around
+        the kernels instead (the blocks past a length leave the layout and the block a length cuts through is
+        attended to densely in XLA: O(M Hq C D) more work, its rows' o rounded once more). ``causal`` stays anchored at N: with M = N (padded prefill) or M = 1 (decode) that is the usual
         mask; a chunk of M < N new rows per sequence would need it anchored at each length, which this does not do.
 
     Returns:
@@ -224,11 +259,7 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
     else:
         lens = canonical_kv_lens(kv_lens, tuple(batch), N)
         q3, k3, v3, indptr, indices, lens = to_common_variance(q3, k3, v3, indptr, indices, lens)
-        indptr, indices, cut, counts = cut_layout(indptr, indices, lens, cfg.block_c)
-        o, lse = _attention(q3, k3, v3, indptr, indices, cfg)
-        o_cut, lse_cut = cut_column_attention(q3, k3, v3, lens, cut, counts, R=cfg.block_r, C=cfg.block_c,
-                                              scale=cfg.scale, softcap=cfg.softcap, causal=cfg.causal)
-        o, lse = merge_by_lse(o, lse, o_cut, lse_cut)
+        o, lse = _attention_kv_lens(q3, k3, v3, indptr, indices, lens, cfg)
     o = o.reshape(q.shape)
     if return_lse:
         return o, lse.reshape(tuple(batch) + (M, Hq))

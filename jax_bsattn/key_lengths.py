@@ -1,7 +1,8 @@
-"""Per-sequence key lengths (``kv_lens``): keys at or past a batch element's length take no part.
+"""Per-sequence key lengths (``kv_lens``) under differentiation: keys at or past a batch element's length take no part.
 
-The kernels know one key length, N, for the whole batch. A serving cache is longer than most of its sequences, and its
-last block is often partly written, so ``kv_lens`` is served around the kernels:
+The forward's kernels take the lengths themselves (``attention._attention_kv_lens``: one kernel call); the backward's
+know one key length, N, for the whole batch. A serving cache is longer than most of its sequences, and its last block
+is often partly written, so where gradients are taken ``kv_lens`` is served around the kernels:
 
 - the blocks wholly at or past a sequence's length leave its layout (their entries become -1: out of range, skipped
   by every kernel, so the cache past the length is never read, whatever it holds);

@@ -340,12 +340,12 @@ def _fwd_workspace_words(q, k, indptr, indices, cfg: Config) -> int:
     return _fwd_sweep_table_words(q, k, indptr, indices, cfg) or _fwd_split_words(q, k, indptr, cfg)
 
 
-def _cuda_fwd_call(q, k, v, indptr, indices, *, cfg: Config):
+def _cuda_fwd_call(q, k, v, indptr, indices, kv_lens, *, cfg: Config):
     """The CUDA forward's third result is its workspace (the sweep's bit maps or the row split's area; empty where it
     runs neither), dropped."""
     out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:-1], jax.numpy.float32),
            jax.ShapeDtypeStruct((_fwd_workspace_words(q, k, indptr, indices, cfg),), jax.numpy.uint32))
-    o, lse, _ = jax.ffi.ffi_call("bsattn_fwd_cuda", out)(q, k, v, indptr, indices, **ffi_attributes(cfg))
+    o, lse, _ = jax.ffi.ffi_call("bsattn_fwd_cuda", out)(q, k, v, indptr, indices, kv_lens, **ffi_attributes(cfg))
     return o, lse
 
 

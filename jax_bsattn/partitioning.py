@@ -15,6 +15,7 @@ k, v, dk, dv            ``b n h d``                            ``b``, ``h``
 lse, delta              ``b m (h g)``                          ``b``, ``h``
 indptr, indices         ``LB LH p`` / ``LB LH z``              ``LB`` as ``b`` when LB == B, ``LH`` as ``h``
                                                                when LH == Hk; replicated when 1
+kv_lens (forward)       ``b`` (``[B]``), or ``[0]`` (none)     ``b``; the empty one replicated
 ======================  =====================================  ===========================================
 
 ``b`` and ``h`` are pass-through factors: the batch axis and the KV-head axis shard freely, and the query
@@ -95,6 +96,11 @@ class _Factors:
     def layout(self):
         return ArrayMapping(self.lb, self.lh, "p"), ArrayMapping(self.lb, self.lh, "z")
 
+    def lens(self, lens_shape):                            # kv_lens: [B], or [0] (none)
+        if lens_shape[0] == 0 and "kl" not in self.replicated:
+            self.replicated += ("kl",)
+        return ArrayMapping("kl" if lens_shape[0] == 0 else "b")
+
     def rule(self, operands, results) -> SdyShardingRule:
         order = []                                          # factors in order of first use (Shardy wants the
         for mapping in (*operands, *results):               # special factors sorted that way)
@@ -105,9 +111,9 @@ class _Factors:
 
 
 def _fwd_rule(cfg, mesh, operand_types, result_types):
-    q, k, _, ip, _ = (_shape(t) for t in operand_types)
+    q, k, _, ip, _, kl = (_shape(t) for t in operand_types)
     f = _Factors(q, k, ip, mesh)
-    return f.rule([f.q(), f.kv(), f.kv(), *f.layout()], [f.q(), f.rows()])
+    return f.rule([f.q(), f.kv(), f.kv(), *f.layout(), f.lens(kl)], [f.q(), f.rows()])
 
 
 def _bwd_rule(cfg, mesh, operand_types, result_types):
@@ -157,10 +163,13 @@ class _Plan:
     def layout(self):
         return self._ns(self.layout_spec), self._ns(self.layout_spec)
 
+    def lens(self, kv_lens):                               # kv_lens [B] as the batch; [0] replicated
+        return self._ns(P(self.b if kv_lens.shape[0] else None))
+
 
 def _partition_fwd(cfg: Config, mesh, arg_shapes, result_shape):
     plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[3])
-    args = (plan.data(), plan.data(), plan.data(), *plan.layout())
+    args = (plan.data(), plan.data(), plan.data(), *plan.layout(), plan.lens(arg_shapes[5]))
     return mesh, partial(_fwd, cfg=cfg), (plan.data(), plan.rows()), args
 
 
@@ -184,15 +193,15 @@ def _infer_bwd(cfg, mesh, arg_shapes, result_shape):
 # ---- the partitioned calls (cfg is static): the inner primitive, on global shapes when inlined (one
 # device), on each device's shard when partitioned ------------------------------------------------------
 
-def _fwd(q, k, v, indptr, indices, cfg):
-    return tuple(bsattn_fwd_ffi_p.bind(q, k, v, indptr, indices, cfg=cfg))
+def _fwd(q, k, v, indptr, indices, kv_lens, cfg):
+    return tuple(bsattn_fwd_ffi_p.bind(q, k, v, indptr, indices, kv_lens, cfg=cfg))
 
 
 def _bwd(q, k, v, do, lse, delta, indptr, indices, cfg):
     return tuple(bsattn_bwd_ffi_p.bind(q, k, v, do, lse, delta, indptr, indices, cfg=cfg))
 
 
-fwd_partitioned = custom_partitioning(_fwd, static_argnums=(5,))
+fwd_partitioned = custom_partitioning(_fwd, static_argnums=(6,))
 fwd_partitioned.def_partition(partition=_partition_fwd, infer_sharding_from_operands=_infer_fwd,
                               sharding_rule=_fwd_rule)
 bwd_partitioned = custom_partitioning(_bwd, static_argnums=(8,))

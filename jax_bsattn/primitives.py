@@ -1,7 +1,8 @@
 """The primitives: forward (o, lse) and backward (dq, dk, dv), each an outer / inner pair.
 
 All work on canonical shapes (csrc/README.md): q ``[B, M, Hq, D]``, k/v ``[B, N, Hk, D]``, layout arrays
-``[LB, LH, ...]`` with LB in {1, B} and LH in {1, Hk}.
+``[LB, LH, ...]`` with LB in {1, B} and LH in {1, Hk}; the forward also takes ``kv_lens``, int32 ``[B]`` (keys that
+take part per batch element) or ``[0]`` (none: N each).
 
 - The outer primitives ``bsattn_fwd`` / ``bsattn_bwd`` are what jax sees (the custom_vjp in attention.py
   binds them): an abstract eval that checks shapes and dtypes and a batching rule that folds the vmapped axis
@@ -127,9 +128,11 @@ def _results(data, specs):
     return tuple(out)
 
 
-def _fwd_abstract_eval(q, k, v, indptr, indices, *, cfg: Config):
+def _fwd_abstract_eval(q, k, v, indptr, indices, kv_lens, *, cfg: Config):
     B, M, Hq, D = _check_canonical(q, k, v, indptr, indices, cfg)
-    return _results((q, k, v, indptr, indices), [(q, q.shape, q.dtype), (q, (B, M, Hq), jnp.float32)])
+    _expect(kv_lens.ndim == 1 and kv_lens.shape[0] in (0, B) and kv_lens.dtype == jnp.int32,
+            f"kv_lens must be int32 [B] = [{B}] or [0]; got {kv_lens.shape} {kv_lens.dtype}")
+    return _results((q, k, v, indptr, indices, kv_lens), [(q, q.shape, q.dtype), (q, (B, M, Hq), jnp.float32)])
 
 
 def _bwd_abstract_eval(q, k, v, do, lse, delta, indptr, indices, *, cfg: Config):
@@ -188,19 +191,29 @@ def _unbatched_B(x, dim):
     return shape[0]
 
 
-def _make_batcher(prim, num_data: int):
+def _fold_lens(x, dim, n):
+    """kv_lens ``[B]`` -> ``[n * B]`` like a data operand; ``[0]`` (none) stays so where it is not mapped."""
+    if dim is _NOT_MAPPED and x.shape[0] == 0:
+        return x
+    return _fold_data(x, dim, n)
+
+
+def _make_batcher(prim, num_data: int, lens: bool = False):
+    """Operands: ``num_data`` data arrays, indptr, indices, then (``lens``) kv_lens."""
     def batcher(args, dims, *, cfg):
         n = _batch_size(args, dims)
         B = _unbatched_B(args[0], dims[0])
         data = [_fold_data(x, d, n) for x, d in zip(args[:num_data], dims[:num_data])]
-        shared = all(d is _NOT_MAPPED and x.shape[0] == 1 for x, d in zip(args[num_data:], dims[num_data:]))
-        layout = [_fold_layout(x, d, n, B, shared) for x, d in zip(args[num_data:], dims[num_data:])]
-        outs = prim.bind(*data, *layout, cfg=cfg)
+        lay_args, lay_dims = args[num_data:num_data + 2], dims[num_data:num_data + 2]
+        shared = all(d is _NOT_MAPPED and x.shape[0] == 1 for x, d in zip(lay_args, lay_dims))
+        layout = [_fold_layout(x, d, n, B, shared) for x, d in zip(lay_args, lay_dims)]
+        extra = [_fold_lens(args[-1], dims[-1], n)] if lens else []
+        outs = prim.bind(*data, *layout, *extra, cfg=cfg)
         return [o.reshape((n, B) + o.shape[1:]) for o in outs], [0] * len(outs)
     return batcher
 
 
-batching.primitive_batchers[bsattn_fwd_p] = _make_batcher(bsattn_fwd_p, num_data=3)
+batching.primitive_batchers[bsattn_fwd_p] = _make_batcher(bsattn_fwd_p, num_data=3, lens=True)
 batching.primitive_batchers[bsattn_bwd_p] = _make_batcher(bsattn_bwd_p, num_data=6)
 
 

@@ -19,8 +19,9 @@ auto bind_attributes(Binding&& b) {  // Binding's builder methods are &&-qualifi
       .template Attr<bool>("causal");
 }
 
-// Forward: q, k, v, indptr, indices -> o, lse; with kWorkspace (CUDA) also a flat u32 workspace result, empty or
-// sized by the caller (the sweep kernel's bit maps, csrc/README.md).
+// Forward: q, k, v, indptr, indices, kv_lens -> o, lse; kv_lens is [B] int32 (per-sequence key lengths) or empty
+// (none: every batch element has N keys). With kWorkspace (CUDA) also a flat u32 workspace result, empty or sized by
+// the caller (the sweep kernel's bit maps, csrc/README.md).
 template <bool kWorkspace = false, typename Binding>
 auto bind_forward(Binding&& b) {
   namespace ffi = xla::ffi;
@@ -29,6 +30,7 @@ auto bind_forward(Binding&& b) {
                .template Arg<ffi::AnyBuffer>()                 // v
                .template Arg<ffi::Buffer<ffi::S32>>()          // indptr
                .template Arg<ffi::Buffer<ffi::S32>>()          // indices
+               .template Arg<ffi::Buffer<ffi::S32>>()          // kv_lens
                .template Ret<ffi::AnyBuffer>()                 // o
                .template Ret<ffi::Buffer<ffi::F32>>();         // lse
   if constexpr (kWorkspace)

@@ -73,7 +73,7 @@ struct BwdScratch {
         load_packed_both(a.dtype, a.d_o, p, b, hk, i0, i1, 1.f, d_o.data(), Dp, dot.data(), Pp);
     load_packed_stats(a.lse, p, b, hk, i0, i1, lse.data());
     load_packed_stats(a.delta, p, b, hk, i0, i1, delta.data());
-    packed_key_limits(p, i0, i1, Pp, lim.data());
+    packed_key_limits(p, i0, i1, Pp, lim.data(), p.N);
     float *l = lse.data(), *d = delta.data();
     for (int64_t pr = 0; pr < Pp; ++pr) {
       if (pr >= P) l[pr] = d[pr] = 0.f;

@@ -34,9 +34,17 @@ struct AttnInputs {
 };
 
 struct FwdArgs : AttnInputs {
-  void* o;     // [B, M, Hq, D]
-  float* lse;  // [B, M, Hq]
+  void* o;                 // [B, M, Hq, D]
+  float* lse;              // [B, M, Hq]
+  const int32_t* kv_lens;  // [B] keys that take part per batch element (clipped to [0, N] where read), or null: N
 };
+
+// The keys of batch element b that take part: kv_lens[b] clipped to [0, N], else N.
+inline int64_t key_count(const FwdArgs& a, int64_t b) {
+  if (a.kv_lens == nullptr) return a.p.N;
+  const int64_t n = a.kv_lens[b];
+  return n < 0 ? 0 : (n > a.p.N ? a.p.N : n);
+}
 
 struct BwdArgs : AttnInputs {
   const void* d_o;           // [B, M, Hq, D]
@@ -102,22 +110,25 @@ struct Columns {
 };
 Columns transpose_layout(const Problem& p, const Layout& layout);
 
-// The exclusive upper bound on key index j for query row i: j < N, and with causal
-// j <= i + (N - M). May be <= 0 (the row sees nothing).
-inline int64_t key_limit(const Problem& p, int64_t i) {
-  if (!p.causal) return p.N;
+// The exclusive upper bound on key index j for query row i: j < nkeys (N, or the batch element's kv_lens), and with
+// causal j <= i + (N - M). May be <= 0 (the row sees nothing).
+inline int64_t key_limit(const Problem& p, int64_t i, int64_t nkeys) {
+  if (!p.causal) return nkeys;
   const int64_t lim = i + p.causal_offset() + 1;
-  return lim < p.N ? lim : p.N;
+  return lim < nkeys ? lim : nkeys;
 }
+inline int64_t key_limit(const Problem& p, int64_t i) { return key_limit(p, i, p.N); }
 
 // The blocks of a row item that can contribute, in layout order: valid block columns of its block
-// row (clamp / skip rules) that at least one row of the chunk sees (causal). Usage:
+// row (clamp / skip rules) that at least one row of the chunk sees (causal, keys below nkeys), each cut at nkeys (the
+// keys past it never read). Usage:
 //   int64_t j0, cn;  // first key and key count of the block
 //   for (RowBlocks blocks(p, layout, item); blocks.next(&j0, &cn);) { ... }
 class RowBlocks {
  public:
-  RowBlocks(const Problem& p, const Layout& layout, const RowItem& it)
-      : p_(p), lim_max_(key_limit(p, it.i1 - 1)) {  // key_limit grows with i
+  RowBlocks(const Problem& p, const Layout& layout, const RowItem& it) : RowBlocks(p, layout, it, p.N) {}
+  RowBlocks(const Problem& p, const Layout& layout, const RowItem& it, int64_t nkeys)
+      : p_(p), nkeys_(nkeys), lim_max_(key_limit(p, it.i1 - 1, nkeys)) {  // key_limit grows with i
     const int64_t l = p.layout_id(it.b, it.hk);
     indices_ = layout.indices_of(p, l);
     const RowRange range = row_range(layout.indptr_of(p, l), it.r, p.nnz);
@@ -129,8 +140,8 @@ class RowBlocks {
       const int32_t col = indices_[idx_++];
       if (!valid_block(col, p_.NB)) continue;
       *j0 = col * p_.C;
-      if (*j0 >= lim_max_) continue;  // causal: no row of the chunk sees the block
-      *cn = p_.C < p_.N - *j0 ? p_.C : p_.N - *j0;
+      if (*j0 >= lim_max_) continue;  // causal or past nkeys: no row of the chunk sees the block
+      *cn = p_.C < nkeys_ - *j0 ? p_.C : nkeys_ - *j0;
       return true;
     }
     return false;
@@ -138,7 +149,7 @@ class RowBlocks {
 
  private:
   const Problem& p_;
-  int64_t lim_max_;
+  int64_t nkeys_, lim_max_;
   const int32_t* indices_;
   int64_t idx_, end_;
 };

@@ -178,7 +178,7 @@ ffi::Error run_guarded(void (*kernel)(const void*), const void* args, const char
 
 ffi::Error FwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
-                   ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::Buffer<ffi::F32>> lse,
+                   ffi::Buffer<ffi::S32> kv_lens, ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::Buffer<ffi::F32>> lse,
                    int64_t block_r, int64_t block_c, float scale, float softcap, bool causal) {
   constexpr const char* kName = "bsattn_fwd_cpu";
   FwdArgs a;
@@ -190,7 +190,11 @@ ffi::Error FwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
     return std::move(*e);
   if (auto e = expect_shape(kName, "lse", lse->dimensions(), {p.B, p.M, p.Hq}))
     return std::move(*e);
+  const bool has_lens = kv_lens.element_count() != 0;
+  if (auto e = expect_shape(kName, "kv_lens", kv_lens.dimensions(), {has_lens ? p.B : 0}))
+    return std::move(*e);
   if (p.Hk == 0) return ffi::Error::Success();  // no heads: every output is empty
+  a.kv_lens = has_lens ? kv_lens.typed_data() : nullptr;
   a.o = o->untyped_data();
   a.lse = lse->typed_data();
   return run_guarded([](const void* x) { attention_fwd_cpu(*static_cast<const FwdArgs*>(x)); },

@@ -80,16 +80,17 @@ inline int64_t load_packed_both(DType t, const void* src, const Problem& p, int6
   return P;
 }
 
-// lim[pr] = key_limit of packed row pr, clamped to [0, N]; padding lanes [P, Pp) get 0 (they see
-// nothing).
-inline void packed_key_limits(const Problem& p, int64_t i0, int64_t i1, int64_t Pp, int32_t* lim) {
+// lim[pr] = key_limit of packed row pr, clamped to [0, nkeys] (N, or the batch element's kv_lens); padding lanes
+// [P, Pp) get 0 (they see nothing).
+inline void packed_key_limits(const Problem& p, int64_t i0, int64_t i1, int64_t Pp, int32_t* lim,
+                              int64_t nkeys) {
   const int64_t g = p.group(), P = (i1 - i0) * g;
   for (int64_t pr = 0; pr < Pp; ++pr) {
     int64_t l = 0;
     if (pr < P) {
       const int64_t i = i0 + pr / g;
-      l = p.causal ? i + p.causal_offset() + 1 : p.N;
-      l = l < 0 ? 0 : (l > p.N ? p.N : l);
+      l = p.causal ? i + p.causal_offset() + 1 : nkeys;
+      l = l < 0 ? 0 : (l > nkeys ? nkeys : l);
     }
     lim[pr] = static_cast<int32_t>(l);
   }

@@ -36,7 +36,8 @@ def fwd_call(q, k, v, indptr, indices, R, C, scale, softcap, causal):
     out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, M, Hq), jnp.float32),
            jax.ShapeDtypeStruct((tw,), jnp.uint32))
     return jax.ffi.ffi_call("bsattn_fwd_cuda", out)(
-        q, k, v, indptr, indices, block_r=np.int64(R), block_c=np.int64(C), scale=np.float32(scale),
+        q, k, v, indptr, indices, jnp.zeros((0,), jnp.int32),  # (kv_lens: none)
+        block_r=np.int64(R), block_c=np.int64(C), scale=np.float32(scale),
         softcap=np.float32(softcap), causal=bool(causal))[:2]
 
 

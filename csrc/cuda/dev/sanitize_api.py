@@ -7,7 +7,9 @@ Valid layouts and garbage traced ones (indptr decreasing / past nnz / negative, 
 C <= 8 (the packed dk/dv path) and larger blocks, causal and soft cap; layouts with global block columns ("global": a
 band plus column 0 in head 0, columns 0 and NB / 2 in head 1), long enough that the column kernels split them
 (bwd/column_split.cuh); and with global block rows ("global-rows": a band plus row 0 in head 0, rows 0 and MB / 2 in
-head 1), R * g > 16, which the forward's row split cuts (fwd_sm90/row_split.cuh). Prints one line per case.
+head 1), R * g > 16, which the forward's row split cuts (fwd_sm90/row_split.cuh); and decode shapes (one block
+row, 16K-32K keys: the few-row split), whose forward also runs alone with kv_lens (the kernels read the length and
+never the keys past it). Prints one line per case.
 Arguments (optional): run only the cases of these kinds (e.g. `global-rows`) or at these indices into CASES (e.g. `3
 7`): under JAX the sanitizer's own process sometimes dies (segfault) partway, so one process per case loses least.
 """
@@ -47,6 +49,10 @@ CASES = [  # (R, C, g, D, M, N, garbage, causal, softcap)
     (16, 16, 4, 128, 2048, 2048, "global-rows", False, None),
     # N > 2 g M: the narrow kernel's column split area would exceed q's size, so the pair's dq split takes it alone
     (32, 16, 1, 128, 1024, 4096, "global-rows", False, None),
+    # decode shapes (fewer than 16 block rows, many keys): the few-row split, its combine staging pieces in batches
+    (1, 16, 4, 128, 1, 16384, False, False, None),
+    (16, 8, 4, 128, 16, 32768, False, True, None),
+    (16, 8, 4, 128, 16, 32768, True, False, None),
 ]
 
 
@@ -92,6 +98,11 @@ def main():
 
         val, grads = run(q, k, v, indptr, indices)
         finite = bool(np.isfinite(float(val))) and all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in grads)
+        if M <= 16:  # a decode shape: the forward alone with a length that cuts a block (kv_lens in the kernels)
+            o = jax.jit(lambda q, k, v, ip, ix: jb.block_sparse_attention(
+                q, k, v, jb.BlockSparseLayout.from_csr(ip, ix, (R, C), (M, N)), causal=causal,
+                logits_soft_cap=softcap, kv_lens=N - 77))(q, k, v, indptr, indices)
+            finite = finite and bool(jnp.isfinite(o.astype(jnp.float32)).all())
         print(f"case R={R} C={C} g={g} D={D} garbage={garbage}: finite={finite}", flush=True)
 
 

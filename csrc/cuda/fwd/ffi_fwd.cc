@@ -30,7 +30,8 @@ constexpr char kName[] = "bsattn_fwd_cuda";
 ffi::Error bad(const std::string& msg) { return ffi_common::invalid(kName, msg); }
 
 ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                   ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices, ffi::Result<ffi::AnyBuffer> o,
+                   ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> kv_lens,
+                   ffi::Result<ffi::AnyBuffer> o,
                    ffi::Result<ffi::Buffer<ffi::F32>> lse, ffi::Result<ffi::Buffer<ffi::U32>> ws, int64_t block_r,
                    int64_t block_c, float scale, float softcap, bool causal) {
   const auto dt = q.element_type();
@@ -49,6 +50,10 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   if (!same_dims(od, qd)) return bad("o " + dims_str(od) + " must have q's shape " + dims_str(qd));
   if (ld[0] != B || ld[1] != M || ld[2] != Hq) return bad("lse " + dims_str(ld) + " must be [B, M, Hq]");
   if (ws->dimensions().size() != 1) return bad("workspace " + dims_str(ws->dimensions()) + " must be flat");
+  const auto nd = kv_lens.dimensions();
+  const bool has_lens = kv_lens.element_count() != 0;
+  if (nd.size() != 1 || (has_lens && nd[0] != B))
+    return bad("kv_lens " + dims_str(nd) + " must be [B] = [" + std::to_string(B) + "] or empty");
   std::string msg = ffi_common::check_head_dim(D);
   if (!msg.empty()) return bad(msg);
   if (Hk < 1 || Hq % Hk != 0) return bad("Hq must be a positive multiple of Hk");
@@ -68,6 +73,7 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   p.indices = indices.typed_data();
   p.o = o->untyped_data();
   p.lse = lse->typed_data();
+  p.kv_lens = has_lens ? kv_lens.typed_data() : nullptr;
   ffi_common::fill_problem(p, B, M, N, Hq, Hk, block_r, block_c, l, causal, scale, softcap);
   // the workspace: empty, or exactly fwd_workspace_words (the lowering's size; used where the sweep or the split runs)
   p.ws_words = static_cast<int64_t>(ws->element_count());

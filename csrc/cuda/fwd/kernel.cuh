@@ -94,9 +94,10 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_kernel(const __
     gs->kvoff = kvoff;
     gs->idx = idx;
     gs->len = len;
-    gs->qC = BN / p.C;
-    gs->rC = BN - gs->qC * p.C;
+    gs->qC = static_cast<int16_t>(BN / p.C);
+    gs->rC = static_cast<int16_t>(BN - gs->qC * p.C);
     gs->qlim_min = p.causal ? qmin + (p.N - p.M) : INT_MAX;
+    gs->nkeys = fwd_key_count(p, w.b);
   }
   __syncthreads();
   BSATTN_FWD_TIMELINE_MARK(2);

@@ -29,6 +29,7 @@ struct FwdTileSetup {
   int len;         // blocks the CTA walks: the block row's, or a piece of them (the row split)
   int ntiles;      // KV tiles of BN keys over them
   int part;        // the row split's partial slot of this piece (-1: the whole block row; fwd_sm90/row_split.cuh)
+  int nkeys;       // keys of the batch element that take part (fwd_key_count)
   int64_t q_rstride, qoff, kvoff;  // Hq * D; q / o of the tile's first (row, head); k / v of (b, hk)
   const int32_t* idx;              // the list of blocks the CTA walks
 };
@@ -87,12 +88,13 @@ __device__ __forceinline__ bool fwd_tile_setup(const FwdParams& p, FwdTileSetup&
   t.qoff = (static_cast<int64_t>(w.b) * p.M + static_cast<int64_t>(w.br) * p.R) * t.q_rstride +
            static_cast<int64_t>(w.hk) * p.g * D;
   t.kvoff = (static_cast<int64_t>(w.b) * p.N * p.Hk + w.hk) * D;
+  t.nkeys = fwd_key_count(p, w.b);
   pdl_launch_dependents();  // the row split's combine may take its place now (it waits for this grid's end)
   return true;
 }
 
 // Per tile row: (query row in the block row, head in the group), r = -1 for padding; the causal limit
-// i + N - M of its query row i (else INT_MAX - 1).
+// i + N - M of its query row i (else INT_MAX - 1). (Keys past kv_lens need no limit: the gather gives them INT_MAX.)
 template <int TM, int NT>
 __device__ __forceinline__ void fill_row_tables(const FwdParams& p, const FwdTileSetup& t, int2* sRow, int* sLim,
                                                 int tid) {
@@ -109,9 +111,10 @@ __device__ __forceinline__ void fill_gather_shared(const FwdParams& p, const Fwd
   gs->kvoff = t.kvoff;
   gs->idx = t.idx;
   gs->len = t.len;
-  gs->qC = BN / p.C;
-  gs->rC = BN - gs->qC * p.C;
+  gs->qC = static_cast<int16_t>(BN / p.C);
+  gs->rC = static_cast<int16_t>(BN - gs->qC * p.C);
   gs->qlim_min = p.causal ? t.qmin + (p.N - p.M) : INT_MAX;
+  gs->nkeys = t.nkeys;
 }
 
 // Where the epilogue writes the tile's o and lse.

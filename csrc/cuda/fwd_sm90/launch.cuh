@@ -110,8 +110,10 @@ cudaError_t launch_sweep_sm90(const FwdParams& p0, cudaStream_t stream) {
   const int64_t grid = static_cast<int64_t>(p.B) * p.Hk * ((p.MB + p.sweep_brt - 1) / p.sweep_brt);
   // the bit map's size varies by call: opt in to the device's maximum first (launch_kernel's opt-in, sharing
   // smem_done, then finds it done and does not lower it to this call's size)
-  static std::atomic<uint64_t> smem_done{0};
-  const auto kernel = bsattn_fwd_sm90_sweep_kernel<T, Cfg>;
+  static std::atomic<uint64_t> smem_done_of[2] = {{0}, {0}};  // one per kernel
+  const bool lens = p.kv_lens != nullptr;  // (per-sequence key lengths: the kernel that reads them)
+  const auto kernel = lens ? bsattn_fwd_sm90_sweep_kernel<T, Cfg, true> : bsattn_fwd_sm90_sweep_kernel<T, Cfg, false>;
+  std::atomic<uint64_t>& smem_done = smem_done_of[lens ? 1 : 0];
   if (grid > 0) {
     const cudaError_t err = opt_in_smem(kernel, device_smem_optin(), 1, smem_done);
     if (err != cudaSuccess) return err;
