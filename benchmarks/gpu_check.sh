@@ -58,9 +58,9 @@ elif [ "${TESTS:-1}" = 1 ]; then
 fi
 if [ "${FWD_MMA:-1}" = 1 ] && [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1)" = "9.0" ]; then
   # on Hopper the forward's 64- and 128-row tiles run the wgmma kernel: test the mma.sync kernel (what other GPUs
-  # run) on them too
+  # run) on them too (kv_lens: the forward's kernels take the lengths)
   stamp "gpu forward tests, mma.sync kernel (BSATTN_FWD_KERNEL=mma)"
-  (cd tests && BSATTN_FWD_KERNEL=mma python3 -m pytest -q -m gpu -k forward 2>&1 | tee "$OUT/pytest_gpu_mma.log" | tail -3)
+  (cd tests && BSATTN_FWD_KERNEL=mma python3 -m pytest -q -m gpu -k "forward or kv_lens" 2>&1 | tee "$OUT/pytest_gpu_mma.log" | tail -3)
 fi
 if [ "${OLD_BWD:-1}" = 1 ] && [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1)" = "9.0" ]; then
   # on Hopper the row-oriented backward takes C <= 16 with R * g >= 64 before the kernels these tests are named for

@@ -50,8 +50,8 @@ def cut_layout(indptr, indices, lens, C: int):
     kept = jnp.where(indices < whole, indices, -1)  # (a negative column stays out of range)
     # times each block row lists the cut column: a running count over the entries, read at the rows' bounds
     hits = (indices == cut[:, None, None]) & (cut >= 0)[:, None, None]
-    running = jnp.concatenate([jnp.zeros(hits.shape[:-1] + (1,), jnp.int32),
-                               jnp.cumsum(hits.astype(jnp.int32), axis=-1)], axis=-1)
+    running = jnp.cumsum(hits.astype(jnp.int32), axis=-1)
+    running = jnp.concatenate([jnp.zeros_like(running[..., :1]), running], axis=-1)  # (zeros sharded like hits)
     counts = (jnp.take_along_axis(running, indptr[..., 1:], axis=-1)
               - jnp.take_along_axis(running, indptr[..., :-1], axis=-1))
     return indptr, kept, cut, counts
@@ -94,7 +94,8 @@ def cut_column_attention(q, k, v, lens, cut, counts, *, R: int, C: int, scale: f
     qh = jnp.where(row_lists[:, :, None, :, None], qh, jnp.zeros_like(qh))
     o, lse = attention_over_listed(qh, kc, vc, weights[:, :, None], scale, softcap)
     o = jnp.moveaxis(o.reshape(B, Hq, M, D), 1, 2)  # [B, M, Hq, D]
-    lse = jnp.swapaxes(lse.reshape(B, Hq, M), 1, 2)
+    lse = jnp.swapaxes(lse[..., 0].reshape(B, Hq, M), 1, 2)  # ([B, Hk, g, M, 1]: squeezed first, as explicit
+    # sharding's reshape rule takes a merge of dims but not a merge and a squeeze at once)
     return o, lse
 
 

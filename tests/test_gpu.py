@@ -874,12 +874,13 @@ def test_backward_rows_nonfinite_outside_layout(R, C, g, causal, D):
 # Per-sequence key lengths (kv_lens) through the CUDA kernels (the forward's take them; under differentiation the
 # forward and gradients go around them, key_lengths.py): a decode step against a long cache whose last blocks are
 # partly written (M = 1 and 16: the few-row split, g = 4 and 8), a padded causal prefill (M = N, R * g = 64 and
-# 128: the gather forward, the many-row split; the backward's row-oriented pass and the compact form), R * g = 8 with
-# 64 block rows (the forward's sweep); garbage (NaN / inf) past every length.
+# 128: the 64-row gather forward; the backward's row-oriented pass and the compact form), R * g = 128 with 32 block rows
+# (the producer-warpgroup 128-row forward at D = 128), R * g = 8 with 64 block rows (the forward's sweep, causal, a
+# length of 0); garbage (NaN / inf) past every length. gpu_check.sh runs them again with the mma.sync forward.
 @pytest.mark.parametrize("M,N,R,C,g,D,causal,lens", [
     (1, 8192, 1, 16, 4, 128, False, (8192, 3001, 77)), (16, 4096, 16, 64, 8, 128, False, (4000, 1, 2111)),
     (512, 512, 16, 16, 4, 128, True, (512, 300, 17)), (384, 384, 64, 32, 2, 64, True, (200, 384, 129)),
-    (1024, 1024, 4, 16, 2, 128, False, (1024, 0, 555))])
+    (1024, 1024, 4, 16, 2, 128, True, (1024, 0, 555)), (1024, 1024, 32, 64, 4, 128, True, (1024, 700, 33))])
 def test_kv_lens(M, N, R, C, g, D, causal, lens):
     rng = np.random.default_rng(M + C)
     Hk, B = 2, len(lens)

@@ -73,24 +73,27 @@ def worker():
         errs = [float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30)) for a, b in zip(got, want)]
         report[name] = dict(errs=errs, all_gathers=hlo.count("all-gather"), specs=specs,
                             kernel_calls=hlo.count("bsattn_fwd_") + hlo.count("bsattn_bwd_"))
-    # Per-sequence key lengths (kv_lens) split over the batch axis beside q, k, v split over batch and heads: the cut
-    # layout is per batch element, and the cut column's XLA part shards like the rest.
-    mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(AxisType.Auto, AxisType.Auto))
+    # Per-sequence key lengths (kv_lens) split over the batch axis beside q, k, v split over batch and heads, with
+    # automatic and explicit mesh axes: the forward is one kernel call taking the lengths; its gradients go through
+    # the layout cut per batch element and the cut column's XLA part, which shard like the rest.
     q = jnp.asarray(rng.standard_normal((B, M, Hq, D)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((B, N, 4, D)), jnp.float32) for _ in range(2))
     lens = jnp.asarray(rng.integers(0, N + 1, size=B), jnp.int32)
     lay = layouts.union(layouts.sliding_window((M, N), 8, 24), layouts.random((M, N), 8, 2, batch_shape=(4,)))
     fwd = lambda q, k, v, n: jb.block_sparse_attention(q, k, v, lay, causal=True, return_lse=True, kv_lens=n)
     grad = jax.grad(lambda q, k, v, n: jnp.sum(jnp.sin(fwd(q, k, v, n)[0])), argnums=(0, 1, 2))
-    shard = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
-    args = (shard(q, "x", None, "y"), shard(k, "x", None, "y"), shard(v, "x", None, "y"), shard(lens, "x"))
-    got = jax.jit(fwd)(*args) + jax.jit(grad)(*args)
-    hlo = jax.jit(fwd).lower(*args).compile().as_text() + jax.jit(grad).lower(*args).compile().as_text()
     want = jax.jit(fwd)(q, k, v, lens) + jax.jit(grad)(q, k, v, lens)
-    errs = [float(jnp.max(jnp.abs(jnp.where(jnp.isfinite(b), a - b, 0))) / (jnp.max(jnp.abs(jnp.where(
-        jnp.isfinite(b), b, 0))) + 1e-30)) for a, b in zip(got, want)]
-    report["kv_lens"] = dict(errs=errs, all_gathers=hlo.count("all-gather"),
-                             kernel_calls=hlo.count("bsattn_fwd_") + hlo.count("bsattn_bwd_"))
+    for name, kind in (("kv_lens", AxisType.Auto), ("kv_lens_explicit", AxisType.Explicit)):
+        mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(kind, kind))
+        shard = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
+        args = (shard(q, "x", None, "y"), shard(k, "x", None, "y"), shard(v, "x", None, "y"), shard(lens, "x"))
+        with jax.set_mesh(mesh) if kind == AxisType.Explicit else contextlib.nullcontext():
+            got = jax.jit(fwd)(*args) + jax.jit(grad)(*args)
+            hlo = jax.jit(fwd).lower(*args).compile().as_text() + jax.jit(grad).lower(*args).compile().as_text()
+        errs = [float(jnp.max(jnp.abs(jnp.where(jnp.isfinite(b), a - b, 0))) / (jnp.max(jnp.abs(jnp.where(
+            jnp.isfinite(b), b, 0))) + 1e-30)) for a, b in zip(got, want)]
+        report[name] = dict(errs=errs, all_gathers=hlo.count("all-gather"),
+                            kernel_calls=hlo.count("bsattn_fwd_") + hlo.count("bsattn_bwd_"))
     # The manual alternative: the op inside shard_map runs on each device's batch shard (no partitioner).
     mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
     q, k, v = (jnp.asarray(rng.standard_normal((B, n, 4, D)), jnp.float32) for n in (M, N, N))
@@ -155,8 +158,9 @@ def test_batch_and_head_sharding_runs_on_local_shards(report, name):
     assert (o_spec[0], o_spec[2]) == (qspec[0], qspec[2]), r        # o stays sharded as q (batch, heads)
 
 
-def test_kv_lens_sharded(report):
-    r = report["kv_lens"]
+@pytest.mark.parametrize("name", ["kv_lens", "kv_lens_explicit"])
+def test_kv_lens_sharded(report, name):
+    r = report[name]
     assert max(r["errs"]) < 1e-5, r
     assert r["kernel_calls"] >= 2 and r["all_gathers"] == 0, r
 

@@ -36,7 +36,7 @@ struct GatherShared {
   const int32_t* idx;  // the block row's list of block indices
   int len;             // its length
   int16_t qC, rC;      // BN = qC * C + rC (both at most BN)
-  int qlim_min;        // keys above this need the mask for some row of the tile (causal, kv_lens; else INT_MAX)
+  int qlim_min;        // causal: keys above this need the mask for some row of the tile (else INT_MAX)
   int nkeys;           // keys [0, nkeys) of the batch element take part (fwd_key_count)
 };
 static_assert(sizeof(GatherShared) <= 32, "the kernels keep it in CTA_BYTES = 32 (fwd/config.cuh FwdTileShape)");
