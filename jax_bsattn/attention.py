@@ -230,8 +230,9 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
         lists (a serving cache's unwritten tail, a padded batch). The keys past a length are never read. The
         forward kernels take the lengths themselves; under differentiation the forward and its gradients go around
         the kernels instead (the blocks past a length leave the layout and the block a length cuts through is
-        attended to densely in XLA: O(M Hq C D) more work, its rows' o rounded once more). ``causal`` stays anchored at N: with M = N (padded prefill) or M = 1 (decode) that is the usual
-        mask; a chunk of M < N new rows per sequence would need it anchored at each length, which this does not do.
+        attended to densely in XLA: O(M Hq C D) more work, its rows' o rounded once more). ``causal`` stays
+        anchored at N: with M = N (padded prefill) or M = 1 (decode) that is the usual mask; a chunk of M < N new
+        rows per sequence would need it anchored at each length, which this does not do.
 
     Returns:
       ``o`` in q's dtype, ``[*B, M, Hq, D]`` (and ``lse``). A row with no element taking part gives ``o = 0``

@@ -96,9 +96,8 @@ class _Factors:
     def layout(self):
         return ArrayMapping(self.lb, self.lh, "p"), ArrayMapping(self.lb, self.lh, "z")
 
-    def lens(self, lens_shape):                            # kv_lens: [B], or [0] (none)
-        if lens_shape[0] == 0 and "kl" not in self.replicated:
-            self.replicated += ("kl",)
+    @staticmethod
+    def lens(lens_shape):                                  # kv_lens: [B], or [0] (none: "kl", replicated)
         return ArrayMapping("kl" if lens_shape[0] == 0 else "b")
 
     def rule(self, operands, results) -> SdyShardingRule:
@@ -106,7 +105,7 @@ class _Factors:
         for mapping in (*operands, *results):               # special factors sorted that way)
             for dim in mapping:
                 order += [f for f in ((dim,) if isinstance(dim, str) else dim) if f not in order]
-        replicated = tuple(sorted(self.replicated, key=order.index))
+        replicated = tuple(sorted((*self.replicated, *(["kl"] if "kl" in order else [])), key=order.index))
         return SdyShardingRule(tuple(operands), tuple(results), need_replication_factors=replicated, **self.sizes)
 
 

@@ -178,7 +178,8 @@ ffi::Error run_guarded(void (*kernel)(const void*), const void* args, const char
 
 ffi::Error FwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
-                   ffi::Buffer<ffi::S32> kv_lens, ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::Buffer<ffi::F32>> lse,
+                   ffi::Buffer<ffi::S32> kv_lens, ffi::Result<ffi::AnyBuffer> o,
+                   ffi::Result<ffi::Buffer<ffi::F32>> lse,
                    int64_t block_r, int64_t block_c, float scale, float softcap, bool causal) {
   constexpr const char* kName = "bsattn_fwd_cpu";
   FwdArgs a;
