@@ -112,9 +112,9 @@ def make_backend(name, fwdbwd=False):
             out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:3], jnp.float32),
                    jax.ShapeDtypeStruct((tw,), jnp.uint32))
             call = jax.ffi.ffi_call("bsattn_fwd_cuda", out, has_side_effect=True)
-            res, no_lens = None, jnp.zeros((0,), jnp.int32)  # (kv_lens: none)
+            res, none = None, jnp.zeros((0,), jnp.int32)  # (kv_lens, q_offset: none)
             for _ in range(calls):
-                res = call(q, k, v, ip, ix, no_lens, block_r=np.int64(R), block_c=np.int64(C), scale=scale,
+                res = call(q, k, v, ip, ix, none, none, block_r=np.int64(R), block_c=np.int64(C), scale=scale,
                            softcap=np.float32(0), causal=False)
             return res[0]
         return f

@@ -12,11 +12,12 @@ import numpy as np
 
 from . import _extension  # noqa: F401  (registers the FFI targets)
 from . import lowering  # noqa: F401  (registers the lowerings)
-from .key_lengths import canonical_kv_lens, cut_column_attention, cut_layout, merge_by_lse
+from .key_lengths import canonical_kv_lens, canonical_q_offset, cut_column_attention, cut_layout, merge_by_lse
 from .layout import BlockSparseLayout, monotone_indptr, static_flag
 from .primitives import SUPPORTED_DTYPES, Config, bsattn_bwd_p, bsattn_fwd_p, to_common_variance
 
-__all__ = ["as_jax_arrays", "block_sparse_attention", "check_inputs", "check_kv_lens", "static_flag", "static_float"]
+__all__ = ["as_jax_arrays", "block_sparse_attention", "check_inputs", "check_per_sequence", "static_flag",
+           "static_float"]
 
 
 class Shapes(NamedTuple):
@@ -34,24 +35,28 @@ def as_jax_arrays(*xs):
     return tuple(jnp.asarray(x) if isinstance(x, np.ndarray) else x for x in xs)
 
 
-def check_kv_lens(kv_lens, batch: tuple[int, ...]) -> None:
-    """``kv_lens``: None, or integers broadcasting against the batch dims ``*B``."""
-    if kv_lens is None:
+_PER_SEQUENCE = {"kv_lens": "key counts per batch element", "q_offset": "causal offsets per batch element"}
+
+
+def check_per_sequence(name: str, x, batch: tuple[int, ...]) -> None:
+    """``kv_lens`` or ``q_offset`` (``name``): None, or integers broadcasting against the batch dims ``*B``."""
+    if x is None:
         return
-    shape, dtype = getattr(kv_lens, "shape", None), getattr(kv_lens, "dtype", None)
+    what = _PER_SEQUENCE[name]
+    shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
     if shape is None:  # a Python int or a list
         try:
-            arr = np.asarray(kv_lens)
+            arr = np.asarray(x)
         except (TypeError, ValueError):
-            raise TypeError(f"kv_lens must be an integer array, got {type(kv_lens).__name__}") from None
+            raise TypeError(f"{name} must be an integer array, got {type(x).__name__}") from None
         shape, dtype = arr.shape, arr.dtype
-        if dtype == object and all(type(x) is int for x in arr.reshape(-1)):  # (Python ints past int64: clipped)
+        if dtype == object and all(type(e) is int for e in arr.reshape(-1)):  # (Python ints past int64: clipped)
             dtype = np.dtype(np.int64)
     if jnp.dtype(dtype).kind not in "iu":
-        raise TypeError(f"kv_lens must hold integers (key counts per batch element), got dtype {dtype}")
+        raise TypeError(f"{name} must hold integers ({what}), got dtype {dtype}")
     if len(shape) > len(batch) or any(a not in (1, b) for a, b in zip(tuple(shape)[::-1], batch[::-1])):
-        raise ValueError(f"kv_lens of shape {tuple(shape)} does not broadcast against the batch dims *B = {batch} "
-                         f"(one key count per batch element: q is [*B, M, Hq, D])")
+        raise ValueError(f"{name} of shape {tuple(shape)} does not broadcast against the batch dims *B = {batch} "
+                         f"({what}: q is [*B, M, Hq, D])")
 
 
 def check_inputs(q, k, v, layout, logits_soft_cap=None) -> Shapes:
@@ -132,22 +137,23 @@ def _canonical_layout(x, batch: tuple[int, ...], Hk: int):
     return x.reshape(LB, LH, x.shape[-1])
 
 
-def _no_lens():
-    return jnp.zeros((0,), jnp.int32)  # (the forward's kv_lens operand: none)
+def _none():
+    return jnp.zeros((0,), jnp.int32)  # (a per-sequence operand, kv_lens or q_offset: none)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention(q, k, v, indptr, indices, cfg: Config):
-    return tuple(bsattn_fwd_p.bind(q, k, v, indptr, indices, _no_lens(), cfg=cfg))
+# q_offset: int32 [B] (canonical_q_offset), or [0]: none (N - M)
+@partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _attention(q, k, v, indptr, indices, q_offset, cfg: Config):
+    return tuple(bsattn_fwd_p.bind(q, k, v, indptr, indices, _none(), q_offset, cfg=cfg))
 
 
-def _attention_fwd(q, k, v, indptr, indices, cfg: Config):
-    o, lse = bsattn_fwd_p.bind(q, k, v, indptr, indices, _no_lens(), cfg=cfg)
-    return (o, lse), (q, k, v, o, lse, indptr, indices)
+def _attention_fwd(q, k, v, indptr, indices, q_offset, cfg: Config):
+    o, lse = bsattn_fwd_p.bind(q, k, v, indptr, indices, _none(), q_offset, cfg=cfg)
+    return (o, lse), (q, k, v, o, lse, indptr, indices, q_offset)
 
 
 def _attention_bwd(cfg: Config, res, cts):
-    q, k, v, o, lse, indptr, indices = res
+    q, k, v, o, lse, indptr, indices, q_offset = res
     do, dlse = cts
     do = jnp.asarray(do, q.dtype)
     # A row that sees no key (lse -inf) has o = 0 whatever its cotangent: a NaN there (e.g. from a log of o behind a
@@ -163,19 +169,21 @@ def _attention_bwd(cfg: Config, res, cts):
         dlse = jnp.where(dead, jnp.zeros_like(dlse), dlse)
     # delta = rowsum(dO * O) - dlse: a cheap XLA fusion; the kernels then need neither o nor dlse.
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1) - dlse
-    dq, dk, dv = bsattn_bwd_p.bind(q, k, v, do, lse, delta, indptr, indices, cfg=cfg)
-    return dq, dk, dv, None, None
+    dq, dk, dv = bsattn_bwd_p.bind(q, k, v, do, lse, delta, indptr, indices, q_offset, cfg=cfg)
+    return dq, dk, dv, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _attention_cut(q, k, v, indptr, indices, lens, cfg: Config):
+def _attention_cut(q, k, v, indptr, indices, lens, q_offset, cfg: Config):
     """kv_lens around the kernels (key_lengths.py): the layout cut at each length, the cut block column in XLA, the
     two merged by lse. What the gradients go through."""
+    B, M, N = q.shape[0], q.shape[1], k.shape[1]
+    shift = q_offset if q_offset.shape[0] else jnp.full((B,), N - M, jnp.int32)
     indptr, indices, cut, counts = cut_layout(indptr, indices, lens, cfg.block_c)
-    o, lse = _attention(q, k, v, indptr, indices, cfg)
-    o_cut, lse_cut = cut_column_attention(q, k, v, lens, cut, counts, R=cfg.block_r, C=cfg.block_c,
+    o, lse = _attention(q, k, v, indptr, indices, q_offset, cfg)
+    o_cut, lse_cut = cut_column_attention(q, k, v, lens, cut, counts, shift, R=cfg.block_r, C=cfg.block_c,
                                           scale=cfg.scale, softcap=cfg.softcap, causal=cfg.causal)
     return merge_by_lse(o, lse, o_cut, lse_cut)
 
@@ -183,25 +191,25 @@ def _attention_cut(q, k, v, indptr, indices, lens, cfg: Config):
 # kv_lens: the forward's kernels take the lengths themselves (keys past a length are never read, the cut block masked
 # per key: one kernel call, o rounded once); the backward's do not, so under differentiation the forward and its
 # gradients go through _attention_cut (the same attention, o within a rounding of q's dtype of this one's).
-@partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention_kv_lens(q, k, v, indptr, indices, lens, cfg: Config):
-    return tuple(bsattn_fwd_p.bind(q, k, v, indptr, indices, lens, cfg=cfg))
+@partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _attention_kv_lens(q, k, v, indptr, indices, lens, q_offset, cfg: Config):
+    return tuple(bsattn_fwd_p.bind(q, k, v, indptr, indices, lens, q_offset, cfg=cfg))
 
 
-def _attention_kv_lens_fwd(q, k, v, indptr, indices, lens, cfg: Config):
-    out, pullback = jax.vjp(lambda q, k, v: _attention_cut(q, k, v, indptr, indices, lens, cfg), q, k, v)
+def _attention_kv_lens_fwd(q, k, v, indptr, indices, lens, q_offset, cfg: Config):
+    out, pullback = jax.vjp(lambda q, k, v: _attention_cut(q, k, v, indptr, indices, lens, q_offset, cfg), q, k, v)
     return out, pullback
 
 
 def _attention_kv_lens_bwd(cfg: Config, pullback, cts):
-    return (*pullback(cts), None, None, None)
+    return (*pullback(cts), None, None, None, None)
 
 
 _attention_kv_lens.defvjp(_attention_kv_lens_fwd, _attention_kv_lens_bwd)
 
 
 def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, causal=False, logits_soft_cap=None,
-                           return_lse=False, deterministic=False, kv_lens=None):
+                           return_lse=False, deterministic=False, kv_lens=None, q_offset=None):
     """Block-sparse attention: only the blocks that ``layout`` lists are computed.
 
     Args:
@@ -212,7 +220,8 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
         ``(*B, Hk)``: ``()`` one layout for all, ``(Hk,)`` per KV head, ``(B, 1)`` per batch element, ``(B, Hk)``.
       scale: logits scale, default ``1 / sqrt(D)``; a concrete number (compiled into the kernels, as float32), so a
         traced value is an error: scale q instead.
-      causal: also mask ``j > i + (N - M)`` (bottom-right aligned, as FlashAttention and FlashInfer).
+      causal: also mask ``j > i + (N - M)`` (bottom-right aligned, as FlashAttention and FlashInfer), or
+        ``j > i + q_offset[b]`` with ``q_offset``.
       logits_soft_cap: ``c``: logits become ``c * tanh(s / c)``; concrete and positive in float32, like ``scale``.
       return_lse: also return the natural-log log-sum-exp, float32 ``[*B, M, Hq]``.
       deterministic: make the gradients bitwise repeatable. dk and dv always are; on an H100 / H200 with head dim 64 or
@@ -231,8 +240,14 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
         forward kernels take the lengths themselves; under differentiation the forward and its gradients go around
         the kernels instead (the blocks past a length leave the layout and the block a length cuts through is
         attended to densely in XLA: O(M Hq C D) more work, its rows' o rounded once more). ``causal`` stays
-        anchored at N: with M = N (padded prefill) or M = 1 (decode) that is the usual mask; a chunk of M < N new
-        rows per sequence would need it anchored at each length, which this does not do.
+        anchored at N unless ``q_offset`` moves it: with M = N (padded prefill) or M = 1 (decode) that is the usual
+        mask; a chunk of M new rows per sequence ending at its length wants ``q_offset = kv_lens - M``.
+      q_offset: with ``causal=True``, the key position of query row 0 per sequence, integers broadcasting against
+        ``*B`` (may be traced): query row ``i`` of batch element ``b`` sees key ``j`` only where
+        ``j <= i + q_offset[b]``. Default ``N - M`` (bottom-right aligned). A chunked prefill, whose new rows end at
+        each sequence's length, passes ``kv_lens - M`` (or ``kv_lens - q_lens`` with right-padded chunks). Values are
+        clipped to ``[-M, N - 1]`` (past either end every row sees all its keys, or none). The kernels take the offsets,
+        forward and backward.
 
     Returns:
       ``o`` in q's dtype, ``[*B, M, Hq, D]`` (and ``lse``). A row with no element taking part gives ``o = 0``
@@ -242,25 +257,33 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
     q, k, v = as_jax_arrays(q, k, v)
     shapes = check_inputs(q, k, v, layout, logits_soft_cap)
     batch, M, N, Hq, Hk, D = shapes
-    check_kv_lens(kv_lens, batch)
+    check_per_sequence("kv_lens", kv_lens, batch)
+    check_per_sequence("q_offset", q_offset, batch)
     B = math.prod(batch)
     cfg = Config(block_r=int(layout.block_size[0]), block_c=int(layout.block_size[1]),
                  scale=D ** -0.5 if scale is None else static_float("scale", scale),
                  softcap=float(0.0 if logits_soft_cap is None else logits_soft_cap),
                  causal=static_flag("causal", causal), deterministic=static_flag("deterministic", deterministic))
     return_lse = static_flag("return_lse", return_lse)
+    if q_offset is not None and not cfg.causal:
+        raise ValueError("q_offset positions the causal mask (key j seen by query row i where j <= i + q_offset[b]) "
+                         "and needs causal=True; without it every row of a listed block sees every key")
     q3 = jnp.reshape(q, (B, M, Hq, D))
     k3 = jnp.reshape(k, (B, N, Hk, D))
     v3 = jnp.reshape(v, (B, N, Hk, D))
     indptr = monotone_indptr(_canonical_layout(layout.indptr, batch, Hk), layout.nnz)
     indices = _canonical_layout(layout.indices, batch, Hk)
-    if kv_lens is None:
-        q3, k3, v3, indptr, indices = to_common_variance(q3, k3, v3, indptr, indices)
-        o, lse = _attention(q3, k3, v3, indptr, indices, cfg)
+    # the per-sequence operands (kv_lens, q_offset) given: int32 [B], made to vary like the rest inside shard_map
+    given = {name: canon(x) for name, x, canon in (
+        ("lens", kv_lens, lambda x: canonical_kv_lens(x, tuple(batch), N)),
+        ("offset", q_offset, lambda x: canonical_q_offset(x, tuple(batch), M, N))) if x is not None}
+    q3, k3, v3, indptr, indices, *values = to_common_variance(q3, k3, v3, indptr, indices, *given.values())
+    given = dict(zip(given, values))
+    offset = given.get("offset", _none())
+    if "lens" not in given:
+        o, lse = _attention(q3, k3, v3, indptr, indices, offset, cfg)
     else:
-        lens = canonical_kv_lens(kv_lens, tuple(batch), N)
-        q3, k3, v3, indptr, indices, lens = to_common_variance(q3, k3, v3, indptr, indices, lens)
-        o, lse = _attention_kv_lens(q3, k3, v3, indptr, indices, lens, cfg)
+        o, lse = _attention_kv_lens(q3, k3, v3, indptr, indices, given["lens"], offset, cfg)
     o = o.reshape(q.shape)
     if return_lse:
         return o, lse.reshape(tuple(batch) + (M, Hq))

@@ -45,13 +45,14 @@ def resolve_layout(layout: LayoutSpec | None, q_len: int, kv_len: int) -> BlockS
 
 def apply_rotary(x, positions, theta: float = 10000.0):
     """Rotary position embedding (RoFormer; the rotate-half / GPT-NeoX pairing) of ``x [..., L, H, D]``
-    at integer ``positions [L]``; D must be even. Computed in float32, returned in x's dtype."""
+    at integer ``positions [L]`` (or ``[..., L]``, broadcasting against x's leading dims: per-sequence positions); D
+    must be even. Computed in float32, returned in x's dtype."""
     D = x.shape[-1]
     if D % 2:
         raise ValueError(f"rotary embedding needs an even head dim, got {D}")
     freqs = theta ** (-jnp.arange(0, D // 2, dtype=jnp.float32) * 2.0 / D)             # [D/2]
-    angles = jnp.asarray(positions, jnp.float32)[:, None] * freqs                        # [L, D/2]
-    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]                  # [L, 1, D/2]
+    angles = jnp.asarray(positions, jnp.float32)[..., None] * freqs                      # [..., L, D/2]
+    cos, sin = jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]              # [..., L, 1, D/2]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -128,10 +129,12 @@ class BlockSparseMultiHeadAttention(nnx.Module):
         self.value = linear(kv_features, self.num_kv_heads * self.head_dim)
         self.out = linear(self.num_heads * self.head_dim, out_features)
 
-    def __call__(self, inputs_q, inputs_kv=None, *, layout: LayoutSpec | None = None, kv_lens=None):
+    def __call__(self, inputs_q, inputs_kv=None, *, layout: LayoutSpec | None = None, kv_lens=None, q_offset=None):
         """``inputs_q [*B, M, in_features]`` (and ``inputs_kv [*B, N, kv_features]`` for cross-attention;
         default: self-attention) -> ``[*B, M, out_features]``. ``layout`` overrides the module's; ``kv_lens``
-        (integers over ``*B``): each sequence's key length, the op's (a right-padded batch)."""
+        (integers over ``*B``): each sequence's key length, the op's (a right-padded batch); ``q_offset`` (integers
+        over ``*B``, causal modules): the key position of each sequence's first query row, the op's (a chunk of new
+        rows: ``kv_lens - M``), which also places the queries' rotary positions."""
         inputs_kv = inputs_q if inputs_kv is None else inputs_kv
         M, N = inputs_q.shape[-2], inputs_kv.shape[-2]
         lay = resolve_layout(layout if layout is not None else self.layout, M, N)
@@ -139,18 +142,21 @@ class BlockSparseMultiHeadAttention(nnx.Module):
         k = self.key(inputs_kv).reshape(inputs_kv.shape[:-1] + (self.num_kv_heads, self.head_dim))
         v = self.value(inputs_kv).reshape(inputs_kv.shape[:-1] + (self.num_kv_heads, self.head_dim))
         if self.rotary:
-            q = apply_rotary(q, jnp.arange(M) + (N - M), self.rope_theta)
+            first = N - M if q_offset is None else jnp.asarray(q_offset)[..., None]  # (per sequence: [*B, 1])
+            q = apply_rotary(q, jnp.arange(M) + first, self.rope_theta)
             k = apply_rotary(k, jnp.arange(N), self.rope_theta)
-        # (kv_lens passed only when given: a subclass's attend(q, k, v, layout) from before kv_lens still works)
-        o = self.attend(q, k, v, lay) if kv_lens is None else self.attend(q, k, v, lay, kv_lens=kv_lens)
+        # (kv_lens and q_offset passed only when given: a subclass's attend(q, k, v, layout) from before them still
+        # works)
+        extra = {name: x for name, x in (("kv_lens", kv_lens), ("q_offset", q_offset)) if x is not None}
+        o = self.attend(q, k, v, lay, **extra)
         return self.out(o.reshape(o.shape[:-2] + (self.num_heads * self.head_dim,)))
 
-    def attend(self, q, k, v, layout: BlockSparseLayout, kv_lens=None):
+    def attend(self, q, k, v, layout: BlockSparseLayout, kv_lens=None, q_offset=None):
         """The attention proper, ``[*B, M, Hq, D]`` from q and ``[*B, N, Hk, D]`` k, v (after rotary): the
         hook a subclass overrides to compare with another implementation on the same model."""
         return block_sparse_attention(q, k, v, layout, scale=self.scale, causal=self.causal,
                                       logits_soft_cap=self.logits_soft_cap,
-                                      deterministic=self.deterministic_backward, kv_lens=kv_lens)
+                                      deterministic=self.deterministic_backward, kv_lens=kv_lens, q_offset=q_offset)
 
 
 def make_attention_fn(layout: LayoutSpec, *, causal: bool = False, scale: float | None = None,

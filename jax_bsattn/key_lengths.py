@@ -23,16 +23,29 @@ import numpy as np
 
 from .listed import attention_over_listed
 
-__all__ = ["canonical_kv_lens", "cut_layout", "cut_column_attention", "merge_by_lse"]
+__all__ = ["canonical_kv_lens", "canonical_q_offset", "cut_layout", "cut_column_attention", "merge_by_lse"]
+
+
+def _per_sequence(x, batch: tuple[int, ...], lo: int, hi: int):
+    """Integers broadcasting against ``batch`` -> int32 ``[B]`` clipped to ``[lo, hi]``."""
+    if not isinstance(x, jax.Array):  # concrete: clipped before jax makes it int32 (2^40 must not wrap to 0)
+        arr = np.asarray(x)  # (Python ints past int64: an object array, clipped all the same)
+        x = np.clip(arr, lo, hi).astype(np.int64 if arr.dtype == object else arr.dtype)
+    x = jnp.broadcast_to(jnp.asarray(x), batch).reshape(-1)
+    x = x.astype(jnp.int32) if x.dtype.itemsize < 4 else x  # (lossless; the bounds may not fit int8 / int16)
+    # (clipped in x's own type before int32: an unsigned one takes no negative bound, which would wrap)
+    return jnp.clip(x, lo if jnp.issubdtype(x.dtype, jnp.signedinteger) else max(lo, 0), hi).astype(jnp.int32)
 
 
 def canonical_kv_lens(kv_lens, batch: tuple[int, ...], N: int):
     """``kv_lens`` broadcast to ``batch`` -> int32 ``[B]`` clipped to ``[0, N]``."""
-    if not isinstance(kv_lens, jax.Array):  # concrete: clipped before jax makes it int32 (2^40 must not wrap to 0)
-        arr = np.asarray(kv_lens)  # (Python ints past int64: an object array, clipped all the same)
-        kv_lens = np.clip(arr, 0, N).astype(np.int64 if arr.dtype == object else arr.dtype)
-    lens = jnp.broadcast_to(jnp.asarray(kv_lens), batch).reshape(-1)
-    return jnp.clip(lens, 0, N).astype(jnp.int32)
+    return _per_sequence(kv_lens, batch, 0, N)
+
+
+def canonical_q_offset(q_offset, batch: tuple[int, ...], M: int, N: int):
+    """``q_offset`` broadcast to ``batch`` -> int32 ``[B]`` clipped to ``[-M, N - 1]`` (past either end every row sees
+    all keys, or none: the same mask), as the kernels clip it (common/bsattn_common.h causal_shift)."""
+    return _per_sequence(q_offset, batch, -M, N - 1)
 
 
 def cut_layout(indptr, indices, lens, C: int):
@@ -57,11 +70,12 @@ def cut_layout(indptr, indices, lens, C: int):
     return indptr, kept, cut, counts
 
 
-def cut_column_attention(q, k, v, lens, cut, counts, *, R: int, C: int, scale: float,
+def cut_column_attention(q, k, v, lens, cut, counts, shift, *, R: int, C: int, scale: float,
                          softcap: float, causal: bool):
     """Attention of ``q [B, M, Hq, D]`` over the cut column's keys below ``lens``, for the rows whose block row lists
-    it (``counts [B, LH, MB]`` times), in float32 with the kernels' masking: ``o [B, M, Hq, D]`` (normalised over
-    these keys) and ``lse [B, M, Hq]`` (-inf where a row sees none of them)."""
+    it (``counts [B, LH, MB]`` times), in float32 with the kernels' masking (causal: key j seen by row i when
+    ``j <= i + shift[b]``, ``shift [B]`` the canonical q_offset): ``o [B, M, Hq, D]`` (normalised over these keys) and
+    ``lse [B, M, Hq]`` (-inf where a row sees none of them)."""
     B, M, Hq, D = q.shape
     N, Hk = k.shape[1], k.shape[2]
     g = Hq // Hk
@@ -81,11 +95,11 @@ def cut_column_attention(q, k, v, lens, cut, counts, *, R: int, C: int, scale: f
     row_lists = listed_times > 0  # [B, Hk, M]
     weights = listed_times[..., None].astype(jnp.float32) * key_ok[:, None, None, :]  # [B, Hk, M, C]
     if causal:
-        i = jnp.arange(M)[:, None]
-        weights = jnp.where(j[:, None, None, :] <= i + (N - M), weights, 0.0)
+        i = jnp.arange(M)[:, None] + shift[:, None, None, None]  # [B, 1, M, 1]: row i's last key
+        weights = jnp.where(j[:, None, None, :] <= i, weights, 0.0)
         # (the kernels skip a block that no row of its block row sees)
         last_row_of_block_row = jnp.minimum(row_block * R + R, M) - 1
-        row_lists = row_lists & (cut[:, None, None] * C <= last_row_of_block_row + (N - M))
+        row_lists = row_lists & (cut[:, None, None] * C <= last_row_of_block_row + shift[:, None, None])
     # Plain products (no custom VJP, no lax.cond): a row that lists the column takes all of its C keys (those past the
     # length are zeros), as the kernels take a listed block, 0 x inf included; a row that does not has q = 0 here
     # and weight 0 throughout, so it comes out empty (o = 0) and its gradients (and the keys' from it) are 0 even

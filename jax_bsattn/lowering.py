@@ -340,12 +340,13 @@ def _fwd_workspace_words(q, k, indptr, indices, cfg: Config) -> int:
     return _fwd_sweep_table_words(q, k, indptr, indices, cfg) or _fwd_split_words(q, k, indptr, cfg)
 
 
-def _cuda_fwd_call(q, k, v, indptr, indices, kv_lens, *, cfg: Config):
+def _cuda_fwd_call(q, k, v, indptr, indices, kv_lens, q_offset, *, cfg: Config):
     """The CUDA forward's third result is its workspace (the sweep's bit maps or the row split's area; empty where it
     runs neither), dropped."""
     out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:-1], jax.numpy.float32),
            jax.ShapeDtypeStruct((_fwd_workspace_words(q, k, indptr, indices, cfg),), jax.numpy.uint32))
-    o, lse, _ = jax.ffi.ffi_call("bsattn_fwd_cuda", out)(q, k, v, indptr, indices, kv_lens, **ffi_attributes(cfg))
+    o, lse, _ = jax.ffi.ffi_call("bsattn_fwd_cuda", out)(q, k, v, indptr, indices, kv_lens, q_offset,
+                                                          **ffi_attributes(cfg))
     return o, lse
 
 
@@ -361,7 +362,7 @@ def _cuda_call_rule(call):
     return lower
 
 
-def _cuda_bwd_call(q, k, v, do, lse, delta, indptr, indices, *, cfg: Config):
+def _cuda_bwd_call(q, k, v, do, lse, delta, indptr, indices, q_offset, *, cfg: Config):
     """The CUDA backward also takes the layout's column view (dk / dv walk block columns), built here in
     XLA from the row view on the device: no host round trip, no dense mask; for the one-pass kernel each column's
     rows in walk_order where that pays (_reorders_walks); none where the row-oriented backward runs. Its fourth
@@ -378,8 +379,8 @@ def _cuda_bwd_call(q, k, v, do, lse, delta, indptr, indices, *, cfg: Config):
             col_rows = walk_order(col_indptr, col_rows, indptr.shape[-1] - 1)
     out = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
     out += (jax.ShapeDtypeStruct((ws_words,), jax.numpy.float32),)
-    dq, dk, dv, _ = jax.ffi.ffi_call("bsattn_bwd_cuda", out)(q, k, v, do, lse, delta, indptr, indices, col_indptr,
-                                                            col_rows, col_order, **ffi_attributes(cfg))
+    dq, dk, dv, _ = jax.ffi.ffi_call("bsattn_bwd_cuda", out)(q, k, v, do, lse, delta, indptr, indices, q_offset,
+                                                            col_indptr, col_rows, col_order, **ffi_attributes(cfg))
     return dq, dk, dv
 
 

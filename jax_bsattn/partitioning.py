@@ -15,7 +15,7 @@ k, v, dk, dv            ``b n h d``                            ``b``, ``h``
 lse, delta              ``b m (h g)``                          ``b``, ``h``
 indptr, indices         ``LB LH p`` / ``LB LH z``              ``LB`` as ``b`` when LB == B, ``LH`` as ``h``
                                                                when LH == Hk; replicated when 1
-kv_lens (forward)       ``b`` (``[B]``), or ``[0]`` (none)     ``b``; the empty one replicated
+kv_lens, q_offset       ``b`` (``[B]``), or ``[0]`` (none)     ``b``; the empty one replicated
 ======================  =====================================  ===========================================
 
 ``b`` and ``h`` are pass-through factors: the batch axis and the KV-head axis shard freely, and the query
@@ -97,28 +97,30 @@ class _Factors:
         return ArrayMapping(self.lb, self.lh, "p"), ArrayMapping(self.lb, self.lh, "z")
 
     @staticmethod
-    def lens(lens_shape):                                  # kv_lens: [B], or [0] (none: "kl", replicated)
-        return ArrayMapping("kl" if lens_shape[0] == 0 else "b")
+    def per_sequence(shape, empty):                        # kv_lens, q_offset: [B], or [0] (none: `empty`, replicated)
+        return ArrayMapping(empty if shape[0] == 0 else "b")
 
     def rule(self, operands, results) -> SdyShardingRule:
         order = []                                          # factors in order of first use (Shardy wants the
         for mapping in (*operands, *results):               # special factors sorted that way)
             for dim in mapping:
                 order += [f for f in ((dim,) if isinstance(dim, str) else dim) if f not in order]
-        replicated = tuple(sorted((*self.replicated, *(["kl"] if "kl" in order else [])), key=order.index))
+        replicated = tuple(sorted((*self.replicated, *(f for f in ("kl", "qo") if f in order)), key=order.index))
         return SdyShardingRule(tuple(operands), tuple(results), need_replication_factors=replicated, **self.sizes)
 
 
 def _fwd_rule(cfg, mesh, operand_types, result_types):
-    q, k, _, ip, _, kl = (_shape(t) for t in operand_types)
+    q, k, _, ip, _, kl, qo = (_shape(t) for t in operand_types)
     f = _Factors(q, k, ip, mesh)
-    return f.rule([f.q(), f.kv(), f.kv(), *f.layout(), f.lens(kl)], [f.q(), f.rows()])
+    return f.rule([f.q(), f.kv(), f.kv(), *f.layout(), f.per_sequence(kl, "kl"), f.per_sequence(qo, "qo")],
+                  [f.q(), f.rows()])
 
 
 def _bwd_rule(cfg, mesh, operand_types, result_types):
-    q, k, _, _, _, _, ip, _ = (_shape(t) for t in operand_types)
+    q, k, _, _, _, _, ip, _, qo = (_shape(t) for t in operand_types)
     f = _Factors(q, k, ip, mesh)
-    return f.rule([f.q(), f.kv(), f.kv(), f.q(), f.rows(), f.rows(), *f.layout()], [f.q(), f.kv(), f.kv()])
+    return f.rule([f.q(), f.kv(), f.kv(), f.q(), f.rows(), f.rows(), *f.layout(), f.per_sequence(qo, "qo")],
+                  [f.q(), f.kv(), f.kv()])
 
 
 # ---- the partition callbacks -----------------------------------------------------------------------------
@@ -162,19 +164,19 @@ class _Plan:
     def layout(self):
         return self._ns(self.layout_spec), self._ns(self.layout_spec)
 
-    def lens(self, kv_lens):                               # kv_lens [B] as the batch; [0] replicated
-        return self._ns(P(self.b if kv_lens.shape[0] else None))
+    def per_sequence(self, x):                             # kv_lens, q_offset: [B] as the batch; [0] replicated
+        return self._ns(P(self.b if x.shape[0] else None))
 
 
 def _partition_fwd(cfg: Config, mesh, arg_shapes, result_shape):
     plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[3])
-    args = (plan.data(), plan.data(), plan.data(), *plan.layout(), plan.lens(arg_shapes[5]))
+    args = (plan.data(), plan.data(), plan.data(), *plan.layout(), *map(plan.per_sequence, arg_shapes[5:7]))
     return mesh, partial(_fwd, cfg=cfg), (plan.data(), plan.rows()), args
 
 
 def _partition_bwd(cfg: Config, mesh, arg_shapes, result_shape):
     plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[6])
-    args = (plan.data(),) * 4 + (plan.rows(),) * 2 + plan.layout()
+    args = (plan.data(),) * 4 + (plan.rows(),) * 2 + plan.layout() + (plan.per_sequence(arg_shapes[8]),)
     return mesh, partial(_bwd, cfg=cfg), (plan.data(),) * 3, args
 
 
@@ -192,17 +194,17 @@ def _infer_bwd(cfg, mesh, arg_shapes, result_shape):
 # ---- the partitioned calls (cfg is static): the inner primitive, on global shapes when inlined (one
 # device), on each device's shard when partitioned ------------------------------------------------------
 
-def _fwd(q, k, v, indptr, indices, kv_lens, cfg):
-    return tuple(bsattn_fwd_ffi_p.bind(q, k, v, indptr, indices, kv_lens, cfg=cfg))
+def _fwd(q, k, v, indptr, indices, kv_lens, q_offset, cfg):
+    return tuple(bsattn_fwd_ffi_p.bind(q, k, v, indptr, indices, kv_lens, q_offset, cfg=cfg))
 
 
-def _bwd(q, k, v, do, lse, delta, indptr, indices, cfg):
-    return tuple(bsattn_bwd_ffi_p.bind(q, k, v, do, lse, delta, indptr, indices, cfg=cfg))
+def _bwd(q, k, v, do, lse, delta, indptr, indices, q_offset, cfg):
+    return tuple(bsattn_bwd_ffi_p.bind(q, k, v, do, lse, delta, indptr, indices, q_offset, cfg=cfg))
 
 
-fwd_partitioned = custom_partitioning(_fwd, static_argnums=(6,))
+fwd_partitioned = custom_partitioning(_fwd, static_argnums=(7,))
 fwd_partitioned.def_partition(partition=_partition_fwd, infer_sharding_from_operands=_infer_fwd,
                               sharding_rule=_fwd_rule)
-bwd_partitioned = custom_partitioning(_bwd, static_argnums=(8,))
+bwd_partitioned = custom_partitioning(_bwd, static_argnums=(9,))
 bwd_partitioned.def_partition(partition=_partition_bwd, infer_sharding_from_operands=_infer_bwd,
                               sharding_rule=_bwd_rule)

@@ -1,8 +1,9 @@
 """The primitives: forward (o, lse) and backward (dq, dk, dv), each an outer / inner pair.
 
 All work on canonical shapes (csrc/README.md): q ``[B, M, Hq, D]``, k/v ``[B, N, Hk, D]``, layout arrays
-``[LB, LH, ...]`` with LB in {1, B} and LH in {1, Hk}; the forward also takes ``kv_lens``, int32 ``[B]`` (keys that
-take part per batch element) or ``[0]`` (none: N each).
+``[LB, LH, ...]`` with LB in {1, B} and LH in {1, Hk}. Per-sequence operands, each int32 ``[B]`` or ``[0]`` (none):
+the forward's ``kv_lens`` (keys that take part per batch element; none: N each), then, forward and backward,
+``q_offset`` (causal: the key position of query row 0; none: N - M).
 
 - The outer primitives ``bsattn_fwd`` / ``bsattn_bwd`` are what jax sees (the custom_vjp in attention.py
   binds them): an abstract eval that checks shapes and dtypes and a batching rule that folds the vmapped axis
@@ -128,20 +129,27 @@ def _results(data, specs):
     return tuple(out)
 
 
-def _fwd_abstract_eval(q, k, v, indptr, indices, kv_lens, *, cfg: Config):
-    B, M, Hq, D = _check_canonical(q, k, v, indptr, indices, cfg)
-    _expect(kv_lens.ndim == 1 and kv_lens.shape[0] in (0, B) and kv_lens.dtype == jnp.int32,
-            f"kv_lens must be int32 [B] = [{B}] or [0]; got {kv_lens.shape} {kv_lens.dtype}")
-    return _results((q, k, v, indptr, indices, kv_lens), [(q, q.shape, q.dtype), (q, (B, M, Hq), jnp.float32)])
+def _check_per_sequence(B: int, **operands):
+    for name, x in operands.items():
+        _expect(x.ndim == 1 and x.shape[0] in (0, B) and x.dtype == jnp.int32,
+                f"{name} must be int32 [B] = [{B}] or [0]; got {x.shape} {x.dtype}")
 
 
-def _bwd_abstract_eval(q, k, v, do, lse, delta, indptr, indices, *, cfg: Config):
+def _fwd_abstract_eval(q, k, v, indptr, indices, kv_lens, q_offset, *, cfg: Config):
     B, M, Hq, D = _check_canonical(q, k, v, indptr, indices, cfg)
+    _check_per_sequence(B, kv_lens=kv_lens, q_offset=q_offset)
+    return _results((q, k, v, indptr, indices, kv_lens, q_offset),
+                    [(q, q.shape, q.dtype), (q, (B, M, Hq), jnp.float32)])
+
+
+def _bwd_abstract_eval(q, k, v, do, lse, delta, indptr, indices, q_offset, *, cfg: Config):
+    B, M, Hq, D = _check_canonical(q, k, v, indptr, indices, cfg)
+    _check_per_sequence(B, q_offset=q_offset)
     _expect(do.shape == q.shape and do.dtype == q.dtype, f"do {do.shape} {do.dtype} must match q {q.shape} {q.dtype}")
     for name, x in (("lse", lse), ("delta", delta)):
         _expect(x.shape == (B, M, Hq) and x.dtype == jnp.float32, f"{name} must be float32 {(B, M, Hq)}; got "
                 f"{x.shape} {x.dtype}")
-    return _results((q, k, v, do, lse, delta, indptr, indices),
+    return _results((q, k, v, do, lse, delta, indptr, indices, q_offset),
                     [(q, q.shape, q.dtype), (k, k.shape, k.dtype), (v, v.shape, v.dtype)])
 
 
@@ -191,15 +199,15 @@ def _unbatched_B(x, dim):
     return shape[0]
 
 
-def _fold_lens(x, dim, n):
-    """kv_lens ``[B]`` -> ``[n * B]`` like a data operand; ``[0]`` (none) stays so where it is not mapped."""
+def _fold_per_sequence(x, dim, n):
+    """kv_lens, q_offset ``[B]`` -> ``[n * B]`` like a data operand; ``[0]`` (none) stays so where it is not mapped."""
     if dim is _NOT_MAPPED and x.shape[0] == 0:
         return x
     return _fold_data(x, dim, n)
 
 
-def _make_batcher(prim, num_data: int, lens: bool = False):
-    """Operands: ``num_data`` data arrays, indptr, indices, then (``lens``) kv_lens."""
+def _make_batcher(prim, num_data: int, per_sequence: int):
+    """Operands: ``num_data`` data arrays, indptr, indices, then ``per_sequence`` of them (kv_lens, q_offset)."""
     def batcher(args, dims, *, cfg):
         n = _batch_size(args, dims)
         B = _unbatched_B(args[0], dims[0])
@@ -207,14 +215,15 @@ def _make_batcher(prim, num_data: int, lens: bool = False):
         lay_args, lay_dims = args[num_data:num_data + 2], dims[num_data:num_data + 2]
         shared = all(d is _NOT_MAPPED and x.shape[0] == 1 for x, d in zip(lay_args, lay_dims))
         layout = [_fold_layout(x, d, n, B, shared) for x, d in zip(lay_args, lay_dims)]
-        extra = [_fold_lens(args[-1], dims[-1], n)] if lens else []
+        extra = [_fold_per_sequence(x, d, n) for x, d in zip(args[num_data + 2:], dims[num_data + 2:])]
+        assert len(extra) == per_sequence
         outs = prim.bind(*data, *layout, *extra, cfg=cfg)
         return [o.reshape((n, B) + o.shape[1:]) for o in outs], [0] * len(outs)
     return batcher
 
 
-batching.primitive_batchers[bsattn_fwd_p] = _make_batcher(bsattn_fwd_p, num_data=3, lens=True)
-batching.primitive_batchers[bsattn_bwd_p] = _make_batcher(bsattn_bwd_p, num_data=6)
+batching.primitive_batchers[bsattn_fwd_p] = _make_batcher(bsattn_fwd_p, num_data=3, per_sequence=2)
+batching.primitive_batchers[bsattn_bwd_p] = _make_batcher(bsattn_bwd_p, num_data=6, per_sequence=1)
 
 
 def ffi_attributes(cfg: Config) -> dict:

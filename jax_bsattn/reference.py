@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .key_lengths import canonical_kv_lens
+from .key_lengths import canonical_kv_lens, canonical_q_offset
 from .layout import BlockSparseLayout, expand_blocks
 from .listed import attention_over_listed
 from .primitives import to_common_variance
@@ -20,28 +20,30 @@ __all__ = ["block_sparse_attention_reference"]
 
 
 def block_sparse_attention_reference(q, k, v, layout: BlockSparseLayout, *, scale=None, causal=False,
-                                     logits_soft_cap=None, return_lse=False, deterministic=False, kv_lens=None):
+                                     logits_soft_cap=None, return_lse=False, deterministic=False, kv_lens=None,
+                                     q_offset=None):
     """Same signature and semantics as :func:`jax_bsattn.block_sparse_attention`, in float32 on a dense mask
     (``deterministic`` is accepted and has nothing to do: this is plain jax.numpy)."""
     from .attention import static_flag
 
     static_flag("deterministic", deterministic)
     return reference_in_dtype(q, k, v, layout, scale=scale, causal=causal, logits_soft_cap=logits_soft_cap,
-                              return_lse=return_lse, compute_dtype=jnp.float32, kv_lens=kv_lens)
+                              return_lse=return_lse, compute_dtype=jnp.float32, kv_lens=kv_lens, q_offset=q_offset)
 
 
 def reference_in_dtype(q, k, v, layout, *, scale=None, causal=False, logits_soft_cap=None, return_lse=False,
-                       compute_dtype=jnp.float32, kv_lens=None):
+                       compute_dtype=jnp.float32, kv_lens=None, q_offset=None):
     """The reference with its matmuls and softmax in ``compute_dtype``.
 
     In float32 it is the oracle; in the inputs' own dtype (bf16, f16) its distance to the oracle is the error
     budget the tests give a kernel.
     """
-    from .attention import as_jax_arrays, check_inputs, check_kv_lens, static_flag, static_float  # the API's checks
+    from .attention import as_jax_arrays, check_inputs, check_per_sequence, static_flag, static_float  # API checks
 
     q, k, v = as_jax_arrays(q, k, v)
     shapes = check_inputs(q, k, v, layout, logits_soft_cap)
-    check_kv_lens(kv_lens, shapes.batch)
+    check_per_sequence("kv_lens", kv_lens, shapes.batch)
+    check_per_sequence("q_offset", q_offset, shapes.batch)
     # inside shard_map: q, k, v and the layout's arrays made to vary alike (the custom VJPs below need it)
     q, k, v, *arrays = to_common_variance(q, k, v, *jax.tree_util.tree_leaves(layout))
     layout = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(layout), arrays)
@@ -49,6 +51,8 @@ def reference_in_dtype(q, k, v, layout, *, scale=None, causal=False, logits_soft
     g = Hq // Hk
     scale = D ** -0.5 if scale is None else static_float("scale", scale)
     causal, return_lse = static_flag("causal", causal), static_flag("return_lse", return_lse)
+    if q_offset is not None and not causal:
+        raise ValueError("q_offset positions the causal mask and needs causal=True")
     cd = jnp.dtype(compute_dtype)
 
     # Element weights [*L, M, N]: how many times each element's block is listed (0 = masked out).
@@ -62,11 +66,14 @@ def reference_in_dtype(q, k, v, layout, *, scale=None, causal=False, logits_soft
     listed = weights > 0   # [*B, Hk, 1, M, N]
     if causal:
         R, C = layout.block_size
+        # key j seen by query row i where j <= i + shift; shift [*B, 1, 1, 1, 1]: N - M, or the clipped q_offset
+        shift = (N - M if q_offset is None
+                 else canonical_q_offset(q_offset, batch, M, N).reshape(batch + (1, 1, 1, 1)))
         i = jnp.arange(M)[:, None]
         j = jnp.arange(N)[None, :]
         last_row_of_block_row = jnp.minimum(i // R * R + R, M) - 1
-        listed = listed & (j // C * C <= last_row_of_block_row + (N - M))
-        weights = jnp.where(j <= i + (N - M), weights, 0)
+        listed = listed & (j // C * C <= last_row_of_block_row + shift)
+        weights = jnp.where(j <= i + shift, weights, 0)
     w = weights.astype(cd)
 
     qh = jnp.moveaxis(q.reshape(batch + (M, Hk, g, D)), -4, -2).astype(cd)   # [*B, Hk, g, M, D]

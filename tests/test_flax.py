@@ -58,6 +58,21 @@ def test_module_kv_lens():
     np.testing.assert_allclose(np.asarray(m(noisy, kv_lens=lens)[1, :23]), np.asarray(got[1, :23]), **TOL)
 
 
+def test_module_chunk_of_new_rows():
+    """Chunked prefill through the module: the last M rows of each sequence (length L_b), attended against the whole
+    cache with q_offset = L_b - M (causal and rotary placed there), give those rows of the whole sequence's output."""
+    m = jbf.BlockSparseMultiHeadAttention(4, 32, num_kv_heads=2, head_dim=16, rotary=True, causal=True,
+                                          layout=lambda lens: L.block_causal(lens, 8), rngs=nnx.Rngs(5))
+    N, M = 40, 8
+    x, lens = inputs((2, N, 32), 5), np.array([40, 27])
+    whole = nnx.jit(lambda m, x, n: m(x, kv_lens=n))(m, x, jnp.asarray(lens))
+    rows = jnp.asarray(lens[:, None] - M + np.arange(M)[None, :])
+    chunk = jnp.take_along_axis(x, rows[..., None], axis=1)
+    got = nnx.jit(lambda m, c, x, n: m(c, x, kv_lens=n, q_offset=n - M))(m, chunk, x, jnp.asarray(lens))
+    want = jnp.take_along_axis(whole, rows[..., None], axis=1)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL)
+
+
 def test_attend_override_without_kv_lens():
     """A subclass's attend(q, k, v, layout) written before kv_lens existed still runs when kv_lens is not given."""
     class Old(jbf.BlockSparseMultiHeadAttention):

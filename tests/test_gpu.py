@@ -800,16 +800,16 @@ def test_backward_rows_without_column_view(monkeypatch):
     cfg = Config(R, C, 0.1, 0.0, False)
     ip, ix = layout.indptr.reshape(1, 1, -1), layout.indices.reshape(1, 1, -1)
     lse = jnp.zeros(q.shape[:-1], jnp.float32)
-    empty = jnp.zeros((1, 1, 0), jnp.int32)
+    empty, no_offset = jnp.zeros((1, 1, 0), jnp.int32), jnp.zeros((0,), jnp.int32)  # (q_offset: none)
     out = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
     out += (jax.ShapeDtypeStruct((q.size + lowering.DQ_SCHED_WORDS,), jnp.float32),)
     call = jax.ffi.ffi_call("bsattn_bwd_cuda", out)
     with pytest.raises(Exception, match="col_indptr, col_rows and col_order are empty"):
-        jax.block_until_ready(call(q, k, v, q, lse, lse, ip, ix, empty, empty, empty, **ffi_attributes(cfg)))
+        jax.block_until_ready(call(q, k, v, q, lse, lse, ip, ix, no_offset, empty, empty, empty, **ffi_attributes(cfg)))
     # a view whose leading dims are not the layout's [LB, LH], empty or not, is refused naming it
     wrong = jnp.zeros((1, 2, 0), jnp.int32)
     with pytest.raises(Exception, match=r"col_order \[1, 2, 0\] must be \[LB, LH, \.\.\.\] like indptr"):
-        jax.block_until_ready(call(q, k, v, q, lse, lse, ip, ix, empty, empty, wrong, **ffi_attributes(cfg)))
+        jax.block_until_ready(call(q, k, v, q, lse, lse, ip, ix, no_offset, empty, empty, wrong, **ffi_attributes(cfg)))
 
 
 @pytest.mark.parametrize("R,C,g,causal,D", [(64, 1, 4, False, 128), (128, 16, 2, True, 128), (64, 1, 4, False, 64),
@@ -897,3 +897,32 @@ def test_kv_lens(M, N, R, C, g, D, causal, lens):
         kg, vg = jnp.where(past, jnp.nan, k), jnp.where(past, jnp.inf, v)
         run = jax.jit(lambda k, v: jb.block_sparse_attention(q, k, v, layout, **kw))
         np.testing.assert_array_equal(run(kg, vg), run(k, v))
+
+
+# Per-sequence causal offsets (q_offset) through the CUDA kernels, forward and backward, against the float32 reference:
+# the 64-row gather forward with the narrow / row-oriented backward (R * g = 64, C = 16 / 4), the 128-row forward with
+# the row-oriented backward (C = 16) and the producer-warpgroup forward with the one-pass backward under kv_lens (C =
+# 64), the sweeps (R * g = 8, many block rows), the mma.sync forward with the deterministic pair at D = 64, D = 256, and
+# a chunk of 16 new rows through the few-row split (q_offset = kv_lens - 16). Offsets inside [-M, N - 1], at its
+# ends and past them (clipped).
+@pytest.mark.parametrize("M,N,R,C,g,D,offsets,lens,det", [
+    (512, 512, 16, 16, 4, 128, (400, -7, 600), None, False),
+    (512, 512, 16, 4, 4, 128, (300, 0, 511), None, False),
+    (512, 512, 32, 16, 4, 128, (100, -512, 480), None, False),
+    (256, 1024, 32, 64, 4, 128, (900, 500, 1023), (1000, 700, 1024), False),
+    (1024, 1024, 4, 16, 2, 128, (1000, 100, -50), None, False),
+    (256, 512, 8, 8, 2, 64, (200, 256, 50), None, True),
+    (128, 512, 16, 32, 4, 256, (300, 384, 10), None, False),
+    (16, 4096, 16, 64, 4, 128, (4080, 1994, 4095), (4096, 2010, 4111), False)])
+def test_q_offset(M, N, R, C, g, D, offsets, lens, det):
+    rng = np.random.default_rng(M + C + D)
+    Hk, B = 2, len(offsets)
+    mask = random_mask(rng, (B, Hk), -(-M // R), -(-N // C), 0.5)
+    layout = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
+    q, k, v = random_problem(rng, batch=(B,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=D, dtype=jnp.bfloat16)
+    kw = dict(causal=True, q_offset=jnp.asarray(offsets))
+    if lens is not None:
+        kw["kv_lens"] = jnp.asarray(lens)
+    with jax.default_device(jax.devices("cuda")[0]):
+        check_forward(q, k, v, layout, **kw)
+        check_gradients(q, k, v, layout, op_kw=dict(deterministic=det), **kw)

@@ -30,9 +30,25 @@ struct Problem {
   BSATTN_HD int64_t layout_id(int64_t b, int64_t hk) const {
     return (LB > 1 ? b : 0) * LH + (LH > 1 ? hk : 0);
   }
-  // Causal: key j may be seen by query i when j <= i + causal_offset (bottom-right aligned).
-  BSATTN_HD int64_t causal_offset() const { return N - M; }
 };
+
+// Per-sequence operands (csrc/README.md), read the same way by every kernel. Both take the caller's integer type.
+// The keys of batch element b that take part: kv_lens[b] clipped to [0, N] (per-sequence key lengths), else N.
+template <typename I>
+BSATTN_HD I clipped_key_count(const int32_t* kv_lens, int64_t b, I N) {
+  if (kv_lens == nullptr) return N;
+  const I n = static_cast<I>(kv_lens[b]);
+  return n < 0 ? I{0} : (n > N ? N : n);
+}
+// Causal: key j may be seen by query row i of batch element b when j <= i + shift, with shift = q_offset[b] (the key
+// position of query row 0) clipped to [-M, N - 1] (beyond it every row sees all keys, or none), else N - M
+// (bottom-right aligned). Then i + shift stays in [-M, M + N - 2]: inside int32 for M, N <= 2^30.
+template <typename I>
+BSATTN_HD I causal_shift(const int32_t* q_offset, int64_t b, I M, I N) {
+  if (q_offset == nullptr) return N - M;
+  const I s = static_cast<I>(q_offset[b]);
+  return s < -M ? -M : (s > N - 1 ? N - 1 : s);
+}
 
 // The half-open range [start, end) of `indices` that block row `r` of one layout lists, clamped so
 // that any indptr (traced, unchecked) stays inside [0, nnz] and never runs backwards.

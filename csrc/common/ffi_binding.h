@@ -19,8 +19,9 @@ auto bind_attributes(Binding&& b) {  // Binding's builder methods are &&-qualifi
       .template Attr<bool>("causal");
 }
 
-// Forward: q, k, v, indptr, indices, kv_lens -> o, lse; kv_lens is [B] int32 (per-sequence key lengths) or empty
-// (none: every batch element has N keys). With kWorkspace (CUDA) also a flat u32 workspace result, empty or sized by
+// Forward: q, k, v, indptr, indices, kv_lens, q_offset -> o, lse; kv_lens is [B] int32 (per-sequence key lengths) or
+// empty (none: every batch element has N keys), q_offset [B] int32 (causal: the key position of each sequence's query
+// row 0) or empty (none: N - M). With kWorkspace (CUDA) also a flat u32 workspace result, empty or sized by
 // the caller (the sweep kernel's bit maps, csrc/README.md).
 template <bool kWorkspace = false, typename Binding>
 auto bind_forward(Binding&& b) {
@@ -31,6 +32,7 @@ auto bind_forward(Binding&& b) {
                .template Arg<ffi::Buffer<ffi::S32>>()          // indptr
                .template Arg<ffi::Buffer<ffi::S32>>()          // indices
                .template Arg<ffi::Buffer<ffi::S32>>()          // kv_lens
+               .template Arg<ffi::Buffer<ffi::S32>>()          // q_offset
                .template Ret<ffi::AnyBuffer>()                 // o
                .template Ret<ffi::Buffer<ffi::F32>>();         // lse
   if constexpr (kWorkspace)

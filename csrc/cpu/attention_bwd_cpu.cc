@@ -73,7 +73,7 @@ struct BwdScratch {
         load_packed_both(a.dtype, a.d_o, p, b, hk, i0, i1, 1.f, d_o.data(), Dp, dot.data(), Pp);
     load_packed_stats(a.lse, p, b, hk, i0, i1, lse.data());
     load_packed_stats(a.delta, p, b, hk, i0, i1, delta.data());
-    packed_key_limits(p, i0, i1, Pp, lim.data(), p.N);
+    packed_key_limits(p, i0, i1, Pp, lim.data(), seq_keys(a, b));
     float *l = lse.data(), *d = delta.data();
     for (int64_t pr = 0; pr < Pp; ++pr) {
       if (pr >= P) l[pr] = d[pr] = 0.f;
@@ -144,7 +144,7 @@ BSATTN_AI void dq_item(const BwdArgs& a, BwdScratch& sc, int64_t item) {
   float* dq = sc.acc0.data();
   std::memset(dq, 0, P * Dp * sizeof(float));
   int64_t j0, cn;
-  for (RowBlocks blocks(p, a.layout, it); blocks.next(&j0, &cn);) {
+  for (RowBlocks blocks(p, a.layout, it, seq_keys(a, it.b)); blocks.next(&j0, &cn);) {
     sc.load_kv(a, it.b, it.hk, j0, cn);
     score_grads<I>(a, sc, j0, cn, false);
     gemm<I>(P, Dp, cn, sc.dpt.data(), 1, Pp, sc.k.data(), Dp, dq, Dp, true);  // dQ += dS K
@@ -158,6 +158,7 @@ BSATTN_AI void dkdv_item(const BwdArgs& a, const Columns& cols, BwdScratch& sc, 
   const Problem& p = a.p;
   const int64_t c = item % p.NB, hk = (item / p.NB) % p.Hk, b = item / (p.NB * p.Hk);
   const int64_t j0 = c * p.C, cn = p.C < p.N - j0 ? p.C : p.N - j0;
+  const SeqKeys sk = seq_keys(a, b);
   const int64_t Dp = sc.Dp, Pp = sc.Pp;
   float *dk = sc.acc0.data(), *dv = sc.acc1.data();
   std::memset(dk, 0, cn * Dp * sizeof(float));
@@ -170,7 +171,7 @@ BSATTN_AI void dkdv_item(const BwdArgs& a, const Columns& cols, BwdScratch& sc, 
     const int64_t row_end = r * p.R + p.R < p.M ? r * p.R + p.R : p.M;
     for (int64_t i0 = r * p.R; i0 < row_end; i0 += sc.chunking.rows) {
       const int64_t i1 = i0 + sc.chunking.rows < row_end ? i0 + sc.chunking.rows : row_end;
-      if (j0 >= key_limit(p, i1 - 1)) continue;  // causal: no row of this chunk sees the block
+      if (j0 >= key_limit(p, i1 - 1, sk)) continue;  // causal: no row of this chunk sees the block
       if (!loaded) {
         sc.load_kv(a, b, hk, j0, cn);
         loaded = true;

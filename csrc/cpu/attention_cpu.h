@@ -31,19 +31,22 @@ struct AttnInputs {
   DType dtype;
   const void *q, *k, *v;
   Layout layout;
+  const int32_t* q_offset = nullptr;  // [B] causal: key position of query row 0 per batch element, or null: N - M
 };
 
 struct FwdArgs : AttnInputs {
-  void* o;                 // [B, M, Hq, D]
-  float* lse;              // [B, M, Hq]
-  const int32_t* kv_lens;  // [B] keys that take part per batch element (clipped to [0, N] where read), or null: N
+  void* o;                           // [B, M, Hq, D]
+  float* lse;                        // [B, M, Hq]
+  const int32_t* kv_lens = nullptr;  // [B] keys that take part per batch element, or null: N
 };
 
-// The keys of batch element b that take part: kv_lens[b] clipped to [0, N], else N.
-inline int64_t key_count(const FwdArgs& a, int64_t b) {
-  if (a.kv_lens == nullptr) return a.p.N;
-  const int64_t n = a.kv_lens[b];
-  return n < 0 ? 0 : (n > a.p.N ? a.p.N : n);
+// Batch element b's keys: how many take part (kv_lens, clipped) and the causal shift (q_offset, clipped; both
+// common/bsattn_common.h).
+struct SeqKeys {
+  int64_t nkeys, shift;
+};
+inline SeqKeys seq_keys(const AttnInputs& a, int64_t b, const int32_t* kv_lens = nullptr) {
+  return {clipped_key_count(kv_lens, b, a.p.N), causal_shift(a.q_offset, b, a.p.M, a.p.N)};
 }
 
 struct BwdArgs : AttnInputs {
@@ -110,25 +113,23 @@ struct Columns {
 };
 Columns transpose_layout(const Problem& p, const Layout& layout);
 
-// The exclusive upper bound on key index j for query row i: j < nkeys (N, or the batch element's kv_lens), and with
-// causal j <= i + (N - M). May be <= 0 (the row sees nothing).
-inline int64_t key_limit(const Problem& p, int64_t i, int64_t nkeys) {
-  if (!p.causal) return nkeys;
-  const int64_t lim = i + p.causal_offset() + 1;
-  return lim < nkeys ? lim : nkeys;
+// The exclusive upper bound on key index j for query row i of a batch element: j < sk.nkeys, and with causal
+// j <= i + sk.shift. May be <= 0 (the row sees nothing).
+inline int64_t key_limit(const Problem& p, int64_t i, const SeqKeys& sk) {
+  if (!p.causal) return sk.nkeys;
+  const int64_t lim = i + sk.shift + 1;
+  return lim < sk.nkeys ? lim : sk.nkeys;
 }
-inline int64_t key_limit(const Problem& p, int64_t i) { return key_limit(p, i, p.N); }
 
 // The blocks of a row item that can contribute, in layout order: valid block columns of its block
-// row (clamp / skip rules) that at least one row of the chunk sees (causal, keys below nkeys), each cut at nkeys (the
-// keys past it never read). Usage:
+// row (clamp / skip rules) that at least one row of the chunk sees (causal, keys below sk.nkeys), each cut at nkeys
+// (the keys past it never read). Usage:
 //   int64_t j0, cn;  // first key and key count of the block
-//   for (RowBlocks blocks(p, layout, item); blocks.next(&j0, &cn);) { ... }
+//   for (RowBlocks blocks(p, layout, item, seq_keys(a, item.b)); blocks.next(&j0, &cn);) { ... }
 class RowBlocks {
  public:
-  RowBlocks(const Problem& p, const Layout& layout, const RowItem& it) : RowBlocks(p, layout, it, p.N) {}
-  RowBlocks(const Problem& p, const Layout& layout, const RowItem& it, int64_t nkeys)
-      : p_(p), nkeys_(nkeys), lim_max_(key_limit(p, it.i1 - 1, nkeys)) {  // key_limit grows with i
+  RowBlocks(const Problem& p, const Layout& layout, const RowItem& it, const SeqKeys& sk)
+      : p_(p), nkeys_(sk.nkeys), lim_max_(key_limit(p, it.i1 - 1, sk)) {  // key_limit grows with i
     const int64_t l = p.layout_id(it.b, it.hk);
     indices_ = layout.indices_of(p, l);
     const RowRange range = row_range(layout.indptr_of(p, l), it.r, p.nnz);

@@ -100,11 +100,11 @@ BSATTN_AI void fwd_item(const FwdArgs& a, FwdScratch& sc, int64_t item) {
     m[pr] = kNegInf;
     l[pr] = 0.f;
   }
-  const int64_t nkeys = key_count(a, it.b);  // (kv_lens: the keys past it are never read)
-  packed_key_limits(p, it.i0, it.i1, Pp, sc.lim.data(), nkeys);
+  const SeqKeys sk = seq_keys(a, it.b, a.kv_lens);  // (kv_lens: the keys past it are never read)
+  packed_key_limits(p, it.i0, it.i1, Pp, sc.lim.data(), sk);
 
   int64_t j0, cn;
-  for (RowBlocks blocks(p, a.layout, it, nkeys); blocks.next(&j0, &cn);) {
+  for (RowBlocks blocks(p, a.layout, it, sk); blocks.next(&j0, &cn);) {
     load_kv_rows(a.dtype, a.k, p, it.b, it.hk, j0, cn, sc.k.data(), Dp);
     load_kv_rows(a.dtype, a.v, p, it.b, it.hk, j0, cn, sc.v.data(), Dp);
     gemm<I>(cn, Pp, D, sc.k.data(), Dp, 1, sc.qt.data(), Pp, st, Pp, false);  // S^T = K Q^T

@@ -163,6 +163,15 @@ std::optional<ffi::Error> make_inputs(const char* kernel, const ffi::AnyBuffer& 
   return std::nullopt;
 }
 
+// A per-sequence operand (kv_lens, q_offset): [B], or empty (none: *out = null).
+std::optional<ffi::Error> per_sequence(const char* kernel, const char* name, ffi::Buffer<ffi::S32> buf,
+                                       const Problem& p, const int32_t** out) {
+  const bool has = buf.element_count() != 0;
+  if (auto e = expect_shape(kernel, name, buf.dimensions(), {has ? p.B : 0})) return e;
+  *out = has ? buf.typed_data() : nullptr;
+  return std::nullopt;
+}
+
 ffi::Error run_guarded(void (*kernel)(const void*), const void* args, const char* name) {
   try {
     kernel(args);
@@ -178,7 +187,7 @@ ffi::Error run_guarded(void (*kernel)(const void*), const void* args, const char
 
 ffi::Error FwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
-                   ffi::Buffer<ffi::S32> kv_lens, ffi::Result<ffi::AnyBuffer> o,
+                   ffi::Buffer<ffi::S32> kv_lens, ffi::Buffer<ffi::S32> q_offset, ffi::Result<ffi::AnyBuffer> o,
                    ffi::Result<ffi::Buffer<ffi::F32>> lse,
                    int64_t block_r, int64_t block_c, float scale, float softcap, bool causal) {
   constexpr const char* kName = "bsattn_fwd_cpu";
@@ -191,11 +200,9 @@ ffi::Error FwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
     return std::move(*e);
   if (auto e = expect_shape(kName, "lse", lse->dimensions(), {p.B, p.M, p.Hq}))
     return std::move(*e);
-  const bool has_lens = kv_lens.element_count() != 0;
-  if (auto e = expect_shape(kName, "kv_lens", kv_lens.dimensions(), {has_lens ? p.B : 0}))
-    return std::move(*e);
+  if (auto e = per_sequence(kName, "kv_lens", kv_lens, p, &a.kv_lens)) return std::move(*e);
+  if (auto e = per_sequence(kName, "q_offset", q_offset, p, &a.q_offset)) return std::move(*e);
   if (p.Hk == 0) return ffi::Error::Success();  // no heads: every output is empty
-  a.kv_lens = has_lens ? kv_lens.typed_data() : nullptr;
   a.o = o->untyped_data();
   a.lse = lse->typed_data();
   return run_guarded([](const void* x) { attention_fwd_cpu(*static_cast<const FwdArgs*>(x)); },
@@ -204,7 +211,7 @@ ffi::Error FwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
 
 ffi::Error BwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer d_o,
                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> delta,
-                   ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices,
+                   ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> q_offset,
                    ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                    ffi::Result<ffi::AnyBuffer> dv, int64_t block_r, int64_t block_c, float scale,
                    float softcap, bool causal) {
@@ -224,6 +231,7 @@ ffi::Error BwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::An
   if (auto e = expect_buffer(kName, "dq", *dq, q_shape, t)) return std::move(*e);
   if (auto e = expect_buffer(kName, "dk", *dk, kv_shape, t)) return std::move(*e);
   if (auto e = expect_buffer(kName, "dv", *dv, kv_shape, t)) return std::move(*e);
+  if (auto e = per_sequence(kName, "q_offset", q_offset, p, &a.q_offset)) return std::move(*e);
   if (p.Hk == 0) return ffi::Error::Success();
   a.d_o = d_o.untyped_data();
   a.lse = lse.typed_data();
@@ -249,6 +257,7 @@ XLA_FFI_DEFINE_HANDLER(kBsattnBwdCpu, BwdImpl,
                            .Arg<ffi::Buffer<ffi::F32>>()   // delta
                            .Arg<ffi::Buffer<ffi::S32>>()   // indptr
                            .Arg<ffi::Buffer<ffi::S32>>()   // indices
+                           .Arg<ffi::Buffer<ffi::S32>>()   // q_offset
                            .Ret<ffi::AnyBuffer>()          // dq
                            .Ret<ffi::AnyBuffer>()          // dk
                            .Ret<ffi::AnyBuffer>()));       // dv

@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "common/bsattn_common.h"
+#include "cpu/attention_cpu.h"
 #include "cpu/dtype_cpu.h"
 
 namespace bsattn::cpu {
@@ -80,17 +81,15 @@ inline int64_t load_packed_both(DType t, const void* src, const Problem& p, int6
   return P;
 }
 
-// lim[pr] = key_limit of packed row pr, clamped to [0, nkeys] (N, or the batch element's kv_lens); padding lanes
-// [P, Pp) get 0 (they see nothing).
-inline void packed_key_limits(const Problem& p, int64_t i0, int64_t i1, int64_t Pp, int32_t* lim,
-                              int64_t nkeys) {
+// lim[pr] = key_limit of packed row pr of the batch element (sk), clamped to [0, sk.nkeys]; padding lanes [P, Pp) get 0
+// (they see nothing).
+inline void packed_key_limits(const Problem& p, int64_t i0, int64_t i1, int64_t Pp, int32_t* lim, const SeqKeys& sk) {
   const int64_t g = p.group(), P = (i1 - i0) * g;
   for (int64_t pr = 0; pr < Pp; ++pr) {
     int64_t l = 0;
     if (pr < P) {
-      const int64_t i = i0 + pr / g;
-      l = p.causal ? i + p.causal_offset() + 1 : nkeys;
-      l = l < 0 ? 0 : (l > nkeys ? nkeys : l);
+      l = key_limit(p, i0 + pr / g, sk);
+      l = l < 0 ? 0 : l;
     }
     lim[pr] = static_cast<int32_t>(l);
   }

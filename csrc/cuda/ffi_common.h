@@ -49,6 +49,17 @@ inline std::string check_head_dim(int64_t D) {
   return std::string();
 }
 
+// A per-sequence operand (kv_lens, q_offset: s32 [B], or empty: none) -> its data or null in `out`. Empty when the
+// shape holds, else the message.
+inline std::string per_sequence(const char* name, xla::ffi::Buffer<xla::ffi::S32> x, int64_t B, const int32_t** out) {
+  const auto d = x.dimensions();
+  const bool has = x.element_count() != 0;
+  if (d.size() != 1 || (has && d[0] != B))
+    return std::string(name) + " " + dims_str(d) + " must be [B] = [" + std::to_string(B) + "] or empty";
+  *out = has ? x.typed_data() : nullptr;
+  return std::string();
+}
+
 // Layout and fill_problem live in common/problem.h (plain C++, also used by csrc/cuda/dev/sanitize_kernels.cu).
 using ::bsattn::cuda::Layout;
 using ::bsattn::cuda::fill_problem;

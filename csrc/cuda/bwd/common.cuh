@@ -234,14 +234,15 @@ __device__ __forceinline__ int compact_listed_rows(unsigned long long* words, ui
 }
 
 // Packed row `off` of block row `br` (query row r = off / g of the block row, head hq0 + off % g) -> rid, its row of q
-// in units of D within the batch (q_row * Hq + head), and lim, its causal limit (set only when causal). False, both
-// left alone, when the query row is past M.
-__device__ __forceinline__ bool packed_query_row(const Params& p, int br, int off, int hq0, int& rid, int& lim) {
+// in units of D within the batch (q_row * Hq + head), and lim, its causal limit qi + shift (shift: the batch element's
+// p.causal_shift; set only when causal). False, both left alone, when the query row is past M.
+__device__ __forceinline__ bool packed_query_row(const Params& p, int br, int off, int hq0, int shift, int& rid,
+                                                 int& lim) {
   const int r = off / p.g;
   const int qi = br * p.R + r;
   if (qi >= p.M) return false;
   rid = qi * p.Hq + hq0 + (off - r * p.g);
-  if (p.causal) lim = qi + (p.N - p.M);
+  if (p.causal) lim = qi + shift;
   return true;
 }
 
@@ -254,9 +255,9 @@ struct WindowRowCursor {
     off = trow - ent * E;
   }
   // Its row's rid and causal limit (packed_query_row); false for a row past the list's len entries or past M.
-  __device__ __forceinline__ bool query_row(const Params& p, int len, int win0, const uint16_t* lbr, int hq0, int& rid,
-                                            int& lim) const {
-    return ent < len && packed_query_row(p, win0 + lbr[ent], off, hq0, rid, lim);
+  __device__ __forceinline__ bool query_row(const Params& p, int len, int win0, const uint16_t* lbr, int hq0, int shift,
+                                            int& rid, int& lim) const {
+    return ent < len && packed_query_row(p, win0 + lbr[ent], off, hq0, shift, rid, lim);
   }
   __device__ __forceinline__ void advance(int qE, int rE, int E) {
     ent += qE;
@@ -342,8 +343,8 @@ __device__ __forceinline__ bool column_work(const Params& p, ColumnWork& w, int 
   if (w.nkeys <= 0) return false;
   if constexpr (SWEEP) {
     w.cs = 0;
-    if (p.causal) {  // query row qi sees key k0 when qi >= k0 - (N - M): block rows from (k0 - (N - M) - (R - 1)) / R
-      const int64_t first = static_cast<int64_t>(w.k0) - (static_cast<int64_t>(p.N) - p.M) - (p.R - 1);
+    if (p.causal) {  // query row qi sees key k0 when qi >= k0 - shift: block rows from (k0 - shift - (R - 1)) / R
+      const int64_t first = static_cast<int64_t>(w.k0) - p.causal_shift(w.b) - (p.R - 1);
       w.cs = first <= 0 ? 0 : (first / p.R > p.MB ? p.MB : first / p.R);
     }
     w.ce = p.MB;
@@ -378,13 +379,14 @@ struct ColumnQueryGather {
   const T* dg;
   const float* lseg;
   const float* dlg;
-  int hq0, E, qE, rE, klast, trow_own;
+  int hq0, E, qE, rE, klast, trow_own, shift;
   bool owner;
 
   // len: block rows of the column (list at `rows`), klast: the tile's last key (a row whose causal limit is below
   // it needs the mask), qboff: (b, row 0, head 0) in units of rows of D.
-  __device__ __forceinline__ void init(const Params& p, const int32_t* rows, int len, int hk, int klast_,
+  __device__ __forceinline__ void init(const Params& p, const int32_t* rows, int len, int b, int hk, int klast_,
                                        int64_t qboff, int warp, int lane) {
+    shift = p.causal_shift(b);
     const int RG = p.R * p.g;
     E = RG > 0 ? RG : 1;
     qE = BQ / E;
@@ -415,7 +417,7 @@ struct ColumnQueryGather {
       int brow = -1;
       if (qw.live(owner)) {
         brow = qw.nxt;
-        if (brow >= 0 && brow < p.MB) packed_query_row(p, brow, qw.off, hq0, rid, lim);
+        if (brow >= 0 && brow < p.MB) packed_query_row(p, brow, qw.off, hq0, shift, rid, lim);
       }
       const int srow = stage * BQ + trow_own;
       stage_row_stats(sLse, sDl, srow, lseg, dlg, rid);

@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_dkdv_compact_kernel(con
   const T* dg = static_cast<const T*>(p.dout) + qboff * D;
   const float* lseg = p.lse + qboff;
   const float* dlg = p.delta + qboff;
-  const int hq0 = hk * p.g;
+  const int hq0 = hk * p.g, shift = p.causal_shift(cgw.b);
   const float s_mul = p.s_mul, cap_mul = p.cap_mul;
   const bool use_cap = p.use_cap != 0;
 
@@ -281,7 +281,7 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_dkdv_compact_kernel(con
         int lim = INT_MAX;
         const int u = t / TPU;
         const int r0 = (t - u * TPU) * BQ;  // <= E - 1
-        if (trow_own < E - r0) packed_query_row(p, win0 + (units[u] & 0xff), r0 + trow_own, hq0, rid, lim);
+        if (trow_own < E - r0) packed_query_row(p, win0 + (units[u] & 0xff), r0 + trow_own, hq0, shift, rid, lim);
         const int srow = stage * BQ + trow_own;
         stage_row_stats(sLse, sDl, srow, lseg, dlg, rid);
         sLim[srow] = lim;

@@ -343,7 +343,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_kernel(con
 
   // query gather state (owner lanes)
   ColumnQueryGather<D, BQ, Map, RowSwizzle<D>, T> qgat;
-  qgat.init(p, p.col_rows + lid * p.nnz + cs, len, hk, k0 + nkeys - 1, qboff, warp, lane);
+  qgat.init(p, p.col_rows + lid * p.nnz + cs, len, cw_.b, hk, k0 + nkeys - 1, qboff, warp, lane);
   auto issue = [&](int stage) -> uint32_t {
     return qgat.issue(p, sQ + stage * Cfg::Q_STAGE, sD + stage * Cfg::Q_STAGE, sLse, sDl, sLim, nullptr, stage, warp,
                       lane);
@@ -464,7 +464,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_pack_kerne
   const T* dg = static_cast<const T*>(p.dout) + qboff * D;
   const float* lseg = p.lse + qboff;
   const float* dlg = p.delta + qboff;
-  const int hq0 = hk * p.g;
+  const int hq0 = hk * p.g, shift = p.causal_shift(grp.b);
   const int32_t* rows = p.col_rows + lid * p.nnz;
 
   // ---- per-warp state ----------------------------------------------------------------------------------
@@ -553,7 +553,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_pack_kerne
         if (owner) {
           int lim = INT_MAX;
           unsigned long long w = 0ull;
-          if (cur_row.query_row(p, len, win0, lbr, hq0, rid, lim)) w = cnt[cur_row.ent];
+          if (cur_row.query_row(p, len, win0, lbr, hq0, shift, rid, lim)) w = cnt[cur_row.ent];
           const int srow = stage * BQ + trow_own;
           stage_row_stats(sLse, sDl, srow, lseg, dlg, rid);
           sLim[srow] = lim;

@@ -110,6 +110,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_kernel(const
     const T* const src[2] = {static_cast<const T*>(p.q) + qoff, static_cast<const T*>(p.dout) + qoff};
     load_packed_tile<D, TM, Cfg::NT, 2>(dst, src, row0, rows_valid, p.g, q_rstride, tid);
   }
+  const int shift = p.causal_shift(b);
   for (int row = tid; row < TM; row += Cfg::NT) {
     float l2 = INFINITY, dl = 0.f;
     int lim = INT_MAX - 1;  // below the padding keys' index: they are masked like keys past a causal limit
@@ -118,7 +119,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_kernel(const
     if (row < rows_valid) {
       const int64_t si = soff + static_cast<int64_t>(r) * p.Hq + j;
       row_stats(__ldg(p.lse + si), __ldg(p.delta + si), l2, dl);
-      if (p.causal) lim = br * p.R + r + (p.N - p.M);
+      if (p.causal) lim = br * p.R + r + shift;
     }
     sRow[row] = make_int2(row < rows_valid ? r : -1, j);
     sLse2[row] = l2;
@@ -130,7 +131,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_kernel(const
   const bool owner = lane < Map::OWN;
   const int trow_own = Map::owner_row(warp, lane);
   const int qC = BN / p.C, rC = BN - (BN / p.C) * p.C;
-  const int qlim_min = p.causal ? qmin + (p.N - p.M) : INT_MAX;  // a key above this needs the mask somewhere
+  const int qlim_min = p.causal ? qmin + shift : INT_MAX;  // a key above this needs the mask somewhere
   SeqWalk kw;
   kw.init(p.indices + lid * p.nnz + rr.start, len, trow_own, p.C, owner);
   const T* kg = static_cast<const T*>(p.k) + kvoff;

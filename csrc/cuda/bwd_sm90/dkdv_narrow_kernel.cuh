@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, Cfg::MINB)
       const T* vg = static_cast<const T*>(p.v) + kvoff + k0 * kv_rstride;
       load_row_pair_tile<D, 128, BK, typename Cfg::KLayout>(sK, sV, kg, vg, nkeys, kv_rstride, tid - Cfg::NT);
       ColumnQueryGather<D, BQ, Map, typename Cfg::QLayout, T> qgat;
-      qgat.init(p, p.col_rows + lid * p.nnz + cs, len, hk, k0 + nkeys - 1, qboff, pw, lane);
+      qgat.init(p, p.col_rows + lid * p.nnz + cs, len, cw_.b, hk, k0 + nkeys - 1, qboff, pw, lane);
       for (int t = 0; t < ntiles; ++t) {
         const int stage = t % S;
         if (t >= S) mbar_wait(bar_empty + 8 * stage, ((t / S) - 1) & 1);
@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, Cfg::MINB)
                       lane);
   };
   if constexpr (!Cfg::WS) {
-    qgat.init(p, p.col_rows + lid * p.nnz + cs, len, hk, k0 + nkeys - 1, qboff, warp, lane);
+    qgat.init(p, p.col_rows + lid * p.nnz + cs, len, cw_.b, hk, k0 + nkeys - 1, qboff, warp, lane);
     pending = issue_prologue<S>(issue, ntiles);
   }
 

@@ -73,7 +73,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_kernel(con
     load_row_pair_tile<D, Cfg::NT, BK, typename Cfg::KLayout>(sm.sK, sm.sV, kg, vg, nkeys, kv_rstride, tid);
   }
   ColumnQueryGather<D, BQ, Map, typename Cfg::QLayout, T> qgat;
-  qgat.init(p, p.col_rows + lid * p.nnz + cs, len, hk, k0 + nkeys - 1, qboff, warp, lane);
+  qgat.init(p, p.col_rows + lid * p.nnz + cs, len, cw_.b, hk, k0 + nkeys - 1, qboff, warp, lane);
   auto issue = [&](int stage) -> uint32_t {
     return qgat.issue(p, sm.sQ + stage * Cfg::Q_STAGE, sm.sD + stage * Cfg::Q_STAGE, sm.sLse, sm.sDl, sm.sLim,
                       sm.sRid, stage, warp, lane);

@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
         cp_async_commit();
       };
       if (work) {  // the first tile, while the consumers may still be on item n - 1
-        qgat.init(p, p.col_rows + w.lid * p.nnz + w.cs, w.len, w.hk, w.k0 + w.nkeys - 1, w.qboff, warp, lane);
+        qgat.init(p, p.col_rows + w.lid * p.nnz + w.cs, w.len, w.b, w.hk, w.k0 + w.nkeys - 1, w.qboff, warp, lane);
         issue(done);
       }
       // item n - 1 done (its K, V no longer read, its slot read): post item n; one phase at a time, so that the

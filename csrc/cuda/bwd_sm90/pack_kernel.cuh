@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_pack_kerne
   const T* dg = static_cast<const T*>(p.dout) + qboff * D;
   const float* lseg = p.lse + qboff;
   const float* dlg = p.delta + qboff;
-  const int hq0 = hk * p.g;
+  const int hq0 = hk * p.g, shift = p.causal_shift(grp.b);
   const int32_t* rows = p.col_rows + lid * p.nnz;
 
   // ---- per-thread state ----------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_pack_kerne
         int rid = -1;  // row of q in units of D within batch b: qi * Hq + h
         if (owner) {
           int lim = INT_MAX, e = W;
-          if (cur_row.query_row(p, len, win0, lbr, hq0, rid, lim)) e = cur_row.ent;
+          if (cur_row.query_row(p, len, win0, lbr, hq0, shift, rid, lim)) e = cur_row.ent;
           const int srow = stage * BQ + trow_own;
           stage_row_stats(sm.sLse, sm.sDl, srow, lseg, dlg, rid);
           sm.sLim[srow] = lim;

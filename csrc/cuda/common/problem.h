@@ -20,16 +20,21 @@ struct ProblemParams {
   int R, C, MB, NB;        // block size; block rows / columns
   int LB, LH;              // layout dims (1 = broadcast)
   int64_t nnz;             // entries per layout in `indices` (and the backward's `col_rows`)
-  int causal;              // bottom-right aligned causal mask
+  int causal;              // causal mask: key j seen by query row i of batch element b where j <= i + causal_shift(b)
   int use_cap;             // softcap > 0
   float s_mul;    // raw q.k -> exponent argument: scale * log2(e) (no cap), or scale / softcap * 2 log2(e) (cap:
                   // tanh is evaluated as 1 - 2 / (1 + 2^(2 log2(e) x)))
   float cap_mul;  // softcap * log2(e) (soft cap only)
 
+  const int32_t* q_offset;  // [B] causal: the key position of each batch element's query row 0, or null: N - M
+
   // The layout of batch b, KV head hk, in layouts (common/bsattn_common.h Problem::layout_id).
   BSATTN_HD int64_t layout_index(int b, int hk) const {
     return static_cast<int64_t>(LB > 1 ? b : 0) * LH + (LH > 1 ? hk : 0);
   }
+  // Batch element b's causal shift: q_offset[b] clipped to [-M, N - 1], or N - M (common/bsattn_common.h). Read it
+  // after pdl_wait in a dependent launch (an input of the call).
+  BSATTN_HD int causal_shift(int b) const { return ::bsattn::causal_shift<int>(q_offset, b, M, N); }
 };
 
 // The block layout's sizes, from the shapes (ffi_common::check_layout).

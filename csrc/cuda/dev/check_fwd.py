@@ -36,7 +36,7 @@ def fwd_call(q, k, v, indptr, indices, R, C, scale, softcap, causal):
     out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, M, Hq), jnp.float32),
            jax.ShapeDtypeStruct((tw,), jnp.uint32))
     return jax.ffi.ffi_call("bsattn_fwd_cuda", out)(
-        q, k, v, indptr, indices, jnp.zeros((0,), jnp.int32),  # (kv_lens: none)
+        q, k, v, indptr, indices, jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.int32),  # (kv_lens, q_offset: none)
         block_r=np.int64(R), block_c=np.int64(C), scale=np.float32(scale),
         softcap=np.float32(softcap), causal=bool(causal))[:2]
 

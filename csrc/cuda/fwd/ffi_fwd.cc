@@ -31,7 +31,7 @@ ffi::Error bad(const std::string& msg) { return ffi_common::invalid(kName, msg);
 
 ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> kv_lens,
-                   ffi::Result<ffi::AnyBuffer> o,
+                   ffi::Buffer<ffi::S32> q_offset, ffi::Result<ffi::AnyBuffer> o,
                    ffi::Result<ffi::Buffer<ffi::F32>> lse, ffi::Result<ffi::Buffer<ffi::U32>> ws, int64_t block_r,
                    int64_t block_c, float scale, float softcap, bool causal) {
   const auto dt = q.element_type();
@@ -50,11 +50,11 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   if (!same_dims(od, qd)) return bad("o " + dims_str(od) + " must have q's shape " + dims_str(qd));
   if (ld[0] != B || ld[1] != M || ld[2] != Hq) return bad("lse " + dims_str(ld) + " must be [B, M, Hq]");
   if (ws->dimensions().size() != 1) return bad("workspace " + dims_str(ws->dimensions()) + " must be flat");
-  const auto nd = kv_lens.dimensions();
-  const bool has_lens = kv_lens.element_count() != 0;
-  if (nd.size() != 1 || (has_lens && nd[0] != B))
-    return bad("kv_lens " + dims_str(nd) + " must be [B] = [" + std::to_string(B) + "] or empty");
-  std::string msg = ffi_common::check_head_dim(D);
+  const int32_t *lens_data = nullptr, *offset_data = nullptr;
+  std::string msg = ffi_common::per_sequence("kv_lens", kv_lens, B, &lens_data);
+  if (msg.empty()) msg = ffi_common::per_sequence("q_offset", q_offset, B, &offset_data);
+  if (!msg.empty()) return bad(msg);
+  msg = ffi_common::check_head_dim(D);
   if (!msg.empty()) return bad(msg);
   if (Hk < 1 || Hq % Hk != 0) return bad("Hq must be a positive multiple of Hk");
   ffi_common::Layout l;
@@ -73,8 +73,9 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   p.indices = indices.typed_data();
   p.o = o->untyped_data();
   p.lse = lse->typed_data();
-  p.kv_lens = has_lens ? kv_lens.typed_data() : nullptr;
+  p.kv_lens = lens_data;
   ffi_common::fill_problem(p, B, M, N, Hq, Hk, block_r, block_c, l, causal, scale, softcap);
+  p.q_offset = offset_data;
   // the workspace: empty, or exactly fwd_workspace_words (the lowering's size; used where the sweep or the split runs)
   p.ws_words = static_cast<int64_t>(ws->element_count());
   const int64_t ws_words = fwd_workspace_words(p, static_cast<int>(D));

@@ -43,9 +43,7 @@ static_assert(sizeof(GatherShared) <= 32, "the kernels keep it in CTA_BYTES = 32
 
 // The keys of batch element b that take part: kv_lens[b] clipped to [0, N] (per-sequence key lengths), else N.
 __device__ __forceinline__ int fwd_key_count(const FwdParams& p, int b) {
-  if (p.kv_lens == nullptr) return p.N;
-  const int n = __ldg(p.kv_lens + b);
-  return n < 0 ? 0 : (n > p.N ? p.N : n);
+  return clipped_key_count<int>(p.kv_lens, b, p.N);
 }
 
 // Layout: the stage buffers' tile layout (common/gather.cuh; the mma.sync kernel's RowSwizzle by default).

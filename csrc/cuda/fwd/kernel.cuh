@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_kernel(const __
   int* sKidx = reinterpret_cast<int*>(smem + Cfg::Q_BYTES + Cfg::KV_BYTES);
   float* sM = reinterpret_cast<float*>(smem + Cfg::Q_BYTES + Cfg::KV_BYTES + Cfg::KIDX_BYTES);
   float* sL = sM + WN * TM;
-  int* sLim = reinterpret_cast<int*>(sL + WN * TM);  // per tile row: causal limit i + N - M (else INT_MAX - 1)
+  int* sLim = reinterpret_cast<int*>(sL + WN * TM);  // per tile row: causal limit i + shift (else INT_MAX - 1)
 
   GatherShared* gs = reinterpret_cast<GatherShared*>(sLim + TM);  // (16-byte aligned: TM, WN are even)
   int2* sOwn = reinterpret_cast<int2*>(gs + 1);                   // gather walk state per owner row [BN]
@@ -82,10 +82,11 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_kernel(const __
     load_packed_tile<D, TM, Cfg::NT, 1>(dst, src, row0, rows_valid, p.g, q_rstride, tid);
   }
   BSATTN_FWD_TIMELINE_MARK(1);
+  const int shift = p.causal_shift(w.b);
   for (int row = tid; row < TM; row += Cfg::NT) {
     const int P = row0 + row, r = P / p.g;
     sRow[row] = make_int2(row < rows_valid ? r : -1, P - r * p.g);
-    sLim[row] = p.causal ? w.br * p.R + r + (p.N - p.M) : INT_MAX - 1;
+    sLim[row] = p.causal ? w.br * p.R + r + shift : INT_MAX - 1;
   }
   const int32_t* idx = p.indices + lid * p.nnz + rr.start;
   KvGather<T, Cfg> kv;
@@ -96,7 +97,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_kernel(const __
     gs->len = len;
     gs->qC = static_cast<int16_t>(BN / p.C);
     gs->rC = static_cast<int16_t>(BN - gs->qC * p.C);
-    gs->qlim_min = p.causal ? qmin + (p.N - p.M) : INT_MAX;
+    gs->qlim_min = p.causal ? qmin + shift : INT_MAX;
     gs->nkeys = fwd_key_count(p, w.b);
   }
   __syncthreads();

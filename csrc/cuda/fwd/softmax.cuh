@@ -48,7 +48,7 @@ __device__ __forceinline__ float prepare_scores(float (&s)[MI][NT8][4], const Fw
 
 // Masks the scores of key columns whose index (kidx: this warp's key slice of the staged tile,
 // INT_MAX when the row is invalid) exceeds the row's limit (lim: the thread's rows (lane / 4, + 8) of each strip;
-// causal: i + N - M, else INT_MAX - 1; -1 masks every key).
+// causal: i + shift, else INT_MAX - 1; any negative limit masks every key).
 template <int MI, int NT8>
 __device__ __forceinline__ void mask_scores_by_limit(float (&s)[MI][NT8][4], const int* kidx, const int (&lim)[MI][2],
                                                      int lane) {

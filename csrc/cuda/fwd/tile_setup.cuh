@@ -30,6 +30,7 @@ struct FwdTileSetup {
   int ntiles;      // KV tiles of BN keys over them
   int part;        // the row split's partial slot of this piece (-1: the whole block row; fwd_sm90/row_split.cuh)
   int nkeys;       // keys of the batch element that take part (fwd_key_count)
+  int shift;       // its causal shift (ProblemParams::causal_shift): query row i sees keys up to i + shift
   int64_t q_rstride, qoff, kvoff;  // Hq * D; q / o of the tile's first (row, head); k / v of (b, hk)
   const int32_t* idx;              // the list of blocks the CTA walks
 };
@@ -89,19 +90,20 @@ __device__ __forceinline__ bool fwd_tile_setup(const FwdParams& p, FwdTileSetup&
            static_cast<int64_t>(w.hk) * p.g * D;
   t.kvoff = (static_cast<int64_t>(w.b) * p.N * p.Hk + w.hk) * D;
   t.nkeys = fwd_key_count(p, w.b);
+  t.shift = p.causal_shift(w.b);
   pdl_launch_dependents();  // the row split's combine may take its place now (it waits for this grid's end)
   return true;
 }
 
 // Per tile row: (query row in the block row, head in the group), r = -1 for padding; the causal limit
-// i + N - M of its query row i (else INT_MAX - 1). (Keys past kv_lens need no limit: the gather gives them INT_MAX.)
+// i + shift of its query row i (else INT_MAX - 1). (Keys past kv_lens need no limit: the gather gives them INT_MAX.)
 template <int TM, int NT>
 __device__ __forceinline__ void fill_row_tables(const FwdParams& p, const FwdTileSetup& t, int2* sRow, int* sLim,
                                                 int tid) {
   for (int row = tid; row < TM; row += NT) {
     const int P = t.row0 + row, r = P / p.g;
     sRow[row] = make_int2(row < t.rows_valid ? r : -1, P - r * p.g);
-    sLim[row] = p.causal ? t.w.br * p.R + r + (p.N - p.M) : INT_MAX - 1;
+    sLim[row] = p.causal ? t.w.br * p.R + r + t.shift : INT_MAX - 1;
   }
 }
 
@@ -113,7 +115,7 @@ __device__ __forceinline__ void fill_gather_shared(const FwdParams& p, const Fwd
   gs->len = t.len;
   gs->qC = static_cast<int16_t>(BN / p.C);
   gs->rC = static_cast<int16_t>(BN - gs->qC * p.C);
-  gs->qlim_min = p.causal ? t.qmin + (p.N - p.M) : INT_MAX;
+  gs->qlim_min = p.causal ? t.qmin + t.shift : INT_MAX;
   gs->nkeys = t.nkeys;
 }
 

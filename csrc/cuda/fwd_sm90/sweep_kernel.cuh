@@ -172,7 +172,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_sm90_sweep_kern
     load_packed_tile<D, TM, NT, 1, QLayout>(dst, src, 0, rows_valid, p.g, q_rstride, tid);
   }
   cp_async_commit();
-  const int causal_shift = p.N - p.M;
+  const int causal_shift = p.causal_shift(b);
   // kLens: the keys past the batch element's are loaded as zeros and masked like causally hidden ones (every row's
   // limit at most its last key)
   const int nkeys = kLens ? fwd_key_count(p, b) : p.N, last_key = nkeys - 1;
