@@ -79,14 +79,19 @@ def worker():
     q = jnp.asarray(rng.standard_normal((B, M, Hq, D)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((B, N, 4, D)), jnp.float32) for _ in range(2))
     lens = jnp.asarray(rng.integers(0, N + 1, size=B), jnp.int32)
+    offsets = lens - M + jnp.asarray(rng.integers(-3, 4, size=B), jnp.int32)  # (chunks ending near each length)
     lay = layouts.union(layouts.sliding_window((M, N), 8, 24), layouts.random((M, N), 8, 2, batch_shape=(4,)))
-    fwd = lambda q, k, v, n: jb.block_sparse_attention(q, k, v, lay, causal=True, return_lse=True, kv_lens=n)
-    grad = jax.grad(lambda q, k, v, n: jnp.sum(jnp.sin(fwd(q, k, v, n)[0])), argnums=(0, 1, 2))
-    want = jax.jit(fwd)(q, k, v, lens) + jax.jit(grad)(q, k, v, lens)
-    for name, kind in (("kv_lens", AxisType.Auto), ("kv_lens_explicit", AxisType.Explicit)):
+    # (and, as q_offset cases, per-sequence causal offsets beside the lengths: both per-sequence operands sharded)
+    for name, kind, with_offsets in (("kv_lens", AxisType.Auto, False), ("kv_lens_explicit", AxisType.Explicit, False),
+                                     ("q_offset", AxisType.Auto, True), ("q_offset_explicit", AxisType.Explicit, True)):
+        fwd = lambda q, k, v, n, o, w=with_offsets: jb.block_sparse_attention(
+            q, k, v, lay, causal=True, return_lse=True, kv_lens=n, q_offset=o if w else None)
+        grad = jax.grad(lambda q, k, v, n, o: jnp.sum(jnp.sin(fwd(q, k, v, n, o)[0])), argnums=(0, 1, 2))
+        want = jax.jit(fwd)(q, k, v, lens, offsets) + jax.jit(grad)(q, k, v, lens, offsets)
         mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(kind, kind))
         shard = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
-        args = (shard(q, "x", None, "y"), shard(k, "x", None, "y"), shard(v, "x", None, "y"), shard(lens, "x"))
+        args = (shard(q, "x", None, "y"), shard(k, "x", None, "y"), shard(v, "x", None, "y"), shard(lens, "x"),
+                shard(offsets, "x"))
         with jax.set_mesh(mesh) if kind == AxisType.Explicit else contextlib.nullcontext():
             got = jax.jit(fwd)(*args) + jax.jit(grad)(*args)
             hlo = jax.jit(fwd).lower(*args).compile().as_text() + jax.jit(grad).lower(*args).compile().as_text()
@@ -158,7 +163,7 @@ def test_batch_and_head_sharding_runs_on_local_shards(report, name):
     assert (o_spec[0], o_spec[2]) == (qspec[0], qspec[2]), r        # o stays sharded as q (batch, heads)
 
 
-@pytest.mark.parametrize("name", ["kv_lens", "kv_lens_explicit"])
+@pytest.mark.parametrize("name", ["kv_lens", "kv_lens_explicit", "q_offset", "q_offset_explicit"])
 def test_kv_lens_sharded(report, name):
     r = report[name]
     assert max(r["errs"]) < 1e-5, r
