@@ -16,8 +16,8 @@ from .key_lengths import canonical_kv_lens, canonical_q_offset, cut_column_atten
 from .layout import BlockSparseLayout, monotone_indptr, static_flag
 from .primitives import SUPPORTED_DTYPES, Config, bsattn_bwd_p, bsattn_fwd_p, to_common_variance
 
-__all__ = ["as_jax_arrays", "block_sparse_attention", "check_inputs", "check_per_sequence", "static_flag",
-           "static_float"]
+__all__ = ["as_jax_arrays", "block_sparse_attention", "check_inputs", "check_per_sequence", "check_q_offset_causal",
+           "static_flag", "static_float"]
 
 
 class Shapes(NamedTuple):
@@ -57,6 +57,13 @@ def check_per_sequence(name: str, x, batch: tuple[int, ...]) -> None:
     if len(shape) > len(batch) or any(a not in (1, b) for a, b in zip(tuple(shape)[::-1], batch[::-1])):
         raise ValueError(f"{name} of shape {tuple(shape)} does not broadcast against the batch dims *B = {batch} "
                          f"({what}: q is [*B, M, Hq, D])")
+
+
+def check_q_offset_causal(q_offset, causal: bool) -> None:
+    """``q_offset`` places the causal mask: given without ``causal=True`` it is an error."""
+    if q_offset is not None and not causal:
+        raise ValueError("q_offset positions the causal mask (key j seen by query row i where j <= i + q_offset[b]) "
+                         "and needs causal=True; without it every row of a listed block sees every key")
 
 
 def check_inputs(q, k, v, layout, logits_soft_cap=None) -> Shapes:
@@ -265,25 +272,20 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
                  softcap=float(0.0 if logits_soft_cap is None else logits_soft_cap),
                  causal=static_flag("causal", causal), deterministic=static_flag("deterministic", deterministic))
     return_lse = static_flag("return_lse", return_lse)
-    if q_offset is not None and not cfg.causal:
-        raise ValueError("q_offset positions the causal mask (key j seen by query row i where j <= i + q_offset[b]) "
-                         "and needs causal=True; without it every row of a listed block sees every key")
+    check_q_offset_causal(q_offset, cfg.causal)
     q3 = jnp.reshape(q, (B, M, Hq, D))
     k3 = jnp.reshape(k, (B, N, Hk, D))
     v3 = jnp.reshape(v, (B, N, Hk, D))
     indptr = monotone_indptr(_canonical_layout(layout.indptr, batch, Hk), layout.nnz)
     indices = _canonical_layout(layout.indices, batch, Hk)
-    # the per-sequence operands (kv_lens, q_offset) given: int32 [B], made to vary like the rest inside shard_map
-    given = {name: canon(x) for name, x, canon in (
-        ("lens", kv_lens, lambda x: canonical_kv_lens(x, tuple(batch), N)),
-        ("offset", q_offset, lambda x: canonical_q_offset(x, tuple(batch), M, N))) if x is not None}
-    q3, k3, v3, indptr, indices, *values = to_common_variance(q3, k3, v3, indptr, indices, *given.values())
-    given = dict(zip(given, values))
-    offset = given.get("offset", _none())
-    if "lens" not in given:
+    offset = _none() if q_offset is None else canonical_q_offset(q_offset, tuple(batch), M, N)
+    if kv_lens is None:
+        q3, k3, v3, indptr, indices, offset = to_common_variance(q3, k3, v3, indptr, indices, offset)
         o, lse = _attention(q3, k3, v3, indptr, indices, offset, cfg)
     else:
-        o, lse = _attention_kv_lens(q3, k3, v3, indptr, indices, given["lens"], offset, cfg)
+        lens = canonical_kv_lens(kv_lens, tuple(batch), N)
+        q3, k3, v3, indptr, indices, lens, offset = to_common_variance(q3, k3, v3, indptr, indices, lens, offset)
+        o, lse = _attention_kv_lens(q3, k3, v3, indptr, indices, lens, offset, cfg)
     o = o.reshape(q.shape)
     if return_lse:
         return o, lse.reshape(tuple(batch) + (M, Hq))

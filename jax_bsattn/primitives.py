@@ -206,8 +206,8 @@ def _fold_per_sequence(x, dim, n):
     return _fold_data(x, dim, n)
 
 
-def _make_batcher(prim, num_data: int, per_sequence: int):
-    """Operands: ``num_data`` data arrays, indptr, indices, then ``per_sequence`` of them (kv_lens, q_offset)."""
+def _make_batcher(prim, num_data: int):
+    """Operands: ``num_data`` data arrays, indptr, indices, then the per-sequence ones (kv_lens, q_offset)."""
     def batcher(args, dims, *, cfg):
         n = _batch_size(args, dims)
         B = _unbatched_B(args[0], dims[0])
@@ -216,14 +216,13 @@ def _make_batcher(prim, num_data: int, per_sequence: int):
         shared = all(d is _NOT_MAPPED and x.shape[0] == 1 for x, d in zip(lay_args, lay_dims))
         layout = [_fold_layout(x, d, n, B, shared) for x, d in zip(lay_args, lay_dims)]
         extra = [_fold_per_sequence(x, d, n) for x, d in zip(args[num_data + 2:], dims[num_data + 2:])]
-        assert len(extra) == per_sequence
         outs = prim.bind(*data, *layout, *extra, cfg=cfg)
         return [o.reshape((n, B) + o.shape[1:]) for o in outs], [0] * len(outs)
     return batcher
 
 
-batching.primitive_batchers[bsattn_fwd_p] = _make_batcher(bsattn_fwd_p, num_data=3, per_sequence=2)
-batching.primitive_batchers[bsattn_bwd_p] = _make_batcher(bsattn_bwd_p, num_data=6, per_sequence=1)
+batching.primitive_batchers[bsattn_fwd_p] = _make_batcher(bsattn_fwd_p, num_data=3)
+batching.primitive_batchers[bsattn_bwd_p] = _make_batcher(bsattn_bwd_p, num_data=6)
 
 
 def ffi_attributes(cfg: Config) -> dict:

@@ -38,7 +38,8 @@ def reference_in_dtype(q, k, v, layout, *, scale=None, causal=False, logits_soft
     In float32 it is the oracle; in the inputs' own dtype (bf16, f16) its distance to the oracle is the error
     budget the tests give a kernel.
     """
-    from .attention import as_jax_arrays, check_inputs, check_per_sequence, static_flag, static_float  # API checks
+    from .attention import (as_jax_arrays, check_inputs, check_per_sequence, check_q_offset_causal, static_flag,
+                            static_float)  # the API's checks
 
     q, k, v = as_jax_arrays(q, k, v)
     shapes = check_inputs(q, k, v, layout, logits_soft_cap)
@@ -51,8 +52,7 @@ def reference_in_dtype(q, k, v, layout, *, scale=None, causal=False, logits_soft
     g = Hq // Hk
     scale = D ** -0.5 if scale is None else static_float("scale", scale)
     causal, return_lse = static_flag("causal", causal), static_flag("return_lse", return_lse)
-    if q_offset is not None and not causal:
-        raise ValueError("q_offset positions the causal mask and needs causal=True")
+    check_q_offset_causal(q_offset, causal)
     cd = jnp.dtype(compute_dtype)
 
     # Element weights [*L, M, N]: how many times each element's block is listed (0 = masked out).

@@ -31,13 +31,14 @@ struct AttnInputs {
   DType dtype;
   const void *q, *k, *v;
   Layout layout;
-  const int32_t* q_offset = nullptr;  // [B] causal: key position of query row 0 per batch element, or null: N - M
+  // Per-sequence operands: [B], or null. The backward takes no kv_lens (null there).
+  const int32_t* kv_lens = nullptr;   // keys that take part per batch element, or null: N
+  const int32_t* q_offset = nullptr;  // causal: key position of query row 0 per batch element, or null: N - M
 };
 
 struct FwdArgs : AttnInputs {
-  void* o;                           // [B, M, Hq, D]
-  float* lse;                        // [B, M, Hq]
-  const int32_t* kv_lens = nullptr;  // [B] keys that take part per batch element, or null: N
+  void* o;     // [B, M, Hq, D]
+  float* lse;  // [B, M, Hq]
 };
 
 // Batch element b's keys: how many take part (kv_lens, clipped) and the causal shift (q_offset, clipped; both
@@ -45,8 +46,8 @@ struct FwdArgs : AttnInputs {
 struct SeqKeys {
   int64_t nkeys, shift;
 };
-inline SeqKeys seq_keys(const AttnInputs& a, int64_t b, const int32_t* kv_lens = nullptr) {
-  return {clipped_key_count(kv_lens, b, a.p.N), causal_shift(a.q_offset, b, a.p.M, a.p.N)};
+inline SeqKeys seq_keys(const AttnInputs& a, int64_t b) {
+  return {clipped_key_count(a.kv_lens, b, a.p.N), causal_shift(a.q_offset, b, a.p.M, a.p.N)};
 }
 
 struct BwdArgs : AttnInputs {

@@ -100,7 +100,7 @@ BSATTN_AI void fwd_item(const FwdArgs& a, FwdScratch& sc, int64_t item) {
     m[pr] = kNegInf;
     l[pr] = 0.f;
   }
-  const SeqKeys sk = seq_keys(a, it.b, a.kv_lens);  // (kv_lens: the keys past it are never read)
+  const SeqKeys sk = seq_keys(a, it.b);  // (kv_lens: the keys past it are never read)
   packed_key_limits(p, it.i0, it.i1, Pp, sc.lim.data(), sk);
 
   int64_t j0, cn;
