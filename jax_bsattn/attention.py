@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _extension  # noqa: F401  (registers the FFI targets)
 from . import lowering  # noqa: F401  (registers the lowerings)
-from .key_lengths import canonical_kv_lens, canonical_q_offset, cut_column_attention, cut_layout, merge_by_lse
+from .per_sequence import canonical_kv_lens, canonical_q_offset
 from .layout import BlockSparseLayout, monotone_indptr, static_flag
 from .primitives import SUPPORTED_DTYPES, Config, bsattn_bwd_p, bsattn_fwd_p, to_common_variance
 
@@ -148,71 +148,41 @@ def _none():
     return jnp.zeros((0,), jnp.int32)  # (a per-sequence operand, kv_lens or q_offset: none)
 
 
-# q_offset: int32 [B] (canonical_q_offset), or [0]: none (N - M)
-@partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention(q, k, v, indptr, indices, q_offset, cfg: Config):
-    return tuple(bsattn_fwd_p.bind(q, k, v, indptr, indices, _none(), q_offset, cfg=cfg))
+# kv_lens: int32 [B] (canonical_kv_lens), or [0]: none (N keys each); q_offset: int32 [B] (canonical_q_offset), or [0]:
+# none (N - M). Both go to the kernels, forward and backward.
+@partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _attention(q, k, v, indptr, indices, kv_lens, q_offset, cfg: Config):
+    return tuple(bsattn_fwd_p.bind(q, k, v, indptr, indices, kv_lens, q_offset, cfg=cfg))
 
 
-def _attention_fwd(q, k, v, indptr, indices, q_offset, cfg: Config):
-    o, lse = bsattn_fwd_p.bind(q, k, v, indptr, indices, _none(), q_offset, cfg=cfg)
-    return (o, lse), (q, k, v, o, lse, indptr, indices, q_offset)
+def _attention_fwd(q, k, v, indptr, indices, kv_lens, q_offset, cfg: Config):
+    o, lse = bsattn_fwd_p.bind(q, k, v, indptr, indices, kv_lens, q_offset, cfg=cfg)
+    return (o, lse), (q, k, v, o, lse, indptr, indices, kv_lens, q_offset)
 
 
 def _attention_bwd(cfg: Config, res, cts):
-    q, k, v, o, lse, indptr, indices, q_offset = res
+    q, k, v, o, lse, indptr, indices, kv_lens, q_offset = res
     do, dlse = cts
     do = jnp.asarray(do, q.dtype)
     # A row that sees no key (lse -inf) has o = 0 whatever its cotangent: a NaN there (e.g. from a log of o behind a
     # where) must not reach dq, dk, dv through the kernels' p = 0 (0 x NaN), so its do and dlse are made 0. Such a
-    # row meets the kernels' products only beside live rows of its tile: under the causal mask, or where R * g < 64
-    # (tiles that span block rows: the sweeps, the 16-row mma.sync tiles). Elsewhere the row's block row lists nothing
-    # and no kernel reads it, so the copy of do (0.4-0.9 % of a step) is skipped.
+    # row meets the kernels' products only beside live rows of its tile: under the causal mask, with kv_lens (a row
+    # whose keys are all past its length, beside the keys of a listed block), or where R * g < 64 (tiles that span
+    # block rows: the sweeps, the 16-row mma.sync tiles). Elsewhere the row's block row lists nothing and no kernel
+    # reads it, so the copy of do (0.4-0.9 % of a step) is skipped.
     # (With do and dlse 0 there, delta = rowsum(0 * o) - 0 is 0 too: o is 0 on such a row.)
     dlse = jnp.asarray(dlse, jnp.float32)
-    if cfg.causal or cfg.block_r * (q.shape[2] // k.shape[2]) < 64:
+    if cfg.causal or kv_lens.shape[0] or cfg.block_r * (q.shape[2] // k.shape[2]) < 64:
         dead = lse == -jnp.inf
         do = jnp.where(dead[..., None], jnp.zeros_like(do), do)
         dlse = jnp.where(dead, jnp.zeros_like(dlse), dlse)
     # delta = rowsum(dO * O) - dlse: a cheap XLA fusion; the kernels then need neither o nor dlse.
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1) - dlse
-    dq, dk, dv = bsattn_bwd_p.bind(q, k, v, do, lse, delta, indptr, indices, q_offset, cfg=cfg)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv = bsattn_bwd_p.bind(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg=cfg)
+    return dq, dk, dv, None, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-def _attention_cut(q, k, v, indptr, indices, lens, q_offset, cfg: Config):
-    """kv_lens around the kernels (key_lengths.py): the layout cut at each length, the cut block column in XLA, the
-    two merged by lse. What the gradients go through."""
-    B, M, N = q.shape[0], q.shape[1], k.shape[1]
-    shift = q_offset if q_offset.shape[0] else jnp.full((B,), N - M, jnp.int32)
-    indptr, indices, cut, counts = cut_layout(indptr, indices, lens, cfg.block_c)
-    o, lse = _attention(q, k, v, indptr, indices, q_offset, cfg)
-    o_cut, lse_cut = cut_column_attention(q, k, v, lens, cut, counts, shift, R=cfg.block_r, C=cfg.block_c,
-                                          scale=cfg.scale, softcap=cfg.softcap, causal=cfg.causal)
-    return merge_by_lse(o, lse, o_cut, lse_cut)
-
-
-# kv_lens: the forward's kernels take the lengths themselves (keys past a length are never read, the cut block masked
-# per key: one kernel call, o rounded once); the backward's do not, so under differentiation the forward and its
-# gradients go through _attention_cut (the same attention, o within a rounding of q's dtype of this one's).
-@partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _attention_kv_lens(q, k, v, indptr, indices, lens, q_offset, cfg: Config):
-    return tuple(bsattn_fwd_p.bind(q, k, v, indptr, indices, lens, q_offset, cfg=cfg))
-
-
-def _attention_kv_lens_fwd(q, k, v, indptr, indices, lens, q_offset, cfg: Config):
-    out, pullback = jax.vjp(lambda q, k, v: _attention_cut(q, k, v, indptr, indices, lens, q_offset, cfg), q, k, v)
-    return out, pullback
-
-
-def _attention_kv_lens_bwd(cfg: Config, pullback, cts):
-    return (*pullback(cts), None, None, None, None)
-
-
-_attention_kv_lens.defvjp(_attention_kv_lens_fwd, _attention_kv_lens_bwd)
 
 
 def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, causal=False, logits_soft_cap=None,
@@ -243,10 +213,9 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
         splits' areas), slower (BENCHMARKS.md has the figures). No effect on the forward or on the CPU path (deterministic already).
       kv_lens: per-sequence key lengths, integers broadcasting against ``*B`` (may be traced; clipped to
         ``[0, N]``): key ``j`` of batch element ``b`` takes part only where ``j < kv_lens[b]``, whatever the layout
-        lists (a serving cache's unwritten tail, a padded batch). The keys past a length are never read. The
-        forward kernels take the lengths themselves; under differentiation the forward and its gradients go around
-        the kernels instead (the blocks past a length leave the layout and the block a length cuts through is
-        attended to densely in XLA: O(M Hq C D) more work, its rows' o rounded once more). ``causal`` stays
+        lists (a serving cache's unwritten tail, a padded batch). The keys past a length are never read, and their
+        dk, dv are 0. The kernels take the lengths, forward and backward (no per-batch copy of the layout, one kernel
+        call each way). ``causal`` stays
         anchored at N unless ``q_offset`` moves it: with M = N (padded prefill) or M = 1 (decode) that is the usual
         mask; a chunk of M new rows per sequence ending at its length wants ``q_offset = kv_lens - M``.
       q_offset: with ``causal=True``, the key position of query row 0 per sequence, integers broadcasting against
@@ -278,14 +247,10 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
     v3 = jnp.reshape(v, (B, N, Hk, D))
     indptr = monotone_indptr(_canonical_layout(layout.indptr, batch, Hk), layout.nnz)
     indices = _canonical_layout(layout.indices, batch, Hk)
+    lens = _none() if kv_lens is None else canonical_kv_lens(kv_lens, tuple(batch), N)
     offset = _none() if q_offset is None else canonical_q_offset(q_offset, tuple(batch), M, N)
-    if kv_lens is None:
-        q3, k3, v3, indptr, indices, offset = to_common_variance(q3, k3, v3, indptr, indices, offset)
-        o, lse = _attention(q3, k3, v3, indptr, indices, offset, cfg)
-    else:
-        lens = canonical_kv_lens(kv_lens, tuple(batch), N)
-        q3, k3, v3, indptr, indices, lens, offset = to_common_variance(q3, k3, v3, indptr, indices, lens, offset)
-        o, lse = _attention_kv_lens(q3, k3, v3, indptr, indices, lens, offset, cfg)
+    q3, k3, v3, indptr, indices, lens, offset = to_common_variance(q3, k3, v3, indptr, indices, lens, offset)
+    o, lse = _attention(q3, k3, v3, indptr, indices, lens, offset, cfg)
     o = o.reshape(q.shape)
     if return_lse:
         return o, lse.reshape(tuple(batch) + (M, Hq))

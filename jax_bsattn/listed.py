@@ -1,7 +1,7 @@
 """Products over the listed elements of a block-sparse score matrix only, as the kernels take them.
 
 An inf / NaN in q, k, v or a cotangent reaches the rows and keys that list it, never through a 0 at an unlisted
-element (a dense matmul's 0 x inf). Shared by the float32 reference and the per-sequence key lengths' dense part.
+element (a dense matmul's 0 x inf). The float32 reference's products.
 """
 
 from __future__ import annotations
@@ -71,21 +71,15 @@ def listed_product_bwd(res, do):
 listed_product.defvjp(_inputs_as_residuals(listed_product), listed_product_bwd)
 
 
-def attention_over_listed(q, k, v, weights, scale, softcap, listed=None):
+def attention_over_listed(q, k, v, weights, scale, softcap, listed):
     """Softmax attention of ``q [..., M, D]`` over ``k, v [..., N, D]`` in q's dtype, each element counted ``weights``
     times (``[..., M, N]``, 0: masked): ``o [..., M, D]`` and ``lse [..., M, 1]``. A row with no element: o = 0,
     lse = -inf; a NaN score taking part: the row NaN. ``softcap``: None / 0 for none.
 
-    ``listed`` (a superset of weights > 0): the elements the products take, through listed_scores / listed_product.
-    None: plain products over every element, for a caller whose rows take every element but finite zeros (key_lengths'
-    cut column): no custom VJP and no lax.cond, which on a GPU waits for the device (a host round trip per call)."""
+    ``listed`` (a superset of weights > 0): the elements the products take, through listed_scores / listed_product."""
     live = weights > 0
     cd = q.dtype
-    if listed is None:
-        # (HIGHEST: a GPU's float32 matmul may otherwise round its inputs to TF32)
-        s = jnp.einsum("...md,...nd->...mn", q, k, preferred_element_type=cd, precision=jax.lax.Precision.HIGHEST)
-    else:
-        s = listed_scores(q, k, listed)
+    s = listed_scores(q, k, listed)
     s = s * jnp.asarray(scale, cd)
     if softcap:
         c = jnp.asarray(softcap, cd)
@@ -101,10 +95,7 @@ def attention_over_listed(q, k, v, weights, scale, softcap, listed=None):
     # denom > 0; 0 for an empty row; NaN where a NaN score took part (o and lse NaN then)
     nonempty, empty = denom > 0, denom == 0
     safe = jnp.where(nonempty, denom, jnp.ones_like(denom))
-    if listed is None:
-        o = jnp.einsum("...mn,...nd->...md", p, v, preferred_element_type=cd, precision=jax.lax.Precision.HIGHEST)
-    else:
-        o = listed_product(p, v, listed)
+    o = listed_product(p, v, listed)
     # an empty row is 0 exactly, even where v holds inf / NaN at keys it lists but cannot see (0 x inf)
     o = jnp.where(empty, jnp.zeros_like(o), o / safe)
     lse = jnp.where(nonempty, m + jnp.log(safe), jnp.where(empty, -jnp.inf, jnp.nan).astype(denom.dtype))

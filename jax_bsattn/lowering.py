@@ -362,7 +362,7 @@ def _cuda_call_rule(call):
     return lower
 
 
-def _cuda_bwd_call(q, k, v, do, lse, delta, indptr, indices, q_offset, *, cfg: Config):
+def _cuda_bwd_call(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, *, cfg: Config):
     """The CUDA backward also takes the layout's column view (dk / dv walk block columns), built here in
     XLA from the row view on the device: no host round trip, no dense mask; for the one-pass kernel each column's
     rows in walk_order where that pays (_reorders_walks); none where the row-oriented backward runs. Its fourth
@@ -379,8 +379,9 @@ def _cuda_bwd_call(q, k, v, do, lse, delta, indptr, indices, q_offset, *, cfg: C
             col_rows = walk_order(col_indptr, col_rows, indptr.shape[-1] - 1)
     out = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
     out += (jax.ShapeDtypeStruct((ws_words,), jax.numpy.float32),)
-    dq, dk, dv, _ = jax.ffi.ffi_call("bsattn_bwd_cuda", out)(q, k, v, do, lse, delta, indptr, indices, q_offset,
-                                                            col_indptr, col_rows, col_order, **ffi_attributes(cfg))
+    dq, dk, dv, _ = jax.ffi.ffi_call("bsattn_bwd_cuda", out)(q, k, v, do, lse, delta, indptr, indices, kv_lens,
+                                                            q_offset, col_indptr, col_rows, col_order,
+                                                            **ffi_attributes(cfg))
     return dq, dk, dv
 
 

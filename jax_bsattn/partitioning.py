@@ -117,10 +117,10 @@ def _fwd_rule(cfg, mesh, operand_types, result_types):
 
 
 def _bwd_rule(cfg, mesh, operand_types, result_types):
-    q, k, _, _, _, _, ip, _, qo = (_shape(t) for t in operand_types)
+    q, k, _, _, _, _, ip, _, kl, qo = (_shape(t) for t in operand_types)
     f = _Factors(q, k, ip, mesh)
-    return f.rule([f.q(), f.kv(), f.kv(), f.q(), f.rows(), f.rows(), *f.layout(), f.per_sequence(qo, "qo")],
-                  [f.q(), f.kv(), f.kv()])
+    return f.rule([f.q(), f.kv(), f.kv(), f.q(), f.rows(), f.rows(), *f.layout(), f.per_sequence(kl, "kl"),
+                   f.per_sequence(qo, "qo")], [f.q(), f.kv(), f.kv()])
 
 
 # ---- the partition callbacks -----------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def _partition_fwd(cfg: Config, mesh, arg_shapes, result_shape):
 
 def _partition_bwd(cfg: Config, mesh, arg_shapes, result_shape):
     plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[6])
-    args = (plan.data(),) * 4 + (plan.rows(),) * 2 + plan.layout() + (plan.per_sequence(arg_shapes[8]),)
+    args = (plan.data(),) * 4 + (plan.rows(),) * 2 + plan.layout() + tuple(map(plan.per_sequence, arg_shapes[8:10]))
     return mesh, partial(_bwd, cfg=cfg), (plan.data(),) * 3, args
 
 
@@ -198,13 +198,13 @@ def _fwd(q, k, v, indptr, indices, kv_lens, q_offset, cfg):
     return tuple(bsattn_fwd_ffi_p.bind(q, k, v, indptr, indices, kv_lens, q_offset, cfg=cfg))
 
 
-def _bwd(q, k, v, do, lse, delta, indptr, indices, q_offset, cfg):
-    return tuple(bsattn_bwd_ffi_p.bind(q, k, v, do, lse, delta, indptr, indices, q_offset, cfg=cfg))
+def _bwd(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg):
+    return tuple(bsattn_bwd_ffi_p.bind(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg=cfg))
 
 
 fwd_partitioned = custom_partitioning(_fwd, static_argnums=(7,))
 fwd_partitioned.def_partition(partition=_partition_fwd, infer_sharding_from_operands=_infer_fwd,
                               sharding_rule=_fwd_rule)
-bwd_partitioned = custom_partitioning(_bwd, static_argnums=(9,))
+bwd_partitioned = custom_partitioning(_bwd, static_argnums=(10,))
 bwd_partitioned.def_partition(partition=_partition_bwd, infer_sharding_from_operands=_infer_bwd,
                               sharding_rule=_bwd_rule)

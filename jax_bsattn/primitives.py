@@ -1,8 +1,8 @@
 """The primitives: forward (o, lse) and backward (dq, dk, dv), each an outer / inner pair.
 
 All work on canonical shapes (csrc/README.md): q ``[B, M, Hq, D]``, k/v ``[B, N, Hk, D]``, layout arrays
-``[LB, LH, ...]`` with LB in {1, B} and LH in {1, Hk}. Per-sequence operands, each int32 ``[B]`` or ``[0]`` (none):
-the forward's ``kv_lens`` (keys that take part per batch element; none: N each), then, forward and backward,
+``[LB, LH, ...]`` with LB in {1, B} and LH in {1, Hk}. Per-sequence operands after the layout, forward and backward,
+each int32 ``[B]`` or ``[0]`` (none): ``kv_lens`` (keys that take part per batch element; none: N each), then
 ``q_offset`` (causal: the key position of query row 0; none: N - M).
 
 - The outer primitives ``bsattn_fwd`` / ``bsattn_bwd`` are what jax sees (the custom_vjp in attention.py
@@ -142,14 +142,14 @@ def _fwd_abstract_eval(q, k, v, indptr, indices, kv_lens, q_offset, *, cfg: Conf
                     [(q, q.shape, q.dtype), (q, (B, M, Hq), jnp.float32)])
 
 
-def _bwd_abstract_eval(q, k, v, do, lse, delta, indptr, indices, q_offset, *, cfg: Config):
+def _bwd_abstract_eval(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, *, cfg: Config):
     B, M, Hq, D = _check_canonical(q, k, v, indptr, indices, cfg)
-    _check_per_sequence(B, q_offset=q_offset)
+    _check_per_sequence(B, kv_lens=kv_lens, q_offset=q_offset)
     _expect(do.shape == q.shape and do.dtype == q.dtype, f"do {do.shape} {do.dtype} must match q {q.shape} {q.dtype}")
     for name, x in (("lse", lse), ("delta", delta)):
         _expect(x.shape == (B, M, Hq) and x.dtype == jnp.float32, f"{name} must be float32 {(B, M, Hq)}; got "
                 f"{x.shape} {x.dtype}")
-    return _results((q, k, v, do, lse, delta, indptr, indices, q_offset),
+    return _results((q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset),
                     [(q, q.shape, q.dtype), (k, k.shape, k.dtype), (v, v.shape, v.dtype)])
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .key_lengths import canonical_kv_lens, canonical_q_offset
+from .per_sequence import canonical_kv_lens, canonical_q_offset
 from .layout import BlockSparseLayout, expand_blocks
 from .listed import attention_over_listed
 from .primitives import to_common_variance

@@ -800,16 +800,16 @@ def test_backward_rows_without_column_view(monkeypatch):
     cfg = Config(R, C, 0.1, 0.0, False)
     ip, ix = layout.indptr.reshape(1, 1, -1), layout.indices.reshape(1, 1, -1)
     lse = jnp.zeros(q.shape[:-1], jnp.float32)
-    empty, no_offset = jnp.zeros((1, 1, 0), jnp.int32), jnp.zeros((0,), jnp.int32)  # (q_offset: none)
+    empty, none = jnp.zeros((1, 1, 0), jnp.int32), jnp.zeros((0,), jnp.int32)  # (kv_lens, q_offset: none)
     out = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
     out += (jax.ShapeDtypeStruct((q.size + lowering.DQ_SCHED_WORDS,), jnp.float32),)
     call = jax.ffi.ffi_call("bsattn_bwd_cuda", out)
     with pytest.raises(Exception, match="col_indptr, col_rows and col_order are empty"):
-        jax.block_until_ready(call(q, k, v, q, lse, lse, ip, ix, no_offset, empty, empty, empty, **ffi_attributes(cfg)))
+        jax.block_until_ready(call(q, k, v, q, lse, lse, ip, ix, none, none, empty, empty, empty, **ffi_attributes(cfg)))
     # a view whose leading dims are not the layout's [LB, LH], empty or not, is refused naming it
     wrong = jnp.zeros((1, 2, 0), jnp.int32)
     with pytest.raises(Exception, match=r"col_order \[1, 2, 0\] must be \[LB, LH, \.\.\.\] like indptr"):
-        jax.block_until_ready(call(q, k, v, q, lse, lse, ip, ix, no_offset, empty, empty, wrong, **ffi_attributes(cfg)))
+        jax.block_until_ready(call(q, k, v, q, lse, lse, ip, ix, none, none, empty, empty, wrong, **ffi_attributes(cfg)))
 
 
 @pytest.mark.parametrize("R,C,g,causal,D", [(64, 1, 4, False, 128), (128, 16, 2, True, 128), (64, 1, 4, False, 64),
@@ -871,8 +871,7 @@ def test_backward_rows_nonfinite_outside_layout(R, C, g, causal, D):
     assert np.isnan(np.asarray(got[2], np.float32)).any()
 
 
-# Per-sequence key lengths (kv_lens) through the CUDA kernels (the forward's take them; under differentiation the
-# forward and gradients go around them, key_lengths.py): a decode step against a long cache whose last blocks are
+# Per-sequence key lengths (kv_lens) through the CUDA kernels, forward and backward: a decode step against a long cache whose last blocks are
 # partly written (M = 1 and 16: the few-row split, g = 4 and 8), a padded causal prefill (M = N, R * g = 64 and
 # 128: the 64-row gather forward; the backward's row-oriented pass and the compact form), R * g = 128 with 32 block rows
 # (the producer-warpgroup 128-row forward at D = 128), R * g = 8 with 64 block rows (the forward's sweep, causal, a
@@ -897,6 +896,55 @@ def test_kv_lens(M, N, R, C, g, D, causal, lens):
         kg, vg = jnp.where(past, jnp.nan, k), jnp.where(past, jnp.inf, v)
         run = jax.jit(lambda k, v: jb.block_sparse_attention(q, k, v, layout, **kw))
         np.testing.assert_array_equal(run(kg, vg), run(k, v))
+
+
+# kv_lens in every backward kernel family: the one-pass Hopper kernel (64- and 128-key tiles, C = 64 / 128: the
+# persistent warp-specialised one), the row-oriented pass (C <= 16, R * g >= 128), the Hopper packed small-block
+# kernel (C = 8, R * g = 4), the sweep (C = 16, R * g = 8, dense), the long-column split (one block column every
+# block row lists), the deterministic pair (narrow wgmma dk / dv at C = 16, compact at C = 4 with R * g = 256, mma.sync
+# packed at C = 4 with R * g = 8 and the mma.sync dq, mma.sync column tiles at C = 32 / D = 64), D = 256. Lengths that
+# cut a block, fall on a block boundary, are 0 or N. Gradients against the float32 reference; then NaN / inf in k, v
+# past every length: dk, dv bitwise the same (0 past the lengths), dq the same up to its atomic adds' order.
+@pytest.mark.parametrize("M,N,R,C,g,D,causal,lens,det,dense", [
+    (512, 512, 16, 64, 4, 128, True, (512, 300, 17), False, False),
+    (512, 1024, 64, 128, 2, 128, False, (1024, 555, 128), False, False),
+    (512, 512, 32, 16, 4, 128, True, (512, 100, 333), False, False),
+    (256, 512, 1, 8, 4, 128, False, (512, 77, 300), False, False),
+    (1024, 1024, 4, 16, 2, 128, True, (1024, 0, 555), False, True),
+    (1024, 1024, 16, 64, 4, 128, False, (1024, 1000, 700), False, False),
+    (512, 512, 32, 16, 4, 128, False, (500, 250, 3), True, False),
+    (512, 512, 64, 4, 4, 128, False, (512, 200, 61), True, False),
+    (256, 256, 4, 4, 2, 128, True, (256, 33, 190), True, False),
+    (256, 512, 8, 32, 2, 64, True, (512, 300, 45), True, False),
+    (128, 512, 16, 32, 4, 256, False, (512, 384, 10), False, False)])
+def test_kv_lens_backward(M, N, R, C, g, D, causal, lens, det, dense):
+    rng = np.random.default_rng(M + C + D + g)
+    Hk, B = 2, len(lens)
+    mask = random_mask(rng, (B, Hk), -(-M // R), -(-N // C), 0.9 if dense else 0.4)
+    if M == 1024 and R == 16:
+        mask[..., 0] = True  # a block column every block row lists: split over CTAs
+    layout = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
+    q, k, v = random_problem(rng, batch=(B,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=D, dtype=jnp.bfloat16)
+    lens = jnp.asarray(lens)
+    kw = dict(causal=causal, kv_lens=lens)
+    with jax.default_device(jax.devices("cuda")[0]):
+        check_gradients(q, k, v, layout, op_kw=dict(deterministic=det), **kw)
+        ct = jnp.asarray(rng.standard_normal(q.shape), jnp.bfloat16)
+        grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jb.block_sparse_attention(
+            q, k, v, layout, deterministic=det, **kw).astype(jnp.float32) * ct), argnums=(0, 1, 2)))
+        past = (jnp.arange(N)[None, :] >= lens[:, None])[..., None, None]
+        clean = [np.asarray(x.astype(jnp.float32)) for x in grads(q, k, v)]
+        dirty = [np.asarray(x.astype(jnp.float32)) for x in grads(q, jnp.where(past, jnp.nan, k),
+                                                                   jnp.where(past, jnp.inf, v))]
+    np.testing.assert_array_equal(dirty[1], clean[1])
+    np.testing.assert_array_equal(dirty[2], clean[2])
+    assert not clean[1][np.broadcast_to(np.asarray(past), clean[1].shape)].any()
+    assert not clean[2][np.broadcast_to(np.asarray(past), clean[2].shape)].any()
+    if det:
+        np.testing.assert_array_equal(dirty[0], clean[0])
+    else:
+        assert np.isfinite(dirty[0]).all()
+        np.testing.assert_allclose(dirty[0], clean[0], rtol=0, atol=1e-3 * float(np.abs(clean[0]).max()))
 
 
 # Per-sequence causal offsets (q_offset) through the CUDA kernels, forward and backward, against the float32 reference:

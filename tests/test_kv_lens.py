@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jax_bsattn as jb
-from conftest import check_forward, check_gradients, random_mask, random_problem
+from conftest import check_forward, check_gradients, custom_call_lines, random_mask, random_problem
 from jax_bsattn.reference import block_sparse_attention_reference as reference
 
 
@@ -38,10 +38,9 @@ def _check(q, k, v, layout, **kw):
 
 
 @pytest.mark.parametrize("causal,dtype", [(False, jnp.float32), (True, jnp.float32), (True, jnp.bfloat16)])
-def test_forward_kernels_and_differentiated_forward_agree(causal, dtype):
-    """The forward's kernels take kv_lens themselves; under differentiation the forward goes around them (the layout
-    cut at the lengths, the cut block column in XLA, merged by lse). Both give the same o (the cut rows' rounded once
-    more to q's dtype there: within an ulp of bf16) and lse."""
+def test_differentiated_forward_is_the_same_call(causal, dtype):
+    """The kernels take kv_lens forward and backward: under differentiation the forward is the very call made without
+    it (o and lse bitwise equal), and a length of 0 leaves every row empty."""
     rng = np.random.default_rng(14)
     M, N, R, C = 24, 90, 4, 8
     q, k, v = random_problem(rng, batch=(4,), M=M, N=N, Hq=6, Hk=2, D=16, dtype=dtype)
@@ -49,13 +48,9 @@ def test_forward_kernels_and_differentiated_forward_agree(causal, dtype):
     lens = jnp.asarray([90, 0, 41, 8])
     attend = lambda q: jb.block_sparse_attention(q, k, v, layout, kv_lens=lens, causal=causal, return_lse=True)
     o, lse = jax.jit(attend)(q)
-    (o_cut, lse_cut), _ = jax.jit(lambda q: jax.vjp(attend, q))(q)
-    tol = 2e-5 if dtype == jnp.float32 else 2 ** -7  # (bf16: one ulp at |o| <= 1, the cut rows' second rounding)
-    o, o_cut = np.asarray(o, np.float32), np.asarray(o_cut, np.float32)
-    np.testing.assert_allclose(o, o_cut, rtol=tol, atol=tol / 10)
-    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(lse_cut))
-    live = np.isfinite(lse_cut)
-    np.testing.assert_allclose(np.asarray(lse)[live], np.asarray(lse_cut)[live], rtol=2e-6, atol=2e-6)
+    (o_vjp, lse_vjp), _ = jax.jit(lambda q: jax.vjp(attend, q))(q)
+    np.testing.assert_array_equal(o, o_vjp)
+    np.testing.assert_array_equal(lse, lse_vjp)
     assert np.isneginf(np.asarray(lse)[1]).all() and not np.asarray(o)[1].any()  # a length of 0: every row empty
 
 
@@ -171,23 +166,27 @@ def test_bad_kv_lens():
         jb.block_sparse_attention(q, k, v, layout, kv_lens="long")
 
 
-def test_no_host_round_trip():
-    """The cut column's part has no lax.cond (on a GPU a conditional waits for the device: a host round trip in every
-    decode step), forward or backward."""
+def test_one_kernel_call_each_way():
+    """kv_lens goes to the kernels: a training step is one forward and one backward kernel call (the lengths an
+    operand of both), with no lax.cond (on a GPU a conditional waits for the device: a host round trip a step)."""
     q, k, v = random_problem(np.random.default_rng(11), batch=(2,), M=1, N=64, Hq=4, Hk=2, D=16)
     layout = jb.BlockSparseLayout.from_block_mask(np.ones((1, 4), bool), (1, 16), (1, 64))
     lens = jnp.asarray([40, 64])
     fwd = lambda q, k, v, n: jb.block_sparse_attention(q, k, v, layout, kv_lens=n)
     grad = jax.grad(lambda *a: jnp.sum(fwd(*a)), argnums=(0, 1, 2))
-    for f in (fwd, grad):
+    for f, calls in ((fwd, {"bsattn_fwd_cpu": 1, "bsattn_bwd_cpu": 0}), (grad, {"bsattn_fwd_cpu": 1, "bsattn_bwd_cpu": 1})):
         text = jax.jit(f).lower(q, k, v, lens).as_text()
         assert "stablehlo.case" not in text and "stablehlo.while" not in text
+        for target, n in calls.items():
+            assert len(custom_call_lines(text, target)) == n, target
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_non_finite_below_the_length(causal):
-    """An inf in k or q inside the cut block below the length: NaN in the same gradient entries as the reference
-    (the rows that list the block, not the others), finite values alike elsewhere."""
+    """An inf in k inside the cut block below the length: NaN in the same gradient entries as the reference (the rows
+    that list the block, not the others), finite values alike elsewhere. An inf in q also meets the zeros of its row's
+    saturated or -inf scores (0 x inf), which the kernels' p (dp - delta) and the reference's autodiff place
+    differently (as without kv_lens, test_forward.py): there the values are compared where neither is NaN."""
     rng = np.random.default_rng(12)
     M, N, R, C = 32, 32, 8, 16
     q, k, v = random_problem(rng, batch=(1,), M=M, N=N, Hq=2, Hk=1, D=8)
@@ -196,14 +195,17 @@ def test_non_finite_below_the_length(causal):
     layout = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
     lens = jnp.asarray([20])  # cuts column 1 at key 20
     ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-    for kk, qq in ((k.at[0, 18].set(jnp.inf), q), (k, q.at[0, 3].set(jnp.inf))):
+    for kk, qq, same_nans in ((k.at[0, 18].set(jnp.inf), q, True), (k, q.at[0, 3].set(jnp.inf), False)):
         def grads(fn):
             loss = lambda q, k, v: jnp.sum(fn(q, k, v, layout, kv_lens=lens, causal=causal) * ct)
             return jax.grad(loss, argnums=(0, 1, 2))(qq, kk, v)
         for got, want in zip(grads(jb.block_sparse_attention), grads(reference)):
-            np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
-            fine = np.isfinite(want)
-            np.testing.assert_allclose(np.asarray(got)[fine], np.asarray(want)[fine], rtol=2e-4, atol=2e-5)
+            got, want = np.asarray(got), np.asarray(want)
+            if same_nans:
+                np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+            fine = np.isfinite(want) & ~np.isnan(got)
+            assert fine.mean() >= 0.25  # (not a vacuous comparison)
+            np.testing.assert_allclose(got[fine], want[fine], rtol=2e-4, atol=2e-5)
 
 
 def test_lengths_of_any_integer_type():

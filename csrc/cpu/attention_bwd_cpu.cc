@@ -159,6 +159,9 @@ BSATTN_AI void dkdv_item(const BwdArgs& a, const Columns& cols, BwdScratch& sc, 
   const int64_t c = item % p.NB, hk = (item / p.NB) % p.Hk, b = item / (p.NB * p.Hk);
   const int64_t j0 = c * p.C, cn = p.C < p.N - j0 ? p.C : p.N - j0;
   const SeqKeys sk = seq_keys(a, b);
+  // the block's keys that take part (kv_lens): only those are read; the rest of its dk, dv rows stay 0 (when none
+  // does, key_limit below skips every row)
+  const int64_t live = sk.nkeys - j0 < cn ? sk.nkeys - j0 : cn;
   const int64_t Dp = sc.Dp, Pp = sc.Pp;
   float *dk = sc.acc0.data(), *dv = sc.acc1.data();
   std::memset(dk, 0, cn * Dp * sizeof(float));
@@ -173,13 +176,13 @@ BSATTN_AI void dkdv_item(const BwdArgs& a, const Columns& cols, BwdScratch& sc, 
       const int64_t i1 = i0 + sc.chunking.rows < row_end ? i0 + sc.chunking.rows : row_end;
       if (j0 >= key_limit(p, i1 - 1, sk)) continue;  // causal: no row of this chunk sees the block
       if (!loaded) {
-        sc.load_kv(a, b, hk, j0, cn);
+        sc.load_kv(a, b, hk, j0, live);
         loaded = true;
       }
       const int64_t P = sc.load_rows(a, b, hk, i0, i1);
-      score_grads<I>(a, sc, j0, cn, true);
-      gemm<I>(cn, Dp, P, sc.probt.data(), Pp, 1, sc.d_o.data(), Dp, dv, Dp, true);  // dV += P^T dO
-      gemm<I>(cn, Dp, P, sc.dpt.data(), Pp, 1, sc.q.data(), Dp, dk, Dp, true);      // dK += dS^T Q
+      score_grads<I>(a, sc, j0, live, true);
+      gemm<I>(live, Dp, P, sc.probt.data(), Pp, 1, sc.d_o.data(), Dp, dv, Dp, true);  // dV += P^T dO
+      gemm<I>(live, Dp, P, sc.dpt.data(), Pp, 1, sc.q.data(), Dp, dk, Dp, true);      // dK += dS^T Q
     }
   }
   store_kv_rows(a.dtype, dk, Dp, p, b, hk, j0, cn, a.dk);

@@ -31,7 +31,7 @@ struct AttnInputs {
   DType dtype;
   const void *q, *k, *v;
   Layout layout;
-  // Per-sequence operands: [B], or null. The backward takes no kv_lens (null there).
+  // Per-sequence operands: [B], or null.
   const int32_t* kv_lens = nullptr;   // keys that take part per batch element, or null: N
   const int32_t* q_offset = nullptr;  // causal: key position of query row 0 per batch element, or null: N - M
 };

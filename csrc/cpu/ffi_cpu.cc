@@ -211,8 +211,8 @@ ffi::Error FwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
 
 ffi::Error BwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer d_o,
                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> delta,
-                   ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> q_offset,
-                   ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                   ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> kv_lens,
+                   ffi::Buffer<ffi::S32> q_offset, ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                    ffi::Result<ffi::AnyBuffer> dv, int64_t block_r, int64_t block_c, float scale,
                    float softcap, bool causal) {
   constexpr const char* kName = "bsattn_bwd_cpu";
@@ -231,6 +231,7 @@ ffi::Error BwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::An
   if (auto e = expect_buffer(kName, "dq", *dq, q_shape, t)) return std::move(*e);
   if (auto e = expect_buffer(kName, "dk", *dk, kv_shape, t)) return std::move(*e);
   if (auto e = expect_buffer(kName, "dv", *dv, kv_shape, t)) return std::move(*e);
+  if (auto e = per_sequence(kName, "kv_lens", kv_lens, p, &a.kv_lens)) return std::move(*e);
   if (auto e = per_sequence(kName, "q_offset", q_offset, p, &a.q_offset)) return std::move(*e);
   if (p.Hk == 0) return ffi::Error::Success();
   a.d_o = d_o.untyped_data();
@@ -257,6 +258,7 @@ XLA_FFI_DEFINE_HANDLER(kBsattnBwdCpu, BwdImpl,
                            .Arg<ffi::Buffer<ffi::F32>>()   // delta
                            .Arg<ffi::Buffer<ffi::S32>>()   // indptr
                            .Arg<ffi::Buffer<ffi::S32>>()   // indices
+                           .Arg<ffi::Buffer<ffi::S32>>()   // kv_lens
                            .Arg<ffi::Buffer<ffi::S32>>()   // q_offset
                            .Ret<ffi::AnyBuffer>()          // dq
                            .Ret<ffi::AnyBuffer>()          // dk

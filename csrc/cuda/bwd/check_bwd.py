@@ -91,7 +91,8 @@ def bwd_ffi(q, k, v, do, lse, delta, ip, ix, cip, crw, R, C, scale, softcap, cau
     out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
            jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((words,), jnp.float32))
     return jax.ffi.ffi_call("bsattn_bwd_cuda", out)(
-        q, k, v, do, lse, delta, ip, ix, jnp.zeros((0,), jnp.int32), cip, crw, column_order(cip),  # (q_offset: none)
+        q, k, v, do, lse, delta, ip, ix, *(jnp.zeros((0,), jnp.int32),) * 2, cip, crw, column_order(cip),
+        # (kv_lens, q_offset: none)
         block_r=np.int64(R), block_c=np.int64(C),
         scale=np.float32(scale), softcap=np.float32(softcap), causal=bool(causal))[:3]
 

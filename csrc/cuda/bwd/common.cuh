@@ -269,11 +269,18 @@ struct WindowRowCursor {
   }
 };
 
+// The keys of a tile k0 .. k0 + nkeys - 1 of batch element b that take part: those below its key count (kv_lens),
+// nkeys without them; <= 0 for a tile wholly past it. The kernels load only these (K, V rows past them are zeros),
+// mask the rest like padding keys (p = ds = 0) and still write the tile's nkeys rows of dk, dv: zeros past nlive.
+__device__ __forceinline__ int live_keys(const Params& p, int b, int k0, int nkeys) {
+  return p.kv_lens == nullptr ? nkeys : min(nkeys, p.key_count(b) - k0);
+}
+
 // Which keys a CTA of the small-block kernels (packed, compact) holds: P = p.pack consecutive block columns c0 .. c0 +
-// Pv - 1 of (batch b, KV head hk), groups head-major; their keys k0 .. k0 + nkeys - 1 (nkeys >= 1: c0 < NB) and the
-// tensor offsets.
+// Pv - 1 of (batch b, KV head hk), groups head-major; their keys k0 .. k0 + nkeys - 1 (nkeys >= 1: c0 < NB), of which
+// k0 .. k0 + nlive - 1 take part (live_keys), and the tensor offsets.
 struct ColumnGroup {
-  int b, hk, c0, Pv, k0, nkeys;
+  int b, hk, c0, Pv, k0, nkeys, nlive;
   int64_t lid;                       // the group's layout: (b, hk) for per-batch / per-head layouts
   int64_t kvoff, kv_rstride, qboff;  // (b, key 0, hk) in k / v, their row stride; (b, row 0, head 0) in rows
 };
@@ -289,6 +296,7 @@ __device__ __forceinline__ ColumnGroup column_group(const Params& p, int bid) {
   w.Pv = min(p.pack, p.NB - w.c0);
   w.k0 = w.c0 * p.C;
   w.nkeys = min(w.Pv * p.C, p.N - w.k0);
+  w.nlive = live_keys(p, w.b, w.k0, w.nkeys);
   w.lid = layout_index(p, w.b, w.hk);
   w.kvoff = (static_cast<int64_t>(w.b) * p.N * p.Hk + w.hk) * D;
   w.kv_rstride = static_cast<int64_t>(p.Hk) * D;
@@ -313,7 +321,7 @@ struct ColumnWork {
   int kc, b, hk, c;
   int part;  // the column split's partial slot of this piece (-1: the whole column; bwd/column_split.cuh)
   int64_t lid;
-  int k0, nkeys;   // the tile's first key and its number of keys
+  int k0, nkeys;   // the tile's first key and its number of keys (of which live_keys take part: len = 0 if none)
   int64_t cs, ce;  // the column's entries of col_rows
   int RG, len, ntiles;  // packed rows per block row (0 when Hq = 0), block rows, BQ-row tiles
   int64_t kvoff, kv_rstride, qboff;  // (b, key 0, hk) in k / v, their row stride; (b, row 0, head 0) in rows
@@ -357,7 +365,8 @@ __device__ __forceinline__ bool column_work(const Params& p, ColumnWork& w, int 
     column_entries(p, w.lid, w.c, w.cs, w.ce);
   }
   w.RG = p.R * p.g;
-  w.len = w.RG > 0 ? static_cast<int>(w.ce - w.cs) : 0;
+  // (a tile wholly past the batch element's key count walks no rows: dk = dv = 0)
+  w.len = w.RG > 0 && live_keys(p, w.b, w.k0, w.nkeys) > 0 ? static_cast<int>(w.ce - w.cs) : 0;
   const int E = w.RG > 0 ? w.RG : 1;
   const int64_t nt64 = (static_cast<int64_t>(w.len) * E + BQ - 1) / BQ;
   w.ntiles = nt64 > INT_MAX ? INT_MAX : static_cast<int>(nt64);
@@ -599,6 +608,23 @@ __device__ __forceinline__ void dkv_probs_ds(float (&s)[NQ8][4], float (&dp)[DO_
       }
     }
   }
+}
+
+// p^T and ds^T (as dkv_probs_ds leaves them) of the thread's key rows at or past kend zeroed: selects, not products
+// (such a key's p = exp(-lse) may overflow). Keys past N (padding of a part-filled tile) or past the batch element's
+// key count (kv_lens: their dk, dv rows are written, and must be 0). part (uniform): the tile has such keys.
+template <int NQ8, bool DO_DK>
+__device__ __forceinline__ void zero_keys_past(float (&s)[NQ8][4], float (&dp)[DO_DK ? NQ8 : 1][4],
+                                               const int (&key)[2], int kend, bool part) {
+  if (!part) return;
+#pragma unroll
+  for (int n = 0; n < NQ8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      if (key[e >> 1] >= kend) {
+        s[n][e] = 0.f;
+        if constexpr (DO_DK) dp[n][e] = 0.f;
+      }
 }
 
 }  // namespace bwd

@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_dkdv_compact_kernel(con
 
   // ---- which keys: p.pack block columns of (b, hk) (common.cuh column_group) --------------------------------
   const ColumnGroup cgw = column_group<D>(p, blockIdx.x);
-  const int hk = cgw.hk, c0 = cgw.c0, Pv = cgw.Pv, k0 = cgw.k0, nkeys = cgw.nkeys;
+  const int hk = cgw.hk, c0 = cgw.c0, Pv = cgw.Pv, k0 = cgw.k0, nkeys = cgw.nkeys, nlive = cgw.nlive;
   const int64_t lid = cgw.lid, kvoff = cgw.kvoff, kv_rstride = cgw.kv_rstride, qboff = cgw.qboff;
   const int C = p.C, G = 16 / C;
   const int E = p.R * p.g;  // packed rows per block row (>= 256: the launcher's condition; >= 1 suffices)
@@ -151,12 +151,12 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_dkdv_compact_kernel(con
     int64_t cs, ce;
     column_entries(p, lid, c0 + l, cs, ce);
     sCur[l] = static_cast<int>(cs);
-    sEnd[l] = static_cast<int>(ce);
+    sEnd[l] = static_cast<int>(l * C < nlive ? ce : cs);  // (a column past kv_lens: nothing to walk)
   }
   {
     const T* kg = static_cast<const T*>(p.k) + kvoff + k0 * kv_rstride;
     const T* vg = static_cast<const T*>(p.v) + kvoff + k0 * kv_rstride;
-    load_row_pair_tile<D, NT, KR>(sK, sV, kg, vg, nkeys, kv_rstride, tid);
+    load_row_pair_tile<D, NT, KR>(sK, sV, kg, vg, nlive, kv_rstride, tid);
     cp_async_commit();  // waited for with the first tile
   }
   for (int i = tid; i < 2 * KR * AP; i += NT) accK[i] = 0.f;
@@ -263,7 +263,7 @@ __global__ void __launch_bounds__(Cfg::NT, 1) bsattn_bwd_dkdv_compact_kernel(con
         int sl = -1;
         if (ci < G && n < __popcll(m)) {
           const int col = select_bit64(m, n);
-          sl = col * C + e < nkeys ? col * C + e : -1;
+          sl = col * C + e < nlive ? col * C + e : -1;  // (past N or kv_lens: no key)
           twice = sl >= 0 && cnt[bl * 64 + col] != 1;
         }
         uslot[i] = static_cast<int8_t>(sl);

@@ -136,8 +136,8 @@ template <typename T, class Cfg, bool PACK>
 __device__ __forceinline__ void dkdv_tile(uint32_t sK, uint32_t sV, uint32_t sQ, uint32_t sD, const float* fLse,
                                           const float* fDl, const int* sLim, const unsigned long long* sW, int stage,
                                           int wq, bool need_mask, const DkvLanes& L, const int (&key)[2],
-                                          const int (&sh)[2], float s_mul, float cap_mul, bool use_cap,
-                                          float (&adk)[Cfg::DKN][4], float (&adv)[Cfg::DVN][4],
+                                          const int (&sh)[2], int kend, bool part, float s_mul, float cap_mul,
+                                          bool use_cap, float (&adk)[Cfg::DKN][4], float (&adv)[Cfg::DVN][4],
                                           const uint32_t (&kf)[Cfg::KFN][4], const uint32_t (&vf)[Cfg::VFN][4]) {
   constexpr int D = Cfg::D, BQ = Cfg::BQ, BQW = Cfg::BQW, QC = Cfg::QC, NQ8 = Cfg::NQ8, RS = Cfg::RS;
   constexpr bool KREG = Cfg::KREG, DO_DV = Cfg::MODE != 2, DO_DK = Cfg::MODE != 1;
@@ -190,6 +190,7 @@ __device__ __forceinline__ void dkdv_tile(uint32_t sK, uint32_t sV, uint32_t sQ,
     const int rb = stage * BQ + wq * BQW + qc * QC + (lane & 3) * 2;  // staged row of column e & 1 of n = 0
     dkv_probs_ds<NQ8, DO_DK, PACK ? kMulCountWord : kMulNone>(s, dp, fLse, fDl, sLim, sW, rb, need_mask, key, sh, s_mul,
                                                               cap_mul, use_cap);
+    zero_keys_past<NQ8, DO_DK>(s, dp, key, kend, part);
     // dv += p^T do, dk += ds^T q
 #pragma unroll
     for (int kk = 0; kk < QC / 16; ++kk) {
@@ -318,7 +319,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_kernel(con
   // ---- which tile (common.cuh column_work: longest columns first) -----------------------------------------
   ColumnWork cw_;
   if (!column_work<D, BK, BQ>(p, cw_, blockIdx.x)) return;  // (uniform)
-  const int hk = cw_.hk, k0 = cw_.k0, nkeys = cw_.nkeys;
+  const int hk = cw_.hk, k0 = cw_.k0, nkeys = cw_.nkeys, nlive = live_keys(p, cw_.b, k0, nkeys);
   const int64_t lid = cw_.lid, cs = cw_.cs;
   const int len = cw_.len, ntiles = cw_.ntiles;
   const int64_t kvoff = cw_.kvoff, kv_rstride = cw_.kv_rstride, qboff = cw_.qboff;
@@ -338,7 +339,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_kernel(con
   {
     const T* kg = static_cast<const T*>(p.k) + kvoff + k0 * kv_rstride;
     const T* vg = static_cast<const T*>(p.v) + kvoff + k0 * kv_rstride;
-    load_row_pair_tile<D, Cfg::NT, BK>(sK, sV, kg, vg, nkeys, kv_rstride, tid);
+    load_row_pair_tile<D, Cfg::NT, BK>(sK, sV, kg, vg, nlive, kv_rstride, tid);
   }
 
   // query gather state (owner lanes)
@@ -377,8 +378,8 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_kernel(con
     cp_async_commit();
 
     if (warp_active)
-      dkdv_tile<T, Cfg, false>(sK, sV, sQ, sD, fLse, fDl, sLim, nullptr, stage, wq, need_mask, lanes, key, key, s_mul,
-                               cap_mul, use_cap, adk, adv, kf, vf);
+      dkdv_tile<T, Cfg, false>(sK, sV, sQ, sD, fLse, fDl, sLim, nullptr, stage, wq, need_mask, lanes, key, key,
+                               k0 + nlive, nlive < nkeys, s_mul, cap_mul, use_cap, adk, adv, kf, vf);
   }
 
   // ---- epilogue: dk * scale, dv; a piece of a split column: its f32 partial sums (column_split.cuh) -------
@@ -415,7 +416,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_pack_kerne
 
   // ---- which tile (common.cuh column_group) ----------------------------------------------------------------
   const ColumnGroup grp = column_group<D>(p, blockIdx.x);
-  const int hk = grp.hk, c0 = grp.c0, Pv = grp.Pv, k0 = grp.k0, nkeys = grp.nkeys;
+  const int hk = grp.hk, c0 = grp.c0, Pv = grp.Pv, k0 = grp.k0, nkeys = grp.nkeys, nlive = grp.nlive;
   const int64_t lid = grp.lid, kvoff = grp.kvoff, kv_rstride = grp.kv_rstride, qboff = grp.qboff;
   const int RG = p.R * p.g;
   const int E = RG > 0 ? RG : 1;
@@ -445,12 +446,12 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_pack_kerne
     int64_t cs, ce;
     column_entries(p, lid, c0 + tid, cs, ce);
     sCur[tid] = static_cast<int>(cs);
-    sEnd[tid] = static_cast<int>(RG > 0 ? ce : cs);  // Hq = 0: nothing to walk
+    sEnd[tid] = static_cast<int>(RG > 0 && tid * p.C < nlive ? ce : cs);  // Hq = 0, or past kv_lens: nothing
   }
   {
     const T* kg = static_cast<const T*>(p.k) + kvoff + k0 * kv_rstride;
     const T* vg = static_cast<const T*>(p.v) + kvoff + k0 * kv_rstride;
-    load_row_pair_tile<D, NT, BK>(sK, sV, kg, vg, nkeys, kv_rstride, tid);
+    load_row_pair_tile<D, NT, BK>(sK, sV, kg, vg, nlive, kv_rstride, tid);
     cp_async_commit();  // its own group: waited for by the first tile's wait (or the KREG wait below)
   }
 
@@ -573,8 +574,8 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_pack_kerne
         const bool need_mask = tile_landed<S - 2>(pending);
         if (t + S - 1 < ntiles) pending |= issue((t + S - 1) % S) << (S - 2);
         cp_async_commit();
-        dkdv_tile<T, Cfg, true>(sK, sV, sQ, sD, fLse, fDl, sLim, sW, stage, wq, need_mask, lanes, key, sh, s_mul,
-                                cap_mul, use_cap, adk, adv, kf, vf);
+        dkdv_tile<T, Cfg, true>(sK, sV, sQ, sD, fLse, fDl, sLim, sW, stage, wq, need_mask, lanes, key, sh, k0 + nlive,
+                                nlive < nkeys, s_mul, cap_mul, use_cap, adk, adv, kf, vf);
       }
       if (!again) break;  // (uniform)
       __syncthreads();     // this pass's tiles are done with the list before the next pass rebuilds it

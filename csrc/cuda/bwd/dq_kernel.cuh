@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_kernel(const
     const T* const src[2] = {static_cast<const T*>(p.q) + qoff, static_cast<const T*>(p.dout) + qoff};
     load_packed_tile<D, TM, Cfg::NT, 2>(dst, src, row0, rows_valid, p.g, q_rstride, tid);
   }
-  const int shift = p.causal_shift(b);
+  const int shift = p.causal_shift(b), nkeys = p.key_count(b);  // keys past nkeys (kv_lens) are never read
   for (int row = tid; row < TM; row += Cfg::NT) {
     float l2 = INFINITY, dl = 0.f;
     int lim = INT_MAX - 1;  // below the padding keys' index: they are masked like keys past a causal limit
@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dq_kernel(const
       const int blk = kw.nxt;
       if (blk >= 0 && blk < p.NB) {
         const int kk = blk * p.C + kw.off;
-        if (kk < p.N) key = kk;
+        if (kk < nkeys) key = kk;
       }
     }
     uint32_t flag = 0;

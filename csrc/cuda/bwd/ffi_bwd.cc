@@ -5,8 +5,8 @@
 // allocation, no device reads: the launches depend on shapes and attributes only, so the handler is command-
 // buffer (CUDA graph) compatible.
 //
-// Operands: q, k, v, do, lse, delta, indptr, indices, q_offset (s32 [B], or empty: causal anchored at N - M),
-// col_indptr, col_rows, col_order (the column view of the
+// Operands: q, k, v, do, lse, delta, indptr, indices, kv_lens (s32 [B], or empty: N keys each), q_offset (s32 [B], or
+// empty: causal anchored at N - M), col_indptr, col_rows, col_order (the column view of the
 // layout and its columns by decreasing length, jax_bsattn/column_view.py; all three [LB, LH, 0] where the row-oriented
 // backward runs, which never reads them); results dq, dk, dv, dq_accum (a flat float32 workspace: empty, the
 // deterministic pair with no split; q's size + kDqSchedWords or more, the one-pass kernels' or the row-oriented one's;
@@ -50,7 +50,8 @@ cudaError_t launch_all(const bwd::Params& p, int64_t D, bool run_dq, bool run_dk
 
 ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer dout,
                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> delta, ffi::Buffer<ffi::S32> indptr,
-                   ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> q_offset, ffi::Buffer<ffi::S32> col_indptr,
+                   ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> kv_lens, ffi::Buffer<ffi::S32> q_offset,
+                   ffi::Buffer<ffi::S32> col_indptr,
                    ffi::Buffer<ffi::S32> col_rows,
                    ffi::Buffer<ffi::S32> col_order,
                    ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
@@ -84,8 +85,9 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   if (nacc != 0 && dq_accum->dimensions().size() != 1)
     return bwd_bad("dq_accum " + dims_str(dq_accum->dimensions()) + " must be empty or flat");
   if (!same_dims(dld, ld)) return bwd_bad("delta " + dims_str(dld) + " must be [B, M, Hq]");
-  const int32_t* offset_data = nullptr;
-  std::string msg = ffi_common::per_sequence("q_offset", q_offset, B, &offset_data);
+  const int32_t *lens_data = nullptr, *offset_data = nullptr;
+  std::string msg = ffi_common::per_sequence("kv_lens", kv_lens, B, &lens_data);
+  if (msg.empty()) msg = ffi_common::per_sequence("q_offset", q_offset, B, &offset_data);
   if (msg.empty()) msg = ffi_common::check_head_dim(D);
   if (!msg.empty()) return bwd_bad(msg);
   if (Hk < 1 || Hq % Hk != 0) return bwd_bad("Hq must be a multiple of Hk >= 1");
@@ -139,6 +141,7 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   p.dq_accum = nacc != 0 ? dq_accum->typed_data() : nullptr;
   p.dq_accum_words = nacc;
   ffi_common::fill_problem(p, B, M, N, Hq, Hk, block_r, block_c, l, causal, scale, softcap);
+  p.kv_lens = lens_data;
   p.q_offset = offset_data;
   p.scale = scale;
   // the workspace: none, the one-pass kernels' (q's size + the work counter, at least), or the deterministic pair's
@@ -173,6 +176,7 @@ XLA_FFI_DEFINE_HANDLER(kBsattnBwdCuda, BwdImpl,
                            .Arg<ffi::Buffer<ffi::F32>>()  // delta
                            .Arg<ffi::Buffer<ffi::S32>>()  // indptr
                            .Arg<ffi::Buffer<ffi::S32>>()  // indices
+                           .Arg<ffi::Buffer<ffi::S32>>()  // kv_lens
                            .Arg<ffi::Buffer<ffi::S32>>()  // q_offset
                            .Arg<ffi::Buffer<ffi::S32>>()  // col_indptr
                            .Arg<ffi::Buffer<ffi::S32>>()  // col_rows

@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, Cfg::MINB)
   // ---- which column: the slot-th longest block column of (b, hk) (bwd/common.cuh column_work) -------------
   ColumnWork cw_;
   if (!column_work<D, BK, BQ>(p, cw_, blockIdx.x)) return;  // (uniform)
-  const int hk = cw_.hk, k0 = cw_.k0, nkeys = cw_.nkeys;
+  const int hk = cw_.hk, k0 = cw_.k0, nkeys = cw_.nkeys, nlive = live_keys(p, cw_.b, k0, nkeys);
   const int64_t lid = cw_.lid, cs = cw_.cs;
   const int len = cw_.len, ntiles = cw_.ntiles;
   const int64_t kvoff = cw_.kvoff, kv_rstride = cw_.kv_rstride, qboff = cw_.qboff;
@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, Cfg::MINB)
   const float* const fDl = fLse + S * BQ;
   int* const sLim = reinterpret_cast<int*>(base + Cfg::TILE_BYTES + 2 * S * BQ * 4);
 
-  // ---- prologue: K, V (rows past nkeys zeroed); the first S - 1 query tiles ---------------------------------
+  // ---- prologue: K, V (rows past nlive zeroed); the first S - 1 query tiles ---------------------------------
   // (WS: the producer warpgroup's, handing every stage over through full / empty mbarriers)
   const uint32_t bar_full = sK + Cfg::BAR_OFF, bar_empty = bar_full + S * 8;
   int* const sFlag = reinterpret_cast<int*>(base + Cfg::BAR_OFF + 2 * S * 8);  // [S][4]: a row needs the mask
@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, Cfg::MINB)
       if (ntiles == 0) return;  // (no copy: the consumers wait for none)
       const T* kg = static_cast<const T*>(p.k) + kvoff + k0 * kv_rstride;
       const T* vg = static_cast<const T*>(p.v) + kvoff + k0 * kv_rstride;
-      load_row_pair_tile<D, 128, BK, typename Cfg::KLayout>(sK, sV, kg, vg, nkeys, kv_rstride, tid - Cfg::NT);
+      load_row_pair_tile<D, 128, BK, typename Cfg::KLayout>(sK, sV, kg, vg, nlive, kv_rstride, tid - Cfg::NT);
       ColumnQueryGather<D, BQ, Map, typename Cfg::QLayout, T> qgat;
       qgat.init(p, p.col_rows + lid * p.nnz + cs, len, cw_.b, hk, k0 + nkeys - 1, qboff, pw, lane);
       for (int t = 0; t < ntiles; ++t) {
@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, Cfg::MINB)
   } else {
     const T* kg = static_cast<const T*>(p.k) + kvoff + k0 * kv_rstride;
     const T* vg = static_cast<const T*>(p.v) + kvoff + k0 * kv_rstride;
-    load_row_pair_tile<D, Cfg::NT, BK, typename Cfg::KLayout>(sK, sV, kg, vg, nkeys, kv_rstride, tid);
+    load_row_pair_tile<D, Cfg::NT, BK, typename Cfg::KLayout>(sK, sV, kg, vg, nlive, kv_rstride, tid);
   }
   ColumnQueryGather<D, BQ, Map, typename Cfg::QLayout, T> qgat;
   auto issue = [&](int stage) -> uint32_t {
@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, Cfg::MINB)
     for (int i = 0; i < BK / 2; ++i) dvt[hh][i] = dkt[hh][i] = 0.f;
   const float s_mul = p.s_mul, cap_mul = p.cap_mul;
   const bool use_cap = p.use_cap != 0;
-  const bool part = nkeys < BK;  // (uniform) padding keys in the tile
+  const bool part = nlive < BK;  // (uniform) padding keys (past N or kv_lens) in the tile
 
   // ---- main loop -----------------------------------------------------------------------------------------
   for (int t = 0; t < ntiles; ++t) {
@@ -214,11 +214,12 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, Cfg::MINB)
           pv = prob_nocap(s[j][e], s_mul, lse2[h]);
         // selects, not products: p of a masked or padding key may be inf
         if (need_mask && k0 + kc > lim[h]) pv = 0.f;
-        if (part && kc >= nkeys) pv = 0.f;
+        const bool pad = part && kc >= nlive;
+        if (pad) pv = 0.f;
         float ds = pv * (dp[j][e] - dl[h]);
         if (use_cap) ds *= fac;
         s[j][e] = pv;
-        dp[j][e] = ds;
+        dp[j][e] = pad ? 0.f : ds;  // (0 even where delta is not finite: the key takes no part)
       }
 
     // p^T, ds^T -> shared memory (row = key, its 64 tile rows in one 128-byte column block: warp w's rows are

@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_kernel(con
   // ---- which tile: key tile kc of the slot-th longest block column of (b, hk) (bwd/common.cuh column_work) -
   ColumnWork cw_;
   if (!column_work<D, BK, BQ>(p, cw_, blockIdx.x)) return;  // (uniform)
-  const int hk = cw_.hk, k0 = cw_.k0, nkeys = cw_.nkeys, kend = k0 + nkeys;
+  const int hk = cw_.hk, k0 = cw_.k0, nkeys = cw_.nkeys, nlive = live_keys(p, cw_.b, k0, nkeys), kend = k0 + nlive;
   const int64_t lid = cw_.lid, cs = cw_.cs;
   const int len = cw_.len, ntiles = cw_.ntiles;
   const int64_t kvoff = cw_.kvoff, kv_rstride = cw_.kv_rstride, qboff = cw_.qboff;
@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_kernel(con
   {
     const T* kg = static_cast<const T*>(p.k) + kvoff + k0 * kv_rstride;
     const T* vg = static_cast<const T*>(p.v) + kvoff + k0 * kv_rstride;
-    load_row_pair_tile<D, Cfg::NT, BK, typename Cfg::KLayout>(sm.sK, sm.sV, kg, vg, nkeys, kv_rstride, tid);
+    load_row_pair_tile<D, Cfg::NT, BK, typename Cfg::KLayout>(sm.sK, sm.sV, kg, vg, nlive, kv_rstride, tid);
   }
   ColumnQueryGather<D, BQ, Map, typename Cfg::QLayout, T> qgat;
   qgat.init(p, p.col_rows + lid * p.nnz + cs, len, cw_.b, hk, k0 + nkeys - 1, qboff, warp, lane);
@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_kernel(con
     // p^T, ds^T as b16 A fragments; dv += p^T do, dk += ds^T q; dS to shared memory while they run
     uint32_t pa[BQ / 16][4], da[BQ / 16][4];
     sm90_probs_ds<T, BQ>(s, dp, sm.fLse, sm.fDl, sm.sLim, stage * BQ + (lane & 3) * 2, need_mask, key, kend,
-                         nkeys < BK, s_mul, cap_mul, use_cap, pa, da);
+                         nlive < BK, s_mul, cap_mul, use_cap, pa, da);
     ops.dv_dk(dvf, dkf, pa, da, stage);
     ops.store_ds(sm.sDS, 0, da);
     fence_async_shared();
@@ -139,17 +139,15 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_kernel(con
 
   // ---- epilogue: dk * scale, dv (bwd/dkdv_kernel.cuh; K and V staged row-major per warp); a piece of a split
   // column: its f32 partial sums (column_split.cuh) -----------------------------------------------------
-  if (p.split_items != nullptr) {
-    ColumnWork pw;  // (read again here rather than kept live through the loop: 255 registers)
-    (void)column_work<D, BK, BQ>(p, pw, blockIdx.x);
-    if (pw.part >= 0) {
-      store_split_partial<D>(p, pw, warp * 16, lane, adk, adv);
-      return;
-    }
+  ColumnWork ew;  // (read again here rather than kept live through the loop: 255 registers)
+  (void)column_work<D, BK, BQ>(p, ew, blockIdx.x);
+  if (ew.part >= 0) {
+    store_split_partial<D>(p, ew, warp * 16, lane, adk, adv);
+    return;
   }
-  dkdv_store<T, Cfg>(smem, sm.sK, sm.sV, static_cast<T*>(p.dk) + kvoff + k0 * kv_rstride,
-                     static_cast<T*>(p.dv) + kvoff + k0 * kv_rstride, kv_rstride, nkeys, warp * 16, 0,
-                     warp * 16 < nkeys, p.scale, adk, adv);
+  const int64_t out = ew.kvoff + ew.k0 * ew.kv_rstride;
+  dkdv_store<T, Cfg>(smem, sm.sK, sm.sV, static_cast<T*>(p.dk) + out, static_cast<T*>(p.dv) + out, ew.kv_rstride,
+                     ew.nkeys, warp * 16, 0, warp * 16 < ew.nkeys, p.scale, adk, adv);
 #endif
 }
 

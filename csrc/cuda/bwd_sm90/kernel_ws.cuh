@@ -216,7 +216,8 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
       {  // K, V of the item, handed over with the first tile (the wait below covers both groups)
         const T* kg = static_cast<const T*>(p.k) + w.kvoff + w.k0 * w.kv_rstride;
         const T* vg = static_cast<const T*>(p.v) + w.kvoff + w.k0 * w.kv_rstride;
-        load_row_pair_tile<D, 128, BK, typename Cfg::KLayout>(sm.sK, sm.sV, kg, vg, w.nkeys, w.kv_rstride, tid);
+        load_row_pair_tile<D, 128, BK, typename Cfg::KLayout>(sm.sK, sm.sV, kg, vg, live_keys(p, w.b, w.k0, w.nkeys),
+                                                              w.kv_rstride, tid);
         cp_async_commit();
       }
       for (int t = 1; t < w.ntiles; ++t) {
@@ -268,7 +269,7 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
       }
       continue;
     }
-    const int b = w.b, hk = w.hk, k0 = w.k0, nkeys = w.nkeys, kend = k0 + nkeys, RG = w.RG;
+    const int b = w.b, hk = w.hk, k0 = w.k0, kend = k0 + live_keys(p, b, k0, w.nkeys), RG = w.RG;
     const int64_t lid = w.lid, cs = w.cs;
     int key[2];
     fragment_row_keys(k0 + cw * 16, lane, key);
@@ -302,11 +303,11 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
       uint32_t pa[BQ / 16][4], da[BQ / 16][4];
       if constexpr (SWEEP)
         sm90_probs_ds<T, BQ, kMulEntryBit>(s, dp, sm.fLse, sm.fDl, sm.sLim, stage * BQ + (lane & 3) * 2, true, key,
-                                           kend, nkeys < BK, s_mul, cap_mul, use_cap, pa, da, sWord + wsel, sEnt,
+                                           kend, kend < k0 + BK, s_mul, cap_mul, use_cap, pa, da, sWord + wsel, sEnt,
                                            &mulbit);
       else
         sm90_probs_ds<T, BQ>(s, dp, sm.fLse, sm.fDl, sm.sLim, stage * BQ + (lane & 3) * 2, need_mask, key, kend,
-                             nkeys < BK, s_mul, cap_mul, use_cap, pa, da);
+                             kend < k0 + BK, s_mul, cap_mul, use_cap, pa, da);
       ops.dv_dk(dvf, dkf, pa, da, stage);
       ops.store_ds(sm.sDS, dsb, da);
       fence_async_shared();
@@ -363,7 +364,7 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
       continue;
     }
     ws_dkdv_store<T, Cfg, DQ_MAP>(sm.sDQ, static_cast<T*>(p.dk) + w.kvoff + k0 * w.kv_rstride,
-                                  static_cast<T*>(p.dv) + w.kvoff + k0 * w.kv_rstride, w.kv_rstride, nkeys, cw, lane,
+                                  static_cast<T*>(p.dv) + w.kvoff + k0 * w.kv_rstride, w.kv_rstride, w.nkeys, cw, lane,
                                   p.scale, adk, adv);
   }
   if (DQ_MAP ? (wl == 0 && lane == 0) : lane < 16) bulk_wait<0>();

@@ -53,7 +53,8 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_pack_kerne
 
   // ---- which columns (bwd/common.cuh column_group; p.pack = 64 / C) --------------------------------------
   const ColumnGroup grp = column_group<D>(p, blockIdx.x);
-  const int hk = grp.hk, c0 = grp.c0, Pv = grp.Pv, k0 = grp.k0, nkeys = grp.nkeys, kend = k0 + nkeys;
+  const int hk = grp.hk, c0 = grp.c0, Pv = grp.Pv, k0 = grp.k0, nkeys = grp.nkeys, nlive = grp.nlive;
+  const int kend = k0 + nlive;  // (keys past kv_lens: masked, their columns' lists left empty)
   const int64_t lid = grp.lid, kvoff = grp.kvoff, kv_rstride = grp.kv_rstride, qboff = grp.qboff;
   const int RG = p.R * p.g, C = p.C;
   const int E = RG > 0 ? RG : 1;
@@ -76,7 +77,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_pack_kerne
   for (int l = tid; l < Pv; l += NT) {
     int64_t cs, ce;
     column_entries(p, lid, c0 + l, cs, ce);
-    if (RG == 0) ce = cs;  // Hq = 0: nothing to walk
+    if (RG == 0 || l * C >= nlive) ce = cs;  // Hq = 0, or a column past the key count (kv_lens): nothing to walk
     sCur[l] = static_cast<int>(cs);
     sEnd[l] = static_cast<int>(ce);
     sNext[l] = ce > cs ? max(__ldg(p.col_rows + lid * p.nnz + cs), 0) : INT_MAX;
@@ -85,7 +86,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_pack_kerne
   {
     const T* kg = static_cast<const T*>(p.k) + kvoff + k0 * kv_rstride;
     const T* vg = static_cast<const T*>(p.v) + kvoff + k0 * kv_rstride;
-    load_row_pair_tile<D, NT, BK, typename Cfg::KLayout>(sm.sK, sm.sV, kg, vg, nkeys, kv_rstride, tid);
+    load_row_pair_tile<D, NT, BK, typename Cfg::KLayout>(sm.sK, sm.sV, kg, vg, nlive, kv_rstride, tid);
     cp_async_commit();  // its own group: older than every tile's, so the first tile's wait covers it
   }
 
@@ -219,10 +220,10 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_pack_kerne
           int mul[2];
 #pragma unroll
           for (int h = 0; h < 2; ++h) mul[h] = static_cast<int>((w >> col[h]) & 1u);
-          sm90_probs_ds<T, BQ, kMulPerKey>(s, dp, sm.fLse, sm.fDl, sm.sLim, rb, true, key, kend, nkeys < BK, s_mul,
+          sm90_probs_ds<T, BQ, kMulPerKey>(s, dp, sm.fLse, sm.fDl, sm.sLim, rb, true, key, kend, nlive < BK, s_mul,
                                            cap_mul, use_cap, pa, da, nullptr, nullptr, &mul);
         } else {
-          sm90_probs_ds<T, BQ, kMulEntryBit>(s, dp, sm.fLse, sm.fDl, sm.sLim, rb, true, key, kend, nkeys < BK, s_mul,
+          sm90_probs_ds<T, BQ, kMulEntryBit>(s, dp, sm.fLse, sm.fDl, sm.sLim, rb, true, key, kend, nlive < BK, s_mul,
                                              cap_mul, use_cap, pa, da, bits, sEnt, &col);
         }
         ops.dv_dk(dvf, dkf, pa, da, stage);

@@ -122,9 +122,9 @@ struct Sm90TileOps {
   }
 };
 
-// p^T and ds^T of the tile from s^T, dp^T (dkv_probs_ds), padding keys (at or past kend) zeroed when the tile is
-// part-filled (their p = exp(-lse) may overflow, and their ds reaches dq), as b16 A fragments (k16 steps along the
-// rows). MUL = kMulPerKey or kMulEntryBit (the packed kernel): p weighed by the (row, column) multiplicity, sW / sEnt / mul as
+// p^T and ds^T of the tile from s^T, dp^T (dkv_probs_ds), keys at or past kend (padding, or past kv_lens) zeroed when
+// the tile is part-filled (zero_keys_past: their p = exp(-lse) may overflow, and their ds reaches dq), as b16 A
+// fragments (k16 steps along the rows). MUL = kMulPerKey or kMulEntryBit (the packed kernel): p weighed by the (row, column) multiplicity, sW / sEnt / mul as
 // dkv_probs_ds takes them.
 template <typename T, int BQ, int MUL = kMulNone>
 __device__ __forceinline__ void sm90_probs_ds(float (&s)[BQ / 8][4], float (&dp)[BQ / 8][4], const float* fLse,
@@ -139,13 +139,7 @@ __device__ __forceinline__ void sm90_probs_ds(float (&s)[BQ / 8][4], float (&dp)
                                       use_cap);
   else
     dkv_probs_ds<NQ8, true, MUL>(s, dp, fLse, fDl, sLim, sW, rb, need_mask, key, *mul, s_mul, cap_mul, use_cap, sEnt);
-  if (part) {  // (uniform)
-#pragma unroll
-    for (int n = 0; n < NQ8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        if (key[e >> 1] >= kend) s[n][e] = dp[n][e] = 0.f;
-  }
+  zero_keys_past<NQ8, true>(s, dp, key, kend, part);
 #pragma unroll
   for (int kk = 0; kk < BQ / 16; ++kk) {
     acc_to_a<T>(s, kk, pa[kk]);

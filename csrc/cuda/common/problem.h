@@ -26,12 +26,16 @@ struct ProblemParams {
                   // tanh is evaluated as 1 - 2 / (1 + 2^(2 log2(e) x)))
   float cap_mul;  // softcap * log2(e) (soft cap only)
 
+  const int32_t* kv_lens;   // [B] keys that take part per batch element (clipped to [0, N] where read), or null: N
   const int32_t* q_offset;  // [B] causal: the key position of each batch element's query row 0, or null: N - M
 
   // The layout of batch b, KV head hk, in layouts (common/bsattn_common.h Problem::layout_id).
   BSATTN_HD int64_t layout_index(int b, int hk) const {
     return static_cast<int64_t>(LB > 1 ? b : 0) * LH + (LH > 1 ? hk : 0);
   }
+  // Batch element b's keys that take part: kv_lens[b] clipped to [0, N], or N (common/bsattn_common.h). Keys at or
+  // past it are never read, and their dk / dv are 0. (As causal_shift: read after pdl_wait in a dependent launch.)
+  BSATTN_HD int key_count(int b) const { return ::bsattn::clipped_key_count<int>(kv_lens, b, N); }
   // Batch element b's causal shift: q_offset[b] clipped to [-M, N - 1], or N - M (common/bsattn_common.h). Read it
   // after pdl_wait in a dependent launch (an input of the call).
   BSATTN_HD int causal_shift(int b) const { return ::bsattn::causal_shift<int>(q_offset, b, M, N); }

@@ -9,8 +9,8 @@
 // Virtual key sequence of a block row: its listed blocks one after another; virtual position t is list
 // entry t / C, key row blk * C + t % C. A KV tile holds BN consecutive virtual positions. A key row is
 // invalid when the entry is past the row's range, the block index is outside [0, NB), or the key is
-// past the batch element's keys (N, or its kv_lens: fwd_key_count): such rows are zero-filled in shared memory (never
-// read from k / v) and get key index INT_MAX (masked by the kernel).
+// past the batch element's keys (N, or its kv_lens: ProblemParams::key_count): such rows are zero-filled in shared
+// memory (never read from k / v) and get key index INT_MAX (masked by the kernel).
 #pragma once
 
 #include <climits>
@@ -37,14 +37,9 @@ struct GatherShared {
   int len;             // its length
   int16_t qC, rC;      // BN = qC * C + rC (both at most BN)
   int qlim_min;        // causal: keys above this need the mask for some row of the tile (else INT_MAX)
-  int nkeys;           // keys [0, nkeys) of the batch element take part (fwd_key_count)
+  int nkeys;           // keys [0, nkeys) of the batch element take part (ProblemParams::key_count)
 };
 static_assert(sizeof(GatherShared) <= 32, "the kernels keep it in CTA_BYTES = 32 (fwd/config.cuh FwdTileShape)");
-
-// The keys of batch element b that take part: kv_lens[b] clipped to [0, N] (per-sequence key lengths), else N.
-__device__ __forceinline__ int fwd_key_count(const FwdParams& p, int b) {
-  return clipped_key_count<int>(p.kv_lens, b, p.N);
-}
 
 // Layout: the stage buffers' tile layout (common/gather.cuh; the mma.sync kernel's RowSwizzle by default).
 template <typename T, class Cfg, class Layout = RowSwizzle<Cfg::D>>

@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_kernel(const __
     gs->qC = static_cast<int16_t>(BN / p.C);
     gs->rC = static_cast<int16_t>(BN - gs->qC * p.C);
     gs->qlim_min = p.causal ? qmin + shift : INT_MAX;
-    gs->nkeys = fwd_key_count(p, w.b);
+    gs->nkeys = p.key_count(w.b);
   }
   __syncthreads();
   BSATTN_FWD_TIMELINE_MARK(2);

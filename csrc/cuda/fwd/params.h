@@ -22,7 +22,6 @@ struct FwdParams : ProblemParams {
   const int32_t* indices;  // [LB, LH, nnz]
   void* o;                 // [B, M, Hq, D]
   float* lse;              // [B, M, Hq]
-  const int32_t* kv_lens;  // [B] keys that take part per batch element (clipped to [0, N] where read), or null: N
   int nsplit;              // 128-row tiles per block row (set by the launcher)
   int sweep_brt;           // the sweep kernel (fwd_sm90/sweep_kernel.cuh): block rows per CTA (set by the launcher)
   uint32_t* ws;            // the caller's workspace (fwd_workspace_words; empty: null)

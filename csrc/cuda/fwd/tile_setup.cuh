@@ -29,7 +29,7 @@ struct FwdTileSetup {
   int len;         // blocks the CTA walks: the block row's, or a piece of them (the row split)
   int ntiles;      // KV tiles of BN keys over them
   int part;        // the row split's partial slot of this piece (-1: the whole block row; fwd_sm90/row_split.cuh)
-  int nkeys;       // keys of the batch element that take part (fwd_key_count)
+  int nkeys;       // keys of the batch element that take part (ProblemParams::key_count)
   int shift;       // its causal shift (ProblemParams::causal_shift): query row i sees keys up to i + shift
   int64_t q_rstride, qoff, kvoff;  // Hq * D; q / o of the tile's first (row, head); k / v of (b, hk)
   const int32_t* idx;              // the list of blocks the CTA walks
@@ -89,7 +89,7 @@ __device__ __forceinline__ bool fwd_tile_setup(const FwdParams& p, FwdTileSetup&
   t.qoff = (static_cast<int64_t>(w.b) * p.M + static_cast<int64_t>(w.br) * p.R) * t.q_rstride +
            static_cast<int64_t>(w.hk) * p.g * D;
   t.kvoff = (static_cast<int64_t>(w.b) * p.N * p.Hk + w.hk) * D;
-  t.nkeys = fwd_key_count(p, w.b);
+  t.nkeys = p.key_count(w.b);
   t.shift = p.causal_shift(w.b);
   pdl_launch_dependents();  // the row split's combine may take its place now (it waits for this grid's end)
   return true;

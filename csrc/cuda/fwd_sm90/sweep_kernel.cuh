@@ -175,7 +175,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_fwd_sm90_sweep_kern
   const int causal_shift = p.causal_shift(b);
   // kLens: the keys past the batch element's are loaded as zeros and masked like causally hidden ones (every row's
   // limit at most its last key)
-  const int nkeys = kLens ? fwd_key_count(p, b) : p.N, last_key = nkeys - 1;
+  const int nkeys = kLens ? p.key_count(b) : p.N, last_key = nkeys - 1;
   for (int row = tid; row < TM; row += NT) {
     const int r = row / p.g;
     const bool real = row < rows_valid;
