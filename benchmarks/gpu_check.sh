@@ -67,7 +67,7 @@ if [ "${OLD_BWD:-1}" = 1 ] && [ "$(nvidia-smi --query-gpu=compute_cap --format=c
   # (compact, sweep, packed): run them again where it does not (read once per process: a process of their own)
   stamp "gpu backward tests, the row-oriented pass off (BSATTN_BWD_ROWS=0)"
   (cd tests && BSATTN_BWD_ROWS=0 python3 -m pytest -q -m gpu -k "compact_small_blocks or sweep_tall_row_groups or \
-    sweep_duplicate_blocks or unlisted_keys_overflow or packed_small_blocks" 2>&1 | tee "$OUT/pytest_gpu_rows0.log" | tail -3)
+    sweep_duplicate_blocks or unlisted_keys_overflow or packed_small_blocks or kv_lens_backward" 2>&1 | tee "$OUT/pytest_gpu_rows0.log" | tail -3)
 fi
 if [ "${CMDBUF:-1}" = 1 ]; then
   stamp "gpu tests, command buffers"

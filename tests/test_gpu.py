@@ -901,10 +901,12 @@ def test_kv_lens(M, N, R, C, g, D, causal, lens):
 # kv_lens in every backward kernel family: the one-pass Hopper kernel (64- and 128-key tiles, C = 64 / 128: the
 # persistent warp-specialised one), the row-oriented pass (C <= 16, R * g >= 128), the Hopper packed small-block
 # kernel (C = 8, R * g = 4), the sweep (C = 16, R * g = 8, dense), the long-column split (one block column every
-# block row lists), the deterministic pair (narrow wgmma dk / dv at C = 16, compact at C = 4 with R * g = 256, mma.sync
-# packed at C = 4 with R * g = 8 and the mma.sync dq, mma.sync column tiles at C = 32 / D = 64), D = 256. Lengths that
-# cut a block, fall on a block boundary, are 0 or N. Gradients against the float32 reference; then NaN / inf in k, v
-# past every length: dk, dv bitwise the same (0 past the lengths), dq the same up to its atomic adds' order.
+# block row lists), the deterministic pair (narrow wgmma dk / dv at C = 16 with R * g = 64, mma.sync packed at C = 4
+# with R * g = 8 and the mma.sync dq, mma.sync column tiles at C = 32 / D = 64; the compact dk / dv at C = 2 with
+# R * g = 256 where the row-oriented pass is off: gpu_check.sh runs these again with BSATTN_BWD_ROWS=0), D = 256.
+# Lengths that cut a block, fall on a block boundary, are 0 or N. Gradients against the float32 reference; then NaN /
+# inf in k, v past every length: dk, dv bitwise the same (0 past the lengths), dq the same up to its atomic adds' order;
+# and an inf in q: dk, dv past the lengths still 0.
 @pytest.mark.parametrize("M,N,R,C,g,D,causal,lens,det,dense", [
     (512, 512, 16, 64, 4, 128, True, (512, 300, 17), False, False),
     (512, 1024, 64, 128, 2, 128, False, (1024, 555, 128), False, False),
@@ -912,8 +914,8 @@ def test_kv_lens(M, N, R, C, g, D, causal, lens):
     (256, 512, 1, 8, 4, 128, False, (512, 77, 300), False, False),
     (1024, 1024, 4, 16, 2, 128, True, (1024, 0, 555), False, True),
     (1024, 1024, 16, 64, 4, 128, False, (1024, 1000, 700), False, False),
-    (512, 512, 32, 16, 4, 128, False, (500, 250, 3), True, False),
-    (512, 512, 64, 4, 4, 128, False, (512, 200, 61), True, False),
+    (512, 512, 16, 16, 4, 128, False, (500, 250, 3), True, False),
+    (512, 512, 64, 2, 4, 128, False, (512, 200, 61), True, False),
     (256, 256, 4, 4, 2, 128, True, (256, 33, 190), True, False),
     (256, 512, 8, 32, 2, 64, True, (512, 300, 45), True, False),
     (128, 512, 16, 32, 4, 256, False, (512, 384, 10), False, False)])
@@ -945,6 +947,11 @@ def test_kv_lens_backward(M, N, R, C, g, D, causal, lens, det, dense):
     else:
         assert np.isfinite(dirty[0]).all()
         np.testing.assert_allclose(dirty[0], clean[0], rtol=0, atol=1e-3 * float(np.abs(clean[0]).max()))
+    # an inf in q (query row 0 of every sequence: its rows' p, ds are NaN): the keys past the lengths still get 0
+    with jax.default_device(jax.devices("cuda")[0]):
+        _, dk, dv = (np.asarray(x.astype(jnp.float32)) for x in grads(q.at[:, 0].set(jnp.inf), k, v))
+    assert not dk[np.broadcast_to(np.asarray(past), dk.shape)].any()
+    assert not dv[np.broadcast_to(np.asarray(past), dv.shape)].any()
 
 
 # Per-sequence causal offsets (q_offset) through the CUDA kernels, forward and backward, against the float32 reference:

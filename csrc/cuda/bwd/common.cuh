@@ -610,6 +610,17 @@ __device__ __forceinline__ void dkv_probs_ds(float (&s)[NQ8][4], float (&dp)[DO_
   }
 }
 
+// An accumulator whose rows are the thread's two keys (element [n][e] of key key[e >> 1]: s^T, dp^T, dk, dv) zeroed
+// at the keys at or past kend, by selects.
+template <int N>
+__device__ __forceinline__ void zero_rows_past(float (&acc)[N][4], const int (&key)[2], int kend) {
+#pragma unroll
+  for (int n = 0; n < N; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      if (key[e >> 1] >= kend) acc[n][e] = 0.f;
+}
+
 // p^T and ds^T (as dkv_probs_ds leaves them) of the thread's key rows at or past kend zeroed: selects, not products
 // (such a key's p = exp(-lse) may overflow). Keys past N (padding of a part-filled tile) or past the batch element's
 // key count (kv_lens: their dk, dv rows are written, and must be 0). part (uniform): the tile has such keys.
@@ -617,14 +628,19 @@ template <int NQ8, bool DO_DK>
 __device__ __forceinline__ void zero_keys_past(float (&s)[NQ8][4], float (&dp)[DO_DK ? NQ8 : 1][4],
                                                const int (&key)[2], int kend, bool part) {
   if (!part) return;
-#pragma unroll
-  for (int n = 0; n < NQ8; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e)
-      if (key[e >> 1] >= kend) {
-        s[n][e] = 0.f;
-        if constexpr (DO_DK) dp[n][e] = 0.f;
-      }
+  zero_rows_past(s, key, kend);
+  if constexpr (DO_DK) zero_rows_past(dp, key, kend);
+}
+
+// dk, dv of the thread's key rows past the batch element's key count (kv_lens) set to 0 before they are stored: their
+// p and ds are 0, but 0 x an inf in q or do (a row that lists the block) would leave NaN there. cut (uniform): the
+// tile holds such keys (live_keys < its keys).
+template <int NK, int NV>
+__device__ __forceinline__ void zero_dkdv_past(float (&adk)[NK][4], float (&adv)[NV][4], const int (&key)[2], int kend,
+                                               bool cut) {
+  if (!cut) return;
+  zero_rows_past(adk, key, kend);
+  zero_rows_past(adv, key, kend);
 }
 
 }  // namespace bwd

@@ -383,6 +383,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_kernel(con
   }
 
   // ---- epilogue: dk * scale, dv; a piece of a split column: its f32 partial sums (column_split.cuh) -------
+  zero_dkdv_past(adk, adv, key, k0 + nlive, nlive < nkeys);
   if constexpr (WQ == 1 && Cfg::MODE == 0) {
     if (p.split_items != nullptr) {
       ColumnWork pw;  // (read again rather than kept live through the loop)
@@ -584,6 +585,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_dkdv_pack_kerne
   }
 
   // ---- epilogue ------------------------------------------------------------------------------------------
+  zero_dkdv_past(adk, adv, key, k0 + nlive, nlive < nkeys);
   dkdv_store<T, Cfg>(smem, sK, sV, static_cast<T*>(p.dk) + kvoff + k0 * kv_rstride,
                      static_cast<T*>(p.dv) + kvoff + k0 * kv_rstride, kv_rstride, nkeys, 0, wq, true, p.scale, adk,
                      adv);

@@ -258,6 +258,14 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, Cfg::MINB)
     if constexpr (Cfg::WS) mbar_arrive(bar_empty + 8 * stage);  // every read of the stage done
   }
 
+  if (nlive < nkeys) {  // (uniform) keys past kv_lens: 0, not 0 x an inf in q or do (common.cuh zero_dkdv_past)
+#pragma unroll
+    for (int hh = 0; hh < H; ++hh)
+#pragma unroll
+      for (int i = 0; i < BK / 2; ++i)
+        if (8 * (i >> 2) + kq + (i & 1) >= nlive) dvt[hh][i] = dkt[hh][i] = 0.f;
+  }
+
   // ---- epilogue: a piece of a split column (bwd/column_split.cuh): its f32 partial sums, straight from the
   // accumulators (no shared memory, so no barrier); else dv, dk * scale, staged [key][D] in stage 0 of q (transposed
   // back), 16 bytes a thread --------------------------------------------------------------------------------------

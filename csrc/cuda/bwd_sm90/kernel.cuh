@@ -22,8 +22,9 @@
 // (the order of the float adds into dq_accum varies): `deterministic=True` selects the two-kernel backward.
 //
 // Padding key rows (past C or N) are zero in K and V and their p, ds are zeroed (p = exp(-lse) could overflow): they
-// add nothing to dq, and their dk / dv are never written. A missing query row (past its block row's R, past M, or a garbage block row) is zero with
-// lse = -inf (p = 0) and global row -1: no red.add for it.
+// add nothing to dq, and their dk / dv are never written. Keys past the batch element's length (kv_lens) are padding
+// too, but their rows are written: 0 (bwd/common.cuh live_keys, zero_dkdv_past). A missing query row (past its block
+// row's R, past M, or a garbage block row) is zero with lse = -inf (p = 0) and global row -1: no red.add for it.
 #pragma once
 
 #include <climits>
@@ -136,6 +137,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_kernel(con
   if constexpr (Cfg::BULK_DQ) {
     if (lane < 16) bulk_wait<0>();  // the staging rows stay valid until read (and the adds are done) before exit
   }
+  zero_dkdv_past(adk, adv, key, kend, nlive < nkeys);
 
   // ---- epilogue: dk * scale, dv (bwd/dkdv_kernel.cuh; K and V staged row-major per warp); a piece of a split
   // column: its f32 partial sums (column_split.cuh) -----------------------------------------------------

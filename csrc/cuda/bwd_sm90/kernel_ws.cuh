@@ -356,6 +356,7 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
       }
     }
     done += w.ntiles;
+    zero_dkdv_past(adk, adv, key, kend, kend < k0 + w.nkeys);
 
     // ---- the item's dk * scale, dv (through the dq staging area: K, V are being reloaded); a piece of a split
     // column: its f32 partial sums (column_split.cuh) --------------------------------------------------------

@@ -35,7 +35,8 @@ cudaError_t launch_bwd_rows_sm90(const Params& p, cudaStream_t stream) {
   const unsigned sms = static_cast<unsigned>(std::max(1, device_sm_count()));
   bsattn_bwd_rows_amax_kernel<T><<<4 * sms, 256, 0, stream>>>(static_cast<const T*>(p.q), nq,
                                                                static_cast<const T*>(p.v), nk,
-                                                               static_cast<const T*>(p.dout), p.delta, nq / Cfg::D, amax);
+                                                               static_cast<const T*>(p.dout), p.delta, nq / Cfg::D,
+                                                               p.kv_lens, p.N, int64_t{p.Hk} * Cfg::D / 8, amax);
   Sm90RowsParams d{};
   static_cast<Sm90DqParams&>(d) = dq_sm90_params(p);
   d.acc_dk = acc;

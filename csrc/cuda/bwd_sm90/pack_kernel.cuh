@@ -246,6 +246,7 @@ __global__ void __launch_bounds__(Cfg::NT, Cfg::MINB) bsattn_bwd_sm90_pack_kerne
   }
 
   // ---- epilogue: dk * scale, dv (bwd/dkdv_kernel.cuh; waits for every copy, K and V staged row-major per warp) --
+  zero_dkdv_past(adk, adv, key, kend, nlive < nkeys);
   dkdv_store<T, Cfg>(sm.base, sm.sK, sm.sV, static_cast<T*>(p.dk) + kvoff + k0 * kv_rstride,
                      static_cast<T*>(p.dv) + kvoff + k0 * kv_rstride, kv_rstride, nkeys, warp * 16, 0,
                      warp * 16 < nkeys, p.scale, adk, adv);

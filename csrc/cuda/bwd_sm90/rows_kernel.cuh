@@ -88,10 +88,12 @@ __device__ __forceinline__ RowsScales rows_scales(const unsigned* amax, int M, i
 
 // max |x| over the finite values of q, v, do and delta into amax[0..3] (float bits: non-negative floats order as
 // unsigned). Non-finite values are left out: they may sit where the layout excludes them; where a part reads one,
-// that part is not finite and flags its key.
+// that part is not finite and flags its key. v's rows past their sequence's length (kv_lens: v [B, N, Hk, D], v_row8
+// vectors of 8 a row) are never read: a large finite value in an unwritten cache must not coarsen dk's scale.
 template <typename T>
 __global__ void bsattn_bwd_rows_amax_kernel(const T* __restrict__ q, int64_t nq, const T* __restrict__ v, int64_t nv,
                                             const T* __restrict__ dout, const float* __restrict__ delta, int64_t nd,
+                                            const int32_t* __restrict__ kv_lens, int N, int64_t v_row8,
                                             unsigned* amax) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -101,6 +103,11 @@ __global__ void bsattn_bwd_rows_amax_kernel(const T* __restrict__ q, int64_t nq,
 #pragma unroll
   for (int a = 0; a < 3; ++a)
     for (int64_t i = i0; i < n8[a]; i += stride) {
+      if (a == 1 && kv_lens != nullptr) {
+        const int64_t row = i / v_row8;  // (b, key) of v
+        const int b = static_cast<int>(row / N), key = static_cast<int>(row - static_cast<int64_t>(b) * N);
+        if (key >= clipped_key_count<int>(kv_lens, b, N)) continue;
+      }
       const uint4 w = __ldcs(reinterpret_cast<const uint4*>(src[a]) + i);
       const T* x = reinterpret_cast<const T*>(&w);
 #pragma unroll
