@@ -43,8 +43,10 @@ def main():
     ap.add_argument("--lens", default="1,0.75,0.5,0.25", help="fractions of N (each less 7 keys, at least 1)")
     ap.add_argument("--density", type=float, default=0.25)
     ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--target-ms", type=float, default=60.0)
+    ap.add_argument("--reps", type=int, default=5)
+    # (each repetition's steps are unrolled in one jit: a long chain of forward + backward steps compiles slowly; the
+    # old path's took over 115 s a cell at 1:128:128 and 8:1:16 with 60 ms, session 44)
+    ap.add_argument("--target-ms", type=float, default=25.0)
     ap.add_argument("--tag", default="", help="a label stored in every row (e.g. the build timed)")
     args = ap.parse_args()
     import jax_bsattn as jb
