@@ -9,7 +9,8 @@ band plus column 0 in head 0, columns 0 and NB / 2 in head 1), long enough that 
 (bwd/column_split.cuh); and with global block rows ("global-rows": a band plus row 0 in head 0, rows 0 and MB / 2 in
 head 1), R * g > 16, which the forward's row split cuts (fwd_sm90/row_split.cuh); and decode shapes (one block
 row, 16K-32K keys: the few-row split), whose forward also runs alone with kv_lens (the kernels read the length and
-never the keys past it). Prints one line per case.
+never the keys past it). Every other case (odd index) differentiates with a length that cuts a block (kv_lens in the
+backward's kernels: the keys past it never read). Prints one line per case.
 Arguments (optional): run only the cases of these kinds (e.g. `global-rows`) or at these indices into CASES (e.g. `3
 7`): under JAX the sanitizer's own process sometimes dies (segfault) partway, so one process per case loses least.
 """
@@ -87,12 +88,14 @@ def main():
         k = jnp.asarray(rng.standard_normal((N, 2, D)), jnp.bfloat16)
         v = jnp.asarray(rng.standard_normal((N, 2, D)), jnp.bfloat16)
 
+        lens = N - N // 3 - 1 if i % 2 else None
+
         @jax.jit
         def run(q, k, v, ip, ix):
             layout = jb.BlockSparseLayout.from_csr(ip, ix, (R, C), (M, N))   # traced: never validated
 
             def loss(q, k, v):
-                o = jb.block_sparse_attention(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
+                o = jb.block_sparse_attention(q, k, v, layout, causal=causal, logits_soft_cap=softcap, kv_lens=lens)
                 return jnp.sum(o.astype(jnp.float32) ** 2)
             return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
@@ -103,7 +106,7 @@ def main():
                 q, k, v, jb.BlockSparseLayout.from_csr(ip, ix, (R, C), (M, N)), causal=causal,
                 logits_soft_cap=softcap, kv_lens=N - 77))(q, k, v, indptr, indices)
             finite = finite and bool(jnp.isfinite(o.astype(jnp.float32)).all())
-        print(f"case R={R} C={C} g={g} D={D} garbage={garbage}: finite={finite}", flush=True)
+        print(f"case R={R} C={C} g={g} D={D} garbage={garbage} kv_lens={lens}: finite={finite}", flush=True)
 
 
 if __name__ == "__main__":
