@@ -32,3 +32,22 @@ def test_random_layouts(p):
     check_forward(q, k, v, layout, causal=p["causal"], logits_soft_cap=p["softcap"])
     if p["seed"] % 3 == 0:
         check_gradients(q, k, v, layout, causal=p["causal"], logits_soft_cap=p["softcap"])
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(problems(), st.data())
+def test_random_lengths_and_offsets(p, data):
+    """Two sequences with per-sequence key lengths (clipped: drawn past both ends) and, when causal, offsets: forward
+    and gradients (every kernel takes both, forward and backward) against the reference."""
+    rng = np.random.default_rng(p["seed"])
+    M, N = p["M"], p["N"]
+    MB, NB = -(-M // p["R"]), -(-N // p["C"])
+    mask = rng.random((2, p["Hk"]) + (MB, NB)) < max(p["density"], 0.3)
+    layout = jb.BlockSparseLayout.from_block_mask(mask, (p["R"], p["C"]), (M, N))
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=p["g"] * p["Hk"], Hk=p["Hk"], D=p["D"])
+    lens = np.array(data.draw(st.lists(st.integers(-2, N + 2), min_size=2, max_size=2)), np.int32)
+    kw = dict(causal=p["causal"], logits_soft_cap=p["softcap"], kv_lens=lens)
+    if p["causal"]:
+        kw["q_offset"] = np.array(data.draw(st.lists(st.integers(-M - 2, N + 2), min_size=2, max_size=2)), np.int32)
+    check_forward(q, k, v, layout, **kw)
+    check_gradients(q, k, v, layout, **kw)
