@@ -899,9 +899,9 @@ def test_kv_lens(M, N, R, C, g, D, causal, lens):
 
 
 # kv_lens in every backward kernel family: the one-pass Hopper kernel (64- and 128-key tiles, C = 64 / 128: the
-# persistent warp-specialised one), the row-oriented pass (C <= 16, R * g >= 128), the Hopper packed small-block
-# kernel (C = 8, R * g = 4), the sweep (C = 16, R * g = 8, dense), the long-column split (one block column every
-# block row lists), the deterministic pair (narrow wgmma dk / dv at C = 16 with R * g = 64, mma.sync packed at C = 4
+# plain two-warpgroup one; with kv_lens neither the persistent one nor the sweep runs since session 45), the
+# row-oriented pass (C <= 16, R * g >= 128), the Hopper packed small-block kernel (C = 8, R * g = 4; C = 16, R * g =
+# 8, dense, where the sweep would run without lengths), the long-column split (one block column every block row lists), the deterministic pair (narrow wgmma dk / dv at C = 16 with R * g = 64, mma.sync packed at C = 4
 # with R * g = 8 and the mma.sync dq, mma.sync column tiles at C = 32 / D = 64; the compact dk / dv at C = 2 with
 # R * g = 256 where the row-oriented pass is off: gpu_check.sh runs these again with BSATTN_BWD_ROWS=0), D = 256.
 # Lengths that cut a block, fall on a block boundary, are 0 or N. Gradients against the float32 reference; then NaN /
@@ -952,6 +952,53 @@ def test_kv_lens_backward(M, N, R, C, g, D, causal, lens, det, dense):
         _, dk, dv = (np.asarray(x.astype(jnp.float32)) for x in grads(q.at[:, 0].set(jnp.inf), k, v))
     assert not dk[np.broadcast_to(np.asarray(past), dk.shape)].any()
     assert not dv[np.broadcast_to(np.asarray(past), dv.shape)].any()
+
+
+# kv_lens at the scale of a training step (B = 4, M = N = 4096, Hq = 32, D = 128, density 1/4, lengths that cut a
+# block): thousands of column work items, so the persistent backward kernels take many items per CTA, with the tiles
+# a length empties among them. The persistent warp-specialised kernel (1:128:128) and its sweep form (8:1:16) hung
+# here in session 45 (bench_kv_lens.py), so kv_lens now routes around them (bwd_sm90/launch.cuh). Run in a child
+# process with a time limit, so that a hang fails the test instead of stalling the suite: two gradient calls bitwise
+# equal, finite, zero dk / dv past the lengths, and the same with NaN / inf written past them.
+_KV_LENS_SCALE_CHILD = """
+import sys, numpy as np, jax, jax.numpy as jnp
+import jax_bsattn as jb
+g, R, C = (int(x) for x in sys.argv[1].split(':'))
+B, N, Hq, D = 4, 4096, 32, 128
+rng = np.random.default_rng(g + R + C)
+mask = rng.random((-(-N // R), -(-N // C))) < 0.25
+mask[np.arange(mask.shape[0]), np.arange(mask.shape[0]) * mask.shape[1] // mask.shape[0]] = True
+layout = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (N, N))
+q = jnp.asarray(rng.standard_normal((B, N, Hq, D)), jnp.bfloat16)
+k, v = (jnp.asarray(rng.standard_normal((B, N, Hq // g, D)), jnp.bfloat16) for _ in range(2))
+ct = jnp.asarray(rng.standard_normal(q.shape), jnp.bfloat16)
+lens = jnp.asarray([4089, 3065, 2041, 1017])
+grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jb.block_sparse_attention(q, k, v, layout, kv_lens=lens)
+                                                  .astype(jnp.float32) * ct), argnums=(0, 1, 2)))
+past = (jnp.arange(N)[None, :] >= lens[:, None])[..., None, None]
+a = [np.asarray(x.astype(jnp.float32)) for x in grads(q, k, v)]
+b = [np.asarray(x.astype(jnp.float32)) for x in grads(q, k, v)]
+c = [np.asarray(x.astype(jnp.float32)) for x in grads(q, jnp.where(past, jnp.nan, k), jnp.where(past, jnp.inf, v))]
+pm = np.broadcast_to(np.asarray(past), a[1].shape)
+for i in (1, 2):
+    assert np.array_equal(a[i], b[i]) and np.array_equal(a[i], c[i]), i
+    assert np.isfinite(a[i]).all() and not a[i][pm].any() and a[i][~pm].any(), i
+assert np.isfinite(a[0]).all() and np.isfinite(c[0]).all() and np.abs(a[0]).max() > 0
+print('ok')
+"""
+
+
+@pytest.mark.parametrize("cell", ["1:128:128", "8:1:16"])
+def test_kv_lens_backward_training_scale(cell):
+    import subprocess
+    import sys
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    try:
+        r = subprocess.run([sys.executable, "-c", _KV_LENS_SCALE_CHILD, cell], env=env, capture_output=True, text=True,
+                           timeout=240, cwd=os.path.dirname(os.path.abspath(__file__)))  # (not the source tree's package)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{cell}: the gradient with kv_lens did not finish in 240 s (a hang)")
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
 
 
 # Per-sequence causal offsets (q_offset) through the CUDA kernels, forward and backward, against the float32 reference:

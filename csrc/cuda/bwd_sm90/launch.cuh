@@ -199,7 +199,11 @@ cudaError_t launch_bwd_sm90(const Params& p, cudaStream_t stream) {
   const int64_t sweep_words = sweep_workspace_words(p);
   bool sweep = false;
   if constexpr (kD == 128) {
-    if (sm90_sweep_applies(p, kD) && p.dq_accum_words >= nq + kDqSchedWords + sweep_words) {
+    // (not with kv_lens, unless BSATTN_BWD_SM90_TILE=ws: the sweep is the persistent kernel's other form, and that
+    // one hung with lengths; see below)
+    static const bool ws_with_lens = env_equals("BSATTN_BWD_SM90_TILE", "ws");
+    if (sm90_sweep_applies(p, kD) && p.dq_accum_words >= nq + kDqSchedWords + sweep_words &&
+        (p.kv_lens == nullptr || ws_with_lens)) {
       using Sw = Sm90BwdSweepTile;  // (its attributes read only where it may run: no module load otherwise)
       static const bool sweep_plan = register_plan_holds<Sw>(bsattn_bwd_sm90_ws_kernel<T, Sw, false, true>);
       sweep = sweep_plan;
@@ -214,15 +218,20 @@ cudaError_t launch_bwd_sm90(const Params& p, cudaStream_t stream) {
   } else if (p.C <= 16) {
     err = launch_bwd_sm90_pack<T, kD>(p, stream);
   } else if constexpr (kD == 128) {
-    // the two-warpgroup tile with a producer warpgroup; BSATTN_BWD_SM90_TILE=wide: without it (A / B comparisons)
+    // the two-warpgroup tile with a producer warpgroup; BSATTN_BWD_SM90_TILE=wide: without it (A / B comparisons).
+    // With kv_lens the plain two-warpgroup kernel runs: the persistent one did not finish (a hang, not yet
+    // explained) on an H100 at B = 4, M = N = 4096, Hq = Hk = 32, R = C = 128 with lengths 4089 / 3065 / 2041 / 1017,
+    // where the plain one took 3.0 ms (session 45, csrc/cuda/dev/NOTES.md). BSATTN_BWD_SM90_TILE=ws runs the
+    // persistent kernel there anyway, to reproduce it.
     static const bool plain_wide = env_equals("BSATTN_BWD_SM90_TILE", "wide");
+    static const bool ws_with_lens = env_equals("BSATTN_BWD_SM90_TILE", "ws");
     // BSATTN_BWD_SM90_DQ=rows: dq row by row even where the tensor map applies (A / B comparisons)
     static const bool row_dq = env_equals("BSATTN_BWD_SM90_DQ", "rows");
     using Ws = Sm90BwdWsTile;
     // (else the plain two-warpgroup kernel runs; read once)
     static const bool plan = register_plan_holds<Ws>(bsattn_bwd_sm90_ws_kernel<T, Ws, true>) &&
                              register_plan_holds<Ws>(bsattn_bwd_sm90_ws_kernel<T, Ws, false>);
-    if (use_wide_bwd_tile(p.C) && !plain_wide && plan) {
+    if (use_wide_bwd_tile(p.C) && !plain_wide && plan && (p.kv_lens == nullptr || ws_with_lens)) {
       CUtensorMap map{};
       const bool use_map = !row_dq && dq_tensor_map<Ws>(p, &map);
       err = with_column_split<Ws, T>(p, area, stream, [&](const Params& ps) {
