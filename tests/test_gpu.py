@@ -5,6 +5,8 @@ Criterion: ||out - ref|| / ||ref|| at most twice the error of the reference comp
 
 import itertools
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -901,8 +903,9 @@ def test_kv_lens(M, N, R, C, g, D, causal, lens):
 # kv_lens in every backward kernel family: the one-pass Hopper kernel (64- and 128-key tiles, C = 64 / 128: the
 # plain two-warpgroup one; with kv_lens neither the persistent one nor the sweep runs since session 45), the
 # row-oriented pass (C <= 16, R * g >= 128), the Hopper packed small-block kernel (C = 8, R * g = 4; C = 16, R * g =
-# 8, dense, where the sweep would run without lengths), the long-column split (one block column every block row lists), the deterministic pair (narrow wgmma dk / dv at C = 16 with R * g = 64, mma.sync packed at C = 4
-# with R * g = 8 and the mma.sync dq, mma.sync column tiles at C = 32 / D = 64; the compact dk / dv at C = 2 with
+# 8, dense, where the sweep would run without lengths), the long-column split (one block column every block row
+# lists), the deterministic pair (narrow wgmma dk / dv at C = 16 with R * g = 64, mma.sync packed at C = 4 with R * g
+# = 8 and the mma.sync dq, mma.sync column tiles at C = 32 / D = 64; the compact dk / dv at C = 2 with
 # R * g = 256 where the row-oriented pass is off: gpu_check.sh runs these again with BSATTN_BWD_ROWS=0), D = 256.
 # Lengths that cut a block, fall on a block boundary, are 0 or N. Gradients against the float32 reference; then NaN /
 # inf in k, v past every length: dk, dv bitwise the same (0 past the lengths), dq the same up to its atomic adds' order;
@@ -990,8 +993,6 @@ print('ok')
 
 @pytest.mark.parametrize("cell", ["1:128:128", "8:1:16"])
 def test_kv_lens_backward_training_scale(cell):
-    import subprocess
-    import sys
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     try:
         r = subprocess.run([sys.executable, "-c", _KV_LENS_SCALE_CHILD, cell], env=env, capture_output=True, text=True,

@@ -32,6 +32,16 @@ inline bool use_wide_bwd_tile(int C) {
   return C >= 128 && (C % 128 == 0 || C % 128 > 64) && !narrow;
 }
 
+// Whether the persistent warp-specialised kernel (kernel_ws.cuh) and its sweep form may run: not with kv_lens, unless
+// BSATTN_BWD_SM90_TILE=ws (read once; to reproduce the hang). With lengths that empty whole key tiles the persistent
+// kernel's gradient call never finished on an H100 (B = 4, M = N = 4096, Hq = Hk = 32, R = C = 128, lengths 4089 /
+// 3065 / 2041 / 1017; the plain two-warpgroup kernel took 3.0 ms there; session 45, csrc/cuda/dev/NOTES.md); the
+// cause is not found. The sweep is the same kernel, so it stays off too (the packed kernel runs instead).
+inline bool persistent_bwd_allowed(const Params& p) {
+  static const bool ws_with_lens = env_equals("BSATTN_BWD_SM90_TILE", "ws");
+  return p.kv_lens == nullptr || ws_with_lens;
+}
+
 // The driver's cuTensorMapEncodeTiled, through the runtime (no link against libcuda); null if unavailable.
 inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
@@ -199,11 +209,8 @@ cudaError_t launch_bwd_sm90(const Params& p, cudaStream_t stream) {
   const int64_t sweep_words = sweep_workspace_words(p);
   bool sweep = false;
   if constexpr (kD == 128) {
-    // (not with kv_lens, unless BSATTN_BWD_SM90_TILE=ws: the sweep is the persistent kernel's other form, and that
-    // one hung with lengths; see below)
-    static const bool ws_with_lens = env_equals("BSATTN_BWD_SM90_TILE", "ws");
     if (sm90_sweep_applies(p, kD) && p.dq_accum_words >= nq + kDqSchedWords + sweep_words &&
-        (p.kv_lens == nullptr || ws_with_lens)) {
+        persistent_bwd_allowed(p)) {
       using Sw = Sm90BwdSweepTile;  // (its attributes read only where it may run: no module load otherwise)
       static const bool sweep_plan = register_plan_holds<Sw>(bsattn_bwd_sm90_ws_kernel<T, Sw, false, true>);
       sweep = sweep_plan;
@@ -218,20 +225,16 @@ cudaError_t launch_bwd_sm90(const Params& p, cudaStream_t stream) {
   } else if (p.C <= 16) {
     err = launch_bwd_sm90_pack<T, kD>(p, stream);
   } else if constexpr (kD == 128) {
-    // the two-warpgroup tile with a producer warpgroup; BSATTN_BWD_SM90_TILE=wide: without it (A / B comparisons).
-    // With kv_lens the plain two-warpgroup kernel runs: the persistent one did not finish (a hang, not yet
-    // explained) on an H100 at B = 4, M = N = 4096, Hq = Hk = 32, R = C = 128 with lengths 4089 / 3065 / 2041 / 1017,
-    // where the plain one took 3.0 ms (session 45, csrc/cuda/dev/NOTES.md). BSATTN_BWD_SM90_TILE=ws runs the
-    // persistent kernel there anyway, to reproduce it.
+    // the two-warpgroup tile with a producer warpgroup; BSATTN_BWD_SM90_TILE=wide, or kv_lens
+    // (persistent_bwd_allowed): without it
     static const bool plain_wide = env_equals("BSATTN_BWD_SM90_TILE", "wide");
-    static const bool ws_with_lens = env_equals("BSATTN_BWD_SM90_TILE", "ws");
     // BSATTN_BWD_SM90_DQ=rows: dq row by row even where the tensor map applies (A / B comparisons)
     static const bool row_dq = env_equals("BSATTN_BWD_SM90_DQ", "rows");
     using Ws = Sm90BwdWsTile;
     // (else the plain two-warpgroup kernel runs; read once)
     static const bool plan = register_plan_holds<Ws>(bsattn_bwd_sm90_ws_kernel<T, Ws, true>) &&
                              register_plan_holds<Ws>(bsattn_bwd_sm90_ws_kernel<T, Ws, false>);
-    if (use_wide_bwd_tile(p.C) && !plain_wide && plan && (p.kv_lens == nullptr || ws_with_lens)) {
+    if (use_wide_bwd_tile(p.C) && !plain_wide && plan && persistent_bwd_allowed(p)) {
       CUtensorMap map{};
       const bool use_map = !row_dq && dq_tensor_map<Ws>(p, &map);
       err = with_column_split<Ws, T>(p, area, stream, [&](const Params& ps) {
