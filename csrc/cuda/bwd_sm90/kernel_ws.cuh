@@ -25,9 +25,9 @@
 // global rows read). Tiles are numbered across items (`done`): tile u uses stage u % S, phase u / S, dS buffer u % 2.
 // Per item n: the producer issues the item's first tile (stages permitting), then waits for item_empty (256
 // arrivals: each consumer thread once its products of item n - 1 are done, K, V no longer read), posts the item
-// index in shared memory, arrives on item_full (count 1, parity n & 1), loads K / V and gathers the rest. It waits
-// every item_empty phase in order before posting the next item, so the barrier is never two phases ahead of a wait.
-// An index >= items ends the loop of both roles.
+// index in shared memory, arrives on item_full (count 1, parity n & 1), loads K / V and gathers the rest. Every
+// producer thread waits every item_empty phase in order, and they meet (named barrier 4) before the leader posts the
+// next item, so the barrier is never two phases ahead of a wait. An index >= items ends the loop of both roles.
 //
 // Measured and dropped (csrc/cuda/bwd/README.md): s of tile t + 1 issued under tile t's dq reduction (ptxas
 // serialises the wgmmas for want of registers: 17 % slower); K, V loaded by the consumers while the producer starts
@@ -46,6 +46,7 @@
 #include "cuda/bwd_sm90/config.cuh"
 #include "cuda/bwd_sm90/tile.cuh"
 #include "cuda/common/gather.cuh"
+#include "cuda/common/hang_watch.cuh"
 #include "cuda/common/wgmma.cuh"
 #include "cuda/fwd/mma.cuh"
 
@@ -127,7 +128,7 @@ __device__ __forceinline__ void ws_dkdv_store(uint32_t sDQ, T* dkg, T* dvg, int6
 template <typename T, class Cfg, bool DQ_MAP, bool SWEEP = false>
 __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
     bsattn_bwd_sm90_ws_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap dq_map,
-                               unsigned* sched, int items) {
+                               unsigned* sched, int items HANG_PARAM) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = Cfg::D, BK = Cfg::BK, BQ = Cfg::BQ, S = Cfg::STAGES, DQN = Cfg::DQN;
   constexpr int NQ8 = BQ / 8, DQT = DQN / 8;
@@ -177,6 +178,7 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
       named_bar_sync(4, 128);  // the producers read item n's index after the leader wrote it
       const int item = *sNext;
       named_bar_sync(4, 128);  // ... before the leader writes the next one
+      HANG_MARK(1, n, item);
       ColumnWork w;
       const bool work = item < items && column_work<D, BK, BQ, SWEEP>(p, w, item) && w.ntiles > 0;
       ColumnQueryGather<D, BQ, typename Cfg::PMap, typename Cfg::QLayout, T> qgat;
@@ -186,6 +188,7 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
       const int wb = SWEEP && work ? (w.k0 / p.sweep_c) >> 6 : 0;
       auto issue = [&](int u) {  // the gather of tile u (a stage the consumers are done with)
         const int s = u % S;
+        HANG_MARK(2, u, s);
         if (u >= S) mbar_wait(bar_empty + 8 * s, ((u / S) - 1) & 1);
         const uint32_t f = qgat.template issue<SWEEP>(p, sm.sQ + s * Cfg::Q_STAGE, sm.sD + s * Cfg::Q_STAGE, sm.sLse,
                                                       sm.sDl, sm.sLim, sm.sRid, s, warp, lane, bits, p.sweep_nbw, wb,
@@ -198,14 +201,23 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
         qgat.init(p, p.col_rows + w.lid * p.nnz + w.cs, w.len, w.b, w.hk, w.k0 + w.nkeys - 1, w.qboff, warp, lane);
         issue(done);
       }
-      // item n - 1 done (its K, V no longer read, its slot read): post item n; one phase at a time, so that the
-      // 1-bit parity of item_empty can never fall two phases behind
-      if (n >= 1) mbar_wait(item_empty, (n - 1) & 1);
+      // item n - 1 done (its K, V no longer read, its slot read): post item n, once every producer thread has seen
+      // that phase complete (the barrier). The leader alone gates the next phase, and the consumers finish an item
+      // with no tile (a key tile past kv_lens) at once: without the barrier a lagging producer warp could find
+      // item_empty two phases on, where its parity names the current phase, and wait forever (session 45's hang).
+      HANG_MARK(3, n, work ? w.ntiles : -1);
+      if (n >= 1) {
+        mbar_wait(item_empty, (n - 1) & 1);
+        named_bar_sync(4, 128);
+      }
       if (tid == 0) {
         *sItem = item;
         mbar_arrive(item_full);
       }
-      if (item >= items) return;
+      if (item >= items) {
+        HANG_MARK(99, n, done);
+        return;
+      }
       auto claim_next = [&] {  // item n + 1, once item n's last tile is issued (so that the counter stays greedy)
         if (tid == 0) next = static_cast<int>(gridDim.x + atomicAdd(sched, 1u));
       };
@@ -247,13 +259,16 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
 
   int done = 0;  // tiles consumed so far, over all items
   for (int n = 0;; ++n) {
+    HANG_MARK(10, n, done);
     mbar_wait(item_full, n & 1);
     const int item = *sItem;
     if (item >= items) break;
     ColumnWork w;
     const bool live = column_work<D, BK, BQ, SWEEP>(p, w, item);
+    HANG_MARK(11, item, live ? w.ntiles : -1);
     if (!live || w.ntiles == 0) {
       mbar_arrive(item_empty);  // no K / V read; the slot is read
+      HANG_MARK(16, item, done);
       if (live) {               // a column no row lists: dk = dv = 0
         float z[D / 8][4];
 #pragma unroll
@@ -294,6 +309,7 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
     for (int t = 0; t < w.ntiles; ++t) {
       const int u = done + t, stage = u % S;
       const uint32_t dsb = (u & 1) * Cfg::DS_BYTES;  // this tile's dS buffer
+      HANG_MARK(12, u, t);
       mbar_wait(bar_full + 8 * stage, (u / S) & 1);
       const bool need_mask =
           (sFlag[stage * 4] | sFlag[stage * 4 + 1] | sFlag[stage * 4 + 2] | sFlag[stage * 4 + 3]) != 0;
@@ -311,6 +327,7 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
       ops.dv_dk(dvf, dkf, pa, da, stage);
       ops.store_ds(sm.sDS, dsb, da);
       fence_async_shared();
+      HANG_MARK(13, u, t);
       named_bar_sync(1, Cfg::NT);  // both halves of dS stored (dk, dv may still be running)
 
       ops.dq(dqf, dsb);
@@ -326,6 +343,7 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
         const bool leader = wl == 0 && lane == 0;
         const uint32_t box = sm.sDQ + wg * 2 * Cfg::DQ_BOX_BYTES;
         if (leader) bulk_wait_read<0>();  // the previous tile's boxes have been read
+        HANG_MARK(14, u, t);
         named_bar_sync(2 + wg, 128);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -364,11 +382,13 @@ __global__ void __launch_bounds__(Cfg::NT_ALL, 1)
       store_split_partial<D>(p, w, cw * 16, lane, adk, adv);
       continue;
     }
+    HANG_MARK(15, item, done);
     ws_dkdv_store<T, Cfg, DQ_MAP>(sm.sDQ, static_cast<T*>(p.dk) + w.kvoff + k0 * w.kv_rstride,
                                   static_cast<T*>(p.dv) + w.kvoff + k0 * w.kv_rstride, w.kv_rstride, w.nkeys, cw, lane,
                                   p.scale, adk, adv);
   }
   if (DQ_MAP ? (wl == 0 && lane == 0) : lane < 16) bulk_wait<0>();
+  HANG_MARK(99, 0, done);
 #endif
 }
 

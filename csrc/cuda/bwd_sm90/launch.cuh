@@ -32,16 +32,6 @@ inline bool use_wide_bwd_tile(int C) {
   return C >= 128 && (C % 128 == 0 || C % 128 > 64) && !narrow;
 }
 
-// Whether the persistent warp-specialised kernel (kernel_ws.cuh) and its sweep form may run: not with kv_lens, unless
-// BSATTN_BWD_SM90_TILE=ws (read once; to reproduce the hang). With lengths that empty whole key tiles the persistent
-// kernel's gradient call never finished on an H100 (B = 4, M = N = 4096, Hq = Hk = 32, R = C = 128, lengths 4089 /
-// 3065 / 2041 / 1017; the plain two-warpgroup kernel took 3.0 ms there; session 45, csrc/cuda/dev/NOTES.md); the
-// cause is not found. The sweep is the same kernel, so it stays off too (the packed kernel runs instead).
-inline bool persistent_bwd_allowed(const Params& p) {
-  static const bool ws_with_lens = env_equals("BSATTN_BWD_SM90_TILE", "ws");
-  return p.kv_lens == nullptr || ws_with_lens;
-}
-
 // The driver's cuTensorMapEncodeTiled, through the runtime (no link against libcuda); null if unavailable.
 inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
@@ -109,7 +99,7 @@ cudaError_t launch_ws_persistent(const Params& p0, int smem, const CUtensorMap& 
   if (items > INT_MAX - grid) return cudaErrorInvalidConfiguration;  // (the kernel's item indices stay ints)
   unsigned* sched = reinterpret_cast<unsigned*>(p.dq_accum + static_cast<int64_t>(p.B) * p.M * p.Hq * Cfg::D);
   static std::atomic<uint64_t> smem_done{0};  // one per kernel
-  return launch_kernel(Kernel, grid, Cfg::NT_ALL, smem, 1, smem_done, p, stream, map, sched, static_cast<int>(items));
+  return launch_kernel(Kernel, grid, Cfg::NT_ALL, smem, 1, smem_done, p, stream, map, sched, static_cast<int>(items) HANG_ARG);
 }
 
 template <typename T, bool DQ_MAP>
@@ -209,8 +199,7 @@ cudaError_t launch_bwd_sm90(const Params& p, cudaStream_t stream) {
   const int64_t sweep_words = sweep_workspace_words(p);
   bool sweep = false;
   if constexpr (kD == 128) {
-    if (sm90_sweep_applies(p, kD) && p.dq_accum_words >= nq + kDqSchedWords + sweep_words &&
-        persistent_bwd_allowed(p)) {
+    if (sm90_sweep_applies(p, kD) && p.dq_accum_words >= nq + kDqSchedWords + sweep_words) {
       using Sw = Sm90BwdSweepTile;  // (its attributes read only where it may run: no module load otherwise)
       static const bool sweep_plan = register_plan_holds<Sw>(bsattn_bwd_sm90_ws_kernel<T, Sw, false, true>);
       sweep = sweep_plan;
@@ -225,8 +214,7 @@ cudaError_t launch_bwd_sm90(const Params& p, cudaStream_t stream) {
   } else if (p.C <= 16) {
     err = launch_bwd_sm90_pack<T, kD>(p, stream);
   } else if constexpr (kD == 128) {
-    // the two-warpgroup tile with a producer warpgroup; BSATTN_BWD_SM90_TILE=wide, or kv_lens
-    // (persistent_bwd_allowed): without it
+    // the two-warpgroup tile with a producer warpgroup; BSATTN_BWD_SM90_TILE=wide: without it
     static const bool plain_wide = env_equals("BSATTN_BWD_SM90_TILE", "wide");
     // BSATTN_BWD_SM90_DQ=rows: dq row by row even where the tensor map applies (A / B comparisons)
     static const bool row_dq = env_equals("BSATTN_BWD_SM90_DQ", "rows");
@@ -234,7 +222,7 @@ cudaError_t launch_bwd_sm90(const Params& p, cudaStream_t stream) {
     // (else the plain two-warpgroup kernel runs; read once)
     static const bool plan = register_plan_holds<Ws>(bsattn_bwd_sm90_ws_kernel<T, Ws, true>) &&
                              register_plan_holds<Ws>(bsattn_bwd_sm90_ws_kernel<T, Ws, false>);
-    if (use_wide_bwd_tile(p.C) && !plain_wide && plan && persistent_bwd_allowed(p)) {
+    if (use_wide_bwd_tile(p.C) && !plain_wide && plan) {
       CUtensorMap map{};
       const bool use_map = !row_dq && dq_tensor_map<Ws>(p, &map);
       err = with_column_split<Ws, T>(p, area, stream, [&](const Params& ps) {

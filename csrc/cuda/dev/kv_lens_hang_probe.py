@@ -1,11 +1,13 @@
-"""Reproduces session 45's hang: forward calls, then gradient calls, each timed, at bench_kv_lens.py's scale.
+"""Forward calls, then gradient calls, each timed, with kv_lens at bench_kv_lens.py's scale: what reproduced session
+45's hang of the persistent backward kernel (a race in its item hand-over, fixed in session 46: bwd_sm90/kernel_ws.cuh).
 
-    PYTHONPATH=<installed package> python csrc/cuda/dev/kv_lens_hang_probe.py 1:128:128 [B] [N] [lens|full]
+    PYTHONPATH=<installed package> python csrc/cuda/dev/kv_lens_hang_probe.py 1:128:128 [B] [N] [lens|full|L0,L1,..]
 
 Run it under `timeout` (a hang never returns); faulthandler prints the Python stack after DUMP_S seconds (default 30).
 REPS: calls of each (default 6). B = 4, N = 4096, Hq = 32, D = 128, bench_grid's random layout (density 1/4),
-lengths N - 7, 3/4 N - 7, N / 2 - 7, N / 4 - 7. With the default routing kv_lens avoids the persistent backward kernel;
-BSATTN_BWD_SM90_TILE=ws puts it back (session 45: the gradient then never returned on an H100).
+lengths N - 7, 3/4 N - 7, N / 2 - 7, N / 4 - 7 (`lens`), none (`full`), or the given ones, repeated over the batch.
+With a build made with CUDAFLAGS=-DBSATTN_HANG_WATCH and XLA_FLAGS=--xla_gpu_enable_command_buffer= a hang of that
+kernel prints where each warp waits (csrc/cuda/common/hang_watch.cuh).
 """
 import faulthandler
 import os
@@ -28,15 +30,19 @@ def main():
     g, R, C = (int(x) for x in sys.argv[1].split(":"))
     B = int(sys.argv[2]) if len(sys.argv) > 2 else 4
     N = int(sys.argv[3]) if len(sys.argv) > 3 else 4096
-    use_lens = (sys.argv[4] if len(sys.argv) > 4 else "lens") == "lens"
+    mode = sys.argv[4] if len(sys.argv) > 4 else "lens"
     D, Hk = 128, HQ // g
     rng = np.random.default_rng(0)
     indptr, indices = random_bsr(-(-N // R), -(-N // C), 0.25)
     q, k, v = (jnp.asarray(rng.standard_normal((B, N, h, D)) * 1.5, jnp.bfloat16) for h in (HQ, Hk, Hk))
     ip, ix = jnp.asarray(indptr), jnp.asarray(indices)
     lens = None
-    if use_lens:
+    if mode == "lens":
         lens = jnp.asarray([max(1, int(f * N) - 7) for f in ((1, .75, .5, .25) * B)[:B]], jnp.int32)
+    elif mode != "full":  # a comma list of lengths, repeated over the batch
+        given = [int(x) for x in mode.split(",")]
+        lens = jnp.asarray([given[i % len(given)] for i in range(B)], jnp.int32)
+    print("lengths", None if lens is None else lens.tolist(), flush=True)
 
     def attend(q, k, v, ip, ix):
         layout = jb.BlockSparseLayout.from_csr(ip, ix, block_size=(R, C), seq_lens=(N, N))
