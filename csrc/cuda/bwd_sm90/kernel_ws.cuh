@@ -29,6 +29,11 @@
 // producer thread waits every item_empty phase in order, and they meet (named barrier 4) before the leader posts the
 // next item, so the barrier is never two phases ahead of a wait. An index >= items ends the loop of both roles.
 //
+// HANG_MARK sites (common/hang_watch.cuh; a debug build only), the values after each: producer 1 item read (n, item),
+// 2 stage wait (u, stage), 3 item_empty wait (n, tiles or -1); consumer 10 item_full wait (n, done), 11 item's work
+// (item, tiles or -1), 16 item without tiles (item, done), 12 full wait (u, t), 13 dS barrier (u, t), 14 dq box
+// barrier (u, t), 15 dk / dv store (item, done); 99 exit.
+//
 // Measured and dropped (csrc/cuda/bwd/README.md): s of tile t + 1 issued under tile t's dq reduction (ptxas
 // serialises the wgmmas for want of registers: 17 % slower); K, V loaded by the consumers while the producer starts
 // the gather (1 % slower).

@@ -99,7 +99,8 @@ cudaError_t launch_ws_persistent(const Params& p0, int smem, const CUtensorMap& 
   if (items > INT_MAX - grid) return cudaErrorInvalidConfiguration;  // (the kernel's item indices stay ints)
   unsigned* sched = reinterpret_cast<unsigned*>(p.dq_accum + static_cast<int64_t>(p.B) * p.M * p.Hq * Cfg::D);
   static std::atomic<uint64_t> smem_done{0};  // one per kernel
-  return launch_kernel(Kernel, grid, Cfg::NT_ALL, smem, 1, smem_done, p, stream, map, sched, static_cast<int>(items) HANG_ARG);
+  return launch_kernel(Kernel, grid, Cfg::NT_ALL, smem, 1, smem_done, p, stream, map, sched,
+                       static_cast<int>(items) HANG_ARG);
 }
 
 template <typename T, bool DQ_MAP>
