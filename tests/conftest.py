@@ -91,6 +91,13 @@ def assert_close(name, out, ref32, ref_lowp):
     return err
 
 
+def assert_lse_close(lse, lse32):
+    """lse is float32 in every input dtype, from float32 scores of the inputs as given, so it is held to the float32
+    reference alone (budget 1e-4). The reference in a 16-bit dtype rounds its lse to that dtype (bf16: 0.06 near 12),
+    a budget that would let an lse off by 0.05 pass."""
+    return assert_close("lse", lse, lse32, lse32)
+
+
 def on_cpu(*xs):
     """References always run on the CPU: XLA's GPU float32 matmuls may use TF32."""
     cpu = jax.devices("cpu")[0]
@@ -104,9 +111,9 @@ def check_forward(q, k, v, layout, **kw):
     assert lse.dtype == jnp.float32 and lse.shape == q.shape[:-1]
     args = on_cpu(q, k, v, layout)
     o32, lse32 = reference_in_dtype(*args, return_lse=True, **kw)
-    olp, lselp = reference_in_dtype(*args, return_lse=True, compute_dtype=q.dtype, **kw)
+    olp = reference_in_dtype(*args, compute_dtype=q.dtype, **kw)
     assert not np.isnan(np.asarray(o, np.float32)).any()
-    return assert_close("o", o, o32, olp), assert_close("lse", lse, lse32, lselp)
+    return assert_close("o", o, o32, olp), assert_lse_close(lse, lse32)
 
 
 def check_gradients(q, k, v, layout, op_kw=None, **kw):
