@@ -207,10 +207,10 @@ def test_forward_few_rows_split(M, R, C, g, D, N, B, causal, softcap, dtype, mon
     _check_split_forward(q, k, v, layout, dict(causal=causal, logits_soft_cap=softcap), monkeypatch)
 
 
-def _assert_nan_rows_as_reference(got, ref32, ref_lp):
-    """(o, lse) of a kernel against the float32 reference's and the input dtype's: NaN in the same rows (o and lse),
-    the other rows within the usual budgets. Returns the NaN rows ([*B, M, Hq])."""
-    (o, lse), (o32, lse32), (olp, _) = got, ref32, ref_lp
+def _assert_nan_rows_as_reference(got, ref32, olp):
+    """(o, lse) of a kernel against the float32 reference's (and o against the input dtype's, olp): NaN in the same
+    rows (o and lse), the other rows within the usual budgets. Returns the NaN rows ([*B, M, Hq])."""
+    (o, lse), (o32, lse32) = got, ref32
     nan_rows = np.isnan(lse32)
     np.testing.assert_array_equal(np.isnan(lse), nan_rows)
     np.testing.assert_array_equal(np.isnan(o), np.isnan(o32))
@@ -264,8 +264,8 @@ def test_nan_rows_forward_and_backward(R, C, g, D, kind, softcap):
     ref32 = lambda *a, **kw: reference_in_dtype(*a, **kw)
     reflp = lambda *a, **kw: reference_in_dtype(*a, compute_dtype=jnp.bfloat16, **kw)
     (o32, lse32), dg32_nan = grads(ref32, on_cpu(q, k, v))
-    (olp, lselp), _ = grads(reflp, on_cpu(q, k, v))
-    nan_rows = _assert_nan_rows_as_reference((o, lse), (o32, lse32), (olp, lselp))  # [1, M, Hq]
+    (olp, _), _ = grads(reflp, on_cpu(q, k, v))
+    nan_rows = _assert_nan_rows_as_reference((o, lse), (o32, lse32), olp)  # [1, M, Hq]
     assert nan_rows.any() and not nan_rows.all()
     # Gradients: NaN for the NaN rows' dq and for the keys those rows list (dk, dv), in the reference too (its products
     # skip unlisted elements); the rest is compared with the reference on q, k with the NaNs at 0, which those entries
@@ -341,9 +341,8 @@ def test_inf_query_makes_its_rows_nan(R, C, g, D, density):
     with jax.default_device(jax.devices("cuda")[0]):
         o, lse = (np.asarray(x, np.float32) for x in jb.block_sparse_attention(q, k, v, layout, return_lse=True))
     o32, lse32 = (np.asarray(x, np.float32) for x in reference_in_dtype(*on_cpu(q, k, v), layout, return_lse=True))
-    olp, lselp = (np.asarray(x, np.float32) for x in reference_in_dtype(*on_cpu(q, k, v), layout, return_lse=True,
-                                                                         compute_dtype=jnp.bfloat16))
-    nan_rows = _assert_nan_rows_as_reference((o, lse), (o32, lse32), (olp, lselp))
+    olp = np.asarray(reference_in_dtype(*on_cpu(q, k, v), layout, compute_dtype=jnp.bfloat16), np.float32)
+    nan_rows = _assert_nan_rows_as_reference((o, lse), (o32, lse32), olp)
     assert nan_rows[0, 37, 1] and nan_rows.sum() == 1
 
 
