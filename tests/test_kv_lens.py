@@ -219,3 +219,27 @@ def test_lengths_of_any_integer_type():
         np.testing.assert_allclose(jb.block_sparse_attention(q, k, v, layout, kv_lens=lens), want, rtol=1e-5,
                                    atol=1e-6)
         np.testing.assert_allclose(reference(q, k, v, layout, kv_lens=lens), want, rtol=1e-6, atol=1e-7)
+
+
+def test_drop_blocks_past_lengths():
+    """The CUDA lowering's live row lists (live_blocks): per batch element, each row keeps its entries with a key below
+    the length, in order, also with garbage indices (negative, >= NB) and shared or per-batch layouts."""
+    from jax_bsattn.live_blocks import drop_blocks_past_lengths
+    rng = np.random.default_rng(14)
+    MB, NB, C, N, nnz = 6, 9, 5, 43, 40
+    for LB, LH in ((1, 1), (3, 2)):
+        ends = np.sort(rng.integers(0, nnz + 1, size=(LB, LH, MB - 1)), axis=-1)
+        indptr = np.concatenate([np.zeros((LB, LH, 1), int), ends, np.full((LB, LH, 1), nnz - 3)], -1)
+        indices = rng.integers(-2, NB + 2, size=(LB, LH, nnz))
+        lens = np.array([43, 17, 0] if LB == 3 else [43, 15, 16, 1, -4, 99])
+        ip, ix = (np.asarray(x) for x in jax.jit(drop_blocks_past_lengths, static_argnums=(3, 4))(
+            jnp.asarray(indptr, jnp.int32), jnp.asarray(indices, jnp.int32), jnp.asarray(lens, jnp.int32), C, N))
+        assert ip.shape == (len(lens), LH, MB + 1) and ix.shape == (len(lens), LH, nnz)
+        for b, n in enumerate(np.clip(lens, 0, N)):
+            for h in range(LH):
+                src_ip, src_ix = indptr[b % LB, h], indices[b % LB, h]
+                for r in range(MB):
+                    row = src_ix[src_ip[r]:src_ip[r + 1]]
+                    want = row[(row >= 0) & (row < NB) & (row * C < n)]
+                    np.testing.assert_array_equal(ix[b, h, ip[b, h, r]:ip[b, h, r + 1]], want)
+                assert (ix[b, h, ip[b, h, -1]:] == -1).all()
