@@ -18,11 +18,17 @@ import jax.numpy as jnp
 __all__ = ["drop_blocks_past_lengths", "drops_dead_blocks"]
 
 
-def drops_dead_blocks(kv_lens, indices) -> bool:
-    """Whether the CUDA lowering drops the dead blocks: with ``kv_lens`` (``[B]``, not ``[0]``) and a non-empty layout.
+def drops_dead_blocks(kv_lens, indptr, indices, q) -> bool:
+    """Whether the CUDA lowering drops the dead blocks: with ``kv_lens`` (``[B]``, not ``[0]``), a non-empty layout,
+    and lists that stay small. The lists hold one layout per batch element, so a layout shared over a large batch
+    grows B-fold, and the backward's column view with it. They are built only where they take no more than a quarter of
+    q's bytes, or no more than the layout itself (a per-batch layout), which keeps the op's extra memory O(q).
     BSATTN_KV_LIVE_LISTS=0: never (A / B; the kernels' masks alone then keep the keys past the lengths out)."""
-    return (kv_lens.shape[0] > 0 and indices.shape[-1] > 0
-            and os.environ.get("BSATTN_KV_LIVE_LISTS") != "0")
+    if kv_lens.shape[0] == 0 or indices.shape[-1] == 0 or os.environ.get("BSATTN_KV_LIVE_LISTS") == "0":
+        return False
+    words = kv_lens.shape[0] * indices.shape[1] * (indices.shape[-1] + indptr.shape[-1])
+    own = indices.shape[0] * indices.shape[1] * (indices.shape[-1] + indptr.shape[-1])
+    return 4 * words <= max(q.size * q.dtype.itemsize // 4, 4 * own)
 
 
 def drop_blocks_past_lengths(indptr, indices, kv_lens, block_c: int, num_keys: int):

@@ -344,7 +344,7 @@ def _fwd_workspace_words(q, k, indptr, indices, cfg: Config) -> int:
 def _cuda_fwd_call(q, k, v, indptr, indices, kv_lens, q_offset, *, cfg: Config):
     """The CUDA forward's third result is its workspace (the sweep's bit maps or the row split's area; empty where it
     runs neither), dropped. With kv_lens its block rows list only blocks with a key below the length (live_blocks)."""
-    if drops_dead_blocks(kv_lens, indices):
+    if drops_dead_blocks(kv_lens, indptr, indices, q):
         indptr, indices = drop_blocks_past_lengths(indptr, indices, kv_lens, cfg.block_c, k.shape[1])
     out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:-1], jax.numpy.float32),
            jax.ShapeDtypeStruct((_fwd_workspace_words(q, k, indptr, indices, cfg),), jax.numpy.uint32))
@@ -371,7 +371,7 @@ def _cuda_bwd_call(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, 
     rows in walk_order where that pays (_reorders_walks); none where the row-oriented backward runs. Its fourth
     result is the dq workspace (empty: the deterministic backward), dropped here. With kv_lens both views list only
     blocks with a key below the length (live_blocks), one layout per batch element."""
-    if drops_dead_blocks(kv_lens, indices):
+    if drops_dead_blocks(kv_lens, indptr, indices, q):
         indptr, indices = drop_blocks_past_lengths(indptr, indices, kv_lens, cfg.block_c, k.shape[1])
     ws_words = _dq_workspace_words(q, k, indptr, indices, cfg)
     if _rows_words(q, k, cfg) and os.environ.get("BSATTN_BWD_COL_VIEW") != "always":

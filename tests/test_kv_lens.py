@@ -243,3 +243,26 @@ def test_drop_blocks_past_lengths():
                     want = row[(row >= 0) & (row < NB) & (row * C < n)]
                     np.testing.assert_array_equal(ix[b, h, ip[b, h, r]:ip[b, h, r + 1]], want)
                 assert (ix[b, h, ip[b, h, -1]:] == -1).all()
+
+
+def test_live_lists_only_where_small(monkeypatch):
+    """The lowering builds the live row lists only where they stay within a quarter of q's bytes or the layout's own
+    size: a layout shared over a large batch keeps the masked path instead of growing B-fold."""
+    from jax_bsattn.live_blocks import drops_dead_blocks
+    monkeypatch.delenv("BSATTN_KV_LIVE_LISTS", raising=False)
+
+    def arr(shape, dtype=np.int32):  # shapes only: no memory behind them
+        return np.broadcast_to(np.zeros((), dtype), shape)
+
+    q = arr((64, 4096, 32, 128), np.float16)  # 2 GiB: lists of up to 512 MiB are built
+    lens = arr((64,))
+    shared_small = (arr((1, 1, 257)), arr((1, 1, 4096)))  # 64 * 4353 words: lists built
+    shared_large = (arr((1, 8, 4097)), arr((1, 8, 2 ** 20)))  # 64 * 8 * ~2^20 words = 2 GiB: masked
+    per_batch = (arr((64, 8, 4097)), arr((64, 8, 2 ** 20)))   # as large, but the layout's own size: built
+    assert drops_dead_blocks(lens, *shared_small, q)
+    assert not drops_dead_blocks(lens, *shared_large, q)
+    assert drops_dead_blocks(lens, *per_batch, q)
+    assert not drops_dead_blocks(arr((0,)), *shared_small, q)                   # no kv_lens
+    assert not drops_dead_blocks(lens, arr((1, 1, 257)), arr((1, 1, 0)), q)   # empty layout
+    monkeypatch.setenv("BSATTN_KV_LIVE_LISTS", "0")
+    assert not drops_dead_blocks(lens, *shared_small, q)

@@ -61,6 +61,31 @@ def test_cuda_lowering_refuses_sizes_past_int32(M, N, R, C, Hq, Hk, nnz, grad, n
             lower()
 
 
+# With kv_lens the CUDA lowering hands the kernels per-batch live lists (live_blocks.py): the custom calls' layout
+# operands then have the batch's size, not the shared layout's 1; without lengths, with BSATTN_KV_LIVE_LISTS=0, or
+# where the lists would pass a quarter of q's bytes (a long shared layout, a large batch), the layout as given.
+@pytest.mark.parametrize("B,nnz,env,live", [(3, 5, None, True), (3, 5, "0", False), (64, 2 ** 20, None, False)])
+def test_cuda_lowering_live_lists_rule(B, nnz, env, live, monkeypatch):
+    if env is None:
+        monkeypatch.delenv("BSATTN_KV_LIVE_LISTS", raising=False)
+    else:
+        monkeypatch.setenv("BSATTN_KV_LIVE_LISTS", env)
+
+    def f(q, k, indptr, indices, kv_lens):
+        layout = jb.BlockSparseLayout(indptr, indices, (16, 16), (64, 64))
+        out = lambda q, k: jnp.sum(jb.block_sparse_attention(q, k, k, layout, kv_lens=kv_lens).astype(jnp.float32))
+        return jax.grad(out, argnums=(0, 1))(q, k)
+
+    args = (jax.ShapeDtypeStruct((B, 64, 8, 128), jnp.bfloat16), jax.ShapeDtypeStruct((B, 64, 2, 128), jnp.bfloat16),
+            jax.ShapeDtypeStruct((5,), jnp.int32), jax.ShapeDtypeStruct((nnz,), jnp.int32),
+            jax.ShapeDtypeStruct((B,), jnp.int32))
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    lists = f"tensor<{B if live else 1}x1x5xi32>, tensor<{B if live else 1}x1x{nnz}xi32>"
+    for call in ("bsattn_fwd_cuda", "bsattn_bwd_cuda"):
+        lines = custom_call_lines(text, call)
+        assert len(lines) == 1 and lists in lines[0], (call, lists, lines)
+
+
 def test_cpu_lowering_uses_cpu_targets():
     layout = jb.BlockSparseLayout.from_block_mask(np.ones((2, 2), bool), (8, 8), (16, 16))
     q = jnp.ones((16, 2, 16), jnp.float32)
