@@ -11,10 +11,11 @@
 # FWD_MMA=0 / OLD_BWD=0 / CMDBUF=0 (skip the mma.sync forward re-run / the small-block backward tests re-run with
 # the row-oriented pass off / the command-buffer tests), TESTS=0 (no GPU tests),
 # SHARDS=5 (the GPU tests in five concurrent processes, each cut at SHARD_S seconds, default 530: with the build,
-# under a 600 s call; ALL=1 adds the unmarked tests),
+# under a 600 s call; ALL=1 adds the unmarked tests; the ids matching SLOW are dealt out first, so they spread),
 # PEERS="flex" (the peers' phases run first in the same call, from .peers: see shared/peers/README.md; PEER_CELLS),
 # DECODE=1 (benchmarks/bench_decode.py without and with kv_lens, and FlashInfer where .peers is carried; DECODE_ARGS).
 set -o pipefail
+SLOW=${SLOW:-"16-4096|training_scale|backward_sweep"}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 # NVLink multicast stays off on the lent multi-GPU hosts (device KINDS.md): keep these set for every program
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -35,7 +36,10 @@ run_ids() {  # log name, file of test ids (one per line, relative to tests/): on
 }
 shard() {  # name, pytest -m expression, processes, extra pytest args: the matching ids round-robin, concurrently
   (cd tests && python3 -m pytest -q -m "$2" $4 --collect-only 2>/dev/null | grep "::" | sed 's#^tests/##') \
-    > "$OUT/ids_$1.txt"
+    > "$OUT/ids_$1_all.txt"
+  # the slow cases first, so that the round robin spreads them over the processes (SLOW: a grep -E pattern of ids; the
+  # kv_lens case at 16-4096 alone takes about 200 s)
+  { grep -E "$SLOW" "$OUT/ids_$1_all.txt"; grep -vE "$SLOW" "$OUT/ids_$1_all.txt"; } > "$OUT/ids_$1.txt"
   echo "$(wc -l < "$OUT/ids_$1.txt") $1 test ids"
   for s in $(seq 0 $(($3 - 1))); do
     awk -v s=$s -v n=$3 'NR % n == s' "$OUT/ids_$1.txt" > "$OUT/ids_$1$s.txt"; run_ids pytest_$1$s "$OUT/ids_$1$s.txt" &
