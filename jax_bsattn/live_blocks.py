@@ -15,7 +15,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-__all__ = ["drop_blocks_past_lengths", "drops_dead_blocks"]
+__all__ = ["drop_blocks_past_lengths", "drops_dead_blocks", "live_row_lists"]
 
 
 def drops_dead_blocks(kv_lens, indptr, indices, q) -> bool:
@@ -26,9 +26,16 @@ def drops_dead_blocks(kv_lens, indptr, indices, q) -> bool:
     BSATTN_KV_LIVE_LISTS=0: never (A / B; the kernels' masks alone then keep the keys past the lengths out)."""
     if kv_lens.shape[0] == 0 or indices.shape[-1] == 0 or os.environ.get("BSATTN_KV_LIVE_LISTS") == "0":
         return False
-    words = kv_lens.shape[0] * indices.shape[1] * (indices.shape[-1] + indptr.shape[-1])
-    own = indices.shape[0] * indices.shape[1] * (indices.shape[-1] + indptr.shape[-1])
-    return 4 * words <= max(q.size * q.dtype.itemsize // 4, 4 * own)
+    layout_bytes = 4 * indices.shape[1] * (indices.shape[-1] + indptr.shape[-1])  # one layout's int32 indptr + indices
+    return kv_lens.shape[0] * layout_bytes <= max(q.size * q.dtype.itemsize // 4, indices.shape[0] * layout_bytes)
+
+
+def live_row_lists(indptr, indices, kv_lens, q, block_c: int, num_keys: int):
+    """The row view the CUDA kernels take: ``drop_blocks_past_lengths``'s lists where ``drops_dead_blocks``, else the
+    layout as given."""
+    if drops_dead_blocks(kv_lens, indptr, indices, q):
+        return drop_blocks_past_lengths(indptr, indices, kv_lens, block_c, num_keys)
+    return indptr, indices
 
 
 def drop_blocks_past_lengths(indptr, indices, kv_lens, block_c: int, num_keys: int):

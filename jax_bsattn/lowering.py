@@ -16,7 +16,7 @@ from jax.interpreters import mlir
 
 from ._extension import sm90_kernels
 from .column_view import column_order, column_view, walk_order
-from .live_blocks import drop_blocks_past_lengths, drops_dead_blocks
+from .live_blocks import live_row_lists
 from .partitioning import bwd_partitioned, fwd_partitioned
 from .primitives import Config, bsattn_bwd_ffi_p, bsattn_bwd_p, bsattn_fwd_ffi_p, bsattn_fwd_p, ffi_attributes
 
@@ -344,8 +344,7 @@ def _fwd_workspace_words(q, k, indptr, indices, cfg: Config) -> int:
 def _cuda_fwd_call(q, k, v, indptr, indices, kv_lens, q_offset, *, cfg: Config):
     """The CUDA forward's third result is its workspace (the sweep's bit maps or the row split's area; empty where it
     runs neither), dropped. With kv_lens its block rows list only blocks with a key below the length (live_blocks)."""
-    if drops_dead_blocks(kv_lens, indptr, indices, q):
-        indptr, indices = drop_blocks_past_lengths(indptr, indices, kv_lens, cfg.block_c, k.shape[1])
+    indptr, indices = live_row_lists(indptr, indices, kv_lens, q, cfg.block_c, k.shape[1])
     out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:-1], jax.numpy.float32),
            jax.ShapeDtypeStruct((_fwd_workspace_words(q, k, indptr, indices, cfg),), jax.numpy.uint32))
     o, lse, _ = jax.ffi.ffi_call("bsattn_fwd_cuda", out)(q, k, v, indptr, indices, kv_lens, q_offset,
@@ -371,8 +370,7 @@ def _cuda_bwd_call(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, 
     rows in walk_order where that pays (_reorders_walks); none where the row-oriented backward runs. Its fourth
     result is the dq workspace (empty: the deterministic backward), dropped here. With kv_lens both views list only
     blocks with a key below the length (live_blocks), one layout per batch element."""
-    if drops_dead_blocks(kv_lens, indptr, indices, q):
-        indptr, indices = drop_blocks_past_lengths(indptr, indices, kv_lens, cfg.block_c, k.shape[1])
+    indptr, indices = live_row_lists(indptr, indices, kv_lens, q, cfg.block_c, k.shape[1])
     ws_words = _dq_workspace_words(q, k, indptr, indices, cfg)
     if _rows_words(q, k, cfg) and os.environ.get("BSATTN_BWD_COL_VIEW") != "always":
         # the row-oriented backward runs (its workspace is given) and never reads the column view: none is built (the

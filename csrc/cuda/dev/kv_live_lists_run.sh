@@ -7,11 +7,12 @@ BSATTN_CUDA=FORCE BSATTN_CUDA_ARCHS=90 python3 -m pip install -q --no-build-isol
 stamp built
 export PYTHONPATH=/tmp/site
 CELLS=${CELLS:-1:128:128,8:1:16,4:1:16,4:16:16}
-for v in live masked; do
-  e=""; [ $v = masked ] && e="BSATTN_KV_LIVE_LISTS=0"
-  env $e timeout -s KILL ${BT:-100} python3 benchmarks/bench_kv_lens.py --out $OUT/kv_$v.jsonl --cells $CELLS --tag $v > $OUT/bench_$v.log 2>&1
-  stamp "bench $v rc=$?"; grep "^{" $OUT/bench_$v.log | python3 -c "import json,sys; [print(r['g'],r['R'],r['C'],'full',r['full_ms'],'~',r['full_spread_ms'],'lens',r['lens_ms'],'~',r['lens_spread_ms'],r['lens_over_full']) for r in map(json.loads, sys.stdin)]" 2>&1 | tail -6
-done
+bench() {  # $1 live / masked, $2 file stem, $3 seconds, the rest bench_kv_lens.py's arguments: one run, its rows shown
+  local v=$1 f=$2 t=$3 e=""; shift 3; [ $v = masked ] && e="BSATTN_KV_LIVE_LISTS=0"
+  env $e timeout -s KILL $t python3 benchmarks/bench_kv_lens.py --out $OUT/${f}_$v.jsonl "$@" > $OUT/b${f}_$v.log 2>&1
+  stamp "bench $f $v rc=$?"; grep "^{" $OUT/b${f}_$v.log | python3 -c "import json,sys; [print(r['g'],r['R'],r['C'],'full',r['full_ms'],'~',r['full_spread_ms'],'lens',r['lens_ms'],'~',r['lens_spread_ms'],r['lens_over_full']) for r in map(json.loads, sys.stdin)]" 2>&1 | tail -6
+}
+for v in live masked; do bench $v kv ${BT:-100} --cells $CELLS --tag $v; done
 cd tests
 K1="test_kv_lens and not backward and not 16-4096"
 K2="16-4096"
@@ -26,7 +27,5 @@ stamp done; for i in 1 2 3 4 5; do tail -1 $OUT/t$i.log; done; grep -hE "^FAILED
 cd ..
 # the lists' cost where nothing is dropped but the last block's tail: lengths N - 7
 [ $(( $(date +%s) - T0 )) -lt 450 ] && for v in live masked; do
-  e=""; [ $v = masked ] && e="BSATTN_KV_LIVE_LISTS=0"
-  env $e timeout -s KILL 50 python3 benchmarks/bench_kv_lens.py --out $OUT/kvfull_$v.jsonl --cells 1:128:128,8:1:16 --lens 1,1,1,1 --tag full_$v > $OUT/benchfull_$v.log 2>&1
-  stamp "bench full $v rc=$?"; grep "^{" $OUT/benchfull_$v.log | python3 -c "import json,sys; [print(r['g'],r['R'],r['C'],'full',r['full_ms'],'~',r['full_spread_ms'],'lens',r['lens_ms'],'~',r['lens_spread_ms'],r['lens_over_full']) for r in map(json.loads, sys.stdin)]" 2>&1 | tail -6
+  bench $v kvfull 50 --cells 1:128:128,8:1:16 --lens 1,1,1,1 --tag full_$v
 done
