@@ -13,18 +13,8 @@ bench() {  # $1 live / masked, $2 file stem, $3 seconds, the rest bench_kv_lens.
   stamp "bench $f $v rc=$?"; grep "^{" $OUT/b${f}_$v.log | python3 -c "import json,sys; [print(r['g'],r['R'],r['C'],'full',r['full_ms'],'~',r['full_spread_ms'],'lens',r['lens_ms'],'~',r['lens_spread_ms'],r['lens_over_full']) for r in map(json.loads, sys.stdin)]" 2>&1 | tail -6
 }
 for v in live masked; do bench $v kv ${BT:-100} --cells $CELLS --tag $v; done
-cd tests
-K1="test_kv_lens and not backward and not 16-4096"
-K2="16-4096"
-K3="kv_lens_backward and not training"
-K4="training_scale"
-K5="forward_grid or nan_rows or test_q_offset or forward_row_split or vmap_and_garbage"
-i=0; for k in "$K1" "$K2" "$K3" "$K4" "$K5"; do i=$((i+1))
-  timeout -s KILL ${TT:-290} python3 -m pytest -q test_gpu.py -k "$k" > $OUT/t$i.log 2>&1 &
-done
-wait
-stamp done; for i in 1 2 3 4 5; do tail -1 $OUT/t$i.log; done; grep -hE "^FAILED|Error" $OUT/t?.log | head -20
-cd ..
+source csrc/cuda/dev/kv_lens_gpu_tests.sh
+kv_lens_gpu_tests ${TT:-290} "${KV_LENS_GPU_TESTS_ALL[@]}"
 # the lists' cost where nothing is dropped but the last block's tail: lengths N - 7
 [ $(( $(date +%s) - T0 )) -lt 450 ] && for v in live masked; do
   bench $v kvfull 50 --cells 1:128:128,8:1:16 --lens 1,1,1,1 --tag full_$v
