@@ -5,7 +5,6 @@ import re, sys, os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "benchmarks"))
 import jax_bsattn as jb  # noqa: E402
@@ -30,7 +29,7 @@ def step(q, k, v, ip, ix, kv_lens):
 
 for name, f in (("forward", attn), ("grad", step)):
     for with_lens in (True, False):
-        g = (lambda *a, f=f: f(*a)) if with_lens else (lambda q, k, v, ip, ix, kv_lens, f=f: f(q, k, v, ip, ix, None))
+        g = f if with_lens else (lambda q, k, v, ip, ix, kv_lens, f=f: f(q, k, v, ip, ix, None))
         hlo = jax.jit(g).lower(q, k, k, ips, ixs, lens).compile().as_text()
         counts = {op: len(re.findall(rf"= [^=]*? {op}\(", hlo)) for op in ("scatter", "sort", "custom-call", "fusion")}
         scat = sorted(set(re.findall(r"(s32\[[0-9,]*\])[^=]*? scatter\(", hlo)))
