@@ -368,8 +368,10 @@ def _cuda_bwd_call(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, 
     """The CUDA backward also takes the layout's column view (dk / dv walk block columns), built here in
     XLA from the row view on the device: no host round trip, no dense mask; for the one-pass kernel each column's
     rows in walk_order where that pays (_reorders_walks); none where the row-oriented backward runs. Its fourth
-    result is the dq workspace (empty: the deterministic backward), dropped here. With kv_lens both views list only
-    blocks with a key below the length (live_blocks), one layout per batch element."""
+    result is the dq workspace (empty: the deterministic backward), dropped here. With kv_lens the row view lists only
+    blocks with a key below the length (live_blocks), one layout per batch element; the column view comes from the
+    layout as given (one for the batch: built once, broadcast), its columns past a length skipped by the kernels."""
+    layout_ip, layout_ix = indptr, indices  # (as given: one layout for the batch or one per element)
     indptr, indices = live_row_lists(indptr, indices, kv_lens, q, cfg.block_c, k.shape[1])
     ws_words = _dq_workspace_words(q, k, indptr, indices, cfg)
     if _rows_words(q, k, cfg) and os.environ.get("BSATTN_BWD_COL_VIEW") != "always":
@@ -377,10 +379,18 @@ def _cuda_bwd_call(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, 
         # handler checks that it runs). BSATTN_BWD_COL_VIEW=always builds it anyway (A / B).
         col_indptr = col_rows = col_order = jax.numpy.zeros(indptr.shape[:-1] + (0,), jax.numpy.int32)
     else:
-        col_indptr, col_rows = column_view(indptr, indices, -(-k.shape[1] // cfg.block_c))
+        # A layout shared by the batch keeps one column view (built once, broadcast) where the row lists hold one
+        # per batch element: for every column with a live key it lists the same rows, and the columns past a length
+        # are key tiles the column kernels skip (bwd/common.cuh live_keys). Sessions 48-50: same step time, B x fewer sorts.
+        shared = layout_ix.shape[0] != indices.shape[0]
+        col_indptr, col_rows = column_view(*((layout_ip, layout_ix) if shared else (indptr, indices)),
+                                           -(-k.shape[1] // cfg.block_c))
         col_order = column_order(col_indptr)
         if _reorders_walks(q, k, cfg, ws_words):
             col_rows = walk_order(col_indptr, col_rows, indptr.shape[-1] - 1)
+        if shared:
+            col_indptr, col_rows, col_order = (jax.numpy.broadcast_to(x, indices.shape[:-1] + x.shape[-1:])
+                                               for x in (col_indptr, col_rows, col_order))
     out = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
     out += (jax.ShapeDtypeStruct((ws_words,), jax.numpy.float32),)
     dq, dk, dv, _ = jax.ffi.ffi_call("bsattn_bwd_cuda", out)(q, k, v, do, lse, delta, indptr, indices, kv_lens,

@@ -86,6 +86,41 @@ def test_cuda_lowering_live_lists_rule(B, nnz, env, live, monkeypatch):
         assert len(lines) == 1 and lists in lines[0], (call, lists, lines)
 
 
+# With kv_lens the backward's row lists hold one layout per batch element; a layout shared by the batch keeps one
+# column view (built from the layout as given, broadcast), a layout per element one view per element.
+@pytest.mark.parametrize("layout_batch", [1, 3])
+def test_cuda_backward_column_view_shared_over_batch(layout_batch, monkeypatch):
+    from jax_bsattn.lowering import _cuda_bwd_call
+    from jax_bsattn.primitives import Config
+
+    monkeypatch.delenv("BSATTN_KV_LIVE_LISTS", raising=False)
+    monkeypatch.delenv("BSATTN_BWD_COL_VIEW", raising=False)
+    B, nnz = 3, 7
+    q = jax.ShapeDtypeStruct((B, 64, 8, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((B, 64, 2, 128), jnp.bfloat16)
+    f32 = jax.ShapeDtypeStruct((B, 64, 8), jnp.float32)
+    i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
+    cfg = Config(block_r=16, block_c=16, scale=0.1, softcap=0.0, causal=False)
+    call = lambda *a: _cuda_bwd_call(*a, cfg=cfg)
+    layout = i32(layout_batch, 1, 5), i32(layout_batch, 1, nnz)
+    jaxpr = jax.make_jaxpr(call)(q, k, k, q, f32, f32, *layout, i32(B), i32(0))
+
+    def sorted_shapes(jx):  # the operand shapes of every sort (the column view's argsort among them)
+        for eqn in jx.eqns:
+            if eqn.primitive.name == "sort":
+                yield from (v.aval.shape for v in eqn.invars)
+            for sub in eqn.params.values():  # (pjit's closed jaxpr, a while's ...)
+                for x in sub if isinstance(sub, (tuple, list)) else (sub,):
+                    if hasattr(x, "eqns") or hasattr(getattr(x, "jaxpr", None), "eqns"):
+                        yield from sorted_shapes(getattr(x, "jaxpr", x))
+
+    shapes = list(sorted_shapes(jaxpr.jaxpr))
+    assert shapes and all(s[0] == layout_batch for s in shapes), shapes
+    ffi = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "ffi_call"]
+    assert len(ffi) == 1 and [v.aval.shape for v in ffi[0].invars[6:8]] == [(B, 1, 5), (B, 1, nnz)]
+    assert [v.aval.shape for v in ffi[0].invars[10:]] == [(B, 1, 5), (B, 1, nnz), (B, 1, 4)]
+
+
 def test_cpu_lowering_uses_cpu_targets():
     layout = jb.BlockSparseLayout.from_block_mask(np.ones((2, 2), bool), (8, 8), (16, 16))
     q = jnp.ones((16, 2, 16), jnp.float32)

@@ -1,6 +1,7 @@
 """Session 49: are the live lists (live_blocks.py), built in both the forward's and the backward's CUDA lowering,
 merged by XLA in a jitted training step? Counts the scatters and sorts of the compiled (optimized) HLO of the
-forward alone and of jax.grad, with kv_lens and without. Run on a CUDA machine with the package on PYTHONPATH."""
+forward alone and of jax.grad, with kv_lens and without. Run on a CUDA machine with the package on PYTHONPATH.
+Session 50 (H200): merged, one list build a step (benchmarks/results/h200_s50_kv_lists_cse_probe.txt)."""
 import re, sys, os
 
 import jax
