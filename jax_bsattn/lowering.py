@@ -382,15 +382,14 @@ def _cuda_bwd_call(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, 
         # A layout shared by the batch keeps one column view (built once, broadcast) where the row lists hold one
         # per batch element: for every column with a live key it lists the same rows, and the columns past a length
         # are key tiles the column kernels skip (bwd/common.cuh live_keys). Sessions 48-50: same step time, B x fewer sorts.
-        shared = layout_ix.shape[0] != indices.shape[0]
-        col_indptr, col_rows = column_view(*((layout_ip, layout_ix) if shared else (indptr, indices)),
-                                           -(-k.shape[1] // cfg.block_c))
+        view_ip, view_ix = (layout_ip, layout_ix) if layout_ix.shape[0] != indices.shape[0] else (indptr, indices)
+        col_indptr, col_rows = column_view(view_ip, view_ix, -(-k.shape[1] // cfg.block_c))
         col_order = column_order(col_indptr)
         if _reorders_walks(q, k, cfg, ws_words):
             col_rows = walk_order(col_indptr, col_rows, indptr.shape[-1] - 1)
-        if shared:
-            col_indptr, col_rows, col_order = (jax.numpy.broadcast_to(x, indices.shape[:-1] + x.shape[-1:])
-                                               for x in (col_indptr, col_rows, col_order))
+        # (to the lists' batch: a no-op where the view was built from them)
+        col_indptr, col_rows, col_order = (jax.numpy.broadcast_to(x, indices.shape[:-1] + x.shape[-1:])
+                                           for x in (col_indptr, col_rows, col_order))
     out = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
     out += (jax.ShapeDtypeStruct((ws_words,), jax.numpy.float32),)
     dq, dk, dv, _ = jax.ffi.ffi_call("bsattn_bwd_cuda", out)(q, k, v, do, lse, delta, indptr, indices, kv_lens,

@@ -105,14 +105,14 @@ def test_cuda_backward_column_view_shared_over_batch(layout_batch, monkeypatch):
     layout = i32(layout_batch, 1, 5), i32(layout_batch, 1, nnz)
     jaxpr = jax.make_jaxpr(call)(q, k, k, q, f32, f32, *layout, i32(B), i32(0))
 
-    def sorted_shapes(jx):  # the operand shapes of every sort (the column view's argsort among them)
+    from jax.extend.core import subjaxprs
+
+    def sorted_shapes(jx):  # the operand shapes of every sort (the column view's argsort among them), sub-jaxprs too
         for eqn in jx.eqns:
             if eqn.primitive.name == "sort":
                 yield from (v.aval.shape for v in eqn.invars)
-            for sub in eqn.params.values():  # (pjit's closed jaxpr, a while's ...)
-                for x in sub if isinstance(sub, (tuple, list)) else (sub,):
-                    if hasattr(x, "eqns") or hasattr(getattr(x, "jaxpr", None), "eqns"):
-                        yield from sorted_shapes(getattr(x, "jaxpr", x))
+        for sub in subjaxprs(jx):
+            yield from sorted_shapes(sub)
 
     shapes = list(sorted_shapes(jaxpr.jaxpr))
     assert shapes and all(s[0] == layout_batch for s in shapes), shapes

@@ -1,6 +1,6 @@
 # Sourced by the kv_lens device scripts (run from the repository root on the device, $OUT set): the timer, the build,
-# one bench_kv_lens.py run per variant, the GPU test processes. A script defines kv_variant_env VARIANT (the env
-# assignments of its A / B variants, printed) before it calls kv_bench.
+# one bench_kv_lens.py run per variant, the GPU test processes. kv_variant_env VARIANT prints the env assignments of a
+# variant (here: live, main's lists, and masked, BSATTN_KV_LIVE_LISTS=0); a script with other variants redefines it.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site
 T0=$(date +%s); stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -11,11 +11,18 @@ kv_build() {  # the CUDA build into /tmp/site
   stamp built
 }
 
+kv_variant_env() { [ $1 = masked ] && echo BSATTN_KV_LIVE_LISTS=0; }
+
 kv_bench() {  # VARIANT STEM SECONDS bench_kv_lens.py's arguments...: one run, its rows shown
   local v=$1 f=$2 t=$3; shift 3
   env $(kv_variant_env $v) timeout -s KILL $t python3 benchmarks/bench_kv_lens.py --out $OUT/${f}_$v.jsonl "$@" \
     > $OUT/b${f}_$v.log 2>&1
   stamp "bench $f $v rc=$?"; grep "^{" $OUT/b${f}_$v.log | python3 -c "import json,sys; [print(r['g'],r['R'],r['C'],'full',r['full_ms'],'~',r['full_spread_ms'],'lens',r['lens_ms'],'~',r['lens_spread_ms'],r['lens_over_full']) for r in map(json.loads, sys.stdin)]" 2>&1 | tail -6
+}
+
+kv_nodrop() {  # STEM VARIANT...: one run per variant at lengths N - 7 (nothing dropped but the last block's tail)
+  local f=$1 v; shift
+  for v in "$@"; do kv_bench $v $f 50 --cells 1:128:128,8:1:16 --lens 1,1,1,1 --tag nodrop_$v; done
 }
 
 # kv_lens_gpu_tests SECONDS EXPR...: one pytest process of tests/test_gpu.py per -k expression, in parallel, each

@@ -3,10 +3,7 @@
 # (kv_lists_cost_probe.py), then interleaved rounds of the step with the live lists (main) and with the masked path
 # (BSATTN_KV_LIVE_LISTS=0: the layout as given, the kernels' length checks alone), each against the step without kv_lens.
 source csrc/cuda/dev/kv_lens_device.sh
-kv_variant_env() { [ $1 = masked ] && echo BSATTN_KV_LIVE_LISTS=0; }
 kv_build
 timeout -s KILL 120 python3 csrc/cuda/dev/kv_lists_cost_probe.py > $OUT/lists_cost.log 2>&1; stamp "lists probe rc=$?"
 tail -3 $OUT/lists_cost.log
-for r in $(seq 1 ${ROUNDS:-3}); do for v in live masked; do
-  kv_bench $v kvfull$r 50 --cells 1:128:128,8:1:16 --lens 1,1,1,1 --tag nodrop_$v
-done; done
+for r in $(seq 1 ${ROUNDS:-3}); do kv_nodrop kvfull$r live masked; done
