@@ -5,13 +5,14 @@ The outer primitives' lowering (lowering.py) wraps the FFI call in a ``custom_pa
 rule says which dimensions may stay sharded; the partition callback then runs the kernel on each device's
 shard, with no communication of its own.
 
-Factors (canonical shapes, csrc/README.md; ``Hq = Hk * g``, query head ``h`` uses KV head ``h // g``):
+Factors (the data operands enter the partitioned calls with their heads and head dim merged, Hk-major:
+``[B, S, H * D]``; ``Hq = Hk * g``, query head ``h`` uses KV head ``h // g``):
 
 ======================  =====================================  ===========================================
 operand                 dims                                   sharding
 ======================  =====================================  ===========================================
-q, o, do, dq            ``b m (h g) d``                        ``b``, ``h`` (the Hq axis sharded by Hk's axes)
-k, v, dk, dv            ``b n h d``                            ``b``, ``h``
+q, o, do, dq            ``b m (h g d)``                        ``b``, ``h`` (the Hq axis sharded by Hk's axes)
+k, v, dk, dv            ``b n (h d)``                          ``b``, ``h``
 lse, delta              ``b m (h g)``                          ``b``, ``h``
 indptr, indices         ``LB LH p`` / ``LB LH z``              ``LB`` as ``b`` when LB == B, ``LH`` as ``h``
                                                                when LH == Hk; replicated when 1
@@ -29,8 +30,10 @@ this op does not do. The partition callback derives every operand's sharding fro
 propagation can cost communication but never give a wrong answer. Query heads within a GQA group are never
 split: with MQA (Hk = 1) a head-sharded q is all-gathered along its heads. Where a mesh axis does not divide
 Hk, the heads are need-replication too (Shardy would otherwise give them a sub-axis, which custom_partitioning
-cannot express); an operand that already arrives with such a sub-axis (k reshaped from a feature axis sharded
-wider than Hk) still fails inside jax's custom_partitioning before the callback runs (README).
+cannot express). An operand that arrives with such a sub-axis (k reshaped from a feature axis sharded wider than
+Hk: its heads and head dim each over part of the axis) is why the data operands are merged: on the merged dim the
+same sharding is one whole axis, which custom_partitioning takes (on the 4-d shape it failed inside jax before the
+partition callback ran); the plan then all-gathers the heads.
 """
 
 from __future__ import annotations
@@ -55,43 +58,46 @@ def _shape(t) -> tuple[int, ...]:
 
 
 class _Factors:
-    """The factor of each dimension, from the canonical shapes of q, k and the layout arrays."""
+    """The factor of each dimension, from the shapes the partitioned calls take (data operands with their heads and
+    head dim merged: ``_merge``), the head dim D and the mesh."""
 
-    def __init__(self, q_shape, k_shape, layout_shape, mesh):
-        B, _, Hq, _ = q_shape
-        Hk = k_shape[2]
+    def __init__(self, q_shape, k_shape, layout_shape, D, mesh):
+        B, Hq, Hk = q_shape[0], q_shape[2] // D, k_shape[2] // D
         g = Hq // Hk
         replicated = ["m", "n", "d", "p", "z"]
-        self.sizes = {}
+        self.known = {"d": D, "h": Hk, "g": g, "qh": Hq}   # sizes, given to Shardy where no dim is the factor alone
         if not all(Hk % n == 0 for n in getattr(mesh, "shape", {}).values()):
             # A mesh axis that does not divide Hk: Shardy would hand the heads a sub-axis (q's heads over 4 devices
-            # with Hk = 2 split it between h and g; so does k reshaped from a feature axis sharded 4 ways), which
-            # custom_partitioning cannot express. The heads are then replicated (all-gathered), the batch still not.
-            self.qh = "qh"
+            # with Hk = 2 split it between h and g), which custom_partitioning cannot express. The heads are then
+            # replicated (all-gathered), the batch still not.
+            self.heads = ("qh",)
             replicated += ["qh", "h"]
         elif g == 1:
-            self.qh = "h"
+            self.heads = ("h",)
         elif Hk == 1:
-            self.qh = "g"
+            self.heads = ("g",)
             replicated.append("g")
         else:
-            self.qh = CompoundFactor("h", "g")          # Hk-major: sharding Hq like Hk keeps groups whole
-            self.sizes["g"] = g
+            self.heads = ("h", "g")                          # Hk-major: sharding Hq like Hk keeps groups whole
             replicated.append("g")
         self.lb = "b" if layout_shape[0] == B else "lb"
         self.lh = "h" if layout_shape[1] == Hk else "lh"
         replicated += [f for f in ("lb", "lh") if f in (self.lb, self.lh)]
         self.replicated = tuple(replicated)
 
-    def q(self):
-        return ArrayMapping("b", "m", self.qh, "d")
+    def _dim(self, *factors):
+        """One dim made of `factors` (major first): Shardy takes no factor of size 1 in a compound one."""
+        kept = [f for f in factors if self.known[f] != 1] or [factors[-1]]
+        return kept[0] if len(kept) == 1 else CompoundFactor(*kept)
+
+    def q(self):                                           # q, o, do, dq: [B, M, Hq * D]
+        return ArrayMapping("b", "m", self._dim(*self.heads, "d"))
 
     def rows(self):                                        # lse, delta: [B, M, Hq]
-        return ArrayMapping("b", "m", self.qh)
+        return ArrayMapping("b", "m", self._dim(*self.heads))
 
-    @staticmethod
-    def kv():
-        return ArrayMapping("b", "n", "h", "d")
+    def kv(self):                                          # k, v, dk, dv: [B, N, Hk * D]
+        return ArrayMapping("b", "n", self._dim("h", "d"))
 
     def layout(self):
         return ArrayMapping(self.lb, self.lh, "p"), ArrayMapping(self.lb, self.lh, "z")
@@ -101,24 +107,26 @@ class _Factors:
         return ArrayMapping(empty if shape[0] == 0 else "b")
 
     def rule(self, operands, results) -> SdyShardingRule:
-        order = []                                          # factors in order of first use (Shardy wants the
-        for mapping in (*operands, *results):               # special factors sorted that way)
+        order, whole = [], set()                            # factors in order of first use (Shardy wants the
+        for mapping in (*operands, *results):               # special factors sorted that way); those alone in a dim
             for dim in mapping:
+                whole.update((dim,) if isinstance(dim, str) else ())
                 order += [f for f in ((dim,) if isinstance(dim, str) else dim) if f not in order]
-        replicated = tuple(sorted((*self.replicated, *(f for f in ("kl", "qo") if f in order)), key=order.index))
-        return SdyShardingRule(tuple(operands), tuple(results), need_replication_factors=replicated, **self.sizes)
+        replicated = tuple(sorted((f for f in (*self.replicated, "kl", "qo") if f in order), key=order.index))
+        sizes = {f: n for f, n in self.known.items() if f in order and f not in whole}   # (Shardy infers the rest)
+        return SdyShardingRule(tuple(operands), tuple(results), need_replication_factors=replicated, **sizes)
 
 
-def _fwd_rule(cfg, mesh, operand_types, result_types):
+def _fwd_rule(cfg, D, mesh, operand_types, result_types):
     q, k, _, ip, _, kl, qo = (_shape(t) for t in operand_types)
-    f = _Factors(q, k, ip, mesh)
+    f = _Factors(q, k, ip, D, mesh)
     return f.rule([f.q(), f.kv(), f.kv(), *f.layout(), f.per_sequence(kl, "kl"), f.per_sequence(qo, "qo")],
                   [f.q(), f.rows()])
 
 
-def _bwd_rule(cfg, mesh, operand_types, result_types):
+def _bwd_rule(cfg, D, mesh, operand_types, result_types):
     q, k, _, _, _, _, ip, _, kl, qo = (_shape(t) for t in operand_types)
-    f = _Factors(q, k, ip, mesh)
+    f = _Factors(q, k, ip, D, mesh)
     return f.rule([f.q(), f.kv(), f.kv(), f.q(), f.rows(), f.rows(), *f.layout(), f.per_sequence(kl, "kl"),
                    f.per_sequence(qo, "qo")], [f.q(), f.kv(), f.kv()])
 
@@ -134,16 +142,18 @@ def _axes(sharding, dim: int) -> tuple[str, ...]:
 
 
 class _Plan:
-    """The shardings of every operand and result: batch axes and KV-head axes, shared by all of them."""
+    """The shardings of every operand and result: batch axes and KV-head axes, shared by all of them. The data
+    operands come with their heads and head dim merged (Hk-major), so axes that divide Hk shard whole heads (and
+    whole GQA groups of q)."""
 
-    def __init__(self, mesh, q, k, indptr):
+    def __init__(self, mesh, q, k, indptr, D):
         def pick(dim, size):
             for x in (q, k) if dim == 0 else (k, q):
                 axes = _axes(x.sharding, dim)
                 if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
                     return axes
             return None
-        B, Hk = k.shape[0], k.shape[2]
+        B, Hk = k.shape[0], k.shape[2] // D
         self.mesh = mesh
         self.b = pick(0, B)            # q's batch axes (else k's)
         self.h = pick(2, Hk)           # k's head axes, else q's when they divide Hk (then k is sliced, not gathered)
@@ -155,10 +165,7 @@ class _Plan:
     def _ns(self, spec):
         return NamedSharding(self.mesh, spec)
 
-    def data(self):                                        # q, k, v, o, do, dq, dk, dv
-        return self._ns(P(self.b, None, self.h, None))
-
-    def rows(self):                                        # lse, delta
+    def data(self):                                        # q, k, v, o, do, dq, dk, dv (merged); lse, delta
         return self._ns(P(self.b, None, self.h))
 
     def layout(self):
@@ -168,43 +175,69 @@ class _Plan:
         return self._ns(P(self.b if x.shape[0] else None))
 
 
-def _partition_fwd(cfg: Config, mesh, arg_shapes, result_shape):
-    plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[3])
-    args = (plan.data(), plan.data(), plan.data(), *plan.layout(), *map(plan.per_sequence, arg_shapes[5:7]))
-    return mesh, partial(_fwd, cfg=cfg), (plan.data(), plan.rows()), args
+def _partition_fwd(cfg: Config, D: int, mesh, arg_shapes, result_shape):
+    plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[3], D)
+    args = (plan.data(),) * 3 + plan.layout() + tuple(map(plan.per_sequence, arg_shapes[5:7]))
+    return mesh, partial(_fwd, cfg=cfg, D=D), (plan.data(),) * 2, args
 
 
-def _partition_bwd(cfg: Config, mesh, arg_shapes, result_shape):
-    plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[6])
-    args = (plan.data(),) * 4 + (plan.rows(),) * 2 + plan.layout() + tuple(map(plan.per_sequence, arg_shapes[8:10]))
-    return mesh, partial(_bwd, cfg=cfg), (plan.data(),) * 3, args
+def _partition_bwd(cfg: Config, D: int, mesh, arg_shapes, result_shape):
+    plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[6], D)
+    args = (plan.data(),) * 6 + plan.layout() + tuple(map(plan.per_sequence, arg_shapes[8:10]))
+    return mesh, partial(_bwd, cfg=cfg, D=D), (plan.data(),) * 3, args
 
 
 # GSPMD (only when Shardy is switched off): the result shardings follow the same plan.
-def _infer_fwd(cfg, mesh, arg_shapes, result_shape):
-    plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[3])
-    return plan.data(), plan.rows()
+def _infer_fwd(cfg, D, mesh, arg_shapes, result_shape):
+    plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[3], D)
+    return (plan.data(),) * 2
 
 
-def _infer_bwd(cfg, mesh, arg_shapes, result_shape):
-    plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[6])
+def _infer_bwd(cfg, D, mesh, arg_shapes, result_shape):
+    plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[6], D)
     return (plan.data(),) * 3
 
 
-# ---- the partitioned calls (cfg is static): the inner primitive, on global shapes when inlined (one
-# device), on each device's shard when partitioned ------------------------------------------------------
+# ---- the partitioned calls (cfg, D static): the inner primitive, on global shapes when inlined (one device), on
+# each device's shard when partitioned. Their data operands and results are [B, S, H * D]: an operand whose heads
+# come sharded over part of a mesh axis (k = x @ Wk reshaped, the feature axis over 4 devices, Hk = 2: heads and
+# head dim each over half of it) is one whole axis on the merged dim, which custom_partitioning can express; on the
+# 4-d shape it failed inside jax before the partition callback ran. ------------------------------------------
 
-def _fwd(q, k, v, indptr, indices, kv_lens, q_offset, cfg):
-    return tuple(bsattn_fwd_ffi_p.bind(q, k, v, indptr, indices, kv_lens, q_offset, cfg=cfg))
+def _merge(x):                                             # [B, S, H, D] -> [B, S, H * D]
+    return x.reshape(*x.shape[:2], -1)
 
 
-def _bwd(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg):
-    return tuple(bsattn_bwd_ffi_p.bind(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg=cfg))
+def _split(x, D):                                          # [B, S, H * D] -> [B, S, H, D]
+    return x.reshape(*x.shape[:2], -1, D)
 
 
-fwd_partitioned = custom_partitioning(_fwd, static_argnums=(7,))
-fwd_partitioned.def_partition(partition=_partition_fwd, infer_sharding_from_operands=_infer_fwd,
-                              sharding_rule=_fwd_rule)
-bwd_partitioned = custom_partitioning(_bwd, static_argnums=(10,))
-bwd_partitioned.def_partition(partition=_partition_bwd, infer_sharding_from_operands=_infer_bwd,
-                              sharding_rule=_bwd_rule)
+def _fwd(q, k, v, indptr, indices, kv_lens, q_offset, cfg, D):
+    o, lse = bsattn_fwd_ffi_p.bind(_split(q, D), _split(k, D), _split(v, D), indptr, indices, kv_lens, q_offset,
+                                   cfg=cfg)
+    return _merge(o), lse
+
+
+def _bwd(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg, D):
+    grads = bsattn_bwd_ffi_p.bind(*(_split(x, D) for x in (q, k, v, do)), lse, delta, indptr, indices, kv_lens,
+                                  q_offset, cfg=cfg)
+    return tuple(map(_merge, grads))
+
+
+_fwd_cp = custom_partitioning(_fwd, static_argnums=(7, 8))
+_fwd_cp.def_partition(partition=_partition_fwd, infer_sharding_from_operands=_infer_fwd, sharding_rule=_fwd_rule)
+_bwd_cp = custom_partitioning(_bwd, static_argnums=(10, 11))
+_bwd_cp.def_partition(partition=_partition_bwd, infer_sharding_from_operands=_infer_bwd, sharding_rule=_bwd_rule)
+
+
+def fwd_partitioned(q, k, v, indptr, indices, kv_lens, q_offset, cfg):
+    """o, lse of the forward primitive's operands (4-d q, k, v), partitioned over the mesh."""
+    o, lse = _fwd_cp(_merge(q), _merge(k), _merge(v), indptr, indices, kv_lens, q_offset, cfg, q.shape[-1])
+    return _split(o, q.shape[-1]), lse
+
+
+def bwd_partitioned(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg):
+    """dq, dk, dv of the backward primitive's operands (4-d q, k, v, do), partitioned over the mesh."""
+    D = q.shape[-1]
+    grads = _bwd_cp(*map(_merge, (q, k, v, do)), lse, delta, indptr, indices, kv_lens, q_offset, cfg, D)
+    return tuple(_split(x, D) for x in grads)

@@ -99,6 +99,32 @@ def worker():
             jnp.isfinite(b), b, 0))) + 1e-30)) for a, b in zip(got, want)]
         report[name] = dict(errs=errs, all_gathers=hlo.count("all-gather"),
                             kernel_calls=hlo.count("bsattn_fwd_") + hlo.count("bsattn_bwd_"))
+    # Tensor parallel as a model writes it: q, k, v projected by weights whose feature axis is over "y" (4 devices),
+    # reshaped to heads; o merged and projected back by a weight over "y" (row parallel). With Hk = 2 the reshape
+    # gives k's heads and head dim each half of "y" (a sub-axis), which jax's custom_partitioning could not take
+    # (IndivisibleError before the partition callback); with Hk = 4 the heads stay whole on each device.
+    E = 32
+    for Hk in (2, 4):
+        xq, xkv = (jnp.asarray(rng.standard_normal((B, n, E)), jnp.float32) for n in (M, N))
+        ws = [jnp.asarray(rng.standard_normal(s) / np.sqrt(s[0]), jnp.float32)
+              for s in ((E, Hq * D), (E, Hk * D), (E, Hk * D), (Hq * D, E))]
+        lay = layouts.union(layouts.sliding_window((M, N), 8, 24), layouts.random((M, N), 8, 2))
+
+        def model(xq, xkv, wq, wk, wv, wo, Hk=Hk):
+            heads = lambda x, w, h: (x @ w).reshape(*x.shape[:2], h, D)
+            o = jb.block_sparse_attention(heads(xq, wq, Hq), heads(xkv, wk, Hk), heads(xkv, wv, Hk), lay, causal=True)
+            return o.reshape(B, M, Hq * D) @ wo
+
+        grad = jax.grad(lambda *a: jnp.sum(jnp.sin(model(*a))), argnums=(2, 3, 4, 5))
+        want = (jax.jit(model)(xq, xkv, *ws),) + jax.jit(grad)(xq, xkv, *ws)
+        mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(AxisType.Auto,) * 2)
+        shard = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
+        args = (shard(xq, "x"), shard(xkv, "x"), *(shard(w, None, "y") for w in ws[:3]), shard(ws[3], "y", None))
+        got = (jax.jit(model)(*args),) + jax.jit(grad)(*args)
+        hlo = jax.jit(model).lower(*args).compile().as_text() + jax.jit(grad).lower(*args).compile().as_text()
+        report[f"projected_heads_hk{Hk}"] = dict(
+            errs=[float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(got, want)],
+            kernel_calls=hlo.count("bsattn_fwd_") + hlo.count("bsattn_bwd_"))
     # The manual alternative: the op inside shard_map runs on each device's batch shard (no partitioner).
     mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
     q, k, v = (jnp.asarray(rng.standard_normal((B, n, 4, D)), jnp.float32) for n in (M, N, N))
@@ -168,6 +194,13 @@ def test_kv_lens_sharded(report, name):
     r = report[name]
     assert max(r["errs"]) < 1e-5, r
     assert r["kernel_calls"] >= 2 and r["all_gathers"] == 0, r
+
+
+@pytest.mark.parametrize("name", ["projected_heads_hk2", "projected_heads_hk4"])
+def test_projected_heads(report, name):
+    r = report[name]
+    assert max(r["errs"]) < 1e-5, r           # the model's output and its weights' gradients against unsharded
+    assert r["kernel_calls"] >= 2, r
 
 
 @pytest.mark.parametrize("name", ["shard_map", "shard_map_replicated_kv", "shard_map_layout_per_device"])
