@@ -204,12 +204,12 @@ def _infer_bwd(cfg, D, mesh, arg_shapes, result_shape):
 # head dim each over half of it) is one whole axis on the merged dim, which custom_partitioning can express; on the
 # 4-d shape it failed inside jax before the partition callback ran. ------------------------------------------
 
-def _merge(x):                                             # [B, S, H, D] -> [B, S, H * D]
-    return x.reshape(*x.shape[:2], -1)
+def _merge(x):                                             # [B, S, H, D] -> [B, S, H * D] (no -1: B or S may be 0)
+    return x.reshape(*x.shape[:2], x.shape[2] * x.shape[3])
 
 
-def _split(x, D):                                          # [B, S, H * D] -> [B, S, H, D]
-    return x.reshape(*x.shape[:2], -1, D)
+def _split(x, D):                                          # [B, S, H * D] -> [B, S, H, D] (D >= 1: checked before)
+    return x.reshape(*x.shape[:2], x.shape[2] // D, D)
 
 
 def _fwd(q, k, v, indptr, indices, kv_lens, q_offset, cfg, D):

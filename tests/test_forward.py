@@ -82,6 +82,18 @@ def test_all_empty_layout_gives_zero_and_minus_inf():
     assert (np.asarray(o) == 0).all() and np.isneginf(np.asarray(lse)).all()
 
 
+def test_empty_batch():
+    """A batch of 0 sequences: empty outputs and gradients of the right shapes (the partitioned calls' reshapes once
+    inferred a size from 0 elements and divided by zero)."""
+    layout = jb.BlockSparseLayout.from_block_mask(np.ones((4, 4), bool), (4, 4), (16, 16))
+    q, k, v = random_problem(np.random.default_rng(5), batch=(0,), M=16, N=16, Hq=2, Hk=1, D=8)
+    f = lambda q, k, v: jb.block_sparse_attention(q, k, v, layout, causal=True, return_lse=True)
+    o, lse = jax.jit(f)(q, k, v)
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a)[0]), argnums=(0, 1, 2)))(q, k, v)
+    assert o.shape == q.shape and lse.shape == (0, 16, 2)
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+
+
 def test_causal_rows_with_nothing_visible():
     """M > N, causal: the first M - N query rows see no key at all -> 0 and -inf, no NaN."""
     M, N = 48, 16
