@@ -103,6 +103,7 @@ def worker():
     # reshaped to heads; o merged and projected back by a weight over "y" (row parallel). With Hk = 2 the reshape
     # gives k's heads and head dim each half of "y" (a sub-axis), which jax's custom_partitioning could not take
     # (IndivisibleError before the partition callback); with Hk = 4 the heads stay whole on each device.
+    rel = lambda got, want: [float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(got, want)]
     E = 32
     for Hk in (2, 4):
         xq, xkv = (jnp.asarray(rng.standard_normal((B, n, E)), jnp.float32) for n in (M, N))
@@ -122,9 +123,8 @@ def worker():
         args = (shard(xq, "x"), shard(xkv, "x"), *(shard(w, None, "y") for w in ws[:3]), shard(ws[3], "y", None))
         got = (jax.jit(model)(*args),) + jax.jit(grad)(*args)
         hlo = jax.jit(model).lower(*args).compile().as_text() + jax.jit(grad).lower(*args).compile().as_text()
-        report[f"projected_heads_hk{Hk}"] = dict(
-            errs=[float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(got, want)],
-            kernel_calls=hlo.count("bsattn_fwd_") + hlo.count("bsattn_bwd_"))
+        report[f"projected_heads_hk{Hk}"] = dict(errs=rel(got, want), all_gathers=hlo.count("all-gather"),
+                                                 kernel_calls=hlo.count("bsattn_fwd_") + hlo.count("bsattn_bwd_"))
     # The manual alternative: the op inside shard_map runs on each device's batch shard (no partitioner).
     mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
     q, k, v = (jnp.asarray(rng.standard_normal((B, n, 4, D)), jnp.float32) for n in (M, N, N))
@@ -134,7 +134,6 @@ def worker():
     loss = lambda f: (lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v))))
     got = (jax.jit(sm)(q, k, v),) + jax.jit(jax.grad(loss(sm), argnums=(0, 1, 2)))(q, k, v)
     want = (jax.jit(fwd)(q, k, v),) + jax.jit(jax.grad(loss(fwd), argnums=(0, 1, 2)))(q, k, v)
-    rel = lambda got, want: [float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(got, want)]
     report["shard_map"] = dict(errs=rel(got, want))
     # Operands that vary over different axes inside shard_map. q split, k / v replicated: their cotangents are summed
     # over the devices (as jax.nn.dot_product_attention's would be).
@@ -201,6 +200,10 @@ def test_projected_heads(report, name):
     r = report[name]
     assert max(r["errs"]) < 1e-5, r           # the model's output and its weights' gradients against unsharded
     assert r["kernel_calls"] >= 2, r
+    if name.endswith("hk4"):                  # heads whole on each device: nothing gathered
+        assert r["all_gathers"] == 0, r
+    else:                                     # heads over part of "y": all-gathered before the call (documented)
+        assert r["all_gathers"] > 0, r
 
 
 @pytest.mark.parametrize("name", ["shard_map", "shard_map_replicated_kv", "shard_map_layout_per_device"])
