@@ -213,8 +213,7 @@ def _split(x, D):                                          # [B, S, H * D] -> [B
 
 
 def _fwd(q, k, v, indptr, indices, kv_lens, q_offset, cfg, D):
-    o, lse = bsattn_fwd_ffi_p.bind(_split(q, D), _split(k, D), _split(v, D), indptr, indices, kv_lens, q_offset,
-                                   cfg=cfg)
+    o, lse = bsattn_fwd_ffi_p.bind(*(_split(x, D) for x in (q, k, v)), indptr, indices, kv_lens, q_offset, cfg=cfg)
     return _merge(o), lse
 
 
@@ -232,8 +231,9 @@ _bwd_cp.def_partition(partition=_partition_bwd, infer_sharding_from_operands=_in
 
 def fwd_partitioned(q, k, v, indptr, indices, kv_lens, q_offset, cfg):
     """o, lse of the forward primitive's operands (4-d q, k, v), partitioned over the mesh."""
-    o, lse = _fwd_cp(_merge(q), _merge(k), _merge(v), indptr, indices, kv_lens, q_offset, cfg, q.shape[-1])
-    return _split(o, q.shape[-1]), lse
+    D = q.shape[-1]
+    o, lse = _fwd_cp(*map(_merge, (q, k, v)), indptr, indices, kv_lens, q_offset, cfg, D)
+    return _split(o, D), lse
 
 
 def bwd_partitioned(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg):

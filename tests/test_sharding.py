@@ -51,6 +51,9 @@ def worker():
     B, M, N, Hq, D = 8, 48, 64, 8, 16
     rng = np.random.default_rng(0)
     report = {}
+    compiled = lambda args, *fns: "".join(jax.jit(f).lower(*args).compile().as_text() for f in fns)  # their HLO
+    kernel_calls = lambda hlo: hlo.count("bsattn_fwd_") + hlo.count("bsattn_bwd_")
+    sharder = lambda mesh: (lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec))))
     for name, (mesh_shape, qspec, kspec, Hk, lead, explicit) in CASES.items():
         q = jnp.asarray(rng.standard_normal((B, M, Hq, D)), jnp.float32)
         k, v = (jnp.asarray(rng.standard_normal((B, N, Hk, D)), jnp.float32) for _ in range(2))
@@ -67,12 +70,12 @@ def worker():
         with jax.set_mesh(mesh) if explicit else contextlib.nullcontext():   # explicit axes: mesh in context
             f, g = jax.jit(fwd), jax.jit(grad)
             got = f(qs, ks, vs, lay) + g(qs, ks, vs, lay)
-            hlo = f.lower(qs, ks, vs, lay).compile().as_text() + g.lower(qs, ks, vs, lay).compile().as_text()
+            hlo = compiled((qs, ks, vs, lay), f, g)
             specs = [[list(e) if isinstance(e, tuple) else e for e in x.sharding.spec] for x in got]
         want = jax.jit(fwd)(q, k, v, lay) + jax.jit(grad)(q, k, v, lay)                 # unsharded
         errs = [float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30)) for a, b in zip(got, want)]
         report[name] = dict(errs=errs, all_gathers=hlo.count("all-gather"), specs=specs,
-                            kernel_calls=hlo.count("bsattn_fwd_") + hlo.count("bsattn_bwd_"))
+                            kernel_calls=kernel_calls(hlo))
     # Per-sequence key lengths (kv_lens) split over the batch axis beside q, k, v split over batch and heads, with
     # automatic and explicit mesh axes: the forward is one kernel call taking the lengths; its gradients go through
     # the layout cut per batch element and the cut column's XLA part, which shard like the rest.
@@ -89,16 +92,15 @@ def worker():
         grad = jax.grad(lambda q, k, v, n, o: jnp.sum(jnp.sin(fwd(q, k, v, n, o)[0])), argnums=(0, 1, 2))
         want = jax.jit(fwd)(q, k, v, lens, offsets) + jax.jit(grad)(q, k, v, lens, offsets)
         mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(kind, kind))
-        shard = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
+        shard = sharder(mesh)
         args = (shard(q, "x", None, "y"), shard(k, "x", None, "y"), shard(v, "x", None, "y"), shard(lens, "x"),
                 shard(offsets, "x"))
         with jax.set_mesh(mesh) if kind == AxisType.Explicit else contextlib.nullcontext():
             got = jax.jit(fwd)(*args) + jax.jit(grad)(*args)
-            hlo = jax.jit(fwd).lower(*args).compile().as_text() + jax.jit(grad).lower(*args).compile().as_text()
+            hlo = compiled(args, fwd, grad)
         errs = [float(jnp.max(jnp.abs(jnp.where(jnp.isfinite(b), a - b, 0))) / (jnp.max(jnp.abs(jnp.where(
             jnp.isfinite(b), b, 0))) + 1e-30)) for a, b in zip(got, want)]
-        report[name] = dict(errs=errs, all_gathers=hlo.count("all-gather"),
-                            kernel_calls=hlo.count("bsattn_fwd_") + hlo.count("bsattn_bwd_"))
+        report[name] = dict(errs=errs, all_gathers=hlo.count("all-gather"), kernel_calls=kernel_calls(hlo))
     # Tensor parallel as a model writes it: q, k, v projected by weights whose feature axis is over "y" (4 devices),
     # reshaped to heads; o merged and projected back by a weight over "y" (row parallel). With Hk = 2 the reshape
     # gives k's heads and head dim each half of "y" (a sub-axis), which jax's custom_partitioning could not take
@@ -119,12 +121,12 @@ def worker():
         grad = jax.grad(lambda *a: jnp.sum(jnp.sin(model(*a))), argnums=(2, 3, 4, 5))
         want = (jax.jit(model)(xq, xkv, *ws),) + jax.jit(grad)(xq, xkv, *ws)
         mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(AxisType.Auto,) * 2)
-        shard = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
+        shard = sharder(mesh)
         args = (shard(xq, "x"), shard(xkv, "x"), *(shard(w, None, "y") for w in ws[:3]), shard(ws[3], "y", None))
         got = (jax.jit(model)(*args),) + jax.jit(grad)(*args)
-        hlo = jax.jit(model).lower(*args).compile().as_text() + jax.jit(grad).lower(*args).compile().as_text()
+        hlo = compiled(args, model, grad)
         report[f"projected_heads_hk{Hk}"] = dict(errs=rel(got, want), all_gathers=hlo.count("all-gather"),
-                                                 kernel_calls=hlo.count("bsattn_fwd_") + hlo.count("bsattn_bwd_"))
+                                                 kernel_calls=kernel_calls(hlo))
     # The manual alternative: the op inside shard_map runs on each device's batch shard (no partitioner).
     mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
     q, k, v = (jnp.asarray(rng.standard_normal((B, n, 4, D)), jnp.float32) for n in (M, N, N))

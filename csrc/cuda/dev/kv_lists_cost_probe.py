@@ -1,8 +1,8 @@
 """Session 50 (run in session 51, H100: 23.2 us a build at R = 1, C = 16, 3.6 at 128 x 128): the device time of
 building the live row lists alone (live_blocks.drop_blocks_past_lengths) for bench_kv_lens.py's layouts (B = 4,
 N = 4096, density 1/4), to attribute the 1-3 % that kv_lens costs a training step where nothing is dropped. K builds
-with distinct lengths run in one jit (no CSE), timed as the median of chained calls; the
-per-build time is that over K. Run on a CUDA machine with the package on PYTHONPATH."""
+with distinct lengths run in one jit (no CSE), timed as the median of chained calls; the per-build time is that over
+K. Run on a CUDA machine with the package on PYTHONPATH."""
 import os, sys, time
 
 import numpy as np
