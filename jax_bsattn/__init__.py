@@ -2,11 +2,12 @@
 
 from .attention import block_sparse_attention
 from .checks import check_layout, validate_layout
+from .exporting import export
 from .layout import BlockSparseLayout
 from . import layouts
 from . import reference
 
-__all__ = ["BlockSparseLayout", "block_sparse_attention", "check_layout", "validate_layout", "layouts",
+__all__ = ["BlockSparseLayout", "block_sparse_attention", "check_layout", "export", "validate_layout", "layouts",
            "reference", "flax"]
 __version__ = "0.1.0"
 

@@ -83,8 +83,21 @@ def _partitioned_rule(partitioned, platform: str):
     return lower
 
 
-@functools.lru_cache(maxsize=None)
+# The GPU the CUDA lowerings size their workspaces for: None, the local GPUs (`_local_gpus_are_sm90`); "sm90" or
+# "portable" while `jax_bsattn.export.export` lowers for a GPU other than this machine's.
+gpu_target: str | None = None
+
+
 def _gpus_are_sm90() -> bool:
+    """Whether the CUDA lowerings target H100 / H200s with the Hopper kernels (their workspaces, the row-oriented
+    backward without the column view): the local GPUs unless an export names its target (`gpu_target`)."""
+    if gpu_target is not None:
+        return gpu_target == "sm90"
+    return _local_gpus_are_sm90()
+
+
+@functools.lru_cache(maxsize=None)
+def _local_gpus_are_sm90() -> bool:
     """Whether the local CUDA devices are compute capability 9.0 (H100 / H200) and the module holds the Hopper
     kernels that run there."""
     if not sm90_kernels():

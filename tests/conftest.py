@@ -104,9 +104,9 @@ def on_cpu(*xs):
     return jax.tree_util.tree_map(lambda x: jax.device_put(x, cpu), xs)
 
 
-def check_forward(q, k, v, layout, **kw):
-    """Runs the op (jitted) and compares o and lse with the float32 reference."""
-    o, lse = jax.jit(lambda q, k, v, l: jb.block_sparse_attention(q, k, v, l, return_lse=True, **kw))(q, k, v, layout)
+def check_forward(q, k, v, layout, op=jb.block_sparse_attention, **kw):
+    """Runs the op (jitted; or ``op``, called as the op) and compares o and lse with the float32 reference."""
+    o, lse = jax.jit(lambda q, k, v, l: op(q, k, v, l, return_lse=True, **kw))(q, k, v, layout)
     assert o.dtype == q.dtype and o.shape == q.shape
     assert lse.dtype == jnp.float32 and lse.shape == q.shape[:-1]
     args = on_cpu(q, k, v, layout)
@@ -116,9 +116,9 @@ def check_forward(q, k, v, layout, **kw):
     return assert_close("o", o, o32, olp), assert_lse_close(lse, lse32)
 
 
-def check_gradients(q, k, v, layout, op_kw=None, **kw):
-    """jax.grad of the op against jax.grad of the float32 reference (cotangent: random, fixed). op_kw: arguments
-    of the op alone (``deterministic``)."""
+def check_gradients(q, k, v, layout, op_kw=None, op=jb.block_sparse_attention, **kw):
+    """jax.grad of the op (or of ``op``, called as the op) against jax.grad of the float32 reference (cotangent:
+    random, fixed). op_kw: arguments of the op alone (``deterministic``)."""
     ct = jnp.asarray(np.random.default_rng(7).standard_normal(q.shape), jnp.float32)
 
     def loss(fn, **extra):
@@ -126,7 +126,7 @@ def check_gradients(q, k, v, layout, op_kw=None, **kw):
             return jnp.sum(fn(q, k, v, layout, **kw, **extra).astype(jnp.float32) * ct)
         return f
 
-    got = jax.jit(jax.grad(loss(jb.block_sparse_attention, **(op_kw or {})), argnums=(0, 1, 2)))(q, k, v)
+    got = jax.jit(jax.grad(loss(op, **(op_kw or {})), argnums=(0, 1, 2)))(q, k, v)
     cq, ck, cv = on_cpu(q, k, v)
     ref = jax.grad(loss(reference_in_dtype), argnums=(0, 1, 2))(cq, ck, cv)
     lowp = jax.grad(loss(reference_in_dtype, compute_dtype=q.dtype), argnums=(0, 1, 2))(cq, ck, cv)

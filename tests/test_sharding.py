@@ -137,6 +137,23 @@ def worker():
     got = (jax.jit(sm)(q, k, v),) + jax.jit(jax.grad(loss(sm), argnums=(0, 1, 2)))(q, k, v)
     want = (jax.jit(fwd)(q, k, v),) + jax.jit(jax.grad(loss(fwd), argnums=(0, 1, 2)))(q, k, v)
     report["shard_map"] = dict(errs=rel(got, want))
+    # jax_bsattn.export: the shard_map form exports (and serialises); jit's sharded op is refused with a message
+    try:
+        import flatbuffers  # noqa: F401  (jax's serialisation needs it)
+    except ImportError:
+        pass
+    else:
+        restored = [jax.export.deserialize(jb.export(jax.jit(f))(q, k, v).serialize())
+                    for f in (sm, jax.grad(loss(sm), argnums=(0, 1, 2)))]
+        batch = NamedSharding(mesh, P("x"))
+        split = [jax.device_put(x, batch) for x in (q, k, v)]     # an 8-device program runs on 8 devices' shards
+        out = [jax.jit(r.call)(*split) for r in restored]
+        report["export_shard_map"] = dict(errs=rel((out[0],) + tuple(out[1]), got), nr_devices=restored[0].nr_devices)
+        try:
+            jb.export(jax.jit(fwd, in_shardings=(batch,) * 3, out_shardings=batch))(q, k, v)
+            report["export_sharded_jit"] = "exported"
+        except ValueError as e:
+            report["export_sharded_jit"] = str(e)
     # Operands that vary over different axes inside shard_map. q split, k / v replicated: their cotangents are summed
     # over the devices (as jax.nn.dot_product_attention's would be).
     k1, v1 = k[:1], v[:1]
@@ -211,6 +228,14 @@ def test_projected_heads(report, name):
 @pytest.mark.parametrize("name", ["shard_map", "shard_map_replicated_kv", "shard_map_layout_per_device"])
 def test_inside_shard_map(report, name):
     assert max(report[name]["errs"]) < 1e-5, report[name]
+
+
+def test_export(report):
+    if "export_shard_map" not in report:
+        pytest.skip("flatbuffers (jax's serialisation) is not installed")
+    r = report["export_shard_map"]
+    assert max(r["errs"]) == 0 and r["nr_devices"] == 8, r      # restored from bytes: the same program
+    assert "jax.shard_map" in report["export_sharded_jit"], report["export_sharded_jit"]
 
 
 @pytest.mark.parametrize("name", GATHERED)
