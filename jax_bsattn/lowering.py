@@ -84,7 +84,7 @@ def _partitioned_rule(partitioned, platform: str):
 
 
 # The GPU the CUDA lowerings size their workspaces for: None, the local GPUs (`_local_gpus_are_sm90`); "sm90" or
-# "portable" while `jax_bsattn.export.export` lowers for a GPU other than this machine's.
+# "portable" while `jax_bsattn.export` lowers for a GPU other than this machine's.
 gpu_target: str | None = None
 
 
