@@ -3,7 +3,7 @@
 Under ``jax.jit`` with sharded operands XLA cannot see into a custom call and would all-gather its operands.
 The outer primitives' lowering (lowering.py) wraps the FFI call in a ``custom_partitioning`` whose Shardy
 rule says which dimensions may stay sharded; the partition callback then runs the kernel on each device's
-shard, with no communication of its own.
+shard, with no communication of its own but one: where q's rows are split, the backward sums dk and dv over them.
 
 Factors (the data operands enter the partitioned calls with their heads and head dim merged, Hk-major:
 ``[B, S, H * D]``; ``Hq = Hk * g``, query head ``h`` uses KV head ``h // g``):
@@ -11,29 +11,33 @@ Factors (the data operands enter the partitioned calls with their heads and head
 ======================  =====================================  ===========================================
 operand                 dims                                   sharding
 ======================  =====================================  ===========================================
-q, o, do, dq            ``b m (h g d)``                        ``b``, ``h`` (the Hq axis sharded by Hk's axes)
+q, o, do, dq            ``b m (h g d)``                        ``b``, ``m``, ``h`` (Hq sharded by Hk's axes)
 k, v, dk, dv            ``b n (h d)``                          ``b``, ``h``
-lse, delta              ``b m (h g)``                          ``b``, ``h``
+lse, delta              ``b m (h g)``                          ``b``, ``m``, ``h``
 indptr, indices         ``LB LH p`` / ``LB LH z``              ``LB`` as ``b`` when LB == B, ``LH`` as ``h``
                                                                when LH == Hk; replicated when 1
 kv_lens, q_offset       ``b`` (``[B]``), or ``[0]`` (none)     ``b``; the empty one replicated
 ======================  =====================================  ===========================================
 
-``b`` and ``h`` are pass-through factors: the batch axis and the KV-head axis shard freely, and the query
-head axis shards by the same mesh axes as the KV heads, which keeps each GQA group whole on one device
-(Hk-major order). Every other factor -- ``m`` and ``n`` (the sequence axes), ``d``, ``g`` (the heads within a
-group), the layout's own dims -- is *need-replication*: if an operand arrives sharded along one of them,
-XLA all-gathers that axis before the call (the result is right, the all-gather is the cost). A sequence
-sharding of a block-sparse layout would need row/column re-basing per shard (context parallelism), which
-this op does not do. The partition callback derives every operand's sharding from one choice of batch axes
-(q's, else k's) and KV-head axes (k's, else q's) and drops axes that do not divide B or Hk, so a surprising
-propagation can cost communication but never give a wrong answer. Query heads within a GQA group are never
-split: with MQA (Hk = 1) a head-sharded q is all-gathered along its heads. Where a mesh axis does not divide
-Hk, the heads are need-replication too (Shardy would otherwise give them a sub-axis, which custom_partitioning
-cannot express). An operand that arrives with such a sub-axis (k reshaped from a feature axis sharded wider than
-Hk: its heads and head dim each over part of the axis) is why the data operands are merged: on the merged dim the
-same sharding is one whole axis, which custom_partitioning takes (on the 4-d shape it failed inside jax before the
-partition callback ran); the plan then all-gathers the heads.
+``b`` and ``h`` are pass-through factors: the batch axis and the KV-head axis shard freely, and the query head
+axis shards by the same mesh axes as the KV heads, which keeps each GQA group whole on one device (Hk-major
+order). ``m``, q's rows, is free where the mesh's device count divides the block rows (else need-replication, so
+that Shardy never hands it a sub-axis), and stays split where the axes on q's rows cut them into equal shards of
+whole block rows (context parallelism: each device runs its shard of block rows, the layout's rows re-based to the
+shard and the causal offset moved by its first row, against all the keys; the backward sums dk and dv over the row
+axes). Every other factor -- ``n`` (the key axis), ``d``, ``g`` (the heads within a group), the layout's own dims
+-- is *need-replication*: if an operand arrives sharded along one of them, XLA all-gathers that axis before the
+call (the result is right, the all-gather is the cost; for k and v split over the sequence, this is the
+all-gather-KV form of context parallelism). The partition callback derives every operand's sharding from one
+choice of batch axes (q's, else k's), KV-head axes (k's, else q's) and row axes (q's), and drops axes that do not
+divide B, Hk or the block rows into equal shards, so a surprising propagation can cost communication but never
+give a wrong answer. Query heads within a GQA group are never split: with MQA (Hk = 1) a head-sharded q is
+all-gathered along its heads. Where a mesh axis does not divide Hk, the heads are need-replication too (Shardy
+would otherwise give them a sub-axis, which custom_partitioning cannot express). An operand that arrives with such
+a sub-axis (k reshaped from a feature axis sharded wider than Hk: its heads and head dim each over part of the
+axis) is why the data operands are merged: on the merged dim the same sharding is one whole axis, which
+custom_partitioning takes (on the 4-d shape it failed inside jax before the partition callback ran); the plan then
+all-gathers the heads.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from __future__ import annotations
 import math
 from functools import partial
 
+import jax
+import jax.numpy as jnp
 from jax.experimental.custom_partitioning import (ArrayMapping, CompoundFactor, SdyShardingRule,
                                                   custom_partitioning)
 from jax.interpreters import mlir
@@ -61,12 +67,17 @@ class _Factors:
     """The factor of each dimension, from the shapes the partitioned calls take (data operands with their heads and
     head dim merged: ``_merge``), the head dim D and the mesh."""
 
-    def __init__(self, q_shape, k_shape, layout_shape, D, mesh):
+    def __init__(self, q_shape, k_shape, layout_shape, D, R, mesh):
         B, Hq, Hk = q_shape[0], q_shape[2] // D, k_shape[2] // D
         g = Hq // Hk
-        replicated = ["m", "n", "d", "p", "z"]
+        sizes = getattr(mesh, "shape", {}).values()
+        replicated = ["n", "d", "p", "z"]
+        if not _rows_split(q_shape[1], R, math.prod(sizes)):
+            # q's rows shard only into whole block rows, on every device alike (_Plan.m); where the mesh could not
+            # cut them so, they are need-replication, so that Shardy never hands them a sub-axis
+            replicated.append("m")
         self.known = {"d": D, "h": Hk, "g": g, "qh": Hq}   # sizes, given to Shardy where no dim is the factor alone
-        if not all(Hk % n == 0 for n in getattr(mesh, "shape", {}).values()):
+        if not all(Hk % n == 0 for n in sizes):
             # A mesh axis that does not divide Hk: Shardy would hand the heads a sub-axis (q's heads over 4 devices
             # with Hk = 2 split it between h and g), which custom_partitioning cannot express. The heads are then
             # replicated (all-gathered), the batch still not.
@@ -117,16 +128,21 @@ class _Factors:
         return SdyShardingRule(tuple(operands), tuple(results), need_replication_factors=replicated, **sizes)
 
 
+def _rows_split(M: int, R: int, parts: int) -> bool:
+    """Whether M query rows split into ``parts`` equal shards of whole block rows (R rows each)."""
+    return M > 0 and parts >= 1 and M % (parts * R) == 0
+
+
 def _fwd_rule(cfg, D, mesh, operand_types, result_types):
     q, k, _, ip, _, kl, qo = (_shape(t) for t in operand_types)
-    f = _Factors(q, k, ip, D, mesh)
+    f = _Factors(q, k, ip, D, cfg.block_r, mesh)
     return f.rule([f.q(), f.kv(), f.kv(), *f.layout(), f.per_sequence(kl, "kl"), f.per_sequence(qo, "qo")],
                   [f.q(), f.rows()])
 
 
 def _bwd_rule(cfg, D, mesh, operand_types, result_types):
     q, k, _, _, _, _, ip, _, kl, qo = (_shape(t) for t in operand_types)
-    f = _Factors(q, k, ip, D, mesh)
+    f = _Factors(q, k, ip, D, cfg.block_r, mesh)
     return f.rule([f.q(), f.kv(), f.kv(), f.q(), f.rows(), f.rows(), *f.layout(), f.per_sequence(kl, "kl"),
                    f.per_sequence(qo, "qo")], [f.q(), f.kv(), f.kv()])
 
@@ -142,30 +158,41 @@ def _axes(sharding, dim: int) -> tuple[str, ...]:
 
 
 class _Plan:
-    """The shardings of every operand and result: batch axes and KV-head axes, shared by all of them. The data
-    operands come with their heads and head dim merged (Hk-major), so axes that divide Hk shard whole heads (and
-    whole GQA groups of q)."""
+    """The shardings of every operand and result: batch axes, KV-head axes and query-row axes, shared by all of them.
+    The data operands come with their heads and head dim merged (Hk-major), so axes that divide Hk shard whole heads
+    (and whole GQA groups of q). q's rows (and o, do, dq, lse, delta) stay split where q's sequence axes cut them
+    into equal shards of whole block rows (context parallelism): each device then runs its block rows against all
+    the keys (k, v all-gathered), and dk, dv are summed over those axes."""
 
-    def __init__(self, mesh, q, k, indptr, D):
-        def pick(dim, size):
-            for x in (q, k) if dim == 0 else (k, q):
-                axes = _axes(x.sharding, dim)
-                if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
-                    return axes
+    def __init__(self, mesh, q, k, indptr, D, R):
+        def pick(x, dim, size, taken=()):
+            axes = _axes(x.sharding, dim)
+            if axes and not set(axes) & set(taken) and size % math.prod(mesh.shape[a] for a in axes) == 0:
+                return axes
             return None
-        B, Hk = k.shape[0], k.shape[2] // D
+        B, M, Hk = k.shape[0], q.shape[1], k.shape[2] // D
         self.mesh = mesh
-        self.b = pick(0, B)            # q's batch axes (else k's)
-        self.h = pick(2, Hk)           # k's head axes, else q's when they divide Hk (then k is sliced, not gathered)
-        if self.b and self.h and set(self.b) & set(self.h):
+        self.b = pick(q, 0, B) or pick(k, 0, B)            # q's batch axes (else k's)
+        self.h = pick(k, 2, Hk) or pick(q, 2, Hk)          # k's head axes, else q's when they divide Hk (then k is
+        if self.b and self.h and set(self.b) & set(self.h):  # sliced, not gathered)
             self.h = None
+        axes = _axes(q.sharding, 1)                        # q's row axes: whole block rows, equal shards
+        parts = math.prod(mesh.shape[a] for a in axes)
+        self.m = (axes if axes and not set(axes) & set((self.b or ()) + (self.h or ())) and _rows_split(M, R, parts)
+                  else None)
         LB, LH = indptr.shape[:2]
         self.layout_spec = P(self.b if LB == B else None, self.h if LH == Hk else None, None)
 
     def _ns(self, spec):
         return NamedSharding(self.mesh, spec)
 
-    def data(self):                                        # q, k, v, o, do, dq, dk, dv (merged); lse, delta
+    def row_split(self):                                   # (q's row axes, shards) for the partitioned calls
+        return (self.m, math.prod(self.mesh.shape[a] for a in self.m)) if self.m else None
+
+    def rows(self):                                        # q, o, do, dq (merged); lse, delta
+        return self._ns(P(self.b, self.m, self.h))
+
+    def keys(self):                                        # k, v, dk, dv (merged): all keys on every device
         return self._ns(P(self.b, None, self.h))
 
     def layout(self):
@@ -176,26 +203,27 @@ class _Plan:
 
 
 def _partition_fwd(cfg: Config, D: int, mesh, arg_shapes, result_shape):
-    plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[3], D)
-    args = (plan.data(),) * 3 + plan.layout() + tuple(map(plan.per_sequence, arg_shapes[5:7]))
-    return mesh, partial(_fwd, cfg=cfg, D=D), (plan.data(),) * 2, args
+    plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[3], D, cfg.block_r)
+    args = (plan.rows(),) + (plan.keys(),) * 2 + plan.layout() + tuple(map(plan.per_sequence, arg_shapes[5:7]))
+    return mesh, partial(_fwd_local, cfg=cfg, D=D, row_split=plan.row_split()), (plan.rows(),) * 2, args
 
 
 def _partition_bwd(cfg: Config, D: int, mesh, arg_shapes, result_shape):
-    plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[6], D)
-    args = (plan.data(),) * 6 + plan.layout() + tuple(map(plan.per_sequence, arg_shapes[8:10]))
-    return mesh, partial(_bwd, cfg=cfg, D=D), (plan.data(),) * 3, args
+    plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[6], D, cfg.block_r)
+    args = ((plan.rows(),) + (plan.keys(),) * 2 + (plan.rows(),) * 3 + plan.layout()
+            + tuple(map(plan.per_sequence, arg_shapes[8:10])))
+    return mesh, partial(_bwd_local, cfg=cfg, D=D, row_split=plan.row_split()), (plan.rows(),) + (plan.keys(),) * 2, args
 
 
 # GSPMD (only when Shardy is switched off): the result shardings follow the same plan.
 def _infer_fwd(cfg, D, mesh, arg_shapes, result_shape):
-    plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[3], D)
-    return (plan.data(),) * 2
+    plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[3], D, cfg.block_r)
+    return (plan.rows(),) * 2
 
 
 def _infer_bwd(cfg, D, mesh, arg_shapes, result_shape):
-    plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[6], D)
-    return (plan.data(),) * 3
+    plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[6], D, cfg.block_r)
+    return (plan.rows(),) + (plan.keys(),) * 2
 
 
 # ---- the partitioned calls (cfg, D static): the inner primitive, on global shapes when inlined (one device), on
@@ -212,15 +240,51 @@ def _split(x, D):                                          # [B, S, H * D] -> [B
     return x.reshape(*x.shape[:2], x.shape[2] // D, D)
 
 
-def _fwd(q, k, v, indptr, indices, kv_lens, q_offset, cfg, D):
+def _local_rows(indptr, indices, q_offset, q, k, cfg: Config, row_split):
+    """This device's block rows of the layout and its causal offsets, where q's rows are split over mesh axes
+    (``row_split``: those axes and the number of shards, ``_Plan.m``; q holds this shard's rows): indptr's rows of
+    the shard, re-based to 0, with indices rotated to match (the same static sizes: entries past the shard's rows are
+    never read), and q_offset moved by the shard's first row (with none, from the anchor N - M of all the rows)."""
+    axes, parts = row_split
+    B, M, N = q.shape[0], q.shape[1], k.shape[1]
+    shard = jax.lax.axis_index(axes)
+    rows = M // cfg.block_r                                # this shard's block rows
+    ip = jax.lax.dynamic_slice_in_dim(indptr, shard * rows, rows + 1, axis=-1)
+    base = ip[..., :1]                                     # (monotone in [0, nnz]: attention.py monotone_indptr)
+    nnz = indices.shape[-1]
+    if nnz:
+        indices = jnp.take_along_axis(indices, (jnp.arange(nnz, dtype=jnp.int32) + base) % nnz, axis=-1)
+    if cfg.causal:
+        anchor = q_offset if q_offset.shape[0] else jnp.full((B,), N - M * parts, jnp.int32)
+        q_offset = anchor + (shard * M).astype(jnp.int32)
+    return ip - base, indices, q_offset
+
+
+def _fwd_local(q, k, v, indptr, indices, kv_lens, q_offset, cfg, D, row_split=None):
+    """The forward on one device's operands (all of them when inlined); ``row_split``: q's rows are a shard."""
+    if row_split:
+        indptr, indices, q_offset = _local_rows(indptr, indices, q_offset, q, k, cfg, row_split)
     o, lse = bsattn_fwd_ffi_p.bind(*(_split(x, D) for x in (q, k, v)), indptr, indices, kv_lens, q_offset, cfg=cfg)
     return _merge(o), lse
 
 
+def _bwd_local(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg, D, row_split=None):
+    """The backward on one device's operands; with ``row_split``, dk and dv summed over the row shards."""
+    if row_split:
+        indptr, indices, q_offset = _local_rows(indptr, indices, q_offset, q, k, cfg, row_split)
+    dq, dk, dv = bsattn_bwd_ffi_p.bind(*(_split(x, D) for x in (q, k, v, do)), lse, delta, indptr, indices, kv_lens,
+                                       q_offset, cfg=cfg)
+    if row_split:   # each shard's rows add to every key's dk, dv: summed in float32 (one rounding of the sum)
+        dk, dv = (jax.lax.psum(x.astype(jnp.float32), row_split[0]).astype(x.dtype) for x in (dk, dv))
+    return tuple(map(_merge, (dq, dk, dv)))
+
+
+def _fwd(q, k, v, indptr, indices, kv_lens, q_offset, cfg, D):          # (custom_partitioning reads the signature)
+    return _fwd_local(q, k, v, indptr, indices, kv_lens, q_offset, cfg, D)
+
+
 def _bwd(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg, D):
-    grads = bsattn_bwd_ffi_p.bind(*(_split(x, D) for x in (q, k, v, do)), lse, delta, indptr, indices, kv_lens,
-                                  q_offset, cfg=cfg)
-    return tuple(map(_merge, grads))
+    return _bwd_local(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg, D)
 
 
 _fwd_cp = custom_partitioning(_fwd, static_argnums=(7, 8))

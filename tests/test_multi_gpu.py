@@ -12,6 +12,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jax_bsattn as jb
+from conftest import check_forward, check_gradients
 from jax_bsattn import layouts
 
 pytestmark = pytest.mark.gpu
@@ -80,3 +81,21 @@ def test_sharded_on_gpus_equals_one_gpu(name):
     plat = "cuda"  # the FFI targets are named per jax platform (cuda), not per device kind (gpu)
     assert hlo.count(f"bsattn_fwd_{plat}") >= 1 and hlo.count(f"bsattn_bwd_{plat}") >= 1
     assert got[0].sharding.is_equivalent_to(spec, 4), got[0].sharding       # o stays sharded as q
+
+
+def test_query_rows_split_over_gpus():
+    """Context parallelism: q's 8 block rows split over 2 GPUs stay split (no gather of q's rows), k and v whole on
+    each; forward and gradients held to the float32 reference (dk, dv: the shards' bf16 parts summed)."""
+    gpus = _gpus()
+    if len(gpus) < 2:
+        pytest.skip(f"needs 2 GPUs, found {len(gpus)}")
+    q, k, v, lay = _problem((4,))
+    mesh = jax.make_mesh((2,), ("s",), axis_types=(AxisType.Auto,), devices=gpus[:2])
+    rows, whole = NamedSharding(mesh, P(None, "s")), NamedSharding(mesh, P())
+    qs, ks, vs = jax.device_put(q, rows), jax.device_put(k, whole), jax.device_put(v, whole)
+    check_forward(qs, ks, vs, lay, causal=True)
+    check_gradients(qs, ks, vs, lay, causal=True)
+    fwd, grad = _fns()
+    hlo = "".join(jax.jit(f).lower(qs, ks, vs, lay).compile().as_text() for f in (fwd, grad))
+    assert hlo.count("all-gather") == 0 and hlo.count("all-reduce") >= 1
+    assert jax.jit(fwd)(qs, ks, vs, lay)[0].sharding.is_equivalent_to(rows, 4)

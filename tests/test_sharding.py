@@ -1,6 +1,8 @@
 """Sharding under jax.jit with NamedSharding on 8 CPU devices: batch, heads (Hq with Hk), both, per-head and
-per-batch layouts, forward and gradients equal to the unsharded op, no all-gather in the compiled HLO; a
-sharded sequence or head-dim axis is all-gathered (the documented behaviour) and the result stays right.
+per-batch layouts, forward and gradients equal to the unsharded op, no all-gather in the compiled HLO; q's rows
+split into whole block rows stay split (context parallelism: no gather of q, o, lse; k, v gathered where split);
+a head-dim axis or a sequence axis that does not cut whole block rows is all-gathered (the documented behaviour)
+and the result stays right. Also jax_bsattn.export of the shard_map form.
 
 jax fixes its device count at first import, so the checks run in one subprocess started with
 ``--xla_force_host_platform_device_count=8`` (this file is also that subprocess's script); each test reads
@@ -11,6 +13,7 @@ split alike, with k, v replicated beside a split q, and with a layout that diffe
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -32,10 +35,17 @@ CASES = {
     # q's heads over an axis that does not divide Hk = 2 (GQA tensor parallel): compiling the gradient crashed
     # (Shardy split the axis between the KV heads and the groups; custom_partitioning cannot take a sub-axis)
     "gqa_heads_past_hk": ((2, 4), (None, None, "y"), (None,), 2, (), False),
+    # q's rows over an axis that cuts them into whole block rows (48 rows, 8-row blocks: over "x" = 2): they stay
+    # split (context parallelism), k, v all-gathered if split, dk and dv summed over the row shards
+    "seq_q_rows": ((2, 4), (None, "x"), (None,), 4, (), False),
+    "seq_q_rows_and_heads": ((2, 4), (None, "x", "y"), (None, None, "y"), 4, (4,), False),
+    "seq_qkv_rows_per_batch_layout": ((2, 4), ("y", "x"), ("y", "x"), 4, (8, 1), False),
+    "seq_q_rows_explicit": ((2, 4), (None, "x", "y"), (None, None, "y"), 4, (4,), True),
 }
 NO_GATHER = ["batch", "heads", "batch_and_heads_per_head_layout", "batch_and_heads_per_batch_layout",
              "batch_and_heads_full_layout", "explicit_axes", "q_heads_only"]
 GATHERED = ["seq_q", "seq_kv", "head_dim", "mqa_heads", "gqa_heads_past_hk"]   # documented: all-gathered first
+ROWS_LOCAL = ["seq_q_rows", "seq_q_rows_and_heads", "seq_qkv_rows_per_batch_layout", "seq_q_rows_explicit"]
 
 
 def worker():
@@ -53,6 +63,8 @@ def worker():
     report = {}
     compiled = lambda args, *fns: "".join(jax.jit(f).lower(*args).compile().as_text() for f in fns)  # their HLO
     kernel_calls = lambda hlo: hlo.count("bsattn_fwd_") + hlo.count("bsattn_bwd_")
+    # all-gathers whose result has q's M rows (q, o, do, lse, delta: [*, M, *]), not k's or v's N
+    row_gathers = lambda hlo, M: len(re.findall(rf"= \w+\[\d+,{M},[^=]*all-gather\(", hlo))
     sharder = lambda mesh: (lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec))))
     for name, (mesh_shape, qspec, kspec, Hk, lead, explicit) in CASES.items():
         q = jnp.asarray(rng.standard_normal((B, M, Hq, D)), jnp.float32)
@@ -75,7 +87,7 @@ def worker():
         want = jax.jit(fwd)(q, k, v, lay) + jax.jit(grad)(q, k, v, lay)                 # unsharded
         errs = [float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30)) for a, b in zip(got, want)]
         report[name] = dict(errs=errs, all_gathers=hlo.count("all-gather"), specs=specs,
-                            kernel_calls=kernel_calls(hlo))
+                            kernel_calls=kernel_calls(hlo), row_gathers=row_gathers(hlo, M))
     # Per-sequence key lengths (kv_lens) split over the batch axis beside q, k, v split over batch and heads, with
     # automatic and explicit mesh axes: the forward is one kernel call taking the lengths; its gradients go through
     # the layout cut per batch element and the cut column's XLA part, which shard like the rest.
@@ -85,22 +97,28 @@ def worker():
     offsets = lens - M + jnp.asarray(rng.integers(-3, 4, size=B), jnp.int32)  # (chunks ending near each length)
     lay = layouts.union(layouts.sliding_window((M, N), 8, 24), layouts.random((M, N), 8, 2, batch_shape=(4,)))
     # (and, as q_offset cases, per-sequence causal offsets beside the lengths: both per-sequence operands sharded)
+    # (q_offset_rows: q's rows split over "x", the heads over "y", the per-sequence operands replicated)
     for name, kind, with_offsets in (("kv_lens", AxisType.Auto, False), ("kv_lens_explicit", AxisType.Explicit, False),
-                                     ("q_offset", AxisType.Auto, True), ("q_offset_explicit", AxisType.Explicit, True)):
+                                     ("q_offset", AxisType.Auto, True), ("q_offset_explicit", AxisType.Explicit, True),
+                                     ("q_offset_rows", AxisType.Auto, True)):
         fwd = lambda q, k, v, n, o, w=with_offsets: jb.block_sparse_attention(
             q, k, v, lay, causal=True, return_lse=True, kv_lens=n, q_offset=o if w else None)
         grad = jax.grad(lambda q, k, v, n, o: jnp.sum(jnp.sin(fwd(q, k, v, n, o)[0])), argnums=(0, 1, 2))
         want = jax.jit(fwd)(q, k, v, lens, offsets) + jax.jit(grad)(q, k, v, lens, offsets)
         mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(kind, kind))
         shard = sharder(mesh)
-        args = (shard(q, "x", None, "y"), shard(k, "x", None, "y"), shard(v, "x", None, "y"), shard(lens, "x"),
-                shard(offsets, "x"))
+        if name.endswith("rows"):
+            args = (shard(q, None, "x", "y"), shard(k, None, None, "y"), shard(v, None, None, "y"), lens, offsets)
+        else:
+            args = (shard(q, "x", None, "y"), shard(k, "x", None, "y"), shard(v, "x", None, "y"), shard(lens, "x"),
+                    shard(offsets, "x"))
         with jax.set_mesh(mesh) if kind == AxisType.Explicit else contextlib.nullcontext():
             got = jax.jit(fwd)(*args) + jax.jit(grad)(*args)
             hlo = compiled(args, fwd, grad)
         errs = [float(jnp.max(jnp.abs(jnp.where(jnp.isfinite(b), a - b, 0))) / (jnp.max(jnp.abs(jnp.where(
             jnp.isfinite(b), b, 0))) + 1e-30)) for a, b in zip(got, want)]
-        report[name] = dict(errs=errs, all_gathers=hlo.count("all-gather"), kernel_calls=kernel_calls(hlo))
+        report[name] = dict(errs=errs, all_gathers=hlo.count("all-gather"), kernel_calls=kernel_calls(hlo),
+                            row_gathers=row_gathers(hlo, M))
     # Tensor parallel as a model writes it: q, k, v projected by weights whose feature axis is over "y" (4 devices),
     # reshaped to heads; o merged and projected back by a weight over "y" (row parallel). With Hk = 2 the reshape
     # gives k's heads and head dim each half of "y" (a sub-axis), which jax's custom_partitioning could not take
@@ -207,7 +225,16 @@ def test_batch_and_head_sharding_runs_on_local_shards(report, name):
     assert (o_spec[0], o_spec[2]) == (qspec[0], qspec[2]), r        # o stays sharded as q (batch, heads)
 
 
-@pytest.mark.parametrize("name", ["kv_lens", "kv_lens_explicit", "q_offset", "q_offset_explicit"])
+@pytest.mark.parametrize("name", ROWS_LOCAL)
+def test_query_rows_stay_split(report, name):
+    r = report[name]
+    assert r["row_gathers"] == 0, r           # no all-gather of q, o, do, lse or delta
+    assert r["specs"][0][1] == CASES[name][1][1], r    # o's rows split as q's
+    if "qkv" not in name:                     # k, v not split: nothing is gathered at all
+        assert r["all_gathers"] == 0, r
+
+
+@pytest.mark.parametrize("name", ["kv_lens", "kv_lens_explicit", "q_offset", "q_offset_explicit", "q_offset_rows"])
 def test_kv_lens_sharded(report, name):
     r = report[name]
     assert max(r["errs"]) < 1e-5, r
@@ -241,6 +268,8 @@ def test_export(report):
 @pytest.mark.parametrize("name", GATHERED)
 def test_sequence_and_head_dim_sharding_is_all_gathered(report, name):
     assert report[name]["all_gathers"] > 0, report[name]
+    if name == "seq_q":                       # 6 block rows over 4 devices: q's rows gathered (row_gathers sees it)
+        assert report[name]["row_gathers"] > 0, report[name]
 
 
 if __name__ == "__main__":
