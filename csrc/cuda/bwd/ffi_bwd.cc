@@ -156,7 +156,7 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   if (no_col_view && N > 0 && !bwd::runs_rows_sm90(p, static_cast<int>(D), run_dq, run_dkdv))
     return bwd_bad("col_indptr, col_rows and col_order are empty, but the backward that runs here is not the "
                    "row-oriented one and needs the layout's column view (a module lowered for an H100 / H200 run "
-                   "on another GPU?)");
+                   "on another GPU? jax_bsattn.export(..., gpu=\"portable\") lowers for any GPU)");
 
   const cudaError_t err = dt == ffi::DataType::BF16 ? launch_all<bwd::kBF16>(p, D, run_dq, run_dkdv, stream)
                                                     : launch_all<bwd::kF16>(p, D, run_dq, run_dkdv, stream);
