@@ -180,20 +180,26 @@ class _Plan:
         parts = math.prod(mesh.shape[a] for a in axes)
         self.m = (axes if axes and not set(axes) & set((self.b or ()) + (self.h or ())) and _rows_split(M, R, parts)
                   else None)
+        # dk, dv leave split over the row axes where k arrives so (q, k, v all split over the sequence): a
+        # reduce-scatter of the shards' sums, half an all-reduce's traffic
+        self.n = self.m if self.m and _axes(k.sharding, 1) == self.m and k.shape[1] % parts == 0 else None
         LB, LH = indptr.shape[:2]
         self.layout_spec = P(self.b if LB == B else None, self.h if LH == Hk else None, None)
 
     def _ns(self, spec):
         return NamedSharding(self.mesh, spec)
 
-    def row_split(self):                                   # (q's row axes, shards) for the partitioned calls
-        return (self.m, math.prod(self.mesh.shape[a] for a in self.m)) if self.m else None
+    def row_split(self):          # (q's row axes, shards, whether dk / dv are scattered) for the partitioned calls
+        return (self.m, math.prod(self.mesh.shape[a] for a in self.m), bool(self.n)) if self.m else None
 
     def rows(self):                                        # q, o, do, dq (merged); lse, delta
         return self._ns(P(self.b, self.m, self.h))
 
-    def keys(self):                                        # k, v, dk, dv (merged): all keys on every device
+    def keys(self):                                        # k, v (merged): all keys on every device
         return self._ns(P(self.b, None, self.h))
+
+    def key_grads(self):                                   # dk, dv (merged)
+        return self._ns(P(self.b, self.n, self.h))
 
     def layout(self):
         return self._ns(self.layout_spec), self._ns(self.layout_spec)
@@ -212,7 +218,8 @@ def _partition_bwd(cfg: Config, D: int, mesh, arg_shapes, result_shape):
     plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[6], D, cfg.block_r)
     args = ((plan.rows(),) + (plan.keys(),) * 2 + (plan.rows(),) * 3 + plan.layout()
             + tuple(map(plan.per_sequence, arg_shapes[8:10])))
-    return mesh, partial(_bwd_local, cfg=cfg, D=D, row_split=plan.row_split()), (plan.rows(),) + (plan.keys(),) * 2, args
+    results = (plan.rows(),) + (plan.key_grads(),) * 2
+    return mesh, partial(_bwd_local, cfg=cfg, D=D, row_split=plan.row_split()), results, args
 
 
 # GSPMD (only when Shardy is switched off): the result shardings follow the same plan.
@@ -223,7 +230,7 @@ def _infer_fwd(cfg, D, mesh, arg_shapes, result_shape):
 
 def _infer_bwd(cfg, D, mesh, arg_shapes, result_shape):
     plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[6], D, cfg.block_r)
-    return (plan.rows(),) + (plan.keys(),) * 2
+    return (plan.rows(),) + (plan.key_grads(),) * 2
 
 
 # ---- the partitioned calls (cfg, D static): the inner primitive, on global shapes when inlined (one device), on
@@ -242,10 +249,11 @@ def _split(x, D):                                          # [B, S, H * D] -> [B
 
 def _local_rows(indptr, indices, q_offset, q, k, cfg: Config, row_split):
     """This device's block rows of the layout and its causal offsets, where q's rows are split over mesh axes
-    (``row_split``: those axes and the number of shards, ``_Plan.m``; q holds this shard's rows): indptr's rows of
-    the shard, re-based to 0, with indices rotated to match (the same static sizes: entries past the shard's rows are
-    never read), and q_offset moved by the shard's first row (with none, from the anchor N - M of all the rows)."""
-    axes, parts = row_split
+    (``row_split``: those axes, the number of shards and whether dk / dv leave split, ``_Plan.row_split``; q holds
+    this shard's rows): indptr's rows of the shard, re-based to 0, with indices rotated to match (the same static
+    sizes: entries past the shard's rows are never read), and q_offset moved by the shard's first row (with none,
+    from the anchor N - M of all the rows)."""
+    axes, parts, _ = row_split
     B, M, N = q.shape[0], q.shape[1], k.shape[1]
     shard = jax.lax.axis_index(axes)
     rows = M // cfg.block_r                                # this shard's block rows
@@ -275,7 +283,9 @@ def _bwd_local(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg,
     dq, dk, dv = bsattn_bwd_ffi_p.bind(*(_split(x, D) for x in (q, k, v, do)), lse, delta, indptr, indices, kv_lens,
                                        q_offset, cfg=cfg)
     if row_split:   # each shard's rows add to every key's dk, dv: summed in float32 (one rounding of the sum)
-        dk, dv = (jax.lax.psum(x.astype(jnp.float32), row_split[0]).astype(x.dtype) for x in (dk, dv))
+        axes, _, scatter = row_split
+        total = (partial(jax.lax.psum_scatter, scatter_dimension=1, tiled=True) if scatter else jax.lax.psum)
+        dk, dv = (total(x.astype(jnp.float32), axes).astype(x.dtype) for x in (dk, dv))
     return tuple(map(_merge, (dq, dk, dv)))
 
 

@@ -87,7 +87,8 @@ def worker():
         want = jax.jit(fwd)(q, k, v, lay) + jax.jit(grad)(q, k, v, lay)                 # unsharded
         errs = [float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30)) for a, b in zip(got, want)]
         report[name] = dict(errs=errs, all_gathers=hlo.count("all-gather"), specs=specs,
-                            kernel_calls=kernel_calls(hlo), row_gathers=row_gathers(hlo, M))
+                            kernel_calls=kernel_calls(hlo), row_gathers=row_gathers(hlo, M),
+                            all_reduces=hlo.count(" all-reduce("), reduce_scatters=hlo.count(" reduce-scatter("))
     # Per-sequence key lengths (kv_lens) split over the batch axis beside q, k, v split over batch and heads, with
     # automatic and explicit mesh axes: the forward is one kernel call taking the lengths; its gradients go through
     # the layout cut per batch element and the cut column's XLA part, which shard like the rest.
@@ -230,8 +231,10 @@ def test_query_rows_stay_split(report, name):
     r = report[name]
     assert r["row_gathers"] == 0, r           # no all-gather of q, o, do, lse or delta
     assert r["specs"][0][1] == CASES[name][1][1], r    # o's rows split as q's
-    if "qkv" not in name:                     # k, v not split: nothing is gathered at all
-        assert r["all_gathers"] == 0, r
+    if "qkv" not in name:                     # k, v not split: nothing is gathered; dk, dv all-reduced
+        assert r["all_gathers"] == 0 and r["all_reduces"] > 0, r
+    else:                                     # k, v split over the rows' axes: dk, dv reduce-scattered to them
+        assert r["reduce_scatters"] > 0 and r["all_reduces"] == 0 and r["specs"][3][1] == CASES[name][2][1], r
 
 
 @pytest.mark.parametrize("name", ["kv_lens", "kv_lens_explicit", "q_offset", "q_offset_explicit", "q_offset_rows"])
