@@ -75,9 +75,15 @@ def parse_args(argv=None):
     p.add_argument("--devices", type=int, default=1,
                    help="data parallel over this many devices: the batch is split over a 1-D mesh, parameters and "
                         "optimizer state replicated; --batch is per device")
+    p.add_argument("--seq-shards", type=int, default=1,
+                   help="context parallel: of --devices, this many split each sequence (each runs its block rows of "
+                        "the attention, k and v gathered), the rest the batch; --batch is per batch shard")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/train_lm", help="directory for loss.png, layout.png, metrics.json")
     args = p.parse_args(argv)
+    if args.seq_shards < 1 or args.devices % args.seq_shards or args.seq_len % (args.seq_shards * args.block):
+        p.error(f"--seq-shards ({args.seq_shards}) must divide --devices ({args.devices}), and --seq-len "
+                f"({args.seq_len}) be a multiple of --seq-shards x --block ({args.block})")
     if args.dim % args.heads or args.heads % args.kv_heads:
         p.error(f"--dim ({args.dim}) must be a multiple of --heads ({args.heads}), and --heads of --kv-heads")
     if on_gpu and not args.dense:
@@ -197,22 +203,26 @@ def main(argv=None):
     print(f"{args.layers} layers, dim {args.dim}, {args.heads} heads / {args.kv_heads} KV heads, "
           f"{n_params / 1e6:.2f}M params, batch {args.batch} x {T} tokens, {args.steps} steps, {args.dtype}")
 
-    # Data parallel: a 1-D mesh, replicated parameters, the global batch split over it. The attention op is
-    # partitioned over the batch axis (custom_partitioning), so each device runs the kernels on its shard.
+    # Data parallel: a mesh of (batch shards, sequence shards), replicated parameters, the global batch split over
+    # "data" and, with --seq-shards, each sequence over "seq". The attention op is partitioned over both
+    # (custom_partitioning): each device runs the kernels on its batch shard's block rows.
     put = jnp.asarray
+    data_shards = args.devices // args.seq_shards
     if args.devices > 1:
         from jax.sharding import AxisType, NamedSharding
         from jax.sharding import PartitionSpec as P
         devices = jax.devices(backend())
         if len(devices) < args.devices:
             raise SystemExit(f"--devices {args.devices}: only {len(devices)} devices ({devices})")
-        mesh = jax.make_mesh((args.devices,), ("data",), axis_types=(AxisType.Auto,), devices=devices[:args.devices])
+        mesh = jax.make_mesh((data_shards, args.seq_shards), ("data", "seq"), axis_types=(AxisType.Auto,) * 2,
+                             devices=devices[:args.devices])
         state = nnx.state((model, optimizer))
         nnx.update((model, optimizer), jax.device_put(state, NamedSharding(mesh, P())))
-        batch_sharding = NamedSharding(mesh, P("data"))
+        batch_sharding = NamedSharding(mesh, P("data", "seq"))
         put = lambda a: jax.device_put(a, batch_sharding)
-        print(f"data parallel over {args.devices} devices: global batch {args.batch * args.devices}")
-    global_batch = args.batch * args.devices
+        print(f"data parallel over {data_shards} x {args.seq_shards} devices (batch x sequence): global batch "
+              f"{args.batch * data_shards}")
+    global_batch = args.batch * data_shards
     stream = batches(train, global_batch, T, np.random.default_rng(args.seed))
     losses, t_start, timed_tokens = [], None, 0
     use_bar = tqdm is not None and sys.stderr.isatty()       # a log file gets plain progress lines instead

@@ -165,9 +165,9 @@ class _Plan:
     the keys (k, v all-gathered), and dk, dv are summed over those axes."""
 
     def __init__(self, mesh, q, k, indptr, D, R):
-        def pick(x, dim, size, taken=()):
+        def pick(x, dim, size):
             axes = _axes(x.sharding, dim)
-            if axes and not set(axes) & set(taken) and size % math.prod(mesh.shape[a] for a in axes) == 0:
+            if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
                 return axes
             return None
         B, M, Hk = k.shape[0], q.shape[1], k.shape[2] // D
