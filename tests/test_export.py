@@ -68,9 +68,9 @@ def test_vjp_of_an_exported_forward():
 
 
 def test_symbolic_batch():
-    args, lay, kw = _problem(B=1)
-    lay1 = layouts.sliding_window((48, 64), 8, 24)
-    fwd = jax.jit(lambda q, k, v: jb.block_sparse_attention(q, k, v, lay1, causal=True))
+    args, _, _ = _problem(B=1)
+    lay = layouts.sliding_window((48, 64), 8, 24)      # (one layout for any batch)
+    fwd = jax.jit(lambda q, k, v: jb.block_sparse_attention(q, k, v, lay, causal=True))
     b, = jax_export.symbolic_shape("b")
     specs = [jax.ShapeDtypeStruct((b,) + x.shape[1:], x.dtype) for x in args]
     restored = _roundtrip(jb.export(fwd)(*specs))
