@@ -13,6 +13,7 @@
 # SHARDS=5 (the GPU tests in five concurrent processes, each cut at SHARD_S seconds, default 530: with the build,
 # under a 600 s call; ALL=1 adds the unmarked tests; the ids matching SLOW are dealt out first, so they spread),
 # PEERS="flex" (the peers' phases run first in the same call, from .peers: see shared/peers/README.md; PEER_CELLS),
+# EXTRA_PYTHONPATH (absolute folders added after /tmp/site, e.g. a carried copy of flatbuffers for test_export.py),
 # DECODE=1 (benchmarks/bench_decode.py without and with kv_lens, and FlashInfer where .peers is carried; DECODE_ARGS).
 set -o pipefail
 SLOW=${SLOW:-"16-4096|training_scale|backward_sweep"}
@@ -27,7 +28,9 @@ stamp build
 [ "${SKIP_BUILD:-0}" = 1 ] && [ -d /tmp/site/jax_bsattn ] && echo "(kept /tmp/site)" || \
 BSATTN_CUDA=FORCE BSATTN_CUDA_ARCHS=${ARCHS:-90} python3 -m pip install --no-build-isolation --no-deps --no-index \
   --target /tmp/site . > "$OUT/pip.log" 2>&1 || { tail -40 "$OUT/pip.log"; exit 1; }
-export PYTHONPATH=/tmp/site
+# EXTRA_PYTHONPATH: packages the GPU machine lacks, carried in an ignored folder (flatbuffers, which jax's
+# serialisation needs: without it tests/test_export.py skips)
+export PYTHONPATH=/tmp/site${EXTRA_PYTHONPATH:+:$EXTRA_PYTHONPATH}
 run_ids() {  # log name, file of test ids (one per line, relative to tests/): one pytest process, cut at SHARD_S
   # (never with no ids: pytest would then run the whole suite)
   [ -s "$2" ] || { echo "$1: no test ids" > "$OUT/$1.log"; return; }
