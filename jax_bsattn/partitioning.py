@@ -177,12 +177,12 @@ class _Plan:
         if self.b and self.h and set(self.b) & set(self.h):  # sliced, not gathered)
             self.h = None
         axes = _axes(q.sharding, 1)                        # q's row axes: whole block rows, equal shards
-        parts = math.prod(mesh.shape[a] for a in axes)
-        self.m = (axes if axes and not set(axes) & set((self.b or ()) + (self.h or ())) and _rows_split(M, R, parts)
-                  else None)
+        self.parts = math.prod(mesh.shape[a] for a in axes)
+        self.m = (axes if axes and not set(axes) & set((self.b or ()) + (self.h or ()))
+                  and _rows_split(M, R, self.parts) else None)
         # dk, dv leave split over the row axes where k arrives so (q, k, v all split over the sequence): a
         # reduce-scatter of the shards' sums, half an all-reduce's traffic
-        self.n = self.m if self.m and _axes(k.sharding, 1) == self.m and k.shape[1] % parts == 0 else None
+        self.n = self.m if self.m and _axes(k.sharding, 1) == self.m and k.shape[1] % self.parts == 0 else None
         LB, LH = indptr.shape[:2]
         self.layout_spec = P(self.b if LB == B else None, self.h if LH == Hk else None, None)
 
@@ -190,7 +190,7 @@ class _Plan:
         return NamedSharding(self.mesh, spec)
 
     def row_split(self):          # (q's row axes, shards, whether dk / dv are scattered) for the partitioned calls
-        return (self.m, math.prod(self.mesh.shape[a] for a in self.m), bool(self.n)) if self.m else None
+        return (self.m, self.parts, bool(self.n)) if self.m else None
 
     def rows(self):                                        # q, o, do, dq (merged); lse, delta
         return self._ns(P(self.b, self.m, self.h))

@@ -64,7 +64,7 @@ def worker():
     compiled = lambda args, *fns: "".join(jax.jit(f).lower(*args).compile().as_text() for f in fns)  # their HLO
     kernel_calls = lambda hlo: hlo.count("bsattn_fwd_") + hlo.count("bsattn_bwd_")
     # all-gathers whose result has q's M rows (q, o, do, lse, delta: [*, M, *]), not k's or v's N
-    row_gathers = lambda hlo, M: len(re.findall(rf"= \w+\[\d+,{M},[^=]*all-gather\(", hlo))
+    row_gathers = lambda hlo: len(re.findall(rf"= \w+\[\d+,{M},[^=]*all-gather\(", hlo))
     sharder = lambda mesh: (lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec))))
     for name, (mesh_shape, qspec, kspec, Hk, lead, explicit) in CASES.items():
         q = jnp.asarray(rng.standard_normal((B, M, Hq, D)), jnp.float32)
@@ -87,7 +87,7 @@ def worker():
         want = jax.jit(fwd)(q, k, v, lay) + jax.jit(grad)(q, k, v, lay)                 # unsharded
         errs = [float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30)) for a, b in zip(got, want)]
         report[name] = dict(errs=errs, all_gathers=hlo.count("all-gather"), specs=specs,
-                            kernel_calls=kernel_calls(hlo), row_gathers=row_gathers(hlo, M),
+                            kernel_calls=kernel_calls(hlo), row_gathers=row_gathers(hlo),
                             all_reduces=hlo.count(" all-reduce("), reduce_scatters=hlo.count(" reduce-scatter("))
     # Per-sequence key lengths (kv_lens) split over the batch axis beside q, k, v split over batch and heads, with
     # automatic and explicit mesh axes: the forward is one kernel call taking the lengths; its gradients go through
@@ -119,7 +119,7 @@ def worker():
         errs = [float(jnp.max(jnp.abs(jnp.where(jnp.isfinite(b), a - b, 0))) / (jnp.max(jnp.abs(jnp.where(
             jnp.isfinite(b), b, 0))) + 1e-30)) for a, b in zip(got, want)]
         report[name] = dict(errs=errs, all_gathers=hlo.count("all-gather"), kernel_calls=kernel_calls(hlo),
-                            row_gathers=row_gathers(hlo, M))
+                            row_gathers=row_gathers(hlo))
     # Tensor parallel as a model writes it: q, k, v projected by weights whose feature axis is over "y" (4 devices),
     # reshaped to heads; o merged and projected back by a weight over "y" (row parallel). With Hk = 2 the reshape
     # gives k's heads and head dim each half of "y" (a sub-axis), which jax's custom_partitioning could not take
