@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Primitive
-from jax.interpreters import batching
+from jax.interpreters import ad, batching
 from jax.sharding import NamedSharding, PartitionSpec
 
 try:  # jax >= 0.4.36
@@ -223,6 +223,18 @@ def _make_batcher(prim, num_data: int):
 
 batching.primitive_batchers[bsattn_fwd_p] = _make_batcher(bsattn_fwd_p, num_data=3)
 batching.primitive_batchers[bsattn_bwd_p] = _make_batcher(bsattn_bwd_p, num_data=6)
+
+
+# ---- differentiation: first order only (the custom_vjp in attention.py); a second derivative says so -------------
+
+def _no_second_derivative(primals, tangents, **params):
+    raise NotImplementedError(
+        "jax_bsattn: block_sparse_attention has a first derivative only (jax.grad, jax.vjp); a derivative of its "
+        "gradient (grad of grad, jax.hessian, jax.jvp of a gradient, an exported VJP of order 2) is not implemented")
+
+
+for _p in (bsattn_fwd_p, bsattn_bwd_p):
+    ad.primitive_jvps[_p] = _no_second_derivative
 
 
 def ffi_attributes(cfg: Config) -> dict:

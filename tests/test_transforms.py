@@ -156,3 +156,16 @@ def test_layout_arrays_get_zero_cotangent_and_are_not_differentiated(problem):
     grads = jax.grad(lambda q, lay: jnp.sum(jb.block_sparse_attention(q, k, v, lay)), argnums=(0, 1),
                      allow_int=True)(q, lay)
     assert grads[1].indptr.dtype == jax.dtypes.float0
+
+
+def test_second_derivative_is_refused_with_a_message(problem):
+    # first order only: a gradient's own derivative names the op instead of jax's "Differentiation rule ... not
+    # implemented" for an internal primitive
+    q, k, v, masks = problem
+    lay = jb.BlockSparseLayout.from_block_mask(masks[:, None], (R, C), (M, N))   # per batch element
+    grad_q = jax.grad(lambda q: jnp.sum(jb.block_sparse_attention(q, k, v, lay) ** 2))
+    assert np.isfinite(np.asarray(grad_q(q))).all()
+    for second in (jax.grad(lambda q: jnp.sum(grad_q(q))), jax.hessian(lambda q: jnp.sum(
+            jb.block_sparse_attention(q, k, v, lay) ** 2))):
+        with pytest.raises(NotImplementedError, match="block_sparse_attention has a first derivative only"):
+            second(q)
