@@ -78,6 +78,9 @@ def parse_args(argv=None):
     p.add_argument("--seq-shards", type=int, default=1,
                    help="context parallel: of --devices, this many split each sequence (each runs its block rows of "
                         "the attention, k and v gathered), the rest the batch; --batch is per batch shard")
+    p.add_argument("--ring", action="store_true",
+                   help="with --seq-shards: k and v pass round the sequence shards instead of being gathered "
+                        "(the op's context_parallel='ring')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/train_lm", help="directory for loss.png, layout.png, metrics.json")
     args = p.parse_args(argv)
@@ -136,7 +139,8 @@ class Block(nnx.Module):
         attn_cls = DenseAttention if args.dense else BlockSparseMultiHeadAttention
         self.norm1 = nnx.RMSNorm(args.dim, dtype=dtype, rngs=rngs)
         self.attn = attn_cls(args.heads, args.dim, num_kv_heads=args.kv_heads, layout=layout, causal=True,
-                             rotary=True, dtype=dtype, rngs=rngs)
+                             rotary=True, dtype=dtype, rngs=rngs,
+                             **({} if args.dense else dict(context_parallel="ring" if args.ring else "all_gather")))
         self.norm2 = nnx.RMSNorm(args.dim, dtype=dtype, rngs=rngs)
         self.up = nnx.Linear(args.dim, 4 * args.dim, use_bias=False, dtype=dtype, rngs=rngs)
         self.down = nnx.Linear(4 * args.dim, args.dim, use_bias=False, dtype=dtype, rngs=rngs,

@@ -144,6 +144,13 @@ def _canonical_layout(x, batch: tuple[int, ...], Hk: int):
     return x.reshape(LB, LH, x.shape[-1])
 
 
+def is_ring(name: str, mode) -> bool:
+    """``context_parallel``: ``"all_gather"`` (False) or ``"ring"`` (True); anything else an error naming it."""
+    if not isinstance(mode, str) or mode not in ("all_gather", "ring"):
+        raise ValueError(f"{name} must be 'all_gather' or 'ring', got {mode!r}")
+    return mode == "ring"
+
+
 def _none():
     return jnp.zeros((0,), jnp.int32)  # (a per-sequence operand, kv_lens or q_offset: none)
 
@@ -186,7 +193,8 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, causal=False, logits_soft_cap=None,
-                           return_lse=False, deterministic=False, kv_lens=None, q_offset=None):
+                           return_lse=False, deterministic=False, kv_lens=None, q_offset=None,
+                           context_parallel="all_gather"):
     """Block-sparse attention: only the blocks that ``layout`` lists are computed.
 
     Args:
@@ -224,6 +232,14 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
         each sequence's length, passes ``kv_lens - M`` (or ``kv_lens - q_lens`` with right-padded chunks). Values are
         clipped to ``[-M, N - 1]`` (past either end every row sees all its keys, or none). The kernels take the offsets,
         forward and backward.
+      context_parallel: under ``jax.jit`` with q's sequence split over mesh axes into whole block rows, how the keys
+        reach each device's rows. ``"all_gather"`` (default): k and v are all-gathered where they arrive split, and
+        each device runs one kernel call against all the keys. ``"ring"``: where k and v arrive split over the same
+        axes into whole block columns (``N`` divisible by ``C`` x the devices), they stay split and pass round the
+        devices, one shard per step, each step a kernel call on this device's rows against the shard it holds (ring
+        attention: no device holds more than two shards of k, v; the backward's dk, dv travel with their shard, in
+        float32); the partial outputs are merged by their lse in float32. Elsewhere the same as ``"all_gather"``.
+        No effect without such sharding (one device, or inside ``shard_map``).
 
     Returns:
       ``o`` in q's dtype, ``[*B, M, Hq, D]`` (and ``lse``). A row with no element taking part gives ``o = 0``
@@ -239,7 +255,8 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
     cfg = Config(block_r=int(layout.block_size[0]), block_c=int(layout.block_size[1]),
                  scale=D ** -0.5 if scale is None else static_float("scale", scale),
                  softcap=float(0.0 if logits_soft_cap is None else logits_soft_cap),
-                 causal=static_flag("causal", causal), deterministic=static_flag("deterministic", deterministic))
+                 causal=static_flag("causal", causal), deterministic=static_flag("deterministic", deterministic),
+                 ring=is_ring("context_parallel", context_parallel))
     return_lse = static_flag("return_lse", return_lse)
     check_q_offset_causal(q_offset, cfg.causal)
     q3 = jnp.reshape(q, (B, M, Hq, D))

@@ -19,7 +19,7 @@ from typing import Callable, Union
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention import block_sparse_attention
+from .attention import block_sparse_attention, is_ring
 from .layout import BlockSparseLayout
 
 __all__ = ["BlockSparseMultiHeadAttention", "make_attention_fn", "resolve_layout", "apply_rotary"]
@@ -89,6 +89,7 @@ class BlockSparseMultiHeadAttention(nnx.Module):
       scale: logits scale, default ``1 / sqrt(head_dim)``. logits_soft_cap: as the op.
       deterministic_backward: bitwise repeatable gradients (the op's ``deterministic``; dropout's
         ``deterministic`` is another thing).
+      context_parallel: ``"all_gather"`` or ``"ring"``, the op's (with the sequence split over devices).
       use_bias: biases in the projections. dtype: dtype of the computation (q, k, v, the attention and the
         projections; default: the inputs'). param_dtype: of the parameters.
       kernel_init: initialiser of the projection kernels.
@@ -99,8 +100,8 @@ class BlockSparseMultiHeadAttention(nnx.Module):
                  head_dim: int | None = None, out_features: int | None = None, kv_features: int | None = None,
                  layout: LayoutSpec | None = None, causal: bool = False, rotary: bool = False,
                  rope_theta: float = 10000.0, scale: float | None = None, logits_soft_cap: float | None = None,
-                 deterministic_backward: bool = False, use_bias: bool = False, dtype=None, param_dtype=jnp.float32,
-                 kernel_init=nnx.initializers.lecun_normal(), rngs: nnx.Rngs):
+                 deterministic_backward: bool = False, context_parallel: str = "all_gather", use_bias: bool = False,
+                 dtype=None, param_dtype=jnp.float32, kernel_init=nnx.initializers.lecun_normal(), rngs: nnx.Rngs):
         self.num_heads = int(num_heads)
         self.num_kv_heads = int(num_kv_heads if num_kv_heads is not None else num_heads)
         if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
@@ -117,6 +118,8 @@ class BlockSparseMultiHeadAttention(nnx.Module):
         self.causal, self.rotary, self.rope_theta = bool(causal), bool(rotary), float(rope_theta)
         self.scale, self.logits_soft_cap, self.dtype = scale, logits_soft_cap, dtype
         self.deterministic_backward = bool(deterministic_backward)
+        is_ring("context_parallel", context_parallel)          # (an error at construction, not at the first call)
+        self.context_parallel = context_parallel
         kv_features = in_features if kv_features is None else kv_features
         out_features = in_features if out_features is None else out_features
 
@@ -156,11 +159,13 @@ class BlockSparseMultiHeadAttention(nnx.Module):
         hook a subclass overrides to compare with another implementation on the same model."""
         return block_sparse_attention(q, k, v, layout, scale=self.scale, causal=self.causal,
                                       logits_soft_cap=self.logits_soft_cap,
-                                      deterministic=self.deterministic_backward, kv_lens=kv_lens, q_offset=q_offset)
+                                      deterministic=self.deterministic_backward, kv_lens=kv_lens, q_offset=q_offset,
+                                      context_parallel=self.context_parallel)
 
 
 def make_attention_fn(layout: LayoutSpec, *, causal: bool = False, scale: float | None = None,
-                      logits_soft_cap: float | None = None, deterministic_backward: bool = False):
+                      logits_soft_cap: float | None = None, deterministic_backward: bool = False,
+                      context_parallel: str = "all_gather"):
     """An ``attention_fn`` for ``flax.nnx.MultiHeadAttention(attention_fn=...)`` (same keyword arguments as
     ``flax.nnx.dot_product_attention``) computing block-sparse attention with ``layout``.
 
@@ -173,8 +178,9 @@ def make_attention_fn(layout: LayoutSpec, *, causal: bool = False, scale: float 
     includes ``decode=True``, which masks its KV cache with a dense mask -- attention dropout in training
     (``dropout_rate > 0`` and not ``deterministic``), and ``module`` (``sow_weights=True``: the attention
     weights are never materialised). ``deterministic_backward``: the op's ``deterministic`` (bitwise
-    repeatable gradients; the ``deterministic`` argument is dropout's).
+    repeatable gradients; the ``deterministic`` argument is dropout's). ``context_parallel``: the op's.
     """
+    is_ring("context_parallel", context_parallel)
 
     def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,
                      dropout_rate=0.0, deterministic=False, dtype=None, precision=None, module=None,
@@ -207,6 +213,7 @@ def make_attention_fn(layout: LayoutSpec, *, causal: bool = False, scale: float 
                 "two differ; for the bottom-right mask pass causal=True to make_attention_fn instead")
         lay = resolve_layout(layout, query.shape[-3], key.shape[-3])
         return block_sparse_attention(query, key, value, lay, scale=scale, causal=bool(causal or is_causal),
-                                      logits_soft_cap=logits_soft_cap, deterministic=deterministic_backward)
+                                      logits_soft_cap=logits_soft_cap, deterministic=deterministic_backward,
+                                      context_parallel=context_parallel)
 
     return attention_fn

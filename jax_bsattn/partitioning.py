@@ -3,7 +3,8 @@
 Under ``jax.jit`` with sharded operands XLA cannot see into a custom call and would all-gather its operands.
 The outer primitives' lowering (lowering.py) wraps the FFI call in a ``custom_partitioning`` whose Shardy
 rule says which dimensions may stay sharded; the partition callback then runs the kernel on each device's
-shard, with no communication of its own but one: where q's rows are split, the backward sums dk and dv over them.
+shard, with no communication of its own but where q's rows are split: the backward sums dk and dv over them, or,
+with ``cfg.ring`` (the op's ``context_parallel="ring"``), k and v pass round the row axes (ring attention).
 
 Factors (the data operands enter the partitioned calls with their heads and head dim merged, Hk-major:
 ``[B, S, H * D]``; ``Hq = Hk * g``, query head ``h`` uses KV head ``h // g``):
@@ -28,7 +29,8 @@ shard and the causal offset moved by its first row, against all the keys; the ba
 axes). Every other factor -- ``n`` (the key axis), ``d``, ``g`` (the heads within a group), the layout's own dims
 -- is *need-replication*: if an operand arrives sharded along one of them, XLA all-gathers that axis before the
 call (the result is right, the all-gather is the cost; for k and v split over the sequence, this is the
-all-gather-KV form of context parallelism). The partition callback derives every operand's sharding from one
+all-gather-KV form of context parallelism; the ring form, where the callback keeps k and v split over q's row
+axes, is its choice, which XLA follows). The partition callback derives every operand's sharding from one
 choice of batch axes (q's, else k's), KV-head axes (k's, else q's) and row axes (q's), and drops axes that do not
 divide B, Hk or the block rows into equal shards, so a surprising propagation can cost communication but never
 give a wrong answer. Query heads within a GQA group are never split: with MQA (Hk = 1) a head-sharded q is
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -157,20 +160,30 @@ def _axes(sharding, dim: int) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+class RowSplit(NamedTuple):
+    """q's rows split over mesh axes (context parallelism), as the partitioned calls take it."""
+    axes: tuple[str, ...]     # the mesh axes over q's rows
+    parts: int                # the shards (devices along those axes)
+    scatter: bool             # dk, dv leave split over the axes (k arrived so): a reduce-scatter, else an all-reduce
+    ring: bool                # k, v stay split over the axes and pass round them (cfg.ring): no all-gather
+
+
 class _Plan:
     """The shardings of every operand and result: batch axes, KV-head axes and query-row axes, shared by all of them.
     The data operands come with their heads and head dim merged (Hk-major), so axes that divide Hk shard whole heads
     (and whole GQA groups of q). q's rows (and o, do, dq, lse, delta) stay split where q's sequence axes cut them
     into equal shards of whole block rows (context parallelism): each device then runs its block rows against all
-    the keys (k, v all-gathered), and dk, dv are summed over those axes."""
+    the keys (k, v all-gathered), and dk, dv are summed over those axes; or, with ``cfg.ring`` where k arrives split
+    over the same axes into whole block columns, against each shard of keys in turn as they pass round the devices
+    (ring attention)."""
 
-    def __init__(self, mesh, q, k, indptr, D, R):
+    def __init__(self, mesh, q, k, indptr, D, cfg: Config):
         def pick(x, dim, size):
             axes = _axes(x.sharding, dim)
             if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
                 return axes
             return None
-        B, M, Hk = k.shape[0], q.shape[1], k.shape[2] // D
+        B, M, Hk, R = k.shape[0], q.shape[1], k.shape[2] // D, cfg.block_r
         self.mesh = mesh
         self.b = pick(q, 0, B) or pick(k, 0, B)            # q's batch axes (else k's)
         self.h = pick(k, 2, Hk) or pick(q, 2, Hk)          # k's head axes, else q's when they divide Hk (then k is
@@ -183,20 +196,22 @@ class _Plan:
         # dk, dv leave split over the row axes where k arrives so (q, k, v all split over the sequence): a
         # reduce-scatter of the shards' sums, half an all-reduce's traffic
         self.n = self.m if self.m and _axes(k.sharding, 1) == self.m and k.shape[1] % self.parts == 0 else None
+        # ring: every key shard whole block columns (a block's keys on one device)
+        self.ring = bool(cfg.ring and self.n and (k.shape[1] // self.parts) % cfg.block_c == 0)
         LB, LH = indptr.shape[:2]
         self.layout_spec = P(self.b if LB == B else None, self.h if LH == Hk else None, None)
 
     def _ns(self, spec):
         return NamedSharding(self.mesh, spec)
 
-    def row_split(self):          # (q's row axes, shards, whether dk / dv are scattered) for the partitioned calls
-        return (self.m, self.parts, bool(self.n)) if self.m else None
+    def row_split(self):                                   # for the partitioned calls
+        return RowSplit(self.m, self.parts, bool(self.n), self.ring) if self.m else None
 
     def rows(self):                                        # q, o, do, dq (merged); lse, delta
         return self._ns(P(self.b, self.m, self.h))
 
-    def keys(self):                                        # k, v (merged): all keys on every device
-        return self._ns(P(self.b, None, self.h))
+    def keys(self):                                        # k, v (merged): all keys on every device, or a shard
+        return self._ns(P(self.b, self.n if self.ring else None, self.h))
 
     def key_grads(self):                                   # dk, dv (merged)
         return self._ns(P(self.b, self.n, self.h))
@@ -209,13 +224,13 @@ class _Plan:
 
 
 def _partition_fwd(cfg: Config, D: int, mesh, arg_shapes, result_shape):
-    plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[3], D, cfg.block_r)
+    plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[3], D, cfg)
     args = (plan.rows(),) + (plan.keys(),) * 2 + plan.layout() + tuple(map(plan.per_sequence, arg_shapes[5:7]))
     return mesh, partial(_fwd_local, cfg=cfg, D=D, row_split=plan.row_split()), (plan.rows(),) * 2, args
 
 
 def _partition_bwd(cfg: Config, D: int, mesh, arg_shapes, result_shape):
-    plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[6], D, cfg.block_r)
+    plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[6], D, cfg)
     args = ((plan.rows(),) + (plan.keys(),) * 2 + (plan.rows(),) * 3 + plan.layout()
             + tuple(map(plan.per_sequence, arg_shapes[8:10])))
     results = (plan.rows(),) + (plan.key_grads(),) * 2
@@ -224,12 +239,12 @@ def _partition_bwd(cfg: Config, D: int, mesh, arg_shapes, result_shape):
 
 # GSPMD (only when Shardy is switched off): the result shardings follow the same plan.
 def _infer_fwd(cfg, D, mesh, arg_shapes, result_shape):
-    plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[3], D, cfg.block_r)
+    plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[3], D, cfg)
     return (plan.rows(),) * 2
 
 
 def _infer_bwd(cfg, D, mesh, arg_shapes, result_shape):
-    plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[6], D, cfg.block_r)
+    plan = _Plan(mesh, arg_shapes[0], arg_shapes[1], arg_shapes[6], D, cfg)
     return (plan.rows(),) + (plan.key_grads(),) * 2
 
 
@@ -247,14 +262,13 @@ def _split(x, D):                                          # [B, S, H * D] -> [B
     return x.reshape(*x.shape[:2], x.shape[2] // D, D)
 
 
-def _local_rows(indptr, indices, q_offset, q, k, cfg: Config, row_split):
-    """This device's block rows of the layout and its causal offsets, where q's rows are split over mesh axes
-    (``row_split``: those axes, the number of shards and whether dk / dv leave split, ``_Plan.row_split``; q holds
-    this shard's rows): indptr's rows of the shard, re-based to 0, with indices rotated to match (the same static
-    sizes: entries past the shard's rows are never read), and q_offset moved by the shard's first row (with none,
-    from the anchor N - M of all the rows)."""
-    axes, parts, _ = row_split
-    B, M, N = q.shape[0], q.shape[1], k.shape[1]
+def _local_rows(indptr, indices, q_offset, q, k, cfg: Config, row_split: RowSplit):
+    """This device's block rows of the layout and its causal offsets, where q's rows are split over mesh axes (q
+    holds this shard's rows): indptr's rows of the shard, re-based to 0, with indices rotated to match (the same
+    static sizes: entries past the shard's rows are never read), and q_offset moved by the shard's first row (with
+    none, from the anchor N - M of all the rows; in a ring k holds one shard of the N keys)."""
+    axes, parts = row_split.axes, row_split.parts
+    B, M, N = q.shape[0], q.shape[1], k.shape[1] * (parts if row_split.ring else 1)
     shard = jax.lax.axis_index(axes)
     rows = M // cfg.block_r                                # this shard's block rows
     ip = jax.lax.dynamic_slice_in_dim(indptr, shard * rows, rows + 1, axis=-1)
@@ -268,11 +282,76 @@ def _local_rows(indptr, indices, q_offset, q, k, cfg: Config, row_split):
     return ip - base, indices, q_offset
 
 
+# ---- ring attention: k, v (and, backward, their gradients' running sums) pass one device on per step, so each device
+# meets every key shard while holding one; its rows' partial results are combined in float32. The steps are unrolled
+# (one kernel call each; XLA may overlap a step's transfer with the previous step's kernel). ------------------------
+
+def _ring_pass(xs, row_split: RowSplit):
+    """``xs`` sent one device on round the row axes (device i's to device i + 1)."""
+    perm = [(i, (i + 1) % row_split.parts) for i in range(row_split.parts)]
+    return [jax.lax.ppermute(x, row_split.axes, perm) for x in xs]
+
+
+def _ring_step_keys(indices, kv_lens, q_offset, M, k, cfg: Config, row_split: RowSplit, step: int):
+    """The layout's indices, key lengths and causal offsets against the key shard this device holds at ring step
+    ``step`` (this device's M rows): shard ``j = (device - step) mod parts``, keys ``[j Nl, (j + 1) Nl)``. The indices move by the shard's
+    first block column (other shards' blocks fall out of range, which every kernel skips; no wrap-around: an index
+    already out of ``[0, NB)`` stays out of ``[0, NB / parts)``), the lengths and the offsets by its first key."""
+    Nl = k.shape[1]
+    j = (jax.lax.axis_index(row_split.axes) - step) % row_split.parts
+    first = (j * Nl).astype(jnp.int32)
+    indices = indices - (j * (Nl // cfg.block_c)).astype(indices.dtype)
+    if kv_lens.shape[0]:
+        kv_lens = jnp.clip(kv_lens - first, 0, Nl)
+    if q_offset.shape[0]:                                  # (causal: per sequence from _local_rows; clipped as
+        q_offset = jnp.clip(q_offset - first, -M, Nl - 1)  # canonical_q_offset clips the op's)
+    return indices, kv_lens, q_offset
+
+
+def _combine(o, lse, o_step, lse_step):
+    """Two partial softmaxes of the same rows over disjoint keys, merged: o in float32 ``[B, M, H, D]``."""
+    total = jnp.logaddexp(lse, lse_step)                   # (-inf with both -inf; NaN stays NaN)
+    weight = lambda x: jnp.where(total == -jnp.inf, 0.0, jnp.exp(x - total))[..., None]
+    return o * weight(lse) + o_step.astype(jnp.float32) * weight(lse_step), total
+
+
+def _fwd_ring(q, k, v, indptr, indices, kv_lens, q_offset, cfg, row_split):
+    """o, lse of this device's rows against every key shard in turn (4-d q, k, v; the layout's rows local)."""
+    o = lse = None
+    for step in range(row_split.parts):
+        if step:
+            k, v = _ring_pass((k, v), row_split)
+        ix, kl, qo = _ring_step_keys(indices, kv_lens, q_offset, q.shape[1], k, cfg, row_split, step)
+        o_step, lse_step = bsattn_fwd_ffi_p.bind(q, k, v, indptr, ix, kl, qo, cfg=cfg)
+        o, lse = ((o_step.astype(jnp.float32), lse_step) if o is None
+                  else _combine(o, lse, o_step, lse_step))
+    return o.astype(q.dtype), lse
+
+
+def _bwd_ring(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg, row_split):
+    """dq of this device's rows, and dk, dv of its own key shard: each shard's running sums travel with it and come
+    home after the last step (lse and delta are the whole rows', so each step's parts add up)."""
+    dq = dk = dv = None
+    f32 = lambda x: x.astype(jnp.float32)
+    for step in range(row_split.parts):
+        if step:
+            k, v, dk, dv = _ring_pass((k, v, dk, dv), row_split)
+        ix, kl, qo = _ring_step_keys(indices, kv_lens, q_offset, q.shape[1], k, cfg, row_split, step)
+        parts = bsattn_bwd_ffi_p.bind(q, k, v, do, lse, delta, indptr, ix, kl, qo, cfg=cfg)
+        dq, dk, dv = (f32(x) if acc is None else acc + f32(x) for acc, x in zip((dq, dk, dv), parts))
+    dk, dv = _ring_pass((dk, dv), row_split)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
 def _fwd_local(q, k, v, indptr, indices, kv_lens, q_offset, cfg, D, row_split=None):
     """The forward on one device's operands (all of them when inlined); ``row_split``: q's rows are a shard."""
     if row_split:
         indptr, indices, q_offset = _local_rows(indptr, indices, q_offset, q, k, cfg, row_split)
-    o, lse = bsattn_fwd_ffi_p.bind(*(_split(x, D) for x in (q, k, v)), indptr, indices, kv_lens, q_offset, cfg=cfg)
+    q, k, v = (_split(x, D) for x in (q, k, v))
+    if row_split and row_split.ring:
+        o, lse = _fwd_ring(q, k, v, indptr, indices, kv_lens, q_offset, cfg, row_split)
+    else:
+        o, lse = bsattn_fwd_ffi_p.bind(q, k, v, indptr, indices, kv_lens, q_offset, cfg=cfg)
     return _merge(o), lse
 
 
@@ -280,12 +359,15 @@ def _bwd_local(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg,
     """The backward on one device's operands; with ``row_split``, dk and dv summed over the row shards."""
     if row_split:
         indptr, indices, q_offset = _local_rows(indptr, indices, q_offset, q, k, cfg, row_split)
-    dq, dk, dv = bsattn_bwd_ffi_p.bind(*(_split(x, D) for x in (q, k, v, do)), lse, delta, indptr, indices, kv_lens,
-                                       q_offset, cfg=cfg)
+    q, k, v, do = (_split(x, D) for x in (q, k, v, do))
+    if row_split and row_split.ring:
+        return tuple(map(_merge, _bwd_ring(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg,
+                                           row_split)))
+    dq, dk, dv = bsattn_bwd_ffi_p.bind(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg=cfg)
     if row_split:   # each shard's rows add to every key's dk, dv: summed in float32 (one rounding of the sum)
-        axes, _, scatter = row_split
-        total = (partial(jax.lax.psum_scatter, scatter_dimension=1, tiled=True) if scatter else jax.lax.psum)
-        dk, dv = (total(x.astype(jnp.float32), axes).astype(x.dtype) for x in (dk, dv))
+        total = (partial(jax.lax.psum_scatter, scatter_dimension=1, tiled=True) if row_split.scatter
+                 else jax.lax.psum)
+        dk, dv = (total(x.astype(jnp.float32), row_split.axes).astype(x.dtype) for x in (dk, dv))
     return tuple(map(_merge, (dq, dk, dv)))
 
 

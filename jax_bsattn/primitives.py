@@ -44,6 +44,9 @@ class Config(NamedTuple):
     causal: bool
     # backward: bitwise repeatable dq too (the GPU's fastest dq adds in float atomics; see attention.py)
     deterministic: bool = False
+    # context parallelism (q's rows and k split over the same mesh axes): k, v pass round the devices (ring) instead
+    # of being all-gathered (partitioning.py; attention.py's context_parallel)
+    ring: bool = False
 
 
 def _primitive(name: str) -> Primitive:

@@ -21,12 +21,13 @@ __all__ = ["block_sparse_attention_reference"]
 
 def block_sparse_attention_reference(q, k, v, layout: BlockSparseLayout, *, scale=None, causal=False,
                                      logits_soft_cap=None, return_lse=False, deterministic=False, kv_lens=None,
-                                     q_offset=None):
+                                     q_offset=None, context_parallel="all_gather"):
     """Same signature and semantics as :func:`jax_bsattn.block_sparse_attention`, in float32 on a dense mask
-    (``deterministic`` is accepted and has nothing to do: this is plain jax.numpy)."""
-    from .attention import static_flag
+    (``deterministic`` and ``context_parallel`` are accepted and have nothing to do: this is plain jax.numpy)."""
+    from .attention import is_ring, static_flag
 
     static_flag("deterministic", deterministic)
+    is_ring("context_parallel", context_parallel)
     return reference_in_dtype(q, k, v, layout, scale=scale, causal=causal, logits_soft_cap=logits_soft_cap,
                               return_lse=return_lse, compute_dtype=jnp.float32, kv_lens=kv_lens, q_offset=q_offset)
 

@@ -69,6 +69,8 @@ def test_soft_cap_must_be_positive():
     (dict(causal=None), TypeError, "causal must be True or False"),
     (dict(deterministic=1), TypeError, "deterministic must be True or False"),
     (dict(return_lse="no"), TypeError, "return_lse must be True or False"),
+    (dict(context_parallel="rings"), ValueError, "context_parallel must be 'all_gather' or 'ring'"),
+    (dict(context_parallel=None), ValueError, "context_parallel must be 'all_gather' or 'ring'"),
 ])
 def test_attribute_errors(kw, exc, match):
     """The op's attributes are compiled into the kernels: each error names its argument."""

@@ -4,6 +4,8 @@ must hold no all-gather (each GPU runs the kernels on its local shard). The CPU 
 devices, which covers more shardings, is test_sharding.py.
 """
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,3 +101,24 @@ def test_query_rows_split_over_gpus():
     hlo = "".join(jax.jit(f).lower(qs, ks, vs, lay).compile().as_text() for f in (fwd, grad))
     assert hlo.count("all-gather") == 0 and hlo.count("all-reduce") >= 1
     assert jax.jit(fwd)(qs, ks, vs, lay)[0].sharding.is_equivalent_to(rows, 4)
+
+
+def test_ring_attention_over_gpus():
+    """context_parallel="ring": q, k, v split over the sequence on 2 GPUs stay split (k, v pass between the GPUs, no
+    all-gather); forward and gradients held to the float32 reference in bf16 (o: the two shards' bf16 partial outputs
+    merged in float32; dk, dv: their parts summed in float32 on the way round)."""
+    gpus = _gpus()
+    if len(gpus) < 2:
+        pytest.skip(f"needs 2 GPUs, found {len(gpus)}")
+    q, k, v, lay = _problem((4,))
+    mesh = jax.make_mesh((2,), ("s",), axis_types=(AxisType.Auto,), devices=gpus[:2])
+    rows = NamedSharding(mesh, P(None, "s"))
+    qs, ks, vs = (jax.device_put(x, rows) for x in (q, k, v))
+    ring = partial(jb.block_sparse_attention, context_parallel="ring")
+    check_forward(qs, ks, vs, lay, op=ring, causal=True)
+    check_gradients(qs, ks, vs, lay, op=ring, causal=True)
+    fwd = jax.jit(lambda q, k, v: ring(q, k, v, lay, causal=True))
+    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(fwd(q, k, v).astype(jnp.float32))), argnums=(0, 1, 2)))
+    hlo = "".join(f.lower(qs, ks, vs).compile().as_text() for f in (fwd, grad))
+    assert hlo.count("all-gather") == 0 and hlo.count("collective-permute") >= 1
+    assert all(x.sharding.is_equivalent_to(rows, 4) for x in (fwd(qs, ks, vs),) + grad(qs, ks, vs))

@@ -146,6 +146,38 @@ def worker():
         hlo = compiled(args, model, grad)
         report[f"projected_heads_hk{Hk}"] = dict(errs=rel(got, want), all_gathers=hlo.count("all-gather"),
                                                  kernel_calls=kernel_calls(hlo))
+    # Ring attention (context_parallel="ring"): q, k, v split over the sequence on "y" (4 devices, whole block rows and
+    # columns), the batch over "x"; k, v pass round "y" instead of being all-gathered. With N = 96 and 16-key blocks a
+    # shard of 24 keys cuts a block: k, v are all-gathered as with "all_gather" (documented), and the result is right.
+    Mr = 64
+    for name, (N_r, C_r, kw_r) in {"ring_causal": (64, 8, dict(causal=True)), "ring_not_causal": (64, 8, {}),
+                                   "ring_lens_offsets": (64, 8, "per_sequence"),
+                                   "ring_cut_blocks": (96, 16, dict(causal=True))}.items():
+        q = jnp.asarray(rng.standard_normal((B, Mr, Hq, D)), jnp.float32)
+        k, v = (jnp.asarray(rng.standard_normal((B, N_r, 4, D)), jnp.float32) for _ in range(2))
+        lens = jnp.asarray(rng.integers(0, N_r + 1, size=B), jnp.int32)
+        if kw_r == "per_sequence":
+            kw_r = dict(causal=True, kv_lens=lens, q_offset=lens - Mr + jnp.asarray(rng.integers(-3, 4, size=B)))
+        lay = layouts.union(layouts.sliding_window((Mr, N_r), (8, C_r), 24),
+                            layouts.random((Mr, N_r), (8, C_r), 2, batch_shape=(4,)))
+
+        def fwd(q, k, v, cp, kw_r=kw_r, lay=lay):
+            return jb.block_sparse_attention(q, k, v, lay, return_lse=True, context_parallel=cp, **kw_r)
+
+        grad = lambda q, k, v, cp, fwd=fwd: jax.grad(lambda q, k, v: jnp.sum(jnp.sin(fwd(q, k, v, cp)[0])),
+                                                     argnums=(0, 1, 2))(q, k, v)
+        want = jax.jit(fwd, static_argnums=3)(q, k, v, "ring") + jax.jit(grad, static_argnums=3)(q, k, v, "ring")
+        mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(AxisType.Auto,) * 2)
+        args = tuple(sharder(mesh)(x, "x", "y") for x in (q, k, v)) + ("ring",)
+        f, g = jax.jit(fwd, static_argnums=3), jax.jit(grad, static_argnums=3)
+        got = f(*args) + g(*args)
+        hlo = "".join(h.lower(*args).compile().as_text() for h in (f, g))
+        errs = [float(jnp.max(jnp.abs(jnp.where(jnp.isfinite(b), a - b, 0))) / (jnp.max(jnp.abs(jnp.where(
+            jnp.isfinite(b), b, 0))) + 1e-30)) for a, b in zip(got, want)]
+        report[name] = dict(errs=errs, all_gathers=hlo.count("all-gather"), kernel_calls=kernel_calls(hlo),
+                            row_gathers=len(re.findall(rf"= \w+\[\d+,{Mr},[^=]*all-gather\(", hlo)),
+                            permutes=hlo.count(" collective-permute("),
+                            specs=[[list(e) if isinstance(e, tuple) else e for e in x.sharding.spec] for x in got])
     # The manual alternative: the op inside shard_map runs on each device's batch shard (no partitioner).
     mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
     q, k, v = (jnp.asarray(rng.standard_normal((B, n, 4, D)), jnp.float32) for n in (M, N, N))
@@ -235,6 +267,18 @@ def test_query_rows_stay_split(report, name):
         assert r["all_gathers"] == 0 and r["all_reduces"] > 0, r
     else:                                     # k, v split over the rows' axes: dk, dv reduce-scattered to them
         assert r["reduce_scatters"] > 0 and r["all_reduces"] == 0 and r["specs"][3][1] == CASES[name][2][1], r
+
+
+@pytest.mark.parametrize("name", ["ring_causal", "ring_not_causal", "ring_lens_offsets", "ring_cut_blocks"])
+def test_ring_attention(report, name):
+    r = report[name]
+    assert max(r["errs"]) < 1e-5, r           # o, lse, dq, dk, dv against the unsharded op
+    assert r["row_gathers"] == 0 and all(s[:2] == ["x", "y"] for s in r["specs"]), r   # all stay split
+    if name == "ring_cut_blocks":             # a key shard would cut a block: all-gathered instead (documented)
+        assert r["all_gathers"] > 0 and r["permutes"] == 0, r
+    else:                                     # k, v (and dk, dv) pass round the 4 devices of "y": 3 steps each way
+        assert r["all_gathers"] == 0 and r["permutes"] > 0, r
+        assert r["kernel_calls"] >= 4 * 3, r  # (forward; backward, with its forward again)
 
 
 @pytest.mark.parametrize("name", ["kv_lens", "kv_lens_explicit", "q_offset", "q_offset_explicit", "q_offset_rows"])
