@@ -293,10 +293,11 @@ def _ring_pass(xs, row_split: RowSplit):
 
 
 def _ring_step_keys(indices, kv_lens, q_offset, M, k, cfg: Config, row_split: RowSplit, step: int):
-    """The layout's indices, key lengths and causal offsets against the key shard this device holds at ring step
-    ``step`` (this device's M rows): shard ``j = (device - step) mod parts``, keys ``[j Nl, (j + 1) Nl)``. The indices move by the shard's
-    first block column (other shards' blocks fall out of range, which every kernel skips; no wrap-around: an index
-    already out of ``[0, NB)`` stays out of ``[0, NB / parts)``), the lengths and the offsets by its first key."""
+    """The layout's indices, key lengths and causal offsets (of this device's M rows) against the key shard it holds
+    at ring step ``step``: shard ``j = (device - step) mod parts``, keys ``[j Nl, (j + 1) Nl)``. The indices move by
+    the shard's first block column (other shards' blocks fall out of range, which every kernel skips; no
+    wrap-around: an index already out of ``[0, NB)`` stays out of ``[0, NB / parts)``), the lengths and the offsets
+    by its first key."""
     Nl = k.shape[1]
     j = (jax.lax.axis_index(row_split.axes) - step) % row_split.parts
     first = (j * Nl).astype(jnp.int32)
