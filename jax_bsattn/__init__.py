@@ -6,9 +6,10 @@ from .exporting import export
 from .layout import BlockSparseLayout
 from . import layouts
 from . import reference
+from . import zigzag
 
 __all__ = ["BlockSparseLayout", "block_sparse_attention", "check_layout", "export", "validate_layout", "layouts",
-           "reference", "flax"]
+           "reference", "zigzag", "flax"]
 __version__ = "0.1.0"
 
 

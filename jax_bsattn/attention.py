@@ -151,6 +151,21 @@ def is_ring(name: str, mode) -> bool:
     return mode == "ring"
 
 
+def zigzag_order_shards(shards, q, k, layout) -> int:
+    """``zigzag_shards``: None (0), or S >= 1 that cuts q into 2S chunks of whole block rows and k into 2S chunks;
+    S = 1 is the natural order (0). (After check_inputs: q, k arrays, layout a BlockSparseLayout.)"""
+    if shards is None:
+        return 0
+    M, N, R = q.shape[-3], k.shape[-3], int(layout.block_size[0])
+    if not isinstance(shards, (int, np.integer)) or isinstance(shards, (bool, np.bool_)) or shards < 1:
+        raise ValueError(f"zigzag_shards must be None or a positive integer, got {shards!r}")
+    S = int(shards)
+    if M % (2 * S * R) or N % (2 * S):
+        raise ValueError(f"zigzag_shards={S}: q's M = {M} rows must split into 2 x {S} chunks of whole block rows "
+                         f"(R = {R}) and k's N = {N} into 2 x {S} chunks")
+    return 0 if S == 1 else S
+
+
 def _none():
     return jnp.zeros((0,), jnp.int32)  # (a per-sequence operand, kv_lens or q_offset: none)
 
@@ -194,7 +209,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, causal=False, logits_soft_cap=None,
                            return_lse=False, deterministic=False, kv_lens=None, q_offset=None,
-                           context_parallel="all_gather"):
+                           context_parallel="all_gather", zigzag_shards=None):
     """Block-sparse attention: only the blocks that ``layout`` lists are computed.
 
     Args:
@@ -240,6 +255,14 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
         attention: no device holds more than two shards of k, v; the backward's dk, dv travel with their shard, in
         float32); the partial outputs are merged by their lse in float32. Elsewhere the same as ``"all_gather"``.
         No effect without such sharding (one device, or inside ``shard_map``).
+      zigzag_shards: ``S``: q, k, v (and o, lse) hold the sequence in the zigzag order for ``S`` shards
+        (:mod:`jax_bsattn.zigzag`: ``2S`` chunks stored as ``0, 2S-1, 1, 2S-2, ...``); the layout, ``kv_lens`` and
+        ``q_offset`` stay in natural positions. With q's sequence split over ``S`` devices (whole block rows:
+        ``M`` divisible by ``2S x R``; ``N`` by ``2S``) each device holds one early and one late chunk of rows, so
+        a causal layout gives every device about the same work; it runs its two chunks (one kernel call each) against
+        all the keys, k and v all-gathered and put back in natural order. Elsewhere (one device, or rows split
+        otherwise) the op puts q, k, v in natural order, computes, and puts o, lse back (correct, not balanced).
+        Not with ``context_parallel="ring"`` (the all-gather is used).
 
     Returns:
       ``o`` in q's dtype, ``[*B, M, Hq, D]`` (and ``lse``). A row with no element taking part gives ``o = 0``
@@ -252,11 +275,12 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
     check_per_sequence("kv_lens", kv_lens, batch)
     check_per_sequence("q_offset", q_offset, batch)
     B = math.prod(batch)
+    zigzag = zigzag_order_shards(zigzag_shards, q, k, layout)
     cfg = Config(block_r=int(layout.block_size[0]), block_c=int(layout.block_size[1]),
                  scale=D ** -0.5 if scale is None else static_float("scale", scale),
                  softcap=float(0.0 if logits_soft_cap is None else logits_soft_cap),
                  causal=static_flag("causal", causal), deterministic=static_flag("deterministic", deterministic),
-                 ring=is_ring("context_parallel", context_parallel))
+                 ring=is_ring("context_parallel", context_parallel), zigzag=zigzag)
     return_lse = static_flag("return_lse", return_lse)
     check_q_offset_causal(q_offset, cfg.causal)
     q3 = jnp.reshape(q, (B, M, Hq, D))

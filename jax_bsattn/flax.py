@@ -21,6 +21,7 @@ from flax import nnx
 
 from .attention import block_sparse_attention, is_ring
 from .layout import BlockSparseLayout
+from .zigzag import to_zigzag
 
 __all__ = ["BlockSparseMultiHeadAttention", "make_attention_fn", "resolve_layout", "apply_rotary"]
 
@@ -90,6 +91,8 @@ class BlockSparseMultiHeadAttention(nnx.Module):
       deterministic_backward: bitwise repeatable gradients (the op's ``deterministic``; dropout's
         ``deterministic`` is another thing).
       context_parallel: ``"all_gather"`` or ``"ring"``, the op's (with the sequence split over devices).
+      zigzag_shards: the op's: the inputs (and outputs) hold the sequence in the zigzag order for this many shards
+        (:mod:`jax_bsattn.zigzag`); the rotary positions follow it.
       use_bias: biases in the projections. dtype: dtype of the computation (q, k, v, the attention and the
         projections; default: the inputs'). param_dtype: of the parameters.
       kernel_init: initialiser of the projection kernels.
@@ -100,8 +103,9 @@ class BlockSparseMultiHeadAttention(nnx.Module):
                  head_dim: int | None = None, out_features: int | None = None, kv_features: int | None = None,
                  layout: LayoutSpec | None = None, causal: bool = False, rotary: bool = False,
                  rope_theta: float = 10000.0, scale: float | None = None, logits_soft_cap: float | None = None,
-                 deterministic_backward: bool = False, context_parallel: str = "all_gather", use_bias: bool = False,
-                 dtype=None, param_dtype=jnp.float32, kernel_init=nnx.initializers.lecun_normal(), rngs: nnx.Rngs):
+                 deterministic_backward: bool = False, context_parallel: str = "all_gather",
+                 zigzag_shards: int | None = None, use_bias: bool = False, dtype=None, param_dtype=jnp.float32,
+                 kernel_init=nnx.initializers.lecun_normal(), rngs: nnx.Rngs):
         self.num_heads = int(num_heads)
         self.num_kv_heads = int(num_kv_heads if num_kv_heads is not None else num_heads)
         if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
@@ -120,6 +124,7 @@ class BlockSparseMultiHeadAttention(nnx.Module):
         self.deterministic_backward = bool(deterministic_backward)
         is_ring("context_parallel", context_parallel)          # (an error at construction, not at the first call)
         self.context_parallel = context_parallel
+        self.zigzag_shards = zigzag_shards
         kv_features = in_features if kv_features is None else kv_features
         out_features = in_features if out_features is None else out_features
 
@@ -146,8 +151,11 @@ class BlockSparseMultiHeadAttention(nnx.Module):
         v = self.value(inputs_kv).reshape(inputs_kv.shape[:-1] + (self.num_kv_heads, self.head_dim))
         if self.rotary:
             first = N - M if q_offset is None else jnp.asarray(q_offset)[..., None]  # (per sequence: [*B, 1])
-            q = apply_rotary(q, jnp.arange(M) + first, self.rope_theta)
-            k = apply_rotary(k, jnp.arange(N), self.rope_theta)
+            q_pos, k_pos = jnp.arange(M) + first, jnp.arange(N)
+            if self.zigzag_shards:                       # the tokens' positions in the order they are held
+                q_pos, k_pos = (to_zigzag(p, self.zigzag_shards, axis=-1) for p in (q_pos, k_pos))
+            q = apply_rotary(q, q_pos, self.rope_theta)
+            k = apply_rotary(k, k_pos, self.rope_theta)
         # (kv_lens and q_offset passed only when given: a subclass's attend(q, k, v, layout) from before them still
         # works)
         extra = {name: x for name, x in (("kv_lens", kv_lens), ("q_offset", q_offset)) if x is not None}
@@ -160,7 +168,7 @@ class BlockSparseMultiHeadAttention(nnx.Module):
         return block_sparse_attention(q, k, v, layout, scale=self.scale, causal=self.causal,
                                       logits_soft_cap=self.logits_soft_cap,
                                       deterministic=self.deterministic_backward, kv_lens=kv_lens, q_offset=q_offset,
-                                      context_parallel=self.context_parallel)
+                                      context_parallel=self.context_parallel, zigzag_shards=self.zigzag_shards)
 
 
 def make_attention_fn(layout: LayoutSpec, *, causal: bool = False, scale: float | None = None,

@@ -56,6 +56,7 @@ from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .primitives import Config, bsattn_bwd_ffi_p, bsattn_fwd_ffi_p
+from .zigzag import from_zigzag, to_zigzag
 
 __all__ = ["fwd_partitioned", "bwd_partitioned"]
 
@@ -166,6 +167,7 @@ class RowSplit(NamedTuple):
     parts: int                # the shards (devices along those axes)
     scatter: bool             # dk, dv leave split over the axes (k arrived so): a reduce-scatter, else an all-reduce
     ring: bool                # k, v stay split over the axes and pass round them (cfg.ring): no all-gather
+    zigzag: bool              # the rows are in zigzag order for `parts` shards (cfg.zigzag): two chunks a device
 
 
 class _Plan:
@@ -193,11 +195,14 @@ class _Plan:
         self.parts = math.prod(mesh.shape[a] for a in axes)
         self.m = (axes if axes and not set(axes) & set((self.b or ()) + (self.h or ()))
                   and _rows_split(M, R, self.parts) else None)
+        if cfg.zigzag and self.parts != cfg.zigzag:        # zigzag chunks for another shard count: rows gathered
+            self.m = None
         # dk, dv leave split over the row axes where k arrives so (q, k, v all split over the sequence): a
         # reduce-scatter of the shards' sums, half an all-reduce's traffic
         self.n = self.m if self.m and _axes(k.sharding, 1) == self.m and k.shape[1] % self.parts == 0 else None
         # ring: every key shard whole block columns (a block's keys on one device)
-        self.ring = bool(cfg.ring and self.n and (k.shape[1] // self.parts) % cfg.block_c == 0)
+        self.ring = bool(cfg.ring and not cfg.zigzag and self.n and (k.shape[1] // self.parts) % cfg.block_c == 0)
+        self.zigzag = bool(cfg.zigzag and self.m)
         LB, LH = indptr.shape[:2]
         self.layout_spec = P(self.b if LB == B else None, self.h if LH == Hk else None, None)
 
@@ -205,7 +210,7 @@ class _Plan:
         return NamedSharding(self.mesh, spec)
 
     def row_split(self):                                   # for the partitioned calls
-        return RowSplit(self.m, self.parts, bool(self.n), self.ring) if self.m else None
+        return RowSplit(self.m, self.parts, bool(self.n), self.ring, self.zigzag) if self.m else None
 
     def rows(self):                                        # q, o, do, dq (merged); lse, delta
         return self._ns(P(self.b, self.m, self.h))
@@ -262,24 +267,30 @@ def _split(x, D):                                          # [B, S, H * D] -> [B
     return x.reshape(*x.shape[:2], x.shape[2] // D, D)
 
 
-def _local_rows(indptr, indices, q_offset, q, k, cfg: Config, row_split: RowSplit):
-    """This device's block rows of the layout and its causal offsets, where q's rows are split over mesh axes (q
-    holds this shard's rows): indptr's rows of the shard, re-based to 0, with indices rotated to match (the same
-    static sizes: entries past the shard's rows are never read), and q_offset moved by the shard's first row (with
-    none, from the anchor N - M of all the rows; in a ring k holds one shard of the N keys)."""
-    axes, parts = row_split.axes, row_split.parts
-    B, M, N = q.shape[0], q.shape[1], k.shape[1] * (parts if row_split.ring else 1)
-    shard = jax.lax.axis_index(axes)
-    rows = M // cfg.block_r                                # this shard's block rows
-    ip = jax.lax.dynamic_slice_in_dim(indptr, shard * rows, rows + 1, axis=-1)
+def _layout_rows(indptr, indices, q_offset, first_row, rows: int, B: int, M: int, N: int, cfg: Config):
+    """The layout's block rows for q's rows ``[first_row, first_row + rows)`` (whole block rows; ``first_row`` may be
+    traced) of all M, against N keys, batch B: indptr's rows, re-based to 0, with indices rotated to match (the same
+    static sizes: entries past those rows are never read), and q_offset moved by ``first_row`` (with none, from the
+    anchor N - M)."""
+    R = cfg.block_r
+    ip = jax.lax.dynamic_slice_in_dim(indptr, first_row // R, rows // R + 1, axis=-1)
     base = ip[..., :1]                                     # (monotone in [0, nnz]: attention.py monotone_indptr)
     nnz = indices.shape[-1]
     if nnz:
         indices = jnp.take_along_axis(indices, (jnp.arange(nnz, dtype=jnp.int32) + base) % nnz, axis=-1)
     if cfg.causal:
-        anchor = q_offset if q_offset.shape[0] else jnp.full((B,), N - M * parts, jnp.int32)
-        q_offset = anchor + (shard * M).astype(jnp.int32)
+        anchor = q_offset if q_offset.shape[0] else jnp.full((B,), N - M, jnp.int32)
+        q_offset = anchor + jnp.asarray(first_row, jnp.int32)
     return ip - base, indices, q_offset
+
+
+def _local_rows(indptr, indices, q_offset, q, k, cfg: Config, row_split: RowSplit):
+    """This device's block rows of the layout and its causal offsets, where q's rows are split over mesh axes (q
+    holds this shard's rows, k all the keys or, in a ring, one shard of them)."""
+    M, parts = q.shape[1], row_split.parts
+    N = k.shape[1] * (parts if row_split.ring else 1)
+    return _layout_rows(indptr, indices, q_offset, jax.lax.axis_index(row_split.axes) * M, M, q.shape[0], M * parts,
+                        N, cfg)
 
 
 # ---- ring attention: k, v (and, backward, their gradients' running sums) pass one device on per step, so each device
@@ -344,31 +355,86 @@ def _bwd_ring(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg, 
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
+# ---- zigzag order (zigzag.py): with q's rows split over as many devices as the order's shards, each device holds
+# natural chunks i and 2S - 1 - i; it runs each (one kernel call) against all the keys, put in natural order. ------
+
+def _zigzag_chunks(row_split: RowSplit, M: int):
+    """(this device's first row of the chunk, its natural chunk index) for its two chunks of M // 2 rows."""
+    i = jax.lax.axis_index(row_split.axes)
+    return ((0, i), (M // 2, 2 * row_split.parts - 1 - i))
+
+
+def _fwd_zigzag(q, k, v, indptr, indices, kv_lens, q_offset, cfg, row_split):
+    S, (B, M), Mc = row_split.parts, q.shape[:2], q.shape[1] // 2
+    k, v = (from_zigzag(x, S, axis=1) for x in (k, v))
+    outs = []
+    for start, chunk in _zigzag_chunks(row_split, M):
+        ip, ix, qo = _layout_rows(indptr, indices, q_offset, chunk * Mc, Mc, B, M * S, k.shape[1], cfg)
+        outs.append(bsattn_fwd_ffi_p.bind(q[:, start:start + Mc], k, v, ip, ix, kv_lens, qo, cfg=cfg))
+    return tuple(jnp.concatenate(x, axis=1) for x in zip(*outs))
+
+
+def _bwd_zigzag(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg, row_split):
+    """dq of this device's rows; dk, dv of all the keys from them (float32, zigzag order: summed over the devices
+    by the caller)."""
+    S, (B, M), Mc = row_split.parts, q.shape[:2], q.shape[1] // 2
+    k, v = (from_zigzag(x, S, axis=1) for x in (k, v))
+    dq, dk, dv = [], 0.0, 0.0
+    for start, chunk in _zigzag_chunks(row_split, M):
+        ip, ix, qo = _layout_rows(indptr, indices, q_offset, chunk * Mc, Mc, B, M * S, k.shape[1], cfg)
+        rows = lambda x: x[:, start:start + Mc]
+        dq_c, dk_c, dv_c = bsattn_bwd_ffi_p.bind(rows(q), k, v, rows(do), rows(lse), rows(delta), ip, ix, kv_lens,
+                                                 qo, cfg=cfg)
+        dq.append(dq_c)
+        dk, dv = dk + dk_c.astype(jnp.float32), dv + dv_c.astype(jnp.float32)
+    return (jnp.concatenate(dq, axis=1),) + tuple(to_zigzag(x, S, axis=1) for x in (dk, dv))
+
+
 def _fwd_local(q, k, v, indptr, indices, kv_lens, q_offset, cfg, D, row_split=None):
     """The forward on one device's operands (all of them when inlined); ``row_split``: q's rows are a shard."""
-    if row_split:
-        indptr, indices, q_offset = _local_rows(indptr, indices, q_offset, q, k, cfg, row_split)
     q, k, v = (_split(x, D) for x in (q, k, v))
-    if row_split and row_split.ring:
-        o, lse = _fwd_ring(q, k, v, indptr, indices, kv_lens, q_offset, cfg, row_split)
+    if row_split and row_split.zigzag:
+        o, lse = _fwd_zigzag(q, k, v, indptr, indices, kv_lens, q_offset, cfg, row_split)
+    elif row_split:
+        indptr, indices, q_offset = _local_rows(indptr, indices, q_offset, q, k, cfg, row_split)
+        o, lse = (_fwd_ring if row_split.ring else _fwd_call)(q, k, v, indptr, indices, kv_lens, q_offset, cfg,
+                                                               row_split)
+    elif cfg.zigzag:     # whole sequences here: the kernel takes them in natural order
+        S = cfg.zigzag
+        o, lse = _fwd_call(*(from_zigzag(x, S, axis=1) for x in (q, k, v)), indptr, indices, kv_lens, q_offset, cfg)
+        o, lse = to_zigzag(o, S, axis=1), to_zigzag(lse, S, axis=1)
     else:
-        o, lse = bsattn_fwd_ffi_p.bind(q, k, v, indptr, indices, kv_lens, q_offset, cfg=cfg)
+        o, lse = _fwd_call(q, k, v, indptr, indices, kv_lens, q_offset, cfg)
     return _merge(o), lse
+
+
+def _fwd_call(q, k, v, indptr, indices, kv_lens, q_offset, cfg, row_split=None):
+    return bsattn_fwd_ffi_p.bind(q, k, v, indptr, indices, kv_lens, q_offset, cfg=cfg)
 
 
 def _bwd_local(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg, D, row_split=None):
     """The backward on one device's operands; with ``row_split``, dk and dv summed over the row shards."""
-    if row_split:
-        indptr, indices, q_offset = _local_rows(indptr, indices, q_offset, q, k, cfg, row_split)
     q, k, v, do = (_split(x, D) for x in (q, k, v, do))
     if row_split and row_split.ring:
+        indptr, indices, q_offset = _local_rows(indptr, indices, q_offset, q, k, cfg, row_split)
         return tuple(map(_merge, _bwd_ring(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg,
                                            row_split)))
-    dq, dk, dv = bsattn_bwd_ffi_p.bind(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg=cfg)
+    if row_split and row_split.zigzag:
+        dq, dk, dv = _bwd_zigzag(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg, row_split)
+    elif row_split:
+        indptr, indices, q_offset = _local_rows(indptr, indices, q_offset, q, k, cfg, row_split)
+        dq, dk, dv = bsattn_bwd_ffi_p.bind(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg=cfg)
+    elif cfg.zigzag:
+        S = cfg.zigzag
+        natural = [from_zigzag(x, S, axis=1) for x in (q, k, v, do, lse, delta)]
+        grads = bsattn_bwd_ffi_p.bind(*natural, indptr, indices, kv_lens, q_offset, cfg=cfg)
+        dq, dk, dv = (to_zigzag(x, S, axis=1) for x in grads)
+    else:
+        dq, dk, dv = bsattn_bwd_ffi_p.bind(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg=cfg)
     if row_split:   # each shard's rows add to every key's dk, dv: summed in float32 (one rounding of the sum)
         total = (partial(jax.lax.psum_scatter, scatter_dimension=1, tiled=True) if row_split.scatter
                  else jax.lax.psum)
-        dk, dv = (total(x.astype(jnp.float32), row_split.axes).astype(x.dtype) for x in (dk, dv))
+        dk, dv = (total(x.astype(jnp.float32), row_split.axes).astype(k.dtype) for x in (dk, dv))
     return tuple(map(_merge, (dq, dk, dv)))
 
 

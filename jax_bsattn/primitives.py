@@ -47,6 +47,8 @@ class Config(NamedTuple):
     # context parallelism (q's rows and k split over the same mesh axes): k, v pass round the devices (ring) instead
     # of being all-gathered (partitioning.py; attention.py's context_parallel)
     ring: bool = False
+    # q, k, v, o, lse hold the sequence in the zigzag order for this many shards (zigzag.py); 0: natural order
+    zigzag: int = 0
 
 
 def _primitive(name: str) -> Primitive:

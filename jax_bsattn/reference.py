@@ -15,21 +15,32 @@ from .per_sequence import canonical_kv_lens, canonical_q_offset
 from .layout import BlockSparseLayout, expand_blocks
 from .listed import attention_over_listed
 from .primitives import to_common_variance
+from .zigzag import from_zigzag, to_zigzag
 
 __all__ = ["block_sparse_attention_reference"]
 
 
 def block_sparse_attention_reference(q, k, v, layout: BlockSparseLayout, *, scale=None, causal=False,
                                      logits_soft_cap=None, return_lse=False, deterministic=False, kv_lens=None,
-                                     q_offset=None, context_parallel="all_gather"):
+                                     q_offset=None, context_parallel="all_gather", zigzag_shards=None):
     """Same signature and semantics as :func:`jax_bsattn.block_sparse_attention`, in float32 on a dense mask
-    (``deterministic`` and ``context_parallel`` are accepted and have nothing to do: this is plain jax.numpy)."""
-    from .attention import is_ring, static_flag
+    (``deterministic`` and ``context_parallel`` are accepted and have nothing to do: this is plain jax.numpy;
+    ``zigzag_shards``: q, k, v put in natural order, o and lse back in zigzag order)."""
+    from .attention import as_jax_arrays, check_inputs, is_ring, static_flag, zigzag_order_shards
 
     static_flag("deterministic", deterministic)
     is_ring("context_parallel", context_parallel)
-    return reference_in_dtype(q, k, v, layout, scale=scale, causal=causal, logits_soft_cap=logits_soft_cap,
-                              return_lse=return_lse, compute_dtype=jnp.float32, kv_lens=kv_lens, q_offset=q_offset)
+    q, k, v = as_jax_arrays(q, k, v)
+    if zigzag_shards is not None:
+        check_inputs(q, k, v, layout, logits_soft_cap)     # (before the shapes are read)
+    S = zigzag_order_shards(zigzag_shards, q, k, layout)
+    if S:
+        q, k, v = (from_zigzag(x, S) for x in (q, k, v))
+    out = reference_in_dtype(q, k, v, layout, scale=scale, causal=causal, logits_soft_cap=logits_soft_cap,
+                             return_lse=return_lse, compute_dtype=jnp.float32, kv_lens=kv_lens, q_offset=q_offset)
+    if S:   # (o [*B, M, Hq, D], lse [*B, M, Hq]: the sequence at -3 and -2)
+        out = (to_zigzag(out[0], S), to_zigzag(out[1], S, axis=-2)) if return_lse else to_zigzag(out, S)
+    return out
 
 
 def reference_in_dtype(q, k, v, layout, *, scale=None, causal=False, logits_soft_cap=None, return_lse=False,

@@ -103,6 +103,18 @@ def test_rotary_gradients_and_cross_attention(monkeypatch):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), **TOL)
 
 
+def test_module_in_zigzag_order():
+    # the same module (same parameters) fed the sequence in zigzag order gives its outputs in that order: the rotary
+    # positions follow the tokens
+    from jax_bsattn.zigzag import to_zigzag
+    kw = dict(num_kv_heads=2, rotary=True, causal=True, layout=lambda lens: L.sliding_window(lens, 8, 24))
+    natural = jbf.BlockSparseMultiHeadAttention(4, 32, **kw, rngs=nnx.Rngs(3))
+    zigzag = jbf.BlockSparseMultiHeadAttention(4, 32, **kw, zigzag_shards=2, rngs=nnx.Rngs(3))
+    x = inputs((2, 64, 32), 4)
+    np.testing.assert_allclose(np.asarray(zigzag(to_zigzag(x, 2, axis=-2))),
+                               np.asarray(to_zigzag(natural(x), 2, axis=-2)), rtol=1e-5, atol=1e-6)
+
+
 def test_rotary_matches_complex_rotation_and_is_relative():
     x = inputs((6, 3, 8), 3)
     pos = jnp.arange(6) * 3 + 1

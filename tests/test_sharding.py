@@ -178,6 +178,36 @@ def worker():
                             row_gathers=len(re.findall(rf"= \w+\[\d+,{Mr},[^=]*all-gather\(", hlo)),
                             permutes=hlo.count(" collective-permute("),
                             specs=[[list(e) if isinstance(e, tuple) else e for e in x.sharding.spec] for x in got])
+    # The zigzag order (zigzag_shards=4): q, k, v stored in it, split over the sequence on "y" (4 devices), the batch
+    # over "x": each device runs its two chunks of rows, nothing of q's is gathered. zigzag_other_count: the order for
+    # 2 shards over 4 devices: q's rows gathered (documented), the result still right.
+    from jax_bsattn.zigzag import to_zigzag
+    Mz, Nz = 64, 96
+    for name, (S, kw_z) in {"zigzag_causal": (4, dict(causal=True)), "zigzag_lens_offsets": (4, "per_sequence"),
+                            "zigzag_other_count": (2, dict(causal=True))}.items():
+        q = jnp.asarray(rng.standard_normal((B, Mz, Hq, D)), jnp.float32)
+        k, v = (jnp.asarray(rng.standard_normal((B, Nz, 4, D)), jnp.float32) for _ in range(2))
+        if kw_z == "per_sequence":
+            lens = jnp.asarray(rng.integers(0, Nz + 1, size=B), jnp.int32)
+            kw_z = dict(causal=True, kv_lens=lens, q_offset=lens - Mz + jnp.asarray(rng.integers(-3, 4, size=B)))
+        lay = layouts.union(layouts.sliding_window((Mz, Nz), 8, 24), layouts.random((Mz, Nz), 8, 2, batch_shape=(4,)))
+
+        def fwd(q, k, v, shards, kw_z=kw_z, lay=lay):
+            return jb.block_sparse_attention(q, k, v, lay, return_lse=True, zigzag_shards=shards, **kw_z)
+
+        grad = lambda q, k, v, shards, fwd=fwd: jax.grad(lambda q, k, v: jnp.sum(jnp.sin(fwd(q, k, v, shards)[0])),
+                                                         argnums=(0, 1, 2))(q, k, v)
+        f, g = jax.jit(fwd, static_argnums=3), jax.jit(grad, static_argnums=3)
+        want = [to_zigzag(x, S, axis=1) for x in f(q, k, v, None) + g(q, k, v, None)]
+        mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(AxisType.Auto,) * 2)
+        args = tuple(sharder(mesh)(to_zigzag(x, S), "x", "y") for x in (q, k, v)) + (S,)
+        got = f(*args) + g(*args)
+        hlo = "".join(h.lower(*args).compile().as_text() for h in (f, g))
+        errs = [float(jnp.max(jnp.abs(jnp.where(jnp.isfinite(b), a - b, 0))) / (jnp.max(jnp.abs(jnp.where(
+            jnp.isfinite(b), b, 0))) + 1e-30)) for a, b in zip(got, want)]
+        report[name] = dict(errs=errs, kernel_calls=kernel_calls(f.lower(*args).compile().as_text()),
+                            row_gathers=len(re.findall(rf"= \w+\[\d+,{Mz},[^=]*all-gather\(", hlo)),
+                            specs=[[list(e) if isinstance(e, tuple) else e for e in x.sharding.spec] for x in got])
     # The manual alternative: the op inside shard_map runs on each device's batch shard (no partitioner).
     mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
     q, k, v = (jnp.asarray(rng.standard_normal((B, n, 4, D)), jnp.float32) for n in (M, N, N))
@@ -279,6 +309,17 @@ def test_ring_attention(report, name):
     else:                                     # k, v (and dk, dv) pass round the 4 devices of "y": 3 steps each way
         assert r["all_gathers"] == 0 and r["permutes"] > 0, r
         assert r["kernel_calls"] >= 4 * 3, r  # (forward; backward, with its forward again)
+
+
+@pytest.mark.parametrize("name", ["zigzag_causal", "zigzag_lens_offsets", "zigzag_other_count"])
+def test_zigzag_order(report, name):
+    r = report[name]
+    assert max(r["errs"]) < 1e-5, r           # against the unsharded op on the natural order, permuted
+    assert all(s[:2] == ["x", "y"] for s in r["specs"]), r     # o, lse, dq, dk, dv split as q
+    if name == "zigzag_other_count":          # the order's 2 shards on 4 devices: q's rows gathered (documented)
+        assert r["row_gathers"] > 0, r
+    else:                                     # each device its two chunks: a kernel call each, no row gathered
+        assert r["row_gathers"] == 0 and r["kernel_calls"] >= 2, r
 
 
 @pytest.mark.parametrize("name", ["kv_lens", "kv_lens_explicit", "q_offset", "q_offset_explicit", "q_offset_rows"])
