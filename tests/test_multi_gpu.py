@@ -86,15 +86,19 @@ def test_sharded_on_gpus_equals_one_gpu(name):
     assert got[0].sharding.is_equivalent_to(spec, 4), got[0].sharding       # o stays sharded as q
 
 
-def test_query_rows_split_over_gpus():
-    """Context parallelism: q's 8 block rows split over 2 GPUs stay split (no gather of q's rows), k and v whole on
-    each; forward and gradients held to the float32 reference (dk, dv: the shards' bf16 parts summed)."""
+def _sequence_over_two_gpus():
+    """The sharding of [B, S, ...] with the sequence over 2 GPUs (the test skips with fewer)."""
     gpus = _gpus()
     if len(gpus) < 2:
         pytest.skip(f"needs 2 GPUs, found {len(gpus)}")
-    q, k, v, lay = _problem((4,))
-    mesh = jax.make_mesh((2,), ("s",), axis_types=(AxisType.Auto,), devices=gpus[:2])
-    rows, whole = NamedSharding(mesh, P(None, "s")), NamedSharding(mesh, P())
+    return NamedSharding(jax.make_mesh((2,), ("s",), axis_types=(AxisType.Auto,), devices=gpus[:2]), P(None, "s"))
+
+
+def test_query_rows_split_over_gpus():
+    """Context parallelism: q's 8 block rows split over 2 GPUs stay split (no gather of q's rows), k and v whole on
+    each; forward and gradients held to the float32 reference (dk, dv: the shards' bf16 parts summed)."""
+    (q, k, v, lay), rows = _problem((4,)), _sequence_over_two_gpus()
+    whole = NamedSharding(rows.mesh, P())
     qs, ks, vs = jax.device_put(q, rows), jax.device_put(k, whole), jax.device_put(v, whole)
     check_forward(qs, ks, vs, lay, causal=True)
     check_gradients(qs, ks, vs, lay, causal=True)
@@ -108,12 +112,7 @@ def test_ring_attention_over_gpus():
     """context_parallel="ring": q, k, v split over the sequence on 2 GPUs stay split (k, v pass between the GPUs, no
     all-gather); forward and gradients held to the float32 reference in bf16 (o: the two shards' bf16 partial outputs
     merged in float32; dk, dv: their parts summed in float32 on the way round)."""
-    gpus = _gpus()
-    if len(gpus) < 2:
-        pytest.skip(f"needs 2 GPUs, found {len(gpus)}")
-    q, k, v, lay = _problem((4,))
-    mesh = jax.make_mesh((2,), ("s",), axis_types=(AxisType.Auto,), devices=gpus[:2])
-    rows = NamedSharding(mesh, P(None, "s"))
+    (q, k, v, lay), rows = _problem((4,)), _sequence_over_two_gpus()
     qs, ks, vs = (jax.device_put(x, rows) for x in (q, k, v))
     ring = partial(jb.block_sparse_attention, context_parallel="ring")
     check_forward(qs, ks, vs, lay, op=ring, causal=True)
@@ -132,12 +131,7 @@ def test_zigzag_order_over_gpus():
     from jax_bsattn.reference import reference_in_dtype
     from jax_bsattn.zigzag import from_zigzag, to_zigzag
     from conftest import assert_close, on_cpu
-    gpus = _gpus()
-    if len(gpus) < 2:
-        pytest.skip(f"needs 2 GPUs, found {len(gpus)}")
-    q, k, v, lay = _problem((4,))
-    mesh = jax.make_mesh((2,), ("s",), axis_types=(AxisType.Auto,), devices=gpus[:2])
-    rows = NamedSharding(mesh, P(None, "s"))
+    (q, k, v, lay), rows = _problem((4,)), _sequence_over_two_gpus()
     zz = [jax.device_put(to_zigzag(x, 2), rows) for x in (q, k, v)]
     ct = jnp.asarray(np.random.default_rng(7).standard_normal(q.shape), jnp.float32)
     loss = lambda f: (lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * ct))
