@@ -30,6 +30,7 @@ from flax import nnx
 
 from jax_bsattn import layouts
 from jax_bsattn.flax import BlockSparseMultiHeadAttention
+from jax_bsattn.zigzag import to_zigzag
 
 try:
     from tqdm.auto import tqdm
@@ -81,12 +82,18 @@ def parse_args(argv=None):
     p.add_argument("--ring", action="store_true",
                    help="with --seq-shards: k and v pass round the sequence shards instead of being gathered "
                         "(the op's context_parallel='ring')")
+    p.add_argument("--zigzag", action="store_true",
+                   help="with --seq-shards: the tokens held in the zigzag order, so that each sequence shard has an "
+                        "early and a late chunk (causal work balanced; the op's zigzag_shards)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/train_lm", help="directory for loss.png, layout.png, metrics.json")
     args = p.parse_args(argv)
     if args.seq_shards < 1 or args.devices % args.seq_shards or args.seq_len % (args.seq_shards * args.block):
         p.error(f"--seq-shards ({args.seq_shards}) must divide --devices ({args.devices}), and --seq-len "
                 f"({args.seq_len}) be a multiple of --seq-shards x --block ({args.block})")
+    if args.zigzag and (args.seq_shards < 2 or args.dense or args.seq_len % (2 * args.seq_shards * args.block)):
+        p.error(f"--zigzag needs --seq-shards >= 2, block-sparse attention and --seq-len ({args.seq_len}) a multiple "
+                f"of 2 x --seq-shards x --block ({2 * args.seq_shards * args.block})")
     if args.dim % args.heads or args.heads % args.kv_heads:
         p.error(f"--dim ({args.dim}) must be a multiple of --heads ({args.heads}), and --heads of --kv-heads")
     if on_gpu and not args.dense:
@@ -140,7 +147,8 @@ class Block(nnx.Module):
         self.norm1 = nnx.RMSNorm(args.dim, dtype=dtype, rngs=rngs)
         self.attn = attn_cls(args.heads, args.dim, num_kv_heads=args.kv_heads, layout=layout, causal=True,
                              rotary=True, dtype=dtype, rngs=rngs,
-                             **({} if args.dense else dict(context_parallel="ring" if args.ring else "all_gather")))
+                             **({} if args.dense else dict(context_parallel="ring" if args.ring else "all_gather",
+                                                           zigzag_shards=args.seq_shards if args.zigzag else None)))
         self.norm2 = nnx.RMSNorm(args.dim, dtype=dtype, rngs=rngs)
         self.up = nnx.Linear(args.dim, 4 * args.dim, use_bias=False, dtype=dtype, rngs=rngs)
         self.down = nnx.Linear(4 * args.dim, args.dim, use_bias=False, dtype=dtype, rngs=rngs,
@@ -223,7 +231,9 @@ def main(argv=None):
         state = nnx.state((model, optimizer))
         nnx.update((model, optimizer), jax.device_put(state, NamedSharding(mesh, P())))
         batch_sharding = NamedSharding(mesh, P("data", "seq"))
-        put = lambda a: jax.device_put(a, batch_sharding)
+        # (--zigzag: tokens and labels alike in the zigzag order; the mean loss is the same)
+        order = (lambda a: to_zigzag(a, args.seq_shards, axis=-1)) if args.zigzag else (lambda a: a)
+        put = lambda a: jax.device_put(order(a), batch_sharding)
         print(f"data parallel over {data_shards} x {args.seq_shards} devices (batch x sequence): global batch "
               f"{args.batch * data_shards}")
     global_batch = args.batch * data_shards
