@@ -151,15 +151,20 @@ def is_ring(name: str, mode) -> bool:
     return mode == "ring"
 
 
+def check_zigzag_shards(shards) -> None:
+    """``zigzag_shards``: None or a positive integer (a concrete one: it fixes the order)."""
+    if shards is not None and (not isinstance(shards, (int, np.integer)) or isinstance(shards, (bool, np.bool_))
+                               or shards < 1):
+        raise ValueError(f"zigzag_shards must be None or a positive integer, got {shards!r}")
+
+
 def zigzag_order_shards(shards, q, k, layout) -> int:
     """``zigzag_shards``: None (0), or S >= 1 that cuts q into 2S chunks of whole block rows and k into 2S chunks;
     S = 1 is the natural order (0). (After check_inputs: q, k arrays, layout a BlockSparseLayout.)"""
+    check_zigzag_shards(shards)
     if shards is None:
         return 0
-    M, N, R = q.shape[-3], k.shape[-3], int(layout.block_size[0])
-    if not isinstance(shards, (int, np.integer)) or isinstance(shards, (bool, np.bool_)) or shards < 1:
-        raise ValueError(f"zigzag_shards must be None or a positive integer, got {shards!r}")
-    S = int(shards)
+    M, N, R, S = q.shape[-3], k.shape[-3], int(layout.block_size[0]), int(shards)
     if M % (2 * S * R) or N % (2 * S):
         raise ValueError(f"zigzag_shards={S}: q's M = {M} rows must split into 2 x {S} chunks of whole block rows "
                          f"(R = {R}) and k's N = {N} into 2 x {S} chunks")

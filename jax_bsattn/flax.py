@@ -19,7 +19,7 @@ from typing import Callable, Union
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention import block_sparse_attention, is_ring
+from .attention import block_sparse_attention, check_zigzag_shards, is_ring
 from .layout import BlockSparseLayout
 from .zigzag import to_zigzag
 
@@ -124,6 +124,7 @@ class BlockSparseMultiHeadAttention(nnx.Module):
         self.deterministic_backward = bool(deterministic_backward)
         is_ring("context_parallel", context_parallel)          # (an error at construction, not at the first call)
         self.context_parallel = context_parallel
+        check_zigzag_shards(zigzag_shards)
         self.zigzag_shards = zigzag_shards
         kv_features = in_features if kv_features is None else kv_features
         out_features = in_features if out_features is None else out_features

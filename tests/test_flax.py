@@ -115,6 +115,15 @@ def test_module_in_zigzag_order():
                                np.asarray(to_zigzag(natural(x), 2, axis=-2)), rtol=1e-5, atol=1e-6)
 
 
+def test_module_refuses_bad_context_parallel_arguments_at_construction():
+    for kw, match in ((dict(context_parallel="rings"), "context_parallel must be 'all_gather' or 'ring'"),
+                      (dict(zigzag_shards=0), "zigzag_shards must be None or a positive integer")):
+        with pytest.raises(ValueError, match=match):
+            jbf.BlockSparseMultiHeadAttention(4, 32, **kw, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="context_parallel must be"):
+        jbf.make_attention_fn(L.block_causal(16, 8), context_parallel="ring ")
+
+
 def test_rotary_matches_complex_rotation_and_is_relative():
     x = inputs((6, 3, 8), 3)
     pos = jnp.arange(6) * 3 + 1
