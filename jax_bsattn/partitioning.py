@@ -365,6 +365,7 @@ def _zigzag_chunks(row_split: RowSplit, M: int):
 
 
 def _fwd_zigzag(q, k, v, indptr, indices, kv_lens, q_offset, cfg, row_split):
+    """o, lse of this device's two chunks of rows (zigzag order, as q) against all the keys."""
     S, (B, M), Mc = row_split.parts, q.shape[:2], q.shape[1] // 2
     k, v = (from_zigzag(x, S, axis=1) for x in (k, v))
     outs = []
@@ -395,21 +396,20 @@ def _fwd_local(q, k, v, indptr, indices, kv_lens, q_offset, cfg, D, row_split=No
     q, k, v = (_split(x, D) for x in (q, k, v))
     if row_split and row_split.zigzag:
         o, lse = _fwd_zigzag(q, k, v, indptr, indices, kv_lens, q_offset, cfg, row_split)
+    elif row_split and row_split.ring:
+        indptr, indices, q_offset = _local_rows(indptr, indices, q_offset, q, k, cfg, row_split)
+        o, lse = _fwd_ring(q, k, v, indptr, indices, kv_lens, q_offset, cfg, row_split)
     elif row_split:
         indptr, indices, q_offset = _local_rows(indptr, indices, q_offset, q, k, cfg, row_split)
-        o, lse = (_fwd_ring if row_split.ring else _fwd_call)(q, k, v, indptr, indices, kv_lens, q_offset, cfg,
-                                                               row_split)
+        o, lse = bsattn_fwd_ffi_p.bind(q, k, v, indptr, indices, kv_lens, q_offset, cfg=cfg)
     elif cfg.zigzag:     # whole sequences here: the kernel takes them in natural order
         S = cfg.zigzag
-        o, lse = _fwd_call(*(from_zigzag(x, S, axis=1) for x in (q, k, v)), indptr, indices, kv_lens, q_offset, cfg)
+        natural = [from_zigzag(x, S, axis=1) for x in (q, k, v)]
+        o, lse = bsattn_fwd_ffi_p.bind(*natural, indptr, indices, kv_lens, q_offset, cfg=cfg)
         o, lse = to_zigzag(o, S, axis=1), to_zigzag(lse, S, axis=1)
     else:
-        o, lse = _fwd_call(q, k, v, indptr, indices, kv_lens, q_offset, cfg)
+        o, lse = bsattn_fwd_ffi_p.bind(q, k, v, indptr, indices, kv_lens, q_offset, cfg=cfg)
     return _merge(o), lse
-
-
-def _fwd_call(q, k, v, indptr, indices, kv_lens, q_offset, cfg, row_split=None):
-    return bsattn_fwd_ffi_p.bind(q, k, v, indptr, indices, kv_lens, q_offset, cfg=cfg)
 
 
 def _bwd_local(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg, D, row_split=None):
