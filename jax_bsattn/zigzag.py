@@ -23,25 +23,19 @@ def zigzag_chunks(shards: int) -> np.ndarray:
 
 
 def _permute_chunks(x, shards, axis: int, inverse: bool):
-    # by reshapes, a flip and a stack (no index array: custom_partitioning's inlined function takes no constants)
+    # by slices and one concatenation: no index array (custom_partitioning's inlined function takes no constants)
+    # and no reshape of the sequence axis (which jax refuses on an axis sharded over explicit mesh axes)
     import jax
     import jax.numpy as jnp
-    pick = lambda a, i, ax: jax.lax.index_in_dim(a, i, axis=ax, keepdims=False)   # (a static slice)
     if not isinstance(shards, (int, np.integer)) or isinstance(shards, (bool, np.bool_)) or shards < 1:
         raise ValueError(f"shards must be a positive integer, got {shards!r}")
     S, axis, n = int(shards), axis % x.ndim, x.shape[axis]
     if n % (2 * S):
         raise ValueError(f"the sequence axis ({axis}, length {n}) must split into 2 x shards = {2 * S} equal chunks")
-    lead, tail = x.shape[:axis], x.shape[axis + 1:]
-    if inverse:   # stored [S, 2, L]: slot 2i holds chunk i, slot 2i + 1 chunk 2S - 1 - i
-        pairs = x.reshape(lead + (S, 2, n // (2 * S)) + tail)
-        early = pick(pairs, 0, axis + 1)
-        late = jnp.flip(pick(pairs, 1, axis + 1), axis=axis)
-        return jnp.concatenate([early, late], axis=axis).reshape(x.shape)
-    halves = x.reshape(lead + (2, S, n // (2 * S)) + tail)
-    early = pick(halves, 0, axis)
-    late = jnp.flip(pick(halves, 1, axis), axis=axis)
-    return jnp.stack([early, late], axis=axis + 1).reshape(x.shape)
+    L, order = n // (2 * S), zigzag_chunks(S)
+    order = np.argsort(order) if inverse else order      # the source chunk of each chunk of the result
+    return jnp.concatenate([jax.lax.slice_in_dim(x, int(c) * L, (int(c) + 1) * L, axis=axis) for c in order],
+                           axis=axis)
 
 
 def to_zigzag(x, shards: int, axis: int = -3):

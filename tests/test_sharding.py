@@ -152,7 +152,8 @@ def worker():
     Mr = 64
     for name, (N_r, C_r, kw_r) in {"ring_causal": (64, 8, dict(causal=True)), "ring_not_causal": (64, 8, {}),
                                    "ring_lens_offsets": (64, 8, "per_sequence"),
-                                   "ring_cut_blocks": (96, 16, dict(causal=True))}.items():
+                                   "ring_cut_blocks": (96, 16, dict(causal=True)),
+                                   "ring_explicit": (64, 8, dict(causal=True))}.items():
         q = jnp.asarray(rng.standard_normal((B, Mr, Hq, D)), jnp.float32)
         k, v = (jnp.asarray(rng.standard_normal((B, N_r, 4, D)), jnp.float32) for _ in range(2))
         lens = jnp.asarray(rng.integers(0, N_r + 1, size=B), jnp.int32)
@@ -167,11 +168,13 @@ def worker():
         grad = lambda q, k, v, cp, fwd=fwd: jax.grad(lambda q, k, v: jnp.sum(jnp.sin(fwd(q, k, v, cp)[0])),
                                                      argnums=(0, 1, 2))(q, k, v)
         want = jax.jit(fwd, static_argnums=3)(q, k, v, "ring") + jax.jit(grad, static_argnums=3)(q, k, v, "ring")
-        mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(AxisType.Auto,) * 2)
+        kind = AxisType.Explicit if name.endswith("explicit") else AxisType.Auto
+        mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(kind,) * 2)
         args = tuple(sharder(mesh)(x, "x", "y") for x in (q, k, v)) + ("ring",)
         f, g = jax.jit(fwd, static_argnums=3), jax.jit(grad, static_argnums=3)
-        got = f(*args) + g(*args)
-        hlo = "".join(h.lower(*args).compile().as_text() for h in (f, g))
+        with jax.set_mesh(mesh) if kind == AxisType.Explicit else contextlib.nullcontext():
+            got = f(*args) + g(*args)
+            hlo = "".join(h.lower(*args).compile().as_text() for h in (f, g))
         errs = [float(jnp.max(jnp.abs(jnp.where(jnp.isfinite(b), a - b, 0))) / (jnp.max(jnp.abs(jnp.where(
             jnp.isfinite(b), b, 0))) + 1e-30)) for a, b in zip(got, want)]
         report[name] = dict(errs=errs, all_gathers=hlo.count("all-gather"), kernel_calls=kernel_calls(hlo),
@@ -184,7 +187,8 @@ def worker():
     from jax_bsattn.zigzag import to_zigzag
     Mz, Nz = 64, 96
     for name, (S, kw_z) in {"zigzag_causal": (4, dict(causal=True)), "zigzag_lens_offsets": (4, "per_sequence"),
-                            "zigzag_other_count": (2, dict(causal=True))}.items():
+                            "zigzag_other_count": (2, dict(causal=True)),
+                            "zigzag_explicit": (4, dict(causal=True))}.items():
         q = jnp.asarray(rng.standard_normal((B, Mz, Hq, D)), jnp.float32)
         k, v = (jnp.asarray(rng.standard_normal((B, Nz, 4, D)), jnp.float32) for _ in range(2))
         if kw_z == "per_sequence":
@@ -199,13 +203,16 @@ def worker():
                                                          argnums=(0, 1, 2))(q, k, v)
         f, g = jax.jit(fwd, static_argnums=3), jax.jit(grad, static_argnums=3)
         want = [to_zigzag(x, S, axis=1) for x in f(q, k, v, None) + g(q, k, v, None)]
-        mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(AxisType.Auto,) * 2)
+        kind = AxisType.Explicit if name.endswith("explicit") else AxisType.Auto
+        mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(kind,) * 2)
         args = tuple(sharder(mesh)(to_zigzag(x, S), "x", "y") for x in (q, k, v)) + (S,)
-        got = f(*args) + g(*args)
-        hlo = "".join(h.lower(*args).compile().as_text() for h in (f, g))
+        with jax.set_mesh(mesh) if kind == AxisType.Explicit else contextlib.nullcontext():
+            got = f(*args) + g(*args)
+            hlo = "".join(h.lower(*args).compile().as_text() for h in (f, g))
+            fwd_hlo = f.lower(*args).compile().as_text()
         errs = [float(jnp.max(jnp.abs(jnp.where(jnp.isfinite(b), a - b, 0))) / (jnp.max(jnp.abs(jnp.where(
             jnp.isfinite(b), b, 0))) + 1e-30)) for a, b in zip(got, want)]
-        report[name] = dict(errs=errs, kernel_calls=kernel_calls(f.lower(*args).compile().as_text()),
+        report[name] = dict(errs=errs, kernel_calls=kernel_calls(fwd_hlo),
                             row_gathers=len(re.findall(rf"= \w+\[\d+,{Mz},[^=]*all-gather\(", hlo)),
                             specs=[[list(e) if isinstance(e, tuple) else e for e in x.sharding.spec] for x in got])
     # The manual alternative: the op inside shard_map runs on each device's batch shard (no partitioner).
@@ -299,7 +306,8 @@ def test_query_rows_stay_split(report, name):
         assert r["reduce_scatters"] > 0 and r["all_reduces"] == 0 and r["specs"][3][1] == CASES[name][2][1], r
 
 
-@pytest.mark.parametrize("name", ["ring_causal", "ring_not_causal", "ring_lens_offsets", "ring_cut_blocks"])
+@pytest.mark.parametrize("name", ["ring_causal", "ring_not_causal", "ring_lens_offsets", "ring_cut_blocks",
+                                  "ring_explicit"])
 def test_ring_attention(report, name):
     r = report[name]
     assert max(r["errs"]) < 1e-5, r           # o, lse, dq, dk, dv against the unsharded op
@@ -311,7 +319,7 @@ def test_ring_attention(report, name):
         assert r["kernel_calls"] >= 4 * 3, r  # (forward; backward, with its forward again)
 
 
-@pytest.mark.parametrize("name", ["zigzag_causal", "zigzag_lens_offsets", "zigzag_other_count"])
+@pytest.mark.parametrize("name", ["zigzag_causal", "zigzag_lens_offsets", "zigzag_other_count", "zigzag_explicit"])
 def test_zigzag_order(report, name):
     r = report[name]
     assert max(r["errs"]) < 1e-5, r           # against the unsharded op on the natural order, permuted
