@@ -358,36 +358,35 @@ def _bwd_ring(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg, 
 # ---- zigzag order (zigzag.py): with q's rows split over as many devices as the order's shards, each device holds
 # natural chunks i and 2S - 1 - i; it runs each (one kernel call) against all the keys, put in natural order. ------
 
-def _zigzag_chunks(row_split: RowSplit, M: int):
-    """(this device's first row of the chunk, its natural chunk index) for its two chunks of M // 2 rows."""
-    i = jax.lax.axis_index(row_split.axes)
-    return ((0, i), (M // 2, 2 * row_split.parts - 1 - i))
+def _zigzag_chunks(k, v, indptr, indices, q_offset, M: int, B: int, cfg: Config, row_split: RowSplit):
+    """k, v in natural order, and for each of this device's two chunks of its M rows (zigzag order, M // 2 each):
+    the chunk's row slice and its layout rows and causal offsets (``_layout_rows``)."""
+    S, Mc, i = row_split.parts, M // 2, jax.lax.axis_index(row_split.axes)
+    k, v = (from_zigzag(x, S, axis=1) for x in (k, v))
+    chunks = [(slice(start, start + Mc),
+               _layout_rows(indptr, indices, q_offset, natural * Mc, Mc, B, M * S, k.shape[1], cfg))
+              for start, natural in ((0, i), (Mc, 2 * S - 1 - i))]
+    return k, v, chunks
 
 
 def _fwd_zigzag(q, k, v, indptr, indices, kv_lens, q_offset, cfg, row_split):
     """o, lse of this device's two chunks of rows (zigzag order, as q) against all the keys."""
-    S, (B, M), Mc = row_split.parts, q.shape[:2], q.shape[1] // 2
-    k, v = (from_zigzag(x, S, axis=1) for x in (k, v))
-    outs = []
-    for start, chunk in _zigzag_chunks(row_split, M):
-        ip, ix, qo = _layout_rows(indptr, indices, q_offset, chunk * Mc, Mc, B, M * S, k.shape[1], cfg)
-        outs.append(bsattn_fwd_ffi_p.bind(q[:, start:start + Mc], k, v, ip, ix, kv_lens, qo, cfg=cfg))
+    k, v, chunks = _zigzag_chunks(k, v, indptr, indices, q_offset, q.shape[1], q.shape[0], cfg, row_split)
+    outs = [bsattn_fwd_ffi_p.bind(q[:, rows], k, v, ip, ix, kv_lens, qo, cfg=cfg) for rows, (ip, ix, qo) in chunks]
     return tuple(jnp.concatenate(x, axis=1) for x in zip(*outs))
 
 
 def _bwd_zigzag(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg, row_split):
     """dq of this device's rows; dk, dv of all the keys from them (float32, zigzag order: summed over the devices
     by the caller)."""
-    S, (B, M), Mc = row_split.parts, q.shape[:2], q.shape[1] // 2
-    k, v = (from_zigzag(x, S, axis=1) for x in (k, v))
+    k, v, chunks = _zigzag_chunks(k, v, indptr, indices, q_offset, q.shape[1], q.shape[0], cfg, row_split)
     dq, dk, dv = [], 0.0, 0.0
-    for start, chunk in _zigzag_chunks(row_split, M):
-        ip, ix, qo = _layout_rows(indptr, indices, q_offset, chunk * Mc, Mc, B, M * S, k.shape[1], cfg)
-        rows = lambda x: x[:, start:start + Mc]
-        dq_c, dk_c, dv_c = bsattn_bwd_ffi_p.bind(rows(q), k, v, rows(do), rows(lse), rows(delta), ip, ix, kv_lens,
-                                                 qo, cfg=cfg)
+    for rows, (ip, ix, qo) in chunks:
+        dq_c, dk_c, dv_c = bsattn_bwd_ffi_p.bind(q[:, rows], k, v, do[:, rows], lse[:, rows], delta[:, rows], ip, ix,
+                                                 kv_lens, qo, cfg=cfg)
         dq.append(dq_c)
         dk, dv = dk + dk_c.astype(jnp.float32), dv + dv_c.astype(jnp.float32)
+    S = row_split.parts
     return (jnp.concatenate(dq, axis=1),) + tuple(to_zigzag(x, S, axis=1) for x in (dk, dv))
 
 
