@@ -32,9 +32,10 @@ BSATTN_CUDA=FORCE BSATTN_CUDA_ARCHS=${ARCHS:-90} python3 -m pip install --no-bui
 # serialisation needs: without it tests/test_export.py skips)
 export PYTHONPATH=/tmp/site${EXTRA_PYTHONPATH:+:$EXTRA_PYTHONPATH}
 run_ids() {  # log name, file of test ids (one per line, relative to tests/): one pytest process, cut at SHARD_S
+  # (by SIGINT, so that pytest still prints its summary and the tracebacks of what failed before the cut)
   # (never with no ids: pytest would then run the whole suite)
   [ -s "$2" ] || { echo "$1: no test ids" > "$OUT/$1.log"; return; }
-  (cd tests && timeout ${SHARD_S:-530} python3 -c "import sys, pytest; sys.exit(pytest.main(['-v', '--tb=short', \
+  (cd tests && timeout -s INT -k 15 ${SHARD_S:-530} python3 -c "import sys, pytest; sys.exit(pytest.main(['-v', '--tb=short', \
     '-p', 'no:cacheprovider'] + open('$2').read().splitlines()))" > "$OUT/$1.log" 2>&1; echo "$1 rc=$?" >> "$OUT/$1.log")
 }
 shard() {  # name, pytest -m expression, processes, extra pytest args: the matching ids round-robin, concurrently

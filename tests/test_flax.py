@@ -307,9 +307,10 @@ def test_module_on_the_gpu_in_bf16(monkeypatch):
     with jax.default_device(cpu):
         monkeypatch.setattr(jbf, "block_sparse_attention", ref)
         out32, grads32 = step(make(jnp.float32), x)
-        monkeypatch.setattr(jbf, "block_sparse_attention",
-                            lambda *a, deterministic=False, **kw: reference_in_dtype(*a, compute_dtype=jnp.bfloat16,
-                                                                                     **kw))
+        def ref_bf16(*a, deterministic=False, context_parallel="all_gather", zigzag_shards=None, **kw):
+            assert zigzag_shards is None      # (the module's arguments that are not the reference's: defaults here)
+            return reference_in_dtype(*a, compute_dtype=jnp.bfloat16, **kw)
+        monkeypatch.setattr(jbf, "block_sparse_attention", ref_bf16)
         out_lowp, grads_lowp = step(make(jnp.bfloat16), x)
     assert_close("out", out, out32, out_lowp)
     names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(nnx.state(grads32))]
