@@ -1,6 +1,6 @@
 """Context parallelism: one training step of causal block-sparse attention with the sequence split over devices, in
-the three forms the op has: all-gather (the default), ring (``context_parallel="ring"``) and zigzag order
-(``zigzag_shards``), beside the same step on one device.
+the forms the op has: all-gather (the default), ring (``context_parallel="ring"``), zigzag order
+(``zigzag_shards``) and both (the zigzag ring), beside the same step on one device.
 
     python benchmarks/bench_context_parallel.py [--devices 2] [--seq 32768] [--block 64] [--window 4096]
                                                 [--hq 32] [--hk 8] [--dim 128] [--reps 20] [--out FILE.json]
@@ -79,7 +79,8 @@ def main(argv=None):
     rows = []
     forms = [("one device", {}, False, devices[:1]), ("all_gather", {}, False, None),
              ("ring", dict(context_parallel="ring"), False, None),
-             ("zigzag", dict(zigzag_shards=args.devices), True, None)]
+             ("zigzag", dict(zigzag_shards=args.devices), True, None),
+             ("zigzag ring", dict(zigzag_shards=args.devices, context_parallel="ring"), True, None)]
     for name, kw, zigzag, single in forms:
         def step(q, k, v, ct, kw=kw):
             o, pull = jax.vjp(lambda q, k, v: block_sparse_attention(q, k, v, layout, causal=True, **kw), q, k, v)

@@ -267,7 +267,9 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
         a causal layout gives every device about the same work; it runs its two chunks (one kernel call each) against
         all the keys, k and v all-gathered and put back in natural order. Elsewhere (one device, or rows split
         otherwise) the op puts q, k, v in natural order, computes, and puts o, lse back (correct, not balanced).
-        Not with ``context_parallel="ring"`` (the all-gather is used).
+        With ``context_parallel="ring"`` (each device's two chunks of keys whole block columns: ``N`` divisible by
+        ``2S x C``) k and v stay split and pass round the devices instead (the zigzag ring): each step, one kernel
+        call per chunk of rows and chunk of keys held (four).
 
     Returns:
       ``o`` in q's dtype, ``[*B, M, Hq, D]`` (and ``lse``). A row with no element taking part gives ``o = 0``

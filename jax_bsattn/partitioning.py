@@ -200,9 +200,12 @@ class _Plan:
         # dk, dv leave split over the row axes where k arrives so (q, k, v all split over the sequence): a
         # reduce-scatter of the shards' sums, half an all-reduce's traffic
         self.n = self.m if self.m and _axes(k.sharding, 1) == self.m and k.shape[1] % self.parts == 0 else None
-        # ring: every key shard whole block columns (a block's keys on one device)
-        self.ring = bool(cfg.ring and not cfg.zigzag and self.n and (k.shape[1] // self.parts) % cfg.block_c == 0)
         self.zigzag = bool(cfg.zigzag and self.m)
+        # ring: every piece of keys a device holds (a shard; in zigzag order its two chunks) whole block columns (a
+        # block's keys on one device, in one kernel call)
+        pieces = self.parts * (2 if self.zigzag else 1)
+        self.ring = bool(cfg.ring and self.n and k.shape[1] % pieces == 0
+                         and (k.shape[1] // pieces) % cfg.block_c == 0)
         LB, LH = indptr.shape[:2]
         self.layout_spec = P(self.b if LB == B else None, self.h if LH == Hk else None, None)
 
@@ -295,7 +298,8 @@ def _local_rows(indptr, indices, q_offset, q, k, cfg: Config, row_split: RowSpli
 
 # ---- ring attention: k, v (and, backward, their gradients' running sums) pass one device on per step, so each device
 # meets every key shard while holding one; its rows' partial results are combined in float32. The steps are unrolled
-# (one kernel call each; XLA may overlap a step's transfer with the previous step's kernel). ------------------------
+# (XLA may overlap a step's transfer with the previous step's kernels). In zigzag order a device's rows and the key
+# shard it holds are each two chunks, not contiguous in the natural order: one kernel call per pair of pieces. -----
 
 def _ring_pass(xs, row_split: RowSplit):
     """``xs`` sent one device on round the row axes (device i's to device i + 1)."""
@@ -303,21 +307,56 @@ def _ring_pass(xs, row_split: RowSplit):
     return [jax.lax.ppermute(x, row_split.axes, perm) for x in xs]
 
 
-def _ring_step_keys(indices, kv_lens, q_offset, M, k, cfg: Config, row_split: RowSplit, step: int):
-    """The layout's indices, key lengths and causal offsets (of this device's M rows) against the key shard it holds
-    at ring step ``step``: shard ``j = (device - step) mod parts``, keys ``[j Nl, (j + 1) Nl)``. The indices move by
-    the shard's first block column (other shards' blocks fall out of range, which every kernel skips; no
-    wrap-around: an index already out of ``[0, NB)`` stays out of ``[0, NB / parts)``), the lengths and the offsets
-    by its first key."""
-    Nl = k.shape[1]
-    j = (jax.lax.axis_index(row_split.axes) - step) % row_split.parts
-    first = (j * Nl).astype(jnp.int32)
-    indices = indices - (j * (Nl // cfg.block_c)).astype(indices.dtype)
+def _ring_row_pieces(indptr, indices, q_offset, q, k, cfg: Config, row_split: RowSplit):
+    """This device's rows as pieces contiguous in the natural order: (the piece's slice of q's rows, its layout rows
+    and causal offsets); one piece, or in zigzag order its two chunks. (k: the shard a device holds.)"""
+    N = k.shape[1] * row_split.parts
+    if row_split.zigzag:
+        return _zigzag_rows(indptr, indices, q_offset, q.shape[1], q.shape[0], N, cfg, row_split)
+    return [(slice(None), _local_rows(indptr, indices, q_offset, q, k, cfg, row_split))]
+
+
+def _ring_key_slices(Nl: int, row_split: RowSplit):
+    """The key shard a device holds (``Nl`` keys) as pieces contiguous in the natural order: the whole shard, or in
+    zigzag order its two chunks."""
+    return [slice(0, Nl // 2), slice(Nl // 2, Nl)] if row_split.zigzag else [slice(None)]
+
+
+def _ring_key_firsts(Nl: int, row_split: RowSplit, step: int):
+    """The first key (natural order, traced) of each piece of the shard held at ring step ``step``: device
+    ``j = (device - step) mod parts``'s; in zigzag order natural chunks ``j`` and ``2 parts - 1 - j``."""
+    S = row_split.parts
+    j = (jax.lax.axis_index(row_split.axes) - step) % S
+    return [j * (Nl // 2), (2 * S - 1 - j) * (Nl // 2)] if row_split.zigzag else [j * Nl]
+
+
+def _sequence_piece(x, piece: slice):                      # x[:, piece], without an op for the whole of it
+    return x if piece == slice(None) else x[:, piece]
+
+
+def _keys_from(indices, kv_lens, q_offset, M: int, first, Nl: int, cfg: Config):
+    """The layout's indices, key lengths and causal offsets (of M rows) against keys ``[first, first + Nl)`` alone
+    (``first``, traced, whole block columns). The indices move by its first block column (other keys' blocks fall
+    out of range, which every kernel skips; no wrap-around: an index already out of ``[0, NB)`` stays out of
+    ``[0, Nl / C)``), the lengths and the offsets by its first key."""
+    first = jnp.asarray(first, jnp.int32)
+    indices = indices - (first // cfg.block_c).astype(indices.dtype)
     if kv_lens.shape[0]:
         kv_lens = jnp.clip(kv_lens - first, 0, Nl)
-    if q_offset.shape[0]:                                  # (causal: per sequence from _local_rows; clipped as
+    if q_offset.shape[0]:                                  # (causal: per sequence from _layout_rows; clipped as
         q_offset = jnp.clip(q_offset - first, -M, Nl - 1)  # canonical_q_offset clips the op's)
     return indices, kv_lens, q_offset
+
+
+def _ring_calls(rows, M: int, Nl: int, kv_lens, cfg: Config, row_split: RowSplit, step: int):
+    """The kernel calls of one ring step, one per pair of a piece of keys held (``_ring_key_slices`` of ``Nl``) and a
+    piece of rows (``rows``: ``_ring_row_pieces`` of ``M``): the two pieces' indices and the layout's arrays for the
+    pair (indptr, indices, kv_lens, q_offset)."""
+    key_slices = _ring_key_slices(Nl, row_split)
+    for kp, first in enumerate(_ring_key_firsts(Nl, row_split, step)):
+        for rp, (rows_slice, (ip, ix, qo)) in enumerate(rows):
+            yield kp, rp, (ip, *_keys_from(ix, kv_lens, qo, len(range(M)[rows_slice]), first,
+                                           len(range(Nl)[key_slices[kp]]), cfg))
 
 
 def _combine(o, lse, o_step, lse_step):
@@ -327,46 +366,68 @@ def _combine(o, lse, o_step, lse_step):
     return o * weight(lse) + o_step.astype(jnp.float32) * weight(lse_step), total
 
 
+def _add(sums: list, i: int, x):                           # a running float32 sum per piece
+    sums[i] = x.astype(jnp.float32) if sums[i] is None else x.astype(jnp.float32) + sums[i]
+
+
+def _joined(pieces: list):                                 # pieces along the sequence, in order, as one array
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=1)
+
+
 def _fwd_ring(q, k, v, indptr, indices, kv_lens, q_offset, cfg, row_split):
-    """o, lse of this device's rows against every key shard in turn (4-d q, k, v; the layout's rows local)."""
-    o = lse = None
+    """o, lse of this device's rows against every key shard in turn (4-d q, k, v)."""
+    rows = _ring_row_pieces(indptr, indices, q_offset, q, k, cfg, row_split)
+    qs = [_sequence_piece(q, rs) for rs, _ in rows]
+    pieces = _ring_key_slices(k.shape[1], row_split)
+    kv = [_sequence_piece(x, p) for x in (k, v) for p in pieces]   # the k pieces, then the v pieces
+    o, lse = [None] * len(rows), [None] * len(rows)        # per piece of rows: o in float32
     for step in range(row_split.parts):
         if step:
-            k, v = _ring_pass((k, v), row_split)
-        ix, kl, qo = _ring_step_keys(indices, kv_lens, q_offset, q.shape[1], k, cfg, row_split, step)
-        o_step, lse_step = bsattn_fwd_ffi_p.bind(q, k, v, indptr, ix, kl, qo, cfg=cfg)
-        o, lse = ((o_step.astype(jnp.float32), lse_step) if o is None
-                  else _combine(o, lse, o_step, lse_step))
-    return o.astype(q.dtype), lse
+            kv = _ring_pass(kv, row_split)
+        for kp, rp, layout in _ring_calls(rows, q.shape[1], k.shape[1], kv_lens, cfg, row_split, step):
+            o_c, lse_c = bsattn_fwd_ffi_p.bind(qs[rp], kv[kp], kv[len(pieces) + kp], *layout, cfg=cfg)
+            o[rp], lse[rp] = ((o_c.astype(jnp.float32), lse_c) if o[rp] is None
+                              else _combine(o[rp], lse[rp], o_c, lse_c))
+    return _joined(o).astype(q.dtype), _joined(lse)
 
 
 def _bwd_ring(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg, row_split):
-    """dq of this device's rows, and dk, dv of its own key shard: each shard's running sums travel with it and come
-    home after the last step (lse and delta are the whole rows', so each step's parts add up)."""
-    dq = dk = dv = None
-    f32 = lambda x: x.astype(jnp.float32)
+    """dq of this device's rows, and dk, dv of its own key shard: each shard's running sums (float32, a piece each)
+    travel with it and come home after the last step (lse and delta are the whole rows', so each step's parts add
+    up)."""
+    rows = _ring_row_pieces(indptr, indices, q_offset, q, k, cfg, row_split)
+    per_row = [[_sequence_piece(x, rs) for x in (q, do, lse, delta)] for rs, _ in rows]
+    pieces = _ring_key_slices(k.shape[1], row_split)
+    n = len(pieces)
+    kv = [_sequence_piece(x, p) for x in (k, v) for p in pieces]   # k pieces, v pieces; then dk, dv pieces
+    dq, dkv = [None] * len(rows), [None] * (2 * n)
     for step in range(row_split.parts):
         if step:
-            k, v, dk, dv = _ring_pass((k, v, dk, dv), row_split)
-        ix, kl, qo = _ring_step_keys(indices, kv_lens, q_offset, q.shape[1], k, cfg, row_split, step)
-        parts = bsattn_bwd_ffi_p.bind(q, k, v, do, lse, delta, indptr, ix, kl, qo, cfg=cfg)
-        dq, dk, dv = (f32(x) if acc is None else acc + f32(x) for acc, x in zip((dq, dk, dv), parts))
-    dk, dv = _ring_pass((dk, dv), row_split)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+            moved = _ring_pass(kv + dkv, row_split)
+            kv, dkv = moved[:2 * n], moved[2 * n:]
+        for kp, rp, layout in _ring_calls(rows, q.shape[1], k.shape[1], kv_lens, cfg, row_split, step):
+            q_r, do_r, lse_r, delta_r = per_row[rp]
+            dq_c, dk_c, dv_c = bsattn_bwd_ffi_p.bind(q_r, kv[kp], kv[n + kp], do_r, lse_r, delta_r, *layout, cfg=cfg)
+            _add(dq, rp, dq_c), _add(dkv, kp, dk_c), _add(dkv, n + kp, dv_c)
+    dkv = _ring_pass(dkv, row_split)
+    return _joined(dq).astype(q.dtype), _joined(dkv[:n]).astype(k.dtype), _joined(dkv[n:]).astype(v.dtype)
 
 
 # ---- zigzag order (zigzag.py): with q's rows split over as many devices as the order's shards, each device holds
 # natural chunks i and 2S - 1 - i; it runs each (one kernel call) against all the keys, put in natural order. ------
 
-def _zigzag_chunks(k, v, indptr, indices, q_offset, M: int, B: int, cfg: Config, row_split: RowSplit):
-    """k, v in natural order, and for each of this device's two chunks of its M rows (zigzag order, M // 2 each):
-    the chunk's row slice and its layout rows and causal offsets (``_layout_rows``)."""
+def _zigzag_rows(indptr, indices, q_offset, M: int, B: int, N: int, cfg: Config, row_split: RowSplit):
+    """For each of this device's two chunks of its M rows (zigzag order, M // 2 each; natural chunks i and
+    2S - 1 - i), against N keys: the chunk's row slice and its layout rows and causal offsets (``_layout_rows``)."""
     S, Mc, i = row_split.parts, M // 2, jax.lax.axis_index(row_split.axes)
-    k, v = (from_zigzag(x, S, axis=1) for x in (k, v))
-    chunks = [(slice(start, start + Mc),
-               _layout_rows(indptr, indices, q_offset, natural * Mc, Mc, B, M * S, k.shape[1], cfg))
-              for start, natural in ((0, i), (Mc, 2 * S - 1 - i))]
-    return k, v, chunks
+    return [(slice(start, start + Mc), _layout_rows(indptr, indices, q_offset, natural * Mc, Mc, B, M * S, N, cfg))
+            for start, natural in ((0, i), (Mc, 2 * S - 1 - i))]
+
+
+def _zigzag_chunks(k, v, indptr, indices, q_offset, M: int, B: int, cfg: Config, row_split: RowSplit):
+    """k, v (all the keys) in natural order, and this device's two chunks of rows (``_zigzag_rows``)."""
+    k, v = (from_zigzag(x, row_split.parts, axis=1) for x in (k, v))
+    return k, v, _zigzag_rows(indptr, indices, q_offset, M, B, k.shape[1], cfg, row_split)
 
 
 def _fwd_zigzag(q, k, v, indptr, indices, kv_lens, q_offset, cfg, row_split):
@@ -393,11 +454,10 @@ def _bwd_zigzag(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg
 def _fwd_local(q, k, v, indptr, indices, kv_lens, q_offset, cfg, D, row_split=None):
     """The forward on one device's operands (all of them when inlined); ``row_split``: q's rows are a shard."""
     q, k, v = (_split(x, D) for x in (q, k, v))
-    if row_split and row_split.zigzag:
-        o, lse = _fwd_zigzag(q, k, v, indptr, indices, kv_lens, q_offset, cfg, row_split)
-    elif row_split and row_split.ring:
-        indptr, indices, q_offset = _local_rows(indptr, indices, q_offset, q, k, cfg, row_split)
+    if row_split and row_split.ring:
         o, lse = _fwd_ring(q, k, v, indptr, indices, kv_lens, q_offset, cfg, row_split)
+    elif row_split and row_split.zigzag:
+        o, lse = _fwd_zigzag(q, k, v, indptr, indices, kv_lens, q_offset, cfg, row_split)
     elif row_split:
         indptr, indices, q_offset = _local_rows(indptr, indices, q_offset, q, k, cfg, row_split)
         o, lse = bsattn_fwd_ffi_p.bind(q, k, v, indptr, indices, kv_lens, q_offset, cfg=cfg)
@@ -415,7 +475,6 @@ def _bwd_local(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg,
     """The backward on one device's operands; with ``row_split``, dk and dv summed over the row shards."""
     q, k, v, do = (_split(x, D) for x in (q, k, v, do))
     if row_split and row_split.ring:
-        indptr, indices, q_offset = _local_rows(indptr, indices, q_offset, q, k, cfg, row_split)
         return tuple(map(_merge, _bwd_ring(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg,
                                            row_split)))
     if row_split and row_split.zigzag:

@@ -238,8 +238,8 @@ def test_train_lm_example_runs(tmp_path):
 def test_train_lm_data_parallel_matches_one_device(tmp_path):
     """examples/train_lm.py --devices 2 (2 forced host devices, in a subprocess) gives the losses of one device
     with the same global batch: the batch-sharded model and attention compute the same step; so does
-    --seq-shards 2 (each sequence split over the two devices: context parallel attention), plain, with --ring and
-    with --zigzag."""
+    --seq-shards 2 (each sequence split over the two devices: context parallel attention), plain, with --ring, with
+    --zigzag and with both."""
     import json
     import subprocess
     import sys
@@ -257,9 +257,11 @@ ring = t.main(common + ["--devices", "2", "--seq-shards", "2", "--ring", "--batc
                         "--out", {str(tmp_path / "ring")!r}])
 zz = t.main(common + ["--devices", "2", "--seq-shards", "2", "--zigzag", "--batch", "4",
                       "--out", {str(tmp_path / "zz")!r}])
+zr = t.main(common + ["--devices", "2", "--seq-shards", "2", "--zigzag", "--ring", "--batch", "4",
+                      "--out", {str(tmp_path / "zr")!r}])
 print("LOSSES " + json.dumps([two["losses"], one["losses"], two["held_out_loss"], one["held_out_loss"],
                               cp["losses"], cp["held_out_loss"], ring["losses"], ring["held_out_loss"],
-                              zz["losses"], zz["held_out_loss"]]))
+                              zz["losses"], zz["held_out_loss"], zr["losses"], zr["held_out_loss"]]))
 """
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip())
@@ -268,7 +270,8 @@ print("LOSSES " + json.dumps([two["losses"], one["losses"], two["held_out_loss"]
                           check=False, cwd=os.path.dirname(os.path.abspath(__file__)))
     lines = [l for l in proc.stdout.splitlines() if l.startswith("LOSSES ")]
     assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
-    two, one, held_two, held_one, cp, held_cp, ring, held_ring, zz, held_zz = json.loads(lines[-1][len("LOSSES "):])
+    (two, one, held_two, held_one, cp, held_cp, ring, held_ring, zz, held_zz, zr,
+     held_zr) = json.loads(lines[-1][len("LOSSES "):])
     np.testing.assert_allclose(two, one, rtol=1e-4)
     np.testing.assert_allclose(held_two, held_one, rtol=1e-4)
     np.testing.assert_allclose(cp, one, rtol=1e-4)
@@ -277,6 +280,8 @@ print("LOSSES " + json.dumps([two["losses"], one["losses"], two["held_out_loss"]
     np.testing.assert_allclose(held_ring, held_one, rtol=1e-4)
     np.testing.assert_allclose(zz, one, rtol=1e-4)
     np.testing.assert_allclose(held_zz, held_one, rtol=1e-4)
+    np.testing.assert_allclose(zr, one, rtol=1e-4)
+    np.testing.assert_allclose(held_zr, held_one, rtol=1e-4)
 
 
 @pytest.mark.gpu

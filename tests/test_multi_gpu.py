@@ -124,10 +124,11 @@ def test_ring_attention_over_gpus():
     assert all(x.sharding.is_equivalent_to(rows, 4) for x in (fwd(qs, ks, vs),) + grad(qs, ks, vs))
 
 
-def test_zigzag_order_over_gpus():
+@pytest.mark.parametrize("context_parallel", ["all_gather", "ring"])
+def test_zigzag_order_over_gpus(context_parallel):
     """zigzag_shards=2: q, k, v stored in the zigzag order, split over the sequence on 2 GPUs (each GPU one early and
     one late chunk of rows, nothing of q's gathered); forward and gradients held to the float32 reference on the
-    natural order, permuted (bf16)."""
+    natural order, permuted (bf16). With the ring, k and v pass between the GPUs (two chunks each, no all-gather)."""
     from jax_bsattn.reference import reference_in_dtype
     from jax_bsattn.zigzag import from_zigzag, to_zigzag
     from conftest import assert_close, on_cpu
@@ -135,7 +136,8 @@ def test_zigzag_order_over_gpus():
     zz = [jax.device_put(to_zigzag(x, 2), rows) for x in (q, k, v)]
     ct = jnp.asarray(np.random.default_rng(7).standard_normal(q.shape), jnp.float32)
     loss = lambda f: (lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * ct))
-    op = lambda q, k, v: from_zigzag(jb.block_sparse_attention(q, k, v, lay, causal=True, zigzag_shards=2), 2)
+    op = lambda q, k, v: from_zigzag(jb.block_sparse_attention(q, k, v, lay, causal=True, zigzag_shards=2,
+                                                               context_parallel=context_parallel), 2)
     got = (jax.jit(op)(*zz),) + tuple(from_zigzag(g, 2) for g in jax.jit(jax.grad(loss(op), argnums=(0, 1, 2)))(*zz))
     ref = lambda dt: (lambda q, k, v: reference_in_dtype(q, k, v, lay, causal=True, compute_dtype=dt))
     cq, ck, cv = on_cpu(q, k, v)
@@ -144,4 +146,7 @@ def test_zigzag_order_over_gpus():
     for name, a, b, c in zip(("o", "dq", "dk", "dv"), got, want, lowp):
         assert_close(name, a, b, c)
     hlo = jax.jit(op).lower(*zz).compile().as_text()
-    assert len(re.findall(r"= \w+\[\d+,512,[^=]*all-gather\(", hlo)) <= 2      # k and v only (M = N = 512)
+    if context_parallel == "ring":
+        assert hlo.count("all-gather") == 0 and hlo.count("collective-permute") >= 1
+    else:
+        assert len(re.findall(r"= \w+\[\d+,512,[^=]*all-gather\(", hlo)) <= 2  # k and v only (M = N = 512)

@@ -183,12 +183,21 @@ def worker():
                             specs=[[list(e) if isinstance(e, tuple) else e for e in x.sharding.spec] for x in got])
     # The zigzag order (zigzag_shards=4): q, k, v stored in it, split over the sequence on "y" (4 devices), the batch
     # over "x": each device runs its two chunks of rows, nothing of q's is gathered. zigzag_other_count: the order for
-    # 2 shards over 4 devices: q's rows gathered (documented), the result still right.
+    # 2 shards over 4 devices: q's rows gathered (documented), the result still right. zigzag_ring*: with the ring,
+    # k and v (N = 128: each device's two chunks of 16 keys, whole 8-key block columns) pass round the devices; with
+    # N = 96 (chunks of 12 keys) a chunk would cut a block and they are all-gathered (documented).
     from jax_bsattn.zigzag import to_zigzag
-    Mz, Nz = 64, 96
-    for name, (S, kw_z) in {"zigzag_causal": (4, dict(causal=True)), "zigzag_lens_offsets": (4, "per_sequence"),
-                            "zigzag_other_count": (2, dict(causal=True)),
-                            "zigzag_explicit": (4, dict(causal=True))}.items():
+    Mz = 64
+    for name, (S, kw_z, cp, Nz) in {
+            "zigzag_causal": (4, dict(causal=True), "all_gather", 96),
+            "zigzag_lens_offsets": (4, "per_sequence", "all_gather", 96),
+            "zigzag_other_count": (2, dict(causal=True), "all_gather", 96),
+            "zigzag_explicit": (4, dict(causal=True), "all_gather", 96),
+            "zigzag_ring_causal": (4, dict(causal=True), "ring", 128),
+            "zigzag_ring_not_causal": (4, {}, "ring", 128),
+            "zigzag_ring_lens_offsets": (4, "per_sequence", "ring", 128),
+            "zigzag_ring_explicit": (4, dict(causal=True), "ring", 128),
+            "zigzag_ring_cut_blocks": (4, dict(causal=True), "ring", 96)}.items():
         q = jnp.asarray(rng.standard_normal((B, Mz, Hq, D)), jnp.float32)
         k, v = (jnp.asarray(rng.standard_normal((B, Nz, 4, D)), jnp.float32) for _ in range(2))
         if kw_z == "per_sequence":
@@ -196,8 +205,9 @@ def worker():
             kw_z = dict(causal=True, kv_lens=lens, q_offset=lens - Mz + jnp.asarray(rng.integers(-3, 4, size=B)))
         lay = layouts.union(layouts.sliding_window((Mz, Nz), 8, 24), layouts.random((Mz, Nz), 8, 2, batch_shape=(4,)))
 
-        def fwd(q, k, v, shards, kw_z=kw_z, lay=lay):
-            return jb.block_sparse_attention(q, k, v, lay, return_lse=True, zigzag_shards=shards, **kw_z)
+        def fwd(q, k, v, shards, kw_z=kw_z, lay=lay, cp=cp):
+            return jb.block_sparse_attention(q, k, v, lay, return_lse=True, zigzag_shards=shards,
+                                             context_parallel=cp, **kw_z)
 
         grad = lambda q, k, v, shards, fwd=fwd: jax.grad(lambda q, k, v: jnp.sum(jnp.sin(fwd(q, k, v, shards)[0])),
                                                          argnums=(0, 1, 2))(q, k, v)
@@ -212,7 +222,9 @@ def worker():
             fwd_hlo = f.lower(*args).compile().as_text()
         errs = [float(jnp.max(jnp.abs(jnp.where(jnp.isfinite(b), a - b, 0))) / (jnp.max(jnp.abs(jnp.where(
             jnp.isfinite(b), b, 0))) + 1e-30)) for a, b in zip(got, want)]
-        report[name] = dict(errs=errs, kernel_calls=kernel_calls(fwd_hlo),
+        report[name] = dict(errs=errs, fwd_calls=len(re.findall(r'custom_call_target="bsattn_fwd', fwd_hlo)),
+                            all_gathers=hlo.count("all-gather"),
+                            permutes=hlo.count(" collective-permute("),
                             row_gathers=len(re.findall(rf"= \w+\[\d+,{Mz},[^=]*all-gather\(", hlo)),
                             specs=[[list(e) if isinstance(e, tuple) else e for e in x.sharding.spec] for x in got])
     # The manual alternative: the op inside shard_map runs on each device's batch shard (no partitioner).
@@ -319,15 +331,22 @@ def test_ring_attention(report, name):
         assert r["kernel_calls"] >= 4 * 3, r  # (forward; backward, with its forward again)
 
 
-@pytest.mark.parametrize("name", ["zigzag_causal", "zigzag_lens_offsets", "zigzag_other_count", "zigzag_explicit"])
+@pytest.mark.parametrize("name", ["zigzag_causal", "zigzag_lens_offsets", "zigzag_other_count", "zigzag_explicit",
+                                  "zigzag_ring_causal", "zigzag_ring_not_causal", "zigzag_ring_lens_offsets",
+                                  "zigzag_ring_explicit", "zigzag_ring_cut_blocks"])
 def test_zigzag_order(report, name):
     r = report[name]
     assert max(r["errs"]) < 1e-5, r           # against the unsharded op on the natural order, permuted
     assert all(s[:2] == ["x", "y"] for s in r["specs"]), r     # o, lse, dq, dk, dv split as q
     if name == "zigzag_other_count":          # the order's 2 shards on 4 devices: q's rows gathered (documented)
         assert r["row_gathers"] > 0, r
-    else:                                     # each device its two chunks: a kernel call each, no row gathered
-        assert r["row_gathers"] == 0 and r["kernel_calls"] >= 2, r
+        return
+    assert r["row_gathers"] == 0, r
+    if "ring" in name and "cut_blocks" not in name:
+        # k, v pass round the 4 devices of "y": 4 steps of 2 chunks of rows x 2 chunks of keys, nothing gathered
+        assert r["all_gathers"] == 0 and r["permutes"] > 0 and r["fwd_calls"] == 4 * 2 * 2, r
+    else:                                     # each device its two chunks: a kernel call each, k, v all-gathered
+        assert r["all_gathers"] > 0 and r["permutes"] == 0 and r["fwd_calls"] == 2, r
 
 
 @pytest.mark.parametrize("name", ["kv_lens", "kv_lens_explicit", "q_offset", "q_offset_explicit", "q_offset_rows"])
