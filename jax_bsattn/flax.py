@@ -174,7 +174,7 @@ class BlockSparseMultiHeadAttention(nnx.Module):
 
 def make_attention_fn(layout: LayoutSpec, *, causal: bool = False, scale: float | None = None,
                       logits_soft_cap: float | None = None, deterministic_backward: bool = False,
-                      context_parallel: str = "all_gather"):
+                      context_parallel: str = "all_gather", zigzag_shards: int | None = None):
     """An ``attention_fn`` for ``flax.nnx.MultiHeadAttention(attention_fn=...)`` (same keyword arguments as
     ``flax.nnx.dot_product_attention``) computing block-sparse attention with ``layout``.
 
@@ -188,8 +188,11 @@ def make_attention_fn(layout: LayoutSpec, *, causal: bool = False, scale: float 
     (``dropout_rate > 0`` and not ``deterministic``), and ``module`` (``sow_weights=True``: the attention
     weights are never materialised). ``deterministic_backward``: the op's ``deterministic`` (bitwise
     repeatable gradients; the ``deterministic`` argument is dropout's). ``context_parallel``: the op's.
+    ``zigzag_shards``: the op's: the sequence comes (and o leaves) in the zigzag order for this many shards
+    (:mod:`jax_bsattn.zigzag`); whatever gives the tokens their positions (embeddings) must follow the same order.
     """
     is_ring("context_parallel", context_parallel)
+    check_zigzag_shards(zigzag_shards)
 
     def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,
                      dropout_rate=0.0, deterministic=False, dtype=None, precision=None, module=None,
@@ -223,6 +226,6 @@ def make_attention_fn(layout: LayoutSpec, *, causal: bool = False, scale: float 
         lay = resolve_layout(layout, query.shape[-3], key.shape[-3])
         return block_sparse_attention(query, key, value, lay, scale=scale, causal=bool(causal or is_causal),
                                       logits_soft_cap=logits_soft_cap, deterministic=deterministic_backward,
-                                      context_parallel=context_parallel)
+                                      context_parallel=context_parallel, zigzag_shards=zigzag_shards)
 
     return attention_fn

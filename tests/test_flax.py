@@ -122,6 +122,8 @@ def test_module_refuses_bad_context_parallel_arguments_at_construction():
             jbf.BlockSparseMultiHeadAttention(4, 32, **kw, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="context_parallel must be"):
         jbf.make_attention_fn(L.block_causal(16, 8), context_parallel="ring ")
+    with pytest.raises(ValueError, match="zigzag_shards must be None or a positive integer"):
+        jbf.make_attention_fn(L.block_causal(16, 8), zigzag_shards=2.0)
 
 
 def test_rotary_matches_complex_rotation_and_is_relative():
@@ -171,6 +173,17 @@ def test_attention_fn_in_nnx_multi_head_attention():
     # dtype is honoured: bf16 compute.
     bf = _mha(jbf.make_attention_fn(lay, causal=True), dtype=jnp.bfloat16)(x)
     assert bf.dtype == jnp.bfloat16
+
+
+def test_attention_fn_in_zigzag_order():
+    # flax's MultiHeadAttention fed the sequence in zigzag order, with the attention_fn told so, gives its outputs
+    # in that order
+    from jax_bsattn.zigzag import to_zigzag
+    lay = L.sliding_window(64, 8, 24)
+    x = inputs((2, 64, 32), 6)
+    natural = _mha(jbf.make_attention_fn(lay, causal=True))(x)
+    zigzag = _mha(jbf.make_attention_fn(lay, causal=True, zigzag_shards=2))(to_zigzag(x, 2, axis=-2))
+    np.testing.assert_allclose(np.asarray(zigzag), np.asarray(to_zigzag(natural, 2, axis=-2)), rtol=1e-5, atol=1e-6)
 
 
 def test_attention_fn_refuses_what_it_cannot_honour():
