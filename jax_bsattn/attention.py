@@ -14,6 +14,7 @@ from . import _extension  # noqa: F401  (registers the FFI targets)
 from . import lowering  # noqa: F401  (registers the lowerings)
 from .per_sequence import canonical_kv_lens, canonical_q_offset
 from .layout import BlockSparseLayout, monotone_indptr, static_flag
+from .partitioning import RowSplit, bwd_sequence_split, fwd_sequence_split, manual_row_split
 from .primitives import SUPPORTED_DTYPES, Config, bsattn_bwd_p, bsattn_fwd_p, to_common_variance
 
 __all__ = ["as_jax_arrays", "block_sparse_attention", "check_inputs", "check_per_sequence", "check_q_offset_causal",
@@ -187,8 +188,8 @@ def _attention_fwd(q, k, v, indptr, indices, kv_lens, q_offset, cfg: Config):
     return (o, lse), (q, k, v, o, lse, indptr, indices, kv_lens, q_offset)
 
 
-def _attention_bwd(cfg: Config, res, cts):
-    q, k, v, o, lse, indptr, indices, kv_lens, q_offset = res
+def _backward_operands(cfg: Config, q, k, o, lse, kv_lens, cts):
+    """The backward kernels' do and delta from the cotangents of (o, lse)."""
     do, dlse = cts
     do = jnp.asarray(do, q.dtype)
     # A row that sees no key (lse -inf) has o = 0 whatever its cotangent: a NaN there (e.g. from a log of o behind a
@@ -205,6 +206,12 @@ def _attention_bwd(cfg: Config, res, cts):
         dlse = jnp.where(dead, jnp.zeros_like(dlse), dlse)
     # delta = rowsum(dO * O) - dlse: a cheap XLA fusion; the kernels then need neither o nor dlse.
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1) - dlse
+    return do, delta
+
+
+def _attention_bwd(cfg: Config, res, cts):
+    q, k, v, o, lse, indptr, indices, kv_lens, q_offset = res
+    do, delta = _backward_operands(cfg, q, k, o, lse, kv_lens, cts)
     dq, dk, dv = bsattn_bwd_p.bind(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg=cfg)
     return dq, dk, dv, None, None, None, None
 
@@ -212,9 +219,46 @@ def _attention_bwd(cfg: Config, res, cts):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+# Inside jax.shard_map with the sequence split over named mesh axes (sequence_axis): the per-device functions of
+# partitioning.py on this device's shards, with the collectives over those axes (no partitioner to insert them).
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _attention_split(q, k, v, indptr, indices, kv_lens, q_offset, cfg: Config, row_split: RowSplit):
+    return fwd_sequence_split(q, k, v, indptr, indices, kv_lens, q_offset, cfg, row_split)
+
+
+def _attention_split_fwd(q, k, v, indptr, indices, kv_lens, q_offset, cfg: Config, row_split: RowSplit):
+    o, lse = fwd_sequence_split(q, k, v, indptr, indices, kv_lens, q_offset, cfg, row_split)
+    return (o, lse), (q, k, v, o, lse, indptr, indices, kv_lens, q_offset)
+
+
+def _attention_split_bwd(cfg: Config, row_split: RowSplit, res, cts):
+    q, k, v, o, lse, indptr, indices, kv_lens, q_offset = res
+    do, delta = _backward_operands(cfg, q, k, o, lse, kv_lens, cts)
+    grads = bwd_sequence_split(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg, row_split)
+    return grads + (None, None, None, None)
+
+
+_attention_split.defvjp(_attention_split_fwd, _attention_split_bwd)
+
+
+def sequence_axes(sequence_axis) -> tuple[tuple[str, ...], int]:
+    """``sequence_axis``: a mesh axis name, or a tuple of them, of an enclosing ``jax.shard_map``: (the axes, the
+    devices along them)."""
+    axes = (sequence_axis,) if isinstance(sequence_axis, str) else sequence_axis
+    if not isinstance(axes, tuple) or not axes or not all(isinstance(a, str) for a in axes):
+        raise ValueError(f"sequence_axis must be None, a mesh axis name or a tuple of them, got {sequence_axis!r}")
+    try:
+        parts = int(jax.lax.axis_size(axes))
+    except NameError:
+        raise ValueError(f"sequence_axis={sequence_axis!r} is not an axis of an enclosing jax.shard_map: the argument "
+                         f"is for the op inside shard_map (under jax.jit with sharded q, k, v the sequence's split is "
+                         f"read from their shardings)") from None
+    return axes, parts
+
+
 def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, causal=False, logits_soft_cap=None,
                            return_lse=False, deterministic=False, kv_lens=None, q_offset=None,
-                           context_parallel="all_gather", zigzag_shards=None):
+                           context_parallel="all_gather", zigzag_shards=None, sequence_axis=None):
     """Block-sparse attention: only the blocks that ``layout`` lists are computed.
 
     Args:
@@ -259,7 +303,7 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
         devices, one shard per step, each step a kernel call on this device's rows against the shard it holds (ring
         attention: no device holds more than two shards of k, v; the backward's dk, dv travel with their shard, in
         float32); the partial outputs are merged by their lse in float32. Elsewhere the same as ``"all_gather"``.
-        No effect without such sharding (one device, or inside ``shard_map``).
+        No effect without such sharding (one device, or inside ``shard_map`` without ``sequence_axis``).
       zigzag_shards: ``S``: q, k, v (and o, lse) hold the sequence in the zigzag order for ``S`` shards
         (:mod:`jax_bsattn.zigzag`: ``2S`` chunks stored as ``0, 2S-1, 1, 2S-2, ...``); the layout, ``kv_lens`` and
         ``q_offset`` stay in natural positions. With q's sequence split over ``S`` devices (whole block rows:
@@ -270,6 +314,14 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
         With ``context_parallel="ring"`` (each device's two chunks of keys whole block columns: ``N`` divisible by
         ``2S x C``) k and v stay split and pass round the devices instead (the zigzag ring): each step, one kernel
         call per chunk of rows and chunk of keys held (four).
+      sequence_axis: inside ``jax.shard_map``: the mesh axis name (or tuple of names) the sequence is split over. q,
+        k, v (and o, lse) are then this device's shards, ``[*B, M / P, ...]`` and ``[*B, N / P, ...]`` for the P
+        devices along the axes (contiguous shards, or with ``zigzag_shards=P`` the zigzag order's), while the layout,
+        ``kv_lens`` and ``q_offset`` describe the whole sequences (``seq_lens == (M, N)``); each device's rows must be
+        whole block rows. The op makes the collectives itself, as under jit: ``context_parallel`` picks the
+        all-gather of k, v or the ring (where each device's keys are whole block columns; else the all-gather), and
+        the backward leaves dk, dv as this device's shards. ``None`` (default): q, k, v are whole sequences, as
+        everywhere outside shard_map.
 
     Returns:
       ``o`` in q's dtype, ``[*B, M, Hq, D]`` (and ``lse``). A row with no element taking part gives ``o = 0``
@@ -277,12 +329,26 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
       checkpoint; the layout arrays may be traced.
     """
     q, k, v = as_jax_arrays(q, k, v)
-    shapes = check_inputs(q, k, v, layout, logits_soft_cap)
+    whole = (q, k, v)        # (with sequence_axis: the whole sequences' shapes, of which q, k, v are shards)
+    if sequence_axis is not None:
+        axes, parts = sequence_axes(sequence_axis)
+        if all(getattr(x, "ndim", 0) >= 3 for x in whole):     # (else check_inputs says what is wrong)
+            whole = tuple(jax.ShapeDtypeStruct(x.shape[:-3] + (x.shape[-3] * parts,) + x.shape[-2:], x.dtype)
+                          for x in whole)
+    shapes = check_inputs(*whole, layout, logits_soft_cap)
     batch, M, N, Hq, Hk, D = shapes
     check_per_sequence("kv_lens", kv_lens, batch)
     check_per_sequence("q_offset", q_offset, batch)
     B = math.prod(batch)
-    zigzag = zigzag_order_shards(zigzag_shards, q, k, layout)
+    zigzag = zigzag_order_shards(zigzag_shards, *whole[:2], layout)
+    if sequence_axis is not None:
+        R, Ml = int(layout.block_size[0]), q.shape[-3]
+        if Ml % R and parts > 1:
+            raise ValueError(f"sequence_axis={sequence_axis!r}: each device's {Ml} rows of q must be whole block rows "
+                             f"(R = {layout.block_size[0]}): M = {M} split over {parts} devices")
+        if zigzag_shards is not None and int(zigzag_shards) != parts:
+            raise ValueError(f"zigzag_shards={zigzag_shards} with sequence_axis={sequence_axis!r}: inside shard_map "
+                             f"the order must be for the {parts} devices the sequence is split over")
     cfg = Config(block_r=int(layout.block_size[0]), block_c=int(layout.block_size[1]),
                  scale=D ** -0.5 if scale is None else static_float("scale", scale),
                  softcap=float(0.0 if logits_soft_cap is None else logits_soft_cap),
@@ -290,16 +356,20 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
                  ring=is_ring("context_parallel", context_parallel), zigzag=zigzag)
     return_lse = static_flag("return_lse", return_lse)
     check_q_offset_causal(q_offset, cfg.causal)
-    q3 = jnp.reshape(q, (B, M, Hq, D))
-    k3 = jnp.reshape(k, (B, N, Hk, D))
-    v3 = jnp.reshape(v, (B, N, Hk, D))
+    q3 = jnp.reshape(q, (B, q.shape[-3], Hq, D))           # (this device's shards with sequence_axis)
+    k3 = jnp.reshape(k, (B, k.shape[-3], Hk, D))
+    v3 = jnp.reshape(v, (B, k.shape[-3], Hk, D))
     indptr = monotone_indptr(_canonical_layout(layout.indptr, batch, Hk), layout.nnz)
     indices = _canonical_layout(layout.indices, batch, Hk)
     lens = _none() if kv_lens is None else canonical_kv_lens(kv_lens, tuple(batch), N)
     offset = _none() if q_offset is None else canonical_q_offset(q_offset, tuple(batch), M, N)
     q3, k3, v3, indptr, indices, lens, offset = to_common_variance(q3, k3, v3, indptr, indices, lens, offset)
-    o, lse = _attention(q3, k3, v3, indptr, indices, lens, offset, cfg)
+    if sequence_axis is None or parts == 1:               # (one device along the axes: whole sequences)
+        o, lse = _attention(q3, k3, v3, indptr, indices, lens, offset, cfg)
+    else:
+        row_split = manual_row_split(axes, parts, k.shape[-3], cfg)
+        o, lse = _attention_split(q3, k3, v3, indptr, indices, lens, offset, cfg, row_split)
     o = o.reshape(q.shape)
     if return_lse:
-        return o, lse.reshape(tuple(batch) + (M, Hq))
+        return o, lse.reshape(tuple(batch) + (q.shape[-3], Hq))
     return o

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from typing import Callable, Union
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention import block_sparse_attention, check_zigzag_shards, is_ring
+from .attention import block_sparse_attention, check_zigzag_shards, is_ring, sequence_axes
 from .layout import BlockSparseLayout
 from .zigzag import to_zigzag
 
@@ -93,6 +94,9 @@ class BlockSparseMultiHeadAttention(nnx.Module):
       context_parallel: ``"all_gather"`` or ``"ring"``, the op's (with the sequence split over devices).
       zigzag_shards: the op's: the inputs (and outputs) hold the sequence in the zigzag order for this many shards
         (:mod:`jax_bsattn.zigzag`); the rotary positions follow it.
+      sequence_axis: the op's, for the module inside ``jax.shard_map``: the inputs (and outputs) are this device's
+        shards of sequences split over these mesh axes; the layout (a callable gets the whole lengths), the rotary
+        positions, ``kv_lens`` and ``q_offset`` are the whole sequences'.
       use_bias: biases in the projections. dtype: dtype of the computation (q, k, v, the attention and the
         projections; default: the inputs'). param_dtype: of the parameters.
       kernel_init: initialiser of the projection kernels.
@@ -104,7 +108,8 @@ class BlockSparseMultiHeadAttention(nnx.Module):
                  layout: LayoutSpec | None = None, causal: bool = False, rotary: bool = False,
                  rope_theta: float = 10000.0, scale: float | None = None, logits_soft_cap: float | None = None,
                  deterministic_backward: bool = False, context_parallel: str = "all_gather",
-                 zigzag_shards: int | None = None, use_bias: bool = False, dtype=None, param_dtype=jnp.float32,
+                 zigzag_shards: int | None = None, sequence_axis=None, use_bias: bool = False, dtype=None,
+                 param_dtype=jnp.float32,
                  kernel_init=nnx.initializers.lecun_normal(), rngs: nnx.Rngs):
         self.num_heads = int(num_heads)
         self.num_kv_heads = int(num_kv_heads if num_kv_heads is not None else num_heads)
@@ -126,6 +131,7 @@ class BlockSparseMultiHeadAttention(nnx.Module):
         self.context_parallel = context_parallel
         check_zigzag_shards(zigzag_shards)
         self.zigzag_shards = zigzag_shards
+        self.sequence_axis = sequence_axis
         kv_features = in_features if kv_features is None else kv_features
         out_features = in_features if out_features is None else out_features
 
@@ -145,7 +151,8 @@ class BlockSparseMultiHeadAttention(nnx.Module):
         over ``*B``, causal modules): the key position of each sequence's first query row, the op's (a chunk of new
         rows: ``kv_lens - M``), which also places the queries' rotary positions."""
         inputs_kv = inputs_q if inputs_kv is None else inputs_kv
-        M, N = inputs_q.shape[-2], inputs_kv.shape[-2]
+        parts = 1 if self.sequence_axis is None else sequence_axes(self.sequence_axis)[1]
+        M, N = inputs_q.shape[-2] * parts, inputs_kv.shape[-2] * parts     # (the whole sequences)
         lay = resolve_layout(layout if layout is not None else self.layout, M, N)
         q = self.query(inputs_q).reshape(inputs_q.shape[:-1] + (self.num_heads, self.head_dim))
         k = self.key(inputs_kv).reshape(inputs_kv.shape[:-1] + (self.num_kv_heads, self.head_dim))
@@ -155,6 +162,10 @@ class BlockSparseMultiHeadAttention(nnx.Module):
             q_pos, k_pos = jnp.arange(M) + first, jnp.arange(N)
             if self.zigzag_shards:                       # the tokens' positions in the order they are held
                 q_pos, k_pos = (to_zigzag(p, self.zigzag_shards, axis=-1) for p in (q_pos, k_pos))
+            if parts > 1:                                # this device's shard of them
+                i = jax.lax.axis_index(sequence_axes(self.sequence_axis)[0])
+                q_pos, k_pos = (jax.lax.dynamic_slice_in_dim(p, i * (n // parts), n // parts, axis=-1)
+                                for p, n in ((q_pos, M), (k_pos, N)))
             q = apply_rotary(q, q_pos, self.rope_theta)
             k = apply_rotary(k, k_pos, self.rope_theta)
         # (kv_lens and q_offset passed only when given: a subclass's attend(q, k, v, layout) from before them still
@@ -169,12 +180,14 @@ class BlockSparseMultiHeadAttention(nnx.Module):
         return block_sparse_attention(q, k, v, layout, scale=self.scale, causal=self.causal,
                                       logits_soft_cap=self.logits_soft_cap,
                                       deterministic=self.deterministic_backward, kv_lens=kv_lens, q_offset=q_offset,
-                                      context_parallel=self.context_parallel, zigzag_shards=self.zigzag_shards)
+                                      context_parallel=self.context_parallel, zigzag_shards=self.zigzag_shards,
+                                      sequence_axis=self.sequence_axis)
 
 
 def make_attention_fn(layout: LayoutSpec, *, causal: bool = False, scale: float | None = None,
                       logits_soft_cap: float | None = None, deterministic_backward: bool = False,
-                      context_parallel: str = "all_gather", zigzag_shards: int | None = None):
+                      context_parallel: str = "all_gather", zigzag_shards: int | None = None,
+                      sequence_axis=None):
     """An ``attention_fn`` for ``flax.nnx.MultiHeadAttention(attention_fn=...)`` (same keyword arguments as
     ``flax.nnx.dot_product_attention``) computing block-sparse attention with ``layout``.
 
@@ -190,6 +203,8 @@ def make_attention_fn(layout: LayoutSpec, *, causal: bool = False, scale: float 
     repeatable gradients; the ``deterministic`` argument is dropout's). ``context_parallel``: the op's.
     ``zigzag_shards``: the op's: the sequence comes (and o leaves) in the zigzag order for this many shards
     (:mod:`jax_bsattn.zigzag`); whatever gives the tokens their positions (embeddings) must follow the same order.
+    ``sequence_axis``: the op's (inside ``jax.shard_map``: q, k, v are this device's shards; a callable layout gets
+    the whole lengths).
     """
     is_ring("context_parallel", context_parallel)
     check_zigzag_shards(zigzag_shards)
@@ -223,9 +238,11 @@ def make_attention_fn(layout: LayoutSpec, *, causal: bool = False, scale: float 
                 f"jax_bsattn attention_fn: is_causal with q length {query.shape[-3]} != kv length {key.shape[-3]}: "
                 "flax's causal mask is top-left aligned (j <= i), jax_bsattn's bottom-right (j <= i + N - M), so the "
                 "two differ; for the bottom-right mask pass causal=True to make_attention_fn instead")
-        lay = resolve_layout(layout, query.shape[-3], key.shape[-3])
+        parts = 1 if sequence_axis is None else sequence_axes(sequence_axis)[1]
+        lay = resolve_layout(layout, query.shape[-3] * parts, key.shape[-3] * parts)
         return block_sparse_attention(query, key, value, lay, scale=scale, causal=bool(causal or is_causal),
                                       logits_soft_cap=logits_soft_cap, deterministic=deterministic_backward,
-                                      context_parallel=context_parallel, zigzag_shards=zigzag_shards)
+                                      context_parallel=context_parallel, zigzag_shards=zigzag_shards,
+                                      sequence_axis=sequence_axis)
 
     return attention_fn

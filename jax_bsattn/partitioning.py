@@ -496,6 +496,40 @@ def _bwd_local(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg,
     return tuple(map(_merge, (dq, dk, dv)))
 
 
+# ---- inside jax.shard_map (the op's sequence_axis): q, k, v are this device's shards of sequences split over named
+# mesh axes, and the same per-device functions run on them; the all-gather form gathers k, v itself. -------------
+
+def manual_row_split(axes: tuple[str, ...], parts: int, N_local: int, cfg: Config) -> RowSplit:
+    """The row split of q, k, v split over ``axes`` (``parts`` devices) inside shard_map: the ring where every piece
+    of keys a device holds is whole block columns (else the all-gather, as under jit); dk, dv leave split."""
+    pieces = 2 if cfg.zigzag else 1
+    ring = bool(cfg.ring and N_local % pieces == 0 and (N_local // pieces) % cfg.block_c == 0)
+    return RowSplit(tuple(axes), parts, True, ring, bool(cfg.zigzag))
+
+
+def _manual_keys(k, v, row_split: RowSplit):               # all the keys (all-gather form), or the shard (ring)
+    if row_split.ring:
+        return k, v
+    return tuple(jax.lax.all_gather(x, row_split.axes, axis=1, tiled=True) for x in (k, v))
+
+
+def fwd_sequence_split(q, k, v, indptr, indices, kv_lens, q_offset, cfg, row_split: RowSplit):
+    """o, lse of this device's rows (4-d q, k, v: its shards inside shard_map)."""
+    D = q.shape[-1]
+    k, v = _manual_keys(k, v, row_split)
+    o, lse = _fwd_local(*map(_merge, (q, k, v)), indptr, indices, kv_lens, q_offset, cfg, D, row_split)
+    return _split(o, D), lse
+
+
+def bwd_sequence_split(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg, row_split: RowSplit):
+    """dq, dk, dv of this device's shards (dk, dv summed over the devices' rows)."""
+    D = q.shape[-1]
+    k, v = _manual_keys(k, v, row_split)
+    grads = _bwd_local(*map(_merge, (q, k, v, do)), lse, delta, indptr, indices, kv_lens, q_offset, cfg, D,
+                       row_split)
+    return tuple(_split(x, D) for x in grads)
+
+
 def _fwd(q, k, v, indptr, indices, kv_lens, q_offset, cfg, D):          # (custom_partitioning reads the signature)
     return _fwd_local(q, k, v, indptr, indices, kv_lens, q_offset, cfg, D)
 

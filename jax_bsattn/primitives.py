@@ -9,8 +9,9 @@ each int32 ``[B]`` or ``[0]`` (none): ``kv_lens`` (keys that take part per batch
   binds them): an abstract eval that checks shapes and dtypes and a batching rule that folds the vmapped axis
   into B (one kernel call, never a loop). Their lowering (lowering.py) goes through ``custom_partitioning``
   (partitioning.py), so that under ``jit`` with sharded operands each device runs on its own shard.
-- The inner primitives ``bsattn_fwd_ffi`` / ``bsattn_bwd_ffi`` are bound only inside that lowering, on
-  per-device shapes; they lower to the FFI targets of each platform.
+- The inner primitives ``bsattn_fwd_ffi`` / ``bsattn_bwd_ffi`` are bound inside that lowering, on per-device
+  shapes, and, inside ``jax.shard_map`` with the op's ``sequence_axis``, by attention.py's custom VJP on this
+  device's shards; they lower to the FFI targets of each platform.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def _primitive(name: str) -> Primitive:
 
 bsattn_fwd_p = _primitive("bsattn_fwd")
 bsattn_bwd_p = _primitive("bsattn_bwd")
-# Inner primitives: the kernels on per-device shapes (bound only inside the outer primitives' lowering).
+# Inner primitives: the kernels on per-device shapes (bound inside the outer primitives' lowering, and by the
+# shard_map form of the op, attention.py's _attention_split).
 bsattn_fwd_ffi_p = _primitive("bsattn_fwd_ffi")
 bsattn_bwd_ffi_p = _primitive("bsattn_bwd_ffi")
 
@@ -226,8 +228,9 @@ def _make_batcher(prim, num_data: int):
     return batcher
 
 
-batching.primitive_batchers[bsattn_fwd_p] = _make_batcher(bsattn_fwd_p, num_data=3)
-batching.primitive_batchers[bsattn_bwd_p] = _make_batcher(bsattn_bwd_p, num_data=6)
+# (the inner primitives too: inside shard_map with the op's sequence_axis, attention.py binds them directly)
+for _p, _n in ((bsattn_fwd_p, 3), (bsattn_bwd_p, 6), (bsattn_fwd_ffi_p, 3), (bsattn_bwd_ffi_p, 6)):
+    batching.primitive_batchers[_p] = _make_batcher(_p, num_data=_n)
 
 
 # ---- differentiation: first order only (the custom_vjp in attention.py); a second derivative says so -------------
@@ -238,7 +241,7 @@ def _no_second_derivative(primals, tangents, **params):
         "gradient (grad of grad, jax.hessian, jax.jvp of a gradient, an exported VJP of order 2) is not implemented")
 
 
-for _p in (bsattn_fwd_p, bsattn_bwd_p):
+for _p in (bsattn_fwd_p, bsattn_bwd_p, bsattn_fwd_ffi_p, bsattn_bwd_ffi_p):
     ad.primitive_jvps[_p] = _no_second_derivative
 
 

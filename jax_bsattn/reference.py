@@ -22,15 +22,27 @@ __all__ = ["block_sparse_attention_reference"]
 
 def block_sparse_attention_reference(q, k, v, layout: BlockSparseLayout, *, scale=None, causal=False,
                                      logits_soft_cap=None, return_lse=False, deterministic=False, kv_lens=None,
-                                     q_offset=None, context_parallel="all_gather", zigzag_shards=None):
+                                     q_offset=None, context_parallel="all_gather", zigzag_shards=None,
+                                     sequence_axis=None):
     """Same signature and semantics as :func:`jax_bsattn.block_sparse_attention`, in float32 on a dense mask
     (``deterministic`` and ``context_parallel`` are accepted and have nothing to do: this is plain jax.numpy;
-    ``zigzag_shards``: q, k, v put in natural order, o and lse back in zigzag order)."""
-    from .attention import as_jax_arrays, check_inputs, is_ring, static_flag, zigzag_order_shards
+    ``zigzag_shards``: q, k, v put in natural order, o and lse back in zigzag order; ``sequence_axis``: inside
+    shard_map, q, k, v all-gathered over the axes, and this device's rows of o and lse kept)."""
+    from .attention import as_jax_arrays, check_inputs, is_ring, sequence_axes, static_flag, zigzag_order_shards
 
     static_flag("deterministic", deterministic)
     is_ring("context_parallel", context_parallel)
     q, k, v = as_jax_arrays(q, k, v)
+    if sequence_axis is not None:          # the whole sequences on every device; this device's rows kept
+        axes, _ = sequence_axes(sequence_axis)
+        Ml = q.shape[-3]
+        whole = [jax.lax.all_gather(x, axes, axis=x.ndim - 3, tiled=True) for x in (q, k, v)]
+        out = block_sparse_attention_reference(*whole, layout, scale=scale, causal=causal,
+                                               logits_soft_cap=logits_soft_cap, return_lse=True, kv_lens=kv_lens,
+                                               q_offset=q_offset, zigzag_shards=zigzag_shards)
+        first = jax.lax.axis_index(axes) * Ml
+        o, lse = (jax.lax.dynamic_slice_in_dim(x, first, Ml, axis=x.ndim - d) for x, d in zip(out, (3, 2)))
+        return (o, lse) if return_lse else o
     if zigzag_shards is not None:
         check_inputs(q, k, v, layout, logits_soft_cap)     # (before the shapes are read)
     S = zigzag_order_shards(zigzag_shards, q, k, layout)

@@ -125,6 +125,30 @@ def test_ring_attention_over_gpus():
 
 
 @pytest.mark.parametrize("context_parallel", ["all_gather", "ring"])
+def test_sequence_axis_inside_shard_map_over_gpus(context_parallel):
+    """sequence_axis inside jax.shard_map: each GPU holds half of q, k, v's sequence; the op makes its collectives
+    itself (k, v all-gathered, or passed between the GPUs by the ring); forward and gradients held to the float32
+    reference on the whole sequences (bf16)."""
+    (q, k, v, lay), rows = _problem((4,)), _sequence_over_two_gpus()
+    spec = P(None, "s")
+
+    def op(q, k, v, layout, return_lse=False, **kw):
+        f = lambda q, k, v: jb.block_sparse_attention(q, k, v, layout, return_lse=return_lse, sequence_axis="s",
+                                                      context_parallel=context_parallel, **kw)
+        outs = (spec, spec) if return_lse else spec
+        return jax.shard_map(f, mesh=rows.mesh, in_specs=(spec,) * 3, out_specs=outs)(q, k, v)
+
+    qs, ks, vs = (jax.device_put(x, rows) for x in (q, k, v))
+    check_forward(qs, ks, vs, lay, op=op, causal=True)
+    check_gradients(qs, ks, vs, lay, op=op, causal=True)
+    hlo = jax.jit(lambda q, k, v: op(q, k, v, lay, causal=True)).lower(qs, ks, vs).compile().as_text()
+    if context_parallel == "ring":
+        assert hlo.count("all-gather") == 0 and hlo.count("collective-permute") >= 1
+    else:
+        assert hlo.count("all-gather") >= 1
+
+
+@pytest.mark.parametrize("context_parallel", ["all_gather", "ring"])
 def test_zigzag_order_over_gpus(context_parallel):
     """zigzag_shards=2: q, k, v stored in the zigzag order, split over the sequence on 2 GPUs (each GPU one early and
     one late chunk of rows, nothing of q's gathered); forward and gradients held to the float32 reference on the

@@ -49,6 +49,8 @@ ROWS_LOCAL = ["seq_q_rows", "seq_q_rows_and_heads", "seq_qkv_rows_per_batch_layo
 
 
 def worker():
+    from functools import partial
+
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -275,6 +277,105 @@ def worker():
     got = (jax.jit(sm)(*args),) + jax.jit(jax.grad(loss5(sm), argnums=(0, 1, 2)))(*args)
     want = (jax.jit(stacked)(*args),) + jax.jit(jax.grad(loss5(stacked), argnums=(0, 1, 2)))(*args)
     report["shard_map_layout_per_device"] = dict(errs=rel(got, want))
+    # Context parallelism inside shard_map (sequence_axis): q, k, v split over the sequence on "y" (4 devices; the
+    # batch over "x"), or on ("x", "y") (8), the layout and the per-sequence operands the whole sequences'; the op
+    # makes its collectives itself. Against the unsharded op (o, lse and the gradients; in zigzag order, permuted).
+    # seq_axis_cut_blocks: 12 keys a device, 8-key blocks: the ring falls back to the all-gather (documented).
+    Ms, Hks = 64, 4
+    rel_finite = lambda got, want: [float(jnp.max(jnp.abs(jnp.where(jnp.isfinite(b), a - b, 0))) / jnp.max(jnp.abs(
+        jnp.where(jnp.isfinite(b), b, 0)))) for a, b in zip(got, want)]      # (lse: -inf on rows that see nothing)
+    for name, (cp, zz, spec, Ns, per_seq) in {
+            "seq_axis_all_gather": ("all_gather", None, ("x", "y"), 128, False),
+            "seq_axis_ring": ("ring", None, ("x", "y"), 128, False),
+            "seq_axis_zigzag": ("all_gather", 4, ("x", "y"), 128, False),
+            "seq_axis_zigzag_ring": ("ring", 4, (None, "y"), 128, True),      # (kv_lens, q_offset: whole batch)
+            "seq_axis_two_axes_ring": ("ring", None, (None, ("x", "y")), 128, True),
+            "seq_axis_cut_blocks": ("ring", None, ("x", "y"), 48, False)}.items():
+        q = jnp.asarray(rng.standard_normal((2, Ms, Hq, D)), jnp.float32)
+        k, v = (jnp.asarray(rng.standard_normal((2, Ns, Hks, D)), jnp.float32) for _ in range(2))
+        lay = layouts.union(layouts.sliding_window((Ms, Ns), 8, 40),
+                            layouts.random((Ms, Ns), 8, 2, batch_shape=(Hks,)))
+        kw = {}
+        if per_seq:
+            lens = jnp.asarray(rng.integers(Ns // 2, Ns + 1, size=2), jnp.int32)
+            kw = dict(kv_lens=lens, q_offset=lens - Ms + jnp.asarray(rng.integers(-3, 4, size=2), jnp.int32))
+        axis = spec[1]
+        parts = 8 if isinstance(axis, tuple) else 4
+        mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(AxisType.Auto,) * 2)
+        order = (lambda x, zz=zz: to_zigzag(x, zz, axis=1)) if zz else (lambda x: x)
+
+        def op(q, k, v, kw=kw, lay=lay, cp=cp, zz=zz, axis=axis, f=jb.block_sparse_attention):
+            return f(q, k, v, lay, causal=True, return_lse=True, context_parallel=cp, zigzag_shards=zz,
+                     sequence_axis=axis, **kw)
+
+        loss2 = lambda f: (lambda q, k, v: sum(jnp.sum(jnp.sin(x)) for x in f(q, k, v)))
+        whole = lambda q, k, v, op=op: op(q, k, v, axis=None, zz=None)
+        want = [order(x) for x in jax.jit(whole)(q, k, v) + jax.jit(jax.grad(loss2(whole), argnums=(0, 1, 2)))(q, k, v)]
+        sm = jax.shard_map(op, mesh=mesh, in_specs=(P(*spec),) * 3, out_specs=(P(*spec),) * 2)
+        args = [order(x) for x in (q, k, v)]
+        g = jax.jit(jax.grad(loss2(sm), argnums=(0, 1, 2)))
+        got = jax.jit(sm)(*args) + g(*args)
+        hlo = g.lower(*args).compile().as_text()
+        report[name] = dict(errs=rel_finite(got, want), all_gathers=hlo.count("all-gather"), parts=parts,
+                            permutes=hlo.count(" collective-permute("))
+        if name == "seq_axis_zigzag_ring":     # the reference takes sequence_axis too
+            ref_op = partial(op, f=jb.reference.block_sparse_attention_reference)
+            sm = jax.shard_map(ref_op, mesh=mesh, in_specs=(P(*spec),) * 3, out_specs=(P(*spec),) * 2)
+            got = jax.jit(sm)(*args) + jax.jit(jax.grad(loss2(sm), argnums=(0, 1, 2)))(*args)
+            report["seq_axis_reference"] = dict(errs=rel_finite(got, want))
+    # The Flax module inside shard_map with sequence_axis (rotary, causal, GQA; the zigzag ring over "y"): its output
+    # and parameter gradients equal the module's on the whole sequences (permuted); flax's MultiHeadAttention with
+    # make_attention_fn(sequence_axis=...) likewise (its output).
+    from flax import nnx
+    import jax_bsattn.flax as jbf
+    mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(AxisType.Auto,) * 2)
+    mkw = dict(num_kv_heads=2, rotary=True, causal=True, layout=lambda lens: layouts.sliding_window(lens, 8, 24))
+    whole_m = jbf.BlockSparseMultiHeadAttention(4, 32, **mkw, rngs=nnx.Rngs(3))
+    split_m = jbf.BlockSparseMultiHeadAttention(4, 32, **mkw, context_parallel="ring", zigzag_shards=4,
+                                                sequence_axis="y", rngs=nnx.Rngs(3))
+    x = jnp.asarray(rng.standard_normal((2, 64, 32)), jnp.float32)
+    zig = lambda a: to_zigzag(a, 4, axis=1)
+
+    def run(module, spec):
+        graph, state = nnx.split(module)
+        apply = lambda state, x: nnx.merge(graph, state)(x)
+        if spec is not None:
+            apply = jax.shard_map(apply, mesh=mesh, in_specs=(P(), spec), out_specs=spec)
+        loss = lambda state, x: jnp.sum(jnp.sin(apply(state, x)))
+        return apply, loss, state
+
+    apply, loss_w, state = run(whole_m, None)
+    want = [zig(jax.jit(apply)(state, x))] + jax.tree.leaves(jax.jit(jax.grad(loss_w))(state, x))
+    apply, loss_s, state = run(split_m, P(None, "y"))
+    got = [jax.jit(apply)(state, zig(x))] + jax.tree.leaves(jax.jit(jax.grad(loss_s))(state, zig(x)))
+    report["seq_axis_flax_module"] = dict(errs=rel(got, want), leaves=len(got))
+    mha = lambda fn: nnx.MultiHeadAttention(4, 32, num_kv_heads=2, attention_fn=fn, decode=False, rngs=nnx.Rngs(0))
+    lay = layouts.sliding_window(64, 8, 24)
+    want = mha(jbf.make_attention_fn(lay, causal=True))(x)
+    graph, state = nnx.split(mha(jbf.make_attention_fn(lay, causal=True, context_parallel="ring", sequence_axis="y")))
+    sm = jax.shard_map(lambda state, x: nnx.merge(graph, state)(x), mesh=mesh, in_specs=(P(), P(None, "y")),
+                       out_specs=P(None, "y"))
+    report["seq_axis_attention_fn"] = dict(errs=rel([jax.jit(sm)(state, x)], [want]))
+    # sequence_axis's errors: outside shard_map, not an axis name, shards that cut a block row, another zigzag count
+    errors = {}
+    q = jnp.asarray(rng.standard_normal((2, 64, Hq, D)), jnp.float32)
+    k = v = jnp.asarray(rng.standard_normal((2, 64, 4, D)), jnp.float32)
+    mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(AxisType.Auto,) * 2)
+    for case, (Mq, zz, axis) in {"outside": (64, None, "y"), "type": (64, None, 3), "rows": (48, None, "y"),
+                                 "zigzag": (64, 2, "y")}.items():
+        lay = layouts.sliding_window((Mq, 64), 8, 24)
+        op = lambda q, k, v, lay=lay, zz=zz, axis=axis: jb.block_sparse_attention(
+            q, k, v, lay, causal=True, zigzag_shards=zz, sequence_axis=axis)
+        try:
+            if case == "outside":
+                jax.jit(op)(q, k, v)
+            else:
+                jax.jit(jax.shard_map(op, mesh=mesh, in_specs=(P(None, "y"),) * 3, out_specs=P(None, "y")))(
+                    q[:, :Mq], k, v)
+            errors[case] = "no error"
+        except ValueError as e:
+            errors[case] = str(e)
+    report["seq_axis_errors"] = errors
     print("REPORT " + json.dumps(report))
 
 
@@ -370,6 +471,31 @@ def test_projected_heads(report, name):
 @pytest.mark.parametrize("name", ["shard_map", "shard_map_replicated_kv", "shard_map_layout_per_device"])
 def test_inside_shard_map(report, name):
     assert max(report[name]["errs"]) < 1e-5, report[name]
+
+
+@pytest.mark.parametrize("name", ["seq_axis_all_gather", "seq_axis_ring", "seq_axis_zigzag", "seq_axis_zigzag_ring",
+                                  "seq_axis_two_axes_ring", "seq_axis_cut_blocks"])
+def test_sequence_axis_inside_shard_map(report, name):
+    r = report[name]
+    assert max(r["errs"]) < 1e-5, r           # o, lse, dq, dk, dv against the unsharded op
+    if "ring" in name:                        # k, v (and dk, dv) pass round the devices: nothing gathered
+        assert r["all_gathers"] == 0 and r["permutes"] >= 2 * (r["parts"] - 1), r
+    else:                                     # k, v all-gathered (the cut blocks: the ring's fallback)
+        assert r["all_gathers"] > 0 and r["permutes"] == 0, r
+
+
+@pytest.mark.parametrize("name", ["seq_axis_flax_module", "seq_axis_attention_fn"])
+def test_sequence_axis_flax(report, name):
+    assert max(report[name]["errs"]) < 1e-5, report[name]
+
+
+def test_sequence_axis_reference_and_errors(report):
+    assert max(report["seq_axis_reference"]["errs"]) < 1e-5, report["seq_axis_reference"]
+    e = report["seq_axis_errors"]
+    assert "sequence_axis='y' is not an axis of an enclosing jax.shard_map" in e["outside"], e
+    assert "sequence_axis must be None, a mesh axis name or a tuple of them" in e["type"], e
+    assert "each device's 12 rows of q must be whole block rows (R = 8)" in e["rows"], e
+    assert "zigzag_shards=2 with sequence_axis='y'" in e["zigzag"], e
 
 
 def test_export(report):
