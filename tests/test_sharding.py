@@ -323,6 +323,16 @@ def worker():
             sm = jax.shard_map(ref_op, mesh=mesh, in_specs=(P(*spec),) * 3, out_specs=(P(*spec),) * 2)
             got = jax.jit(sm)(*args) + jax.jit(jax.grad(loss2(sm), argnums=(0, 1, 2)))(*args)
             report["seq_axis_reference"] = dict(errs=rel_finite(got, want))
+            try:      # the shard_map form exports (no custom_partitioning in it), the ring's collectives included
+                import flatbuffers  # noqa: F401
+            except ImportError:
+                continue
+            sm = jax.shard_map(op, mesh=mesh, in_specs=(P(*spec),) * 3, out_specs=(P(*spec),) * 2)
+            restored = [jax.export.deserialize(jb.export(jax.jit(f))(*args).serialize())
+                        for f in (sm, jax.grad(loss2(sm), argnums=(0, 1, 2)))]
+            split = [jax.device_put(x, NamedSharding(mesh, P(*spec))) for x in args]
+            got = jax.jit(restored[0].call)(*split) + jax.jit(restored[1].call)(*split)
+            report["seq_axis_export"] = dict(errs=rel_finite(got, want))
     # The Flax module inside shard_map with sequence_axis (rotary, causal, GQA; the zigzag ring over "y"): its output
     # and parameter gradients equal the module's on the whole sequences (permuted); flax's MultiHeadAttention with
     # make_attention_fn(sequence_axis=...) likewise (its output).
@@ -487,6 +497,12 @@ def test_sequence_axis_inside_shard_map(report, name):
 @pytest.mark.parametrize("name", ["seq_axis_flax_module", "seq_axis_attention_fn"])
 def test_sequence_axis_flax(report, name):
     assert max(report[name]["errs"]) < 1e-5, report[name]
+
+
+def test_sequence_axis_export(report):
+    if "seq_axis_export" not in report:
+        pytest.skip("flatbuffers (jax's serialisation) is not installed")
+    assert max(report["seq_axis_export"]["errs"]) < 1e-5, report["seq_axis_export"]
 
 
 def test_sequence_axis_reference_and_errors(report):
