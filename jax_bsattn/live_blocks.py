@@ -15,7 +15,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-__all__ = ["drop_blocks_past_lengths", "drops_dead_blocks", "live_row_lists"]
+__all__ = ["drop_blocks_past_lengths", "drops_dead_blocks", "keep_blocks_below", "live_row_lists"]
 
 
 def drops_dead_blocks(kv_lens, indptr, indices, q) -> bool:
@@ -51,7 +51,14 @@ def drop_blocks_past_lengths(indptr, indices, kv_lens, block_c: int, num_keys: i
     ip = jnp.broadcast_to(indptr, (B, LH, indptr.shape[-1]))
     ix = jnp.broadcast_to(indices, (B, LH, nnz))
     lens = jnp.clip(kv_lens, 0, num_keys)                  # (N + C < 2^31: the handlers' limits)
-    live_cols = (lens + (block_c - 1)) // block_c          # blocks with a key below the length
+    return keep_blocks_below(ip, ix, (lens + (block_c - 1)) // block_c)   # (blocks with a key below the length)
+
+
+def keep_blocks_below(indptr, indices, live_cols):
+    """``indptr [L, LH, MB+1]`` (monotone, in ``[0, nnz]``), ``indices [L, LH, nnz]``, ``live_cols`` int32 ``[L]`` ->
+    ``indptr, indices`` of the same shapes: each block row lists, in their order, the entries of its range with
+    ``0 <= index < live_cols[l]``; ``indices`` past the new ``indptr[..., -1]`` are -1."""
+    ip, ix, nnz = indptr, indices, indices.shape[-1]
     pos = jnp.arange(nnz, dtype=jnp.int32)
     live = (ix >= 0) & (ix < live_cols[:, None, None]) & (pos >= ip[..., :1]) & (pos < ip[..., -1:])  # (in a row)
     upto = jnp.cumsum(live, axis=-1, dtype=jnp.int32)      # live entries at or before each position
@@ -63,5 +70,5 @@ def drop_blocks_past_lengths(indptr, indices, kv_lens, block_c: int, num_keys: i
     def compact(s, x):
         return jnp.full((nnz,), -1, jnp.int32).at[s].set(x, mode="drop", unique_indices=True)
 
-    new_ix = jax.vmap(compact)(slot.reshape(-1, nnz), ix.reshape(-1, nnz)).reshape(B, LH, nnz)
+    new_ix = jax.vmap(compact)(slot.reshape(-1, nnz), ix.reshape(-1, nnz)).reshape(ix.shape)
     return new_ip.astype(jnp.int32), new_ix

@@ -55,6 +55,7 @@ from jax.experimental.custom_partitioning import (ArrayMapping, CompoundFactor, 
 from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from .live_blocks import keep_blocks_below
 from .primitives import Config, bsattn_bwd_ffi_p, bsattn_fwd_ffi_p
 from .zigzag import from_zigzag, to_zigzag
 
@@ -334,18 +335,20 @@ def _sequence_piece(x, piece: slice):                      # x[:, piece], withou
     return x if piece == slice(None) else x[:, piece]
 
 
-def _keys_from(indices, kv_lens, q_offset, M: int, first, Nl: int, cfg: Config):
-    """The layout's indices, key lengths and causal offsets (of M rows) against keys ``[first, first + Nl)`` alone
-    (``first``, traced, whole block columns). The indices move by its first block column (other keys' blocks fall
-    out of range, which every kernel skips; no wrap-around: an index already out of ``[0, NB)`` stays out of
-    ``[0, Nl / C)``), the lengths and the offsets by its first key."""
+def _keys_from(indptr, indices, kv_lens, q_offset, M: int, first, Nl: int, cfg: Config):
+    """The layout's lists, key lengths and causal offsets (of M rows) against keys ``[first, first + Nl)`` alone
+    (``first``, traced, whole block columns). The indices move by its first block column and the lists keep only
+    the blocks then in ``[0, Nl / C)`` (no wrap-around: an index already out of ``[0, NB)`` stays out): the other
+    keys' blocks would take no part, but the CUDA kernels pack a row's entries into key tiles by position and would
+    compute them, masked, at every step. The lengths and the offsets move by its first key."""
     first = jnp.asarray(first, jnp.int32)
     indices = indices - (first // cfg.block_c).astype(indices.dtype)
+    indptr, indices = keep_blocks_below(indptr, indices, jnp.full(indptr.shape[:1], Nl // cfg.block_c, jnp.int32))
     if kv_lens.shape[0]:
         kv_lens = jnp.clip(kv_lens - first, 0, Nl)
     if q_offset.shape[0]:                                  # (causal: per sequence from _layout_rows; clipped as
         q_offset = jnp.clip(q_offset - first, -M, Nl - 1)  # canonical_q_offset clips the op's)
-    return indices, kv_lens, q_offset
+    return indptr, indices, kv_lens, q_offset
 
 
 def _ring_calls(rows, M: int, Nl: int, kv_lens, cfg: Config, row_split: RowSplit, step: int):
@@ -355,8 +358,8 @@ def _ring_calls(rows, M: int, Nl: int, kv_lens, cfg: Config, row_split: RowSplit
     key_slices = _ring_key_slices(Nl, row_split)
     for kp, first in enumerate(_ring_key_firsts(Nl, row_split, step)):
         for rp, (rows_slice, (ip, ix, qo)) in enumerate(rows):
-            yield kp, rp, (ip, *_keys_from(ix, kv_lens, qo, len(range(M)[rows_slice]), first,
-                                           len(range(Nl)[key_slices[kp]]), cfg))
+            yield kp, rp, _keys_from(ip, ix, kv_lens, qo, len(range(M)[rows_slice]), first,
+                                     len(range(Nl)[key_slices[kp]]), cfg)
 
 
 def _combine(o, lse, o_step, lse_step):

@@ -460,6 +460,35 @@ def test_zigzag_order(report, name):
         assert r["all_gathers"] > 0 and r["permutes"] == 0 and r["fwd_calls"] == 2, r
 
 
+def test_ring_step_lists_hold_only_the_shards_blocks():
+    """A ring step's lists (partitioning._keys_from, in-process): each row keeps, in order, its entries that fall in
+    the key shard held, moved to it; garbage indices (negative, >= NB) never come back into range. The CUDA
+    kernels pack a row's entries into key tiles by position, so other shards' entries left in would be computed,
+    masked, at every step."""
+    import jax.numpy as jnp
+    import numpy as np
+    from jax_bsattn.partitioning import _keys_from
+    from jax_bsattn.primitives import Config
+
+    rng = np.random.default_rng(3)
+    MB, NB, C, nnz, Nl = 5, 12, 4, 30, 16                 # shards of 16 keys: 4 block columns each
+    ends = np.sort(rng.integers(0, nnz + 1, size=(2, 3, MB - 1)), axis=-1)
+    indptr = np.concatenate([np.zeros((2, 3, 1), int), ends, np.full((2, 3, 1), nnz - 2)], -1)
+    indices = rng.integers(-3, NB + 3, size=(2, 3, nnz))
+    cfg = Config(block_r=8, block_c=C, scale=1.0, softcap=0.0, causal=False, ring=True)
+    none = jnp.zeros((0,), jnp.int32)
+    for first in (0, 16, 32):
+        ip, ix, _, _ = (np.asarray(x) for x in _keys_from(jnp.asarray(indptr, jnp.int32),
+                                                             jnp.asarray(indices, jnp.int32), none, none, 8 * MB,
+                                                             first, Nl, cfg))
+        for l in range(2):
+            for h in range(3):
+                for r in range(MB):
+                    row = indices[l, h, indptr[l, h, r]:indptr[l, h, r + 1]] - first // C
+                    np.testing.assert_array_equal(ix[l, h, ip[l, h, r]:ip[l, h, r + 1]],
+                                                  row[(row >= 0) & (row < Nl // C)])
+
+
 @pytest.mark.parametrize("name", ["kv_lens", "kv_lens_explicit", "q_offset", "q_offset_explicit", "q_offset_rows"])
 def test_kv_lens_sharded(report, name):
     r = report[name]
