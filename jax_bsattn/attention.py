@@ -241,12 +241,20 @@ def _attention_split_bwd(cfg: Config, row_split: RowSplit, res, cts):
 _attention_split.defvjp(_attention_split_fwd, _attention_split_bwd)
 
 
-def sequence_axes(sequence_axis) -> tuple[tuple[str, ...], int]:
-    """``sequence_axis``: a mesh axis name, or a tuple of them, of an enclosing ``jax.shard_map``: (the axes, the
-    devices along them)."""
+def check_sequence_axis(sequence_axis) -> tuple[str, ...]:
+    """``sequence_axis``'s form (None: ``()``; a mesh axis name, or a non-empty tuple of them), checked where it is
+    given (the Flax module's constructor too): the axes."""
+    if sequence_axis is None:
+        return ()
     axes = (sequence_axis,) if isinstance(sequence_axis, str) else sequence_axis
     if not isinstance(axes, tuple) or not axes or not all(isinstance(a, str) for a in axes):
         raise ValueError(f"sequence_axis must be None, a mesh axis name or a tuple of them, got {sequence_axis!r}")
+    return axes
+
+
+def sequence_axes(sequence_axis) -> tuple[tuple[str, ...], int]:
+    """``sequence_axis`` (not None): the axes of an enclosing ``jax.shard_map`` and the devices along them."""
+    axes = check_sequence_axis(sequence_axis)
     try:
         parts = int(jax.lax.axis_size(axes))
     except NameError:
@@ -254,6 +262,18 @@ def sequence_axes(sequence_axis) -> tuple[tuple[str, ...], int]:
                          f"is for the op inside shard_map (under jax.jit with sharded q, k, v the sequence's split is "
                          f"read from their shardings)") from None
     return axes, parts
+
+
+def check_sequence_split(sequence_axis, parts: int, zigzag_shards, M_local: int, layout) -> None:
+    """With ``sequence_axis`` over ``parts`` devices: each device's rows whole block rows, and a zigzag order for
+    those devices (after check_inputs: ``layout`` a BlockSparseLayout)."""
+    R = int(layout.block_size[0])
+    if M_local % R and parts > 1:
+        raise ValueError(f"sequence_axis={sequence_axis!r}: each device's {M_local} rows of q must be whole block rows "
+                         f"(R = {R}): M = {M_local * parts} split over {parts} devices")
+    if zigzag_shards is not None and int(zigzag_shards) != parts:
+        raise ValueError(f"zigzag_shards={zigzag_shards} with sequence_axis={sequence_axis!r}: inside shard_map "
+                         f"the order must be for the {parts} devices the sequence is split over")
 
 
 def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, causal=False, logits_soft_cap=None,
@@ -335,20 +355,20 @@ def block_sparse_attention(q, k, v, layout: BlockSparseLayout, *, scale=None, ca
         if all(getattr(x, "ndim", 0) >= 3 for x in whole):     # (else check_inputs says what is wrong)
             whole = tuple(jax.ShapeDtypeStruct(x.shape[:-3] + (x.shape[-3] * parts,) + x.shape[-2:], x.dtype)
                           for x in whole)
-    shapes = check_inputs(*whole, layout, logits_soft_cap)
+    try:
+        shapes = check_inputs(*whole, layout, logits_soft_cap)
+    except ValueError as e:
+        if sequence_axis is None:
+            raise
+        raise ValueError(f"{e} (with sequence_axis={sequence_axis!r}: q, k, v are this device's shards of the "
+                         f"sequences, {parts} times as long, which the layout describes)") from None
     batch, M, N, Hq, Hk, D = shapes
     check_per_sequence("kv_lens", kv_lens, batch)
     check_per_sequence("q_offset", q_offset, batch)
     B = math.prod(batch)
     zigzag = zigzag_order_shards(zigzag_shards, *whole[:2], layout)
     if sequence_axis is not None:
-        R, Ml = int(layout.block_size[0]), q.shape[-3]
-        if Ml % R and parts > 1:
-            raise ValueError(f"sequence_axis={sequence_axis!r}: each device's {Ml} rows of q must be whole block rows "
-                             f"(R = {layout.block_size[0]}): M = {M} split over {parts} devices")
-        if zigzag_shards is not None and int(zigzag_shards) != parts:
-            raise ValueError(f"zigzag_shards={zigzag_shards} with sequence_axis={sequence_axis!r}: inside shard_map "
-                             f"the order must be for the {parts} devices the sequence is split over")
+        check_sequence_split(sequence_axis, parts, zigzag_shards, q.shape[-3], layout)
     cfg = Config(block_r=int(layout.block_size[0]), block_c=int(layout.block_size[1]),
                  scale=D ** -0.5 if scale is None else static_float("scale", scale),
                  softcap=float(0.0 if logits_soft_cap is None else logits_soft_cap),

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention import block_sparse_attention, check_zigzag_shards, is_ring, sequence_axes
+from .attention import block_sparse_attention, check_sequence_axis, check_zigzag_shards, is_ring, sequence_axes
 from .layout import BlockSparseLayout
 from .zigzag import to_zigzag
 
@@ -131,6 +131,7 @@ class BlockSparseMultiHeadAttention(nnx.Module):
         self.context_parallel = context_parallel
         check_zigzag_shards(zigzag_shards)
         self.zigzag_shards = zigzag_shards
+        check_sequence_axis(sequence_axis)
         self.sequence_axis = sequence_axis
         kv_features = in_features if kv_features is None else kv_features
         out_features = in_features if out_features is None else out_features
@@ -208,6 +209,7 @@ def make_attention_fn(layout: LayoutSpec, *, causal: bool = False, scale: float 
     """
     is_ring("context_parallel", context_parallel)
     check_zigzag_shards(zigzag_shards)
+    check_sequence_axis(sequence_axis)
 
     def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,
                      dropout_rate=0.0, deterministic=False, dtype=None, precision=None, module=None,

@@ -59,6 +59,8 @@ def keep_blocks_below(indptr, indices, live_cols):
     ``indptr, indices`` of the same shapes: each block row lists, in their order, the entries of its range with
     ``0 <= index < live_cols[l]``; ``indices`` past the new ``indptr[..., -1]`` are -1."""
     ip, ix, nnz = indptr, indices, indices.shape[-1]
+    if nnz == 0:                                           # (nothing listed: every row empty)
+        return jnp.zeros_like(indptr), indices
     pos = jnp.arange(nnz, dtype=jnp.int32)
     live = (ix >= 0) & (ix < live_cols[:, None, None]) & (pos >= ip[..., :1]) & (pos < ip[..., -1:])  # (in a row)
     upto = jnp.cumsum(live, axis=-1, dtype=jnp.int32)      # live entries at or before each position

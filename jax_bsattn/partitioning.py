@@ -169,6 +169,19 @@ class RowSplit(NamedTuple):
     scatter: bool             # dk, dv leave split over the axes (k arrived so): a reduce-scatter, else an all-reduce
     ring: bool                # k, v stay split over the axes and pass round them (cfg.ring): no all-gather
     zigzag: bool              # the rows are in zigzag order for `parts` shards (cfg.zigzag): two chunks a device
+    mesh_axes: tuple[str, ...] = ()   # `axes` in the mesh's order, which ppermute numbers devices by (): as given
+
+
+def _ring_fits(N_local: int, zigzag: bool, block_c: int) -> bool:
+    """Whether every piece of keys a device holds (its shard, or in zigzag order each of its two chunks) is whole
+    block columns: the ring's condition (a block's keys on one device, in one kernel call)."""
+    pieces = 2 if zigzag else 1
+    return N_local % pieces == 0 and (N_local // pieces) % block_c == 0
+
+
+def _in_mesh_order(axes, mesh_axis_names) -> tuple[str, ...]:
+    ordered = tuple(a for a in mesh_axis_names if a in axes)
+    return ordered if len(ordered) == len(axes) else tuple(axes)
 
 
 class _Plan:
@@ -204,9 +217,8 @@ class _Plan:
         self.zigzag = bool(cfg.zigzag and self.m)
         # ring: every piece of keys a device holds (a shard; in zigzag order its two chunks) whole block columns (a
         # block's keys on one device, in one kernel call)
-        pieces = self.parts * (2 if self.zigzag else 1)
-        self.ring = bool(cfg.ring and self.n and k.shape[1] % pieces == 0
-                         and (k.shape[1] // pieces) % cfg.block_c == 0)
+        self.ring = bool(cfg.ring and self.n and k.shape[1] % self.parts == 0
+                         and _ring_fits(k.shape[1] // self.parts, self.zigzag, cfg.block_c))
         LB, LH = indptr.shape[:2]
         self.layout_spec = P(self.b if LB == B else None, self.h if LH == Hk else None, None)
 
@@ -214,7 +226,8 @@ class _Plan:
         return NamedSharding(self.mesh, spec)
 
     def row_split(self):                                   # for the partitioned calls
-        return RowSplit(self.m, self.parts, bool(self.n), self.ring, self.zigzag) if self.m else None
+        return (RowSplit(self.m, self.parts, bool(self.n), self.ring, self.zigzag,
+                         _in_mesh_order(self.m, self.mesh.axis_names)) if self.m else None)
 
     def rows(self):                                        # q, o, do, dq (merged); lse, delta
         return self._ns(P(self.b, self.m, self.h))
@@ -303,9 +316,23 @@ def _local_rows(indptr, indices, q_offset, q, k, cfg: Config, row_split: RowSpli
 # shard it holds are each two chunks, not contiguous in the natural order: one kernel call per pair of pieces. -----
 
 def _ring_pass(xs, row_split: RowSplit):
-    """``xs`` sent one device on round the row axes (device i's to device i + 1)."""
-    perm = [(i, (i + 1) % row_split.parts) for i in range(row_split.parts)]
-    return [jax.lax.ppermute(x, row_split.axes, perm) for x in xs]
+    """``xs`` sent one shard on round the row axes (shard i's to shard i + 1, numbered as ``axis_index(axes)``
+    numbers them, the first axis major). ppermute numbers the devices of several axes in the mesh's order, so the
+    shards' numbers are translated to it."""
+    axes, order = row_split.axes, row_split.mesh_axes or row_split.axes
+    size = {a: jax.lax.axis_size(a) for a in axes}
+
+    def device(i):                                         # shard i's number in ppermute's order
+        coord = {}
+        for a in reversed(axes):
+            coord[a], i = i % size[a], i // size[a]
+        n = 0
+        for a in order:
+            n = n * size[a] + coord[a]
+        return n
+
+    perm = [(device(i), device((i + 1) % row_split.parts)) for i in range(row_split.parts)]
+    return [jax.lax.ppermute(x, tuple(order), perm) for x in xs]
 
 
 def _ring_row_pieces(indptr, indices, q_offset, q, k, cfg: Config, row_split: RowSplit):
@@ -505,9 +532,9 @@ def _bwd_local(q, k, v, do, lse, delta, indptr, indices, kv_lens, q_offset, cfg,
 def manual_row_split(axes: tuple[str, ...], parts: int, N_local: int, cfg: Config) -> RowSplit:
     """The row split of q, k, v split over ``axes`` (``parts`` devices) inside shard_map: the ring where every piece
     of keys a device holds is whole block columns (else the all-gather, as under jit); dk, dv leave split."""
-    pieces = 2 if cfg.zigzag else 1
-    ring = bool(cfg.ring and N_local % pieces == 0 and (N_local // pieces) % cfg.block_c == 0)
-    return RowSplit(tuple(axes), parts, True, ring, bool(cfg.zigzag))
+    ring = bool(cfg.ring and _ring_fits(N_local, bool(cfg.zigzag), cfg.block_c))
+    return RowSplit(tuple(axes), parts, True, ring, bool(cfg.zigzag),
+                    _in_mesh_order(axes, jax.sharding.get_abstract_mesh().axis_names))
 
 
 def _manual_keys(k, v, row_split: RowSplit):               # all the keys (all-gather form), or the shard (ring)

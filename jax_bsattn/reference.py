@@ -28,15 +28,18 @@ def block_sparse_attention_reference(q, k, v, layout: BlockSparseLayout, *, scal
     (``deterministic`` and ``context_parallel`` are accepted and have nothing to do: this is plain jax.numpy;
     ``zigzag_shards``: q, k, v put in natural order, o and lse back in zigzag order; ``sequence_axis``: inside
     shard_map, q, k, v all-gathered over the axes, and this device's rows of o and lse kept)."""
-    from .attention import as_jax_arrays, check_inputs, is_ring, sequence_axes, static_flag, zigzag_order_shards
+    from .attention import (as_jax_arrays, check_inputs, check_sequence_split, is_ring, sequence_axes, static_flag,
+                            zigzag_order_shards)
 
     static_flag("deterministic", deterministic)
     is_ring("context_parallel", context_parallel)
     q, k, v = as_jax_arrays(q, k, v)
     if sequence_axis is not None:          # the whole sequences on every device; this device's rows kept
-        axes, _ = sequence_axes(sequence_axis)
+        axes, parts = sequence_axes(sequence_axis)
         Ml = q.shape[-3]
         whole = [jax.lax.all_gather(x, axes, axis=x.ndim - 3, tiled=True) for x in (q, k, v)]
+        check_inputs(*whole, layout, logits_soft_cap)
+        check_sequence_split(sequence_axis, parts, zigzag_shards, Ml, layout)     # (as the op)
         out = block_sparse_attention_reference(*whole, layout, scale=scale, causal=causal,
                                                logits_soft_cap=logits_soft_cap, return_lse=True, kv_lens=kv_lens,
                                                q_offset=q_offset, zigzag_shards=zigzag_shards)

@@ -117,11 +117,12 @@ def test_module_in_zigzag_order():
 
 def test_module_refuses_bad_context_parallel_arguments_at_construction():
     for kw, match in ((dict(context_parallel="rings"), "context_parallel must be 'all_gather' or 'ring'"),
-                      (dict(zigzag_shards=0), "zigzag_shards must be None or a positive integer")):
+                      (dict(zigzag_shards=0), "zigzag_shards must be None or a positive integer"),
+                      (dict(sequence_axis=["y"]), "sequence_axis must be None, a mesh axis name or a tuple")):
         with pytest.raises(ValueError, match=match):
             jbf.BlockSparseMultiHeadAttention(4, 32, **kw, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="context_parallel must be"):
-        jbf.make_attention_fn(L.block_causal(16, 8), context_parallel="ring ")
+        with pytest.raises(ValueError, match=match):
+            jbf.make_attention_fn(L.block_causal(16, 8), **kw)
     with pytest.raises(ValueError, match="zigzag_shards must be None or a positive integer"):
         jbf.make_attention_fn(L.block_causal(16, 8), zigzag_shards=2.0)
 
@@ -325,8 +326,9 @@ def test_module_on_the_gpu_in_bf16(monkeypatch):
     with jax.default_device(cpu):
         monkeypatch.setattr(jbf, "block_sparse_attention", ref)
         out32, grads32 = step(make(jnp.float32), x)
-        def ref_bf16(*a, deterministic=False, context_parallel="all_gather", zigzag_shards=None, **kw):
-            assert zigzag_shards is None      # (the module's arguments that are not the reference's: defaults here)
+        def ref_bf16(*a, deterministic=False, context_parallel="all_gather", zigzag_shards=None, sequence_axis=None,
+                     **kw):
+            assert zigzag_shards is None and sequence_axis is None   # (the module's, not reference_in_dtype's)
             return reference_in_dtype(*a, compute_dtype=jnp.bfloat16, **kw)
         monkeypatch.setattr(jbf, "block_sparse_attention", ref_bf16)
         out_lowp, grads_lowp = step(make(jnp.bfloat16), x)

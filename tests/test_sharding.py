@@ -63,6 +63,10 @@ def worker():
     B, M, N, Hq, D = 8, 48, 64, 8, 16
     rng = np.random.default_rng(0)
     report = {}
+    rel = lambda got, want: [float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(got, want)]
+    # (where the reference is finite: lse is -inf on rows that see nothing)
+    rel_finite = lambda got, want: [float(jnp.max(jnp.abs(jnp.where(jnp.isfinite(b), a - b, 0))) / (jnp.max(jnp.abs(
+        jnp.where(jnp.isfinite(b), b, 0))) + 1e-30)) for a, b in zip(got, want)]
     compiled = lambda args, *fns: "".join(jax.jit(f).lower(*args).compile().as_text() for f in fns)  # their HLO
     kernel_calls = lambda hlo: hlo.count("bsattn_fwd_") + hlo.count("bsattn_bwd_")
     # all-gathers whose result has q's M rows (q, o, do, lse, delta: [*, M, *]), not k's or v's N
@@ -118,15 +122,13 @@ def worker():
         with jax.set_mesh(mesh) if kind == AxisType.Explicit else contextlib.nullcontext():
             got = jax.jit(fwd)(*args) + jax.jit(grad)(*args)
             hlo = compiled(args, fwd, grad)
-        errs = [float(jnp.max(jnp.abs(jnp.where(jnp.isfinite(b), a - b, 0))) / (jnp.max(jnp.abs(jnp.where(
-            jnp.isfinite(b), b, 0))) + 1e-30)) for a, b in zip(got, want)]
+        errs = rel_finite(got, want)
         report[name] = dict(errs=errs, all_gathers=hlo.count("all-gather"), kernel_calls=kernel_calls(hlo),
                             row_gathers=row_gathers(hlo))
     # Tensor parallel as a model writes it: q, k, v projected by weights whose feature axis is over "y" (4 devices),
     # reshaped to heads; o merged and projected back by a weight over "y" (row parallel). With Hk = 2 the reshape
     # gives k's heads and head dim each half of "y" (a sub-axis), which jax's custom_partitioning could not take
     # (IndivisibleError before the partition callback); with Hk = 4 the heads stay whole on each device.
-    rel = lambda got, want: [float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(got, want)]
     E = 32
     for Hk in (2, 4):
         xq, xkv = (jnp.asarray(rng.standard_normal((B, n, E)), jnp.float32) for n in (M, N))
@@ -177,8 +179,7 @@ def worker():
         with jax.set_mesh(mesh) if kind == AxisType.Explicit else contextlib.nullcontext():
             got = f(*args) + g(*args)
             hlo = "".join(h.lower(*args).compile().as_text() for h in (f, g))
-        errs = [float(jnp.max(jnp.abs(jnp.where(jnp.isfinite(b), a - b, 0))) / (jnp.max(jnp.abs(jnp.where(
-            jnp.isfinite(b), b, 0))) + 1e-30)) for a, b in zip(got, want)]
+        errs = rel_finite(got, want)
         report[name] = dict(errs=errs, all_gathers=hlo.count("all-gather"), kernel_calls=kernel_calls(hlo),
                             row_gathers=len(re.findall(rf"= \w+\[\d+,{Mr},[^=]*all-gather\(", hlo)),
                             permutes=hlo.count(" collective-permute("),
@@ -222,8 +223,7 @@ def worker():
             got = f(*args) + g(*args)
             hlo = "".join(h.lower(*args).compile().as_text() for h in (f, g))
             fwd_hlo = f.lower(*args).compile().as_text()
-        errs = [float(jnp.max(jnp.abs(jnp.where(jnp.isfinite(b), a - b, 0))) / (jnp.max(jnp.abs(jnp.where(
-            jnp.isfinite(b), b, 0))) + 1e-30)) for a, b in zip(got, want)]
+        errs = rel_finite(got, want)
         report[name] = dict(errs=errs, fwd_calls=len(re.findall(r'custom_call_target="bsattn_fwd', fwd_hlo)),
                             all_gathers=hlo.count("all-gather"),
                             permutes=hlo.count(" collective-permute("),
@@ -282,19 +282,24 @@ def worker():
     # makes its collectives itself. Against the unsharded op (o, lse and the gradients; in zigzag order, permuted).
     # seq_axis_cut_blocks: 12 keys a device, 8-key blocks: the ring falls back to the all-gather (documented).
     Ms, Hks = 64, 4
-    rel_finite = lambda got, want: [float(jnp.max(jnp.abs(jnp.where(jnp.isfinite(b), a - b, 0))) / jnp.max(jnp.abs(
-        jnp.where(jnp.isfinite(b), b, 0)))) for a, b in zip(got, want)]      # (lse: -inf on rows that see nothing)
-    for name, (cp, zz, spec, Ns, per_seq) in {
-            "seq_axis_all_gather": ("all_gather", None, ("x", "y"), 128, False),
-            "seq_axis_ring": ("ring", None, ("x", "y"), 128, False),
-            "seq_axis_zigzag": ("all_gather", 4, ("x", "y"), 128, False),
-            "seq_axis_zigzag_ring": ("ring", 4, (None, "y"), 128, True),      # (kv_lens, q_offset: whole batch)
-            "seq_axis_two_axes_ring": ("ring", None, (None, ("x", "y")), 128, True),
-            "seq_axis_cut_blocks": ("ring", None, ("x", "y"), 48, False)}.items():
+    # (two_axes_reversed: the sequence over ("y", "x"), against the mesh's order, which ppermute numbers devices by;
+    # empty: a layout that lists nothing)
+    for name, (cp, zz, spec, Ns, per_seq, causal) in {
+            "seq_axis_all_gather": ("all_gather", None, ("x", "y"), 128, False, True),
+            "seq_axis_ring": ("ring", None, ("x", "y"), 128, False, True),
+            "seq_axis_ring_not_causal": ("ring", None, ("x", "y"), 128, False, False),
+            "seq_axis_zigzag": ("all_gather", 4, ("x", "y"), 128, False, True),
+            "seq_axis_zigzag_ring": ("ring", 4, (None, "y"), 128, True, True),   # (kv_lens, q_offset: whole batch)
+            "seq_axis_two_axes_ring": ("ring", None, (None, ("x", "y")), 128, True, True),
+            "seq_axis_two_axes_reversed_ring": ("ring", None, (None, ("y", "x")), 128, False, True),
+            "seq_axis_empty_ring": ("ring", None, ("x", "y"), 128, False, True),
+            "seq_axis_cut_blocks": ("ring", None, ("x", "y"), 48, False, True)}.items():
         q = jnp.asarray(rng.standard_normal((2, Ms, Hq, D)), jnp.float32)
         k, v = (jnp.asarray(rng.standard_normal((2, Ns, Hks, D)), jnp.float32) for _ in range(2))
         lay = layouts.union(layouts.sliding_window((Ms, Ns), 8, 40),
                             layouts.random((Ms, Ns), 8, 2, batch_shape=(Hks,)))
+        if "empty" in name:
+            lay = jb.BlockSparseLayout.from_block_mask(np.zeros((Ms // 8, Ns // 8), bool), (8, 8), (Ms, Ns))
         kw = {}
         if per_seq:
             lens = jnp.asarray(rng.integers(Ns // 2, Ns + 1, size=2), jnp.int32)
@@ -304,8 +309,8 @@ def worker():
         mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(AxisType.Auto,) * 2)
         order = (lambda x, zz=zz: to_zigzag(x, zz, axis=1)) if zz else (lambda x: x)
 
-        def op(q, k, v, kw=kw, lay=lay, cp=cp, zz=zz, axis=axis, f=jb.block_sparse_attention):
-            return f(q, k, v, lay, causal=True, return_lse=True, context_parallel=cp, zigzag_shards=zz,
+        def op(q, k, v, kw=kw, lay=lay, cp=cp, zz=zz, axis=axis, causal=causal, f=jb.block_sparse_attention):
+            return f(q, k, v, lay, causal=causal, return_lse=True, context_parallel=cp, zigzag_shards=zz,
                      sequence_axis=axis, **kw)
 
         loss2 = lambda f: (lambda q, k, v: sum(jnp.sum(jnp.sin(x)) for x in f(q, k, v)))
@@ -317,7 +322,16 @@ def worker():
         got = jax.jit(sm)(*args) + g(*args)
         hlo = g.lower(*args).compile().as_text()
         report[name] = dict(errs=rel_finite(got, want), all_gathers=hlo.count("all-gather"), parts=parts,
-                            permutes=hlo.count(" collective-permute("))
+                            permutes=hlo.count(" collective-permute("),
+                            nonzero=[bool(jnp.any(jnp.isfinite(x) & (x != 0))) for x in want])
+        if name == "seq_axis_two_axes_reversed_ring":   # the same under jit: q, k, v sharded over ("y", "x")
+            f = jax.jit(op, static_argnames=("axis",))
+            sharded = [jax.device_put(x, NamedSharding(mesh, P(*spec))) for x in args]
+            got = f(*sharded, axis=None) + jax.jit(jax.grad(loss2(partial(op, axis=None)), argnums=(0, 1, 2)))(
+                *sharded)
+            hlo = f.lower(*sharded, axis=None).compile().as_text()
+            report["ring_axes_out_of_mesh_order"] = dict(errs=rel_finite(got, want), all_gathers=hlo.count(
+                "all-gather"), parts=parts, permutes=hlo.count(" collective-permute("))
         if name == "seq_axis_zigzag_ring":     # the reference takes sequence_axis too
             ref_op = partial(op, f=jb.reference.block_sparse_attention_reference)
             sm = jax.shard_map(ref_op, mesh=mesh, in_specs=(P(*spec),) * 3, out_specs=(P(*spec),) * 2)
@@ -372,8 +386,8 @@ def worker():
     k = v = jnp.asarray(rng.standard_normal((2, 64, 4, D)), jnp.float32)
     mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(AxisType.Auto,) * 2)
     for case, (Mq, zz, axis) in {"outside": (64, None, "y"), "type": (64, None, 3), "rows": (48, None, "y"),
-                                 "zigzag": (64, 2, "y")}.items():
-        lay = layouts.sliding_window((Mq, 64), 8, 24)
+                                 "zigzag": (64, 2, "y"), "local_layout": (64, None, "y")}.items():
+        lay = layouts.sliding_window((16, 16) if case == "local_layout" else (Mq, 64), 8, 24)
         op = lambda q, k, v, lay=lay, zz=zz, axis=axis: jb.block_sparse_attention(
             q, k, v, lay, causal=True, zigzag_shards=zz, sequence_axis=axis)
         try:
@@ -512,11 +526,17 @@ def test_inside_shard_map(report, name):
     assert max(report[name]["errs"]) < 1e-5, report[name]
 
 
-@pytest.mark.parametrize("name", ["seq_axis_all_gather", "seq_axis_ring", "seq_axis_zigzag", "seq_axis_zigzag_ring",
-                                  "seq_axis_two_axes_ring", "seq_axis_cut_blocks"])
+@pytest.mark.parametrize("name", ["seq_axis_all_gather", "seq_axis_ring", "seq_axis_ring_not_causal",
+                                  "seq_axis_zigzag", "seq_axis_zigzag_ring", "seq_axis_two_axes_ring",
+                                  "seq_axis_two_axes_reversed_ring", "ring_axes_out_of_mesh_order",
+                                  "seq_axis_empty_ring", "seq_axis_cut_blocks"])
 def test_sequence_axis_inside_shard_map(report, name):
     r = report[name]
     assert max(r["errs"]) < 1e-5, r           # o, lse, dq, dk, dv against the unsharded op
+    if "empty" in name:                       # (o and the gradients are 0, lse -inf: nothing to compare but that)
+        assert r["nonzero"] == [False] * 5, r
+    elif "nonzero" in r:
+        assert all(r["nonzero"]), r
     if "ring" in name:                        # k, v (and dk, dv) pass round the devices: nothing gathered
         assert r["all_gathers"] == 0 and r["permutes"] >= 2 * (r["parts"] - 1), r
     else:                                     # k, v all-gathered (the cut blocks: the ring's fallback)
@@ -541,6 +561,7 @@ def test_sequence_axis_reference_and_errors(report):
     assert "sequence_axis must be None, a mesh axis name or a tuple of them" in e["type"], e
     assert "each device's 12 rows of q must be whole block rows (R = 8)" in e["rows"], e
     assert "zigzag_shards=2 with sequence_axis='y'" in e["zigzag"], e
+    assert "layout.seq_lens=(16, 16)" in e["local_layout"] and "with sequence_axis='y'" in e["local_layout"], e
 
 
 def test_export(report):
