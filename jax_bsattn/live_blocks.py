@@ -5,7 +5,8 @@ The kernels that walk a block row pack its listed blocks into key tiles by posit
 t % C), so they cannot skip a block whose keys are all past the length: they gather it as masked rows and compute its
 tile. With those entries dropped here (a prefix sum and a scatter, O(nnz) per batch element) every tile they walk
 holds live keys only. The result has one layout per batch element; the kernels' masks still cut the block that holds
-the length.
+the length. ``keep_blocks_below`` is the compaction itself, which the ring (partitioning.py) also applies to each
+step's lists (the blocks of the key shard held).
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ Under ``jax.jit`` with sharded operands XLA cannot see into a custom call and wo
 The outer primitives' lowering (lowering.py) wraps the FFI call in a ``custom_partitioning`` whose Shardy
 rule says which dimensions may stay sharded; the partition callback then runs the kernel on each device's
 shard, with no communication of its own but where q's rows are split: the backward sums dk and dv over them, or,
-with ``cfg.ring`` (the op's ``context_parallel="ring"``), k and v pass round the row axes (ring attention).
+with ``cfg.ring`` (the op's ``context_parallel="ring"``), k and v pass round the row axes (ring attention; with
+``cfg.zigzag``, the zigzag ring). The same per-device functions serve the op inside ``jax.shard_map`` with its
+``sequence_axis`` (``fwd_sequence_split`` / ``bwd_sequence_split``, bound by attention.py's own custom VJP).
 
 Factors (the data operands enter the partitioned calls with their heads and head dim merged, Hk-major:
 ``[B, S, H * D]``; ``Hq = Hk * g``, query head ``h`` uses KV head ``h // g``):
