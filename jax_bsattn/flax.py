@@ -109,8 +109,7 @@ class BlockSparseMultiHeadAttention(nnx.Module):
                  rope_theta: float = 10000.0, scale: float | None = None, logits_soft_cap: float | None = None,
                  deterministic_backward: bool = False, context_parallel: str = "all_gather",
                  zigzag_shards: int | None = None, sequence_axis=None, use_bias: bool = False, dtype=None,
-                 param_dtype=jnp.float32,
-                 kernel_init=nnx.initializers.lecun_normal(), rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, kernel_init=nnx.initializers.lecun_normal(), rngs: nnx.Rngs):
         self.num_heads = int(num_heads)
         self.num_kv_heads = int(num_kv_heads if num_kv_heads is not None else num_heads)
         if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:

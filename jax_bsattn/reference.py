@@ -36,6 +36,8 @@ def block_sparse_attention_reference(q, k, v, layout: BlockSparseLayout, *, scal
     q, k, v = as_jax_arrays(q, k, v)
     if sequence_axis is not None:          # the whole sequences on every device; this device's rows kept
         axes, parts = sequence_axes(sequence_axis)
+        if not all(getattr(x, "ndim", 0) >= 3 for x in (q, k, v)):
+            check_inputs(q, k, v, layout, logits_soft_cap)  # (it says what is wrong with them, before the gather)
         Ml = q.shape[-3]
         whole = [jax.lax.all_gather(x, axes, axis=x.ndim - 3, tiled=True) for x in (q, k, v)]
         check_inputs(*whole, layout, logits_soft_cap)
