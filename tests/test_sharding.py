@@ -380,6 +380,16 @@ def worker():
     sm = jax.shard_map(lambda state, x: nnx.merge(graph, state)(x), mesh=mesh, in_specs=(P(), P(None, "y")),
                        out_specs=P(None, "y"))
     report["seq_axis_attention_fn"] = dict(errs=rel([jax.jit(sm)(state, x)], [want]))
+    # vmap over the op with sequence_axis inside shard_map (the inner primitives' batching rules): two problems at once
+    lay = layouts.sliding_window(64, 8, 24)
+    q = jnp.asarray(rng.standard_normal((2, 2, 64, Hq, D)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, 2, 64, 4, D)), jnp.float32) for _ in range(2))
+    one = lambda q, k, v, axis: jb.block_sparse_attention(q, k, v, lay, causal=True, context_parallel="ring",
+                                                          sequence_axis=axis)
+    sm = jax.shard_map(jax.vmap(partial(one, axis="y")), mesh=mesh, in_specs=(P(None, None, "y"),) * 3,
+                       out_specs=P(None, None, "y"))
+    want = jax.vmap(partial(one, axis=None))(q, k, v)
+    report["seq_axis_vmap"] = dict(errs=rel([jax.jit(sm)(q, k, v)], [want]))
     # sequence_axis's errors: outside shard_map, not an axis name, shards that cut a block row, another zigzag count
     errors = {}
     q = jnp.asarray(rng.standard_normal((2, 64, Hq, D)), jnp.float32)
@@ -543,8 +553,8 @@ def test_sequence_axis_inside_shard_map(report, name):
         assert r["all_gathers"] > 0 and r["permutes"] == 0, r
 
 
-@pytest.mark.parametrize("name", ["seq_axis_flax_module", "seq_axis_attention_fn"])
-def test_sequence_axis_flax(report, name):
+@pytest.mark.parametrize("name", ["seq_axis_flax_module", "seq_axis_attention_fn", "seq_axis_vmap"])
+def test_sequence_axis_flax_and_vmap(report, name):
     assert max(report[name]["errs"]) < 1e-5, report[name]
 
 
