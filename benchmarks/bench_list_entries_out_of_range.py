@@ -10,7 +10,8 @@ out-of-range one (twice the entries, half of them dead), forward and gradient, m
     python benchmarks/bench_list_entries_out_of_range.py [--reps 20]
 """
 import argparse
-import time
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,15 +20,8 @@ import numpy as np
 import jax_bsattn as jb
 from jax_bsattn import layouts
 
-
-def _median_ms(f, *args, reps):
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_cpu import median_time  # noqa: E402
 
 
 def main():
@@ -52,7 +46,7 @@ def main():
         ms = []
         for a, b in ((ip, ix), (2 * ip, dead)):
             lists = (jnp.asarray(a, jnp.int32), jnp.asarray(b, jnp.int32))
-            ms.append([_median_ms(f, q, k, v, *lists, reps=args.reps) for f in (fwd, grad)])
+            ms.append([1e3 * median_time(f, q, k, v, *lists, reps=args.reps) for f in (fwd, grad)])
         print(f"{g}:{R}:{C}  forward {ms[0][0]:.3f} -> {ms[1][0]:.3f} ms ({ms[1][0] / ms[0][0]:.2f}x)  "
               f"gradient {ms[0][1]:.3f} -> {ms[1][1]:.3f} ms ({ms[1][1] / ms[0][1]:.2f}x)")
 

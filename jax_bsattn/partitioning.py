@@ -219,8 +219,7 @@ class _Plan:
         self.zigzag = bool(cfg.zigzag and self.m)
         # ring: every piece of keys a device holds (a shard; in zigzag order its two chunks) whole block columns (a
         # block's keys on one device, in one kernel call)
-        self.ring = bool(cfg.ring and self.n and k.shape[1] % self.parts == 0
-                         and _ring_fits(k.shape[1] // self.parts, self.zigzag, cfg.block_c))
+        self.ring = bool(cfg.ring and self.n and _ring_fits(k.shape[1] // self.parts, self.zigzag, cfg.block_c))
         LB, LH = indptr.shape[:2]
         self.layout_spec = P(self.b if LB == B else None, self.h if LH == Hk else None, None)
 
@@ -384,11 +383,10 @@ def _ring_calls(rows, M: int, Nl: int, kv_lens, cfg: Config, row_split: RowSplit
     """The kernel calls of one ring step, one per pair of a piece of keys held (``_ring_key_slices`` of ``Nl``) and a
     piece of rows (``rows``: ``_ring_row_pieces`` of ``M``): the two pieces' indices and the layout's arrays for the
     pair (indptr, indices, kv_lens, q_offset)."""
-    key_slices = _ring_key_slices(Nl, row_split)
-    for kp, first in enumerate(_ring_key_firsts(Nl, row_split, step)):
+    size = lambda piece, n: len(range(n)[piece])           # a piece's length along the sequence
+    for kp, (keys, first) in enumerate(zip(_ring_key_slices(Nl, row_split), _ring_key_firsts(Nl, row_split, step))):
         for rp, (rows_slice, (ip, ix, qo)) in enumerate(rows):
-            yield kp, rp, _keys_from(ip, ix, kv_lens, qo, len(range(M)[rows_slice]), first,
-                                     len(range(Nl)[key_slices[kp]]), cfg)
+            yield kp, rp, _keys_from(ip, ix, kv_lens, qo, size(rows_slice, M), first, size(keys, Nl), cfg)
 
 
 def _combine(o, lse, o_step, lse_step):
