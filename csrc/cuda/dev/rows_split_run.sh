@@ -8,29 +8,20 @@
 #   memcheck compute-sanitizer memcheck on sanitize_api.py's row-split cases (SAN_CASES: 24 25 26)
 #   grid     bench_grid.py forward + backward, main's build against the patched one, ROUNDS rounds (GCELLS): the cost of
 #            the kernel's changed epilogue (225 registers against 221 at D = 128 bf16, no spills) where nothing is split
-# Timings: TEST_S, LAYOUT_S, SAN_S (seconds a stage's process). Logs under $OUT (a few files).
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-T0=$(date +%s); stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+# Timings: TEST_S, LAYOUT_S, SAN_S (seconds a stage's process). Logs under $OUT (a few files: t1.log, t2.log, ...).
+source csrc/cuda/dev/kv_lens_device.sh   # the environment, stamp, kv_build (into /tmp/site), kv_lens_gpu_tests
 STAGES=${STAGES:-tests layouts memcheck}
-build() { (cd $1 && BSATTN_CUDA=FORCE BSATTN_CUDA_ARCHS=90 python3 -m pip install -q --no-build-isolation --no-deps \
-  --no-index --target $2 . > /tmp/pip_$3.log 2>&1) || { tail -30 /tmp/pip_$3.log; exit 1; }; }
 if [[ " $STAGES " == *" grid "* ]]; then
   rm -rf /tmp/oldtree && mkdir -p /tmp/oldtree && cp -r . /tmp/oldtree/ || exit 1  # (before the patch is applied)
-  build /tmp/oldtree /tmp/site_old old &
+  (cd /tmp/oldtree && BSATTN_CUDA=FORCE BSATTN_CUDA_ARCHS=90 python3 -m pip install -q --no-build-isolation --no-deps \
+    --no-index --target /tmp/site_old . > /tmp/pip_old.log 2>&1 || tail -30 /tmp/pip_old.log) &
 fi
 git apply csrc/cuda/dev/rows_split.patch || exit 1
-build . /tmp/site new; wait
-stamp built
-export PYTHONPATH=/tmp/site
+kv_build; wait
 for st in $STAGES; do case $st in
 tests)
-  (cd tests && timeout -s INT -k 10 ${TEST_S:-200} python3 -m pytest -q -p no:cacheprovider test_gpu.py \
-    -k "${K1:-backward_rows_split or (backward_rows and 64-1-4) or very_low_lse}" > /tmp/t1.log 2>&1; echo "t1 rc=$?" >> /tmp/t1.log) &
-  (cd tests && timeout -s INT -k 10 ${TEST_S:-200} python3 -m pytest -q -p no:cacheprovider test_gpu.py \
-    -k "${K2:-(backward_rows and not split and not 64-1-4) or dq_split}" > /tmp/t2.log 2>&1; echo "t2 rc=$?" >> /tmp/t2.log) &
-  wait; stamp tests; for f in /tmp/t1.log /tmp/t2.log; do tail -3 $f; grep -E "^FAILED|^E  " $f | head -12; done
-  cat /tmp/t1.log /tmp/t2.log > $OUT/tests.log ;;
+  kv_lens_gpu_tests ${TEST_S:-200} "${K1:-backward_rows_split or (backward_rows and 64-1-4) or very_low_lse}" \
+    "${K2:-(backward_rows and not split and not 64-1-4) or dq_split}" ;;
 memcheck)
   SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   for c in ${SAN_CASES:-24 25 26}; do
