@@ -3,7 +3,9 @@
     python benchmarks/bench_cpu.py [--reps 5]
 
 Shape: M = N = 2048, Hq = 8, D = 64, density 0.25 (each block row holds the same number of random blocks),
-float32. Prints median times of the jitted forward and forward+backward and the ratio reference / kernel.
+float32. Prints median times of the jitted forward and forward+backward and the ratio reference / kernel. The
+cells with R x g <= 8 are the ones where the kernels may lay the keys across the vector lanes
+(BSATTN_CPU_LANES=rows in the environment times them the other way).
 """
 
 import argparse
@@ -47,9 +49,11 @@ def main():
     Hq, D, density = 8, 64, 0.25
     rng = np.random.default_rng(0)
     rows = []
-    print(f"device: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}")
+    print(f"device: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, "
+          f"BSATTN_CPU_LANES={os.environ.get('BSATTN_CPU_LANES', '(unset)')}")
     print(f"{'R x C':>8} {'g':>2} {'pass':>8} {'kernel ms':>10} {'ref ms':>9} {'ref/kernel':>10}")
-    for (R, C), g in [((64, 64), 1), ((64, 64), 4), ((16, 16), 4)]:
+    for (R, C), g in [((64, 64), 1), ((64, 64), 4), ((16, 16), 4), ((1, 64), 1), ((1, 16), 1), ((4, 16), 1),
+                      ((8, 16), 1)]:
         Hk = Hq // g
         layout = uniform_layout(rng, M, N, R, C, density)
         q = jnp.asarray(rng.standard_normal((M, Hq, D)), jnp.float32)

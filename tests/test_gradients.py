@@ -135,6 +135,40 @@ def test_cpu_gradients_repeatable():
             assert np.array_equal(a, b), f"{name} differs between runs"
 
 
+@pytest.mark.parametrize("lanes", ["keys", "rows"])
+def test_cpu_score_lanes(lanes):
+    """Both orientations of the CPU kernels' score tiles on the same shapes (BSATTN_CPU_LANES forces one; by default
+    the keys lie across the vector lanes only where the packed rows R x g fill a fraction of a vector): forward and
+    gradients against the reference, with R x g from 1 to 32, GQA, causal masks cutting blocks, a soft cap,
+    per-sequence key lengths, blocks wider than a vector and narrower, head dims that are not a multiple of it."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import numpy as np, jax, jax.numpy as jnp, jax_bsattn as jb
+from conftest import check_forward, check_gradients, random_mask, random_problem
+rng = np.random.default_rng(31)
+M, N = 70, 90
+for R, C, Hq, Hk, D, causal, cap, dtype in [(1, 16, 4, 4, 40, True, 20.0, jnp.float32),
+                                            (2, 5, 4, 2, 64, False, None, jnp.bfloat16),
+                                            (1, 1, 2, 2, 16, True, None, jnp.float32),
+                                            (3, 37, 6, 3, 48, True, 30.0, jnp.float32),
+                                            (16, 16, 4, 2, 24, True, None, jnp.float16)]:
+    layout = jb.BlockSparseLayout.from_block_mask(random_mask(rng, (2, Hk), -(-M // R), -(-N // C), 0.5), (R, C),
+                                                  (M, N))
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=Hq, Hk=Hk, D=D, dtype=dtype)
+    kw = dict(causal=causal, logits_soft_cap=cap, kv_lens=jnp.array([N, 61], jnp.int32))
+    check_forward(q, k, v, layout, **kw)
+    check_gradients(q, k, v, layout, **kw)
+print("ok")
+"""
+    env = dict(os.environ, BSATTN_CPU_LANES=lanes, JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(os.path.abspath(__file__)), env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
 @pytest.mark.parametrize("isa", ["generic", "avx2"])
 def test_cpu_instruction_set_paths(isa):
     """The CPU kernels' other vector paths (BSATTN_CPU_ISA lowers the one the CPU would take; read once per process,

@@ -10,6 +10,8 @@
 // As in the forward, score-shaped tiles are kept transposed ([key][packed query row]): they are
 // computed as K Q^T and V dO^T from Q^T / dO^T built once per row chunk, the per-row lse / delta
 // are vectors across columns, and every product reads its operands without a transpose.
+// Items of a few packed rows (ScoreLanes::kKeys, attention_cpu.h) keep the tiles untransposed
+// ([packed row][key]) instead: S = Q K^T and dP = dO V^T as dot products.
 // Every item owns its output rows and sums in a fixed order: deterministic for any thread count.
 // Q is pre-multiplied by `scale`, which gives x = scale q.k directly and dk = scale sum dS q;
 // dq is multiplied by `scale` when it is written.
@@ -28,16 +30,18 @@ namespace {
 
 struct BwdScratch {
   RowChunking chunking;
-  int64_t Dp, Pp;
-  AlignedFloats q, qt, d_o, dot;  // packed rows: q (scaled) and do, as [P][Dp] and [D][Pp]
+  ScoreLanes lanes;
+  int64_t Dp, Pp, Cp;
+  AlignedFloats q, qt, d_o, dot;  // packed rows: q (scaled) and do, as [P][Dp] and (kRows) [D][Pp]
   AlignedFloats k, v;             // [C][Dp]
-  AlignedFloats st, dpt, probt;   // [C][Pp]: scores, dP -> dS, probabilities
+  AlignedFloats st, dpt, probt;   // scores, dP -> dS, probabilities: [C][Pp] (kRows) or [P][Cp] (kKeys)
   AlignedFloats acc0, acc1;       // dq [P][Dp] in pass 1; dk, dv [C][Dp] in pass 2
   AlignedFloats lse, delta;       // [Pp]
   std::vector<int32_t> lim;       // [Pp]
 
-  explicit BwdScratch(const Problem& p)
-      : chunking(row_chunking(p)), Dp(pad16(p.D)), Pp(pad16(chunking.rows * p.group())) {
+  BwdScratch(const Problem& p, ScoreLanes lanes)
+      : chunking(row_chunking(p)), lanes(lanes), Dp(pad16(p.D)), Pp(pad16(chunking.rows * p.group())),
+        Cp(pad16(block_keys(p))) {
     const int64_t kc = block_keys(p);
     const int64_t rows = Pp > kc ? Pp : kc;
     q = AlignedFloats(Pp * Dp);
@@ -46,9 +50,9 @@ struct BwdScratch {
     dot = AlignedFloats(p.D * Pp);
     k = AlignedFloats(kc * Dp);
     v = AlignedFloats(kc * Dp);
-    st = AlignedFloats(kc * Pp);
-    dpt = AlignedFloats(kc * Pp);
-    probt = AlignedFloats(kc * Pp);
+    st = AlignedFloats(Cp * Pp);
+    dpt = AlignedFloats(Cp * Pp);
+    probt = AlignedFloats(Cp * Pp);
     acc0 = AlignedFloats(rows * Dp);
     acc1 = AlignedFloats(rows * Dp);
     lse = AlignedFloats(Pp);
@@ -68,9 +72,14 @@ struct BwdScratch {
   // 0 * inf can turn that nothing into NaN.
   int64_t load_rows(const BwdArgs& a, int64_t b, int64_t hk, int64_t i0, int64_t i1) {
     const Problem& p = a.p;
-    load_packed_both(a.dtype, a.q, p, b, hk, i0, i1, p.scale, q.data(), Dp, qt.data(), Pp);
-    const int64_t P =
-        load_packed_both(a.dtype, a.d_o, p, b, hk, i0, i1, 1.f, d_o.data(), Dp, dot.data(), Pp);
+    int64_t P;
+    if (lanes == ScoreLanes::kKeys) {  // no transposes: the dot products read the rows
+      load_packed_rows(a.dtype, a.q, p, b, hk, i0, i1, p.scale, q.data(), Dp);
+      P = load_packed_rows(a.dtype, a.d_o, p, b, hk, i0, i1, 1.f, d_o.data(), Dp);
+    } else {
+      load_packed_both(a.dtype, a.q, p, b, hk, i0, i1, p.scale, q.data(), Dp, qt.data(), Pp);
+      P = load_packed_both(a.dtype, a.d_o, p, b, hk, i0, i1, 1.f, d_o.data(), Dp, dot.data(), Pp);
+    }
     load_packed_stats(a.lse, p, b, hk, i0, i1, lse.data());
     load_packed_stats(a.delta, p, b, hk, i0, i1, delta.data());
     packed_key_limits(p, i0, i1, Pp, lim.data(), seq_keys(a, b));
@@ -120,40 +129,80 @@ BSATTN_AI void grad_block(const float* st, float* dpt, float* probt, int64_t cn,
   }
 }
 
-// S^T and dS^T (in sc.dpt, plus P^T in sc.probt when with_prob) of the loaded rows against the
-// block at key j0 (cn keys) in sc.k / sc.v.
+// grad_block for tiles with the keys across the lanes: st, dpt, probt [P][ld].
 template <class I>
-BSATTN_AI void score_grads(const BwdArgs& a, BwdScratch& sc, int64_t j0, int64_t cn,
+BSATTN_AI void grad_keys(const float* st, float* dpt, float* probt, int64_t P, int64_t ld, int64_t cn,
+                         int32_t j0, const int32_t* lim, const float* lse, const float* delta, float cap) {
+  using V = Simd<I>;
+  using F = typename V::F;
+  constexpr int W = I::W;
+  const float inv_cap = cap > 0.f ? 1.f / cap : 0.f;
+  for (int64_t pr = 0; pr < P; ++pr) {
+    const int64_t hi = visible_keys(lim[pr], j0, cn);
+    const F lse_v = V::splat(lse[pr]), delta_v = V::splat(delta[pr]);
+    int64_t jj = 0;
+    for (; jj < hi; jj += W) {
+      const int64_t at = pr * ld + jj;
+      F x = V::load(st + at), t = F{};
+      if (cap > 0.f) {
+        t = V::tanh(x * inv_cap);
+        x = cap * t;
+      }
+      const F pv = V::first_lanes(V::exp(x - lse_v), hi - jj, F{});
+      F ds = pv * (V::load(dpt + at) - delta_v);
+      if (cap > 0.f) ds *= 1.f - t * t;
+      V::store(dpt + at, V::first_lanes(ds, hi - jj, F{}));  // (0 x a stale inf past hi is NaN)
+      if (probt) V::store(probt + at, pv);
+    }
+    for (; jj < cn; jj += W) {
+      V::store(dpt + pr * ld + jj, F{});
+      if (probt) V::store(probt + pr * ld + jj, F{});
+    }
+  }
+}
+
+// The scores' gradient dS (in sc.dpt, plus the probabilities in sc.probt when with_prob) of the P
+// loaded rows against the block at key j0 (cn keys) in sc.k / sc.v, laid out as kLanes says.
+template <class I, ScoreLanes kLanes>
+BSATTN_AI void score_grads(const BwdArgs& a, BwdScratch& sc, int64_t P, int64_t j0, int64_t cn,
                            bool with_prob) {
   const int64_t D = a.p.D, Dp = sc.Dp, Pp = sc.Pp;
-  float *st = sc.st.data(), *dpt = sc.dpt.data();
-  gemm<I>(cn, Pp, D, sc.k.data(), Dp, 1, sc.qt.data(), Pp, st, Pp, false);    // S^T = K Q^T
-  gemm<I>(cn, Pp, D, sc.v.data(), Dp, 1, sc.dot.data(), Pp, dpt, Pp, false);  // dP^T = V dO^T
-  grad_block<I>(st, dpt, with_prob ? sc.probt.data() : nullptr, cn, Pp, static_cast<int32_t>(j0),
-                sc.lim.data(), sc.lse.data(), sc.delta.data(), a.p.softcap);
+  float *st = sc.st.data(), *dpt = sc.dpt.data(), *probt = with_prob ? sc.probt.data() : nullptr;
+  if constexpr (kLanes == ScoreLanes::kKeys) {
+    dots<I>(P, cn, Dp, sc.q.data(), Dp, sc.k.data(), Dp, st, sc.Cp);     // S = Q K^T
+    dots<I>(P, cn, Dp, sc.d_o.data(), Dp, sc.v.data(), Dp, dpt, sc.Cp);  // dP = dO V^T
+    grad_keys<I>(st, dpt, probt, P, sc.Cp, cn, static_cast<int32_t>(j0), sc.lim.data(), sc.lse.data(),
+                 sc.delta.data(), a.p.softcap);
+  } else {
+    gemm<I>(cn, Pp, D, sc.k.data(), Dp, 1, sc.qt.data(), Pp, st, Pp, false);    // S^T = K Q^T
+    gemm<I>(cn, Pp, D, sc.v.data(), Dp, 1, sc.dot.data(), Pp, dpt, Pp, false);  // dP^T = V dO^T
+    grad_block<I>(st, dpt, probt, cn, Pp, static_cast<int32_t>(j0), sc.lim.data(), sc.lse.data(),
+                  sc.delta.data(), a.p.softcap);
+  }
 }
 
 // Pass 1: dq of one chunk of query rows.
-template <class I>
+template <class I, ScoreLanes kLanes>
 BSATTN_AI void dq_item(const BwdArgs& a, BwdScratch& sc, int64_t item) {
   const Problem& p = a.p;
   const RowItem it = row_item(p, sc.chunking, item);
   if (it.i1 <= it.i0) return;
-  const int64_t Dp = sc.Dp, Pp = sc.Pp;
+  const int64_t Dp = sc.Dp;
+  const TileStrides ts = tile_strides(kLanes, sc.Pp, sc.Cp);
   const int64_t P = sc.load_rows(a, it.b, it.hk, it.i0, it.i1);
   float* dq = sc.acc0.data();
   std::memset(dq, 0, P * Dp * sizeof(float));
   int64_t j0, cn;
   for (RowBlocks blocks(p, a.layout, it, seq_keys(a, it.b)); blocks.next(&j0, &cn);) {
     sc.load_kv(a, it.b, it.hk, j0, cn);
-    score_grads<I>(a, sc, j0, cn, false);
-    gemm<I>(P, Dp, cn, sc.dpt.data(), 1, Pp, sc.k.data(), Dp, dq, Dp, true);  // dQ += dS K
+    score_grads<I, kLanes>(a, sc, P, j0, cn, false);
+    gemm<I>(P, Dp, cn, sc.dpt.data(), ts.row, ts.key, sc.k.data(), Dp, dq, Dp, true);  // dQ += dS K
   }
   store_packed_rows(a.dtype, dq, Dp, p, it.b, it.hk, it.i0, it.i1, p.scale, a.dq);
 }
 
 // Pass 2: dk and dv of one block column of (b, hk).
-template <class I>
+template <class I, ScoreLanes kLanes>
 BSATTN_AI void dkdv_item(const BwdArgs& a, const Columns& cols, BwdScratch& sc, int64_t item) {
   const Problem& p = a.p;
   const int64_t c = item % p.NB, hk = (item / p.NB) % p.Hk, b = item / (p.NB * p.Hk);
@@ -162,7 +211,8 @@ BSATTN_AI void dkdv_item(const BwdArgs& a, const Columns& cols, BwdScratch& sc, 
   // the block's keys that take part (kv_lens): only those are read; the rest of its dk, dv rows stay 0 (when none
   // does, key_limit below skips every row)
   const int64_t live = sk.nkeys - j0 < cn ? sk.nkeys - j0 : cn;
-  const int64_t Dp = sc.Dp, Pp = sc.Pp;
+  const int64_t Dp = sc.Dp;
+  const TileStrides ts = tile_strides(kLanes, sc.Pp, sc.Cp);
   float *dk = sc.acc0.data(), *dv = sc.acc1.data();
   std::memset(dk, 0, cn * Dp * sizeof(float));
   std::memset(dv, 0, cn * Dp * sizeof(float));
@@ -180,9 +230,9 @@ BSATTN_AI void dkdv_item(const BwdArgs& a, const Columns& cols, BwdScratch& sc, 
         loaded = true;
       }
       const int64_t P = sc.load_rows(a, b, hk, i0, i1);
-      score_grads<I>(a, sc, j0, live, true);
-      gemm<I>(live, Dp, P, sc.probt.data(), Pp, 1, sc.d_o.data(), Dp, dv, Dp, true);  // dV += P^T dO
-      gemm<I>(live, Dp, P, sc.dpt.data(), Pp, 1, sc.q.data(), Dp, dk, Dp, true);      // dK += dS^T Q
+      score_grads<I, kLanes>(a, sc, P, j0, live, true);
+      gemm<I>(live, Dp, P, sc.probt.data(), ts.key, ts.row, sc.d_o.data(), Dp, dv, Dp, true);  // dV += P^T dO
+      gemm<I>(live, Dp, P, sc.dpt.data(), ts.key, ts.row, sc.q.data(), Dp, dk, Dp, true);      // dK += dS^T Q
     }
   }
   store_kv_rows(a.dtype, dk, Dp, p, b, hk, j0, cn, a.dk);
@@ -194,32 +244,39 @@ struct BwdFns {
   void (*dkdv)(const BwdArgs&, const Columns&, BwdScratch&, int64_t);
 };
 
-#define BSATTN_BWD_FNS(TARGET, SUFFIX, ISA)                                                    \
+#define BSATTN_BWD_FNS(TARGET, SUFFIX, ISA, LANES)                                             \
   TARGET void dq_item_##SUFFIX(const BwdArgs& a, BwdScratch& sc, int64_t item) {               \
-    dq_item<ISA>(a, sc, item);                                                                 \
+    dq_item<ISA, LANES>(a, sc, item);                                                          \
   }                                                                                            \
   TARGET void dkdv_item_##SUFFIX(const BwdArgs& a, const Columns& cols, BwdScratch& sc,        \
                                  int64_t item) {                                               \
-    dkdv_item<ISA>(a, cols, sc, item);                                                         \
+    dkdv_item<ISA, LANES>(a, cols, sc, item);                                                  \
   }
 
-BSATTN_BWD_FNS(, generic, IsaGeneric)
+BSATTN_BWD_FNS(, rows_generic, IsaGeneric, ScoreLanes::kRows)
+BSATTN_BWD_FNS(, keys_generic, IsaGeneric, ScoreLanes::kKeys)
 #if BSATTN_X86
-BSATTN_BWD_FNS(BSATTN_TARGET_AVX2, avx2, IsaAvx2)
-BSATTN_BWD_FNS(BSATTN_TARGET_AVX512, avx512, IsaAvx512)
+BSATTN_BWD_FNS(BSATTN_TARGET_AVX2, rows_avx2, IsaAvx2, ScoreLanes::kRows)
+BSATTN_BWD_FNS(BSATTN_TARGET_AVX2, keys_avx2, IsaAvx2, ScoreLanes::kKeys)
+BSATTN_BWD_FNS(BSATTN_TARGET_AVX512, rows_avx512, IsaAvx512, ScoreLanes::kRows)
+BSATTN_BWD_FNS(BSATTN_TARGET_AVX512, keys_avx512, IsaAvx512, ScoreLanes::kKeys)
 #endif
 #undef BSATTN_BWD_FNS
 
-BwdFns bwd_fns() {
+// The item functions for this CPU's instruction set and the score lanes `lanes`.
+BwdFns bwd_fns(ScoreLanes lanes) {
+  const bool keys = lanes == ScoreLanes::kKeys;
   switch (detect_isa()) {
 #if BSATTN_X86
     case IsaKind::kAvx512:
-      return {dq_item_avx512, dkdv_item_avx512};
+      return keys ? BwdFns{dq_item_keys_avx512, dkdv_item_keys_avx512}
+                  : BwdFns{dq_item_rows_avx512, dkdv_item_rows_avx512};
     case IsaKind::kAvx2:
-      return {dq_item_avx2, dkdv_item_avx2};
+      return keys ? BwdFns{dq_item_keys_avx2, dkdv_item_keys_avx2} : BwdFns{dq_item_rows_avx2, dkdv_item_rows_avx2};
 #endif
     default:
-      return {dq_item_generic, dkdv_item_generic};
+      return keys ? BwdFns{dq_item_keys_generic, dkdv_item_keys_generic}
+                  : BwdFns{dq_item_rows_generic, dkdv_item_rows_generic};
   }
 }
 
@@ -227,8 +284,9 @@ BwdFns bwd_fns() {
 
 void attention_bwd_cpu(const BwdArgs& a) {
   const Problem& p = a.p;
-  const BwdFns fns = bwd_fns();
   const RowChunking chunking = row_chunking(p);
+  const ScoreLanes lanes = score_lanes(p, chunking, vector_width(detect_isa()));
+  const BwdFns fns = bwd_fns(lanes);
   const int64_t dq_items = p.B * p.Hk * p.MB * chunking.per_block;
   const int64_t dkdv_items = p.B * p.Hk * p.NB;
   if (dq_items <= 0 && dkdv_items <= 0) return;
@@ -238,11 +296,11 @@ void attention_bwd_cpu(const BwdArgs& a) {
   const int num_threads = choose_num_threads(dq_items > dkdv_items ? dq_items : dkdv_items, flops);
   std::vector<std::unique_ptr<BwdScratch>> scratch(num_threads);
   parallel_for(dq_items, num_threads, [&](int tid, int64_t item) {
-    if (!scratch[tid]) scratch[tid] = std::make_unique<BwdScratch>(p);
+    if (!scratch[tid]) scratch[tid] = std::make_unique<BwdScratch>(p, lanes);
     fns.dq(a, *scratch[tid], item);
   });
   parallel_for(dkdv_items, num_threads, [&](int tid, int64_t item) {
-    if (!scratch[tid]) scratch[tid] = std::make_unique<BwdScratch>(p);
+    if (!scratch[tid]) scratch[tid] = std::make_unique<BwdScratch>(p, lanes);
     fns.dkdv(a, cols, *scratch[tid], item);
   });
 }

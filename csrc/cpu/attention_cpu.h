@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -80,6 +82,33 @@ inline RowChunking row_chunking(const Problem& p) {
   int64_t rows = kMaxPacked / (p.group() > 0 ? p.group() : 1);
   rows = rows < 1 ? 1 : (rows > height ? height : rows);
   return {rows, (height + rows - 1) / rows};
+}
+
+// How an item's score tiles lie in the vector lanes. kRows: [key][packed row], a vector across the packed rows (the
+// tile of a GEMM). kKeys: [packed row][key], a vector across the keys, for items of a few packed rows (decode
+// steps, R = 1 without GQA), where kRows' vectors would be mostly padding; its products with K and V are dot
+// products (simd_cpu.h `dots`). kKeys where the packed rows fill at most half a vector (AVX2, M = N = 2048, D = 64:
+// forward + backward 2.6x at R x g = 1, 1.7x at 4; at 8 the forward 0.9-1.0x, the backward 0.7-1.6x across trials on
+// a noisy machine: BENCHMARKS.md). `vector_width` is the floats per vector of the instruction
+// set that runs; BSATTN_CPU_LANES=rows|keys forces one (for testing both on the same shapes).
+enum class ScoreLanes { kRows, kKeys };
+inline ScoreLanes score_lanes(const Problem& p, const RowChunking& ch, int vector_width) {
+  static const int forced = [] {
+    const char* env = std::getenv("BSATTN_CPU_LANES");
+    if (env && std::strcmp(env, "rows") == 0) return 1;
+    if (env && std::strcmp(env, "keys") == 0) return 2;
+    return 0;
+  }();
+  if (forced) return forced == 2 ? ScoreLanes::kKeys : ScoreLanes::kRows;
+  return 2 * ch.rows * p.group() <= vector_width ? ScoreLanes::kKeys : ScoreLanes::kRows;
+}
+
+// Where score-tile element (packed row pr, key jj) lies: pr * row + jj * key.
+struct TileStrides {
+  int64_t row, key;
+};
+inline TileStrides tile_strides(ScoreLanes lanes, int64_t Pp, int64_t Cp) {
+  return lanes == ScoreLanes::kKeys ? TileStrides{Cp, 1} : TileStrides{1, Pp};
 }
 
 // One chunk of query rows [i0, i1) of block row r of (b, hk), from a flat item index.

@@ -5,7 +5,9 @@
 // transposed, one key per row and one packed query row per column: per listed block column,
 // S^T = K Q^T (Q pre-multiplied by `scale`, Q^T built once per item), optional soft cap, an online
 // softmax whose per-query statistics are plain vectors across the columns, then O += P V.
-// No per-block transposes and no horizontal reductions.
+// No per-block transposes and no horizontal reductions. Items of a few packed rows (ScoreLanes::kKeys,
+// attention_cpu.h) keep S = Q K^T untransposed instead, computed as dot products, with one horizontal
+// reduction per score and per row statistic.
 // Items write disjoint rows of o / lse, so any schedule gives the same bits.
 #include <cmath>
 #include <memory>
@@ -22,18 +24,19 @@ namespace {
 
 struct FwdScratch {
   RowChunking chunking;
-  int64_t Dp, Pp;
-  AlignedFloats qt, k, v, st, o;  // [D][Pp], [C][Dp], [C][Dp], [C][Pp], [P][Dp]
-  AlignedFloats m, l, alpha;      // per packed row: running max, running sum, last rescale
-  std::vector<int32_t> lim;       // per packed row: keys j < lim are visible
+  int64_t Dp, Pp, Cp;
+  AlignedFloats q, qt, k, v, st, o;  // [P][Dp] (kKeys), [D][Pp], [C][Dp], [C][Dp], the scores, [P][Dp]
+  AlignedFloats m, l, alpha;         // per packed row: running max, running sum, last rescale
+  std::vector<int32_t> lim;          // per packed row: keys j < lim are visible
 
   explicit FwdScratch(const Problem& p)
-      : chunking(row_chunking(p)), Dp(pad16(p.D)), Pp(pad16(chunking.rows * p.group())) {
+      : chunking(row_chunking(p)), Dp(pad16(p.D)), Pp(pad16(chunking.rows * p.group())), Cp(pad16(block_keys(p))) {
     const int64_t kc = block_keys(p);
+    q = AlignedFloats(Pp * Dp);
     qt = AlignedFloats(p.D * Pp);
     k = AlignedFloats(kc * Dp);
     v = AlignedFloats(kc * Dp);
-    st = AlignedFloats(kc * Pp);
+    st = AlignedFloats(Cp * Pp);  // [C][Pp] (kRows) or [P][Cp] (kKeys)
     o = AlignedFloats(Pp * Dp);
     m = AlignedFloats(Pp);
     l = AlignedFloats(Pp);
@@ -82,7 +85,46 @@ BSATTN_AI void softmax_block(float* st, int64_t cn, int64_t Pp, int32_t j0, cons
   }
 }
 
+// softmax_block for a tile with the keys across the lanes: s [P][ld], row pr's statistics at m, l, alpha [pr].
 template <class I>
+BSATTN_AI void softmax_keys(float* s, int64_t P, int64_t ld, int64_t cn, int32_t j0, const int32_t* lim,
+                            float cap, float* m, float* l, float* alpha) {
+  using V = Simd<I>;
+  using F = typename V::F;
+  constexpr int W = I::W;
+  const F neg_inf = V::splat(kNegInf);
+  const float inv_cap = cap > 0.f ? 1.f / cap : 0.f;
+  for (int64_t pr = 0; pr < P; ++pr) {
+    float* row = s + pr * ld;
+    const int64_t hi = visible_keys(lim[pr], j0, cn);
+    F mx = neg_inf;
+    for (int64_t jj = 0; jj < hi; jj += W) {
+      F x = V::load(row + jj);
+      if (cap > 0.f) {
+        x = cap * V::tanh(x * inv_cap);
+        V::store(row + jj, x);
+      }
+      mx = V::max(mx, V::first_lanes(x, hi - jj, neg_inf));
+    }
+    const float m_old = m[pr], m_blk = V::hmax(mx);
+    const float m_new = m_old > m_blk ? m_old : m_blk;
+    const float m_use = m_new == kNegInf ? 0.f : m_new;  // a row with nothing visible yet
+    F sum = F{};
+    int64_t jj = 0;
+    for (; jj < hi; jj += W) {
+      const F e = V::exp(V::first_lanes(V::load(row + jj), hi - jj, neg_inf) - m_use);
+      V::store(row + jj, e);
+      sum += e;
+    }
+    for (; jj < cn; jj += W) V::store(row + jj, F{});
+    const float a = V::exp(V::splat(m_old - m_use))[0];
+    l[pr] = l[pr] * a + V::hsum(sum);
+    m[pr] = m_new;
+    alpha[pr] = a;
+  }
+}
+
+template <class I, ScoreLanes kLanes>
 BSATTN_AI void fwd_item(const FwdArgs& a, FwdScratch& sc, int64_t item) {
   using V = Simd<I>;
   constexpr int W = I::W;
@@ -92,9 +134,12 @@ BSATTN_AI void fwd_item(const FwdArgs& a, FwdScratch& sc, int64_t item) {
   const int64_t g = p.group(), D = p.D, Dp = sc.Dp, Pp = sc.Pp;
   float *st = sc.st.data(), *o = sc.o.data(), *m = sc.m.data(), *l = sc.l.data();
 
-  // o doubles as the row buffer for building Q^T, then becomes the accumulator.
+  constexpr bool kKeys = kLanes == ScoreLanes::kKeys;
+  const TileStrides ts = tile_strides(kLanes, Pp, sc.Cp);
+  // kRows: o doubles as the row buffer for building Q^T, then becomes the accumulator.
   const int64_t P =
-      load_packed_both(a.dtype, a.q, p, it.b, it.hk, it.i0, it.i1, p.scale, o, Dp, sc.qt.data(), Pp);
+      kKeys ? load_packed_rows(a.dtype, a.q, p, it.b, it.hk, it.i0, it.i1, p.scale, sc.q.data(), Dp)
+            : load_packed_both(a.dtype, a.q, p, it.b, it.hk, it.i0, it.i1, p.scale, o, Dp, sc.qt.data(), Pp);
   std::memset(o, 0, P * Dp * sizeof(float));
   for (int64_t pr = 0; pr < Pp; ++pr) {
     m[pr] = kNegInf;
@@ -107,16 +152,22 @@ BSATTN_AI void fwd_item(const FwdArgs& a, FwdScratch& sc, int64_t item) {
   for (RowBlocks blocks(p, a.layout, it, sk); blocks.next(&j0, &cn);) {
     load_kv_rows(a.dtype, a.k, p, it.b, it.hk, j0, cn, sc.k.data(), Dp);
     load_kv_rows(a.dtype, a.v, p, it.b, it.hk, j0, cn, sc.v.data(), Dp);
-    gemm<I>(cn, Pp, D, sc.k.data(), Dp, 1, sc.qt.data(), Pp, st, Pp, false);  // S^T = K Q^T
-    softmax_block<I>(st, cn, Pp, static_cast<int32_t>(j0), sc.lim.data(), p.softcap, m, l,
-                     sc.alpha.data());
+    if constexpr (kKeys) {
+      dots<I>(P, cn, Dp, sc.q.data(), Dp, sc.k.data(), Dp, st, sc.Cp);  // S = Q K^T
+      softmax_keys<I>(st, P, sc.Cp, cn, static_cast<int32_t>(j0), sc.lim.data(), p.softcap, m, l,
+                      sc.alpha.data());
+    } else {
+      gemm<I>(cn, Pp, D, sc.k.data(), Dp, 1, sc.qt.data(), Pp, st, Pp, false);  // S^T = K Q^T
+      softmax_block<I>(st, cn, Pp, static_cast<int32_t>(j0), sc.lim.data(), p.softcap, m, l,
+                       sc.alpha.data());
+    }
     for (int64_t pr = 0; pr < P; ++pr) {
       const float alpha = sc.alpha.data()[pr];
       if (alpha == 1.f) continue;
       float* orow = o + pr * Dp;
       for (int64_t d = 0; d < Dp; d += W) V::store(orow + d, V::load(orow + d) * alpha);
     }
-    gemm<I>(P, Dp, cn, st, 1, Pp, sc.v.data(), Dp, o, Dp, true);  // O += P V
+    gemm<I>(P, Dp, cn, st, ts.row, ts.key, sc.v.data(), Dp, o, Dp, true);  // O += P V
   }
 
   for (int64_t pr = 0; pr < P; ++pr) {
@@ -138,28 +189,34 @@ BSATTN_AI void fwd_item(const FwdArgs& a, FwdScratch& sc, int64_t item) {
 
 using FwdItemFn = void (*)(const FwdArgs&, FwdScratch&, int64_t);
 
-void fwd_item_generic(const FwdArgs& a, FwdScratch& sc, int64_t item) {
-  fwd_item<IsaGeneric>(a, sc, item);
-}
-#if BSATTN_X86
-BSATTN_TARGET_AVX2 void fwd_item_avx2(const FwdArgs& a, FwdScratch& sc, int64_t item) {
-  fwd_item<IsaAvx2>(a, sc, item);
-}
-BSATTN_TARGET_AVX512 void fwd_item_avx512(const FwdArgs& a, FwdScratch& sc, int64_t item) {
-  fwd_item<IsaAvx512>(a, sc, item);
-}
-#endif
+#define BSATTN_FWD_FNS(TARGET, SUFFIX, ISA)                                                        \
+  TARGET void fwd_rows_##SUFFIX(const FwdArgs& a, FwdScratch& sc, int64_t item) {                  \
+    fwd_item<ISA, ScoreLanes::kRows>(a, sc, item);                                                 \
+  }                                                                                                \
+  TARGET void fwd_keys_##SUFFIX(const FwdArgs& a, FwdScratch& sc, int64_t item) {                  \
+    fwd_item<ISA, ScoreLanes::kKeys>(a, sc, item);                                                 \
+  }
 
-FwdItemFn fwd_item_fn() {
-  switch (detect_isa()) {
+BSATTN_FWD_FNS(, generic, IsaGeneric)
+#if BSATTN_X86
+BSATTN_FWD_FNS(BSATTN_TARGET_AVX2, avx2, IsaAvx2)
+BSATTN_FWD_FNS(BSATTN_TARGET_AVX512, avx512, IsaAvx512)
+#endif
+#undef BSATTN_FWD_FNS
+
+// The item function for this CPU's instruction set and the call's score lanes.
+FwdItemFn fwd_item_fn(const Problem& p, const RowChunking& chunking) {
+  const IsaKind isa = detect_isa();
+  const bool keys = score_lanes(p, chunking, vector_width(isa)) == ScoreLanes::kKeys;
+  switch (isa) {
 #if BSATTN_X86
     case IsaKind::kAvx512:
-      return fwd_item_avx512;
+      return keys ? fwd_keys_avx512 : fwd_rows_avx512;
     case IsaKind::kAvx2:
-      return fwd_item_avx2;
+      return keys ? fwd_keys_avx2 : fwd_rows_avx2;
 #endif
     default:
-      return fwd_item_generic;
+      return keys ? fwd_keys_generic : fwd_rows_generic;
   }
 }
 
@@ -172,7 +229,7 @@ void attention_fwd_cpu(const FwdArgs& a) {
   if (num_items <= 0) return;  // nothing to write: some dimension of o is 0
   const double flops = 4.0 * estimated_pairs(p, a.layout) * static_cast<double>(p.D);
   const int num_threads = choose_num_threads(num_items, flops);
-  const FwdItemFn item_fn = fwd_item_fn();
+  const FwdItemFn item_fn = fwd_item_fn(p, chunking);
   std::vector<std::unique_ptr<FwdScratch>> scratch(num_threads);
   parallel_for(num_items, num_threads, [&](int tid, int64_t item) {
     if (!scratch[tid]) scratch[tid] = std::make_unique<FwdScratch>(p);

@@ -1,5 +1,6 @@
-// Masking of a transposed score tile ([key][packed query row], see attention_fwd_cpu.cc) for W
-// packed rows at a time: each packed row sees the keys j < lim[row] (causal limit and N).
+// Masking of a score tile: each packed row sees the keys j < lim[row] (causal limit and N). ColumnMask: a
+// transposed tile ([key][packed query row], see attention_fwd_cpu.cc), W packed rows at a time; visible_keys: a
+// tile with the keys across the lanes (ScoreLanes::kKeys).
 #pragma once
 
 #include <cstdint>
@@ -39,5 +40,12 @@ struct ColumnMask {
     return visible > static_cast<int32_t>(jj) ? x : Simd<I>::splat(kNegInf);
   }
 };
+
+// A score tile with the keys across the lanes ([packed row][key]): the keys [0, visible_keys) of the block
+// at j0 (cn keys) that a packed row with limit `lim` sees.
+inline int64_t visible_keys(int32_t lim, int32_t j0, int64_t cn) {
+  const int64_t n = static_cast<int64_t>(lim) - j0;
+  return n < 0 ? 0 : (n > cn ? cn : n);
+}
 
 }  // namespace bsattn::cpu

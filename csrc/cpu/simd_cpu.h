@@ -88,6 +88,11 @@ inline IsaKind detect_isa() {
   return kind;
 }
 
+// Floats per vector of the instruction set `kind`.
+inline int vector_width(IsaKind kind) {
+  return kind == IsaKind::kAvx512 ? IsaAvx512::W : (kind == IsaKind::kAvx2 ? IsaAvx2::W : IsaGeneric::W);
+}
+
 // Rounds n up to a multiple of 16 floats (64 bytes): the row pitch of every scratch matrix, so
 // that each row is a whole number of vectors for every ISA above.
 inline int64_t pad16(int64_t n) { return (n + 15) / 16 * 16; }
@@ -111,6 +116,10 @@ struct Simd {
     Iv v;
     std::memcpy(&v, kIota, sizeof v);
     return v;
+  }
+  // x in the lanes below n, `other` in the rest (the tail of a row of keys)
+  static BSATTN_AI F first_lanes(F x, int64_t n, F other) {
+    return n >= W ? x : (iota() < static_cast<int32_t>(n) ? x : other);
   }
   static BSATTN_AI F max(F a, F b) { return a > b ? a : b; }
   // NaN in a comes back as NaN (tanh's clamp relies on it)
@@ -236,6 +245,37 @@ BSATTN_AI void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam
   for (; n0 + 2 * W <= N; n0 += 2 * W)
     gemm_panel<I, 2>(M, K, A, sam, sak, B + n0, ldb, C + n0, ldc, accumulate);
   if (n0 < N) gemm_panel<I, 1>(M, K, A, sam, sak, B + n0, ldb, C + n0, ldc, accumulate);
+}
+
+// ---- dot products: C[M x N] = A[M x K] B[N x K]^T ------------------------------------------------
+// Both operands row-major (pitches lda / ldb), K a multiple of W whose padding columns hold zeros in
+// both (the scratch rows past D are never written). One vector sum per output, reduced across its
+// lanes at the end: for few rows M, where a GEMM's vectors across the rows would be mostly padding.
+template <class I>
+BSATTN_AI void dots(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                    int64_t ldb, float* C, int64_t ldc) {
+  using S = Simd<I>;
+  using F = typename S::F;
+  constexpr int W = I::W, NR = 4;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* a = A + m * lda;
+    int64_t n0 = 0;
+    for (; n0 + NR <= N; n0 += NR) {
+      F c[NR] = {};
+      for (int64_t k = 0; k < K; k += W) {
+        const F av = S::load(a + k);
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; ++r) c[r] += av * S::load(B + (n0 + r) * ldb + k);
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < NR; ++r) C[m * ldc + n0 + r] = S::hsum(c[r]);
+    }
+    for (; n0 < N; ++n0) {
+      F c = {};
+      for (int64_t k = 0; k < K; k += W) c += S::load(a + k) * S::load(B + n0 * ldb + k);
+      C[m * ldc + n0] = S::hsum(c);
+    }
+  }
 }
 
 }  // namespace bsattn::cpu

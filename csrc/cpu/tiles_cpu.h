@@ -19,14 +19,15 @@ inline int64_t row_offset(int64_t b, int64_t i, int64_t h, int64_t L, int64_t H,
   return ((b * L + i) * H + h) * D;
 }
 
-// dst[packed row][0, D) = mul * src rows; dst pitch Dp.
-inline void load_packed_rows(DType t, const void* src, const Problem& p, int64_t b, int64_t hk,
-                             int64_t i0, int64_t i1, float mul, float* dst, int64_t Dp) {
+// dst[packed row][0, D) = mul * src rows; dst pitch Dp. Returns the packed count P.
+inline int64_t load_packed_rows(DType t, const void* src, const Problem& p, int64_t b, int64_t hk,
+                                int64_t i0, int64_t i1, float mul, float* dst, int64_t Dp) {
   const int64_t g = p.group();
   for (int64_t i = i0; i < i1; ++i)
     for (int64_t hg = 0; hg < g; ++hg)
       load_f32(t, src, row_offset(b, i, hk * g + hg, p.M, p.Hq, p.D), p.D, mul,
                dst + ((i - i0) * g + hg) * Dp);
+  return (i1 - i0) * g;
 }
 
 // The inverse of load_packed_rows.
@@ -75,8 +76,7 @@ inline void transpose_rows(const float* rows, int64_t n, int64_t D, int64_t Dp, 
 inline int64_t load_packed_both(DType t, const void* src, const Problem& p, int64_t b,
                                 int64_t hk, int64_t i0, int64_t i1, float mul, float* rows,
                                 int64_t Dp, float* cols, int64_t Pp) {
-  load_packed_rows(t, src, p, b, hk, i0, i1, mul, rows, Dp);
-  const int64_t P = (i1 - i0) * p.group();
+  const int64_t P = load_packed_rows(t, src, p, b, hk, i0, i1, mul, rows, Dp);
   transpose_rows(rows, P, p.D, Dp, cols, Pp);
   return P;
 }
