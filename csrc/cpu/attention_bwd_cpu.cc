@@ -30,7 +30,6 @@ namespace {
 
 struct BwdScratch {
   RowChunking chunking;
-  ScoreLanes lanes;
   int64_t Dp, Pp, Cp;
   AlignedFloats q, qt, d_o, dot;  // packed rows: q (scaled) and do, as [P][Dp] and (kRows) [D][Pp]
   AlignedFloats k, v;             // [C][Dp]
@@ -39,8 +38,8 @@ struct BwdScratch {
   AlignedFloats lse, delta;       // [Pp]
   std::vector<int32_t> lim;       // [Pp]
 
-  BwdScratch(const Problem& p, ScoreLanes lanes)
-      : chunking(row_chunking(p)), lanes(lanes), Dp(pad16(p.D)), Pp(pad16(chunking.rows * p.group())),
+  explicit BwdScratch(const Problem& p)
+      : chunking(row_chunking(p)), Dp(pad16(p.D)), Pp(pad16(chunking.rows * p.group())),
         Cp(pad16(block_keys(p))) {
     const int64_t kc = block_keys(p);
     const int64_t rows = Pp > kc ? Pp : kc;
@@ -70,10 +69,11 @@ struct BwdScratch {
   // returns the packed count P. A row whose lse is -inf saw nothing in the forward: its limit is
   // set to 0 so that it contributes nothing, and its lse and delta to 0 so that no -inf - -inf or
   // 0 * inf can turn that nothing into NaN.
+  template <ScoreLanes kLanes>
   int64_t load_rows(const BwdArgs& a, int64_t b, int64_t hk, int64_t i0, int64_t i1) {
     const Problem& p = a.p;
     int64_t P;
-    if (lanes == ScoreLanes::kKeys) {  // no transposes: the dot products read the rows
+    if constexpr (kLanes == ScoreLanes::kKeys) {  // no transposes: the dot products read the rows
       load_packed_rows(a.dtype, a.q, p, b, hk, i0, i1, p.scale, q.data(), Dp);
       P = load_packed_rows(a.dtype, a.d_o, p, b, hk, i0, i1, 1.f, d_o.data(), Dp);
     } else {
@@ -189,7 +189,7 @@ BSATTN_AI void dq_item(const BwdArgs& a, BwdScratch& sc, int64_t item) {
   if (it.i1 <= it.i0) return;
   const int64_t Dp = sc.Dp;
   const TileStrides ts = tile_strides(kLanes, sc.Pp, sc.Cp);
-  const int64_t P = sc.load_rows(a, it.b, it.hk, it.i0, it.i1);
+  const int64_t P = sc.load_rows<kLanes>(a, it.b, it.hk, it.i0, it.i1);
   float* dq = sc.acc0.data();
   std::memset(dq, 0, P * Dp * sizeof(float));
   int64_t j0, cn;
@@ -229,7 +229,7 @@ BSATTN_AI void dkdv_item(const BwdArgs& a, const Columns& cols, BwdScratch& sc, 
         sc.load_kv(a, b, hk, j0, live);
         loaded = true;
       }
-      const int64_t P = sc.load_rows(a, b, hk, i0, i1);
+      const int64_t P = sc.load_rows<kLanes>(a, b, hk, i0, i1);
       score_grads<I, kLanes>(a, sc, P, j0, live, true);
       gemm<I>(live, Dp, P, sc.probt.data(), ts.key, ts.row, sc.d_o.data(), Dp, dv, Dp, true);  // dV += P^T dO
       gemm<I>(live, Dp, P, sc.dpt.data(), ts.key, ts.row, sc.q.data(), Dp, dk, Dp, true);      // dK += dS^T Q
@@ -296,11 +296,11 @@ void attention_bwd_cpu(const BwdArgs& a) {
   const int num_threads = choose_num_threads(dq_items > dkdv_items ? dq_items : dkdv_items, flops);
   std::vector<std::unique_ptr<BwdScratch>> scratch(num_threads);
   parallel_for(dq_items, num_threads, [&](int tid, int64_t item) {
-    if (!scratch[tid]) scratch[tid] = std::make_unique<BwdScratch>(p, lanes);
+    if (!scratch[tid]) scratch[tid] = std::make_unique<BwdScratch>(p);
     fns.dq(a, *scratch[tid], item);
   });
   parallel_for(dkdv_items, num_threads, [&](int tid, int64_t item) {
-    if (!scratch[tid]) scratch[tid] = std::make_unique<BwdScratch>(p, lanes);
+    if (!scratch[tid]) scratch[tid] = std::make_unique<BwdScratch>(p);
     fns.dkdv(a, cols, *scratch[tid], item);
   });
 }
