@@ -59,10 +59,13 @@ struct BwdScratch {
     lim.resize(Pp);
   }
 
-  // K and V rows of block column j0 (cn keys) of (b, hk).
-  void load_kv(const BwdArgs& a, int64_t b, int64_t hk, int64_t j0, int64_t cn) {
-    load_kv_rows(a.dtype, a.k, a.p, b, hk, j0, cn, k.data(), Dp);
-    load_kv_rows(a.dtype, a.v, a.p, b, hk, j0, cn, v.data(), Dp);
+  // K and V rows of block column j0 (cn keys) of (b, hk): in k / v, or read where they lie (kv_rows).
+  struct Kv {
+    KvRows k, v;
+  };
+  Kv load_kv(const BwdArgs& a, int64_t b, int64_t hk, int64_t j0, int64_t cn) {
+    return {kv_rows(a.dtype, a.k, a.p, b, hk, j0, cn, k.data(), Dp),
+            kv_rows(a.dtype, a.v, a.p, b, hk, j0, cn, v.data(), Dp)};
   }
 
   // q, do (rows and transposed), lse, delta and key limits of query rows [i0, i1) of (b, hk);
@@ -162,20 +165,20 @@ BSATTN_AI void grad_keys(const float* st, float* dpt, float* probt, int64_t P, i
 }
 
 // The scores' gradient dS (in sc.dpt, plus the probabilities in sc.probt when with_prob) of the P
-// loaded rows against the block at key j0 (cn keys) in sc.k / sc.v, laid out as kLanes says.
+// loaded rows against the block at key j0 (cn keys) in kv, laid out as kLanes says.
 template <class I, ScoreLanes kLanes>
-BSATTN_AI void score_grads(const BwdArgs& a, BwdScratch& sc, int64_t P, int64_t j0, int64_t cn,
-                           bool with_prob) {
+BSATTN_AI void score_grads(const BwdArgs& a, BwdScratch& sc, const BwdScratch::Kv& kv, int64_t P, int64_t j0,
+                           int64_t cn, bool with_prob) {
   const int64_t D = a.p.D, Dp = sc.Dp, Pp = sc.Pp;
   float *st = sc.st.data(), *dpt = sc.dpt.data(), *probt = with_prob ? sc.probt.data() : nullptr;
   if constexpr (kLanes == ScoreLanes::kKeys) {
-    dots<I>(P, cn, Dp, sc.q.data(), Dp, sc.k.data(), Dp, st, sc.Cp);     // S = Q K^T
-    dots<I>(P, cn, Dp, sc.d_o.data(), Dp, sc.v.data(), Dp, dpt, sc.Cp);  // dP = dO V^T
+    dots<I>(P, cn, Dp, sc.q.data(), Dp, kv.k.data, kv.k.ld, st, sc.Cp);     // S = Q K^T
+    dots<I>(P, cn, Dp, sc.d_o.data(), Dp, kv.v.data, kv.v.ld, dpt, sc.Cp);  // dP = dO V^T
     grad_keys<I>(st, dpt, probt, P, sc.Cp, cn, static_cast<int32_t>(j0), sc.lim.data(), sc.lse.data(),
                  sc.delta.data(), a.p.softcap);
   } else {
-    gemm<I>(cn, Pp, D, sc.k.data(), Dp, 1, sc.qt.data(), Pp, st, Pp, false);    // S^T = K Q^T
-    gemm<I>(cn, Pp, D, sc.v.data(), Dp, 1, sc.dot.data(), Pp, dpt, Pp, false);  // dP^T = V dO^T
+    gemm<I>(cn, Pp, D, kv.k.data, kv.k.ld, 1, sc.qt.data(), Pp, st, Pp, false);    // S^T = K Q^T
+    gemm<I>(cn, Pp, D, kv.v.data, kv.v.ld, 1, sc.dot.data(), Pp, dpt, Pp, false);  // dP^T = V dO^T
     grad_block<I>(st, dpt, probt, cn, Pp, static_cast<int32_t>(j0), sc.lim.data(), sc.lse.data(),
                   sc.delta.data(), a.p.softcap);
   }
@@ -194,9 +197,9 @@ BSATTN_AI void dq_item(const BwdArgs& a, BwdScratch& sc, int64_t item) {
   std::memset(dq, 0, P * Dp * sizeof(float));
   int64_t j0, cn;
   for (RowBlocks blocks(p, a.layout, it, seq_keys(a, it.b)); blocks.next(&j0, &cn);) {
-    sc.load_kv(a, it.b, it.hk, j0, cn);
-    score_grads<I, kLanes>(a, sc, P, j0, cn, false);
-    gemm<I>(P, Dp, cn, sc.dpt.data(), ts.row, ts.key, sc.k.data(), Dp, dq, Dp, true);  // dQ += dS K
+    const BwdScratch::Kv kv = sc.load_kv(a, it.b, it.hk, j0, cn);
+    score_grads<I, kLanes>(a, sc, kv, P, j0, cn, false);
+    gemm<I>(P, Dp, cn, sc.dpt.data(), ts.row, ts.key, kv.k.data, kv.k.ld, dq, Dp, true);  // dQ += dS K
   }
   store_packed_rows(a.dtype, dq, Dp, p, it.b, it.hk, it.i0, it.i1, p.scale, a.dq);
 }
@@ -218,6 +221,7 @@ BSATTN_AI void dkdv_item(const BwdArgs& a, const Columns& cols, BwdScratch& sc, 
   std::memset(dv, 0, cn * Dp * sizeof(float));
 
   const int64_t* start = cols.start.data() + p.layout_id(b, hk) * (p.NB + 1) + c;
+  BwdScratch::Kv kv{};
   bool loaded = false;
   for (int64_t e = start[0]; e < start[1]; ++e) {
     const int64_t r = cols.rows[e];
@@ -226,11 +230,11 @@ BSATTN_AI void dkdv_item(const BwdArgs& a, const Columns& cols, BwdScratch& sc, 
       const int64_t i1 = i0 + sc.chunking.rows < row_end ? i0 + sc.chunking.rows : row_end;
       if (j0 >= key_limit(p, i1 - 1, sk)) continue;  // causal: no row of this chunk sees the block
       if (!loaded) {
-        sc.load_kv(a, b, hk, j0, live);
+        kv = sc.load_kv(a, b, hk, j0, live);
         loaded = true;
       }
       const int64_t P = sc.load_rows<kLanes>(a, b, hk, i0, i1);
-      score_grads<I, kLanes>(a, sc, P, j0, live, true);
+      score_grads<I, kLanes>(a, sc, kv, P, j0, live, true);
       gemm<I>(live, Dp, P, sc.probt.data(), ts.key, ts.row, sc.d_o.data(), Dp, dv, Dp, true);  // dV += P^T dO
       gemm<I>(live, Dp, P, sc.dpt.data(), ts.key, ts.row, sc.q.data(), Dp, dk, Dp, true);      // dK += dS^T Q
     }

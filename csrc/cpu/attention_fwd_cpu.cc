@@ -150,14 +150,14 @@ BSATTN_AI void fwd_item(const FwdArgs& a, FwdScratch& sc, int64_t item) {
 
   int64_t j0, cn;
   for (RowBlocks blocks(p, a.layout, it, sk); blocks.next(&j0, &cn);) {
-    load_kv_rows(a.dtype, a.k, p, it.b, it.hk, j0, cn, sc.k.data(), Dp);
-    load_kv_rows(a.dtype, a.v, p, it.b, it.hk, j0, cn, sc.v.data(), Dp);
+    const KvRows k = kv_rows(a.dtype, a.k, p, it.b, it.hk, j0, cn, sc.k.data(), Dp);
+    const KvRows v = kv_rows(a.dtype, a.v, p, it.b, it.hk, j0, cn, sc.v.data(), Dp);
     if constexpr (kKeys) {
-      dots<I>(P, cn, Dp, sc.q.data(), Dp, sc.k.data(), Dp, st, sc.Cp);  // S = Q K^T
+      dots<I>(P, cn, Dp, sc.q.data(), Dp, k.data, k.ld, st, sc.Cp);  // S = Q K^T
       softmax_keys<I>(st, P, sc.Cp, cn, static_cast<int32_t>(j0), sc.lim.data(), p.softcap, m, l,
                       sc.alpha.data());
     } else {
-      gemm<I>(cn, Pp, D, sc.k.data(), Dp, 1, sc.qt.data(), Pp, st, Pp, false);  // S^T = K Q^T
+      gemm<I>(cn, Pp, D, k.data, k.ld, 1, sc.qt.data(), Pp, st, Pp, false);  // S^T = K Q^T
       softmax_block<I>(st, cn, Pp, static_cast<int32_t>(j0), sc.lim.data(), p.softcap, m, l,
                        sc.alpha.data());
     }
@@ -167,7 +167,7 @@ BSATTN_AI void fwd_item(const FwdArgs& a, FwdScratch& sc, int64_t item) {
       float* orow = o + pr * Dp;
       for (int64_t d = 0; d < Dp; d += W) V::store(orow + d, V::load(orow + d) * alpha);
     }
-    gemm<I>(P, Dp, cn, st, ts.row, ts.key, sc.v.data(), Dp, o, Dp, true);  // O += P V
+    gemm<I>(P, Dp, cn, st, ts.row, ts.key, v.data, v.ld, o, Dp, true);  // O += P V
   }
 
   for (int64_t pr = 0; pr < P; ++pr) {

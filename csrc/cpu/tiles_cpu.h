@@ -55,6 +55,22 @@ inline void load_kv_rows(DType t, const void* src, const Problem& p, int64_t b, 
     load_f32(t, src, row_offset(b, j0 + jj, hk, p.N, p.Hk, p.D), p.D, 1.f, dst + jj * Dp);
 }
 
+// Key rows j0 <= j < j0 + cn of (b, hk) of a [B, N, Hk, D] tensor as f32 rows `ld` floats apart, for products that
+// read D columns: the tensor's own rows where it is float32 and D fills whole scratch rows (D == Dp, so nothing reads
+// past a head), else a converted copy in dst [cn][Dp]. The copy was the cost of few-row items (R x g = 1: every key row
+// copied once per query row that lists it).
+struct KvRows {
+  const float* data;
+  int64_t ld;
+};
+inline KvRows kv_rows(DType t, const void* src, const Problem& p, int64_t b, int64_t hk, int64_t j0, int64_t cn,
+                      float* dst, int64_t Dp) {
+  if (t == DType::kF32 && p.D == Dp)
+    return {static_cast<const float*>(src) + row_offset(b, j0, hk, p.N, p.Hk, p.D), p.Hk * p.D};
+  load_kv_rows(t, src, p, b, hk, j0, cn, dst, Dp);
+  return {dst, Dp};
+}
+
 inline void store_kv_rows(DType t, const float* src, int64_t Dp, const Problem& p, int64_t b,
                           int64_t hk, int64_t j0, int64_t cn, void* dst) {
   for (int64_t jj = 0; jj < cn; ++jj)
