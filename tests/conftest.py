@@ -56,6 +56,18 @@ def random_problem(rng, *, batch=(), M, N, Hq, Hk, D, dtype=jnp.float32):
     return draw(tuple(batch) + (M, Hq, D)), draw(tuple(batch) + (N, Hk, D)), draw(tuple(batch) + (N, Hk, D))
 
 
+def layout_with_duplicates(rng, R, C, M, N, part):
+    """A random layout listing NB // part block columns a row, with block row 3 listing a block three times and
+    block row 40 // R one block twice plus two out-of-range entries, unvalidated (as a traced layout may be)."""
+    MB, NB = -(-M // R), -(-N // C)
+    rows = [rng.choice(NB, size=NB // part, replace=False).tolist() for _ in range(MB)]
+    rows[3 % MB] += [rows[3 % MB][0], rows[3 % MB][0]]
+    rows[40 // R % MB] += [rows[40 // R % MB][-1], -3, NB + 7]
+    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int32)
+    indices = np.asarray(sum(rows, []), np.int32)
+    return jb.BlockSparseLayout(indptr, indices, (R, C), (M, N), validate=False)
+
+
 def low_lse_problem(R, C, g, D, dtype=jnp.bfloat16, nb=4, Hk=2):
     """q, k, v, layout where block row i lists only block column i, whose keys score about -16 |u_i|^2 / sqrt(D)
     (-128 or less) against its queries (q = 4 u_i, k = -4 u_i, plus noise): every row's lse < -88, so p = exp(s - lse)

@@ -16,8 +16,8 @@ import pytest
 import jax_bsattn as jb
 from jax_bsattn.layout import expand_blocks
 from jax_bsattn.reference import reference_in_dtype
-from conftest import (assert_close, assert_lse_close, check_forward, check_gradients, custom_call_lines, on_cpu,
-                      random_mask, random_problem)
+from conftest import (assert_close, assert_lse_close, check_forward, check_gradients, custom_call_lines,
+                      layout_with_duplicates, on_cpu, random_mask, random_problem)
 
 pytestmark = pytest.mark.gpu
 
@@ -366,25 +366,13 @@ def test_forward_sweep_small_row_groups(R, C, g, D, M, N, causal, softcap, dtype
         check_forward(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
 
 
-def _layout_with_duplicates(rng, R, C, M, N, part):
-    """A random layout listing NB // part block columns a row, with block row 3 listing a block three times and
-    block row 40 // R one block twice plus two out-of-range entries, unvalidated (as a traced layout may be)."""
-    MB, NB = -(-M // R), -(-N // C)
-    rows = [rng.choice(NB, size=NB // part, replace=False).tolist() for _ in range(MB)]
-    rows[3 % MB] += [rows[3 % MB][0], rows[3 % MB][0]]
-    rows[40 // R % MB] += [rows[40 // R % MB][-1], -3, NB + 7]
-    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int32)
-    indices = np.asarray(sum(rows, []), np.int32)
-    return jb.BlockSparseLayout(indptr, indices, (R, C), (M, N), validate=False)
-
-
 # A block listed twice counts twice: the sweep forward's tiles holding a duplicate take the per-row gather instead,
 # next to tiles without one (and out-of-range entries, skipped).
 @pytest.mark.parametrize("R,C,g,D", [(1, 1, 4, 128), (2, 5, 4, 64)])
 def test_forward_sweep_duplicate_blocks(R, C, g, D):
     rng = np.random.default_rng(7 + R)
     M, N, Hk = 90, 200, 2
-    layout = _layout_with_duplicates(rng, R, C, M, N, 2)   # (density 1/2: swept)
+    layout = layout_with_duplicates(rng, R, C, M, N, 2)   # (density 1/2: swept)
     q, k, v = random_problem(rng, batch=(1,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=D, dtype=jnp.bfloat16)
     with jax.default_device(jax.devices("cuda")[0]):
         check_forward(q, k, v, layout, causal=True)
@@ -572,7 +560,7 @@ def test_backward_small_blocks_head_dim_256(R, C, g, M, causal, softcap, dtype, 
     columns a tile."""
     rng = np.random.default_rng(M + 7 * C + g)
     N, Hk = M + 61, 2
-    layout = _layout_with_duplicates(rng, R, C, M, N, 3)
+    layout = layout_with_duplicates(rng, R, C, M, N, 3)
     q, k, v = random_problem(rng, batch=(1,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=256, dtype=dtype)
     check_gradients(q, k, v, layout, op_kw=dict(deterministic=deterministic), causal=causal,
                     logits_soft_cap=softcap)
@@ -589,7 +577,7 @@ def test_backward_head_dim_256_wgmma(R, C, g, M, causal, softcap, dtype, determi
     and out-of-range entries; causal with N > M; soft cap; f16."""
     rng = np.random.default_rng(M + 5 * C + g)
     N, Hk = M + 3 * C + 19, 2
-    layout = _layout_with_duplicates(rng, R, C, M, N, 2)
+    layout = layout_with_duplicates(rng, R, C, M, N, 2)
     q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=256, dtype=dtype)
     check_gradients(q, k, v, layout, op_kw=dict(deterministic=deterministic), causal=causal,
                     logits_soft_cap=softcap)
@@ -641,7 +629,7 @@ def test_backward_sweep_duplicate_blocks(R, C, g):
     entries are skipped by both."""
     rng = np.random.default_rng(11 + C)
     M, N, Hk = 90, 300, 2
-    layout = _layout_with_duplicates(rng, R, C, M, N, 3)
+    layout = layout_with_duplicates(rng, R, C, M, N, 3)
     q, k, v = random_problem(rng, batch=(1,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=128, dtype=jnp.bfloat16)
     check_gradients(q, k, v, layout, causal=True)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jax_bsattn as jb
-from conftest import check_gradients, low_lse_problem, random_mask, random_problem
+from conftest import check_gradients, layout_with_duplicates, low_lse_problem, random_mask, random_problem
 
 
 def _cases():
@@ -26,6 +26,19 @@ def test_grid(R, C, g, D, causal, softcap):
     layout = jb.BlockSparseLayout.from_block_mask(mask, (R, C), (M, N))
     q, k, v = random_problem(rng, M=M, N=N, Hq=2 * g, Hk=2, D=D)
     check_gradients(q, k, v, layout, causal=causal, logits_soft_cap=softcap)
+
+
+@pytest.mark.parametrize("R,C,g", [(1, 16, 1), (1, 3, 4), (2, 8, 2)])
+def test_dkdv_rows_gathered_across_block_rows(R, C, g):
+    """The CPU backward's dk / dv pass gathers the query rows that list a block column across block rows, up to 64
+    packed rows a chunk (attention_cpu.h gathered_chunking): columns listed by more rows than that (a chunk full
+    mid-walk), blocks listed two and three times (counted as often), out-of-range entries, causal rows that see none
+    (N < M) or part of a block, and kv_lens."""
+    rng = np.random.default_rng(41 + 10 * R + g)
+    M, N, Hk = 150, 120, 2
+    layout = layout_with_duplicates(rng, R, C, M, N, 2)
+    q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=g * Hk, Hk=Hk, D=32)
+    check_gradients(q, k, v, layout, causal=True, kv_lens=jnp.array([N, 77], jnp.int32))
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])

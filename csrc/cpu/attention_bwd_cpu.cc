@@ -4,8 +4,9 @@
 //     decomposition. Per listed block: S = Q K^T, P = exp(s - lse), dP = dO V^T,
 //     dS = P (dP - delta) (times the soft-cap derivative), dQ += dS K.
 //  2. dk / dv: work item = (b, hk, block column c), walking the block rows that list c (the
-//     layout transposed on the host, transpose_layout). Per such row (all g query heads):
-//     the same S, P, dP, dS, then dV += P^T dO and dK += dS^T Q.
+//     layout transposed on the host, transpose_layout) and gathering their query rows that see the
+//     block into chunks of up to about kMaxPacked packed rows (gathered_chunking). Per chunk (all g
+//     query heads): the same S, P, dP, dS, then dV += P^T dO and dK += dS^T Q.
 //
 // As in the forward, score-shaped tiles are kept transposed ([key][packed query row]): they are
 // computed as K Q^T and V dO^T from Q^T / dO^T built once per row chunk, the per-row lse / delta
@@ -29,7 +30,7 @@ namespace bsattn::cpu {
 namespace {
 
 struct BwdScratch {
-  RowChunking chunking;
+  RowChunking chunking;  // row_chunking (pass 1) or gathered_chunking (pass 2)
   int64_t Dp, Pp, Cp;
   AlignedFloats q, qt, d_o, dot;  // packed rows: q (scaled) and do, as [P][Dp] and (kRows) [D][Pp]
   AlignedFloats k, v;             // [C][Dp]
@@ -37,10 +38,10 @@ struct BwdScratch {
   AlignedFloats acc0, acc1;       // dq [P][Dp] in pass 1; dk, dv [C][Dp] in pass 2
   AlignedFloats lse, delta;       // [Pp]
   std::vector<int32_t> lim;       // [Pp]
+  std::vector<int64_t> gathered;  // pass 2: the query rows of the chunk being gathered
 
-  explicit BwdScratch(const Problem& p)
-      : chunking(row_chunking(p)), Dp(pad16(p.D)), Pp(pad16(chunking.rows * p.group())),
-        Cp(pad16(block_keys(p))) {
+  BwdScratch(const Problem& p, const RowChunking& chunking_)
+      : chunking(chunking_), Dp(pad16(p.D)), Pp(pad16(chunking.rows * p.group())), Cp(pad16(block_keys(p))) {
     const int64_t kc = block_keys(p);
     const int64_t rows = Pp > kc ? Pp : kc;
     q = AlignedFloats(Pp * Dp);
@@ -57,6 +58,7 @@ struct BwdScratch {
     lse = AlignedFloats(Pp);
     delta = AlignedFloats(Pp);
     lim.resize(Pp);
+    gathered.resize(chunking.rows);
   }
 
   // K and V rows of block column j0 (cn keys) of (b, hk): in k / v, or read where they lie (kv_rows).
@@ -68,24 +70,24 @@ struct BwdScratch {
             kv_rows(a.dtype, a.v, a.p, b, hk, j0, cn, v.data(), Dp)};
   }
 
-  // q, do (rows and transposed), lse, delta and key limits of query rows [i0, i1) of (b, hk);
+  // q, do (rows and transposed), lse, delta and key limits of the chunk's query rows of (b, hk);
   // returns the packed count P. A row whose lse is -inf saw nothing in the forward: its limit is
   // set to 0 so that it contributes nothing, and its lse and delta to 0 so that no -inf - -inf or
   // 0 * inf can turn that nothing into NaN.
   template <ScoreLanes kLanes>
-  int64_t load_rows(const BwdArgs& a, int64_t b, int64_t hk, int64_t i0, int64_t i1) {
+  int64_t load_rows(const BwdArgs& a, int64_t b, int64_t hk, const ChunkRows& rows) {
     const Problem& p = a.p;
     int64_t P;
     if constexpr (kLanes == ScoreLanes::kKeys) {  // no transposes: the dot products read the rows
-      load_packed_rows(a.dtype, a.q, p, b, hk, i0, i1, p.scale, q.data(), Dp);
-      P = load_packed_rows(a.dtype, a.d_o, p, b, hk, i0, i1, 1.f, d_o.data(), Dp);
+      load_packed_rows(a.dtype, a.q, p, b, hk, rows, p.scale, q.data(), Dp);
+      P = load_packed_rows(a.dtype, a.d_o, p, b, hk, rows, 1.f, d_o.data(), Dp);
     } else {
-      load_packed_both(a.dtype, a.q, p, b, hk, i0, i1, p.scale, q.data(), Dp, qt.data(), Pp);
-      P = load_packed_both(a.dtype, a.d_o, p, b, hk, i0, i1, 1.f, d_o.data(), Dp, dot.data(), Pp);
+      load_packed_both(a.dtype, a.q, p, b, hk, rows, p.scale, q.data(), Dp, qt.data(), Pp);
+      P = load_packed_both(a.dtype, a.d_o, p, b, hk, rows, 1.f, d_o.data(), Dp, dot.data(), Pp);
     }
-    load_packed_stats(a.lse, p, b, hk, i0, i1, lse.data());
-    load_packed_stats(a.delta, p, b, hk, i0, i1, delta.data());
-    packed_key_limits(p, i0, i1, Pp, lim.data(), seq_keys(a, b));
+    load_packed_stats(a.lse, p, b, hk, rows, lse.data());
+    load_packed_stats(a.delta, p, b, hk, rows, delta.data());
+    packed_key_limits(p, rows, Pp, lim.data(), seq_keys(a, b));
     float *l = lse.data(), *d = delta.data();
     for (int64_t pr = 0; pr < Pp; ++pr) {
       if (pr >= P) l[pr] = d[pr] = 0.f;
@@ -192,7 +194,8 @@ BSATTN_AI void dq_item(const BwdArgs& a, BwdScratch& sc, int64_t item) {
   if (it.i1 <= it.i0) return;
   const int64_t Dp = sc.Dp;
   const TileStrides ts = tile_strides(kLanes, sc.Pp, sc.Cp);
-  const int64_t P = sc.load_rows<kLanes>(a, it.b, it.hk, it.i0, it.i1);
+  const ChunkRows rows = ChunkRows::run(it.i0, it.i1);
+  const int64_t P = sc.load_rows<kLanes>(a, it.b, it.hk, rows);
   float* dq = sc.acc0.data();
   std::memset(dq, 0, P * Dp * sizeof(float));
   int64_t j0, cn;
@@ -201,7 +204,26 @@ BSATTN_AI void dq_item(const BwdArgs& a, BwdScratch& sc, int64_t item) {
     score_grads<I, kLanes>(a, sc, kv, P, j0, cn, false);
     gemm<I>(P, Dp, cn, sc.dpt.data(), ts.row, ts.key, kv.k.data, kv.k.ld, dq, Dp, true);  // dQ += dS K
   }
-  store_packed_rows(a.dtype, dq, Dp, p, it.b, it.hk, it.i0, it.i1, p.scale, a.dq);
+  store_packed_rows(a.dtype, dq, Dp, p, it.b, it.hk, rows, p.scale, a.dq);
+}
+
+// Pass 2's products for the n query rows gathered in sc.gathered: dV += P^T dO and dK += dS^T Q for block column j0's
+// `live` keys, whose K / V are read at the first chunk (*kv, *loaded). (A function, not a lambda in dkdv_item: a
+// lambda would not inherit the item function's target attribute, and the vector code inlined into it would be
+// emulated: 20x slower.)
+template <class I, ScoreLanes kLanes>
+BSATTN_AI void dkdv_chunk(const BwdArgs& a, BwdScratch& sc, int64_t b, int64_t hk, int64_t j0, int64_t live, int64_t n,
+                          BwdScratch::Kv* kv, bool* loaded, float* dk, float* dv) {
+  const int64_t Dp = sc.Dp;
+  const TileStrides ts = tile_strides(kLanes, sc.Pp, sc.Cp);
+  if (!*loaded) {
+    *kv = sc.load_kv(a, b, hk, j0, live);
+    *loaded = true;
+  }
+  const int64_t P = sc.load_rows<kLanes>(a, b, hk, ChunkRows{0, sc.gathered.data(), n});
+  score_grads<I, kLanes>(a, sc, *kv, P, j0, live, true);
+  gemm<I>(live, Dp, P, sc.probt.data(), ts.key, ts.row, sc.d_o.data(), Dp, dv, Dp, true);  // dV += P^T dO
+  gemm<I>(live, Dp, P, sc.dpt.data(), ts.key, ts.row, sc.q.data(), Dp, dk, Dp, true);      // dK += dS^T Q
 }
 
 // Pass 2: dk and dv of one block column of (b, hk).
@@ -215,7 +237,6 @@ BSATTN_AI void dkdv_item(const BwdArgs& a, const Columns& cols, BwdScratch& sc, 
   // does, key_limit below skips every row)
   const int64_t live = sk.nkeys - j0 < cn ? sk.nkeys - j0 : cn;
   const int64_t Dp = sc.Dp;
-  const TileStrides ts = tile_strides(kLanes, sc.Pp, sc.Cp);
   float *dk = sc.acc0.data(), *dv = sc.acc1.data();
   std::memset(dk, 0, cn * Dp * sizeof(float));
   std::memset(dv, 0, cn * Dp * sizeof(float));
@@ -223,22 +244,20 @@ BSATTN_AI void dkdv_item(const BwdArgs& a, const Columns& cols, BwdScratch& sc, 
   const int64_t* start = cols.start.data() + p.layout_id(b, hk) * (p.NB + 1) + c;
   BwdScratch::Kv kv{};
   bool loaded = false;
-  for (int64_t e = start[0]; e < start[1]; ++e) {
+  int64_t n = 0;  // rows gathered in sc.gathered
+  for (int64_t e = start[0]; e < start[1]; ++e) {  // (a row listed twice is gathered twice, as it counts twice)
     const int64_t r = cols.rows[e];
     const int64_t row_end = r * p.R + p.R < p.M ? r * p.R + p.R : p.M;
-    for (int64_t i0 = r * p.R; i0 < row_end; i0 += sc.chunking.rows) {
-      const int64_t i1 = i0 + sc.chunking.rows < row_end ? i0 + sc.chunking.rows : row_end;
-      if (j0 >= key_limit(p, i1 - 1, sk)) continue;  // causal: no row of this chunk sees the block
-      if (!loaded) {
-        kv = sc.load_kv(a, b, hk, j0, live);
-        loaded = true;
+    for (int64_t i = r * p.R; i < row_end; ++i) {
+      if (j0 >= key_limit(p, i, sk)) continue;  // causal or kv_lens: the row sees none of the block
+      sc.gathered[n++] = i;
+      if (n == sc.chunking.rows) {
+        dkdv_chunk<I, kLanes>(a, sc, b, hk, j0, live, n, &kv, &loaded, dk, dv);
+        n = 0;
       }
-      const int64_t P = sc.load_rows<kLanes>(a, b, hk, i0, i1);
-      score_grads<I, kLanes>(a, sc, kv, P, j0, live, true);
-      gemm<I>(live, Dp, P, sc.probt.data(), ts.key, ts.row, sc.d_o.data(), Dp, dv, Dp, true);  // dV += P^T dO
-      gemm<I>(live, Dp, P, sc.dpt.data(), ts.key, ts.row, sc.q.data(), Dp, dk, Dp, true);      // dK += dS^T Q
     }
   }
+  if (n > 0) dkdv_chunk<I, kLanes>(a, sc, b, hk, j0, live, n, &kv, &loaded, dk, dv);
   store_kv_rows(a.dtype, dk, Dp, p, b, hk, j0, cn, a.dk);
   store_kv_rows(a.dtype, dv, Dp, p, b, hk, j0, cn, a.dv);
 }
@@ -267,30 +286,35 @@ BSATTN_BWD_FNS(BSATTN_TARGET_AVX512, keys_avx512, IsaAvx512, ScoreLanes::kKeys)
 #endif
 #undef BSATTN_BWD_FNS
 
-// The item functions for this CPU's instruction set and the score lanes `lanes`.
-BwdFns bwd_fns(ScoreLanes lanes) {
-  const bool keys = lanes == ScoreLanes::kKeys;
+// The item functions for this CPU's instruction set: pass 1's for its score lanes, pass 2's for its own (its chunks
+// gather rows across block rows, so they may be wider).
+BwdFns bwd_fns(ScoreLanes dq_lanes, ScoreLanes dkdv_lanes) {
+  BwdFns rows, keys;
   switch (detect_isa()) {
 #if BSATTN_X86
     case IsaKind::kAvx512:
-      return keys ? BwdFns{dq_item_keys_avx512, dkdv_item_keys_avx512}
-                  : BwdFns{dq_item_rows_avx512, dkdv_item_rows_avx512};
+      rows = {dq_item_rows_avx512, dkdv_item_rows_avx512};
+      keys = {dq_item_keys_avx512, dkdv_item_keys_avx512};
+      break;
     case IsaKind::kAvx2:
-      return keys ? BwdFns{dq_item_keys_avx2, dkdv_item_keys_avx2} : BwdFns{dq_item_rows_avx2, dkdv_item_rows_avx2};
+      rows = {dq_item_rows_avx2, dkdv_item_rows_avx2};
+      keys = {dq_item_keys_avx2, dkdv_item_keys_avx2};
+      break;
 #endif
     default:
-      return keys ? BwdFns{dq_item_keys_generic, dkdv_item_keys_generic}
-                  : BwdFns{dq_item_rows_generic, dkdv_item_rows_generic};
+      rows = {dq_item_rows_generic, dkdv_item_rows_generic};
+      keys = {dq_item_keys_generic, dkdv_item_keys_generic};
   }
+  return {(dq_lanes == ScoreLanes::kKeys ? keys : rows).dq, (dkdv_lanes == ScoreLanes::kKeys ? keys : rows).dkdv};
 }
 
 }  // namespace
 
 void attention_bwd_cpu(const BwdArgs& a) {
   const Problem& p = a.p;
-  const RowChunking chunking = row_chunking(p);
-  const ScoreLanes lanes = score_lanes(p, chunking, vector_width(detect_isa()));
-  const BwdFns fns = bwd_fns(lanes);
+  const RowChunking chunking = row_chunking(p), gathered = gathered_chunking(p);
+  const int width = vector_width(detect_isa());
+  const BwdFns fns = bwd_fns(score_lanes(p, chunking, width), score_lanes(p, gathered, width));
   const int64_t dq_items = p.B * p.Hk * p.MB * chunking.per_block;
   const int64_t dkdv_items = p.B * p.Hk * p.NB;
   if (dq_items <= 0 && dkdv_items <= 0) return;
@@ -300,11 +324,12 @@ void attention_bwd_cpu(const BwdArgs& a) {
   const int num_threads = choose_num_threads(dq_items > dkdv_items ? dq_items : dkdv_items, flops);
   std::vector<std::unique_ptr<BwdScratch>> scratch(num_threads);
   parallel_for(dq_items, num_threads, [&](int tid, int64_t item) {
-    if (!scratch[tid]) scratch[tid] = std::make_unique<BwdScratch>(p);
+    if (!scratch[tid]) scratch[tid] = std::make_unique<BwdScratch>(p, chunking);
     fns.dq(a, *scratch[tid], item);
   });
+  for (auto& s : scratch) s.reset();  // pass 2's tiles are as wide as its chunks
   parallel_for(dkdv_items, num_threads, [&](int tid, int64_t item) {
-    if (!scratch[tid]) scratch[tid] = std::make_unique<BwdScratch>(p);
+    if (!scratch[tid]) scratch[tid] = std::make_unique<BwdScratch>(p, gathered);
     fns.dkdv(a, cols, *scratch[tid], item);
   });
 }

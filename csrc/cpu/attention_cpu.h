@@ -84,6 +84,20 @@ inline RowChunking row_chunking(const Problem& p) {
   return {rows, (height + rows - 1) / rows};
 }
 
+// The backward's dk / dv pass gathers the query rows that list a block column across block rows, up to about
+// kGatherPacked packed rows a chunk, or a block row's chunk where that is more: with chunks of one block row, R x g = 1
+// made every chunk one query row, a rank-1 update of the block's dk / dv each. 64 of 32 / 64 / 128 tried on the 2-core
+// AVX2 machine (BENCHMARKS.md, session 57): 32 gained less at R = 1, 128 no more, and 128 widened the chunks of cells
+// that had 64 packed rows (0.92-0.94x there in one run of two). rows: query rows a chunk (at most M); per_block: 1.
+constexpr int64_t kGatherPacked = 64;
+inline RowChunking gathered_chunking(const Problem& p) {
+  int64_t rows = kGatherPacked / (p.group() > 0 ? p.group() : 1);
+  const int64_t own = row_chunking(p).rows;
+  rows = rows < own ? own : rows;  // (own >= 1)
+  rows = p.M > 0 && rows > p.M ? p.M : rows;
+  return {rows, 1};
+}
+
 // How an item's score tiles lie in the vector lanes. kRows: [key][packed row], a vector across the packed rows (the
 // tile of a GEMM). kKeys: [packed row][key], a vector across the keys, for items of a few packed rows (decode
 // steps, R = 1 without GQA), where kRows' vectors would be mostly padding; its products with K and V are dot

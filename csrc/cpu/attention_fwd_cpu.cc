@@ -137,16 +137,16 @@ BSATTN_AI void fwd_item(const FwdArgs& a, FwdScratch& sc, int64_t item) {
   constexpr bool kKeys = kLanes == ScoreLanes::kKeys;
   const TileStrides ts = tile_strides(kLanes, Pp, sc.Cp);
   // kRows: o doubles as the row buffer for building Q^T, then becomes the accumulator.
-  const int64_t P =
-      kKeys ? load_packed_rows(a.dtype, a.q, p, it.b, it.hk, it.i0, it.i1, p.scale, sc.q.data(), Dp)
-            : load_packed_both(a.dtype, a.q, p, it.b, it.hk, it.i0, it.i1, p.scale, o, Dp, sc.qt.data(), Pp);
+  const ChunkRows rows = ChunkRows::run(it.i0, it.i1);
+  const int64_t P = kKeys ? load_packed_rows(a.dtype, a.q, p, it.b, it.hk, rows, p.scale, sc.q.data(), Dp)
+                          : load_packed_both(a.dtype, a.q, p, it.b, it.hk, rows, p.scale, o, Dp, sc.qt.data(), Pp);
   std::memset(o, 0, P * Dp * sizeof(float));
   for (int64_t pr = 0; pr < Pp; ++pr) {
     m[pr] = kNegInf;
     l[pr] = 0.f;
   }
   const SeqKeys sk = seq_keys(a, it.b);  // (kv_lens: the keys past it are never read)
-  packed_key_limits(p, it.i0, it.i1, Pp, sc.lim.data(), sk);
+  packed_key_limits(p, rows, Pp, sc.lim.data(), sk);
 
   int64_t j0, cn;
   for (RowBlocks blocks(p, a.layout, it, sk); blocks.next(&j0, &cn);) {

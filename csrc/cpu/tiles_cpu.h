@@ -1,8 +1,8 @@
 // Moving tiles between the FFI buffers (any dtype, [B, L, H, D] layout) and the f32 scratch of
 // one thread (row pitch padded with pad16). Shared by the forward and the backward kernels.
 //
-// "Packed rows": query rows i0 <= i < i1 of batch b for all g query heads of KV head hk, packed
-// as row (i - i0) * g + (h - hk * g). In [B, M, Hq, D] those g heads are adjacent in memory.
+// "Packed rows": the query rows of a chunk (ChunkRows) of batch b for all g query heads of KV head hk, packed as
+// row t * g + (h - hk * g) for the chunk's t-th query row. In [B, M, Hq, D] those g heads are adjacent in memory.
 #pragma once
 
 #include <cstdint>
@@ -19,33 +19,41 @@ inline int64_t row_offset(int64_t b, int64_t i, int64_t h, int64_t L, int64_t H,
   return ((b * L + i) * H + h) * D;
 }
 
+// The query rows of a chunk: its t-th is first + t (a run [i0, i1) of one block row) or list[t] (rows gathered
+// across block rows: the backward's dk / dv pass).
+struct ChunkRows {
+  int64_t first;
+  const int64_t* list;  // or null: a run
+  int64_t n;
+  static ChunkRows run(int64_t i0, int64_t i1) { return {i0, nullptr, i1 - i0}; }
+  int64_t operator[](int64_t t) const { return list ? list[t] : first + t; }
+};
+
 // dst[packed row][0, D) = mul * src rows; dst pitch Dp. Returns the packed count P.
 inline int64_t load_packed_rows(DType t, const void* src, const Problem& p, int64_t b, int64_t hk,
-                                int64_t i0, int64_t i1, float mul, float* dst, int64_t Dp) {
+                                const ChunkRows& rows, float mul, float* dst, int64_t Dp) {
   const int64_t g = p.group();
-  for (int64_t i = i0; i < i1; ++i)
+  for (int64_t r = 0; r < rows.n; ++r)
     for (int64_t hg = 0; hg < g; ++hg)
-      load_f32(t, src, row_offset(b, i, hk * g + hg, p.M, p.Hq, p.D), p.D, mul,
-               dst + ((i - i0) * g + hg) * Dp);
-  return (i1 - i0) * g;
+      load_f32(t, src, row_offset(b, rows[r], hk * g + hg, p.M, p.Hq, p.D), p.D, mul, dst + (r * g + hg) * Dp);
+  return rows.n * g;
 }
 
 // The inverse of load_packed_rows.
 inline void store_packed_rows(DType t, const float* src, int64_t Dp, const Problem& p, int64_t b,
-                              int64_t hk, int64_t i0, int64_t i1, float mul, void* dst) {
+                              int64_t hk, const ChunkRows& rows, float mul, void* dst) {
   const int64_t g = p.group();
-  for (int64_t i = i0; i < i1; ++i)
+  for (int64_t r = 0; r < rows.n; ++r)
     for (int64_t hg = 0; hg < g; ++hg)
-      store_f32(t, src + ((i - i0) * g + hg) * Dp, p.D, mul, dst,
-                row_offset(b, i, hk * g + hg, p.M, p.Hq, p.D));
+      store_f32(t, src + (r * g + hg) * Dp, p.D, mul, dst, row_offset(b, rows[r], hk * g + hg, p.M, p.Hq, p.D));
 }
 
 // Per-row statistics ([B, M, Hq] f32: lse, delta) of the packed rows.
-inline void load_packed_stats(const float* src, const Problem& p, int64_t b, int64_t hk,
-                              int64_t i0, int64_t i1, float* dst) {
+inline void load_packed_stats(const float* src, const Problem& p, int64_t b, int64_t hk, const ChunkRows& rows,
+                              float* dst) {
   const int64_t g = p.group();
-  for (int64_t i = i0; i < i1; ++i)
-    std::memcpy(dst + (i - i0) * g, src + (b * p.M + i) * p.Hq + hk * g, g * sizeof(float));
+  for (int64_t r = 0; r < rows.n; ++r)
+    std::memcpy(dst + r * g, src + (b * p.M + rows[r]) * p.Hq + hk * g, g * sizeof(float));
 }
 
 // Key rows j0 <= j < j0 + cn of (b, hk) of a [B, N, Hk, D] tensor into dst [cn][Dp].
@@ -89,22 +97,21 @@ inline void transpose_rows(const float* rows, int64_t n, int64_t D, int64_t Dp, 
 
 // Packed rows loaded as in load_packed_rows into `rows` [P][Dp], and their transpose into
 // `cols` [D][Pp] (columns [P, Pp) zero). Returns P.
-inline int64_t load_packed_both(DType t, const void* src, const Problem& p, int64_t b,
-                                int64_t hk, int64_t i0, int64_t i1, float mul, float* rows,
-                                int64_t Dp, float* cols, int64_t Pp) {
-  const int64_t P = load_packed_rows(t, src, p, b, hk, i0, i1, mul, rows, Dp);
+inline int64_t load_packed_both(DType t, const void* src, const Problem& p, int64_t b, int64_t hk,
+                                const ChunkRows& chunk, float mul, float* rows, int64_t Dp, float* cols, int64_t Pp) {
+  const int64_t P = load_packed_rows(t, src, p, b, hk, chunk, mul, rows, Dp);
   transpose_rows(rows, P, p.D, Dp, cols, Pp);
   return P;
 }
 
 // lim[pr] = key_limit of packed row pr of the batch element (sk), clamped to [0, sk.nkeys]; padding lanes [P, Pp) get 0
 // (they see nothing).
-inline void packed_key_limits(const Problem& p, int64_t i0, int64_t i1, int64_t Pp, int32_t* lim, const SeqKeys& sk) {
-  const int64_t g = p.group(), P = (i1 - i0) * g;
+inline void packed_key_limits(const Problem& p, const ChunkRows& rows, int64_t Pp, int32_t* lim, const SeqKeys& sk) {
+  const int64_t g = p.group(), P = rows.n * g;
   for (int64_t pr = 0; pr < Pp; ++pr) {
     int64_t l = 0;
     if (pr < P) {
-      l = key_limit(p, i0 + pr / g, sk);
+      l = key_limit(p, rows[pr / g], sk);
       l = l < 0 ? 0 : l;
     }
     lim[pr] = static_cast<int32_t>(l);
