@@ -5,7 +5,7 @@
 //     dS = P (dP - delta) (times the soft-cap derivative), dQ += dS K.
 //  2. dk / dv: work item = (b, hk, block column c), walking the block rows that list c (the
 //     layout transposed on the host, transpose_layout) and gathering their query rows that see the
-//     block into chunks of up to about kMaxPacked packed rows (gathered_chunking). Per chunk (all g
+//     block into chunks of up to about kGatherPacked packed rows (gathered_chunking). Per chunk (all g
 //     query heads): the same S, P, dP, dS, then dV += P^T dO and dK += dS^T Q.
 //
 // As in the forward, score-shaped tiles are kept transposed ([key][packed query row]): they are
