@@ -86,8 +86,8 @@ inline RowChunking row_chunking(const Problem& p) {
 
 // The backward's dk / dv pass gathers the query rows that list a block column across block rows, up to about
 // kGatherPacked packed rows a chunk, or a block row's chunk where that is more: with chunks of one block row, R x g = 1
-// made every chunk one query row, a rank-1 update of the block's dk / dv each. 64 of 32 / 64 / 128 tried on the 2-core
-// AVX2 machine (BENCHMARKS.md, session 57): 32 gained less at R = 1, 128 no more, and 128 widened the chunks of cells
+// made every chunk one query row, a rank-1 update of the block's dk / dv each. 64 of 32 / 64 / 128 tried on a 2-core
+// AVX-512 machine (BENCHMARKS.md, session 57): 32 gained less at R = 1, 128 no more, and 128 widened the chunks of cells
 // that had 64 packed rows (0.92-0.94x there in one run of two). rows: query rows a chunk (at most M); per_block: 1.
 constexpr int64_t kGatherPacked = 64;
 inline RowChunking gathered_chunking(const Problem& p) {
