@@ -4,8 +4,8 @@
 
 Shape: M = N = 2048, Hq = 8, D = 64, density 0.25 (each block row holds the same number of random blocks),
 float32. Prints median times of the jitted forward and forward+backward and the ratio reference / kernel. The
-cells with R x g <= 8 are the ones where the kernels may lay the keys across the vector lanes
-(BSATTN_CPU_LANES=rows in the environment times them the other way).
+cells with R x g <= 4 are the ones where the kernels lay the keys across the vector lanes (AVX2, AVX-512; the generic
+code up to R x g = 2), 8 x 16 the next size up (BSATTN_CPU_LANES=rows / keys in the environment times either way).
 """
 
 import argparse

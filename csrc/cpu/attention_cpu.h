@@ -85,10 +85,11 @@ inline RowChunking row_chunking(const Problem& p) {
 }
 
 // The backward's dk / dv pass gathers the query rows that list a block column across block rows, up to about
-// kGatherPacked packed rows a chunk, or a block row's chunk where that is more: with chunks of one block row, R x g = 1
-// made every chunk one query row, a rank-1 update of the block's dk / dv each. 64 of 32 / 64 / 128 tried on a 2-core
-// AVX-512 machine (BENCHMARKS.md, session 57): 32 gained less at R = 1, 128 no more, and 128 widened the chunks of cells
-// that had 64 packed rows (0.92-0.94x there in one run of two). rows: query rows a chunk (at most M); per_block: 1.
+// kGatherPacked packed rows a chunk, or a block row's chunk where that is more: with chunks of one block row,
+// R x g = 1 made every chunk one query row, a rank-1 update of the block's dk / dv each. 64 of 32 / 64 / 128 tried
+// on a 2-core AVX-512 machine (BENCHMARKS.md, session 57): 32 gained less at R = 1, 128 no more, and 128 widened
+// the chunks of cells that had 64 packed rows (0.92-0.94x there in one run of two). rows: query rows a chunk (at
+// most M); per_block: 1.
 constexpr int64_t kGatherPacked = 64;
 inline RowChunking gathered_chunking(const Problem& p) {
   int64_t rows = kGatherPacked / (p.group() > 0 ? p.group() : 1);
@@ -101,10 +102,12 @@ inline RowChunking gathered_chunking(const Problem& p) {
 // How an item's score tiles lie in the vector lanes. kRows: [key][packed row], a vector across the packed rows (the
 // tile of a GEMM). kKeys: [packed row][key], a vector across the keys, for items of a few packed rows (decode
 // steps, R = 1 without GQA), where kRows' vectors would be mostly padding; its products with K and V are dot
-// products (simd_cpu.h `dots`). kKeys where the packed rows fill at most half a vector (AVX2, M = N = 2048, D = 64:
-// forward + backward 2.6x at R x g = 1, 1.7x at 4; at 8 the forward 0.9-1.0x, the backward 0.7-1.6x across trials on
-// a noisy machine: BENCHMARKS.md). `vector_width` is the floats per vector of the instruction
-// set that runs; BSATTN_CPU_LANES=rows|keys forces one (for testing both on the same shapes).
+// products (simd_cpu.h `dots`). kKeys where the packed rows fill at most half a vector and number at most
+// kKeysMaxRows (M = N = 2048, D = 64, BENCHMARKS.md: AVX2 forward + backward 2.6x at R x g = 1, 1.7x at 4, at 8
+// the forward 0.9-1.0x on a noisy machine; AVX-512 at 4 the forward 1.36x, at 8 0.86x (8 x 16) and 1.02x (2 x 64,
+// g = 4), at 16 0.54-0.56x). `vector_width` is the floats per vector of the instruction set that runs;
+// BSATTN_CPU_LANES=rows|keys forces one (for testing both on the same shapes).
+constexpr int64_t kKeysMaxRows = 4;
 enum class ScoreLanes { kRows, kKeys };
 inline ScoreLanes score_lanes(const Problem& p, const RowChunking& ch, int vector_width) {
   static const int forced = [] {
@@ -114,7 +117,8 @@ inline ScoreLanes score_lanes(const Problem& p, const RowChunking& ch, int vecto
     return 0;
   }();
   if (forced) return forced == 2 ? ScoreLanes::kKeys : ScoreLanes::kRows;
-  return 2 * ch.rows * p.group() <= vector_width ? ScoreLanes::kKeys : ScoreLanes::kRows;
+  const int64_t packed = ch.rows * p.group();
+  return 2 * packed <= vector_width && packed <= kKeysMaxRows ? ScoreLanes::kKeys : ScoreLanes::kRows;
 }
 
 // Where score-tile element (packed row pr, key jj) lies: pr * row + jj * key.
