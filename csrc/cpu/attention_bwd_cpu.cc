@@ -208,18 +208,15 @@ BSATTN_AI void dq_item(const BwdArgs& a, BwdScratch& sc, int64_t item) {
 }
 
 // Pass 2's products for the n query rows gathered in sc.gathered: dV += P^T dO and dK += dS^T Q for block column j0's
-// `live` keys, whose K / V are read at the first chunk (*kv, *loaded). (A function, not a lambda in dkdv_item: a
+// `live` keys, whose K / V are read at the first chunk (into *kv, empty until then). (A function, not a lambda in dkdv_item: a
 // lambda would not inherit the item function's target attribute, and the vector code inlined into it would be
 // emulated: 20x slower.)
 template <class I, ScoreLanes kLanes>
 BSATTN_AI void dkdv_chunk(const BwdArgs& a, BwdScratch& sc, int64_t b, int64_t hk, int64_t j0, int64_t live, int64_t n,
-                          BwdScratch::Kv* kv, bool* loaded, float* dk, float* dv) {
+                          BwdScratch::Kv* kv, float* dk, float* dv) {
   const int64_t Dp = sc.Dp;
   const TileStrides ts = tile_strides(kLanes, sc.Pp, sc.Cp);
-  if (!*loaded) {
-    *kv = sc.load_kv(a, b, hk, j0, live);
-    *loaded = true;
-  }
+  if (!kv->k.data) *kv = sc.load_kv(a, b, hk, j0, live);
   const int64_t P = sc.load_rows<kLanes>(a, b, hk, ChunkRows{0, sc.gathered.data(), n});
   score_grads<I, kLanes>(a, sc, *kv, P, j0, live, true);
   gemm<I>(live, Dp, P, sc.probt.data(), ts.key, ts.row, sc.d_o.data(), Dp, dv, Dp, true);  // dV += P^T dO
@@ -242,8 +239,7 @@ BSATTN_AI void dkdv_item(const BwdArgs& a, const Columns& cols, BwdScratch& sc, 
   std::memset(dv, 0, cn * Dp * sizeof(float));
 
   const int64_t* start = cols.start.data() + p.layout_id(b, hk) * (p.NB + 1) + c;
-  BwdScratch::Kv kv{};
-  bool loaded = false;
+  BwdScratch::Kv kv{};  // read when a row first sees the block
   int64_t n = 0;  // rows gathered in sc.gathered
   for (int64_t e = start[0]; e < start[1]; ++e) {  // (a row listed twice is gathered twice, as it counts twice)
     const int64_t r = cols.rows[e];
@@ -252,12 +248,12 @@ BSATTN_AI void dkdv_item(const BwdArgs& a, const Columns& cols, BwdScratch& sc, 
       if (j0 >= key_limit(p, i, sk)) continue;  // causal or kv_lens: the row sees none of the block
       sc.gathered[n++] = i;
       if (n == sc.chunking.rows) {
-        dkdv_chunk<I, kLanes>(a, sc, b, hk, j0, live, n, &kv, &loaded, dk, dv);
+        dkdv_chunk<I, kLanes>(a, sc, b, hk, j0, live, n, &kv, dk, dv);
         n = 0;
       }
     }
   }
-  if (n > 0) dkdv_chunk<I, kLanes>(a, sc, b, hk, j0, live, n, &kv, &loaded, dk, dv);
+  if (n > 0) dkdv_chunk<I, kLanes>(a, sc, b, hk, j0, live, n, &kv, dk, dv);
   store_kv_rows(a.dtype, dk, Dp, p, b, hk, j0, cn, a.dk);
   store_kv_rows(a.dtype, dv, Dp, p, b, hk, j0, cn, a.dv);
 }
