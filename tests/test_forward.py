@@ -48,6 +48,40 @@ def test_dtypes(dtype, causal):
     check_forward(q, k, v, layout, causal=causal, scale=0.3)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_every_16bit_value_passes_through(dtype):
+    """With 1 x 1 blocks on the diagonal each query row sees one key, so o = v and dv = do: every bit pattern of the
+    dtype (subnormals, the largest values, infinities) is widened to float32 and narrowed back by the kernels
+    unchanged, forward (v -> o) and backward (do -> dv); a NaN stays a NaN. (XLA's CPU runs with flush-to-zero, jnp's
+    own arithmetic there too, so the bf16 subnormals, float32 subnormals once widened, come out 0; and -0 as +0, the
+    sum of the +0 the output starts from and -0.)"""
+    N, D = 4096, 16  # N x D = 2^16 patterns
+    patterns = jax.lax.bitcast_convert_type(jnp.arange(N * D, dtype=jnp.uint32).astype(jnp.uint16), dtype)
+    patterns = patterns.reshape(N, 1, D)
+    rng = np.random.default_rng(7)
+    q, k, v = (jnp.asarray(rng.standard_normal((N, 1, D)), dtype) for _ in range(3))
+    layout = jb.BlockSparseLayout.from_csr(np.arange(N + 1, dtype=np.int32), np.arange(N, dtype=np.int32), (1, 1),
+                                           (N, N))
+    attend = jax.jit(lambda q, k, v: jb.block_sparse_attention(q, k, v, layout))
+    wide = np.asarray(patterns.astype(jnp.float32))
+    nan = np.isnan(wide)
+    assert nan.sum() > 0 and np.isinf(wide).sum() == 2
+    expected = np.where(np.abs(wide) < np.finfo(np.float32).tiny, 0.0, wide)[~nan]
+    assert (expected != wide[~nan]).sum() == (254 if dtype == jnp.bfloat16 else 0)
+
+    def check(name, out):
+        assert out.dtype == dtype
+        got = np.asarray(out.astype(jnp.float32))
+        np.testing.assert_array_equal(got[~nan], expected, err_msg=name)
+        assert np.isnan(got[nan]).all(), name
+
+    o, vjp = jax.vjp(attend, q, k, patterns)
+    check("o", o)
+    check("dv", vjp(patterns)[2])
+    _, vjp = jax.vjp(attend, q, k, v)  # and with finite v: every pattern as the cotangent
+    check("dv (finite v)", vjp(patterns)[2])
+
+
 @pytest.mark.parametrize("lead", [(), (2,), (2, 1), (3, 2), (2, 3, 2)], ids=str)
 def test_layout_broadcast(lead):
     """One layout for all, per KV head, per batch element, per both, and several batch dims."""
