@@ -8,8 +8,9 @@ from . import layouts
 from . import reference
 from . import zigzag
 
+# (not "flax": `from jax_bsattn import *` would import flax, which `import jax_bsattn` does not need)
 __all__ = ["BlockSparseLayout", "block_sparse_attention", "check_layout", "export", "validate_layout", "layouts",
-           "reference", "zigzag", "flax"]
+           "reference", "zigzag"]
 __version__ = "0.1.0"
 
 

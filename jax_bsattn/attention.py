@@ -36,6 +36,7 @@ def as_jax_arrays(*xs):
     return tuple(jnp.asarray(x) if isinstance(x, np.ndarray) else x for x in xs)
 
 
+MAX_SOFT_CAP = 2.0 ** 100  # the largest logits_soft_cap (check_inputs says why)
 _PER_SEQUENCE = {"kv_lens": "key counts per batch element", "q_offset": "causal offsets per batch element"}
 
 
@@ -102,10 +103,17 @@ def check_inputs(q, k, v, layout, logits_soft_cap=None) -> Shapes:
         raise ValueError(f"layout batch shape {L} does not broadcast against (*B, Hk) = {target} "
                          f"(q {q.shape}, k {k.shape}); use (), (Hk,), (B, 1) or (B, Hk)")
     # (a normal float32: the kernels take 0 for "no cap", and a subnormal one flushed to 0 would read as that)
-    if (logits_soft_cap is not None
-            and not np.float32(static_float("logits_soft_cap", logits_soft_cap)) >= np.finfo(np.float32).tiny):
+    cap = None if logits_soft_cap is None else np.float32(static_float("logits_soft_cap", logits_soft_cap))
+    if cap is not None and not cap >= np.finfo(np.float32).tiny:
         raise ValueError(f"logits_soft_cap must be a positive normal float32 (at least {np.finfo(np.float32).tiny:.4g})"
                          f" or None, got {logits_soft_cap}")
+    # s / c is flushed to 0 below float32's smallest normal (XLA's CPU, jnp there too), so scores |s| < 2^-126 c lose
+    # their value: at most 2^-26 up to this bound (no more than float32's rounding of the scores near 1 that count); past
+    # it, at c = 1e37, scores up to 0.1 read as 0 (and past 2^126, 1 / c itself is 0: every score 0)
+    if cap is not None and cap > MAX_SOFT_CAP:
+        raise ValueError(f"logits_soft_cap must be at most 2**100 (about {MAX_SOFT_CAP:.4g}): s / c would underflow "
+                         f"float32 for scores that count (a cap that large leaves every score below 1e26 as it is: "
+                         f"pass None), got {logits_soft_cap}")
     return Shapes(tuple(batch), M, N, Hq, Hk, D)
 
 

@@ -49,6 +49,11 @@ class _Grid:
         self.j0 = np.arange(self.NB, dtype=np.int64) * C                  # first key column of each block column
         self.j1 = np.minimum(self.j0 + C, N) - 1
 
+    def span(self, value: int) -> int:
+        """A window or stride in tokens, cut at max(M, N): ``|d| < max(M, N)`` for every element, so any larger one
+        lists the same blocks (and a Python int past int64 meets no NumPy overflow)."""
+        return min(value, max(self.seq_lens))
+
     def d_range(self):
         """``[MB, NB]`` smallest and largest ``d = i + (N - M) - j`` over the elements of each block."""
         dmin = self.i0[:, None] + self.offset - self.j1[None, :]
@@ -104,7 +109,9 @@ def sliding_window(seq_lens, block_size, window: int, *, causal: bool = True) ->
     if window < 1:
         raise ValueError(f"window must be a positive number of tokens, got {window}")
     causal = static_flag("causal", causal)
-    return _band_layout(_Grid(seq_lens, block_size), 0 if causal else -(window - 1), window - 1)
+    grid = _Grid(seq_lens, block_size)
+    window = grid.span(window)
+    return _band_layout(grid, 0 if causal else -(window - 1), window - 1)
 
 
 def strided(seq_lens, block_size, stride: int, *, causal: bool = True, local: bool = True) -> BlockSparseLayout:
@@ -116,6 +123,7 @@ def strided(seq_lens, block_size, stride: int, *, causal: bool = True, local: bo
         raise ValueError(f"stride must be a positive number of tokens, got {stride}")
     causal, local = static_flag("causal", causal), static_flag("local", local)
     grid = _Grid(seq_lens, block_size)
+    stride = grid.span(stride)
     dmin, dmax = grid.d_range()
     if causal:
         dmin = np.maximum(dmin, 0)
@@ -142,6 +150,7 @@ def global_local(seq_lens, block_size, window: int, global_tokens: int | Iterabl
     window = _integer("window", window)
     if window < 0:
         raise ValueError(f"window must be >= 0 tokens (0: no local window), got {window}")
+    window = grid.span(window)
     causal = static_flag("causal", causal)
     R, C = grid.block_size
     q_pos = positions - grid.offset  # query rows of the global tokens
@@ -176,11 +185,11 @@ def _token_positions(global_tokens, N: int) -> np.ndarray:
         items = list(np.ravel(global_tokens)) if hasattr(global_tokens, "__array__") else list(global_tokens)
     except TypeError:
         raise TypeError(f"global_tokens must be a count or token positions (integers), got {global_tokens!r}") from None
-    positions = np.asarray([_integer("global token position", t) for t in items], np.int64)
-    bad = positions[(positions < 0) | (positions >= N)]
-    if bad.size:
+    positions = [_integer("global token position", t) for t in items]
+    bad = [t for t in positions if not 0 <= t < N]  # (checked as Python ints: 2^70 is out of range, not an overflow)
+    if bad:
         raise ValueError(f"global token positions must be in [0, N) = [0, {N}), got {bad[0]}")
-    return positions
+    return np.asarray(positions, np.int64)
 
 
 def random(seq_lens, block_size, blocks_per_row: int, *, seed: int = 0, causal: bool = False,

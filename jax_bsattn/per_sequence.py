@@ -18,7 +18,8 @@ def _per_sequence(x, batch: tuple[int, ...], lo: int, hi: int):
     """Integers broadcasting against ``batch`` -> int32 ``[B]`` clipped to ``[lo, hi]``."""
     if not isinstance(x, jax.Array):  # concrete: clipped before jax makes it int32 (2^40 must not wrap to 0)
         arr = np.asarray(x)  # (Python ints past int64: an object array, clipped all the same)
-        x = np.clip(arr, lo, hi).astype(np.int64 if arr.dtype == object else arr.dtype)
+        # (np.asarray: a 0-d object array clips to a bare Python int)
+        x = np.asarray(np.clip(arr, lo, hi)).astype(np.int64 if arr.dtype == object else arr.dtype)
     x = jnp.broadcast_to(jnp.asarray(x), batch).reshape(-1)
     x = x.astype(jnp.int32) if x.dtype.itemsize < 4 else x  # (lossless; the bounds may not fit int8 / int16)
     # (clipped in x's own type before int32: an unsigned one takes no negative bound, which would wrap)

@@ -62,6 +62,8 @@ def test_soft_cap_must_be_positive():
     (dict(scale=10 ** 400), ValueError, "scale must be finite"),  # (no float at all)
     (dict(logits_soft_cap=1e-46), ValueError, "logits_soft_cap must be a positive normal"),  # (0 in float32: no cap)
     (dict(logits_soft_cap=1e-39), ValueError, "logits_soft_cap must be a positive normal"),  # (subnormal: flushed to 0)
+    (dict(logits_soft_cap=1e37), ValueError, r"logits_soft_cap must be at most 2\*\*100"),  # (s / c underflows)
+    (dict(logits_soft_cap=2.0 ** 100 * (1 + 2 ** -23)), ValueError, r"logits_soft_cap must be at most 2\*\*100"),
     (dict(scale=np.array(True)), TypeError, "scale must be a real number"),  # (not 1.0)
     (dict(scale=jnp.asarray(True)), TypeError, "scale must be a real number"),
     (dict(scale=np.complex64(0.5 + 3j)), TypeError, "scale must be a real number"),  # (not 0.5 and a warning)
@@ -78,6 +80,16 @@ def test_attribute_errors(kw, exc, match):
     for op in (jb.block_sparse_attention, jb.reference.block_sparse_attention_reference):
         with pytest.raises(exc, match=match):
             op(q, k, v, LAYOUT, **kw)
+
+
+def test_the_largest_soft_cap_is_no_cap():
+    """At the largest cap accepted, 2^100, the scores (spread over a few units here, some near 0) come out as without a
+    cap, within float32 rounding: s / c underflows for none that counts (at 1e37, refused, the ones below 0.1 did)."""
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in _qkv())
+    for op in (jb.block_sparse_attention, jb.reference.block_sparse_attention_reference):
+        capped = op(q, k, v, LAYOUT, logits_soft_cap=2.0 ** 100)
+        np.testing.assert_allclose(capped, op(q, k, v, LAYOUT), rtol=1e-6, atol=1e-6)
 
 
 def test_traced_flag_is_a_clear_error():

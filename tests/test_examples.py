@@ -56,9 +56,21 @@ def test_readme_decode_block():
         ns = {"_attention": fn}
         exec(compile(code, "README.md decode step", "exec"), ns)
         # (lengths that cut a block: 2600 = 40 x 64 + 40, 1000 = 15 x 64 + 40)
-        outs[name] = ns["decode_step"](ns["q"], ns["k_cache"], ns["v_cache"], jnp.asarray([2600, 1000], jnp.int32))
+        assert ns["lens"].tolist() == [2600, 1000]
+        outs[name] = ns["o"]
     assert outs["op"].shape == ns["q"].shape
     assert_close("o", outs["op"], outs["ref32"], outs["ref_lp"])
+
+
+def test_readme_export_block():
+    """The README's export block, run after its decode block as a reader would: the decode step exported for H100 /
+    H200 from this machine (no GPU needed), serialised, and the blob read back."""
+    ns = {}
+    exec(compile(_readme_block("## Decode steps"), "README.md decode step", "exec"), ns)
+    exec(compile(_readme_block("## Exporting"), "README.md export", "exec"), ns)
+    assert isinstance(ns["blob"], (bytes, bytearray)) and len(ns["blob"]) > 0
+    restored = jax.export.deserialize(ns["blob"])
+    assert restored.platforms == ("cuda",) and restored.out_avals[0].shape == ns["q"].shape
 
 
 @pytest.mark.gpu
@@ -72,3 +84,17 @@ def test_readme_quickstart_block_and_quickstart_script_on_gpu():
                           text=True, timeout=600, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "backend: gpu" in proc.stdout and "bfloat16" in proc.stdout, proc.stdout
+
+
+def test_package_imports_without_flax():
+    """`import jax_bsattn` and `from jax_bsattn import *` work where flax is missing (it is an extra); only
+    `jax_bsattn.flax` needs it. In a fresh process with flax blocked."""
+    code = ("import sys; sys.modules['flax'] = None\n"
+            "import jax_bsattn\n"
+            "from jax_bsattn import *\n"
+            "assert callable(block_sparse_attention) and 'flax' not in dir()\n"
+            "try:\n    jax_bsattn.flax\nexcept ImportError:\n    print('flax: ImportError')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.strip() == "flax: ImportError"

@@ -219,6 +219,11 @@ def test_lengths_of_any_integer_type():
         np.testing.assert_allclose(jb.block_sparse_attention(q, k, v, layout, kv_lens=lens), want, rtol=1e-5,
                                    atol=1e-6)
         np.testing.assert_allclose(reference(q, k, v, layout, kv_lens=lens), want, rtol=1e-6, atol=1e-7)
+    for lens, n in ((2**70, 30), (-2**70, 0)):  # a scalar past int64 (a 0-d object array, once a crash)
+        want = reference(q, k, v, layout, kv_lens=jnp.asarray([n, n]))
+        np.testing.assert_allclose(jb.block_sparse_attention(q, k, v, layout, kv_lens=lens), want, rtol=1e-5,
+                                   atol=1e-6)
+        np.testing.assert_allclose(reference(q, k, v, layout, kv_lens=lens), want, rtol=1e-6, atol=1e-7)
 
 
 def test_drop_blocks_past_lengths():

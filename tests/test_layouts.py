@@ -47,6 +47,25 @@ def test_band_builders(seq_lens, block_size):
 
 
 @pytest.mark.parametrize("seq_lens,block_size", GEOMETRIES)
+def test_windows_and_strides_past_the_sequences(seq_lens, block_size):
+    """A window or stride of max(M, N) tokens or more (2^63, 2^70 too: no int64 overflow) lists what max(M, N) does:
+    every block (causally, for a causal window; a stride that large leaves the diagonal and, local, everything)."""
+    edge = max(seq_lens)
+    for big in (edge + 1, 2**63, 2**70):
+        for causal in (True, False):
+            want = mask_of(L.sliding_window(seq_lens, block_size, edge, causal=causal))
+            np.testing.assert_array_equal(mask_of(L.sliding_window(seq_lens, block_size, big, causal=causal)), want)
+            np.testing.assert_array_equal(want, expected_blocks(seq_lens, block_size,
+                                                                lambda i, j, d: d >= 0 if causal else d == d))
+            for local in (True, False):
+                want = mask_of(L.strided(seq_lens, block_size, edge, causal=causal, local=local))
+                got = mask_of(L.strided(seq_lens, block_size, big, causal=causal, local=local))
+                np.testing.assert_array_equal(got, want)
+            want = mask_of(L.global_local(seq_lens, block_size, edge, 0, causal=causal))
+            np.testing.assert_array_equal(mask_of(L.global_local(seq_lens, block_size, big, 0, causal=causal)), want)
+
+
+@pytest.mark.parametrize("seq_lens,block_size", GEOMETRIES)
 def test_strided(seq_lens, block_size):
     for s in (3, 16):
         for causal in (True, False):
@@ -230,6 +249,7 @@ def test_global_local_token_positions():
         np.testing.assert_array_equal(mask_of(L.global_local(64, 8, 0, positions)), want)
     for bad, exc, match in ((64, ValueError, r"global_tokens \(a count\) must be in \[0, N\] = \[0, 50\]"),
                             ([3, 50], ValueError, r"positions must be in \[0, N\) = \[0, 50\), got 50"),
+                            ([2**70], ValueError, r"positions must be in \[0, N\) = \[0, 50\), got 118059162"),
                             ("0", TypeError, "global_tokens must be a count or token positions"),
                             (2.5, TypeError, "global_tokens must be a count or token positions")):
         with pytest.raises(exc, match=match):

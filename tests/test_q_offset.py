@@ -108,6 +108,11 @@ def test_batch_dims_broadcast_and_integer_types():
         np.testing.assert_allclose(jb.block_sparse_attention(q, k, v, layout, causal=True, q_offset=off), want,
                                    rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(reference(q, k, v, layout, causal=True, q_offset=off), want, rtol=1e-6, atol=1e-7)
+    for off, clipped in ((2**70, N - 1), (-2**70, -M)):  # a scalar past int64 (a 0-d object array, once a crash)
+        want = reference(q, k, v, layout, causal=True, q_offset=clipped)
+        np.testing.assert_allclose(jb.block_sparse_attention(q, k, v, layout, causal=True, q_offset=off), want,
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(reference(q, k, v, layout, causal=True, q_offset=off), want, rtol=1e-6, atol=1e-7)
     big = jnp.asarray([[2**31 + 5], [0]], jnp.uint32)  # (unsigned: no negative bound, clipped to N - 1)
     np.testing.assert_allclose(jb.block_sparse_attention(q, k, v, layout, causal=True, q_offset=big),
                                reference(q, k, v, layout, causal=True, q_offset=jnp.asarray([[N - 1], [0]])),
