@@ -46,11 +46,14 @@ def static_flag(name: str, x: Any) -> bool:
 
 
 def _check_pair(name: str, value: Any) -> tuple[int, int]:
+    """block_size (R, C) or seq_lens (M, N): a pair of integers, or one integer for both."""
+    if np.ndim(value) == 0 and not isinstance(value, (bool, np.bool_, str, bytes)):
+        value = (value, value)
     try:
         a, b = value
         a, b = _integer(name, a), _integer(name, b)
     except Exception:  # noqa: BLE001 - any malformed value gets the same message
-        raise TypeError(f"{name} must be a pair of integers, got {value!r}") from None
+        raise TypeError(f"{name} must be a pair of integers (or one for both), got {value!r}") from None
     if a < 1 or b < 1:
         raise ValueError(f"{name} must be positive, got {(a, b)}")
     if max(a, b) > 1 << 30:  # (the kernels' int32 arithmetic; the handlers refuse more at run time)

@@ -30,18 +30,12 @@ __all__ = ["block_causal", "sliding_window", "strided", "global_local", "random"
 
 # ---- geometry -------------------------------------------------------------------------------------
 
-def _pair(name: str, value) -> tuple[int, int]:
-    if np.ndim(value) == 0 and not isinstance(value, (bool, np.bool_, str, bytes)):  # one size for both
-        value = (value, value)
-    return _check_pair(name, value)
-
-
 class _Grid:
     """Token extents of the block rows and columns and the diagonal offset of one problem."""
 
     def __init__(self, seq_lens, block_size):
-        self.seq_lens = (M, N) = _pair("seq_lens", seq_lens)
-        self.block_size = (R, C) = _pair("block_size", block_size)
+        self.seq_lens = (M, N) = _check_pair("seq_lens", seq_lens)
+        self.block_size = (R, C) = _check_pair("block_size", block_size)
         self.MB, self.NB = math.ceil(M / R), math.ceil(N / C)
         self.offset = N - M
         self.i0 = np.arange(self.MB, dtype=np.int64) * R                 # first query row of each block row

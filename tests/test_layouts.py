@@ -217,7 +217,7 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="k must be"):
         L.from_topk(jnp.zeros((8, 8)), 9, seq_lens=64, block_size=8)
     for bad in ((8.9, 8), ("8", 8), (True, 8), True):  # sizes are integers, never truncated
-        with pytest.raises(TypeError, match=r"block_size must be a pair of integers, got \(?(True|8\.9|'8')"):
+        with pytest.raises(TypeError, match=r"block_size must be a pair of integers \(or one for both\), got \(?(True|8\.9|'8')"):
             L.block_causal(64, bad)
     for call, name in ((lambda: L.sliding_window(64, 8, 1.9), "window"), (lambda: L.strided(64, 8, "4"), "stride"),
                        (lambda: L.random(64, 8, 2.5), "blocks_per_row"), (lambda: L.global_local(64, 8, 0, [3.7]),
@@ -229,6 +229,12 @@ def test_argument_errors():
     # concrete NumPy / JAX integers are integers
     assert L.block_causal(jnp.int32(64), jnp.asarray([8, 8])).block_size == (8, 8)
     assert L.block_causal(np.int64(64), (np.int32(8), 8)).seq_lens == (64, 64)
+    # one integer for both, in the builders and the constructors alike
+    causal = L.block_causal(64, 8)
+    for lay in (jb.BlockSparseLayout.from_block_mask(mask_of(causal), np.int32(8), 64),
+                jb.BlockSparseLayout.from_csr(causal.indptr, causal.indices, 8, np.int64(64))):
+        assert (lay.block_size, lay.seq_lens) == ((8, 8), (64, 64))
+        np.testing.assert_array_equal(mask_of(lay), mask_of(causal))
     with pytest.raises(TypeError, match="seq_lens must be a pair of integers"):
         L.block_causal((64.5, 64), 8)
     with pytest.raises(ValueError, match="at most 2"):
