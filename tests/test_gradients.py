@@ -185,7 +185,8 @@ print("ok")
 @pytest.mark.parametrize("isa", ["generic", "avx2"])
 def test_cpu_instruction_set_paths(isa):
     """The CPU kernels' other vector paths (BSATTN_CPU_ISA lowers the one the CPU would take; read once per process,
-    so in a subprocess): forward and gradients against the reference in float32 and bfloat16."""
+    so in a subprocess): forward and gradients against the reference in float32, bfloat16 and float16, and every 16-bit
+    pattern through the conversions (generic: the integer code; else F16C for float16)."""
     import os
     import subprocess
     import sys
@@ -196,10 +197,13 @@ from conftest import check_forward, check_gradients, random_mask, random_problem
 rng = np.random.default_rng(18)
 M, N = 70, 90
 layout = jb.BlockSparseLayout.from_block_mask(random_mask(rng, (2,), 5, 6, 0.5), (16, 16), (M, N))
-for dtype in (jnp.float32, jnp.bfloat16):
+for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
     q, k, v = random_problem(rng, batch=(2,), M=M, N=N, Hq=4, Hk=2, D=40, dtype=dtype)
     check_forward(q, k, v, layout, causal=True, logits_soft_cap=20.0)
     check_gradients(q, k, v, layout, causal=True, logits_soft_cap=20.0)
+from test_forward import test_every_16bit_value_passes_through
+for dtype in (jnp.bfloat16, jnp.float16):
+    test_every_16bit_value_passes_through(dtype)
 print("ok")
 """
     env = dict(os.environ, BSATTN_CPU_ISA=isa, JAX_PLATFORMS="cpu")

@@ -69,6 +69,12 @@ inline uint16_t f32_to_f16(float f) {
   return static_cast<uint16_t>(sign | mag);
 }
 
+// f16 rows through F16C where the CPU has it (dtype_cpu.cc; bitwise the same as the functions above): f16c_rows() says
+// whether to call the two below, which are only defined on x86-64.
+bool f16c_rows();
+void widen_f16_rows(const uint16_t* src, int64_t n, float mul, float* dst);
+void narrow_f16_rows(const float* src, int64_t n, float mul, uint16_t* dst);
+
 inline size_t dtype_size(DType t) { return t == DType::kF32 ? 4 : 2; }
 
 // dst[i] = mul * src[offset + i] for i < n, widening from `t`.
@@ -86,6 +92,8 @@ inline void load_f32(DType t, const void* src, int64_t offset, int64_t n, float 
     }
     case DType::kF16: {
       const uint16_t* s = static_cast<const uint16_t*>(src) + offset;
+      static const bool f16c = f16c_rows();
+      if (f16c) return widen_f16_rows(s, n, mul, dst);
       for (int64_t i = 0; i < n; ++i) dst[i] = mul * f16_to_f32(s[i]);
       break;
     }
@@ -107,6 +115,8 @@ inline void store_f32(DType t, const float* src, int64_t n, float mul, void* dst
     }
     case DType::kF16: {
       uint16_t* d = static_cast<uint16_t*>(dst) + offset;
+      static const bool f16c = f16c_rows();
+      if (f16c) return narrow_f16_rows(src, n, mul, d);
       for (int64_t i = 0; i < n; ++i) d[i] = f32_to_f16(mul * src[i]);
       break;
     }
