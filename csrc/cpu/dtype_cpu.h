@@ -25,20 +25,17 @@ inline float f32_from_bits(uint32_t u) {
 
 inline float bf16_to_f32(uint16_t h) { return f32_from_bits(uint32_t{h} << 16); }
 
-// The conversions below are branch-free (selects, no early returns) so that the row loops of load_f32 / store_f32
-// vectorise where they are inlined (into each instruction set's item functions): with branches, f16 rows were
-// converted one element at a time, and f16 calls took 10-20x the time of f32 ones at R x g = 1 (every listed K / V
-// block is converted per work item).
 inline uint16_t f32_to_bf16(float f) {
   const uint32_t u = f32_bits(f);
-  // NaN: keep sign and top payload, force quiet
-  const uint32_t nan = (u >> 16) | 0x0040u;
+  if ((u & 0x7fffffffu) > 0x7f800000u)  // NaN: keep sign and top payload, force quiet
+    return static_cast<uint16_t>((u >> 16) | 0x0040u);
   // Round to nearest even on the 16 dropped bits; a carry into the exponent is the right result
   // (up to inf for values past the largest bf16).
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+// The f16 conversions are branch-free (selects, no early returns), so that the row loops of dtype_cpu.cc vectorise
+// where the CPU lacks F16C.
 inline float f16_to_f32(uint16_t h) {
   const uint32_t sign = uint32_t{h & 0x8000u} << 16;
   const uint32_t body = uint32_t{h & 0x7fffu} << 13;  // exponent and mantissa in f32 position, exponent still f16's
@@ -69,11 +66,11 @@ inline uint16_t f32_to_f16(float f) {
   return static_cast<uint16_t>(sign | mag);
 }
 
-// f16 rows through F16C where the CPU has it (dtype_cpu.cc; bitwise the same as the functions above): f16c_rows() says
-// whether to call the two below, which are only defined on x86-64.
-bool f16c_rows();
-void widen_f16_rows(const uint16_t* src, int64_t n, float mul, float* dst);
-void narrow_f16_rows(const float* src, int64_t n, float mul, uint16_t* dst);
+// n f16 values to and from f32 with a multiplier, dst[i] = mul * src[i] (dtype_cpu.cc): through F16C where the CPU
+// has it, else with the functions above. Out of line: a call per row keeps load_f32 / store_f32 as small as they were
+// for f32 and bf16 (whose loops are inlined into each instruction set's item functions).
+void widen_f16_row(const uint16_t* src, int64_t n, float mul, float* dst);
+void narrow_f16_row(const float* src, int64_t n, float mul, uint16_t* dst);
 
 inline size_t dtype_size(DType t) { return t == DType::kF32 ? 4 : 2; }
 
@@ -91,10 +88,7 @@ inline void load_f32(DType t, const void* src, int64_t offset, int64_t n, float 
       break;
     }
     case DType::kF16: {
-      const uint16_t* s = static_cast<const uint16_t*>(src) + offset;
-      static const bool f16c = f16c_rows();
-      if (f16c) return widen_f16_rows(s, n, mul, dst);
-      for (int64_t i = 0; i < n; ++i) dst[i] = mul * f16_to_f32(s[i]);
+      widen_f16_row(static_cast<const uint16_t*>(src) + offset, n, mul, dst);
       break;
     }
   }
@@ -114,10 +108,7 @@ inline void store_f32(DType t, const float* src, int64_t n, float mul, void* dst
       break;
     }
     case DType::kF16: {
-      uint16_t* d = static_cast<uint16_t*>(dst) + offset;
-      static const bool f16c = f16c_rows();
-      if (f16c) return narrow_f16_rows(src, n, mul, d);
-      for (int64_t i = 0; i < n; ++i) d[i] = f32_to_f16(mul * src[i]);
+      narrow_f16_row(src, n, mul, static_cast<uint16_t*>(dst) + offset);
       break;
     }
   }
