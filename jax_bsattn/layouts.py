@@ -331,6 +331,8 @@ def from_topk(scores, k: int, *, seq_lens, block_size, causal: bool = False) -> 
     if not 1 <= k <= NB:
         raise ValueError(f"k must be in [1, NB] = [1, {NB}], got {k}")
     scores = jnp.asarray(scores)
+    if jnp.issubdtype(scores.dtype, jnp.complexfloating):  # (astype would drop the imaginary part with a warning)
+        raise TypeError(f"scores must be real (integer or floating), got {scores.dtype}")
     if not jnp.issubdtype(scores.dtype, jnp.floating):
         scores = scores.astype(jnp.float32)
     scores = jax.lax.stop_gradient(scores)

@@ -216,6 +216,8 @@ def test_argument_errors():
         L.block_causal(64, 0)
     with pytest.raises(ValueError, match="k must be"):
         L.from_topk(jnp.zeros((8, 8)), 9, seq_lens=64, block_size=8)
+    with pytest.raises(TypeError, match="scores must be real"):
+        L.from_topk(jnp.zeros((8, 8), jnp.complex64), 2, seq_lens=64, block_size=8)
     for bad in ((8.9, 8), ("8", 8), (True, 8), True):  # sizes are integers, never truncated
         with pytest.raises(TypeError, match=r"block_size must be a pair of integers \(or one for both\), got \(?(True|8\.9|'8')"):
             L.block_causal(64, bad)
