@@ -102,18 +102,19 @@ def check_inputs(q, k, v, layout, logits_soft_cap=None) -> Shapes:
     if not ok:
         raise ValueError(f"layout batch shape {L} does not broadcast against (*B, Hk) = {target} "
                          f"(q {q.shape}, k {k.shape}); use (), (Hk,), (B, 1) or (B, Hk)")
-    # (a normal float32: the kernels take 0 for "no cap", and a subnormal one flushed to 0 would read as that)
-    cap = None if logits_soft_cap is None else np.float32(static_float("logits_soft_cap", logits_soft_cap))
-    if cap is not None and not cap >= np.finfo(np.float32).tiny:
-        raise ValueError(f"logits_soft_cap must be a positive normal float32 (at least {np.finfo(np.float32).tiny:.4g})"
-                         f" or None, got {logits_soft_cap}")
-    # s / c is flushed to 0 below float32's smallest normal (XLA's CPU, jnp there too), so scores |s| < 2^-126 c lose
-    # their value: at most 2^-26 up to this bound (no more than float32's rounding of the scores near 1 that count); past
-    # it, at c = 1e37, scores up to 0.1 read as 0 (and past 2^126, 1 / c itself is 0: every score 0)
-    if cap is not None and cap > MAX_SOFT_CAP:
-        raise ValueError(f"logits_soft_cap must be at most 2**100 (about {MAX_SOFT_CAP:.4g}): s / c would underflow "
-                         f"float32 for scores that count (a cap that large leaves every score below 1e26 as it is: "
-                         f"pass None), got {logits_soft_cap}")
+    if logits_soft_cap is not None:
+        cap = np.float32(static_float("logits_soft_cap", logits_soft_cap))
+        # (a normal float32: the kernels take 0 for "no cap", and a subnormal one flushed to 0 would read as that)
+        if not cap >= np.finfo(np.float32).tiny:
+            raise ValueError(f"logits_soft_cap must be a positive normal float32 (at least "
+                             f"{np.finfo(np.float32).tiny:.4g}) or None, got {logits_soft_cap}")
+        # s / c is flushed to 0 below float32's smallest normal (XLA's CPU, jnp there too), so scores |s| < 2^-126 c
+        # lose their value: at most 2^-26 up to this bound (no more than float32's rounding of the scores near 1 that
+        # count); past it, at c = 1e37, scores up to 0.1 read as 0 (and past 2^126, 1 / c itself is 0: every score 0)
+        if cap > MAX_SOFT_CAP:
+            raise ValueError(f"logits_soft_cap must be at most 2**100 (about {MAX_SOFT_CAP:.4g}): s / c would "
+                             f"underflow float32 for scores that count (a cap that large leaves every score below 1e26 "
+                             f"as it is: pass None), got {logits_soft_cap}")
     return Shapes(tuple(batch), M, N, Hq, Hk, D)
 
 

@@ -219,7 +219,8 @@ def test_argument_errors():
     with pytest.raises(TypeError, match="scores must be real"):
         L.from_topk(jnp.zeros((8, 8), jnp.complex64), 2, seq_lens=64, block_size=8)
     for bad in ((8.9, 8), ("8", 8), (True, 8), True):  # sizes are integers, never truncated
-        with pytest.raises(TypeError, match=r"block_size must be a pair of integers \(or one for both\), got \(?(True|8\.9|'8')"):
+        with pytest.raises(TypeError,
+                           match=r"block_size must be a pair of integers \(or one for both\), got \(?(True|8\.9|'8')"):
             L.block_causal(64, bad)
     for call, name in ((lambda: L.sliding_window(64, 8, 1.9), "window"), (lambda: L.strided(64, 8, "4"), "stride"),
                        (lambda: L.random(64, 8, 2.5), "blocks_per_row"), (lambda: L.global_local(64, 8, 0, [3.7]),

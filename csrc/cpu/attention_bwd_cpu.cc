@@ -208,9 +208,9 @@ BSATTN_AI void dq_item(const BwdArgs& a, BwdScratch& sc, int64_t item) {
 }
 
 // Pass 2's products for the n query rows gathered in sc.gathered: dV += P^T dO and dK += dS^T Q for block column j0's
-// `live` keys, whose K / V are read at the first chunk (into *kv, empty until then). (A function, not a lambda in dkdv_item: a
-// lambda would not inherit the item function's target attribute, and the vector code inlined into it would be
-// emulated: 20x slower.)
+// `live` keys, whose K / V are read at the first chunk (into *kv, empty until then). (A function, not a lambda in
+// dkdv_item: a lambda would not inherit the item function's target attribute, and the vector code inlined into it
+// would be emulated: 20x slower.)
 template <class I, ScoreLanes kLanes>
 BSATTN_AI void dkdv_chunk(const BwdArgs& a, BwdScratch& sc, int64_t b, int64_t hk, int64_t j0, int64_t live, int64_t n,
                           BwdScratch::Kv* kv, float* dk, float* dv) {

@@ -1,7 +1,7 @@
 // f16 rows (dtype_cpu.h widen_f16_row / narrow_f16_row): through the F16C instructions (vcvtph2ps / vcvtps2ph, one
-// instruction per 8 elements) where the CPU has them (every one the AVX2 and AVX-512 kernels run on), else the
-// branch-free integer code of dtype_cpu.h. The integer code takes about a dozen vector instructions per vector, and
-// few-row items convert every K / V block they list: f16 took about twice bf16's time at R x g = 1 with it. Bitwise
+// instruction per 8 elements) where the CPU has them (every one the AVX2 and AVX-512 kernels run on), else one element
+// at a time with the integer code of dtype_cpu.h, whose branches keep GCC from vectorising it. Few-row items convert
+// every K / V block they list: f16 took 9-18x float32's time at R x g <= 4 that way (BENCHMARKS.md, session 58). Bitwise
 // the same, the multiplication by `mul` included (all 2^16 widenings and 2^32 narrowings compared, with MXCSR's
 // flush-to-zero and denormals-are-zero on and off: XLA's CPU threads run with both on).
 #include "cpu/dtype_cpu.h"

@@ -34,36 +34,33 @@ inline uint16_t f32_to_bf16(float f) {
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-// The f16 conversions are branch-free (selects, no early returns), so that the row loops of dtype_cpu.cc vectorise
-// where the CPU lacks F16C.
 inline float f16_to_f32(uint16_t h) {
   const uint32_t sign = uint32_t{h & 0x8000u} << 16;
-  const uint32_t body = uint32_t{h & 0x7fffu} << 13;  // exponent and mantissa in f32 position, exponent still f16's
-  const uint32_t exp = body & 0x0f800000u;
-  // normal: rebias the exponent (127 - 15); inf / NaN: exponent all ones, payload kept
-  const uint32_t wide = body + (exp == 0x0f800000u ? (255u - 31u) << 23 : (127u - 15u) << 23);
-  // zero or subnormal (mant * 2^-24): as the normal 2^-14 (1 + mant / 1024) less 2^-14, exact in f32
-  const float sub = f32_from_bits(body + (113u << 23)) - f32_from_bits(113u << 23);
-  return f32_from_bits((exp == 0 ? f32_bits(sub) : wide) | sign);
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t mant = h & 0x3ffu;
+  if (exp == 0) {  // zero or subnormal: mant * 2^-24, exact in f32
+    const float mag = static_cast<float>(mant) * 5.9604644775390625e-8f;
+    return f32_from_bits(f32_bits(mag) | sign);
+  }
+  if (exp == 0x1f) return f32_from_bits(sign | 0x7f800000u | (mant << 13));  // inf / NaN
+  return f32_from_bits(sign | ((exp + (127 - 15)) << 23) | (mant << 13));
 }
 
 inline uint16_t f32_to_f16(float f) {
   const uint32_t u = f32_bits(f);
-  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
   const uint32_t a = u & 0x7fffffffu;
-  // NaN: quiet, keep the top payload bits
-  const uint32_t nan = 0x7e00u | ((a >> 13) & 0x3ffu);
-  // normal f16 range: rebias the exponent, round the 13 dropped bits to nearest even
-  const uint32_t r = a - (112u << 23);
-  const uint32_t normal = (r + 0xfffu + ((r >> 13) & 1u)) >> 13;
-  // subnormal or zero: adding 0.5 puts the value where the f32 ulp is 2^-24, the f16 subnormal step, so the FPU's own
-  // round-to-nearest-even does the rounding (0x400 = smallest normal)
-  const uint32_t sub = f32_bits(f32_from_bits(a) + 0.5f) - 0x3f000000u;
-  const uint32_t mag = a > 0x7f800000u   ? nan
-                       : a >= 0x477ff000u ? 0x7c00u  // >= 65520 (or inf): inf
-                       : a >= 0x38800000u ? normal
-                                          : sub;
-  return static_cast<uint16_t>(sign | mag);
+  if (a > 0x7f800000u)  // NaN: quiet, keep the top payload bits
+    return static_cast<uint16_t>(sign | 0x7e00u | ((a >> 13) & 0x3ffu));
+  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520 (or inf): inf
+  if (a >= 0x38800000u) {  // normal f16 range: rebias the exponent, round the 13 dropped bits
+    const uint32_t r = a - (112u << 23);
+    return static_cast<uint16_t>(sign | ((r + 0xfffu + ((r >> 13) & 1u)) >> 13));
+  }
+  // Subnormal or zero: adding 0.5 puts the value where the f32 ulp is 2^-24, the f16 subnormal
+  // step, so the FPU's own round-to-nearest-even does the rounding (0x400 = smallest normal).
+  const float t = f32_from_bits(a) + 0.5f;
+  return static_cast<uint16_t>(sign | (f32_bits(t) - 0x3f000000u));
 }
 
 // n f16 values to and from f32 with a multiplier, dst[i] = mul * src[i] (dtype_cpu.cc): through F16C where the CPU
